@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The full-scale entry point: the slowrun preset on every GPU of this node.
+#   ./run.sh                          # train with the slowrun preset
+#   ./run.sh --num_epochs 2 --seed 1  # extra flags pass through to train_gpt.py
+set -euo pipefail
+cd "$(dirname "$0")"
+
+# --- data -------------------------------------------------------------------------------------------------------------
+DATA_DIR="${DATA_DIR:-data/fineweb}"
+if [ ! -f "$DATA_DIR/fineweb_train.bin" ] || [ ! -f "$DATA_DIR/fineweb_val.bin" ]; then
+  echo "FineWeb data not found in $DATA_DIR (expected fineweb_train.bin and fineweb_val.bin)." >&2
+  echo "Fetch it first: python data/fineweb.py   (see data/README.md), or train on the bundled sample:" >&2
+  echo "  python train_gpt.py --preset tiny" >&2
+  exit 1
+fi
+
+# --- train ------------------------------------------------------------------------------------------------------------
+NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}"
+if [ "${NGPU:-0}" -lt 1 ]; then
+  echo "No GPU found (nvidia-smi -L lists none). On CPU use: python train_gpt.py --preset tiny" >&2
+  exit 1
+fi
+exec torchrun --standalone --nproc_per_node="$NGPU" train_gpt.py --preset slowrun \
+  --train_files "$DATA_DIR/fineweb_train.bin" --val_files "$DATA_DIR/fineweb_val.bin" \
+  $( [ -f "$DATA_DIR/fineweb_test.bin" ] && echo --test_files "$DATA_DIR/fineweb_test.bin" || echo --test_files "" ) \
+  "$@"

@@ -1,0 +1,1012 @@
+"""
+slowrun: data-efficient language-model pretraining in one file.
+
+The training data is fixed (about 100M FineWeb tokens, read for many epochs) and compute is nearly free:
+the question is how low the validation loss can go. Read this file top to bottom like a paper:
+hyperparameters, distributed setup, data, model, optimizers, evaluation, training, logging, main.
+
+    python train_gpt.py --preset tiny                               # CPU, bundled sample, a few minutes
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset slowrun
+    python train_gpt.py --help                                      # every hyperparameter, with its comment
+
+`import train_gpt` runs nothing: tests and the companion tools (data/, records/, bench/) import from here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import difflib
+import glob
+import inspect
+import json
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Hyperparameters
+
+
+@dataclass
+class Hyperparameters:
+    """Every knob of a run. Defaults are a GPT-2-small-sized model; presets below override them; any field can be
+    set on the command line (`--n_layer 4`). A trick's flag at its default leaves the plain code path untouched."""
+
+    preset: str = ""  # name of the preset applied before the command-line overrides ("" = none); see PRESETS
+    # --- data -----------------------------------------------------------------------------------------------------
+    train_files: str = "data/fineweb/fineweb_train.bin"  # glob of train shards: the fixed budget, read for many epochs
+    val_files: str = "data/fineweb/fineweb_val.bin"  # glob of validation shards, scored whole at each evaluation
+    test_files: str = ""  # glob of held-out test shards, scored once at the end ("" = none); never used to choose
+    val_tokens: int = 0  # score only the first N validation tokens (0 = all of them)
+    vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
+    bos_id: int = 50256  # <|endoftext|>: every document starts with it
+    # --- model (nanochat lineage, as in the public slowrun baseline) ---------------------------------------------
+    n_layer: int = 12  # transformer blocks
+    n_embd: int = 768  # residual width
+    n_head: int = 6  # attention heads; head_dim = n_embd / n_head (must be even for RoPE)
+    mlp: str = "relu2"  # "relu2": ReLU(x)^2 (So et al. 2021, Primer; modded-nanogpt) | "swiglu" (Shazeer 2020; slowrun)
+    mlp_ratio: float = 4.0  # MLP hidden width / n_embd; SwiGLU uses 2/3 of it so both have the same parameter count
+    rope_base: float = 10000.0  # rotary position embedding base (Su et al. 2021)
+    logit_softcap: float = 15.0  # logits = c * tanh(logits / c) (Gemma 2; slowrun uses 10); 0 = off
+    dropout: float = 0.0  # dropout on each residual branch's output (the slowrun baseline uses 0.1)
+    # --- batch ----------------------------------------------------------------------------------------------------
+    seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
+    batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
+    device_batch_size: int = 16  # sequences per rank per forward/backward (lower it if memory runs out)
+    val_batch_size: int = 16  # sequences per rank per evaluation forward
+    # --- optimizer: Muon for hidden matrices, AdamW for the rest -------------------------------------------------
+    muon_lr: float = 0.02  # Muon learning rate (Jordan et al. 2024); scaled by sqrt(max(1, rows/cols)) per matrix
+    muon_momentum: float = 0.95  # Muon momentum
+    muon_nesterov: bool = True  # Nesterov momentum for Muon
+    muon_ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalisation
+    muon_wd: float = 0.0  # decoupled weight decay on Muon matrices: p <- p * (1 - lr * wd) (slowrun records: 1.3-1.6)
+    embed_lr: float = 0.2  # AdamW learning rate of the token embedding (nanochat)
+    head_lr: float = 0.004  # AdamW learning rate of the untied lm_head (nanochat)
+    scalar_lr: float = 0.04  # AdamW learning rate of scalar and vector parameters (gates, lambdas), if the model has any
+    adam_beta1: float = 0.8  # AdamW beta1 (modded-nanogpt, nanochat)
+    adam_beta2: float = 0.95  # AdamW beta2
+    adam_eps: float = 1e-10  # AdamW epsilon
+    adam_wd: float = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    # --- schedule -------------------------------------------------------------------------------------------------
+    num_epochs: int = 1  # passes over the train set
+    max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
+    warmup_steps: int = 0  # linear LR warmup steps
+    warmdown_frac: float = 0.2  # final fraction of training over which the LR decays linearly
+    final_lr_frac: float = 0.0  # LR at the very end, as a fraction of the peak
+    # --- run ------------------------------------------------------------------------------------------------------
+    seed: int = 0  # seeds the initialisation and the data order
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
+    run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
+    log_dir: str = "logs"  # where run folders go
+    log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
+    val_every: int = 0  # also validate every N steps (0 = only at each epoch end and at the end)
+    save_model: bool = True  # write the final weights to <run folder>/model.pt
+
+
+PRESETS: dict[str, dict] = {
+    # The CPU mini-slowrun: the bundled FineWeb-Edu sample read for several epochs by a small model. Sized by
+    # tokens/s, not parameters: at this width the 50,304-wide lm_head and its softmax cost most of each step.
+    "tiny": dict(
+        train_files="data/sample/fineweb_edu_train.bin",
+        val_files="data/sample/fineweb_edu_val.bin",
+        n_layer=4, n_embd=128, n_head=4, seq_len=256,
+        batch_tokens=8192, device_batch_size=16, val_batch_size=32,
+        num_epochs=4, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
+        log_every=5, device="cpu",
+    ),
+    # The public slowrun baseline's shape (github.com/qlabs-eng/slowrun train.py: 30 layers, width 1792, 14 heads,
+    # SwiGLU, dropout 0.1, weight decay 1.3, 11 epochs, 524,288-token batches, logit cap 10). We use width 2048 with
+    # 16 heads (head_dim 128 either way). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
+    "slowrun": dict(
+        train_files="data/fineweb/fineweb_train.bin",
+        val_files="data/fineweb/fineweb_val.bin",
+        test_files="data/fineweb/fineweb_test.bin",
+        n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", seq_len=2048,
+        batch_tokens=524288, device_batch_size=4, val_batch_size=8,
+        dropout=0.1, logit_softcap=10.0, num_epochs=11, warmdown_frac=0.2,
+        # slowrun's lrs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
+        muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
+        log_every=1,
+    ),
+}
+
+
+class ConfigError(ValueError):
+    """A bad flag or an inconsistent set of hyperparameters: reported as one line, no traceback."""
+
+
+def _parse_value(name: str, text: str | None, default):
+    """Converts one flag's text to the type of the field's default."""
+    kind = type(default)
+    if kind is bool:
+        if text is None:  # a bare `--flag` means true
+            return True
+        lowered = text.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"flag --{name} expects true or false, got {text!r}")
+    if text is None:
+        raise ConfigError(f"flag --{name} needs a value ({kind.__name__})")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"flag --{name} expects {kind.__name__}, got {text!r}") from None
+
+
+def parse_args(argv: list[str]) -> Hyperparameters:
+    """`--name value` or `--name=value` for any field; `--preset NAME` applies first wherever it stands."""
+    pairs: list[tuple[str, str | None]] = []
+    index = 0
+    while index < len(argv):
+        token = argv[index]
+        if not token.startswith("--") or token == "--":
+            raise ConfigError(f"unexpected argument {token!r}: flags look like --name value")
+        name, has_equals, text = token[2:].partition("=")
+        value: str | None = text if has_equals else None
+        if not has_equals and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
+            value = argv[index + 1]
+            index += 1
+        pairs.append((name, value))
+        index += 1
+
+    defaults = {f.name: f.default for f in dataclasses.fields(Hyperparameters)}
+    settings: dict = {}
+    for name, value in pairs:
+        if name == "preset":
+            if value not in PRESETS:
+                raise ConfigError(f"flag --preset: unknown preset {value!r} (known: {', '.join(PRESETS)})")
+            settings = {**PRESETS[value], "preset": value}
+    for name, value in pairs:
+        if name == "preset":
+            continue
+        if name not in defaults:
+            close = difflib.get_close_matches(name, defaults, n=1)
+            hint = f"; did you mean --{close[0]}?" if close else " (python train_gpt.py --help lists them)"
+            raise ConfigError(f"unknown flag --{name}{hint}")
+        settings[name] = _parse_value(name, value, defaults[name])
+    return Hyperparameters(**settings)
+
+
+def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
+    """Catches inconsistent settings before any work, each with a one-line reason."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    require(hp.n_layer >= 1 and hp.n_embd >= 1 and hp.n_head >= 1, "n_layer, n_embd and n_head must be positive")
+    require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
+    require((hp.n_embd // hp.n_head) % 2 == 0, f"head_dim n_embd/n_head = {hp.n_embd // hp.n_head} must be even (RoPE)")
+    require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
+    require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
+    require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
+    require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
+    require(0.0 <= hp.dropout < 1.0, f"dropout must lie in [0, 1), got {hp.dropout}")
+    require(0.0 <= hp.warmdown_frac <= 1.0, f"warmdown_frac must lie in [0, 1], got {hp.warmdown_frac}")
+    require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
+            "seq_len, device_batch_size and val_batch_size must be positive")
+    require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
+    require(hp.log_every >= 1 and hp.val_every >= 0, "log_every must be >= 1 and val_every >= 0")
+    require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    per_micro_step = hp.device_batch_size * world_size
+    require(batch_seqs % per_micro_step == 0,
+            f"batch_tokens/seq_len = {batch_seqs} sequences cannot be split into micro-batches of device_batch_size "
+            f"{hp.device_batch_size} x {world_size} ranks; choose batch_tokens as a multiple of "
+            f"{per_micro_step * hp.seq_len}")
+
+
+def usage() -> str:
+    presets = "\n".join(f"  {name}: {overrides}" for name, overrides in PRESETS.items())
+    return (f"{__doc__.strip()}\n\nFlags: --name value (or --name=value) for every field below.\n\n"
+            f"{inspect.getsource(Hyperparameters)}\nPresets (applied before the other flags):\n{presets}\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Distributed setup
+
+
+@dataclass
+class Dist:
+    """Where this process stands: its rank among world_size processes and its device. Works without torchrun."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def setup_distributed(device_choice: str = "auto") -> Dist:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPU."""
+    rank = int(os.environ.get("RANK", "0"))
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_choice == "cuda" or (device_choice == "auto" and torch.cuda.is_available())
+    if use_cuda and not torch.cuda.is_available():
+        raise ConfigError("device cuda was asked for, but torch sees no CUDA device")
+    if use_cuda:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
+        if use_cuda:
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data: modded-nanogpt .bin shards, read for many epochs with per-epoch document shuffling
+
+SHARD_MAGIC = 20240520  # modded-nanogpt / llm.c token shard: 256 int32 header, then uint16 tokens
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+
+
+class DataError(ValueError):
+    """A missing or malformed data file: one line naming the file and what is wrong."""
+
+
+def write_shard(path: str, tokens: np.ndarray) -> None:
+    """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
+        raise ValueError(f"{path}: token ids must lie in [0, 65536) to be stored as uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype("<u2").tobytes())
+    os.replace(temporary, path)
+
+
+def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """Reads and checks one .bin shard; returns its tokens as uint16. Every problem is a one-line DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes, too small for the {SHARD_HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a .bin token shard)")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: version {header[1]}, expected {SHARD_VERSION}")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise DataError(f"{path}: header says {count:,} tokens ({expected:,} bytes) but the file has {size:,} bytes "
+                        f"(truncated or corrupt)")
+    tokens = np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_BYTES)
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[position])} at position {position:,} is >= vocab_size "
+                        f"{vocab_size}")
+    return tokens
+
+
+def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
+    """Concatenates every shard that the glob matches, in name order."""
+    paths = sorted(glob.glob(pattern))
+    if not paths:
+        raise DataError(f"{pattern}: no {what} file matches (README, section Data, says how to get them)")
+    return np.concatenate([read_shard(path, vocab_size) for path in paths])
+
+
+def document_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
+    """Start offsets of the documents: each <|endoftext|> opens one; leading tokens before the first form one too."""
+    starts = np.flatnonzero(tokens == bos_id)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate([[0], starts])
+    return starts.astype(np.int64)
+
+
+def shuffled_stream(tokens: np.ndarray, doc_starts: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """The train tokens with whole documents in a new order for each (seed, epoch): the same on every rank."""
+    order = np.random.default_rng([seed, epoch]).permutation(doc_starts.size)
+    doc_ends = np.append(doc_starts[1:], tokens.size)
+    return np.concatenate([tokens[doc_starts[i]:doc_ends[i]] for i in order])
+
+
+class TrainData:
+    """The fixed train budget, cut into disjoint windows of seq_len + 1 tokens once per epoch.
+
+    Each epoch reshuffles whole documents (seed, epoch) and packs the stream into windows; optimizer step s of the
+    epoch takes windows [s*B, (s+1)*B) where B = batch_tokens / seq_len, and splits them over micro-steps and ranks.
+    Every train token therefore lies in exactly one window per epoch, on exactly one rank. The stream's last window
+    is usually short and the epoch's last step usually has fewer than B windows: the missing targets are -1 (ignored),
+    and the loss is normalised by the true number of targets in the global step, so 1, 2 or 8 ranks compute the same
+    update. Everything here is a pure function of (tokens, seed, epoch, step, micro_step, rank)."""
+
+    def __init__(self, tokens: np.ndarray, bos_id: int, seq_len: int, batch_seqs: int, device_batch_size: int,
+                 world_size: int, rank: int, seed: int):
+        self.tokens = tokens
+        self.doc_starts = document_starts(tokens, bos_id)
+        self.seq_len, self.window = seq_len, seq_len + 1
+        self.batch_seqs, self.device_batch_size = batch_seqs, device_batch_size
+        self.world_size, self.rank, self.seed = world_size, rank, seed
+        self.grad_accum_steps = batch_seqs // (device_batch_size * world_size)
+        self.windows_per_epoch = math.ceil(tokens.size / self.window)
+        self.steps_per_epoch = math.ceil(self.windows_per_epoch / batch_seqs)
+        self._cached_epoch, self._cached_stream = -1, tokens
+
+    def stream(self, epoch: int) -> np.ndarray:
+        if epoch != self._cached_epoch:
+            self._cached_epoch, self._cached_stream = epoch, shuffled_stream(self.tokens, self.doc_starts, self.seed, epoch)
+        return self._cached_stream
+
+    def window_ids(self, step_in_epoch: int, micro_step: int, rank: int) -> np.ndarray:
+        """Which windows of the epoch this (step, micro-step, rank) trains on; ids past the end are padding."""
+        first = step_in_epoch * self.batch_seqs + (micro_step * self.world_size + rank) * self.device_batch_size
+        return np.arange(first, first + self.device_batch_size)
+
+    def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
+        """(len(window_ids), seq_len + 1) int64 token windows, -1 where the stream has run out."""
+        stream = self.stream(epoch)
+        out = np.full((window_ids.size, self.window), -1, dtype=np.int64)
+        for row, window_id in enumerate(window_ids):
+            chunk = stream[window_id * self.window:(window_id + 1) * self.window]
+            out[row, :chunk.size] = chunk
+        return out
+
+    def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs (B, T) and targets (B, T) for this rank; ignored targets are -1 (their inputs are 0)."""
+        windows = torch.from_numpy(self.windows(epoch, self.window_ids(step_in_epoch, micro_step, self.rank)))
+        return windows[:, :-1].clamp(min=0), windows[:, 1:].clone()
+
+    def step_target_count(self, step_in_epoch: int) -> int:
+        """Targets in the whole global step (all ranks, all micro-steps): the loss normaliser. Needs no communication."""
+        first = step_in_epoch * self.batch_seqs
+        ids = np.arange(first, min(first + self.batch_seqs, self.windows_per_epoch))
+        lengths = np.clip(self.tokens.size - ids * self.window, 0, self.window)
+        return int(np.clip(lengths - 1, 0, None).sum())
+
+
+class EvalData:
+    """A validation or test set scored whole: consecutive seq_len windows (each target predicted once), split
+    round-robin over ranks. The summed loss and token count are the same on any world size."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str):
+        self.tokens, self.seq_len = tokens, seq_len
+        self.num_windows = (tokens.size - 1) // seq_len
+        if self.num_windows < 1:
+            raise DataError(f"{name}: {tokens.size:,} tokens, fewer than one sequence of seq_len + 1 = {seq_len + 1}")
+        self.num_targets = self.num_windows * seq_len
+
+    def batches(self, rank: int, world_size: int, batch_size: int):
+        """Yields (inputs, targets) int64 tensors of up to batch_size windows for this rank."""
+        mine = np.arange(rank, self.num_windows, world_size)
+        for first in range(0, mine.size, batch_size):
+            starts = mine[first:first + batch_size] * self.seq_len
+            rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
+            rows = torch.from_numpy(rows)
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def unigram_entropy(tokens: np.ndarray) -> float:
+    """Entropy (nats/token) of the tokens' own frequencies: the best loss any context-free model could reach on them."""
+    counts = np.bincount(tokens.astype(np.int64))
+    probs = counts[counts > 0] / tokens.size
+    return float(-(probs * np.log(probs)).sum())
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Model: a modern GPT (nanochat lineage): RMSNorm pre-norm, RoPE, QK-norm, ReLU^2 or SwiGLU, logit soft-cap
+
+
+def rms_norm(x: torch.Tensor) -> torch.Tensor:
+    """RMSNorm without weights (nanochat): the scale is left to the next matrix."""
+    return F.rms_norm(x, (x.size(-1),))
+
+
+def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (1, seq_len, 1, head_dim / 2) each, for rotary position embeddings (Su et al. 2021)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotates pairs (x1, x2) of the last dimension of x (B, T, H, D) by position-dependent angles."""
+    half = x.size(-1) // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.n_head, self.head_dim = hp.n_head, hp.n_embd // hp.n_head
+        self.c_q = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        self.c_k = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        self.c_v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        self.c_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        batch, time_steps, width = x.shape
+        q = self.c_q(x).view(batch, time_steps, self.n_head, self.head_dim)  # (B, T, H, D)
+        k = self.c_k(x).view(batch, time_steps, self.n_head, self.head_dim)
+        v = self.c_v(x).view(batch, time_steps, self.n_head, self.head_dim)
+        # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
+        q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        return self.c_proj(y.transpose(1, 2).reshape(batch, time_steps, width))  # (B, H, T, D) -> (B, T, C)
+
+
+def mlp_hidden_width(hp: Hyperparameters) -> int:
+    """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64."""
+    hidden = hp.mlp_ratio * hp.n_embd * (2 / 3 if hp.mlp == "swiglu" else 1)
+    return 64 * math.ceil(hidden / 64)
+
+
+class MLP(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.kind, hidden = hp.mlp, mlp_hidden_width(hp)
+        self.c_fc = nn.Linear(hp.n_embd, hidden, bias=False)
+        self.c_gate = nn.Linear(hp.n_embd, hidden, bias=False) if hp.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(hidden, hp.n_embd, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.c_gate is not None:
+            return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
+        return self.c_proj(F.relu(self.c_fc(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.attn, self.mlp = CausalSelfAttention(hp), MLP(hp)
+        self.dropout = nn.Dropout(hp.dropout) if hp.dropout > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.attn(rms_norm(x), cos, sin))
+        return x + self.dropout(self.mlp(rms_norm(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, hp: Hyperparameters):
+        super().__init__()
+        self.logit_softcap = hp.logit_softcap
+        self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
+        self.blocks = nn.ModuleList([Block(hp) for _ in range(hp.n_layer)])
+        self.lm_head = nn.Linear(hp.n_embd, hp.vocab_size, bias=False)  # untied from wte (nanochat)
+        cos, sin = rotary_tables(hp.seq_len, hp.n_embd // hp.n_head, hp.rope_base)
+        self.register_buffer("rotary_cos", cos, persistent=False)
+        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """nanochat's init: unit-variance embedding, tiny lm_head, uniform hidden matrices, zero output projections
+        (each block starts as the identity, so depth does not blow up the residual stream)."""
+        nn.init.normal_(self.wte.weight, std=1.0)
+        nn.init.normal_(self.lm_head.weight, std=0.001)
+        for block in self.blocks:
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc, block.mlp.c_gate):
+                if linear is not None:
+                    bound = 3**0.5 * linear.in_features**-0.5
+                    nn.init.uniform_(linear.weight, -bound, bound)
+            nn.init.zeros_(block.attn.c_proj.weight)
+            nn.init.zeros_(block.mlp.c_proj.weight)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> float32 logits (B, T, vocab_size)."""
+        time_steps = idx.size(1)
+        cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
+        x = rms_norm(self.wte(idx))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(rms_norm(x)).float()
+        if self.logit_softcap > 0:
+            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
+        return logits
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss in nats; targets of -1 are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum")
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Optimizers: Muon for the hidden matrices, AdamW for embedding, lm_head and scalars
+
+
+def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    """Approximates U V^T of grad = U S V^T with a quintic Newton-Schulz iteration (Jordan et al. 2024, Muon).
+    The coefficients push every singular value into roughly [0.7, 1.2] in five steps rather than exactly to 1: what
+    matters for the update is that no direction dominates. bf16 on GPU (tensor cores); float32 on CPU."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:  # iterate on the short side: X X^T is then the smaller matrix
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024): SGD-momentum whose update is replaced by its
+    nearest semi-orthogonal matrix, scaled by sqrt(max(1, rows/cols)), with decoupled weight decay.
+
+    Under several ranks the orthogonalisation is split: parameters are grouped by shape, rank r orthogonalises
+    parameters r, r + world, ... of each group and keeps their momentum (so momentum memory is sharded too), and
+    all_gather hands every rank every update. Gradients must already be averaged over ranks."""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        params = list(params)
+        shapes = sorted({tuple(p.shape) for p in params})
+        groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
+        super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
+                                      weight_decay=weight_decay))
+        self.rank, self.world_size = rank, world_size
+
+    def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
+        grad, state = param.grad, self.state[param]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad)
+        buffer = state["momentum_buffer"]
+        buffer.lerp_(grad, 1 - group["momentum"])
+        direction = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
+        update = newton_schulz_orthogonalize(direction, group["ns_steps"])
+        return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+
+    @torch.no_grad()
+    def step(self) -> None:
+        pending = []  # (communication handle or None, params, their updates)
+        for group in self.param_groups:
+            params = group["params"]
+            for first in range(0, len(params), self.world_size):
+                owned = first + self.rank
+                # Ranks past the end of the group contribute a zero update that nobody applies.
+                update = self._update(params[owned], group) if owned < len(params) else torch.zeros_like(params[first])
+                chunk = params[first:first + self.world_size]
+                if self.world_size == 1:
+                    pending.append((None, group, chunk, [update]))
+                    continue
+                gathered = [torch.empty_like(update) for _ in range(self.world_size)]
+                pending.append((dist.all_gather(gathered, update, async_op=True), group, chunk, gathered))
+        for handle, group, chunk, updates in pending:
+            if handle is not None:
+                handle.wait()
+            for param, update in zip(chunk, updates):
+                param.mul_(1 - group["lr"] * group["weight_decay"])
+                param.add_(update, alpha=-group["lr"])
+
+
+def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
+    """Muon for every 2-D matrix inside the blocks; AdamW for the embedding, the lm_head and anything 0-D or 1-D."""
+    named = dict(model.named_parameters())
+    muon_params = [p for name, p in named.items() if name.startswith("blocks.") and p.ndim == 2]
+    embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
+    scalar_params = [p for p in named.values() if p.ndim < 2]
+    assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params}
+    missing = [name for name, p in named.items() if id(p) not in assigned]
+    if missing:  # a new parameter must be given an optimizer on purpose, never silently left untrained
+        raise ConfigError(f"parameters with no optimizer: {', '.join(missing)}")
+    adam_groups = [dict(params=embed_params, lr=hp.embed_lr, weight_decay=hp.adam_wd),
+                   dict(params=head_params, lr=hp.head_lr, weight_decay=hp.adam_wd)]
+    if scalar_params:
+        adam_groups.append(dict(params=scalar_params, lr=hp.scalar_lr, weight_decay=0.0))
+    adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
+    muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
+                ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
+                world_size=dist_info.world_size)
+    optimizers = [adamw, muon]
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+    return optimizers
+
+
+def average_gradients(model: nn.Module, dist_info: Dist) -> None:
+    """Sums gradients over ranks. The loss is already divided by the global target count, so the sum is the mean."""
+    if dist_info.world_size == 1:
+        return
+    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True)
+               for p in model.parameters() if p.grad is not None]
+    for handle in handles:
+        handle.wait()
+
+
+def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
+    """Linear warmup, constant, then linear warmdown over the final warmdown_frac to final_lr_frac."""
+    if step < hp.warmup_steps:
+        return (step + 1) / hp.warmup_steps
+    progress = step / total_steps
+    warmdown_start = 1.0 - hp.warmdown_frac
+    if progress < warmdown_start or hp.warmdown_frac == 0:
+        return 1.0
+    return 1.0 - (progress - warmdown_start) / hp.warmdown_frac * (1.0 - hp.final_lr_frac)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def autocast_context(device: torch.device):
+    """bf16 autocast on GPU (parameters stay float32 master copies); plain float32 on CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
+    """Mean loss in nats per token over the whole set, summed in float64 over every rank."""
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
+    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
+        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
+        with autocast_context(dist_info.device):
+            logits = model(inputs)
+        totals[0] += cross_entropy_sum(logits, targets).double()
+        totals[1] += targets.numel()
+    dist_info.all_reduce_sum(totals)
+    model.train(was_training)
+    return (totals[0] / totals[1]).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Logging and checkpoints: logs/<run_id>/ with log.txt, metrics.jsonl, result.json, model.pt; only rank 0 writes
+
+
+def format_count(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated by this process, or on CPU its peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    except (ImportError, AttributeError):
+        return 0
+
+
+def git_commit() -> str:
+    """The commit of the script's folder, with '-dirty' when it has uncommitted changes; '' outside git."""
+    folder = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if not commit:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment_report(dist_info: Dist) -> list[str]:
+    """Versions and devices, for the log header."""
+    lines = [f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
+             f"cuda {torch.version.cuda or 'none'} | {platform.platform()}",
+             f"world_size {dist_info.world_size} | device {dist_info.device} | cpu threads {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        lines += [f"gpu {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            lines += ["nvidia-smi:", smi.rstrip()]
+        except (OSError, subprocess.SubprocessError):
+            lines.append("nvidia-smi: not available")
+    return lines
+
+
+class RunLog:
+    """Writes the run folder. Every line goes to log.txt at once (a crash loses nothing) and to the terminal."""
+
+    def __init__(self, folder: str, is_main: bool):
+        self.folder, self.is_main = folder, is_main
+        self._log = self._metrics = None
+        if is_main:
+            os.makedirs(folder, exist_ok=False)
+            self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
+            self._metrics = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, text: str, echo: bool = True) -> None:
+        if not self.is_main:
+            return
+        self._log.write(text + "\n")
+        self._log.flush()
+        if echo:
+            print(text, flush=True)
+
+    def section(self, title: str, lines: list[str], echo: bool = True) -> None:
+        self.write(f"==================== {title} " + "=" * max(0, 80 - len(title)), echo=echo)
+        for line in lines:
+            self.write(line, echo=echo)
+
+    def metrics(self, row: dict) -> None:
+        if self.is_main:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+
+    def save_json(self, name: str, payload: dict) -> None:
+        if self.is_main:
+            atomic_write_bytes(os.path.join(self.folder, name), (json.dumps(payload, indent=2) + "\n").encode())
+
+    def close(self) -> None:
+        for handle in (self._log, self._metrics):
+            if handle is not None:
+                handle.close()
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(payload)
+    os.replace(temporary, path)
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a temporary file and a rename: a crash while saving leaves the previous file intact."""
+    temporary = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, temporary)
+    os.replace(temporary, path)
+
+
+def parameter_fingerprint(model: nn.Module) -> torch.Tensor:
+    """One float64 sum per parameter tensor: equal on every rank when the ranks hold the same weights."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()])
+
+
+def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
+    """Checks that every rank ended with bitwise the same weights (they apply the same updates)."""
+    if dist_info.world_size == 1:
+        return True
+    mine = parameter_fingerprint(model).to(dist_info.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist_info.world_size)]
+    dist.all_gather(everyone, mine)
+    return all(torch.equal(mine, other) for other in everyone)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def default_run_id() -> str:
+    return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
+    """One run from initialisation to the final evaluation; returns what result.json holds."""
+    wall_start = time.time()
+    check_hyperparameters(hp, dist_info.world_size)
+    device = dist_info.device
+
+    # Data first: a bad file stops the run before it makes a run folder.
+    train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train")
+    val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
+    if hp.val_tokens:
+        val_tokens = val_tokens[:hp.val_tokens]
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    train_data = TrainData(train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
+                           dist_info.world_size, dist_info.rank, hp.seed)
+    val_data = EvalData(val_tokens, hp.seq_len, hp.val_files)
+    test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
+        if hp.test_files else None
+    full_steps = hp.num_epochs * train_data.steps_per_epoch
+    total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+
+    run_id = hp.run_id or default_run_id()
+    folder = os.path.join(hp.log_dir, run_id)
+    if dist_info.is_main and os.path.exists(folder):
+        raise ConfigError(f"{folder} already exists: choose another --run_id")
+    log = RunLog(folder, dist_info.is_main)
+    script_path = os.path.abspath(__file__)
+    with open(script_path, encoding="utf-8") as handle:
+        log.section(f"source: {script_path}", handle.read().splitlines(), echo=False)
+    log.section("command", [" ".join(shlex.quote(a) for a in [sys.executable, script_path, *argv]),
+                            f"git commit: {git_commit() or 'none'}", f"run folder: {folder}"])
+    log.section("environment", environment_report(dist_info))
+    log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()])
+
+    torch.manual_seed(hp.seed)
+    with torch.device(device):
+        raw_model = GPT(hp)
+    if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
+        for p in raw_model.parameters():
+            dist.broadcast(p.data, src=0)
+    torch.manual_seed(hp.seed + 1 + dist_info.rank)  # dropout masks differ across ranks
+    use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    model = torch.compile(raw_model) if use_compile else raw_model
+    optimizers = build_optimizers(raw_model, hp, dist_info)
+
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    n_block_params = sum(p.numel() for p in raw_model.blocks.parameters())
+    unigram = unigram_entropy(val_tokens)
+    log.section("run", [
+        f"model: {n_params:,} parameters ({n_block_params:,} in blocks, {raw_model.wte.weight.numel():,} embedding, "
+        f"{raw_model.lm_head.weight.numel():,} lm_head) | compile {'on' if use_compile else 'off'}",
+        f"train: {train_tokens.size:,} tokens, {train_data.doc_starts.size:,} documents | "
+        f"{train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> {total_steps} steps",
+        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size} ranks x {train_data.grad_accum_steps} accumulation",
+        f"val: {val_data.num_targets:,} targets in {val_data.num_windows} windows | unigram entropy of val "
+        f"{unigram:.4f} nats (the best a context-free model can do)" +
+        (f" | test: {test_data.num_targets:,} targets" if test_data else ""),
+    ])
+
+    def run_validation(step: int, epoch_progress: float) -> float:
+        start = time.time()
+        val_loss = evaluate(model, val_data, dist_info, hp.val_batch_size)
+        seconds = time.time() - start
+        log.write(f"val  step {step}/{total_steps} | epoch {epoch_progress:.2f} | val_loss {val_loss:.4f} | "
+                  f"tokens {format_count(tokens_seen)} | eval {seconds:.1f}s")
+        log.metrics(dict(kind="val", step=step, epoch=round(epoch_progress, 4), val_loss=val_loss,
+                         tokens_seen=tokens_seen, eval_seconds=round(seconds, 3)))
+        return val_loss
+
+    tokens_seen, train_seconds, val_loss, train_loss = 0, 0.0, float("nan"), float("nan")
+    interval_start, interval_steps = time.time(), 0
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    loss_count = 0
+    model.train()
+    for step in range(total_steps):
+        epoch, step_in_epoch = divmod(step, train_data.steps_per_epoch)
+        factor = lr_multiplier(step, total_steps, hp)
+        for optimizer in optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = group["initial_lr"] * factor
+        step_targets = train_data.step_target_count(step_in_epoch)
+        for micro_step in range(train_data.grad_accum_steps):
+            inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast_context(device):
+                logits = model(inputs)
+            micro_loss = cross_entropy_sum(logits, targets)
+            (micro_loss / step_targets).backward()
+            loss_sum += micro_loss.detach().double()
+        loss_count += step_targets
+        tokens_seen += step_targets
+        average_gradients(raw_model, dist_info)
+        for optimizer in optimizers:
+            optimizer.step()
+        raw_model.zero_grad(set_to_none=True)
+        interval_steps += 1
+
+        done = step + 1
+        epoch_progress = done / train_data.steps_per_epoch
+        if done % hp.log_every == 0 or done == 1 or done == total_steps:
+            train_loss = dist_info.all_reduce_sum(loss_sum).item() / loss_count
+            loss_sum.zero_()
+            loss_count = 0
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            interval_seconds = time.time() - interval_start
+            train_seconds += interval_seconds
+            ms_per_step = 1000 * interval_seconds / interval_steps
+            tokens_per_second = hp.batch_tokens * interval_steps / interval_seconds
+            eta = (total_steps - done) * train_seconds / done
+            memory = peak_memory_bytes(device)
+            log.write(f"step {done}/{total_steps} | epoch {epoch_progress:.2f} | train_loss {train_loss:.4f} | "
+                      f"tokens {format_count(tokens_seen)} | {ms_per_step:.0f} ms/step | "
+                      f"{format_count(tokens_per_second)} tok/s | eta {format_duration(eta)} | "
+                      f"mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
+            log.metrics(dict(kind="train", step=done, epoch=round(epoch_progress, 4), train_loss=train_loss,
+                             tokens_seen=tokens_seen, ms_per_step=round(ms_per_step, 2),
+                             tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
+                             peak_memory_bytes=memory, train_seconds=round(train_seconds, 3)))
+            interval_start, interval_steps = time.time(), 0
+        epoch_end = done % train_data.steps_per_epoch == 0
+        if epoch_end or done == total_steps or (hp.val_every and done % hp.val_every == 0):
+            pause = time.time()
+            val_loss = run_validation(done, epoch_progress)
+            interval_start += time.time() - pause  # evaluation time does not count as training time
+
+    agree = ranks_agree(raw_model, dist_info)
+    test_loss = evaluate(model, test_data, dist_info, hp.val_batch_size) if test_data else None
+    if test_loss is not None:
+        log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
+    if hp.save_model and dist_info.is_main:
+        atomic_torch_save(raw_model.state_dict(), os.path.join(folder, "model.pt"))
+    result = dict(
+        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=train_loss,
+        unigram_val_entropy=unigram, tokens_seen=tokens_seen, train_tokens=int(train_tokens.size),
+        epochs=total_steps / train_data.steps_per_epoch, steps=total_steps, parameters=n_params,
+        wall_seconds=round(time.time() - wall_start, 2), train_seconds=round(train_seconds, 2),
+        world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
+        git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
+    )
+    log.save_json("result.json", result)
+    log.write(f"done | val_loss {val_loss:.4f} | tokens trained on {format_count(tokens_seen)} | "
+              f"wall {format_duration(result['wall_seconds'])} | ranks agree: {'yes' if agree else 'NO'} | {folder}")
+    log.close()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def tune_cpu_runtime() -> None:
+    """Two CPU settings measured on 2 cores (torch 2.13, the tiny preset's 50,304-wide lm_head):
+    - denormal floats made one lm_head backward matmul ~40x slower (25 s instead of 0.6 s): flush them to zero;
+    - glibc hands every allocation above 32 MB back to the OS when freed, so each 200 MB logits tensor page-faults
+      afresh: 205 ms per 256 tokens for forward + backward; raising the mmap and trim thresholds so freed memory is
+      reused gave 95 ms."""
+    torch.set_flush_denormal(True)
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not fresh mmaps
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    dist_info = None
+    try:
+        hp = parse_args(argv)
+        dist_info = setup_distributed(hp.device)
+        if dist_info.device.type == "cpu":
+            tune_cpu_runtime()
+        train(hp, dist_info, argv)
+        return 0
+    except (ConfigError, DataError) as error:
+        if dist_info is None or dist_info.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
