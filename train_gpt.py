@@ -50,6 +50,7 @@ class Hyperparameters:
     train_files: str = "data/fineweb/fineweb_train.bin"  # glob of train shards: the fixed budget, read for many epochs
     val_files: str = "data/fineweb/fineweb_val.bin"  # glob of validation shards, scored whole at each evaluation
     test_files: str = ""  # glob of held-out test shards, scored once at the end ("" = none); never used to choose
+    train_tokens: int = 0  # train on only the first N train tokens, cut back to a document start (0 = all): data-scaling curves
     val_tokens: int = 0  # score only the first N validation tokens (0 = all of them)
     vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
     bos_id: int = 50256  # <|endoftext|>: every document starts with it
@@ -330,6 +331,15 @@ def document_starts(tokens: np.ndarray, bos_id: int) -> np.ndarray:
     if starts.size == 0 or starts[0] != 0:
         starts = np.concatenate([[0], starts])
     return starts.astype(np.int64)
+
+
+def truncate_to_document(tokens: np.ndarray, budget: int, bos_id: int, name: str) -> np.ndarray:
+    """The first `budget` tokens, cut back to the last document start within them so no document is split."""
+    if budget >= tokens.size:
+        return tokens
+    starts = document_starts(tokens[:budget + 1], bos_id)
+    cut = int(starts[-1]) if starts[-1] > 0 else budget  # a first document longer than the budget is cut inside
+    return tokens[:cut]
 
 
 def shuffled_stream(tokens: np.ndarray, doc_starts: np.ndarray, seed: int, epoch: int) -> np.ndarray:
@@ -828,6 +838,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # Data first: a bad file stops the run before it makes a run folder.
     train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train")
     val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
+    if hp.train_tokens:
+        train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
     if hp.val_tokens:
         val_tokens = val_tokens[:hp.val_tokens]
     batch_seqs = hp.batch_tokens // hp.seq_len
