@@ -105,7 +105,7 @@ PRESETS: dict[str, dict] = {
         train_files="data/sample/fineweb_edu_train.bin",
         val_files="data/sample/fineweb_edu_val.bin",
         n_layer=4, n_embd=128, n_head=4, seq_len=256,
-        batch_tokens=8192, device_batch_size=16, val_batch_size=32,
+        batch_tokens=8192, device_batch_size=4, val_batch_size=8,
         num_epochs=4, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=5, device="cpu",
     ),

@@ -1,0 +1,166 @@
+"""End to end: the command line, a micro run's learning, its run folder, and the tiny preset's promise."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents
+
+
+# ------------------------------------------------------------------------------------------------- command line
+
+def test_import_does_no_work(tmp_path):
+    start = time.time()
+    result = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {REPO_ROOT!r}); import train_gpt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "" and os.listdir(tmp_path) == []  # printed nothing, wrote nothing
+    assert time.time() - start < 30
+
+
+def test_presets_and_overrides():
+    hp = train_gpt.parse_args(["--n_layer", "3", "--preset", "tiny", "--dropout=0.25", "--save_model", "false"])
+    assert hp.preset == "tiny" and hp.n_embd == 128  # preset applied first, wherever it stands
+    assert hp.n_layer == 3 and hp.dropout == 0.25 and hp.save_model is False
+    slowrun = train_gpt.parse_args(["--preset", "slowrun"])
+    assert (slowrun.n_layer, slowrun.n_embd, slowrun.n_head, slowrun.seq_len) == (30, 2048, 16, 2048)
+    assert slowrun.vocab_size % 128 == 0 and slowrun.vocab_size >= 50257
+    assert slowrun.batch_tokens == 524288
+    assert train_gpt.parse_args(["--muon_nesterov"]).muon_nesterov is True  # a bare boolean flag means true
+    assert train_gpt.parse_args([]) == train_gpt.Hyperparameters()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n_layr", "3"], "unknown flag --n_layr; did you mean --n_layer?"),
+    (["--n_layer", "three"], "flag --n_layer expects int, got 'three'"),
+    (["--dropout", "lots"], "flag --dropout expects float, got 'lots'"),
+    (["--save_model", "maybe"], "flag --save_model expects true or false, got 'maybe'"),
+    (["--n_layer"], "flag --n_layer needs a value (int)"),
+    (["--preset", "huge"], "unknown preset 'huge'"),
+    (["n_layer", "3"], "unexpected argument 'n_layer'"),
+])
+def test_bad_flags_are_one_line_errors(argv, message):
+    with pytest.raises(train_gpt.ConfigError) as info:
+        train_gpt.parse_args(argv)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_inconsistent_batch_is_explained():
+    hp = train_gpt.Hyperparameters(seq_len=32, batch_tokens=320, device_batch_size=4)
+    with pytest.raises(train_gpt.ConfigError, match="choose batch_tokens as a multiple of 256"):
+        train_gpt.check_hyperparameters(hp, world_size=2)
+
+
+def test_cli_error_exit_code_and_no_run_folder(tmp_path, micro_data):
+    train_path, val_path = micro_data
+    missing = str(tmp_path / "missing.bin")
+    result = run_script(micro_flags(missing, val_path, str(tmp_path / "logs"), "x"))
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: {missing}: no train file matches (README, section Data, says how to get them)"
+    assert not os.path.exists(tmp_path / "logs")  # a bad input stops the run before it makes its folder
+    result = run_script(["--nope", "1"])
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown flag --nope")
+
+
+def test_help_lists_every_hyperparameter():
+    result = run_script(["--help"])
+    assert result.returncode == 0
+    for field in dataclasses.fields(train_gpt.Hyperparameters):
+        assert f"    {field.name}: " in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------- a micro run
+
+@pytest.fixture(scope="module")
+def micro_run(tmp_path_factory):
+    """One micro run (in this process), shared by the assertions below."""
+    root = tmp_path_factory.mktemp("micro")
+    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    flags = micro_flags(train_path, val_path, str(root / "logs"), "micro", num_epochs=4, save_model=True)
+    assert train_gpt.main(flags) == 0
+    return os.path.join(root, "logs", "micro")
+
+
+def test_micro_run_learns(micro_run):
+    folder = micro_run
+    metrics = read_metrics(folder)
+    train = [row["train_loss"] for row in metrics if row["kind"] == "train"]
+    vals = [row["val_loss"] for row in metrics if row["kind"] == "val"]
+    result = json.load(open(os.path.join(folder, "result.json")))
+    assert train[0] == pytest.approx(np.log(256), abs=0.05)  # starts at the uniform loss
+    assert np.mean(train[-5:]) < 0.6 * train[0]  # and learns
+    assert len(vals) == 4 and vals[-1] < vals[0]  # one validation per epoch
+    # The toy language is predictable from context: the model must beat any context-free predictor.
+    assert result["val_loss"] < result["unigram_val_entropy"] - 1.0
+    assert result["steps"] == len(train) and result["epochs"] == 4
+
+
+def test_micro_run_counts_every_token(micro_run):
+    folder = micro_run
+    result = json.load(open(os.path.join(folder, "result.json")))
+    hp = train_gpt.Hyperparameters(**result["hyperparameters"])
+    windows = -(-result["train_tokens"] // (hp.seq_len + 1))
+    # Each epoch predicts every train token except the first of each window.
+    assert result["tokens_seen"] == 4 * (result["train_tokens"] - windows)
+
+
+def test_log_holds_source_hyperparameters_and_result(micro_run):
+    folder = micro_run
+    log = open(os.path.join(folder, "log.txt"), encoding="utf-8").read()
+    source = open(os.path.join(REPO_ROOT, "train_gpt.py"), encoding="utf-8").read()
+    assert source in log  # the script's own source, whole
+    sections = [line.split(" ")[1].rstrip(":") for line in log.splitlines() if line.startswith("=" * 20 + " ")]
+    assert sections == ["source", "command", "environment", "hyperparameters", "run"]
+    result = json.load(open(os.path.join(folder, "result.json")))
+    for name, value in result["hyperparameters"].items():
+        assert f"\n{name} = {value!r}\n" in log
+    val_lines = [line for line in log.splitlines() if line.startswith("val  step")]
+    assert val_lines[-1].split("val_loss ")[1].split(" ")[0] == f"{result['val_loss']:.4f}"
+    assert log.rstrip().splitlines()[-1].startswith(f"done | val_loss {result['val_loss']:.4f}")
+
+
+def test_saved_model_reproduces_val_loss(micro_run):
+    folder = micro_run
+    result = json.load(open(os.path.join(folder, "result.json")))
+    hp = train_gpt.Hyperparameters(**result["hyperparameters"])
+    model = train_gpt.GPT(hp)
+    model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
+    val = train_gpt.EvalData(train_gpt.load_tokens(hp.val_files, hp.vocab_size, "val"), hp.seq_len, "val")
+    assert train_gpt.evaluate(model, val, train_gpt.Dist(), 4) == pytest.approx(result["val_loss"], rel=1e-6)
+
+
+def test_existing_run_folder_is_not_overwritten(micro_run, tmp_path):
+    folder = micro_run
+    hp_flags = ["--log_dir", os.path.dirname(folder), "--run_id", "micro"]
+    result = json.load(open(os.path.join(folder, "result.json")))
+    flags = micro_flags(result["hyperparameters"]["train_files"], result["hyperparameters"]["val_files"],
+                        *hp_flags[1::2])
+    with pytest.raises(train_gpt.ConfigError, match="already exists"):
+        train_gpt.train(train_gpt.parse_args(flags), train_gpt.Dist(), flags)
+
+
+# ------------------------------------------------------------------------------------------------- the tiny preset
+
+@pytest.mark.skipif(os.environ.get("SLOWRUN_SKIP_SLOW") == "1", reason="SLOWRUN_SKIP_SLOW=1")
+def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
+    """The README's promise: the CPU mini-slowrun finishes in under 5 minutes on 2 cores and its val loss is clearly
+    below the best context-free (unigram) predictor of the val set."""
+    start = time.time()
+    result = run_script(["--preset", "tiny", "--log_dir", str(tmp_path), "--run_id", "tiny", "--save_model", "false"],
+                        timeout=600)
+    seconds = time.time() - start
+    assert result.returncode == 0, result.stderr[-2000:]
+    outcome = json.load(open(tmp_path / "tiny" / "result.json"))
+    print(f"tiny preset: {seconds:.0f} s, val_loss {outcome['val_loss']:.4f}, "
+          f"unigram entropy {outcome['unigram_val_entropy']:.4f}")
+    assert seconds < 300
+    assert outcome["val_loss"] < outcome["unigram_val_entropy"] - 0.3
