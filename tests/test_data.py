@@ -190,6 +190,13 @@ def test_truncate_to_document():
     assert train_gpt.truncate_to_document(tokens, 99, 9, "t").size == 9
 
 
+def test_unigram_loss_is_smoothed_train_frequencies_scored_on_val():
+    train = np.array([0, 0, 0, 1])  # counts 3, 1, 0 (+1/2 each) over vocab 3 -> probs 3.5/5.5, 1.5/5.5, 0.5/5.5
+    val = np.array([9, 0, 2])  # the first val token is never a target
+    expected = -(np.log(3.5 / 5.5) + np.log(0.5 / 5.5)) / 2
+    assert train_gpt.unigram_loss(train, val, vocab_size=3) == pytest.approx(expected)
+
+
 def test_unigram_entropy():
     assert train_gpt.unigram_entropy(np.array([1, 1, 2, 2])) == pytest.approx(np.log(2))
     assert train_gpt.unigram_entropy(np.array([5, 5, 5])) == pytest.approx(0.0)

@@ -153,7 +153,7 @@ def test_existing_run_folder_is_not_overwritten(micro_run, tmp_path):
 @pytest.mark.skipif(os.environ.get("SLOWRUN_SKIP_SLOW") == "1", reason="SLOWRUN_SKIP_SLOW=1")
 def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
     """The README's promise: the CPU mini-slowrun finishes in under 5 minutes on 2 cores and its val loss is clearly
-    below the best context-free (unigram) predictor of the val set."""
+    below the unigram baseline (train's token frequencies scored on val)."""
     start = time.time()
     result = run_script(["--preset", "tiny", "--log_dir", str(tmp_path), "--run_id", "tiny", "--save_model", "false"],
                         timeout=600)
@@ -161,6 +161,6 @@ def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     outcome = json.load(open(tmp_path / "tiny" / "result.json"))
     print(f"tiny preset: {seconds:.0f} s, val_loss {outcome['val_loss']:.4f}, "
-          f"unigram entropy {outcome['unigram_val_entropy']:.4f}")
+          f"unigram baseline {outcome['unigram_val_loss']:.4f}")
     assert seconds < 300
-    assert outcome["val_loss"] < outcome["unigram_val_entropy"] - 0.3
+    assert outcome["val_loss"] < outcome["unigram_val_loss"] - 0.3

@@ -1,0 +1,476 @@
+"""
+Text files (plain or JSONL) -> modded-nanogpt .bin token shards for train_gpt.py.
+
+    python data/tokenize.py my_corpus.txt --doc_split blank_line --out_dir data/mine --name mine \\
+        --vocab ../shared/data/gpt2.tiktoken              # offline; without --vocab tiktoken downloads GPT-2's BPE
+    python data/tokenize.py a.jsonl b.jsonl --text_field content --out_dir data/mine --name mine
+
+Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens (tiktoken `encode_ordinary`: special-token
+text inside a document is encoded as plain text). The LAST whole documents holding at least --val_tokens tokens go to
+<name>_val.bin, the rest to <name>_train.bin (or <name>_train_000000.bin, _000001, ... when the train split is
+larger than --shard_tokens). Documents are never cut: not between train and val, not between shards.
+
+How a plain text file splits into documents (--doc_split; JSONL files hold one document per line whatever it says):
+  file        the whole file is one document
+  blank_line  paragraph blocks separated by one or more blank (empty or whitespace-only) lines
+  line        every line is a document
+  joined      documents that were concatenated with no separator at all ("...the end.The Next Title"): a boundary
+              is guessed wherever a sentence end or a lower-case word runs straight into a capitalised word with no
+              whitespace between (rules in `joined_boundaries`). A heuristic: see data/README.md for its limits.
+--min_doc_chars N then merges consecutive documents of the same file until each holds at least N characters (the
+merged document is the file's text from the first one's start to the last one's end, separators included), e.g.
+to group the short speeches of a play into scenes-sized documents.
+
+Files are read as UTF-8 with universal newlines (\\r\\n -> \\n); names ending in .gz are decompressed. Errors are one
+line, `error: ...`, with exit code 2. `import` of this file does nothing; `main(argv)` runs it.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import importlib
+import json
+import os
+import re
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+if __name__ == "tokenize":
+    # This file sits where the standard library's `tokenize` would be found when a script inside data/ runs
+    # (Python puts the script's folder first on sys.path) and numpy, torch or inspect then import `tokenize`. Step
+    # aside: load the real module and hand it to whoever imported us (the import statement returns whatever
+    # sys.modules holds once this file has run; the definitions below then land in a module nobody sees).
+    _saved_path = sys.path[:]
+    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
+    del sys.modules["tokenize"]
+    try:
+        sys.modules["tokenize"] = importlib.import_module("tokenize")
+    finally:
+        sys.path[:] = _saved_path
+else:
+    if __name__ == "__main__":  # run as a script: keep data/ off the path so numpy & co. find the real tokenize
+        sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
+    import numpy as np
+
+    REPO_ROOT = os.path.dirname(_HERE)
+    if REPO_ROOT not in sys.path:
+        sys.path.insert(0, REPO_ROOT)
+    from train_gpt import DataError, Hyperparameters, read_shard, write_shard  # noqa: E402,F401
+
+    BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
+
+GPT2_RANKS = 50256  # mergeable BPE ranks of GPT-2 (ids 0..50255); <|endoftext|> is the one special token
+# GPT-2's pre-tokenisation regex, as tiktoken spells it for "gpt2" (r50k_pat_str); the fallback is the same split
+# for tiktoken versions that do not export the constant.
+GPT2_PATTERN_FALLBACK = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+DOC_SPLITS = ("file", "blank_line", "line", "joined")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
+
+
+class TokenizeError(Exception):
+    """A problem with the inputs or the options: printed as one `error: ...` line, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+def gpt2_encoding(vocab_path: str | None = None):
+    """GPT-2's BPE as a tiktoken Encoding. With vocab_path: built offline from a local file, either tiktoken's
+    `gpt2.tiktoken` or a folder holding it (or OpenAI's encoder.json + vocab.bpe). Without: tiktoken's "gpt2",
+    which downloads the files on first use."""
+    import tiktoken
+    if vocab_path is None:
+        return tiktoken.get_encoding("gpt2")
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks, load_tiktoken_bpe
+    if os.path.isdir(vocab_path):
+        tiktoken_file = os.path.join(vocab_path, "gpt2.tiktoken")
+        encoder_json, vocab_bpe = os.path.join(vocab_path, "encoder.json"), os.path.join(vocab_path, "vocab.bpe")
+        if os.path.isfile(tiktoken_file):
+            vocab_path = tiktoken_file
+        elif os.path.isfile(encoder_json) and os.path.isfile(vocab_bpe):
+            vocab_path = None
+        else:
+            raise TokenizeError(f"--vocab {vocab_path}: folder holds neither gpt2.tiktoken nor encoder.json + vocab.bpe")
+    elif not os.path.isfile(vocab_path):
+        raise TokenizeError(f"--vocab {vocab_path}: file not found")
+    try:
+        if vocab_path is None:
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=vocab_bpe, encoder_json_file=encoder_json)
+        else:
+            ranks = load_tiktoken_bpe(vocab_path)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the same one-line complaint
+        raise TokenizeError(f"--vocab {vocab_path}: not a GPT-2 BPE file ({type(exc).__name__}: {exc})") from None
+    if len(ranks) != GPT2_RANKS:
+        raise TokenizeError(f"--vocab {vocab_path}: {len(ranks):,} BPE ranks, expected GPT-2's {GPT2_RANKS:,}")
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:
+        pattern = GPT2_PATTERN_FALLBACK
+    encoding = tiktoken.Encoding(name="gpt2_local", pat_str=pattern, mergeable_ranks=ranks,
+                                 special_tokens={"<|endoftext|>": BOS_ID}, explicit_n_vocab=GPT2_RANKS + 1)
+    if encoding.encode_ordinary("Hello world") != [15496, 995]:
+        raise TokenizeError(f"--vocab {vocab_path}: 'Hello world' does not encode to GPT-2's [15496, 995]")
+    return encoding
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Documents: where a text file splits, as (start, end) character spans of the file's text
+
+_BLANK_LINES = re.compile(r"\n(?:[ \t\f\v]*\n)+")  # one or more blank (empty or whitespace-only) lines
+
+# joined: a boundary candidate is a position where no whitespace separates ...
+_SENTENCE_JOIN = re.compile(  # (a) a sentence end [.!?], maybe closed by quotes/brackets, from a capital letter
+    r"""(?<=[^\s])[.!?]+[”"’')\]>]*(?=[“"]?[A-Z])""")
+_CASE_JOIN = re.compile(r"(?<=[a-z])(?=[A-Z])")  # (b) a lower-case letter from a capital letter
+_WORD = re.compile(r"[A-Za-z]+")
+# Abbreviations that end in a period and may run into a capitalised word ("Dr.Smith"): never a document end.
+_ABBREVIATIONS = frozenset(
+    "mr mrs ms dr st jr sr prof gen sen rep rev col capt lt sgt mt ft fig figs vol vols no nos vs etc al approx "
+    "dept univ est jan feb mar apr jun jul aug sep sept oct nov dec".split())
+
+
+def _letters_before(text: str, end: int) -> str:
+    """The run of ASCII letters ending just before `end`."""
+    start = end
+    while start > 0 and text[start - 1].isascii() and text[start - 1].isalpha():
+        start -= 1
+    return text[start:end]
+
+
+def _letters_after(text: str, start: int) -> str:
+    end = start
+    while end < len(text) and text[end].isascii() and text[end].isalpha():
+        end += 1
+    return text[start:end]
+
+
+def joined_boundaries(text: str) -> list[int]:
+    """Guessed start offsets of the documents after the first, in text whose documents were concatenated with no
+    separator. Two kinds of join, both with no whitespace between the two sides:
+
+    (a) sentence end + capital: "...pursuit of happiness.Taking Play Seriously", "...it.”I’m", "...gardener.)The".
+        Not when the period closes an abbreviation: the letters before it are one letter ("U.S", "e.g"), two
+        letters starting with a capital ("Ph.D", "Co.As", "Mr"), or a listed abbreviation ("Fig", "No", "etc");
+        nor when the capital is a lone initial followed by a period ("Ph.D.", "A.D.A.M."); nor after an ellipsis of
+        four or more dots straight after a word ("transcribers....He scored": an elision inside a quotation).
+    (b) a lower-case word running into a capitalised one: "...climate change is still an issueBolivia: ...",
+        "...found this helpfulThese LEDs ...". camelCase names (TechSoup, iPod, pH, partlyLocated) look the same, so
+        (b) needs all of: the letters before the capital are one all-lower-case word of at least 3 letters (this
+        drops CobraNet, McDonald, DataCenter, and also real joins after a capitalised word, such as
+        "...Federal Highway AdministrationDengue Fever"), the whole letter run occurs only once in the text (a name
+        recurs; a join of two documents is unique), and both parts occur elsewhere in the text as words of their
+        own (case-insensitive).
+    Missed: joins after digits or other symbols ("...0713NetWellness"), documents that start in lower case, and
+    documents that end at the end of a line (those look like ordinary line breaks)."""
+    boundaries = set()
+    for match in _SENTENCE_JOIN.finditer(text):
+        punctuation, start = match.group(), match.end()
+        period = match.start() + punctuation.find(".")
+        if punctuation.startswith("...."):
+            if _letters_before(text, match.start()):
+                continue
+        elif punctuation.startswith(".") and not punctuation.startswith(".."):
+            before = _letters_before(text, period)
+            if len(before) == 1 or (len(before) == 2 and before[0].isupper()) or before.lower() in _ABBREVIATIONS:
+                continue
+        capital = start + 1 if text[start] in "“\"" else start
+        if text[capital + 1:capital + 2] == ".":  # a lone initial: "Ph.D.", "A.D.A.M."
+            continue
+        boundaries.add(start)
+    word_counts: dict[str, int] = {}
+    run_counts: dict[str, int] = {}
+    for word in _WORD.findall(text):
+        run_counts[word] = run_counts.get(word, 0) + 1
+        word_counts[word.lower()] = word_counts.get(word.lower(), 0) + 1
+    for match in _CASE_JOIN.finditer(text):
+        start = match.start()
+        before, after = _letters_before(text, start), _letters_after(text, start)
+        after_part = re.match(r"[A-Z][a-z]*|[A-Z]+", after).group()  # "Bolivia" of "BoliviaTimes", "NINE" of "NINE"
+        if len(before) < 3 or not before.islower() or run_counts.get(before + after, 0) != 1:
+            continue
+        if word_counts.get(before, 0) < 1 or word_counts.get(after_part.lower(), 0) < 1:
+            continue
+        boundaries.add(start)
+    return sorted(boundaries)
+
+
+def document_spans(text: str, doc_split: str) -> list[tuple[int, int]]:
+    """(start, end) character spans of the documents in one text file's contents, in order; may include empty or
+    whitespace-only spans (the caller drops those)."""
+    if doc_split == "file":
+        return [(0, len(text))]
+    if doc_split == "line":
+        spans, start = [], 0
+        for match in re.finditer(r"\n", text):
+            spans.append((start, match.start()))
+            start = match.end()
+        return spans + [(start, len(text))]
+    if doc_split == "blank_line":
+        spans, start = [], 0
+        for match in _BLANK_LINES.finditer(text):
+            spans.append((start, match.start()))
+            start = match.end()
+        return spans + [(start, len(text))]
+    if doc_split == "joined":
+        edges = [0, *joined_boundaries(text), len(text)]
+        return list(zip(edges[:-1], edges[1:]))
+    raise ValueError(f"unknown doc_split {doc_split!r}")
+
+
+def merge_short(spans: list[tuple[int, int]], min_chars: int) -> list[tuple[int, int]]:
+    """Merges consecutive spans until each covers at least min_chars characters (the last one may fall short)."""
+    if min_chars <= 0:
+        return spans
+    merged: list[tuple[int, int]] = []
+    first_start = None
+    for start, end in spans:
+        if first_start is None:
+            first_start = start
+        if end - first_start >= min_chars:
+            merged.append((first_start, end))
+            first_start = None
+    if first_start is not None:
+        if merged and spans[-1][1] - first_start < min_chars:  # a short tail joins the previous document
+            merged[-1] = (merged[-1][0], spans[-1][1])
+        else:
+            merged.append((first_start, spans[-1][1]))
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading the inputs
+
+
+def _open_text(path: str):
+    if not os.path.isfile(path):
+        raise TokenizeError(f"{path}: file not found")
+    if path.endswith(".gz"):
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, "r", encoding="utf-8")
+
+
+def is_jsonl(path: str, input_format: str) -> bool:
+    if input_format != "auto":
+        return input_format == "jsonl"
+    return path.lower().endswith(JSONL_SUFFIXES)
+
+
+def read_documents(path: str, input_format: str, doc_split: str, text_field: str, min_doc_chars: int = 0):
+    """Yields (document text, input characters consumed) for one file, skipping empty/whitespace-only documents."""
+    try:
+        with _open_text(path) as handle:
+            if is_jsonl(path, input_format):
+                for line_number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        yield "", len(line)
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except json.JSONDecodeError as exc:
+                        raise TokenizeError(f"{path}:{line_number}: not valid JSON ({exc.msg})") from None
+                    if not isinstance(record, dict):
+                        raise TokenizeError(f"{path}:{line_number}: a JSON {type(record).__name__}, expected an "
+                                            f"object with a {text_field!r} field")
+                    if text_field not in record:
+                        raise TokenizeError(f"{path}:{line_number}: no {text_field!r} field (fields: "
+                                            f"{', '.join(map(repr, list(record)[:8])) or 'none'}; see --text_field)")
+                    text = record[text_field]
+                    if not isinstance(text, str):
+                        raise TokenizeError(f"{path}:{line_number}: field {text_field!r} is a JSON "
+                                            f"{type(text).__name__}, expected a string")
+                    yield (text if text.strip() else ""), len(line)
+                return
+            text = handle.read()
+    except UnicodeDecodeError as exc:
+        raise TokenizeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start:,})") from None
+    spans = merge_short([(s, e) for s, e in document_spans(text, doc_split) if text[s:e].strip()], min_doc_chars)
+    consumed = 0
+    for start, end in spans:
+        yield text[start:end], end - consumed
+        consumed = end
+    yield "", len(text) - consumed
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Splitting and writing
+
+
+def split_point(doc_lengths: np.ndarray, val_tokens: int) -> int:
+    """Index of the first validation document: the fewest last documents whose tokens (BOS included) reach
+    val_tokens. len(doc_lengths) when val_tokens is 0. At least one document must stay in train."""
+    if val_tokens <= 0:
+        return len(doc_lengths)
+    from_end = np.cumsum(doc_lengths[::-1])
+    reached = np.flatnonzero(from_end >= val_tokens)
+    most_val = int(from_end[-2]) if len(doc_lengths) > 1 else 0
+    if reached.size == 0 or reached[0] >= len(doc_lengths) - 1:
+        raise TokenizeError(f"--val_tokens {val_tokens:,} is more than the data allows: the {len(doc_lengths):,} "
+                            f"documents hold {int(from_end[-1]):,} tokens and at least one whole document must stay "
+                            f"in train, so val can hold at most {most_val:,}")
+    return len(doc_lengths) - 1 - int(reached[0])
+
+
+def shard_ranges(doc_lengths: np.ndarray, shard_tokens: int) -> list[tuple[int, int]]:
+    """(first doc, end doc) of each train shard: whole documents, at most shard_tokens tokens per shard unless one
+    document alone is longer (then it gets a shard of its own)."""
+    ranges, first, tokens = [], 0, 0
+    for index, length in enumerate(doc_lengths.tolist()):
+        if tokens and shard_tokens > 0 and tokens + length > shard_tokens:
+            ranges.append((first, index))
+            first, tokens = index, 0
+        tokens += length
+    ranges.append((first, len(doc_lengths)))
+    return ranges
+
+
+def _progress(total_chars: int, quiet: bool):
+    """A tqdm bar over input characters on long inputs (a no-op object otherwise, or when tqdm is missing)."""
+    class _Silent:
+        def update(self, _):
+            pass
+
+        def close(self):
+            pass
+    if quiet or total_chars < 4_000_000:
+        return _Silent()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _Silent()
+    return tqdm(total=total_chars, unit="char", unit_scale=True, desc="tokenizing", file=sys.stderr)
+
+
+def tokenize_files(paths: list[str], encoding, input_format: str = "auto", doc_split: str = "blank_line",
+                   text_field: str = "text", min_doc_chars: int = 0, quiet: bool = True) -> list[np.ndarray]:
+    """One uint16 array per non-empty document: BOS then the document's tokens, in input order."""
+    for path in paths:  # every missing file is reported before any work is done
+        if not os.path.isfile(path):
+            raise TokenizeError(f"{path}: file not found")
+    total = sum(os.path.getsize(path) for path in paths)  # bytes: close enough to characters for a progress bar
+    bar = _progress(total, quiet)
+    documents = []
+    try:
+        for path in paths:
+            for text, consumed in read_documents(path, input_format, doc_split, text_field, min_doc_chars):
+                if text:
+                    ids = encoding.encode_ordinary(text)
+                    documents.append(np.array([BOS_ID, *ids], dtype=np.uint16))
+                bar.update(consumed)
+    finally:
+        bar.close()
+    if not documents:
+        raise TokenizeError(f"no documents: {', '.join(paths)} hold no non-empty text"
+                            + (f" in field {text_field!r}" if any(is_jsonl(p, input_format) for p in paths) else ""))
+    return documents
+
+
+def _stale_outputs(out_dir: str, name: str) -> list[str]:
+    """Files a previous run of this name may have left: they would mix into a glob of the new ones."""
+    if not os.path.isdir(out_dir):
+        return []
+    pattern = re.compile(rf"{re.escape(name)}_(?:train|val)(?:_\d{{6}})?\.bin")
+    return sorted(os.path.join(out_dir, entry) for entry in os.listdir(out_dir) if pattern.fullmatch(entry))
+
+
+def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_tokens: int,
+                 shard_tokens: int) -> dict:
+    """Writes the train shard(s) and the val file; returns a summary."""
+    lengths = np.array([doc.size for doc in documents], dtype=np.int64)
+    first_val = split_point(lengths, val_tokens)
+    train_ranges = shard_ranges(lengths[:first_val], shard_tokens)
+    outputs = []  # (path, first doc, end doc)
+    if len(train_ranges) == 1:
+        outputs.append((os.path.join(out_dir, f"{name}_train.bin"), 0, first_val))
+    else:
+        outputs += [(os.path.join(out_dir, f"{name}_train_{index:06d}.bin"), first, end)
+                    for index, (first, end) in enumerate(train_ranges)]
+    if first_val < len(documents):
+        outputs.append((os.path.join(out_dir, f"{name}_val.bin"), first_val, len(documents)))
+    written = {os.path.abspath(path) for path, _, _ in outputs}
+    removed = [path for path in _stale_outputs(out_dir, name) if os.path.abspath(path) not in written]
+    for path in removed:
+        os.remove(path)
+    files = []
+    for path, first, end in outputs:
+        write_shard(path, np.concatenate(documents[first:end]))
+        files.append({"path": path, "documents": end - first, "tokens": int(lengths[first:end].sum())})
+    return {"documents": len(documents), "tokens": int(lengths.sum()),
+            "train_documents": first_val, "train_tokens": int(lengths[:first_val].sum()),
+            "val_documents": len(documents) - first_val, "val_tokens": int(lengths[first_val:].sum()),
+            "files": files, "removed": removed}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python data/tokenize.py",
+        description="Tokenize text or JSONL files with GPT-2's BPE into modded-nanogpt .bin shards "
+                    "(<|endoftext|> before every document; the last documents form the val split).")
+    parser.add_argument("inputs", nargs="+", help="text files, or JSONL files (.jsonl: one JSON object per line)")
+    parser.add_argument("--out_dir", required=True, help="folder for the .bin files (made if missing)")
+    parser.add_argument("--name", required=True, help="file prefix: <name>_train.bin, <name>_val.bin")
+    parser.add_argument("--doc_split", choices=DOC_SPLITS, default="blank_line",
+                        help="how a plain text file splits into documents (default: blank_line); see the module doc")
+    parser.add_argument("--min_doc_chars", type=int, default=0,
+                        help="merge consecutive documents of a text file until each has this many characters (0 = off)")
+    parser.add_argument("--format", dest="input_format", choices=("auto", "text", "jsonl"), default="auto",
+                        help="input format (auto: .jsonl/.ndjson[.gz] are JSONL, anything else plain text)")
+    parser.add_argument("--text_field", default="text", help="the JSONL field holding a document's text")
+    parser.add_argument("--val_tokens", type=int, default=32768,
+                        help="the last whole documents holding at least this many tokens form the val split "
+                             "(0 = no val file; default 32768)")
+    parser.add_argument("--shard_tokens", type=int, default=100_000_000,
+                        help="most tokens per train shard; more train than this is split into numbered shards "
+                             "(default 100M, as modded-nanogpt)")
+    parser.add_argument("--vocab", default=None,
+                        help="local GPT-2 BPE for offline use: a gpt2.tiktoken file, or a folder with it or with "
+                             "encoder.json + vocab.bpe (default: tiktoken's 'gpt2', which downloads)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict:
+    if args.val_tokens < 0:
+        raise TokenizeError(f"--val_tokens {args.val_tokens}: must be >= 0")
+    if args.shard_tokens < 1:
+        raise TokenizeError(f"--shard_tokens {args.shard_tokens}: must be >= 1")
+    if args.min_doc_chars < 0:
+        raise TokenizeError(f"--min_doc_chars {args.min_doc_chars}: must be >= 0")
+    if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
+        raise TokenizeError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only")
+    for path in args.inputs:
+        if not os.path.isfile(path):
+            raise TokenizeError(f"{path}: file not found")
+    encoding = gpt2_encoding(args.vocab)
+    documents = tokenize_files(args.inputs, encoding, args.input_format, args.doc_split, args.text_field,
+                               args.min_doc_chars, quiet=args.quiet)
+    summary = write_splits(documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens)
+    if not args.quiet:
+        print(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens (BOS included) from "
+              f"{len(args.inputs)} file(s)")
+        print(f"train: {summary['train_documents']:,} documents, {summary['train_tokens']:,} tokens")
+        print(f"val:   {summary['val_documents']:,} documents, {summary['val_tokens']:,} tokens")
+        for path in summary["removed"]:
+            print(f"removed stale {path}")
+        for entry in summary["files"]:
+            print(f"wrote {entry['path']}: {entry['documents']:,} documents, {entry['tokens']:,} tokens")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (TokenizeError, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

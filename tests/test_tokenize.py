@@ -1,0 +1,151 @@
+"""data/tokenize.py: text and JSONL -> .bin shards with GPT-2's BPE, offline vocabulary, document splits, errors."""
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import REPO_ROOT
+
+VOCAB = os.path.join(REPO_ROOT, "..", "shared", "data", "gpt2.tiktoken")
+SHARED = os.path.dirname(VOCAB)
+needs_vocab = pytest.mark.skipif(not os.path.isfile(VOCAB), reason="no local gpt2.tiktoken (../shared/data)")
+
+
+def load_tokenize_module():
+    # data/tokenize.py shares its name with the standard library's tokenize: load it under another name.
+    spec = importlib.util.spec_from_file_location("slowrun_tokenize", os.path.join(REPO_ROOT, "data", "tokenize.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+tok = load_tokenize_module()
+
+
+@pytest.fixture(scope="module")
+def encoding():
+    if not os.path.isfile(VOCAB):
+        pytest.skip("no local gpt2.tiktoken")
+    return tok.gpt2_encoding(VOCAB)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "tokenize.py"), *args],
+                          capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+
+
+def test_local_vocab_is_gpt2(encoding):
+    assert encoding.encode_ordinary("Hello world") == [15496, 995]
+    text = "The slowrun asks how low val loss goes — on fixed data.\n"
+    assert encoding.decode(encoding.encode_ordinary(text)) == text
+    # special-token text inside a document is plain text, never the BOS id
+    assert 50256 not in encoding.encode_ordinary("a <|endoftext|> b")
+
+
+def test_bad_vocab_file_is_one_line_error(tmp_path):
+    bad = tmp_path / "gpt2.tiktoken"
+    bad.write_text("not base64 at all\n")
+    with pytest.raises(tok.TokenizeError, match="not a GPT-2 BPE file|BPE ranks"):
+        tok.gpt2_encoding(str(bad))
+    with pytest.raises(tok.TokenizeError, match="file not found"):
+        tok.gpt2_encoding(str(tmp_path / "missing.tiktoken"))
+
+
+def test_document_splits():
+    text = "one\ntwo\n\n  \nthree\n"
+    assert [text[s:e] for s, e in tok.document_spans(text, "blank_line")] == ["one\ntwo", "three\n"]
+    assert [text[s:e] for s, e in tok.document_spans(text, "line")] == ["one", "two", "", "  ", "three", ""]
+    assert tok.document_spans(text, "file") == [(0, len(text))]
+    joined = "It was the end of the story.The Next Title\nBody text here.More text"
+    starts = tok.joined_boundaries(joined)
+    assert starts == [joined.index("The Next"), joined.index("More text")]
+    # abbreviations and initials are not boundaries
+    assert tok.joined_boundaries("Ask Dr.Smith about the Ph.D. program and the U.S.Army") == []
+
+
+def test_merge_short_keeps_all_text():
+    spans = [(0, 5), (7, 9), (11, 30), (32, 33)]
+    merged = tok.merge_short(spans, 10)
+    assert merged == [(0, 30), (32, 33)] or merged == [(0, 33)]
+    assert merged[0][0] == 0 and merged[-1][1] == 33
+
+
+def test_text_to_shards_roundtrip(tmp_path, encoding):
+    docs = [f"Document number {i} says something about topic {i * 7}." * (1 + i % 3) for i in range(40)]
+    source = tmp_path / "corpus.txt"
+    source.write_text("\n\n".join(docs))
+    summary = tok.run(tok.build_parser().parse_args(
+        [str(source), "--out_dir", str(tmp_path / "out"), "--name", "c", "--vocab", VOCAB, "--val_tokens", "100",
+         "--quiet"]))
+    train = train_gpt.read_shard(str(tmp_path / "out" / "c_train.bin"))
+    val = train_gpt.read_shard(str(tmp_path / "out" / "c_val.bin"))
+    stream = np.concatenate([train, val])
+    starts = np.flatnonzero(stream == 50256)
+    assert starts.size == len(docs) and starts[0] == 0 and val[0] == 50256  # val begins on a whole document
+    decoded = [encoding.decode(stream[a + 1:b].tolist()) for a, b in zip(starts, [*starts[1:], stream.size])]
+    assert decoded == docs
+    assert val.size >= 100 and val.size - (np.flatnonzero(val == 50256)[-1]) < 100  # the fewest last documents
+    assert summary["train_tokens"] == train.size and summary["val_tokens"] == val.size
+
+
+def test_jsonl_and_sharding(tmp_path, encoding):
+    source = tmp_path / "docs.jsonl"
+    source.write_text("\n".join(json.dumps({"text": f"Record {i}: " + "words " * 30, "id": i}) for i in range(20)))
+    tok.run(tok.build_parser().parse_args(
+        [str(source), "--out_dir", str(tmp_path / "out"), "--name", "j", "--vocab", VOCAB, "--val_tokens", "0",
+         "--shard_tokens", "200", "--quiet"]))
+    shards = sorted((tmp_path / "out").glob("j_train_*.bin"))
+    assert len(shards) > 1 and not (tmp_path / "out" / "j_val.bin").exists()
+    tokens = train_gpt.load_tokens(str(tmp_path / "out" / "j_train_*.bin"), 50304, "train")
+    assert int((tokens == 50256).sum()) == 20
+    for shard in shards:  # documents are never cut between shards
+        assert train_gpt.read_shard(str(shard))[0] == 50256
+
+
+@pytest.mark.parametrize("content, flags, message", [
+    ('{"text": "a"}\n{"body": "b"}\n', ["--format", "jsonl"], r":2: no 'text' field"),
+    ('{"text": 5}\n', ["--format", "jsonl"], "expected a string"),
+    ("{oops\n", ["--format", "jsonl"], ":1: not valid JSON"),
+    ("one doc only\n", ["--val_tokens", "1000"], "more than the data allows"),
+    ("   \n\n", [], "no documents"),
+])
+def test_bad_input_is_one_line_error(tmp_path, content, flags, message):
+    source = tmp_path / "in.txt"
+    source.write_text(content)
+    result = run_cli(str(source), "--out_dir", str(tmp_path / "out"), "--name", "x", "--vocab", VOCAB, *flags)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert __import__("re").search(message, lines[0]), lines[0]
+
+
+def test_cli_missing_file_and_not_utf8(tmp_path):
+    result = run_cli(str(tmp_path / "nope.txt"), "--out_dir", str(tmp_path), "--name", "x", "--vocab", VOCAB)
+    assert result.returncode == 2 and "nope.txt: file not found" in result.stderr
+    binary = tmp_path / "b.txt"
+    binary.write_bytes(b"ok \xff\xfe bad")
+    result = run_cli(str(binary), "--out_dir", str(tmp_path), "--name", "x", "--vocab", VOCAB)
+    assert result.returncode == 2 and "not UTF-8" in result.stderr
+
+
+@needs_vocab
+def test_bundled_sample_is_reproducible(tmp_path):
+    """data/sample/*.bin are exactly what make_sample.sh's commands produce from ../shared/data."""
+    for name, source, flags in [
+        ("fineweb_edu", "fineweb_edu_sample_800k.txt", ["--doc_split", "joined"]),
+        ("shakespeare", "input.txt", ["--doc_split", "blank_line", "--min_doc_chars", "2000"]),
+    ]:
+        result = run_cli(os.path.join(SHARED, source), *flags, "--out_dir", str(tmp_path), "--name", name,
+                         "--vocab", VOCAB, "--val_tokens", "32768", "--quiet")
+        assert result.returncode == 0, result.stderr
+        for split in ("train", "val"):
+            made = hashlib.sha256((tmp_path / f"{name}_{split}.bin").read_bytes()).hexdigest()
+            bundled = hashlib.sha256(open(os.path.join(REPO_ROOT, "data", "sample", f"{name}_{split}.bin"), "rb")
+                                     .read()).hexdigest()
+            assert made == bundled, f"{name}_{split}.bin differs from data/sample"
