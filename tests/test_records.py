@@ -1,0 +1,349 @@
+"""records/records.py: making, verifying (also by re-running), tabulating and plotting records; the t-test; the
+data-efficiency curve. The logs come from real micro runs of train_gpt.py (made once per module), not hand-written."""
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import train_gpt
+from conftest import REPO_ROOT, micro_flags, synthetic_documents
+
+spec = importlib.util.spec_from_file_location("records_tool", os.path.join(REPO_ROOT, "records", "records.py"))
+records = importlib.util.module_from_spec(spec)
+sys.modules["records_tool"] = records  # dataclasses look their module up there
+spec.loader.exec_module(records)
+
+MICRO_TRACK = records.Track("micro", "toy language on CPU", "cpu", None, None, "train.bin", "val.bin", 0,
+                            ("python", "train_gpt.py"))
+
+
+# ------------------------------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module", autouse=True)
+def micro_track():
+    """The micro runs follow the rules of a test-only track (the real tracks name the real data files)."""
+    records.TRACKS["micro"] = MICRO_TRACK
+    yield
+    records.TRACKS.pop("micro")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three seeds of a 4-step micro run (validating at steps 2 and 4), run side by side; {seed: run folder}."""
+    root = tmp_path_factory.mktemp("runs")
+    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    processes = []
+    for seed in range(3):
+        flags = micro_flags(train_path, val_path, str(root / "logs"), f"s{seed}", n_layer=1, batch_tokens=128,
+                            device_batch_size=4, max_steps=4, val_every=2, seed=seed)
+        processes.append(subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *flags],
+                                          cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    for process in processes:
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == 0, output.decode()
+    return {seed: str(root / "logs" / f"s{seed}") for seed in range(3)}
+
+
+def make_record(runs, records_dir, seeds, slug, date="2025-01-01", capsys=None):
+    argv = ["--records_dir", str(records_dir), "new", *[runs[s] for s in seeds], "--track", "micro", "--slug", slug,
+            "--title", f"try {slug}", "--date", date]
+    assert records.main(argv) == 0
+    return os.path.join(str(records_dir), "micro", f"{date}_{slug}")
+
+
+@pytest.fixture(scope="module")
+def record(runs, tmp_path_factory):
+    """A three-seed record, made once; tests that edit it work on a copy."""
+    return make_record(runs, tmp_path_factory.mktemp("records"), [0, 1, 2], "first")
+
+
+def copy_record(record, tmp_path):
+    target = tmp_path / "records" / "micro" / os.path.basename(record)
+    shutil.copytree(record, target)
+    return str(target)
+
+
+def edit_file(path, old, new):
+    with open(path) as handle:
+        text = handle.read()
+    assert text.count(old) == 1, (old, path)
+    with open(path, "w") as handle:
+        handle.write(text.replace(old, new))
+
+
+def reseal(record):
+    """What a careful forger does after an edit: recompute record.json's hashes, so only the content checks remain."""
+    path = os.path.join(record, "record.json")
+    summary = json.load(open(path))
+    summary["files"] = records.manifest(record)
+    json.dump(summary, open(path, "w"))
+
+
+def verify(record, *extra):
+    return records.main(["--records_dir", os.path.dirname(os.path.dirname(record)), "verify", record, *extra])
+
+
+def log_line(run_folder, prefix):
+    """The first run-section line of the log that starts with prefix."""
+    with open(os.path.join(run_folder, "log.txt")) as handle:
+        return next(line.rstrip("\n") for line in handle if line.startswith(prefix))
+
+
+# ------------------------------------------------------------------------------------------------- new and verify
+
+def test_new_makes_a_checkable_record(record, capsys):
+    assert sorted(os.listdir(record)) == ["README.md", "plot.png", "record.json", "s0", "s1", "s2"]
+    for seed in range(3):
+        assert sorted(os.listdir(os.path.join(record, f"s{seed}"))) == ["log.txt", "metrics.jsonl", "result.json"]
+    losses = [json.load(open(os.path.join(record, f"s{s}", "result.json")))["val_loss"] for s in range(3)]
+    readme = open(os.path.join(record, "README.md")).read()
+    assert f"{np.mean(losses):.4f} ± {np.std(losses, ddof=1):.4f}" in readme
+    assert "python train_gpt.py --train_files" in readme and "device-hours" in readme
+    assert verify(record) == 0
+    out = capsys.readouterr().out
+    assert f"mean {np.mean(losses):.4f}, std {np.std(losses, ddof=1):.4f}" in out and "OK" in out
+
+
+def test_parse_log_reads_the_run(runs):
+    log = records.parse_log(os.path.join(runs[0], "log.txt"))
+    assert log.source == open(os.path.join(REPO_ROOT, "train_gpt.py")).read()
+    assert log.hyperparameters["n_layer"] == 1 and log.hyperparameters["seed"] == 0
+    assert [row["step"] for row in log.train] == [1, 2, 3, 4] and [row["step"] for row in log.val] == [2, 4]
+
+
+@pytest.mark.parametrize("prefix, field", [("step 2/4", "train_loss"), ("val  step 4/4", "val_loss")])
+def test_verify_rejects_an_edited_loss_line(record, tmp_path, capsys, prefix, field):
+    copy = copy_record(record, tmp_path)
+    line = log_line(os.path.join(copy, "s1"), prefix)
+    logged = records._fields(line.replace("val  ", ""))[field]
+    edit_file(os.path.join(copy, "s1", "log.txt"), line, line.replace(f"{field} {logged}", f"{field} 1.2345"))
+    assert verify(copy) == 1
+    out = capsys.readouterr().out
+    assert "s1/log.txt: edited since the record was made" in out and "REJECTED" in out
+    reseal(copy)  # even with the hashes made to match, the numbers disagree with metrics.jsonl
+    assert verify(copy) == 1
+    out = capsys.readouterr().out
+    kind = field.split("_")[0]
+    assert f"{kind} loss lines disagree with metrics.jsonl" in out and "edited since" not in out
+
+
+def test_verify_rejects_an_edited_source(record, tmp_path, capsys):
+    copy = copy_record(record, tmp_path)
+    edit_file(os.path.join(copy, "s2", "log.txt"), "    muon_momentum: float = 0.95", "    muon_momentum: float = 0.9")
+    reseal(copy)
+    assert verify(copy) == 1
+    out = capsys.readouterr().out
+    assert "embedded source differs" in out and "REJECTED" in out
+
+
+def test_verify_rejects_result_json_that_disagrees_with_the_log(record, tmp_path, capsys):
+    copy = copy_record(record, tmp_path)
+    path = os.path.join(copy, "s0", "result.json")
+    result = json.load(open(path))
+    result["val_loss"] -= 0.01
+    json.dump(result, open(path, "w"))
+    reseal(copy)
+    assert verify(copy) == 1
+    assert "result.json val_loss" in capsys.readouterr().out
+
+
+def test_new_refuses_runs_that_are_not_seeds_of_one_experiment(runs, tmp_path, capsys):
+    argv = ["--records_dir", str(tmp_path), "new", runs[0], runs[0], "--track", "micro", "--slug", "x", "--title", "x"]
+    assert records.main(argv) == 1
+    assert "share a seed" in capsys.readouterr().err
+    assert records.main(argv[:3] + [runs[0], "--track", "tiny", "--slug", "x", "--title", "x"]) == 1
+    assert "is not the track's fineweb_edu_train.bin" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "micro") and not os.path.exists(tmp_path / "tiny")
+
+
+def test_rerun_agrees_and_catches_a_forged_curve(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    single = make_record(runs, tmp_path / "records", [0], "single")
+    assert verify(single, "--rerun", "--steps", "3") == 0
+    assert "re-run agrees" in capsys.readouterr().out
+    # A forger lowers step 2's train loss in the log and in metrics.jsonl alike: the logs stay consistent...
+    line = log_line(os.path.join(single, "s0"), "step 2/4")
+    logged = records._fields(line)["train_loss"]
+    forged = f"{float(logged) - 0.2:.4f}"
+    edit_file(os.path.join(single, "s0", "log.txt"), line, line.replace(f"train_loss {logged}", f"train_loss {forged}"))
+    metrics_path = os.path.join(single, "s0", "metrics.jsonl")
+    rows = [json.loads(row) for row in open(metrics_path)]
+    for row in rows:
+        if row["kind"] == "train" and row["step"] == 2:
+            row["train_loss"] = float(forged)
+    open(metrics_path, "w").write("".join(json.dumps(row) + "\n" for row in rows))
+    reseal(single)
+    assert verify(single) == 0
+    capsys.readouterr()
+    # ...and only running the embedded script again shows the lie.
+    assert verify(single, "--rerun", "--steps", "3") == 1
+    out = capsys.readouterr().out
+    assert "re-run DIVERGES" in out and f"step 2 train_loss: logged {forged}" in out and "> tolerance 0.01" in out
+
+
+# ------------------------------------------------------------------------------------------------- table
+
+README_TEXT = "# slowrun\n\nIntro.\n\n<!-- leaderboard:start -->\nold table\n<!-- leaderboard:end -->\n\n## After\n"
+
+
+def test_table_orders_by_loss_and_is_idempotent(runs, tmp_path, capsys):
+    records_dir = tmp_path / "records"
+    made = {slug: make_record(runs, records_dir, seeds, slug, date)
+            for slug, seeds, date in [("all", [0, 1, 2], "2025-01-01"), ("one", [1], "2025-01-02"),
+                                      ("two", [0, 2], "2025-01-03")]}
+    readme = tmp_path / "README.md"
+    readme.write_text(README_TEXT)
+    argv = ["--records_dir", str(records_dir), "table", "--readme", str(readme)]
+    assert records.main(argv) == 0
+    first = readme.read_text()
+    assert first.startswith("# slowrun\n\nIntro.\n\n<!-- leaderboard:start -->\n")
+    assert first.endswith("<!-- leaderboard:end -->\n\n## After\n") and "old table" not in first
+    means = {slug: np.mean([json.load(open(os.path.join(folder, run, "result.json")))["val_loss"]
+                            for run in os.listdir(folder) if run.startswith("s")]) for slug, folder in made.items()}
+    rows = [line for line in first.splitlines() if line.startswith("| ") and "try " in line]
+    assert [row.split("[try ")[1].split("]")[0] for row in rows] == sorted(means, key=means.get)
+    assert [row.split(" | ")[0] for row in rows] == ["| 1", "| 2", "| 3"]
+    assert records.main(argv) == 0
+    assert readme.read_text() == first  # idempotent
+    assert records.main(argv + ["--check"]) == 0
+    capsys.readouterr()
+
+
+def test_table_needs_the_markers(tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# slowrun\n\nno markers here\n")
+    assert records.main(["--records_dir", str(tmp_path), "table", "--readme", str(readme)]) == 1
+    assert "<!-- leaderboard:start -->" in capsys.readouterr().err
+    assert readme.read_text() == "# slowrun\n\nno markers here\n"
+
+
+# ------------------------------------------------------------------------------------------------- plot
+
+def test_plot_writes_a_png_of_the_asked_size(runs, record, tmp_path):
+    import matplotlib.image
+
+    out = tmp_path / "plot.png"
+    assert records.main(["plot", runs[0], record, "--out", str(out), "--width", "640", "--height", "480"]) == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert matplotlib.image.imread(str(out)).shape == (480, 640, 4)
+    # Runs that log ensemble rows get a second panel, loss against ensemble size; the size stays as asked.
+    ensemble = tmp_path / "ensemble"
+    shutil.copytree(runs[1], ensemble)
+    with open(ensemble / "metrics.jsonl", "a") as handle:
+        for members, loss in [(1, 5.4), (2, 5.3), (4, 5.25)]:
+            handle.write(json.dumps(dict(kind="ensemble", members=members, val_loss=loss)) + "\n")
+    out2 = tmp_path / "ensemble.png"
+    records.plot_runs([str(ensemble)], str(out2), 800, 300)
+    assert matplotlib.image.imread(str(out2)).shape == (300, 800, 4)
+
+
+# ------------------------------------------------------------------------------------------------- statistics
+
+def t_sf_by_integration(t, df, points=400001):
+    """P(T > t) by integrating the t density numerically: an independent check of the incomplete-beta route."""
+    x = np.linspace(t, t + 4000, points)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    density = np.exp(log_norm - (df + 1) / 2 * np.log1p(x ** 2 / df))
+    return float(np.sum((density[1:] + density[:-1]) / 2 * np.diff(x)))
+
+
+def test_student_t_tail_matches_tables_and_integration():
+    assert records.student_t_sf(2.228138852, 10) == pytest.approx(0.025, abs=1e-7)  # t table: 97.5%, 10 df
+    assert records.student_t_sf(3.364929997, 5) == pytest.approx(0.01, abs=1e-7)  # 99%, 5 df
+    assert records.student_t_sf(1.0, 1) == pytest.approx(0.25)  # Cauchy
+    assert records.student_t_sf(0.0, 3.7) == pytest.approx(0.5)
+    assert records.student_t_sf(-1.3, 4) == pytest.approx(1 - records.student_t_sf(1.3, 4))
+    assert records.student_t_sf(1.959964, 1e7) == pytest.approx(0.025, abs=1e-6)  # large df: normal
+    for t, df in [(1.7, 7.3), (0.4, 2.5), (3.1, 12.8)]:  # Welch gives fractional degrees of freedom
+        assert records.student_t_sf(t, df) == pytest.approx(t_sf_by_integration(t, df), abs=1e-5)
+
+
+def test_welch_p_value():
+    # Hand computation: means 3.28 vs 3.30, variances 1e-4 / 3 each -> t = 0.02 / sqrt(2e-4 / 3) = 2.449, df = 4.
+    p = records.improvement_p_value([3.27, 3.28, 3.29], [3.29, 3.30, 3.31])
+    assert p == pytest.approx(records.student_t_sf(0.02 / math.sqrt(2e-4 / 3), 4))
+    assert 0.01 < p < 0.05
+    # A clear gain, but the old runs' spread leaves Welch about 2 degrees of freedom: p ~ 0.0015, not tiny.
+    assert records.improvement_p_value([3.20, 3.201, 3.199], [3.30, 3.31, 3.29]) == pytest.approx(0.00153, abs=1e-5)
+    assert records.improvement_p_value([3.30, 3.31, 3.29], [3.30, 3.31, 3.29]) == pytest.approx(0.5)
+    assert records.improvement_p_value([3.28], [3.30, 3.31]) is None  # one seed: no test
+    # Against a single previous run: a one-sample test against its value (df = n - 1).
+    assert records.improvement_p_value([3.27, 3.28, 3.29], [3.30]) == pytest.approx(
+        records.student_t_sf(0.02 / (0.01 / math.sqrt(3)), 2))
+
+
+def test_verify_reports_p_value_against_the_previous_record(runs, tmp_path, capsys):
+    records_dir = tmp_path / "records"
+    make_record(runs, records_dir, [1], "old", "2025-01-01")
+    newer = make_record(runs, records_dir, [0, 2], "new", "2025-02-01")
+    capsys.readouterr()
+    assert verify(newer) == 0
+    old = json.load(open(os.path.join(runs[1], "result.json")))["val_loss"]
+    new = [json.load(open(os.path.join(runs[s], "result.json")))["val_loss"] for s in (0, 2)]
+    expected = records.improvement_p_value(new, [old])
+    assert f"previous record: 2025-01-01_old ({old:.4f}, 1 seed(s)); one-sided Welch t-test p = {expected:.2g}" in \
+        capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------- data efficiency
+
+# A synthetic baseline: the loss falls by 0.5 nats per doubling of the data, from 5.0 at 1,000 tokens to 3.0 at 16,000.
+CURVE = [dict(train_tokens=1000 * 2 ** k, val_loss=5.0 - 0.5 * k) for k in range(5)]
+
+
+def test_interpolation_returns_the_known_budget():
+    assert records.matching_budget(CURVE, 4.0) == pytest.approx(4000)  # on a point
+    assert records.matching_budget(CURVE, 3.25) == pytest.approx(1000 * 2 ** 3.5)  # between: linear in log tokens
+    assert records.matching_budget(CURVE, 5.0) == pytest.approx(1000)
+    assert records.matching_budget(CURVE, 3.0) == pytest.approx(16000)
+    line, multiple = records.efficiency_summary(dict(points=CURVE), 3.5, 1000)
+    assert multiple == pytest.approx(8.0) and "8.00x the tokens" in line
+
+
+@pytest.mark.parametrize("loss, message", [
+    (2.9, "val loss 2.9000 is below every reference point (the largest budget, 16,000 tokens, reaches 3.0000)"),
+    (5.2, "val loss 5.2000 is above every reference point (the smallest budget, 1,000 tokens, reaches 5.0000)"),
+])
+def test_interpolation_refuses_to_extrapolate(loss, message):
+    with pytest.raises(records.ExtrapolationError) as info:
+        records.matching_budget(CURVE, loss)
+    assert message in str(info.value) and "add reference runs" in str(info.value)
+    # The leaderboard shows a bound instead of a number.
+    assert records.efficiency_cell(dict(points=CURVE), loss, 1000) == ("> 16.00x" if loss < 3 else "< 1.00x")
+
+
+def test_curve_must_fall_with_the_budget(tmp_path):
+    path = tmp_path / "reference_curve.json"
+    path.write_text(json.dumps(dict(points=[dict(train_tokens=1000, val_loss=4.0), dict(train_tokens=2000, val_loss=4.1)])))
+    with pytest.raises(records.RecordError, match="must fall as the budget grows"):
+        records.load_curve(str(path))
+
+
+def test_efficiency_command_on_a_record(record, tmp_path, capsys):
+    loss = np.mean([json.load(open(os.path.join(record, f"s{s}", "result.json")))["val_loss"] for s in range(3)])
+    train_tokens = json.load(open(os.path.join(record, "s0", "result.json")))["train_tokens"]
+    curve = tmp_path / "curve.json"
+    # Loss falls 0.1 per doubling; the record's loss sits exactly one doubling above its own budget.
+    points = [dict(train_tokens=train_tokens * 2 ** k, val_loss=loss + 0.1 - 0.1 * k) for k in range(4)]
+    curve.write_text(json.dumps(dict(points=points)))
+    assert records.main(["efficiency", record, "--curve", str(curve)]) == 0
+    assert "2.00x the tokens" in capsys.readouterr().out
+    curve.write_text(json.dumps(dict(points=points[2:])))
+    assert records.main(["efficiency", record, "--curve", str(curve)]) == 1
+    assert "cannot place it: val loss" in capsys.readouterr().out
+
+
+def test_reference_plan_prints_the_baseline_commands(capsys):
+    assert records.main(["reference", "plan", "--track", "tiny", "--budgets", "20000,40000", "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "python train_gpt.py --preset tiny --train_tokens 20000 --seed 1 --run_id ref_tiny_20000_s1" in out
+    assert "python records/records.py reference build logs/ref_tiny_20000_s0 logs/ref_tiny_20000_s1" in out
