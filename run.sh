@@ -8,10 +8,9 @@ cd "$(dirname "$0")"
 # --- data -------------------------------------------------------------------------------------------------------------
 DATA_DIR="${DATA_DIR:-data/fineweb}"
 if [ ! -f "$DATA_DIR/fineweb_train.bin" ] || [ ! -f "$DATA_DIR/fineweb_val.bin" ]; then
-  echo "FineWeb data not found in $DATA_DIR (expected fineweb_train.bin and fineweb_val.bin)." >&2
-  echo "Fetch it first: python data/fineweb.py   (see data/README.md), or train on the bundled sample:" >&2
-  echo "  python train_gpt.py --preset tiny" >&2
-  exit 1
+  # About 400 MB from the Hub, cut into val/train/test and verified (data/FINEWEB.md); stops here if that fails.
+  echo "FineWeb data not found in $DATA_DIR: fetching it with python data/fineweb.py (see data/FINEWEB.md)" >&2
+  python data/fineweb.py --out_dir "$DATA_DIR"
 fi
 
 # --- train ------------------------------------------------------------------------------------------------------------
