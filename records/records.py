@@ -64,7 +64,7 @@ class Track:
 
 
 def _gpu_track(name: str, seconds: float | None, label: str) -> Track:
-    return Track(name, f"8 GPUs, {label} of training, ~100M FineWeb tokens", "cuda", 8, seconds,
+    return Track(name, f"8 GPUs, {label}, ~100M FineWeb tokens", "cuda", 8, seconds,
                  "fineweb_train.bin", "fineweb_val.bin", 0,
                  ("torchrun", "--standalone", "--nproc_per_node=8", "train_gpt.py", "--preset", "slowrun"))
 
@@ -72,10 +72,10 @@ def _gpu_track(name: str, seconds: float | None, label: str) -> Track:
 TRACKS: dict[str, Track] = {
     "tiny": Track("tiny", "CPU, the bundled FineWeb-Edu sample (data/sample), any wall time", "cpu", None, None,
                   "fineweb_edu_train.bin", "fineweb_edu_val.bin", 0, ("python", "train_gpt.py", "--preset", "tiny")),
-    "8gpu-15min": _gpu_track("8gpu-15min", 15 * 60, "15 minutes"),
-    "8gpu-1h": _gpu_track("8gpu-1h", 3600, "1 hour"),
-    "8gpu-2h": _gpu_track("8gpu-2h", 7200, "2 hours"),
-    "8gpu-unlimited": _gpu_track("8gpu-unlimited", None, "unlimited time"),
+    "8gpu-15min": _gpu_track("8gpu-15min", 15 * 60, "15 minutes of training"),
+    "8gpu-1h": _gpu_track("8gpu-1h", 3600, "1 hour of training"),
+    "8gpu-2h": _gpu_track("8gpu-2h", 7200, "2 hours of training"),
+    "8gpu-unlimited": _gpu_track("8gpu-unlimited", None, "no time limit"),
 }
 
 
@@ -990,7 +990,11 @@ def command_reference_build(args) -> int:
     with open(temporary, "w", encoding="utf-8") as handle:
         json.dump(curve, handle, indent=2)
         handle.write("\n")
-    load_curve(temporary)  # refuses a curve whose losses do not fall with the budget
+    try:
+        load_curve(temporary)  # refuses a curve whose losses do not fall with the budget
+    except RecordError:
+        os.remove(temporary)
+        raise
     os.replace(temporary, out)
     # The runs themselves stay checkable: their logs go next to the curve.
     for folder, result in ((f, read_json(os.path.join(f, "result.json"))) for f in folders):

@@ -342,6 +342,35 @@ def test_efficiency_command_on_a_record(record, tmp_path, capsys):
     assert "cannot place it: val loss" in capsys.readouterr().out
 
 
+def test_reference_curve_from_baseline_runs(runs, record, tmp_path, capsys):
+    """Two real baseline runs, one epoch on a small and on the whole train set, make a curve the record sits on."""
+    root = os.path.dirname(os.path.dirname(runs[0]))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    processes = [subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *micro_flags(
+        os.path.join(root, "train.bin"), os.path.join(root, "val.bin"), str(tmp_path / "logs"), f"ref_{budget}",
+        n_layer=1, batch_tokens=128, device_batch_size=4, num_epochs=1, train_tokens=budget)],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.DEVNULL) for budget in (300, 0)]
+    assert [process.wait(timeout=120) for process in processes] == [0, 0]
+    records_dir = os.path.dirname(os.path.dirname(record))
+    argv = ["--records_dir", records_dir, "reference", "build", str(tmp_path / "logs" / "ref_300"),
+            str(tmp_path / "logs" / "ref_0"), "--track", "micro"]
+    try:
+        assert records.main(argv) == 0
+        curve = records.load_curve(os.path.join(records_dir, "micro", "reference_curve.json"))
+        assert [p["runs"] for p in curve["points"]] == [["ref_300"], ["ref_0"]]
+        assert sorted(os.listdir(os.path.join(records_dir, "micro", "reference"))) == ["ref_0", "ref_300"]
+        capsys.readouterr()
+        code = records.main(["--records_dir", records_dir, "efficiency", record])
+        out = capsys.readouterr().out
+        assert ("matches a baseline trained on" in out) if code == 0 else ("cannot place it" in out)
+        # A run of another recipe cannot join the curve.
+        assert records.main(argv[:4] + [runs[0], str(tmp_path / "logs" / "ref_300"), "--track", "micro"]) == 1
+        assert "not the same baseline recipe" in capsys.readouterr().err
+    finally:  # the record fixture's folder is shared: leave it without a curve
+        os.remove(os.path.join(records_dir, "micro", "reference_curve.json"))
+        shutil.rmtree(os.path.join(records_dir, "micro", "reference"))
+
+
 def test_reference_plan_prints_the_baseline_commands(capsys):
     assert records.main(["reference", "plan", "--track", "tiny", "--budgets", "20000,40000", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
