@@ -5,6 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# --- GPUs ------------------------------------------------------------------------------------------------------------
+NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}"
+if [ "${NGPU:-0}" -lt 1 ]; then  # checked before the ~400 MB download: without a GPU there is nothing to fetch for
+  echo "No GPU found (nvidia-smi -L lists none). On CPU use: python train_gpt.py --preset tiny" >&2
+  exit 1
+fi
+
 # --- data -------------------------------------------------------------------------------------------------------------
 DATA_DIR="${DATA_DIR:-data/fineweb}"
 if [ ! -f "$DATA_DIR/fineweb_train.bin" ] || [ ! -f "$DATA_DIR/fineweb_val.bin" ]; then
@@ -14,12 +21,7 @@ if [ ! -f "$DATA_DIR/fineweb_train.bin" ] || [ ! -f "$DATA_DIR/fineweb_val.bin" 
 fi
 
 # --- train ------------------------------------------------------------------------------------------------------------
-NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}"
-if [ "${NGPU:-0}" -lt 1 ]; then
-  echo "No GPU found (nvidia-smi -L lists none). On CPU use: python train_gpt.py --preset tiny" >&2
-  exit 1
-fi
+TEST_FLAGS=(--test_files "")  # the held-out test split is scored once at the end when it exists
+[ -f "$DATA_DIR/fineweb_test.bin" ] && TEST_FLAGS=(--test_files "$DATA_DIR/fineweb_test.bin")
 exec torchrun --standalone --nproc_per_node="$NGPU" train_gpt.py --preset slowrun \
-  --train_files "$DATA_DIR/fineweb_train.bin" --val_files "$DATA_DIR/fineweb_val.bin" \
-  $( [ -f "$DATA_DIR/fineweb_test.bin" ] && echo --test_files "$DATA_DIR/fineweb_test.bin" || echo --test_files "" ) \
-  "$@"
+  --train_files "$DATA_DIR/fineweb_train.bin" --val_files "$DATA_DIR/fineweb_val.bin" "${TEST_FLAGS[@]}" "$@"

@@ -96,6 +96,19 @@ class Hyperparameters:
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
     val_every: int = 0  # also validate every N steps (0 = only at each epoch end and at the end)
     save_model: bool = True  # write the final weights to <run folder>/model.pt
+    # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
+    # chain distillation -> 3.126) ------------------------------------------------------------------------------
+    ensemble_size: int = 1  # K members trained one after another, member k with seed + 1000 k (1 = a single model)
+    ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
+    ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
+    distill_alpha: float = 0.0  # member k > 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
+    distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
+    distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
+    distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    checkpoint_every: int = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
+    resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
+    eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
+    stop_at_step: int = 0  # end the process after this step of the member in progress, as if killed (resume tests)
 
 
 PRESETS: dict[str, dict] = {
@@ -106,7 +119,7 @@ PRESETS: dict[str, dict] = {
         val_files="data/sample/fineweb_edu_val.bin",
         n_layer=4, n_embd=128, n_head=4, seq_len=256,
         batch_tokens=8192, device_batch_size=4, val_batch_size=8,
-        num_epochs=4, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
+        num_epochs=3, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=5, device="cpu",
     ),
     # The public slowrun baseline's shape (github.com/qlabs-eng/slowrun train.py: 30 layers, width 1792, 14 heads,
@@ -203,6 +216,15 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "seq_len, device_batch_size and val_batch_size must be positive")
     require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
     require(hp.log_every >= 1 and hp.val_every >= 0, "log_every must be >= 1 and val_every >= 0")
+    require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
+    require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
+    require(hp.distill_teacher in ("previous", "ensemble"),
+            f"distill_teacher must be previous or ensemble, got {hp.distill_teacher!r}")
+    require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
+    require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
+    require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
+    if hp.ensemble_weights:
+        parse_weights(hp.ensemble_weights, hp.ensemble_size)
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
     batch_seqs = hp.batch_tokens // hp.seq_len
     per_micro_step = hp.device_batch_size * world_size
@@ -210,6 +232,17 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"batch_tokens/seq_len = {batch_seqs} sequences cannot be split into micro-batches of device_batch_size "
             f"{hp.device_batch_size} x {world_size} ranks; choose batch_tokens as a multiple of "
             f"{per_micro_step * hp.seq_len}")
+
+
+def parse_weights(text: str, count: int) -> list[float]:
+    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one non-negative weight per member, not all zero."""
+    try:
+        weights = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"ensemble_weights {text!r}: expected comma-separated numbers") from None
+    if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
+        raise ConfigError(f"ensemble_weights {text!r}: need {count} non-negative weights, not all zero")
+    return [w / sum(weights) for w in weights]
 
 
 def usage() -> str:
@@ -541,17 +574,25 @@ class GPT(nn.Module):
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> float32 logits (B, T, vocab_size)."""
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the final normalised residual stream (B, T, C), the lm_head's input."""
         time_steps = idx.size(1)
         cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
         x = rms_norm(self.wte(idx))  # (B, T, C)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(rms_norm(x)).float()
+        return rms_norm(x)
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Features (..., C) -> float32 logits (..., vocab_size), soft-capped."""
+        logits = self.lm_head(features).float()
         if self.logit_softcap > 0:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> float32 logits (B, T, vocab_size)."""
+        return self.head(self.features(idx))
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -678,12 +719,76 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Evaluation
+# Losses and evaluation: distillation from a teacher, ensembles of members
 
 
 def autocast_context(device: torch.device):
     """bf16 autocast on GPU (parameters stay float32 master copies); plain float32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def teacher_log_probs(teachers: list[tuple[nn.Module, float]], features: list[torch.Tensor], start: int, end: int,
+                      temperature: float) -> torch.Tensor:
+    """log of the teachers' weighted average of softmax(logits / T) at positions [start, end): (B, end-start, V).
+    Only this chunk of each teacher's logits exists in float32 at a time."""
+    mixture = None
+    for (teacher, weight), feature in zip(teachers, features):
+        log_probs = F.log_softmax(teacher.head(feature[:, start:end]) / temperature, dim=-1) + math.log(weight)
+        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
+    return mixture
+
+
+def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.Module, float]],
+                          teacher_features: list[torch.Tensor], targets: torch.Tensor, alpha: float,
+                          temperature: float, chunk: int) -> torch.Tensor:
+    """Summed (1 - alpha) CE(targets) + alpha T^2 KL(teacher || student at temperature T) over the valid targets
+    (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard ones). The teachers' logits are
+    made chunk by chunk over the sequence from their final features, never as one float32 batch x vocab tensor."""
+    total = (1.0 - alpha) * cross_entropy_sum(student_logits, targets) if alpha < 1.0 else student_logits.new_zeros(())
+    valid = (targets >= 0).unsqueeze(-1)  # (B, T, 1): padded targets take no part
+    for start in range(0, student_logits.size(1), chunk):
+        end = min(start + chunk, student_logits.size(1))
+        with torch.no_grad():
+            teacher = teacher_log_probs(teachers, teacher_features, start, end, temperature)
+        student = F.log_softmax(student_logits[:, start:end] / temperature, dim=-1)
+        kl = (teacher.exp() * (teacher - student) * valid[:, start:end]).sum()
+        total = total + alpha * temperature**2 * kl
+    return total
+
+
+def ensemble_log_probs(logits_of_members: list[torch.Tensor], weights: list[float], mode: str) -> torch.Tensor:
+    """Combines members' logits (B, T, V) into the ensemble's log-probabilities. "prob": log sum_i w_i softmax(l_i),
+    the probability averaging of the slowrun records; "logit": log_softmax(sum_i w_i l_i) (a geometric mean)."""
+    if mode == "logit":
+        return F.log_softmax(sum(w * logits for w, logits in zip(weights, logits_of_members)), dim=-1)
+    mixture = None
+    for weight, logits in zip(weights, logits_of_members):
+        log_probs = F.log_softmax(logits.float(), dim=-1) + math.log(weight)
+        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
+    return mixture
+
+
+@torch.no_grad()
+def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData, dist_info: Dist,
+                      batch_size: int) -> float:
+    """Mean loss (nats per token) of the members' ensemble over the whole set: each rank scores its share of the
+    windows with every member; float64 sums over ranks. One member gives exactly evaluate()'s loss."""
+    states = [model.training for model in models]
+    for model in models:
+        model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
+    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
+        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
+        with autocast_context(dist_info.device):
+            member_logits = [model(inputs).float() for model in models]
+        log_probs = ensemble_log_probs(member_logits, weights, mode)
+        totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                reduction="sum").double()
+        totals[1] += (targets >= 0).sum()
+    dist_info.all_reduce_sum(totals)
+    for model, state in zip(models, states):
+        model.train(state)
+    return (totals[0] / totals[1]).item()
 
 
 @torch.no_grad()
@@ -765,11 +870,11 @@ def environment_report(dist_info: Dist) -> list[str]:
 class RunLog:
     """Writes the run folder. Every line goes to log.txt at once (a crash loses nothing) and to the terminal."""
 
-    def __init__(self, folder: str, is_main: bool):
+    def __init__(self, folder: str, is_main: bool, append: bool = False):
         self.folder, self.is_main = folder, is_main
         self._log = self._metrics = None
         if is_main:
-            os.makedirs(folder, exist_ok=False)
+            os.makedirs(folder, exist_ok=append)
             self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
             self._metrics = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
 
@@ -838,85 +943,134 @@ def default_run_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
-def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
-    """One run from initialisation to the final evaluation; returns what result.json holds."""
-    wall_start = time.time()
-    check_hyperparameters(hp, dist_info.world_size)
-    device = dist_info.device
+class RunStopped(Exception):
+    """--stop_at_step reached: the process ends as if killed, its checkpoint on disk (resume tests)."""
 
-    # Data first: a bad file stops the run before it makes a run folder.
-    train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train")
+
+@dataclass
+class RunData:
+    """The token sets of a run, loaded and checked once for all members."""
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    val_data: EvalData
+    test_data: EvalData | None
+
+
+def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
+    train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train") if need_train else np.zeros(0, np.uint16)
     val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
     if hp.train_tokens:
         train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
     if hp.val_tokens:
         val_tokens = val_tokens[:hp.val_tokens]
-    batch_seqs = hp.batch_tokens // hp.seq_len
-    train_data = TrainData(train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
-                           dist_info.world_size, dist_info.rank, hp.seed)
-    val_data = EvalData(val_tokens, hp.seq_len, hp.val_files)
     test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
         if hp.test_files else None
+    return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data)
+
+
+def member_seed(hp: Hyperparameters, member: int) -> int:
+    """Member 0 uses --seed itself, so --ensemble_size 1 is exactly the plain run."""
+    return hp.seed + 1000 * member
+
+
+def member_tag(hp: Hyperparameters, member: int) -> str:
+    """'member 2/4 | ' before a member's progress lines when there are several, nothing for a single model."""
+    return f"member {member + 1}/{hp.ensemble_size} | " if hp.ensemble_size > 1 else ""
+
+
+def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device(dist_info.device):
+        model = GPT(hp)
+    if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.data, src=0)
+    return model
+
+
+def member_path(folder: str, member: int) -> str:
+    return os.path.join(folder, "members", f"member_{member:02d}.pt")
+
+
+def checkpoint_path(folder: str, member: int, rank: int) -> str:
+    """Each rank keeps its own checkpoint: Muon's momentum is sharded over ranks."""
+    return os.path.join(folder, "checkpoints", f"member_{member:02d}_rank{rank}.pt")
+
+
+def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
+    """A saved member (members/member_NN.pt): its model, rebuilt from the hyperparameters stored beside the weights."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such member file")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        hp = Hyperparameters(**saved["hyperparameters"])
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
+        raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
+    with torch.device(device):
+        model = GPT(hp)
+    model.load_state_dict(saved["model"])
+    return model.eval(), saved
+
+
+def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
+                 teachers: list[tuple[GPT, float]]) -> dict:
+    """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
+    and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
+    device, tag, folder = dist_info.device, member_tag(hp, member), log.folder
+    seed = member_seed(hp, member)
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
+                           dist_info.world_size, dist_info.rank, seed)
     full_steps = hp.num_epochs * train_data.steps_per_epoch
     total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-
-    run_id = hp.run_id or default_run_id()
-    folder = os.path.join(hp.log_dir, run_id)
-    if dist_info.is_main and os.path.exists(folder):
-        raise ConfigError(f"{folder} already exists: choose another --run_id")
-    log = RunLog(folder, dist_info.is_main)
-    script_path = os.path.abspath(__file__)
-    with open(script_path, encoding="utf-8") as handle:
-        log.section(f"source: {script_path}", handle.read().splitlines(), echo=False)
-    log.section("command", [" ".join(shlex.quote(a) for a in [sys.executable, script_path, *argv]),
-                            f"git commit: {git_commit() or 'none'}", f"run folder: {folder}"])
-    log.section("environment", environment_report(dist_info))
-    log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()])
-
-    torch.manual_seed(hp.seed)
-    with torch.device(device):
-        raw_model = GPT(hp)
-    if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
-        for p in raw_model.parameters():
-            dist.broadcast(p.data, src=0)
-    torch.manual_seed(hp.seed + 1 + dist_info.rank)  # dropout masks differ across ranks
+    raw_model = build_model(hp, dist_info, seed)
+    torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
     use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizers = build_optimizers(raw_model, hp, dist_info)
+    distill = hp.distill_alpha > 0 and bool(teachers)
+    if member == 0 or hp.ensemble_size > 1:
+        log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
+                  f"{total_steps} steps | compile {'on' if use_compile else 'off'}" +
+                  (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
+                   f"T {hp.distill_temperature}" if distill else ""))
 
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    n_block_params = sum(p.numel() for p in raw_model.blocks.parameters())
-    unigram = unigram_loss(train_tokens, val_tokens, hp.vocab_size)
-    unigram_oracle = unigram_entropy(val_tokens)
-    log.section("run", [
-        f"model: {n_params:,} parameters ({n_block_params:,} in blocks, {raw_model.wte.weight.numel():,} embedding, "
-        f"{raw_model.lm_head.weight.numel():,} lm_head) | compile {'on' if use_compile else 'off'}",
-        f"train: {train_tokens.size:,} tokens, {train_data.doc_starts.size:,} documents | "
-        f"{train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> {total_steps} steps",
-        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
-        f"= {hp.device_batch_size} per rank x {dist_info.world_size} ranks x {train_data.grad_accum_steps} accumulation",
-        f"val: {val_data.num_targets:,} targets in {val_data.num_windows} windows | unigram baseline {unigram:.4f} "
-        f"(train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
-        f"(oracle bound for context-free models)" +
-        (f" | test: {test_data.num_targets:,} targets" if test_data else ""),
-    ])
+    # Progress that a checkpoint carries (weights and optimizer state aside); the data order is a pure function of
+    # (seed, epoch), so the step alone says where the data stands.
+    progress = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
+                    loss_sum=0.0, loss_count=0)
+    own_checkpoint = checkpoint_path(folder, member, dist_info.rank)
+    if os.path.isfile(own_checkpoint):
+        saved = torch.load(own_checkpoint, map_location=device, weights_only=False)
+        raw_model.load_state_dict(saved["model"])
+        for optimizer, state in zip(optimizers, saved["optimizers"]):
+            optimizer.load_state_dict(state)
+        progress.update(saved["progress"])
+        torch.set_rng_state(saved["rng"])
+        log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
+
+    def save_checkpoint() -> None:
+        if dist_info.world_size > 1:
+            dist.barrier()
+        os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
+        atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                               progress=progress, rng=torch.get_rng_state()), own_checkpoint)
 
     def run_validation(step: int, epoch_progress: float) -> float:
         start = time.time()
-        val_loss = evaluate(model, val_data, dist_info, hp.val_batch_size)
+        val_loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
         seconds = time.time() - start
-        log.write(f"val  step {step}/{total_steps} | epoch {epoch_progress:.2f} | val_loss {val_loss:.4f} | "
-                  f"tokens {format_count(tokens_seen)} | eval {seconds:.1f}s")
-        log.metrics(dict(kind="val", step=step, epoch=round(epoch_progress, 4), val_loss=val_loss,
-                         tokens_seen=tokens_seen, eval_seconds=round(seconds, 3)))
+        log.write(f"{tag}val  step {step}/{total_steps} | epoch {epoch_progress:.2f} | val_loss {val_loss:.4f} | "
+                  f"tokens {format_count(progress['tokens_seen'])} | eval {seconds:.1f}s")
+        log.metrics(dict(kind="val", **({"member": member} if hp.ensemble_size > 1 else {}), step=step,
+                         epoch=round(epoch_progress, 4), val_loss=val_loss, tokens_seen=progress["tokens_seen"],
+                         eval_seconds=round(seconds, 3)))
         return val_loss
 
-    tokens_seen, train_seconds, val_loss, train_loss = 0, 0.0, float("nan"), float("nan")
     interval_start, interval_steps = time.time(), 0
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    loss_count = 0
+    loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
     model.train()
-    for step in range(total_steps):
+    for step in range(progress["step"], total_steps):
         epoch, step_in_epoch = divmod(step, train_data.steps_per_epoch)
         factor = lr_multiplier(step, total_steps, hp)
         for optimizer in optimizers:
@@ -928,11 +1082,18 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
                 logits = model(inputs)
-            micro_loss = cross_entropy_sum(logits, targets)
+                if distill:
+                    with torch.no_grad():
+                        teacher_features = [teacher.features(inputs) for teacher, _ in teachers]
+            if distill:
+                micro_loss = distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
+                                                   hp.distill_temperature, hp.distill_chunk)
+            else:
+                micro_loss = cross_entropy_sum(logits, targets)
             (micro_loss / step_targets).backward()
             loss_sum += micro_loss.detach().double()
-        loss_count += step_targets
-        tokens_seen += step_targets
+        progress["loss_count"] += step_targets
+        progress["tokens_seen"] += step_targets
         average_gradients(raw_model, dist_info)
         for optimizer in optimizers:
             optimizer.step()
@@ -940,53 +1101,221 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         interval_steps += 1
 
         done = step + 1
+        progress["step"] = done
         epoch_progress = done / train_data.steps_per_epoch
         if done % hp.log_every == 0 or done == 1 or done == total_steps:
-            train_loss = dist_info.all_reduce_sum(loss_sum).item() / loss_count
+            progress["train_loss"] = dist_info.all_reduce_sum(loss_sum).item() / progress["loss_count"]
             loss_sum.zero_()
-            loss_count = 0
+            progress["loss_count"] = 0
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             interval_seconds = time.time() - interval_start
-            train_seconds += interval_seconds
+            progress["train_seconds"] += interval_seconds
             ms_per_step = 1000 * interval_seconds / interval_steps
             tokens_per_second = hp.batch_tokens * interval_steps / interval_seconds
-            eta = (total_steps - done) * train_seconds / done
+            eta = (total_steps - done) * interval_seconds / interval_steps
             memory = peak_memory_bytes(device)
-            log.write(f"step {done}/{total_steps} | epoch {epoch_progress:.2f} | train_loss {train_loss:.4f} | "
-                      f"tokens {format_count(tokens_seen)} | {ms_per_step:.0f} ms/step | "
-                      f"{format_count(tokens_per_second)} tok/s | eta {format_duration(eta)} | "
-                      f"mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
-            log.metrics(dict(kind="train", step=done, epoch=round(epoch_progress, 4), train_loss=train_loss,
-                             tokens_seen=tokens_seen, ms_per_step=round(ms_per_step, 2),
+            log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
+                      f"train_loss {progress['train_loss']:.4f} | tokens {format_count(progress['tokens_seen'])} | "
+                      f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
+                      f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
+            log.metrics(dict(kind="train", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
+                             epoch=round(epoch_progress, 4), train_loss=progress["train_loss"],
+                             tokens_seen=progress["tokens_seen"], ms_per_step=round(ms_per_step, 2),
                              tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
-                             peak_memory_bytes=memory, train_seconds=round(train_seconds, 3)))
+                             peak_memory_bytes=memory, train_seconds=round(progress["train_seconds"], 3)))
             interval_start, interval_steps = time.time(), 0
         epoch_end = done % train_data.steps_per_epoch == 0
+        pause = time.time()
         if epoch_end or done == total_steps or (hp.val_every and done % hp.val_every == 0):
-            pause = time.time()
-            val_loss = run_validation(done, epoch_progress)
-            interval_start += time.time() - pause  # evaluation time does not count as training time
+            progress["val_loss"] = run_validation(done, epoch_progress)
+        global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
+        stopping = hp.stop_at_step and global_step == hp.stop_at_step
+        if done < total_steps and (stopping or (epoch_end and hp.checkpoint_every >= 0) or
+                                   (hp.checkpoint_every > 0 and done % hp.checkpoint_every == 0)):
+            progress["loss_sum"] = loss_sum.item()  # the train loss accumulated since the last progress line
+            save_checkpoint()
+        if stopping:
+            log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
+                      f"--resume {folder}")
+            raise RunStopped()
+        interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
 
-    agree = ranks_agree(raw_model, dist_info)
-    test_loss = evaluate(model, test_data, dist_info, hp.val_batch_size) if test_data else None
+    return dict(model=raw_model, compiled=model, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
+                tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
+                epochs=total_steps / train_data.steps_per_epoch, agree=ranks_agree(raw_model, dist_info))
+
+
+def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
+    """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
+    the result (where and how to run) may be given again."""
+    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset"}
+    given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    if given - allowed:
+        raise ConfigError(f"--resume continues {hp.resume} with its own hyperparameters; drop "
+                          f"{', '.join('--' + name for name in sorted(given - allowed))}")
+    saved_path = os.path.join(hp.resume, "hyperparameters.json")
+    if not os.path.isfile(saved_path):
+        raise ConfigError(f"--resume {hp.resume}: no hyperparameters.json there (not a run folder?)")
+    with open(saved_path, encoding="utf-8") as handle:
+        saved = json.load(handle)
+    saved.update({name: getattr(hp, name) for name in given & allowed if name != "preset"})
+    saved.update(resume=hp.resume, run_id=os.path.basename(os.path.normpath(hp.resume)),
+                 log_dir=os.path.dirname(os.path.normpath(hp.resume)) or ".")
+    return Hyperparameters(**saved)
+
+
+def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> None:
+    script_path = os.path.abspath(__file__)
+    with open(script_path, encoding="utf-8") as handle:
+        log.section(f"source: {script_path}", handle.read().splitlines(), echo=False)
+    log.section("command", [" ".join(shlex.quote(a) for a in [sys.executable, script_path, *argv]),
+                            f"git commit: {git_commit() or 'none'}", f"run folder: {log.folder}"])
+    log.section("environment", environment_report(dist_info))
+    log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()])
+
+
+def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
+    """A run: ensemble_size members one after another (member k distilled from earlier ones when distill_alpha > 0),
+    the running ensemble scored after each, the held-out test once at the end; returns what result.json holds."""
+    wall_start = time.time()
+    if hp.resume:
+        hp = resumed_hyperparameters(hp, argv)
+    check_hyperparameters(hp, dist_info.world_size)
+    device = dist_info.device
+    data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
+
+    run_id = hp.run_id or default_run_id()
+    folder = os.path.join(hp.log_dir, run_id)
+    if dist_info.is_main and os.path.exists(folder) and not hp.resume:
+        raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
+    if dist_info.world_size > 1:
+        dist.barrier()  # nobody creates the folder before rank 0 has checked that it is new
+    log = RunLog(folder, dist_info.is_main, append=bool(hp.resume))
+    if hp.resume:
+        log.section("resume", [" ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *argv]),
+                               f"git commit: {git_commit() or 'none'}"])
+    else:
+        write_header(log, hp, dist_info, argv)
+        log.save_json("hyperparameters.json", dataclasses.asdict(hp))
+
+    unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
+    unigram_oracle = unigram_entropy(data.val_tokens)
+    n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size)
+    log.section("run", [
+        f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
+        + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
+        f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
+        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size} ranks x {accumulation} accumulation",
+        f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
+        f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
+        f"(oracle bound for context-free models)" +
+        (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
+    ])
+
+    weights = parse_weights(hp.ensemble_weights, hp.ensemble_size) if hp.ensemble_weights else None
+    members, member_results, ensemble_losses = [], [], []
+    for member in range(hp.ensemble_size):
+        saved_member = member_path(folder, member)
+        if hp.ensemble_size > 1 and os.path.isfile(saved_member):  # finished before an interruption: never retrained
+            model, saved = load_member(saved_member, device)
+            outcome = saved["outcome"]
+            log.write(f"{member_tag(hp, member)}loaded finished member from {saved_member} | "
+                      f"val_loss {outcome['val_loss']:.4f}")
+        else:
+            earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
+            teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
+            trained = train_member(hp, dist_info, data, log, member, teachers)
+            model = trained.pop("model").eval()
+            trained.pop("compiled")
+            outcome = trained
+            if hp.ensemble_size > 1 and dist_info.is_main:
+                os.makedirs(os.path.dirname(saved_member), exist_ok=True)
+                atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
+                                       member=member, seed=member_seed(hp, member), outcome=outcome), saved_member)
+            if dist_info.world_size > 1:
+                dist.barrier()  # the member file exists before any checkpoint of it goes
+            stale = checkpoint_path(folder, member, dist_info.rank)
+            if os.path.isfile(stale):
+                os.remove(stale)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        members.append(model)
+        member_results.append(outcome)
+        if hp.ensemble_size > 1:
+            count = len(members)
+            mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+            loss = evaluate_ensemble(members, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+            ensemble_losses.append(loss)
+            log.write(f"ensemble | members {count} | val_loss {loss:.4f} | member {count} alone "
+                      f"{outcome['val_loss']:.4f}")
+            log.metrics(dict(kind="ensemble", members=count, val_loss=loss, member_val_loss=outcome["val_loss"],
+                             tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+
+    if hp.ensemble_size > 1:
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} | {loss:.4f} | member alone "
+                                                  f"{member_results[k]['val_loss']:.4f}"
+                                                  for k, loss in enumerate(ensemble_losses)])
+        val_loss = ensemble_losses[-1]
+    else:
+        val_loss = member_results[0]["val_loss"]
+    final_weights = weights or [1.0 / len(members)] * len(members)
+    test_loss = evaluate_ensemble(members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
+                                  hp.val_batch_size) if data.test_data else None
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
-    if hp.save_model and dist_info.is_main:
-        atomic_torch_save(raw_model.state_dict(), os.path.join(folder, "model.pt"))
+    if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
+        atomic_torch_save(members[0].state_dict(), os.path.join(folder, "model.pt"))
+    agree = all(r["agree"] for r in member_results)
+    tokens_seen = sum(r["tokens_seen"] for r in member_results)
     result = dict(
-        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=train_loss,
+        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
         unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
-        train_tokens=int(train_tokens.size),
-        epochs=total_steps / train_data.steps_per_epoch, steps=total_steps, parameters=n_params,
-        wall_seconds=round(time.time() - wall_start, 2), train_seconds=round(train_seconds, 2),
+        train_tokens=int(data.train_tokens.size), epochs=member_results[-1]["epochs"],
+        steps=sum(r["steps"] for r in member_results), parameters=n_params,
+        wall_seconds=round(time.time() - wall_start, 2),
+        train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),
         world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
+        member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
     )
     log.save_json("result.json", result)
     log.write(f"done | val_loss {val_loss:.4f} | tokens trained on {format_count(tokens_seen)} | "
               f"wall {format_duration(result['wall_seconds'])} | ranks agree: {'yes' if agree else 'NO'} | {folder}")
     log.close()
+    return result
+
+
+def build_model_meta(hp: Hyperparameters) -> GPT:
+    """The model on the meta device: its shapes and parameter count without memory or work."""
+    with torch.device("meta"):
+        return GPT(hp)
+
+
+def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
+    """--eval_only: the ensemble of saved members (members/member_NN.pt files or globs) on val, and on test when
+    given; nothing is trained. Each member alone, then all of them with --ensemble_weights or uniform weights."""
+    paths = sorted({path for pattern in hp.eval_only.split(",") for path in (glob.glob(pattern) or [pattern])})
+    models = [load_member(path, dist_info.device)[0] for path in paths]
+    weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
+    data = load_run_data(hp, need_train=False)
+    result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
+    for path, model in zip(paths, models):
+        loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
+        result["member_val_losses"].append(loss)
+        if dist_info.is_main:
+            print(f"member {path} | val_loss {loss:.4f}", flush=True)
+    result["val_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
+                                           hp.val_batch_size)
+    result["test_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
+                                            hp.val_batch_size) if data.test_data else None
+    if dist_info.is_main:
+        print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
+              (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
+        print(json.dumps(result), flush=True)
     return result
 
 
@@ -1021,8 +1350,13 @@ def main(argv: list[str] | None = None) -> int:
         dist_info = setup_distributed(hp.device)
         if dist_info.device.type == "cpu":
             tune_cpu_runtime()
-        train(hp, dist_info, argv)
+        if hp.eval_only:
+            score_saved_members(hp, dist_info)
+        else:
+            train(hp, dist_info, argv)
         return 0
+    except RunStopped:
+        return 3
     except (ConfigError, DataError) as error:
         if dist_info is None or dist_info.is_main:
             print(f"error: {error}", file=sys.stderr)

@@ -1,0 +1,185 @@
+"""Ensembles and the distillation chain: combining members, the distillation loss, ensemble runs, resume."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+from conftest import micro_flags, read_metrics
+
+
+def micro_model(seed: int) -> train_gpt.GPT:
+    hp = train_gpt.Hyperparameters(vocab_size=64, n_layer=1, n_embd=16, n_head=2, seq_len=16)
+    torch.manual_seed(seed)
+    model = train_gpt.GPT(hp)
+    with torch.no_grad():  # nanochat's init zeroes the output projections and nearly the head: make outputs differ
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    return model.eval()
+
+
+def single_rank() -> train_gpt.Dist:
+    return train_gpt.Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+
+
+# ------------------------------------------------------------------------------------------------ combining members
+
+def test_identical_members_give_the_single_member_loss():
+    model = micro_model(0)
+    data = train_gpt.EvalData(np.random.default_rng(0).integers(0, 64, 500).astype(np.uint16), 16, "val")
+    single = train_gpt.evaluate(model, data, single_rank(), 4)
+    for mode in ("prob", "logit"):
+        ensemble = train_gpt.evaluate_ensemble([model, model, model], [0.2, 0.5, 0.3], mode, data, single_rank(), 4)
+        assert ensemble == pytest.approx(single, rel=1e-6)
+
+
+def test_two_members_with_known_distributions():
+    # member A puts probabilities (0.7, 0.2, 0.1) on three tokens, member B (0.1, 0.3, 0.6); the target is token 1
+    prob_a, prob_b = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.1, 0.3, 0.6])
+    logits = [prob_a.log().view(1, 1, 3), prob_b.log().view(1, 1, 3)]
+    prob_avg = train_gpt.ensemble_log_probs(logits, [0.5, 0.5], "prob")[0, 0, 1].item()
+    assert -prob_avg == pytest.approx(-math.log(0.5 * 0.2 + 0.5 * 0.3), rel=1e-6)  # -log 0.25 = 1.3863
+    geometric = np.sqrt(prob_a.numpy() * prob_b.numpy())  # logit averaging = normalised geometric mean
+    logit_avg = train_gpt.ensemble_log_probs(logits, [0.5, 0.5], "logit")[0, 0, 1].item()
+    assert -logit_avg == pytest.approx(-math.log(geometric[1] / geometric.sum()), rel=1e-6)
+    weighted = train_gpt.ensemble_log_probs(logits, [0.25, 0.75], "prob")[0, 0, 1].item()
+    assert -weighted == pytest.approx(-math.log(0.25 * 0.2 + 0.75 * 0.3), rel=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- the distillation loss
+
+class FixedTeacher(torch.nn.Module):
+    """A teacher whose features are its logits: head() is the identity, so the test controls the logits exactly."""
+
+    def head(self, features):
+        return features.float()
+
+
+@pytest.mark.parametrize("alpha, temperature, chunk", [(0.5, 2.0, 3), (1.0, 1.0, 7), (0.3, 0.7, 1)])
+def test_distillation_loss_and_gradient_match_float64_reference(alpha, temperature, chunk):
+    torch.manual_seed(0)
+    batch, steps, vocab = 2, 7, 11  # odd sizes: the last chunk is partial
+    student = torch.randn(batch, steps, vocab, requires_grad=True)
+    teacher_logits = [torch.randn(batch, steps, vocab) * 2, torch.randn(batch, steps, vocab)]
+    teachers = [(FixedTeacher(), 0.6), (FixedTeacher(), 0.4)]
+    targets = torch.randint(0, vocab, (batch, steps))
+    targets[1, -2:] = -1  # padding takes no part
+    loss = train_gpt.distillation_loss_sum(student, teachers, teacher_logits, targets, alpha, temperature, chunk)
+    loss.backward()
+
+    student64 = student.detach().double().requires_grad_(True)
+    valid = targets >= 0
+    ce = F.cross_entropy(student64[valid], targets[valid], reduction="sum")
+    teacher_probs = 0.6 * F.softmax(teacher_logits[0].double() / temperature, -1) + \
+        0.4 * F.softmax(teacher_logits[1].double() / temperature, -1)
+    student_log_probs = F.log_softmax(student64 / temperature, -1)
+    kl = (teacher_probs * (teacher_probs.log() - student_log_probs)).sum(-1)[valid].sum()
+    reference = (1 - alpha) * ce + alpha * temperature**2 * kl
+    reference.backward()
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(student.grad.double(), student64.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_student_approaches_a_fixed_teacher():
+    """alpha = 1, T = 1: pure distillation drives the student's distribution towards the teacher's."""
+    teacher, student = micro_model(1), micro_model(2)
+    student.train()
+    optimizer = torch.optim.Adam(student.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    inputs = torch.randint(0, 64, (8, 16), generator=generator)
+    targets = torch.randint(0, 64, (8, 16), generator=generator)
+
+    def kl_per_token():
+        with torch.no_grad():
+            return train_gpt.distillation_loss_sum(student(inputs), [(teacher, 1.0)], [teacher.features(inputs)],
+                                                   targets, 1.0, 1.0, 5).item() / targets.numel()
+    start = kl_per_token()
+    for _ in range(300):
+        optimizer.zero_grad()
+        loss = train_gpt.distillation_loss_sum(student(inputs), [(teacher, 1.0)], [teacher.features(inputs).detach()],
+                                               targets, 1.0, 1.0, 5)
+        (loss / targets.numel()).backward()
+        optimizer.step()
+    end = kl_per_token()
+    print(f"KL(teacher || student) per token: {start:.4f} -> {end:.4f}")
+    assert end < 0.1 * start
+
+
+# --------------------------------------------------------------------------------------------------- ensemble runs
+
+def run_in_process(flags):
+    return train_gpt.main(flags)
+
+
+def result_of(folder):
+    with open(os.path.join(folder, "result.json")) as handle:
+        return json.load(handle)
+
+
+def test_ensemble_run_scores_members_and_eval_only_agrees(micro_data, tmp_path, capsys):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    assert run_in_process(micro_flags(train_path, val_path, logs, "ens", ensemble_size=3, distill_alpha=0.5,
+                                      distill_temperature=2.0, distill_chunk=5, log_every=5)) == 0
+    result = result_of(os.path.join(logs, "ens"))
+    members, ensembles = result["member_val_losses"], result["ensemble_val_losses"]
+    assert len(members) == 3 and len(ensembles) == 3
+    assert ensembles[0] == pytest.approx(members[0])
+    for k in range(1, 3):  # probability averaging never loses to the members' mean loss (Jensen's inequality)
+        assert ensembles[k] < np.mean(members[:k + 1])
+    assert result["val_loss"] == ensembles[-1]
+    assert len({m["member"] for m in read_metrics(os.path.join(logs, "ens")) if m["kind"] == "train"}) == 3
+    log_text = open(os.path.join(logs, "ens", "log.txt")).read()
+    assert "ensemble size -> val loss" in log_text and "distilling from 1 teacher(s)" in log_text
+    assert not os.listdir(os.path.join(logs, "ens", "checkpoints"))  # finished members leave no checkpoints
+
+    capsys.readouterr()
+    member_files = os.path.join(logs, "ens", "members", "member_*.pt")
+    assert run_in_process(["--eval_only", member_files, "--val_files", val_path, "--vocab_size", "256",
+                           "--device", "cpu", "--val_batch_size", "4", "--seq_len", "32"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+    assert scored["member_val_losses"] == pytest.approx(members, rel=1e-6)
+
+
+def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_path):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    common = dict(ensemble_size=2, distill_alpha=0.5, log_every=1, dropout=0.1)
+    assert run_in_process(micro_flags(train_path, val_path, logs, "whole", **common)) == 0
+    whole = result_of(os.path.join(logs, "whole"))
+    steps_per_member = whole["steps"] // 2
+
+    # killed 3 steps into member 2 (mid-epoch), then resumed
+    assert run_in_process(micro_flags(train_path, val_path, logs, "cut", stop_at_step=steps_per_member + 3,
+                                      **common)) == 3
+    folder = os.path.join(logs, "cut")
+    first_member = os.path.join(folder, "members", "member_00.pt")
+    before = (os.path.getmtime(first_member), open(first_member, "rb").read())
+    assert not os.path.exists(os.path.join(folder, "result.json"))
+    assert run_in_process(micro_flags(train_path, val_path, logs, "cut", **common)[:0] +
+                          ["--resume", folder]) == 0
+    assert (os.path.getmtime(first_member), open(first_member, "rb").read()) == before  # member 1 never retrained
+    resumed = result_of(folder)
+    assert resumed["member_val_losses"] == whole["member_val_losses"]  # bitwise: same weights, data, dropout
+    assert resumed["ensemble_val_losses"] == whole["ensemble_val_losses"]
+    whole_lines = [(m["member"], m["step"], m["train_loss"]) for m in read_metrics(os.path.join(logs, "whole"))
+                   if m["kind"] == "train"]
+    cut_lines = [(m["member"], m["step"], m["train_loss"]) for m in read_metrics(folder) if m["kind"] == "train"]
+    assert cut_lines == whole_lines  # every train-loss line, before and after the kill, equals the uninterrupted run
+    log_text = open(os.path.join(folder, "log.txt")).read()
+    assert "loaded finished member" in log_text and "resumed from" in log_text
+
+
+def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    assert run_in_process(micro_flags(train_path, val_path, logs, "r", stop_at_step=2)) == 3
+    capsys.readouterr()
+    assert run_in_process(["--resume", os.path.join(logs, "r"), "--n_layer", "3"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --resume continues") and "--n_layer" in error and "\n" not in error
