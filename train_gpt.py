@@ -105,6 +105,11 @@ class Hyperparameters:
     distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
     distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    fitness_tokens: int = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
+    # mixture weights over the members are learned; the top select_top by weight form the final ensemble (slowrun
+    # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
+    select_top: int = 0  # members kept after learning the weights (0 = all, weighted by the learned weights)
+    select_steps: int = 300  # Adam steps of the mixture-weight fit (minimises -log sum_i w_i p_i on the fitness slice)
     checkpoint_every: int = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
     resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
     eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
@@ -225,6 +230,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
     if hp.ensemble_weights:
         parse_weights(hp.ensemble_weights, hp.ensemble_size)
+    require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
+            "fitness_tokens and select_top must be >= 0, select_steps >= 1")
+    require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
     batch_seqs = hp.batch_tokens // hp.seq_len
     per_micro_step = hp.device_batch_size * world_size
@@ -792,6 +800,51 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
 
 
 @torch.no_grad()
+def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dist, batch_size: int) -> torch.Tensor:
+    """(candidates, targets) float64: each candidate's probability of every correct next token of the set. The
+    candidates are spread over the ranks (rank r scores r, r + world, ...) and the rows summed over ranks."""
+    rows = []
+    for index, model in enumerate(models):
+        if index % dist_info.world_size != dist_info.rank:
+            rows.append(None)
+            continue
+        was_training = model.training
+        model.eval()
+        probs = []
+        for inputs, targets in data.batches(0, 1, batch_size):
+            inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
+            with autocast_context(dist_info.device):
+                logits = model(inputs).float()
+            picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            probs.append(picked[targets >= 0].double().exp())
+        model.train(was_training)
+        rows.append(torch.cat(probs))
+    table = torch.stack([row if row is not None else
+                         torch.zeros(data.num_targets, dtype=torch.float64, device=dist_info.device) for row in rows])
+    return dist_info.all_reduce_sum(table).cpu()
+
+
+def learn_mixture_weights(probs: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
+    """Softmax mixture weights over candidates minimising -mean log sum_i w_i p_i(correct token): the weights of
+    the best probability-averaged ensemble on this data. Convex in w; Adam on the softmax logits gets there."""
+    logits = torch.zeros(probs.size(0), dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = -torch.log(torch.softmax(logits, 0) @ probs + 1e-300).mean()
+        loss.backward()
+        optimizer.step()
+    return torch.softmax(logits.detach(), 0)
+
+
+def select_members(weights: torch.Tensor, top: int) -> list[tuple[int, float]]:
+    """(candidate index, renormalised weight) of the top candidates by weight (all when top is 0), best first."""
+    order = torch.argsort(weights, descending=True).tolist()[:top or weights.numel()]
+    total = float(weights[order].sum())
+    return [(index, float(weights[index]) / total) for index in order]
+
+
+@torch.no_grad()
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
     """Mean loss in nats per token over the whole set, summed in float64 over every rank."""
     was_training = model.training
@@ -954,6 +1007,17 @@ class RunData:
     val_tokens: np.ndarray
     val_data: EvalData
     test_data: EvalData | None
+    fitness_data: EvalData | None = None  # carved from the front of train for member selection, never trained on
+
+
+def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fitness, rest): the fewest whole leading documents holding at least fitness_tokens tokens, and the rest."""
+    starts = document_starts(tokens, bos_id)
+    later = starts[starts >= fitness_tokens]
+    if later.size == 0 or later[0] == 0:
+        raise DataError(f"{name}: fitness_tokens {fitness_tokens:,} leaves no whole document to train on "
+                        f"({tokens.size:,} train tokens)")
+    return tokens[:later[0]], tokens[later[0]:]
 
 
 def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
@@ -961,11 +1025,15 @@ def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
     val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
     if hp.train_tokens:
         train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
+    fitness_data = None
+    if hp.fitness_tokens and need_train:  # carved after the budget cut: selection data comes out of the budget
+        fitness_tokens, train_tokens = carve_fitness_slice(train_tokens, hp.fitness_tokens, hp.bos_id, hp.train_files)
+        fitness_data = EvalData(fitness_tokens, hp.seq_len, f"{hp.train_files} (fitness slice)")
     if hp.val_tokens:
         val_tokens = val_tokens[:hp.val_tokens]
     test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
         if hp.test_files else None
-    return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data)
+    return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data, fitness_data)
 
 
 def member_seed(hp: Hyperparameters, member: int) -> int:
@@ -1262,8 +1330,22 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         val_loss = ensemble_losses[-1]
     else:
         val_loss = member_results[0]["val_loss"]
-    final_weights = weights or [1.0 / len(members)] * len(members)
-    test_loss = evaluate_ensemble(members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
+    final_members, final_weights = members, weights or [1.0 / len(members)] * len(members)
+    selection = None
+    if data.fitness_data is not None:  # choose on held-out train data, never on val
+        probs = target_probabilities(members, data.fitness_data, dist_info, hp.val_batch_size)
+        learned = learn_mixture_weights(probs, hp.select_steps)
+        chosen = select_members(learned, hp.select_top)
+        final_members, final_weights = [members[i] for i, _ in chosen], [w for _, w in chosen]
+        val_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data, dist_info,
+                                     hp.val_batch_size)
+        selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
+                         val_loss=val_loss)
+        log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
+                  + " ".join(f"m{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
+                  + f" | kept {', '.join(f'm{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+        log.metrics(dict(kind="selection", **selection))
+    test_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
                                   hp.val_batch_size) if data.test_data else None
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
@@ -1281,6 +1363,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
         member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
+        selection=selection,
     )
     log.save_json("result.json", result)
     log.write(f"done | val_loss {val_loss:.4f} | tokens trained on {format_count(tokens_seen)} | "

@@ -183,3 +183,41 @@ def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
     assert run_in_process(["--resume", os.path.join(logs, "r"), "--n_layer", "3"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --resume continues") and "--n_layer" in error and "\n" not in error
+
+
+# -------------------------------------------------------------------------------------------------------- selection
+
+def test_learned_weights_find_the_one_good_candidate():
+    rng = np.random.default_rng(0)
+    bad = rng.uniform(0.001, 0.05, size=(4, 2000))  # four candidates that give the right token little mass
+    good = rng.uniform(0.3, 0.9, size=(1, 2000))
+    probs = torch.tensor(np.concatenate([bad[:2], good, bad[2:]]))
+    weights = train_gpt.learn_mixture_weights(probs, steps=300)
+    print(f"learned weights: {[round(w, 4) for w in weights.tolist()]}")
+    assert weights[2] > 0.97
+    assert train_gpt.select_members(weights, 1) == [(2, 1.0)]
+    kept = train_gpt.select_members(weights, 2)
+    assert kept[0][0] == 2 and sum(w for _, w in kept) == pytest.approx(1.0)
+
+
+def test_target_probabilities_match_the_loss():
+    model = micro_model(3)
+    data = train_gpt.EvalData(np.random.default_rng(1).integers(0, 64, 300).astype(np.uint16), 16, "fitness")
+    probs = train_gpt.target_probabilities([model, model], data, single_rank(), 4)
+    assert probs.shape == (2, data.num_targets)
+    assert (-probs[0].log().mean()).item() == pytest.approx(train_gpt.evaluate(model, data, single_rank(), 4), rel=1e-5)
+
+
+def test_run_with_fitness_selection(micro_data, tmp_path):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    assert run_in_process(micro_flags(train_path, val_path, logs, "sel", ensemble_size=2, fitness_tokens=600,
+                                      select_top=1, log_every=5)) == 0
+    result = result_of(os.path.join(logs, "sel"))
+    selection = result["selection"]
+    assert len(selection["learned_weights"]) == 2 and sum(selection["learned_weights"]) == pytest.approx(1.0)
+    assert len(selection["chosen"]) == 1 and selection["weights"] == [1.0]
+    # one member kept: the final loss is that member's own val loss
+    assert result["val_loss"] == pytest.approx(result["member_val_losses"][selection["chosen"][0]], rel=1e-6)
+    full = train_gpt.read_shard(train_path).size
+    assert result["train_tokens"] < full - 600  # the fitness slice is never trained on
