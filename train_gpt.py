@@ -63,6 +63,20 @@ class Hyperparameters:
     rope_base: float = 10000.0  # rotary position embedding base (Su et al. 2021)
     logit_softcap: float = 15.0  # logits = c * tanh(logits / c) (Gemma 2; slowrun uses 10); 0 = off
     dropout: float = 0.0  # dropout on each residual branch's output (the slowrun baseline uses 0.1)
+    # --- model tricks of the public records (each off by default: off is exactly the plain model) -------------
+    value_proj: bool = False  # V += 2*sigmoid(gate(x)) * W x0 on alternating layers, per head (ResFormer value residual; slowrun unlimited)
+    unet_skips: bool = False  # decoder layer n-1-i adds w_i * (output of encoder layer i), w_i learned, 1 at init (modded-nanogpt; slowrun)
+    attn_gate: bool = False  # per-head sigmoid gate on the attention output from x, zero-init (Qiu et al. 2025; modded-nanogpt; slowrun)
+    resid_mix: bool = False  # x = lambda_r * x + lambda_0 * x0 before each block, 1 and 0.1 at init (modded-nanogpt; slowrun records)
+    xsa: str = ""  # Exclusive Self Attention y -= s (y.v_hat) v_hat: "" off | "fixed" (s = 1) | "learned" (s = tanh(alpha), alpha = 0)
+    stochastic_depth: float = 0.0  # drop a whole block per sequence with probability p * (l + 1) / n_layer (Huang et al. 2016)
+    mtp_weight: float = 0.0  # multi-token prediction: aux head for token t+2, this loss weight (Gloeckle et al. 2024; DeepSeek-V3)
+    loop_repeats: int = 0  # looped layers: replay the layers of loop_range this many extra times (Universal Transformer; slowrun research)
+    loop_range: str = ""  # "a:b": the layers [a, b) that loop_repeats replays ("" = the middle third)
+    loop_start_frac: float = 0.0  # the replay switches on from this fraction of training on
+    window_pattern: str = ""  # sliding-window attention, cycled over layers, last layer always long: e.g. "SSSL" (nanochat; slowrun)
+    window_short: int = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
+    head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -81,12 +95,31 @@ class Hyperparameters:
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-10  # AdamW epsilon
     adam_wd: float = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    # --- optimizer variants (each off by default) -----------------------------------------------------------------
+    muon_polar_express: bool = False  # Polar Express per-iteration coefficients instead of the fixed quintic (Amsel et al. 2025; slowrun)
+    muon_eq_r: bool = False  # MuonEq-R: scale each row of the momentum to unit norm before orthogonalising (MuonEq, 2025)
+    normuon: bool = False  # NorMuon: per-neuron second-moment rescaling of the orthogonalised update (Li et al. 2025; slowrun)
+    normuon_beta2: float = 0.95  # NorMuon's second-moment EMA coefficient
+    cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
+    muon_momentum_warmup: int = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
+    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
     warmup_steps: int = 0  # linear LR warmup steps
     warmdown_frac: float = 0.2  # final fraction of training over which the LR decays linearly
     final_lr_frac: float = 0.0  # LR at the very end, as a fraction of the peak
+    # --- schedule variants (each off by default) ------------------------------------------------------------------
+    warmdown_shape: float = 1.0  # warmdown exponent: lr = final + (1 - final) * (1 - d)^shape over the warmdown (1 = linear)
+    lr_cycles: int = 0  # cosine LR cycles (warm restarts, Loshchilov & Hutter 2017) over the pre-warmdown phase (0 = constant)
+    lr_cycle_floor: float = 0.1  # the cycles' lowest LR, as a fraction of the peak
+    wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch)
+    wd_sawtooth_epochs: int = 2  # how many final epochs the sawtooth weight decay spans
+    # --- weight averaging (off by default) ------------------------------------------------------------------------
+    ema_decay: float = 0.0  # EMA of the weights, ema <- d * ema + (1 - d) * w (0 = off; Polyak averaging, modded-nanogpt)
+    ema_every: int = 1  # update the EMA every k optimizer steps (the decay applies per update)
+    ema_start_frac: float = 0.0  # start the EMA (from the current weights) at this fraction of training
+    ema_blend: float = 1.0  # at the end the weights become blend * EMA + (1 - blend) * last
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -140,6 +173,11 @@ PRESETS: dict[str, dict] = {
         # slowrun's lrs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
         muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
         log_every=1,
+        # The records' techniques (qlabs-eng/slowrun limited/ and unlimited/ train.py): value projections from x0,
+        # U-Net skips, attention output gates, x0 residual mixing, "SSSL" windows, Polar Express, NorMuon and
+        # cautious weight decay (the records also raise weight decay to 1.6 and warm down over half the run).
+        value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, window_pattern="SSSL",
+        muon_polar_express=True, normuon=True, cautious_wd=True,
     ),
 }
 
@@ -233,6 +271,18 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
             "fitness_tokens and select_top must be >= 0, select_steps >= 1")
     require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
+    require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
+    require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
+    require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
+    if hp.loop_repeats:
+        start, stop = loop_layer_range(hp)
+        require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
+    require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
+    require(hp.window_short >= 0, "window_short must be >= 0")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth"), f"wd_schedule must be flat, inverse or sawtooth")
+    require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
+    require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
+    require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
     batch_seqs = hp.batch_tokens // hp.seq_len
     per_micro_step = hp.device_batch_size * world_size
@@ -505,24 +555,74 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
+GATE_CHANNELS = 32  # the data-dependent gates read only the first 32 channels of their input (slowrun records)
+# Parameters with these names are small gates and mixing matrices: they go to the AdamW scalar group, never to Muon.
+SCALAR_GROUP_NAMES = ("value_gate", "out_gate", "head_mix", "xsa_alpha", "resid_lambdas", "x0_lambdas", "skip_weights")
+
+
+def has_value_proj(layer: int, n_layer: int) -> bool:
+    """Alternating layers, always including the last one (slowrun's has_ve)."""
+    return layer % 2 == (n_layer - 1) % 2
+
+
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torch.Tensor:
+    """Exclusive Self Attention (XSA): removes from each head's output y (B, T, H, D) its component along the token's
+    own normalised value vector v_hat, y - s (y . v_hat) v_hat, so attention carries only what the token itself does
+    not already hold. strength s is 1 or a (H,) vector of tanh(alpha)."""
+    v_hat = F.normalize(v, dim=-1)
+    along = (y * v_hat).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
+    if isinstance(strength, torch.Tensor):
+        along = along * strength.view(-1, 1)
+    return y - along * v_hat
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: Hyperparameters, layer: int = 0):
         super().__init__()
         self.n_head, self.head_dim = hp.n_head, hp.n_embd // hp.n_head
         self.c_q = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
         self.c_k = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
         self.c_v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
         self.c_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        # --- tricks (value_proj, attn_gate, head_mix, xsa): each None unless its flag is on ---
+        self.gate_channels = min(GATE_CHANNELS, hp.n_embd)
+        self.c_x0v = self.value_gate = self.out_gate = self.head_mix = self.xsa_alpha = None
+        if hp.value_proj and has_value_proj(layer, hp.n_layer):
+            self.c_x0v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+            self.value_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
+        if hp.attn_gate:
+            self.out_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
+        if hp.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
+            self.head_mix = nn.Parameter(torch.eye(hp.n_head).repeat(3, 1, 1))
+        if hp.xsa == "learned":
+            self.xsa_alpha = nn.Parameter(torch.zeros(hp.n_head))
+        self.xsa = hp.xsa
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         batch, time_steps, width = x.shape
         q = self.c_q(x).view(batch, time_steps, self.n_head, self.head_dim)  # (B, T, H, D)
         k = self.c_k(x).view(batch, time_steps, self.n_head, self.head_dim)
         v = self.c_v(x).view(batch, time_steps, self.n_head, self.head_dim)
+        if self.head_mix is not None:  # head h reads sum_g M[h, g] * head g (interleaved head attention)
+            mix = self.head_mix.to(q.dtype)
+            q, k, v = (torch.einsum("hg,btgd->bthd", mix[i], t) for i, t in enumerate((q, k, v)))
+        if self.c_x0v is not None:  # value residual from the first layer's input, gated per head in [0, 2]
+            gate = 2 * torch.sigmoid(F.linear(x[..., :self.gate_channels], self.value_gate.to(x.dtype)))  # (B, T, H)
+            v = v + gate.unsqueeze(-1) * self.c_x0v(x0).view(batch, time_steps, self.n_head, self.head_dim)
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        return self.c_proj(y.transpose(1, 2).reshape(batch, time_steps, width))  # (B, H, T, D) -> (B, T, C)
+        if attn_mask is None:
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+        else:  # a sliding window: (T, T) boolean, True where attention is allowed
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                               attn_mask=attn_mask)
+        y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+        if self.xsa:
+            y = exclusive_self_attention(y, v, 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype))
+        if self.out_gate is not None:  # sigmoid(0) = 1/2 at init; lets a head switch itself off per token
+            y = y * torch.sigmoid(F.linear(x[..., :self.gate_channels], self.out_gate.to(x.dtype))).unsqueeze(-1)
+        return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
 
 
 def mlp_hidden_width(hp: Hyperparameters) -> int:
@@ -546,14 +646,49 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: Hyperparameters, layer: int = 0):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(hp), MLP(hp)
+        self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP(hp)
         self.dropout = nn.Dropout(hp.dropout) if hp.dropout > 0 else nn.Identity()
+        # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
+        self.drop_prob = hp.stochastic_depth * (layer + 1) / hp.n_layer
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.dropout(self.attn(rms_norm(x), cos, sin))
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.drop_prob > 0 and self.training:  # keep the whole block for a sequence or drop it; rescale kept ones
+            keep = (torch.rand(x.size(0), 1, 1, device=x.device) >= self.drop_prob).to(x.dtype) / (1 - self.drop_prob)
+            x = x + keep * self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
+            return x + keep * self.dropout(self.mlp(rms_norm(x)))
+        x = x + self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
         return x + self.dropout(self.mlp(rms_norm(x)))
+
+
+def loop_layer_range(hp: Hyperparameters) -> tuple[int, int]:
+    """The layers [a, b) that looped layers replay: loop_range "a:b", or the middle third."""
+    if not hp.loop_range:
+        return hp.n_layer // 3, max(hp.n_layer // 3 + 1, 2 * hp.n_layer // 3)
+    try:
+        start, stop = (int(part) for part in hp.loop_range.split(":"))
+    except ValueError:
+        raise ConfigError(f"loop_range must look like 'a:b', got {hp.loop_range!r}") from None
+    return start, stop
+
+
+def window_sizes(hp: Hyperparameters) -> list[int] | None:
+    """Each layer's attention window in tokens from window_pattern (cycled; the last layer always long), or None."""
+    if not hp.window_pattern:
+        return None
+    short = hp.window_short or hp.seq_len // 2
+    sizes = [short if hp.window_pattern.upper()[i % len(hp.window_pattern)] == "S" else hp.seq_len
+             for i in range(hp.n_layer)]
+    sizes[-1] = hp.seq_len
+    return sizes
+
+
+def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> torch.Tensor:
+    """(T, T) boolean: query i sees keys j with i - window < j <= i. A plain SDPA mask (a fused kernel is another path)."""
+    distance = torch.arange(time_steps, device=device)[:, None] - torch.arange(time_steps, device=device)[None, :]
+    return (distance >= 0) & (distance < window)
 
 
 class GPT(nn.Module):
@@ -561,11 +696,27 @@ class GPT(nn.Module):
         super().__init__()
         self.logit_softcap = hp.logit_softcap
         self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
-        self.blocks = nn.ModuleList([Block(hp) for _ in range(hp.n_layer)])
+        self.blocks = nn.ModuleList([Block(hp, layer) for layer in range(hp.n_layer)])
         self.lm_head = nn.Linear(hp.n_embd, hp.vocab_size, bias=False)  # untied from wte (nanochat)
         cos, sin = rotary_tables(hp.seq_len, hp.n_embd // hp.n_head, hp.rope_base)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
+        # --- tricks that change the layer loop: built only when their flag is on ---
+        self.resid_mix, self.unet_skips = hp.resid_mix, hp.unet_skips
+        self.encoder_layers = hp.n_layer // 2
+        self.window_sizes = window_sizes(hp)
+        self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
+        self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
+        self.uses_x0 = hp.value_proj or hp.resid_mix
+        self.plain_layers = not (hp.resid_mix or hp.unet_skips or hp.value_proj or hp.loop_repeats or hp.window_pattern)
+        if hp.resid_mix:
+            self.resid_lambdas = nn.Parameter(torch.ones(hp.n_layer))
+            self.x0_lambdas = nn.Parameter(torch.full((hp.n_layer,), 0.1))
+        if hp.unet_skips:
+            self.skip_weights = nn.Parameter(torch.ones(hp.n_layer - self.encoder_layers))
+        self.mtp_weight = hp.mtp_weight
+        if hp.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
+            self.mtp_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -575,21 +726,72 @@ class GPT(nn.Module):
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
-            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc, block.mlp.c_gate):
+            for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc, block.mlp.c_gate,
+                           block.attn.c_x0v):
                 if linear is not None:
                     bound = 3**0.5 * linear.in_features**-0.5
                     nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+            for gate in (block.attn.value_gate, block.attn.out_gate, block.attn.xsa_alpha):
+                if gate is not None:
+                    nn.init.zeros_(gate)
+            if block.attn.head_mix is not None:
+                block.attn.head_mix.copy_(torch.eye(block.attn.n_head).repeat(3, 1, 1))
+        if self.resid_mix:
+            self.resid_lambdas.fill_(1.0)
+            self.x0_lambdas.fill_(0.1)
+        if self.unet_skips:
+            self.skip_weights.fill_(1.0)
+        if self.mtp_weight > 0:
+            nn.init.zeros_(self.mtp_proj.weight)
 
-    def features(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> the final normalised residual stream (B, T, C), the lm_head's input."""
+    def layer_order(self) -> list[int]:
+        """The blocks in execution order: 0..n-1, with loop_range replayed loop_repeats extra times once active."""
+        order = list(range(len(self.blocks)))
+        if self.loop_repeats and self.loop_active:
+            start, stop = self.loop_range
+            order = order[:stop] + list(range(start, stop)) * self.loop_repeats + order[stop:]
+        return order
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The layer loop with the tricks: x0 mixing, U-Net skips, value projections, windows, looped layers. Each
+        replayed pass re-adds its skip and its x0 mix; an encoder layer's latest output is the skip it hands on."""
+        x0, n_layer = x, len(self.blocks)
+        masks = {}
+        if self.window_sizes is not None:
+            masks = {w: sliding_window_mask(x.size(1), w, x.device) for w in set(self.window_sizes) if w < x.size(1)}
+        skips: dict[int, torch.Tensor] = {}
+        for layer in self.layer_order():
+            if self.unet_skips and layer >= n_layer - self.encoder_layers and n_layer - 1 - layer in skips:
+                x = x + self.skip_weights[layer - (n_layer - self.encoder_layers)] * skips[n_layer - 1 - layer]
+            if self.resid_mix:
+                x = self.resid_lambdas[layer] * x + self.x0_lambdas[layer] * x0
+            window = self.window_sizes[layer] if self.window_sizes is not None else None
+            x = self.blocks[layer](x, cos, sin, x0 if self.uses_x0 else None, masks.get(window))
+            if self.unet_skips and layer < self.encoder_layers:
+                skips[layer] = x
+        return x
+
+    def residual_stream(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the final residual stream (B, T, C), before the last norm."""
         time_steps = idx.size(1)
         cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
         x = rms_norm(self.wte(idx))  # (B, T, C)
-        for block in self.blocks:
-            x = block(x, cos, sin)
-        return rms_norm(x)
+        if self.plain_layers:
+            for block in self.blocks:
+                x = block(x, cos, sin)
+            return x
+        return self.run_layers(x, cos, sin)
+
+    def features(self, idx: torch.Tensor) -> torch.Tensor:
+        """Token ids (B, T) -> the final normalised residual stream (B, T, C), the lm_head's input (a distillation
+        teacher hands these over, so its logits can be made chunk by chunk)."""
+        return rms_norm(self.residual_stream(idx))
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual stream (..., C) -> float32 logits (..., vocab_size)."""
+        return self.head(rms_norm(x))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Features (..., C) -> float32 logits (..., vocab_size), soft-capped."""
@@ -598,9 +800,13 @@ class GPT(nn.Module):
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        """Token ids (B, T) -> float32 logits (B, T, vocab_size)."""
-        return self.head(self.features(idx))
+    def forward(self, idx: torch.Tensor):
+        """Token ids (B, T) -> float32 logits (B, T, vocab_size); in training with mtp_weight > 0, the pair
+        (logits, logits for token t+2)."""
+        x = self.residual_stream(idx)
+        if self.mtp_weight > 0 and self.training:
+            return self.logits(x), self.logits(x + self.mtp_proj(rms_norm(x)))
+        return self.logits(x)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -630,6 +836,46 @@ def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
     return x.to(grad.dtype)
 
 
+# Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods"): a different quintic per
+# iteration, each minimax-optimal for the interval the singular values occupy after the previous one; the values
+# used by the slowrun records (5 iterations, safety factor 1.02 in the normalisation). Later iterations reuse the last.
+POLAR_EXPRESS_COEFFICIENTS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+
+
+def polar_express_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    """U V^T of grad by Polar Express: same shape of iteration as Newton-Schulz, per-step coefficients."""
+    x = grad.bfloat16() if grad.is_cuda else grad.float()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    for step in range(steps):
+        a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+        gram = x @ x.mT
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    if transposed:
+        x = x.mT
+    return x.to(grad.dtype)
+
+
+def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon (Li et al. 2025): after orthogonalisation, divide each neuron's (row's, or column's for wide matrices)
+    update by the root of an EMA of its mean square, then restore the update's Frobenius norm. Orthogonalised updates
+    have equal singular values, not equal row norms; this evens out the per-neuron step sizes."""
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    mean_square = update.float().square().mean(dim=reduce_dim, keepdim=True)
+    second_moment.lerp_(mean_square, 1 - beta2)
+    scaled = update.float() * second_moment.clamp_min(1e-10).rsqrt()
+    scaled = scaled * (update.float().norm() / scaled.norm().clamp_min(1e-10))
+    return scaled.to(update.dtype)
+
+
 class Muon(torch.optim.Optimizer):
     """MomentUm Orthogonalized by Newton-Schulz (Jordan et al. 2024): SGD-momentum whose update is replaced by its
     nearest semi-orthogonal matrix, scaled by sqrt(max(1, rows/cols)), with decoupled weight decay.
@@ -639,12 +885,15 @@ class Muon(torch.optim.Optimizer):
     all_gather hands every rank every update. Gradients must already be averaged over ranks."""
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
+                 normuon_beta2: float = 0.0, cautious_wd: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
+        # variants (off by default): polar_express, eq_r (MuonEq-R), normuon_beta2 > 0 (NorMuon), cautious_wd
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
+                                      normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
         self.rank, self.world_size = rank, world_size
 
     def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
@@ -654,7 +903,18 @@ class Muon(torch.optim.Optimizer):
         buffer = state["momentum_buffer"]
         buffer.lerp_(grad, 1 - group["momentum"])
         direction = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-        update = newton_schulz_orthogonalize(direction, group["ns_steps"])
+        if group["eq_r"]:  # MuonEq-R: every row to unit norm first, so no row dominates the orthogonalisation
+            direction = direction / (direction.norm(dim=-1, keepdim=True) + 1e-7)
+        if group["polar_express"]:
+            update = polar_express_orthogonalize(direction, group["ns_steps"])
+        else:
+            update = newton_schulz_orthogonalize(direction, group["ns_steps"])
+        if group["normuon_beta2"] > 0:
+            if "second_moment" not in state:
+                reduce_dim = -1 if grad.size(-2) >= grad.size(-1) else -2
+                shape = (grad.size(-2), 1) if reduce_dim == -1 else (1, grad.size(-1))
+                state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=grad.device)
+            update = normuon_rescale(update, state["second_moment"], group["normuon_beta2"])
         return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
 
     @torch.no_grad()
@@ -676,16 +936,22 @@ class Muon(torch.optim.Optimizer):
             if handle is not None:
                 handle.wait()
             for param, update in zip(chunk, updates):
-                param.mul_(1 - group["lr"] * group["weight_decay"])
+                if group["cautious_wd"]:  # decay only where the update already pulls towards zero (update*param >= 0)
+                    param.sub_(param * (update * param >= 0), alpha=group["lr"] * group["weight_decay"])
+                else:
+                    param.mul_(1 - group["lr"] * group["weight_decay"])
                 param.add_(update, alpha=-group["lr"])
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
-    """Muon for every 2-D matrix inside the blocks; AdamW for the embedding, the lm_head and anything 0-D or 1-D."""
+    """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
+    anything 0-D or 1-D or named in SCALAR_GROUP_NAMES (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
-    muon_params = [p for name, p in named.items() if name.startswith("blocks.") and p.ndim == 2]
+    is_scalar = {name: p.ndim < 2 or name.split(".")[-1] in SCALAR_GROUP_NAMES for name, p in named.items()}
+    muon_params = [p for name, p in named.items()
+                   if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
-    scalar_params = [p for p in named.values() if p.ndim < 2]
+    scalar_params = [p for name, p in named.items() if is_scalar[name]]
     assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params}
     missing = [name for name, p in named.items() if id(p) not in assigned]
     if missing:  # a new parameter must be given an optimizer on purpose, never silently left untrained
@@ -697,11 +963,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
-                world_size=dist_info.world_size)
+                world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
+                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd)
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["initial_lr"] = group["lr"]
+            group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
 
 
@@ -722,8 +990,47 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     progress = step / total_steps
     warmdown_start = 1.0 - hp.warmdown_frac
     if progress < warmdown_start or hp.warmdown_frac == 0:
+        if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
+            phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
+            return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
         return 1.0
+    if hp.warmdown_shape != 1.0:  # shape > 1 keeps the LR high longer, < 1 drops it early
+        decayed = (progress - warmdown_start) / hp.warmdown_frac
+        return hp.final_lr_frac + (1.0 - hp.final_lr_frac) * (1.0 - decayed) ** hp.warmdown_shape
     return 1.0 - (progress - warmdown_start) / hp.warmdown_frac * (1.0 - hp.final_lr_frac)
+
+
+def wd_multiplier(step: int, total_steps: int, steps_per_epoch: int, lr_factor: float, hp: Hyperparameters) -> float:
+    """Weight-decay schedule, multiplying the groups' weight decay (the step's shrink is lr * wd):
+    flat 1; inverse 1 / max(lr multiplier, 0.1), holding lr * wd at its peak through the warmdown; sawtooth over the
+    final wd_sawtooth_epochs epochs, falling 2 -> 0 within each epoch (mean 1), 1 before them."""
+    if hp.wd_schedule == "inverse":
+        return 1.0 / max(lr_factor, 0.1)
+    if hp.wd_schedule == "sawtooth":
+        epoch_position = step / steps_per_epoch
+        if epoch_position >= total_steps / steps_per_epoch - hp.wd_sawtooth_epochs:
+            return 2.0 * (1.0 - epoch_position % 1.0)
+    return 1.0
+
+
+def muon_momentum(step: int, hp: Hyperparameters) -> float:
+    """Muon momentum warmup: linear 0.85 -> muon_momentum over muon_momentum_warmup steps (modded-nanogpt)."""
+    return 0.85 + (hp.muon_momentum - 0.85) * min(1.0, step / hp.muon_momentum_warmup)
+
+
+def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, steps_per_epoch: int,
+                    hp: Hyperparameters) -> float:
+    """Sets this step's LR (and, when their flags are on, weight decay and Muon momentum); returns the LR factor."""
+    factor = lr_multiplier(step, total_steps, hp)
+    wd_factor = wd_multiplier(step, total_steps, steps_per_epoch, factor, hp) if hp.wd_schedule != "flat" else None
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["initial_lr"] * factor
+            if wd_factor is not None:
+                group["weight_decay"] = group["initial_weight_decay"] * wd_factor
+            if hp.muon_momentum_warmup and isinstance(optimizer, Muon):
+                group["momentum"] = muon_momentum(step, hp)
+    return factor
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -842,6 +1149,20 @@ def select_members(weights: torch.Tensor, top: int) -> list[tuple[int, float]]:
     order = torch.argsort(weights, descending=True).tolist()[:top or weights.numel()]
     total = float(weights[order].sum())
     return [(index, float(weights[index]) / total) for index in order]
+
+
+def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
+                       distill=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, summed objective to minimise). The objective is the next-token loss, or with a
+    teacher `distill(logits)` (the distillation mix), plus mtp_weight times the summed loss of predicting token
+    t+2 (targets shifted by one) when multi-token prediction is on. The logged train loss is always plain CE."""
+    output = model(inputs)
+    logits, mtp_logits = output if isinstance(output, tuple) else (output, None)
+    loss = cross_entropy_sum(logits, targets)
+    objective = distill(logits) if distill is not None else loss
+    if mtp_logits is not None and mtp_weight > 0:
+        objective = objective + mtp_weight * cross_entropy_sum(mtp_logits[:, :-1], targets[:, 1:])
+    return loss, objective
 
 
 @torch.no_grad()
@@ -992,6 +1313,25 @@ def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
 # Training
 
 
+class WeightEMA:
+    """Exponential moving average of the parameters (Polyak averaging; modded-nanogpt, the slowrun records):
+    ema <- decay * ema + (1 - decay) * w at each update, starting from the weights it was made with."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.decay = decay
+        self.averages = [p.detach().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.averages, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def blend_into(self, model: nn.Module, blend: float) -> None:
+        """The model's weights become blend * EMA + (1 - blend) * its current weights."""
+        for param, average in zip(model.parameters(), self.averages):
+            param.lerp_(average, blend)
+
+
 def default_run_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
@@ -1107,6 +1447,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     # (seed, epoch), so the step alone says where the data stands.
     progress = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
                     loss_sum=0.0, loss_count=0)
+    ema = None  # WeightEMA once ema_start_frac is reached (ema_decay > 0)
     own_checkpoint = checkpoint_path(folder, member, dist_info.rank)
     if os.path.isfile(own_checkpoint):
         saved = torch.load(own_checkpoint, map_location=device, weights_only=False)
@@ -1115,6 +1456,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             optimizer.load_state_dict(state)
         progress.update(saved["progress"])
         torch.set_rng_state(saved["rng"])
+        if saved.get("ema") is not None:
+            ema = WeightEMA(raw_model, hp.ema_decay)
+            ema.averages = saved["ema"]
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
 
     def save_checkpoint() -> None:
@@ -1122,7 +1466,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             dist.barrier()
         os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
         atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                               progress=progress, rng=torch.get_rng_state()), own_checkpoint)
+                               progress=progress, rng=torch.get_rng_state(),
+                               ema=ema.averages if ema is not None else None), own_checkpoint)
 
     def run_validation(step: int, epoch_progress: float) -> float:
         start = time.time()
@@ -1140,29 +1485,30 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     model.train()
     for step in range(progress["step"], total_steps):
         epoch, step_in_epoch = divmod(step, train_data.steps_per_epoch)
-        factor = lr_multiplier(step, total_steps, hp)
-        for optimizer in optimizers:
-            for group in optimizer.param_groups:
-                group["lr"] = group["initial_lr"] * factor
+        factor = apply_schedules(optimizers, step, total_steps, train_data.steps_per_epoch, hp)
+        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
+            raw_model.loop_active = step >= hp.loop_start_frac * total_steps
         step_targets = train_data.step_target_count(step_in_epoch)
         for micro_step in range(train_data.grad_accum_steps):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
-                logits = model(inputs)
+                distill_loss = None
                 if distill:
                     with torch.no_grad():
                         teacher_features = [teacher.features(inputs) for teacher, _ in teachers]
-            if distill:
-                micro_loss = distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
-                                                   hp.distill_temperature, hp.distill_chunk)
-            else:
-                micro_loss = cross_entropy_sum(logits, targets)
-            (micro_loss / step_targets).backward()
+
+                    def distill_loss(logits, targets=targets, teacher_features=teacher_features):
+                        return distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
+                                                     hp.distill_temperature, hp.distill_chunk)
+                micro_loss, objective = training_loss_sums(model, inputs, targets, hp.mtp_weight, distill_loss)
+            (objective / step_targets).backward()
             loss_sum += micro_loss.detach().double()
         progress["loss_count"] += step_targets
         progress["tokens_seen"] += step_targets
         average_gradients(raw_model, dist_info)
+        if hp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
         raw_model.zero_grad(set_to_none=True)
@@ -1170,6 +1516,14 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
 
         done = step + 1
         progress["step"] = done
+        # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
+        if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
+            if ema is None:
+                ema = WeightEMA(raw_model, hp.ema_decay)
+            elif done % hp.ema_every == 0:
+                ema.update(raw_model)
+            if done == total_steps:
+                ema.blend_into(raw_model, hp.ema_blend)
         epoch_progress = done / train_data.steps_per_epoch
         if done % hp.log_every == 0 or done == 1 or done == total_steps:
             progress["train_loss"] = dist_info.all_reduce_sum(loss_sum).item() / progress["loss_count"]

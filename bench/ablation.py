@@ -1,0 +1,118 @@
+"""The mini-slowrun ablation: the tiny preset on the bundled FineWeb-Edu sample, every record technique on, then
+each switched off in turn, over 2 seeds; writes a markdown table of final val loss to bench/RESULTS.md.
+
+    python bench/ablation.py                           # the full ablation (CPU, 2 cores; see bench/README.md)
+    python bench/ablation.py --max_steps 2 --seeds 0   # a smoke test of the machinery (seconds per run)
+    python bench/ablation.py --only xsa,normuon        # a subset of the techniques
+
+Each run is `python train_gpt.py --preset tiny <ALL_ON> [--<flag> <off value>] --seed S` in a fresh process; the
+runs land in bench/runs/<stamp>/ (git-ignored: delete them freely)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO_ROOT)
+
+import train_gpt  # noqa: E402
+
+# Settings shared by every configuration: weight decay the records use heavily (1.3-1.6), so that cautious weight
+# decay has something to act on; 0.5 at tiny scale. Not a technique, so never switched off.
+COMMON = dict(muon_wd=0.5)
+
+# Each technique with its "on" setting at tiny scale; switching it off means its Hyperparameters default.
+TECHNIQUES = dict(
+    value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, xsa="learned", stochastic_depth=0.1,
+    mtp_weight=0.3, loop_repeats=1, window_pattern="SSSL", head_mix=True,
+    muon_polar_express=True, muon_eq_r=True, normuon=True, cautious_wd=True, ema_decay=0.95,
+)
+# Sub-settings that go with a technique (harmless when it is off).
+SUB_SETTINGS = dict(loop_start_frac=0.5, ema_start_frac=0.5, ema_every=1)
+
+
+def flags_of(settings: dict) -> list[str]:
+    flags = []
+    for name, value in settings.items():
+        flags += [f"--{name}", str(value)]
+    return flags
+
+
+def run_one(name: str, settings: dict, seed: int, folder: str, extra: list[str]) -> dict:
+    """One training run in a fresh process; returns its result.json plus the wall time."""
+    run_id = f"{name}-seed{seed}"
+    command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--preset", "tiny",
+               *flags_of(settings), "--seed", str(seed), "--log_dir", folder, "--run_id", run_id,
+               "--save_model", "false", *extra]
+    start = time.time()
+    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{run_id} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
+    with open(os.path.join(folder, run_id, "result.json")) as handle:
+        result = json.load(handle)
+    result["bench_seconds"] = time.time() - start
+    print(f"{run_id}: val_loss {result['val_loss']:.4f} ({result['bench_seconds']:.0f}s)", flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
+    parser.add_argument("--only", default="", help="comma-separated techniques to ablate (default: all)")
+    parser.add_argument("--max_steps", type=int, default=0, help="cap every run at this many steps (0 = the preset's)")
+    parser.add_argument("--num_epochs", type=int, default=0, help="epochs per run (0 = the tiny preset's)")
+    parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"), help="the table's file")
+    args = parser.parse_args(argv)
+
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    ablated = [t for t in args.only.split(",") if t] or list(TECHNIQUES)
+    unknown = [t for t in ablated if t not in TECHNIQUES]
+    if unknown:
+        parser.error(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(TECHNIQUES)}")
+    defaults = {f.name: f.default for f in train_gpt.dataclasses.fields(train_gpt.Hyperparameters)}
+    extra = (["--max_steps", str(args.max_steps)] if args.max_steps else []) + \
+            (["--num_epochs", str(args.num_epochs)] if args.num_epochs else [])
+
+    all_on = {**COMMON, **TECHNIQUES, **SUB_SETTINGS}
+    configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated]
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
+    start = time.time()
+    rows = []
+    for name, settings in configs:
+        losses = [run_one(name, settings, seed, folder, extra)["val_loss"] for seed in seeds]
+        rows.append((name, losses))
+
+    base = statistics.mean(rows[0][1])
+    command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    lines = [
+        "# Mini-slowrun ablation: every technique on, then each off in turn", "",
+        f"Command: `{command}`  ",
+        f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
+        f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}  ",
+        f"All-on settings: `{' '.join(flags_of(all_on))}` on top of `--preset tiny`"
+        + (f" and `{' '.join(extra)}`" if extra else "") + ".", "",
+        "Final val loss (nats/token). Spread = max - min over the seeds. "
+        "Delta = mean - all-on mean: positive means switching the technique off hurts (the technique helps).", "",
+        "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta |",
+        "|---|" + "---|" * (len(seeds) + 3),
+    ]
+    for name, losses in rows:
+        mean = statistics.mean(losses)
+        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
+                     f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
+    with open(args.out, "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""The record techniques: each flag's mathematics, each flag's default leaving the plain model exactly unchanged,
+and a model with every flag on that trains (and compiles, where torch.compile works on this CPU)."""
+import json
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import train_gpt
+from conftest import micro_flags, read_metrics
+
+# Every technique switched on (the values a test or the ablation bench uses); a flag absent from here is a sub-setting.
+ALL_ON = dict(value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, xsa="learned", stochastic_depth=0.1,
+              mtp_weight=0.3, loop_repeats=1, window_pattern="SSSL", window_short=8, head_mix=True,
+              muon_polar_express=True, muon_eq_r=True, normuon=True, cautious_wd=True, muon_momentum_warmup=5,
+              grad_clip=1.0, warmdown_shape=2.0, lr_cycles=2, wd_schedule="inverse", ema_decay=0.9)
+
+
+def micro_hp(**overrides) -> train_gpt.Hyperparameters:
+    settings = dict(vocab_size=256, bos_id=255, n_layer=4, n_embd=32, n_head=2, seq_len=16)
+    settings.update(overrides)
+    return train_gpt.Hyperparameters(**settings)
+
+
+def give_weights(model: train_gpt.GPT) -> None:
+    """The zero-initialised output projections would hide differences: give them weights."""
+    with torch.no_grad():
+        for block in model.blocks:
+            torch.nn.init.normal_(block.attn.c_proj.weight, std=0.2)
+            torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.2)
+
+
+# ------------------------------------------------------------------------------------------- defaults are plain
+
+MODEL_FLAGS = ["value_proj", "unet_skips", "attn_gate", "resid_mix", "xsa", "stochastic_depth", "mtp_weight",
+               "loop_repeats", "window_pattern", "head_mix"]
+
+
+@pytest.mark.parametrize("flag", MODEL_FLAGS)
+def test_flag_at_default_is_bitwise_plain(flag):
+    """A flag's default builds the same parameters from the same seed and gives bitwise the same logits and
+    gradients as the plain model; turning it on changes the output (so the comparison can fail)."""
+    default = train_gpt.Hyperparameters.__dataclass_fields__[flag].default
+    assert train_gpt.Hyperparameters(**{flag: default}) == train_gpt.Hyperparameters()
+    idx = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    outputs = []
+    on = "fixed" if flag == "xsa" else ALL_ON[flag]  # learned XSA starts at s = tanh(0) = 0: the identity
+    for hp in (micro_hp(), micro_hp(**{flag: default}), micro_hp(**{flag: on})):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(hp)
+        model.loop_active = True
+        give_weights(model)
+        if hp.head_mix:  # identity at init, exactly the plain attention: move it off the identity
+            with torch.no_grad():
+                for block in model.blocks:
+                    block.attn.head_mix.add_(0.1)
+        torch.manual_seed(1)
+        logits = model(idx)
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        logits.square().mean().backward()
+        outputs.append((logits.detach(), model.wte.weight.grad.clone()))
+    (plain, plain_grad), (same, same_grad), (changed, _) = outputs
+    assert torch.equal(plain, same) and torch.equal(plain_grad, same_grad)
+    if flag != "mtp_weight":  # the MTP head adds a loss, not a change to the next-token logits
+        assert not torch.equal(plain, changed)
+
+
+def test_optimizer_and_schedule_defaults_are_bitwise_plain():
+    """Default optimizer and schedule flags reproduce the plain Muon step and LR schedule exactly."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(8, 4))
+    param.grad = torch.randn(8, 4)
+    start = param.detach().clone()
+    plain = train_gpt.Muon([param], lr=0.1, momentum=0.9, nesterov=True, ns_steps=5, weight_decay=0.5)
+    plain.step()
+    # the plain step's operations, in its order: momentum lerp, Nesterov lerp, Newton-Schulz, decay, update
+    buffer = torch.zeros(8, 4).lerp_(param.grad, 1 - 0.9)
+    update = train_gpt.newton_schulz_orthogonalize(param.grad.lerp(buffer, 0.9), 5) * max(1.0, 8 / 4) ** 0.5
+    expected = start.mul_(1 - 0.1 * 0.5).add_(update, alpha=-0.1)
+    assert torch.equal(param.detach(), expected)
+    hp = micro_hp(warmdown_frac=0.5, final_lr_frac=0.1)
+    for step in range(20):
+        factor = 1.0 if step < 10 else 1.0 - (step / 20 - 0.5) / 0.5 * 0.9
+        assert train_gpt.lr_multiplier(step, 20, hp) == factor
+
+
+# ----------------------------------------------------------------------------------------------- model tricks
+
+def test_xsa_fixed_output_is_orthogonal_to_own_value():
+    torch.manual_seed(0)
+    y, v = torch.randn(2, 5, 3, 8), torch.randn(2, 5, 3, 8)  # (B, T, H, D)
+    out = train_gpt.exclusive_self_attention(y, v, 1.0)
+    cosine = ((out * v).sum(-1) / (out.norm(dim=-1) * v.norm(dim=-1))).abs().max().item()
+    print(f"XSA s=1: max |cos(y_out, v)| = {cosine:.2e} (before: "
+          f"{((y * v).sum(-1) / (y.norm(dim=-1) * v.norm(dim=-1))).abs().max().item():.2f})")
+    assert cosine < 1e-5
+    # the component orthogonal to v is untouched
+    v_hat = torch.nn.functional.normalize(v, dim=-1)
+    assert torch.allclose(out, y - (y * v_hat).sum(-1, keepdim=True) * v_hat, atol=1e-6)
+    # learned strength tanh(0) = 0 is the identity; inside the model the s = 1 property holds per head
+    assert torch.equal(train_gpt.exclusive_self_attention(y, v, torch.tanh(torch.zeros(3))), y)
+
+
+def test_xsa_inside_attention_per_head():
+    torch.manual_seed(0)
+    attn = train_gpt.CausalSelfAttention(micro_hp(xsa="fixed"))
+    captured = {}
+    attn.c_proj.register_forward_hook(lambda module, args, out: captured.update(y=args[0]))
+    attn.c_v.register_forward_hook(lambda module, args, out: captured.update(v=out))
+    x = torch.randn(2, 16, 32)
+    cos, sin = train_gpt.rotary_tables(16, 16, 10000.0)
+    attn(x, cos, sin)
+    y, v = captured["y"].view(2, 16, 2, 16), captured["v"].view(2, 16, 2, 16)
+    assert (y * torch.nn.functional.normalize(v, dim=-1)).sum(-1).abs().max() < 1e-5
+
+
+def test_looped_layers_run_the_configured_number_of_times():
+    hp = micro_hp(n_layer=6, loop_repeats=2, loop_range="2:4")
+    model = train_gpt.GPT(hp)
+    calls = [0] * 6
+    for layer, block in enumerate(model.blocks):
+        block.register_forward_hook(lambda module, args, out, layer=layer: calls.__setitem__(layer, calls[layer] + 1))
+    idx = torch.randint(0, 256, (1, 16))
+    model(idx)
+    assert calls == [1] * 6  # before loop_start_frac: a plain pass
+    model.loop_active = True
+    calls[:] = [0] * 6
+    model(idx)
+    assert calls == [1, 1, 3, 3, 1, 1]  # layers 2 and 3 once plus two replays
+    assert model.layer_order() == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
+
+
+def test_sliding_window_mask_and_attention():
+    mask = train_gpt.sliding_window_mask(6, 2, torch.device("cpu"))
+    assert mask.int().tolist()[3] == [0, 0, 1, 1, 0, 0]  # token 3 sees itself and token 2 only
+    assert train_gpt.window_sizes(micro_hp(window_pattern="SSSL", n_layer=6)) == [8, 8, 8, 16, 8, 16]
+    # a window as long as the sequence is plain causal attention
+    torch.manual_seed(0)
+    attn = train_gpt.CausalSelfAttention(micro_hp())
+    x = torch.randn(1, 16, 32)
+    cos, sin = train_gpt.rotary_tables(16, 16, 10000.0)
+    full = train_gpt.sliding_window_mask(16, 16, torch.device("cpu"))
+    assert torch.allclose(attn(x, cos, sin), attn(x, cos, sin, attn_mask=full), atol=1e-6)
+
+
+def test_tricks_keep_the_model_causal():
+    torch.manual_seed(0)
+    model = train_gpt.GPT(micro_hp(**{k: v for k, v in ALL_ON.items() if k in MODEL_FLAGS})).eval()
+    model.loop_active = True
+    give_weights(model)
+    idx = torch.randint(0, 256, (2, 16))
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % 256
+    assert torch.allclose(model(idx)[:, :10], model(changed)[:, :10], atol=1e-5)
+
+
+def test_scalars_and_gates_go_to_adamw():
+    hp = micro_hp(**ALL_ON)
+    model = train_gpt.GPT(hp)
+    adamw, muon = train_gpt.build_optimizers(model, hp, train_gpt.Dist())
+    muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
+    names = {name for name, p in model.named_parameters() if id(p) not in muon_ids}
+    for expected in ("blocks.0.attn.out_gate", "blocks.1.attn.value_gate", "blocks.0.attn.head_mix",
+                     "blocks.0.attn.xsa_alpha", "resid_lambdas", "x0_lambdas", "skip_weights"):
+        assert expected in names
+    assert "mtp_proj.weight" not in names and "blocks.1.attn.c_x0v.weight" not in names  # matrices: Muon
+
+
+# ------------------------------------------------------------------------------------------------- optimizer
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 128), (96, 96)])
+def test_polar_express_and_newton_schulz_flatten_singular_values(shape):
+    torch.manual_seed(0)
+    grad = torch.randn(*shape)
+    spreads = {}
+    for name, orthogonalize in (("newton_schulz", train_gpt.newton_schulz_orthogonalize),
+                                ("polar_express", train_gpt.polar_express_orthogonalize)):
+        singular = torch.linalg.svdvals(orthogonalize(grad, 5))
+        bulk = singular[: int(0.9 * singular.numel())]  # square Gaussians have a few values too near 0 to reach 1
+        spreads[name] = (singular.min().item(), bulk.min().item(), singular.max().item())
+        assert 0.6 < bulk.min() and singular.max() < 1.25
+    print(f"{shape}: singular values (min, 90%-bulk min, max) " +
+          ", ".join(f"{k} {a:.3f} {b:.3f} {c:.3f}" for k, (a, b, c) in spreads.items()))
+    # Polar Express is designed to land closer to 1 than the fixed quintic's [0.7, 1.2] band: its worst bulk value
+    # deviates less from 1
+    worst = {k: max(1 - bulk_min, top - 1) for k, (_, bulk_min, top) in spreads.items()}
+    assert worst["polar_express"] < worst["newton_schulz"]
+
+
+def test_cautious_weight_decay_spares_opposed_entries():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(16, 8))
+    param.grad = torch.randn(16, 8)
+    start = param.detach().clone()
+    muon = train_gpt.Muon([param], lr=0.1, momentum=0.0, nesterov=False, ns_steps=5, weight_decay=0.5,
+                          cautious_wd=True)
+    update = train_gpt.newton_schulz_orthogonalize(param.grad, 5) * 2**0.5
+    muon.step()
+    applied = param.detach() - (start - 0.1 * update)  # what weight decay did, per entry
+    opposed = update * start < 0
+    assert 0 < opposed.sum() < opposed.numel()
+    assert torch.allclose(applied[opposed], torch.zeros(()), atol=1e-7)  # undecayed
+    assert torch.allclose(applied[~opposed], -0.1 * 0.5 * start[~opposed], atol=1e-6)  # decayed as usual
+
+
+def test_normuon_and_muon_eq_r_give_balanced_finite_updates():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(32, 16))
+    grad = torch.randn(32, 16) * torch.logspace(-2, 1, 32)[:, None]  # rows of very different sizes
+    update = train_gpt.newton_schulz_orthogonalize(grad, 5)
+    second = torch.zeros(32, 1)
+    rescaled = train_gpt.normuon_rescale(update, second, 0.95)
+    assert torch.allclose(rescaled.norm(), update.norm(), rtol=1e-5)  # the Frobenius norm is kept
+    row_spread = lambda m: (m.norm(dim=1).max() / m.norm(dim=1).min()).item()
+    print(f"NorMuon row-norm spread {row_spread(update):.2f} -> {row_spread(rescaled):.2f}")
+    assert row_spread(rescaled) < row_spread(update) and row_spread(rescaled) < 1.01
+    param.grad = grad
+    muon = train_gpt.Muon([param], lr=0.1, momentum=0.9, nesterov=True, ns_steps=5, weight_decay=0.0, eq_r=True,
+                          normuon_beta2=0.95, polar_express=True)
+    muon.step()
+    assert torch.isfinite(param).all()
+
+
+def test_schedules():
+    hp = micro_hp(warmdown_frac=0.5, warmdown_shape=2.0, lr_cycles=2, lr_cycle_floor=0.2)
+    factors = [train_gpt.lr_multiplier(step, 20, hp) for step in range(20)]
+    # two cosine cycles over steps 0-9, each falling from 1 towards the floor 0.2, then a restart at step 5
+    assert factors[0] == 1.0 and factors[5] == 1.0
+    assert factors[4] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.8)))
+    assert min(factors[:10]) >= 0.2 and factors[1] > factors[2] > factors[3] > factors[4]
+    assert factors[15] == pytest.approx(0.25)  # (1 - 0.5)^2
+    assert train_gpt.wd_multiplier(15, 20, 5, 0.25, micro_hp(wd_schedule="inverse")) == 4.0
+    saw = [train_gpt.wd_multiplier(s, 20, 5, 1.0, micro_hp(wd_schedule="sawtooth", wd_sawtooth_epochs=2))
+           for s in range(20)]
+    assert saw[:10] == [1.0] * 10 and saw[10] == 2.0 and saw[14] == pytest.approx(0.4) and saw[15] == 2.0
+    hp = micro_hp(muon_momentum_warmup=10, muon_momentum=0.95)
+    assert train_gpt.muon_momentum(0, hp) == 0.85 and train_gpt.muon_momentum(20, hp) == pytest.approx(0.95)
+
+
+# ------------------------------------------------------------------------------------------------- averaging
+
+def test_ema_matches_closed_form():
+    decay, weights = 0.8, [torch.tensor([float(k), -2.0 * k]) for k in range(6)]
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(weights[0])
+    ema = train_gpt.WeightEMA(model, decay)
+    for w in weights[1:]:
+        with torch.no_grad():
+            model.weight.copy_(w)
+        ema.update(model)
+    n = len(weights) - 1
+    closed = decay**n * weights[0] + sum((1 - decay) * decay**(n - k) * weights[k] for k in range(1, n + 1))
+    assert torch.allclose(ema.averages[0][0], closed, atol=1e-6)
+    ema.blend_into(model, 0.25)
+    assert torch.allclose(model.weight[0], 0.25 * closed + 0.75 * weights[-1], atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------- everything on at once
+
+@pytest.fixture
+def one_thread():
+    """Tiny shapes on a shared 2-core machine: a second OpenMP thread only spins (measured: 45 ms/step on one
+    thread, 2.5 s/step on two under load), so these runs use one and restore the setting after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_every_flag_on_trains(tmp_path, micro_data, one_thread):
+    train_path, val_path = micro_data
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "all", num_epochs=3, n_layer=4,
+                        **ALL_ON, ema_start_frac=0.5, loop_start_frac=0.3)
+    assert train_gpt.main(flags) == 0
+    train = [row["train_loss"] for row in read_metrics(str(tmp_path / "logs" / "all")) if row["kind"] == "train"]
+    result = json.load(open(os.path.join(tmp_path, "logs", "all", "result.json")))
+    print(f"all flags on: {len(train)} steps, train loss {train[0]:.3f} -> {train[-1]:.3f}, "
+          f"val {result['val_loss']:.3f} (unigram {result['unigram_val_loss']:.3f})")
+    assert len(train) >= 24
+    assert sum(train[-5:]) / 5 < 0.75 * train[0]
+    assert result["val_loss"] < result["unigram_val_loss"]
+
+
+def test_every_flag_on_eager_matches_compiled(one_thread):
+    hp = micro_hp(**{k: v for k, v in ALL_ON.items() if k in MODEL_FLAGS})
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp).eval()
+    model.loop_active = True
+    give_weights(model)
+    idx = torch.randint(0, 256, (2, 16))
+    eager = model(idx)
+    start = time.time()
+    try:
+        compiled = torch.compile(model)(idx)
+    except Exception as error:  # no C compiler, unsupported platform: compile is an optional path on CPU
+        pytest.skip(f"torch.compile unavailable on this CPU: {type(error).__name__}: {str(error)[:200]}")
+    print(f"compile + run: {time.time() - start:.1f}s, max |eager - compiled| = {(eager - compiled).abs().max():.2e}")
+    assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
