@@ -13,6 +13,7 @@ hyperparameters, distributed setup, data, model, optimizers, evaluation, trainin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -138,6 +139,10 @@ class Hyperparameters:
     distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
     distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    snapshot_cycles: int = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
+    # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
+    snapshot_noise: float = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
+    snapshot_distill: bool = False  # each cycle after the first distils from the previous snapshot (distill_alpha, T)
     fitness_tokens: int = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
     # mixture weights over the members are learned; the top select_top by weight form the final ensemble (slowrun
     # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
@@ -266,8 +271,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
     require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
+    require(hp.snapshot_cycles >= 0 and hp.snapshot_noise >= 0, "snapshot_cycles and snapshot_noise must be >= 0")
+    require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
+    require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
     if hp.ensemble_weights:
-        parse_weights(hp.ensemble_weights, hp.ensemble_size)
+        parse_weights(hp.ensemble_weights, candidate_count(hp))
     require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
             "fitness_tokens and select_top must be >= 0, select_steps >= 1")
     require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
@@ -290,6 +298,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"batch_tokens/seq_len = {batch_seqs} sequences cannot be split into micro-batches of device_batch_size "
             f"{hp.device_batch_size} x {world_size} ranks; choose batch_tokens as a multiple of "
             f"{per_micro_step * hp.seq_len}")
+
+
+def candidate_count(hp: Hyperparameters) -> int:
+    """Ensemble candidates of a run: every member, or every snapshot of every member with snapshot_cycles."""
+    return hp.ensemble_size * max(1, hp.snapshot_cycles)
 
 
 def parse_weights(text: str, count: int) -> list[float]:
@@ -989,6 +1002,10 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
         return (step + 1) / hp.warmup_steps
     progress = step / total_steps
     warmdown_start = 1.0 - hp.warmdown_frac
+    if hp.snapshot_cycles:  # snapshot ensembles: C cosine cycles over the whole run, each ending at lr_cycle_floor
+        cycle_length = total_steps / hp.snapshot_cycles
+        phase = ((step + 1) % cycle_length) / cycle_length if (step + 1) % cycle_length else 1.0
+        return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
@@ -1400,6 +1417,26 @@ def member_path(folder: str, member: int) -> str:
     return os.path.join(folder, "members", f"member_{member:02d}.pt")
 
 
+def snapshot_path(folder: str, member: int, cycle: int) -> str:
+    """A member's snapshot at the end of LR cycle `cycle` (the last cycle's snapshot is the member file itself)."""
+    return os.path.join(folder, "members", f"member_{member:02d}_snapshot_{cycle:02d}.pt")
+
+
+def save_candidate(path: str, model: nn.Module, hp: Hyperparameters, **info) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), **info), path)
+
+
+def perturb_weights(model: nn.Module, scale: float, seed: int) -> None:
+    """Adds Gaussian noise of `scale` times each tensor's RMS, from a seeded generator so every rank adds the same
+    noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+            p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
+
+
 def checkpoint_path(folder: str, member: int, rank: int) -> str:
     """Each rank keeps its own checkpoint: Muon's momentum is sharded over ranks."""
     return os.path.join(folder, "checkpoints", f"member_{member:02d}_rank{rank}.pt")
@@ -1437,6 +1474,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizers = build_optimizers(raw_model, hp, dist_info)
     distill = hp.distill_alpha > 0 and bool(teachers)
+    # snapshot ensembles: the steps at which each LR cycle ends; the finished cycles' frozen weights
+    cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
+    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every cycle but the last
     if member == 0 or hp.ensemble_size > 1:
         log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
                   f"{total_steps} steps | compile {'on' if use_compile else 'off'}" +
@@ -1459,6 +1499,12 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if saved.get("ema") is not None:
             ema = WeightEMA(raw_model, hp.ema_decay)
             ema.averages = saved["ema"]
+        for cycle, end in enumerate(cycle_ends[:-1]):  # snapshots taken before the interruption
+            if progress["step"] >= end:
+                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
+                snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+        if hp.snapshot_distill and snapshots:
+            teachers, distill = [(snapshots[-1][0], 1.0)], True
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
 
     def save_checkpoint() -> None:
@@ -1549,6 +1595,21 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             interval_start, interval_steps = time.time(), 0
         epoch_end = done % train_data.steps_per_epoch == 0
         pause = time.time()
+        if done in cycle_ends[:-1]:  # an LR cycle ends at its minimum: its weights become an ensemble candidate
+            cycle = cycle_ends.index(done)
+            snapshot = copy.deepcopy(raw_model).eval().requires_grad_(False)
+            snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
+            if dist_info.is_main:
+                save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
+                               seed=seed, outcome=dict(val_loss=snapshot_loss))
+            snapshots.append((snapshot, snapshot_loss))
+            log.write(f"{tag}snapshot {cycle + 1}/{hp.snapshot_cycles} | step {done}/{total_steps} | "
+                      f"val_loss {snapshot_loss:.4f}")
+            log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=snapshot_loss))
+            if hp.snapshot_noise > 0:
+                perturb_weights(raw_model, hp.snapshot_noise, seed * 1000 + cycle)
+            if hp.snapshot_distill:
+                teachers, distill = [(snapshot, 1.0)], True
         if epoch_end or done == total_steps or (hp.val_every and done % hp.val_every == 0):
             progress["val_loss"] = run_validation(done, epoch_progress)
         global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
@@ -1563,7 +1624,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             raise RunStopped()
         interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
 
-    return dict(model=raw_model, compiled=model, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
+    return dict(model=raw_model, compiled=model, snapshots=snapshots, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
                 tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
                 epochs=total_steps / train_data.steps_per_epoch, agree=ranks_agree(raw_model, dist_info))
 
@@ -1638,13 +1699,20 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
     ])
 
-    weights = parse_weights(hp.ensemble_weights, hp.ensemble_size) if hp.ensemble_weights else None
-    members, member_results, ensemble_losses = [], [], []
+    weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
+    keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
+    # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
+    # members and, with snapshot_cycles, their earlier snapshots
+    members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
     for member in range(hp.ensemble_size):
         saved_member = member_path(folder, member)
-        if hp.ensemble_size > 1 and os.path.isfile(saved_member):  # finished before an interruption: never retrained
+        if keep_files and os.path.isfile(saved_member):  # finished before an interruption: never retrained
             model, saved = load_member(saved_member, device)
             outcome = saved["outcome"]
+            snapshots = []
+            for cycle in range(max(0, hp.snapshot_cycles - 1)):
+                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
+                snapshots.append((snapshot, info["outcome"]["val_loss"]))
             log.write(f"{member_tag(hp, member)}loaded finished member from {saved_member} | "
                       f"val_loss {outcome['val_loss']:.4f}")
         else:
@@ -1653,11 +1721,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             trained = train_member(hp, dist_info, data, log, member, teachers)
             model = trained.pop("model").eval()
             trained.pop("compiled")
+            snapshots = trained.pop("snapshots")
             outcome = trained
-            if hp.ensemble_size > 1 and dist_info.is_main:
-                os.makedirs(os.path.dirname(saved_member), exist_ok=True)
-                atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
-                                       member=member, seed=member_seed(hp, member), outcome=outcome), saved_member)
+            if keep_files and dist_info.is_main:
+                save_candidate(saved_member, model, hp, member=member, seed=member_seed(hp, member), outcome=outcome)
             if dist_info.world_size > 1:
                 dist.barrier()  # the member file exists before any checkpoint of it goes
             stale = checkpoint_path(folder, member, dist_info.rank)
@@ -1667,37 +1734,41 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             p.requires_grad_(False)
         members.append(model)
         member_results.append(outcome)
-        if hp.ensemble_size > 1:
-            count = len(members)
+        for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
+            candidates.append(candidate)
+            candidate_losses.append(loss)
+        if keep_files:
+            count = len(candidates)
             mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-            loss = evaluate_ensemble(members, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+            loss = evaluate_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
             ensemble_losses.append(loss)
-            log.write(f"ensemble | members {count} | val_loss {loss:.4f} | member {count} alone "
-                      f"{outcome['val_loss']:.4f}")
-            log.metrics(dict(kind="ensemble", members=count, val_loss=loss, member_val_loss=outcome["val_loss"],
+            log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
+                      f"member {len(members)} alone {outcome['val_loss']:.4f}")
+            log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
+                             member_val_loss=outcome["val_loss"],
                              tokens_seen=sum(r["tokens_seen"] for r in member_results)))
 
-    if hp.ensemble_size > 1:
-        log.section("ensemble size -> val loss", [f"{k + 1:>3} | {loss:.4f} | member alone "
+    if keep_files:
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "
                                                   f"{member_results[k]['val_loss']:.4f}"
                                                   for k, loss in enumerate(ensemble_losses)])
         val_loss = ensemble_losses[-1]
     else:
         val_loss = member_results[0]["val_loss"]
-    final_members, final_weights = members, weights or [1.0 / len(members)] * len(members)
+    final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
-        probs = target_probabilities(members, data.fitness_data, dist_info, hp.val_batch_size)
+        probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
         learned = learn_mixture_weights(probs, hp.select_steps)
         chosen = select_members(learned, hp.select_top)
-        final_members, final_weights = [members[i] for i, _ in chosen], [w for _, w in chosen]
+        final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
         val_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data, dist_info,
                                      hp.val_batch_size)
         selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
                          val_loss=val_loss)
         log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
-                  + " ".join(f"m{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
-                  + f" | kept {', '.join(f'm{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+                  + " ".join(f"c{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
+                  + f" | kept {', '.join(f'c{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
         log.metrics(dict(kind="selection", **selection))
     test_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
                                   hp.val_batch_size) if data.test_data else None
@@ -1717,6 +1788,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
         member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
+        candidate_val_losses=candidate_losses,
         selection=selection,
     )
     log.save_json("result.json", result)
