@@ -139,6 +139,8 @@ class Hyperparameters:
     distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
     distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    parallel_members: int = 1  # M process groups of world/M ranks train M members at once (round by round); with
+    # distillation the teacher is then the last member of the previous round
     snapshot_cycles: int = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
     # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
     snapshot_noise: float = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
@@ -271,6 +273,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
     require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
+    require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
+            f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
+    world_size //= hp.parallel_members  # the ranks that train one member together
     require(hp.snapshot_cycles >= 0 and hp.snapshot_noise >= 0, "snapshot_cycles and snapshot_noise must be >= 0")
     require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
     require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
@@ -334,6 +339,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: object = None  # the process group of these ranks (None: the whole world); see split_world
+    first_global_rank: int = 0  # the global rank of this group's rank 0 (broadcasts name their source globally)
 
     @property
     def is_main(self) -> bool:
@@ -341,8 +348,24 @@ class Dist:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+def split_world(dist_info: Dist, groups: int) -> tuple[Dist, int]:
+    """Splits the world into `groups` process groups of consecutive ranks (torch.distributed.new_group) that train
+    different ensemble members at once, data-parallel inside; returns (this rank's group as a Dist, group index)."""
+    if groups == 1:
+        return dist_info, 0
+    size = dist_info.world_size // groups
+    handles = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(groups)]  # every rank makes all
+    index = dist_info.rank // size
+    return Dist(rank=dist_info.rank % size, world_size=size, local_rank=dist_info.local_rank, device=dist_info.device,
+                group=handles[index], first_global_rank=index * size), index
 
 
 def setup_distributed(device_choice: str = "auto") -> Dist:
@@ -899,7 +922,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
-                 normuon_beta2: float = 0.0, cautious_wd: bool = False):
+                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -907,7 +930,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
                                       normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.process_group = rank, world_size, process_group
 
     def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
         grad, state = param.grad, self.state[param]
@@ -944,7 +967,8 @@ class Muon(torch.optim.Optimizer):
                     pending.append((None, group, chunk, [update]))
                     continue
                 gathered = [torch.empty_like(update) for _ in range(self.world_size)]
-                pending.append((dist.all_gather(gathered, update, async_op=True), group, chunk, gathered))
+                handle = dist.all_gather(gathered, update, group=self.process_group, async_op=True)
+                pending.append((handle, group, chunk, gathered))
         for handle, group, chunk, updates in pending:
             if handle is not None:
                 handle.wait()
@@ -977,7 +1001,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
                 world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
-                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd)
+                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
+                process_group=dist_info.group)
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -990,7 +1015,7 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
     """Sums gradients over ranks. The loss is already divided by the global target count, so the sum is the mean."""
     if dist_info.world_size == 1:
         return
-    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True)
+    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=dist_info.group, async_op=True)
                for p in model.parameters() if p.grad is not None]
     for handle in handles:
         handle.wait()
@@ -1322,7 +1347,7 @@ def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
         return True
     mine = parameter_fingerprint(model).to(dist_info.device)
     everyone = [torch.empty_like(mine) for _ in range(dist_info.world_size)]
-    dist.all_gather(everyone, mine)
+    dist.all_gather(everyone, mine, group=dist_info.group)
     return all(torch.equal(mine, other) for other in everyone)
 
 
@@ -1409,7 +1434,7 @@ def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
         model = GPT(hp)
     if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
         for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+            dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
     return model
 
 
@@ -1508,8 +1533,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
 
     def save_checkpoint() -> None:
-        if dist_info.world_size > 1:
-            dist.barrier()
+        dist_info.barrier()
         os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
         atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                                progress=progress, rng=torch.get_rng_state(),
@@ -1686,13 +1710,14 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     unigram_oracle = unigram_entropy(data.val_tokens)
     n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
     batch_seqs = hp.batch_tokens // hp.seq_len
-    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size)
+    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
     log.section("run", [
         f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
         + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
         f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
         f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
-        f"= {hp.device_batch_size} per rank x {dist_info.world_size} ranks x {accumulation} accumulation",
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
+        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else ""),
         f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
         f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
         f"(oracle bound for context-free models)" +
@@ -1704,49 +1729,66 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
     # members and, with snapshot_cycles, their earlier snapshots
     members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
-    for member in range(hp.ensemble_size):
-        saved_member = member_path(folder, member)
-        if keep_files and os.path.isfile(saved_member):  # finished before an interruption: never retrained
-            model, saved = load_member(saved_member, device)
-            outcome = saved["outcome"]
-            snapshots = []
-            for cycle in range(max(0, hp.snapshot_cycles - 1)):
-                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
-                snapshots.append((snapshot, info["outcome"]["val_loss"]))
-            log.write(f"{member_tag(hp, member)}loaded finished member from {saved_member} | "
-                      f"val_loss {outcome['val_loss']:.4f}")
-        else:
+    group_dist, group_index = split_world(dist_info, hp.parallel_members)
+    # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
+    member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
+
+    def load_finished(member: int) -> tuple[GPT, list, dict]:
+        model, saved = load_member(member_path(folder, member), device)
+        snapshots = [load_member(snapshot_path(folder, member, cycle), device)
+                     for cycle in range(max(0, hp.snapshot_cycles - 1))]
+        return model, [(snapshot, info["outcome"]["val_loss"]) for snapshot, info in snapshots], saved["outcome"]
+
+    for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
+        round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
+        already_done = {m for m in round_members if keep_files and os.path.isfile(member_path(folder, m))}
+        dist_info.barrier()  # every rank has looked before any group writes this round's member files
+        trained_here = {}
+        mine = round_start + group_index
+        if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
-            trained = train_member(hp, dist_info, data, log, member, teachers)
+            trained = train_member(hp, group_dist, data, member_log, mine, teachers)
             model = trained.pop("model").eval()
             trained.pop("compiled")
             snapshots = trained.pop("snapshots")
-            outcome = trained
-            if keep_files and dist_info.is_main:
-                save_candidate(saved_member, model, hp, member=member, seed=member_seed(hp, member), outcome=outcome)
-            if dist_info.world_size > 1:
-                dist.barrier()  # the member file exists before any checkpoint of it goes
-            stale = checkpoint_path(folder, member, dist_info.rank)
+            trained_here[mine] = (model, snapshots, trained)
+            if keep_files and group_dist.is_main:
+                save_candidate(member_path(folder, mine), model, hp, member=mine, seed=member_seed(hp, mine),
+                               outcome=trained)
+            group_dist.barrier()  # the member file exists before any checkpoint of it goes
+            stale = checkpoint_path(folder, mine, group_dist.rank)
             if os.path.isfile(stale):
                 os.remove(stale)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        members.append(model)
-        member_results.append(outcome)
-        for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
-            candidates.append(candidate)
-            candidate_losses.append(loss)
-        if keep_files:
-            count = len(candidates)
-            mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-            loss = evaluate_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
-            ensemble_losses.append(loss)
-            log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
-                      f"member {len(members)} alone {outcome['val_loss']:.4f}")
-            log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
-                             member_val_loss=outcome["val_loss"],
-                             tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+        dist_info.barrier()  # every member of the round is on disk
+        for member in round_members:
+            if member in trained_here:
+                model, snapshots, outcome = trained_here[member]
+            else:  # finished before an interruption, or trained by another group
+                model, snapshots, outcome = load_finished(member)
+                how = "finished before the resume" if member in already_done else "trained by another group"
+                log.write(f"{member_tag(hp, member)}loaded {how} from {member_path(folder, member)} | "
+                          f"val_loss {outcome['val_loss']:.4f}")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            members.append(model)
+            member_results.append(outcome)
+            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
+                candidates.append(candidate)
+                candidate_losses.append(loss)
+            if keep_files:
+                count = len(candidates)
+                mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+                loss = evaluate_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
+                                         hp.val_batch_size)
+                ensemble_losses.append(loss)
+                log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
+                          f"member {len(members)} alone {outcome['val_loss']:.4f}")
+                log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
+                                 member_val_loss=outcome["val_loss"],
+                                 tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+    if member_log is not log:
+        member_log.close()
 
     if keep_files:
         log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "

@@ -172,7 +172,7 @@ def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_p
     cut_lines = [(m["member"], m["step"], m["train_loss"]) for m in read_metrics(folder) if m["kind"] == "train"]
     assert cut_lines == whole_lines  # every train-loss line, before and after the kill, equals the uninterrupted run
     log_text = open(os.path.join(folder, "log.txt")).read()
-    assert "loaded finished member" in log_text and "resumed from" in log_text
+    assert "loaded finished before the resume" in log_text and "resumed from" in log_text
 
 
 def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
