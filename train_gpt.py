@@ -128,7 +128,7 @@ class Hyperparameters:
     run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
     log_dir: str = "logs"  # where run folders go
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
-    val_every: int = 0  # also validate every N steps (0 = only at each epoch end and at the end)
+    val_every: int = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
     save_model: bool = True  # write the final weights to <run folder>/model.pt
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
             "seq_len, device_batch_size and val_batch_size must be positive")
     require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
-    require(hp.log_every >= 1 and hp.val_every >= 0, "log_every must be >= 1 and val_every >= 0")
+    require(hp.log_every >= 1 and hp.val_every >= -1, "log_every must be >= 1 and val_every >= -1")
     require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
     require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
     require(hp.distill_teacher in ("previous", "ensemble"),
@@ -1634,7 +1634,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 perturb_weights(raw_model, hp.snapshot_noise, seed * 1000 + cycle)
             if hp.snapshot_distill:
                 teachers, distill = [(snapshot, 1.0)], True
-        if epoch_end or done == total_steps or (hp.val_every and done % hp.val_every == 0):
+        if done == total_steps or (epoch_end and hp.val_every >= 0) or (hp.val_every > 0 and done % hp.val_every == 0):
             progress["val_loss"] = run_validation(done, epoch_progress)
         global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
         stopping = hp.stop_at_step and global_step == hp.stop_at_step
