@@ -1804,6 +1804,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         return val_loss
 
     interval_start, interval_steps = time.time(), 0
+    compile_seconds = None  # the first step of a compiled model, timed alone: compilation is kept out of ms/step
     loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
     model.train()
     for step in range(progress["step"], total_steps):
@@ -1843,6 +1844,15 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         interval_steps += 1
 
         done = step + 1
+        if use_compile and compile_seconds is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_seconds = time.time() - interval_start
+            log.write(f"{tag}compile | first step {compile_seconds:.1f}s, compilation included; later ms/step "
+                      f"exclude it")
+            log.metrics(dict(kind="compile", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
+                             compile_seconds=round(compile_seconds, 3)))
+            interval_start, interval_steps = time.time(), 0
         progress["step"] = done
         # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
         if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
@@ -1860,6 +1870,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             interval_seconds = time.time() - interval_start
+            if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
+                interval_seconds, interval_steps = compile_seconds, 1
             progress["train_seconds"] += interval_seconds
             ms_per_step = 1000 * interval_seconds / interval_steps
             tokens_per_second = hp.batch_tokens * interval_steps / interval_seconds

@@ -2,7 +2,7 @@
 
 The Triton loss kernel runs under TRITON_INTERPRET=1 on CPU tensors (skipped where Triton is missing); FlexAttention
 runs its forward on CPU (torch 2.13 has no CPU backward for it) against the masked SDPA reference."""
-import math
+import json
 import os
 
 import pytest
@@ -11,9 +11,13 @@ import torch.nn.functional as F
 
 import train_gpt
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # read when the kernel is first wrapped, so before any test uses it
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
+# The Triton tests run on CUDA where there is one (compiled kernels); elsewhere interpreted on CPU tensors. The
+# interpreter is switched on only without CUDA: it would also turn torch.compile's own Triton kernels into Python.
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else CPU
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is imported: before any test uses it
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -26,7 +30,7 @@ class TinyTeacher(torch.nn.Module):
     def __init__(self, width: int, vocab: int, softcap: float, seed: int):
         super().__init__()
         generator = torch.Generator().manual_seed(seed)
-        self.weight = torch.randn(vocab, width, generator=generator)
+        self.weight = torch.nn.Parameter(torch.randn(vocab, width, generator=generator), requires_grad=False)
         self.softcap = softcap
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
@@ -66,8 +70,9 @@ def test_fused_loss_matches_eager(backend, batch, time_steps, vocab, softcap, al
     if backend == "triton":
         pytest.importorskip("triton")
     raw, targets, features = random_case(batch, time_steps, vocab, 8, seed=vocab + batch, ignore=batch * time_steps > 1)
-    teachers = [(TinyTeacher(8, vocab, softcap, seed=1), 0.6), (TinyTeacher(8, vocab, softcap, seed=2), 0.4)] \
-        if alpha > 0 else None
+    raw, targets, features = raw.detach().to(DEVICE).requires_grad_(True), targets.to(DEVICE), [features[0].to(DEVICE)]
+    teachers = [(TinyTeacher(8, vocab, softcap, seed=1).to(DEVICE), 0.6),
+                (TinyTeacher(8, vocab, softcap, seed=2).to(DEVICE), 0.4)] if alpha > 0 else None
     expected = eager_objective(raw, targets, softcap, teachers, features, alpha, temperature)
     (expected_grad,) = torch.autograd.grad(expected, raw)
     expected_ce = eager_objective(raw.detach(), targets, softcap)
@@ -99,12 +104,13 @@ def test_training_loss_sums_fused_matches_eager(backend):
         pytest.importorskip("triton")
     hp = tiny_hp(mtp_weight=0.3, logit_softcap=5.0)
     torch.manual_seed(3)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(hp).to(DEVICE)
     for p in model.parameters():  # the zero-init output projections would hide the layers' gradients
         p.data.add_(0.05 * torch.randn_like(p))
-    inputs = torch.randint(0, hp.vocab_size, (2, 11))
+    inputs = torch.randint(0, hp.vocab_size, (2, 11)).to(DEVICE)
     targets = torch.randint(0, hp.vocab_size, (2, 11))
     targets[1, :3] = -1
+    targets = targets.to(DEVICE)
     results = []
     for fused in (None, (backend, hp.logit_softcap)):
         model.zero_grad()
@@ -196,3 +202,27 @@ def test_doc_mask_changes_the_model_and_off_is_plain():
             outputs.append(model(idx))
     assert torch.allclose(outputs[0][:, :10], outputs[1][:, :10], atol=1e-6)  # the first document: same context
     assert not torch.allclose(outputs[0][:, 11:], outputs[1][:, 11:], atol=1e-4)
+
+
+@pytest.mark.parametrize("fused_loss", ["chunked", "on"])
+def test_distillation_run_fused_matches_eager(fused_loss, micro_data, tmp_path):
+    """train_member's wiring: a 2-member distillation run (with MTP) gives the same losses on the fused path (the
+    chunked reference, or Triton interpreted on CPU) as on the eager one, and its log names the path."""
+    if fused_loss == "on":
+        pytest.importorskip("triton")
+    from conftest import micro_flags
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    results = {}
+    for mode in ("off", fused_loss):
+        flags = micro_flags(train_path, val_path, logs, mode, ensemble_size=2, distill_alpha=0.5,
+                            distill_temperature=2.0, distill_chunk=5, mtp_weight=0.2, max_steps=2, fused_loss=mode,
+                            device=DEVICE.type, compile="off")
+        assert train_gpt.main(flags) == 0
+        with open(os.path.join(logs, mode, "result.json")) as handle:
+            results[mode] = json.load(handle)
+        with open(os.path.join(logs, mode, "log.txt")) as handle:
+            expected = {"off": "eager", "chunked": "chunked", "on": "triton"}[mode]
+            assert f"loss {expected} | attention sdpa" in handle.read()
+    assert results[fused_loss]["member_val_losses"] == pytest.approx(results["off"]["member_val_losses"], rel=1e-4)
+    assert results[fused_loss]["val_loss"] == pytest.approx(results["off"]["val_loss"], rel=1e-4)
