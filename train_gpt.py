@@ -1911,7 +1911,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
-    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset"}
+    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
+               "attention"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     if given - allowed:
         raise ConfigError(f"--resume continues {hp.resume} with its own hyperparameters; drop "
