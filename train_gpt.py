@@ -13,6 +13,7 @@ hyperparameters, distributed setup, data, model, optimizers, evaluation, trainin
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import datetime
 import difflib
@@ -134,7 +135,7 @@ class Hyperparameters:
     run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
     log_dir: str = "logs"  # where run folders go
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
-    val_every: int = 0  # also validate every N steps (0 = only at each epoch end and at the end)
+    val_every: int = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
     save_model: bool = True  # write the final weights to <run folder>/model.pt
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
@@ -145,6 +146,12 @@ class Hyperparameters:
     distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
     distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    parallel_members: int = 1  # M process groups of world/M ranks train M members at once (round by round); with
+    # distillation the teacher is then the last member of the previous round
+    snapshot_cycles: int = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
+    # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
+    snapshot_noise: float = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
+    snapshot_distill: bool = False  # each cycle after the first distils from the previous snapshot (distill_alpha, T)
     fitness_tokens: int = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
     # mixture weights over the members are learned; the top select_top by weight form the final ensemble (slowrun
     # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
@@ -268,7 +275,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
             "seq_len, device_batch_size and val_batch_size must be positive")
     require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
-    require(hp.log_every >= 1 and hp.val_every >= 0, "log_every must be >= 1 and val_every >= 0")
+    require(hp.log_every >= 1 and hp.val_every >= -1, "log_every must be >= 1 and val_every >= -1")
     require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
     require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
     require(hp.distill_teacher in ("previous", "ensemble"),
@@ -276,8 +283,14 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
     require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
+    require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
+            f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
+    world_size //= hp.parallel_members  # the ranks that train one member together
+    require(hp.snapshot_cycles >= 0 and hp.snapshot_noise >= 0, "snapshot_cycles and snapshot_noise must be >= 0")
+    require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
+    require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
     if hp.ensemble_weights:
-        parse_weights(hp.ensemble_weights, hp.ensemble_size)
+        parse_weights(hp.ensemble_weights, candidate_count(hp))
     require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
             "fitness_tokens and select_top must be >= 0, select_steps >= 1")
     require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
@@ -300,6 +313,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"batch_tokens/seq_len = {batch_seqs} sequences cannot be split into micro-batches of device_batch_size "
             f"{hp.device_batch_size} x {world_size} ranks; choose batch_tokens as a multiple of "
             f"{per_micro_step * hp.seq_len}")
+
+
+def candidate_count(hp: Hyperparameters) -> int:
+    """Ensemble candidates of a run: every member, or every snapshot of every member with snapshot_cycles."""
+    return hp.ensemble_size * max(1, hp.snapshot_cycles)
 
 
 def parse_weights(text: str, count: int) -> list[float]:
@@ -331,6 +349,8 @@ class Dist:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    group: object = None  # the process group of these ranks (None: the whole world); see split_world
+    first_global_rank: int = 0  # the global rank of this group's rank 0 (broadcasts name their source globally)
 
     @property
     def is_main(self) -> bool:
@@ -338,8 +358,24 @@ class Dist:
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group)
         return tensor
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+
+def split_world(dist_info: Dist, groups: int) -> tuple[Dist, int]:
+    """Splits the world into `groups` process groups of consecutive ranks (torch.distributed.new_group) that train
+    different ensemble members at once, data-parallel inside; returns (this rank's group as a Dist, group index)."""
+    if groups == 1:
+        return dist_info, 0
+    size = dist_info.world_size // groups
+    handles = [dist.new_group(list(range(g * size, (g + 1) * size))) for g in range(groups)]  # every rank makes all
+    index = dist_info.rank // size
+    return Dist(rank=dist_info.rank % size, world_size=size, local_rank=dist_info.local_rank, device=dist_info.device,
+                group=handles[index], first_global_rank=index * size), index
 
 
 def setup_distributed(device_choice: str = "auto") -> Dist:
@@ -1188,7 +1224,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
-                 normuon_beta2: float = 0.0, cautious_wd: bool = False):
+                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -1196,7 +1232,7 @@ class Muon(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
                                       normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
-        self.rank, self.world_size = rank, world_size
+        self.rank, self.world_size, self.process_group = rank, world_size, process_group
 
     def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
         grad, state = param.grad, self.state[param]
@@ -1233,7 +1269,8 @@ class Muon(torch.optim.Optimizer):
                     pending.append((None, group, chunk, [update]))
                     continue
                 gathered = [torch.empty_like(update) for _ in range(self.world_size)]
-                pending.append((dist.all_gather(gathered, update, async_op=True), group, chunk, gathered))
+                handle = dist.all_gather(gathered, update, group=self.process_group, async_op=True)
+                pending.append((handle, group, chunk, gathered))
         for handle, group, chunk, updates in pending:
             if handle is not None:
                 handle.wait()
@@ -1266,7 +1303,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
                 world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
-                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd)
+                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
+                process_group=dist_info.group)
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -1279,7 +1317,7 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
     """Sums gradients over ranks. The loss is already divided by the global target count, so the sum is the mean."""
     if dist_info.world_size == 1:
         return
-    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, async_op=True)
+    handles = [dist.all_reduce(p.grad, op=dist.ReduceOp.SUM, group=dist_info.group, async_op=True)
                for p in model.parameters() if p.grad is not None]
     for handle in handles:
         handle.wait()
@@ -1291,6 +1329,10 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
         return (step + 1) / hp.warmup_steps
     progress = step / total_steps
     warmdown_start = 1.0 - hp.warmdown_frac
+    if hp.snapshot_cycles:  # snapshot ensembles: C cosine cycles over the whole run, each ending at lr_cycle_floor
+        cycle_length = total_steps / hp.snapshot_cycles
+        phase = ((step + 1) % cycle_length) / cycle_length if (step + 1) % cycle_length else 1.0
+        return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
@@ -1625,7 +1667,7 @@ def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
         return True
     mine = parameter_fingerprint(model).to(dist_info.device)
     everyone = [torch.empty_like(mine) for _ in range(dist_info.world_size)]
-    dist.all_gather(everyone, mine)
+    dist.all_gather(everyone, mine, group=dist_info.group)
     return all(torch.equal(mine, other) for other in everyone)
 
 
@@ -1712,12 +1754,32 @@ def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
         model = GPT(hp)
     if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
         for p in model.parameters():
-            dist.broadcast(p.data, src=0)
+            dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
     return model
 
 
 def member_path(folder: str, member: int) -> str:
     return os.path.join(folder, "members", f"member_{member:02d}.pt")
+
+
+def snapshot_path(folder: str, member: int, cycle: int) -> str:
+    """A member's snapshot at the end of LR cycle `cycle` (the last cycle's snapshot is the member file itself)."""
+    return os.path.join(folder, "members", f"member_{member:02d}_snapshot_{cycle:02d}.pt")
+
+
+def save_candidate(path: str, model: nn.Module, hp: Hyperparameters, **info) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), **info), path)
+
+
+def perturb_weights(model: nn.Module, scale: float, seed: int) -> None:
+    """Adds Gaussian noise of `scale` times each tensor's RMS, from a seeded generator so every rank adds the same
+    noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+            p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
 
 
 def checkpoint_path(folder: str, member: int, rank: int) -> str:
@@ -1759,6 +1821,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     distill = hp.distill_alpha > 0 and bool(teachers)
     backend = loss_backend(hp, device)
     fused = (backend, hp.logit_softcap) if backend != "eager" else None
+    # snapshot ensembles: the steps at which each LR cycle ends; the finished cycles' frozen weights
+    cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
+    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every cycle but the last
     if member == 0 or hp.ensemble_size > 1:
         log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
                   f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
@@ -1782,11 +1847,16 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if saved.get("ema") is not None:
             ema = WeightEMA(raw_model, hp.ema_decay)
             ema.averages = saved["ema"]
+        for cycle, end in enumerate(cycle_ends[:-1]):  # snapshots taken before the interruption
+            if progress["step"] >= end:
+                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
+                snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+        if hp.snapshot_distill and snapshots:
+            teachers, distill = [(snapshots[-1][0], 1.0)], True
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
 
     def save_checkpoint() -> None:
-        if dist_info.world_size > 1:
-            dist.barrier()
+        dist_info.barrier()
         os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
         atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                                progress=progress, rng=torch.get_rng_state(),
@@ -1889,7 +1959,22 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             interval_start, interval_steps = time.time(), 0
         epoch_end = done % train_data.steps_per_epoch == 0
         pause = time.time()
-        if epoch_end or done == total_steps or (hp.val_every and done % hp.val_every == 0):
+        if done in cycle_ends[:-1]:  # an LR cycle ends at its minimum: its weights become an ensemble candidate
+            cycle = cycle_ends.index(done)
+            snapshot = copy.deepcopy(raw_model).eval().requires_grad_(False)
+            snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
+            if dist_info.is_main:
+                save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
+                               seed=seed, outcome=dict(val_loss=snapshot_loss))
+            snapshots.append((snapshot, snapshot_loss))
+            log.write(f"{tag}snapshot {cycle + 1}/{hp.snapshot_cycles} | step {done}/{total_steps} | "
+                      f"val_loss {snapshot_loss:.4f}")
+            log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=snapshot_loss))
+            if hp.snapshot_noise > 0:
+                perturb_weights(raw_model, hp.snapshot_noise, seed * 1000 + cycle)
+            if hp.snapshot_distill:
+                teachers, distill = [(snapshot, 1.0)], True
+        if done == total_steps or (epoch_end and hp.val_every >= 0) or (hp.val_every > 0 and done % hp.val_every == 0):
             progress["val_loss"] = run_validation(done, epoch_progress)
         global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
         stopping = hp.stop_at_step and global_step == hp.stop_at_step
@@ -1903,7 +1988,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             raise RunStopped()
         interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
 
-    return dict(model=raw_model, compiled=model, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
+    return dict(model=raw_model, compiled=model, snapshots=snapshots, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
                 tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
                 epochs=total_steps / train_data.steps_per_epoch, agree=ranks_agree(raw_model, dist_info))
 
@@ -1966,79 +2051,107 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     unigram_oracle = unigram_entropy(data.val_tokens)
     n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
     batch_seqs = hp.batch_tokens // hp.seq_len
-    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size)
+    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
     log.section("run", [
         f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
         + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
         f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
         f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
-        f"= {hp.device_batch_size} per rank x {dist_info.world_size} ranks x {accumulation} accumulation",
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
+        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else ""),
         f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
         f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
         f"(oracle bound for context-free models)" +
         (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
     ])
 
-    weights = parse_weights(hp.ensemble_weights, hp.ensemble_size) if hp.ensemble_weights else None
-    members, member_results, ensemble_losses = [], [], []
-    for member in range(hp.ensemble_size):
-        saved_member = member_path(folder, member)
-        if hp.ensemble_size > 1 and os.path.isfile(saved_member):  # finished before an interruption: never retrained
-            model, saved = load_member(saved_member, device)
-            outcome = saved["outcome"]
-            log.write(f"{member_tag(hp, member)}loaded finished member from {saved_member} | "
-                      f"val_loss {outcome['val_loss']:.4f}")
-        else:
+    weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
+    keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
+    # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
+    # members and, with snapshot_cycles, their earlier snapshots
+    members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
+    group_dist, group_index = split_world(dist_info, hp.parallel_members)
+    # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
+    member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
+
+    def load_finished(member: int) -> tuple[GPT, list, dict]:
+        model, saved = load_member(member_path(folder, member), device)
+        snapshots = [load_member(snapshot_path(folder, member, cycle), device)
+                     for cycle in range(max(0, hp.snapshot_cycles - 1))]
+        return model, [(snapshot, info["outcome"]["val_loss"]) for snapshot, info in snapshots], saved["outcome"]
+
+    for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
+        round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
+        already_done = {m for m in round_members if keep_files and os.path.isfile(member_path(folder, m))}
+        dist_info.barrier()  # every rank has looked before any group writes this round's member files
+        trained_here = {}
+        mine = round_start + group_index
+        if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
-            trained = train_member(hp, dist_info, data, log, member, teachers)
+            trained = train_member(hp, group_dist, data, member_log, mine, teachers)
             model = trained.pop("model").eval()
             trained.pop("compiled")
-            outcome = trained
-            if hp.ensemble_size > 1 and dist_info.is_main:
-                os.makedirs(os.path.dirname(saved_member), exist_ok=True)
-                atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
-                                       member=member, seed=member_seed(hp, member), outcome=outcome), saved_member)
-            if dist_info.world_size > 1:
-                dist.barrier()  # the member file exists before any checkpoint of it goes
-            stale = checkpoint_path(folder, member, dist_info.rank)
+            snapshots = trained.pop("snapshots")
+            trained_here[mine] = (model, snapshots, trained)
+            if keep_files and group_dist.is_main:
+                save_candidate(member_path(folder, mine), model, hp, member=mine, seed=member_seed(hp, mine),
+                               outcome=trained)
+            group_dist.barrier()  # the member file exists before any checkpoint of it goes
+            stale = checkpoint_path(folder, mine, group_dist.rank)
             if os.path.isfile(stale):
                 os.remove(stale)
-        for p in model.parameters():
-            p.requires_grad_(False)
-        members.append(model)
-        member_results.append(outcome)
-        if hp.ensemble_size > 1:
-            count = len(members)
-            mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-            loss = evaluate_ensemble(members, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
-            ensemble_losses.append(loss)
-            log.write(f"ensemble | members {count} | val_loss {loss:.4f} | member {count} alone "
-                      f"{outcome['val_loss']:.4f}")
-            log.metrics(dict(kind="ensemble", members=count, val_loss=loss, member_val_loss=outcome["val_loss"],
-                             tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+        dist_info.barrier()  # every member of the round is on disk
+        for member in round_members:
+            if member in trained_here:
+                model, snapshots, outcome = trained_here[member]
+            else:  # finished before an interruption, or trained by another group
+                model, snapshots, outcome = load_finished(member)
+                how = "finished before the resume" if member in already_done else "trained by another group"
+                log.write(f"{member_tag(hp, member)}loaded {how} from {member_path(folder, member)} | "
+                          f"val_loss {outcome['val_loss']:.4f}")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            members.append(model)
+            member_results.append(outcome)
+            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
+                candidates.append(candidate)
+                candidate_losses.append(loss)
+            if keep_files:
+                count = len(candidates)
+                mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+                loss = evaluate_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
+                                         hp.val_batch_size)
+                ensemble_losses.append(loss)
+                log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
+                          f"member {len(members)} alone {outcome['val_loss']:.4f}")
+                log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
+                                 member_val_loss=outcome["val_loss"],
+                                 tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+    if member_log is not log:
+        member_log.close()
 
-    if hp.ensemble_size > 1:
-        log.section("ensemble size -> val loss", [f"{k + 1:>3} | {loss:.4f} | member alone "
+    if keep_files:
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "
                                                   f"{member_results[k]['val_loss']:.4f}"
                                                   for k, loss in enumerate(ensemble_losses)])
         val_loss = ensemble_losses[-1]
     else:
         val_loss = member_results[0]["val_loss"]
-    final_members, final_weights = members, weights or [1.0 / len(members)] * len(members)
+    final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
-        probs = target_probabilities(members, data.fitness_data, dist_info, hp.val_batch_size)
+        probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
         learned = learn_mixture_weights(probs, hp.select_steps)
         chosen = select_members(learned, hp.select_top)
-        final_members, final_weights = [members[i] for i, _ in chosen], [w for _, w in chosen]
+        final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
         val_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data, dist_info,
                                      hp.val_batch_size)
         selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
                          val_loss=val_loss)
         log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
-                  + " ".join(f"m{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
-                  + f" | kept {', '.join(f'm{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+                  + " ".join(f"c{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
+                  + f" | kept {', '.join(f'c{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
         log.metrics(dict(kind="selection", **selection))
     test_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
                                   hp.val_batch_size) if data.test_data else None
@@ -2058,6 +2171,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
         member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
+        candidate_val_losses=candidate_losses,
         selection=selection,
     )
     log.save_json("result.json", result)

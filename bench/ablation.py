@@ -23,6 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import train_gpt  # noqa: E402
+from bench.results_file import write_section  # noqa: E402
 
 # Settings shared by every configuration: weight decay the records use heavily (1.3-1.6), so that cautious weight
 # decay has something to act on; 0.5 at tiny scale. Not a technique, so never switched off.
@@ -81,7 +82,8 @@ def main(argv: list[str] | None = None) -> int:
             (["--num_epochs", str(args.num_epochs)] if args.num_epochs else [])
 
     all_on = {**COMMON, **TECHNIQUES, **SUB_SETTINGS}
-    configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated]
+    configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated] + \
+        [("plain (all off)", dict(COMMON))]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
     start = time.time()
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.mean(rows[0][1])
     command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     lines = [
-        "# Mini-slowrun ablation: every technique on, then each off in turn", "",
+        "## Mini-slowrun ablation: every technique on, then each off in turn", "",
         f"Command: `{command}`  ",
         f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
         f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}  ",
@@ -108,8 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = statistics.mean(losses)
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
                      f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
-    with open(args.out, "w") as handle:
-        handle.write("\n".join(lines) + "\n")
+    write_section(args.out, "ablation", "\n".join(lines))
     print(f"wrote {args.out}")
     return 0
 

@@ -47,3 +47,29 @@ def test_ranks_end_with_identical_weights(runs, nproc):
     assert result["world_size"] == nproc and result["ranks_agree"] is True
     log = open(os.path.join(runs[nproc], "log.txt")).read()
     assert f"= 2 per rank x {nproc} ranks x {6 // nproc} accumulation" in log
+
+
+def test_parallel_members_train_different_members_like_a_sequential_run(tmp_path):
+    """4 ranks with --parallel_members 2: two process groups of 2 ranks train members 1 and 2 at once. Each member
+    must equal the same member trained on 2 ranks one after another (same group size, so the same arithmetic)."""
+    import train_gpt
+    from conftest import synthetic_documents
+    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(80, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(20, seed=2))
+    common = dict(ensemble_size=2, batch_tokens=256, device_batch_size=2, num_epochs=2, log_every=4)
+    parallel = run_script(micro_flags(train_path, val_path, str(tmp_path), "parallel", parallel_members=2, **common),
+                          nproc=4)
+    assert parallel.returncode == 0, parallel.stdout[-3000:] + parallel.stderr[-3000:]
+    sequential = run_script(micro_flags(train_path, val_path, str(tmp_path), "sequential", **common), nproc=2)
+    assert sequential.returncode == 0, sequential.stdout[-3000:] + sequential.stderr[-3000:]
+    par = json.load(open(tmp_path / "parallel" / "result.json"))
+    seq = json.load(open(tmp_path / "sequential" / "result.json"))
+    assert par["member_val_losses"][0] != par["member_val_losses"][1]  # two different members
+    for a, b in zip(par["member_val_losses"], seq["member_val_losses"]):
+        assert abs(a - b) < 1e-6 * abs(b), (par["member_val_losses"], seq["member_val_losses"])
+    assert abs(par["val_loss"] - seq["val_loss"]) < 1e-6 * seq["val_loss"] and par["ranks_agree"]
+    log = open(tmp_path / "parallel" / "log.txt").read()
+    assert "2 members at once" in log and "trained by another group" in log
+    rows = [r for r in read_metrics(str(tmp_path / "parallel")) if r["kind"] == "train"]
+    assert {r["member"] for r in rows} == {0, 1}  # both groups wrote their progress lines

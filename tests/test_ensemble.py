@@ -172,7 +172,7 @@ def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_p
     cut_lines = [(m["member"], m["step"], m["train_loss"]) for m in read_metrics(folder) if m["kind"] == "train"]
     assert cut_lines == whole_lines  # every train-loss line, before and after the kill, equals the uninterrupted run
     log_text = open(os.path.join(folder, "log.txt")).read()
-    assert "loaded finished member" in log_text and "resumed from" in log_text
+    assert "loaded finished before the resume" in log_text and "resumed from" in log_text
 
 
 def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
@@ -221,3 +221,44 @@ def test_run_with_fitness_selection(micro_data, tmp_path):
     assert result["val_loss"] == pytest.approx(result["member_val_losses"][selection["chosen"][0]], rel=1e-6)
     full = train_gpt.read_shard(train_path).size
     assert result["train_tokens"] < full - 600  # the fitness slice is never trained on
+
+
+# ------------------------------------------------------------------------------------------------- snapshot ensembles
+
+def test_snapshot_lr_cycles_restart_and_end_at_the_floor():
+    hp = train_gpt.Hyperparameters(snapshot_cycles=3, lr_cycle_floor=0.1, warmdown_frac=0.2)
+    factors = [train_gpt.lr_multiplier(step, 30, hp) for step in range(30)]
+    for end in (9, 19, 29):  # the last step of each cycle runs at the floor, the next starts near the peak
+        assert factors[end] == pytest.approx(0.1)
+        assert factors[end - 1] > factors[end]
+    for start in (10, 20):
+        assert factors[start] > 0.95
+
+
+def test_snapshot_run_and_resume_across_a_cycle(micro_data, tmp_path, capsys):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    common = dict(num_epochs=3, snapshot_cycles=3, snapshot_noise=0.01, snapshot_distill=True, distill_alpha=0.3,
+                  log_every=1)
+    assert run_in_process(micro_flags(train_path, val_path, logs, "snap", **common)) == 0
+    result = result_of(os.path.join(logs, "snap"))
+    assert len(result["candidate_val_losses"]) == 3 and len(result["member_val_losses"]) == 1
+    members_dir = os.path.join(logs, "snap", "members")
+    assert sorted(os.listdir(members_dir)) == ["member_00.pt", "member_00_snapshot_00.pt", "member_00_snapshot_01.pt"]
+    assert result["val_loss"] < np.mean(result["candidate_val_losses"])  # Jensen: the average beats the mean
+    snapshot_rows = [m for m in read_metrics(os.path.join(logs, "snap")) if m["kind"] == "snapshot"]
+    assert [row["cycle"] for row in snapshot_rows] == [0, 1]
+
+    # killed two steps after the first snapshot, resumed: the same run, step for step
+    first_end = snapshot_rows[0]["step"]
+    assert run_in_process(micro_flags(train_path, val_path, logs, "cut", stop_at_step=first_end + 2, **common)) == 3
+    assert run_in_process(["--resume", os.path.join(logs, "cut")]) == 0
+    resumed = result_of(os.path.join(logs, "cut"))
+    assert resumed["candidate_val_losses"] == result["candidate_val_losses"]
+    assert resumed["val_loss"] == result["val_loss"]
+
+    capsys.readouterr()
+    assert run_in_process(["--eval_only", os.path.join(members_dir, "*.pt"), "--val_files", val_path,
+                           "--vocab_size", "256", "--device", "cpu", "--val_batch_size", "4", "--seq_len", "32"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)

@@ -374,5 +374,6 @@ def test_reference_curve_from_baseline_runs(runs, record, tmp_path, capsys):
 def test_reference_plan_prints_the_baseline_commands(capsys):
     assert records.main(["reference", "plan", "--track", "tiny", "--budgets", "20000,40000", "--seeds", "2"]) == 0
     out = capsys.readouterr().out
-    assert "python train_gpt.py --preset tiny --train_tokens 20000 --seed 1 --run_id ref_tiny_20000_s1" in out
+    assert ("python train_gpt.py --preset tiny --num_epochs 1000 --max_steps 54 --val_every -1 --train_tokens 20000 --seed 1 "
+            "--run_id ref_tiny_20000_s1") in out
     assert "python records/records.py reference build logs/ref_tiny_20000_s0 logs/ref_tiny_20000_s1" in out
