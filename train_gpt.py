@@ -17,7 +17,9 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
+import importlib.util
 import inspect
 import json
 import math
@@ -27,6 +29,7 @@ import shlex
 import subprocess
 import sys
 import time
+import types
 import uuid
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -125,6 +128,10 @@ class Hyperparameters:
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
+    # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
+    fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
+    attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
+    doc_mask: bool = False  # no attention across <|endoftext|> boundaries: each token sees only its own document (modded-nanogpt)
     run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
     log_dir: str = "logs"  # where run folders go
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
@@ -259,6 +266,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
     require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
+    require(hp.fused_loss in ("auto", "on", "chunked", "off"),
+            f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
+    require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
     require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
     require(0.0 <= hp.dropout < 1.0, f"dropout must lie in [0, 1), got {hp.dropout}")
     require(0.0 <= hp.warmdown_frac <= 1.0, f"warmdown_frac must lie in [0, 1], got {hp.warmdown_frac}")
@@ -568,6 +578,275 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Kernels: every fast path next to its plain-PyTorch reference, chosen by one function
+
+LOSS_TILE = 4096  # vocabulary columns per Triton tile: 50,304 = 12.3 tiles; the last one is masked
+
+
+def fused_loss_available(device: torch.device) -> bool:
+    """The Triton loss kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
+    """Which loss path trains: "triton" (the fused kernel), "chunked" (its PyTorch reference) or "eager" (plain
+    F.cross_entropy on float32 soft-capped logits). auto takes Triton on CUDA where it imports."""
+    if hp.fused_loss == "off":
+        return "eager"
+    if hp.fused_loss == "chunked":
+        return "chunked"
+    if hp.fused_loss == "on":
+        if not fused_loss_available(device):
+            raise ConfigError(f"--fused_loss on needs Triton and a CUDA device (triton "
+                              f"{'present' if importlib.util.find_spec('triton') else 'missing'}, device "
+                              f"{device.type}); use auto or chunked")
+        return "triton"
+    return "triton" if device.type == "cuda" and fused_loss_available(device) else "eager"
+
+
+def _fused_loss_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets_ptr, teacher_ptr, teacher_stride,
+                       objective_ptr, ce_ptr, softcap, inv_temperature, ce_weight, kl_weight, n_cols: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of raw lm_head output x (any float dtype). With z = c tanh(x / c) (the soft-cap), p =
+    softmax(z), p_T = softmax(z / T) and q the teacher's probabilities (its log-probs are an input), it writes
+        objective = ce_weight * CE(z, target) + kl_weight * KL(q || p_T),   ce = CE(z, target)
+    and d objective / dx into grad_ptr, in two passes over the vocabulary in BLOCK-wide tiles: pass 1 keeps running
+    maxima and sums (online softmax, Milakov & Gimelshein 2018) for both temperatures, pass 2 writes the gradient.
+    Computing the gradient in the forward is the Liger-kernel trick (Hsu et al. 2024, "Liger Kernel"): the loss is
+    the graph's end, so backward only rescales it; soft-cap inside the kernel follows modded-nanogpt's fused
+    soft-capped CE. Nothing float32 of width vocab is ever stored. Rows with target < 0 give 0 and a zero gradient.
+    n_cols (the vocabulary) is a compile-time constant: one compile per vocabulary, and the loop bounds are plain
+    ints (Triton 3.5's interpreter cannot take a runtime loop bound under numpy >= 2.4)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_stride
+    grad_row = grad_ptr + row * grad_stride
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = target >= 0
+    safe_target = tl.where(valid, target, 0)
+    offsets = tl.arange(0, BLOCK)
+    z_max = -float("inf")
+    z_sum = 0.0
+    zt_max = -float("inf")
+    zt_sum = 0.0
+    q_log_q = 0.0
+    q_zt = 0.0
+    q_sum = 0.0
+    for start in range(0, n_cols, BLOCK):  # pass 1: log-sum-exps, the teacher's sums
+        cols = start + offsets
+        mask = cols < n_cols
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:  # c tanh(x / c) = c (2 / (1 + exp(-2x / c)) - 1): exp only, no libdevice tanh
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+        z = tl.where(mask, x, -float("inf"))
+        new_max = tl.maximum(z_max, tl.max(z, axis=0))
+        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        z_max = new_max
+        if HAS_TEACHER:
+            zt = z * inv_temperature
+            new_max_t = tl.maximum(zt_max, tl.max(zt, axis=0))
+            zt_sum = zt_sum * tl.exp(zt_max - new_max_t) + tl.sum(tl.exp(zt - new_max_t), axis=0)
+            zt_max = new_max_t
+            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            q = tl.exp(log_q)
+            q_log_q += tl.sum(q * tl.where(q > 0, log_q, 0.0), axis=0)  # 0 log 0 = 0
+            q_zt += tl.sum(tl.where(mask, q * x * inv_temperature, 0.0), axis=0)
+            q_sum += tl.sum(q, axis=0)
+    lse = z_max + tl.log(z_sum)
+    x_target = tl.load(logits_row + safe_target).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_target = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x_target / softcap)) - 1.0)
+    ce = lse - x_target
+    objective = ce_weight * ce
+    lse_t = 0.0
+    if HAS_TEACHER:  # KL(q || p_T) = sum q log q - sum q z / T + lse_T sum q
+        lse_t = zt_max + tl.log(zt_sum)
+        objective += kl_weight * (q_log_q - q_zt + lse_t * q_sum)
+    tl.store(objective_ptr + row, tl.where(valid, objective, 0.0))
+    tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
+    for start in range(0, n_cols, BLOCK):  # pass 2: the gradient, tile by tile
+        cols = start + offsets
+        mask = cols < n_cols
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+        grad = ce_weight * (tl.exp(x - lse) - tl.where(cols == safe_target, 1.0, 0.0))
+        if HAS_TEACHER:  # d KL / dz = (sum q * p_T - q) / T
+            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            grad += kl_weight * inv_temperature * (q_sum * tl.exp(x * inv_temperature - lse_t) - tl.exp(log_q))
+        if HAS_SOFTCAP:  # dz/dx = 1 - tanh^2 = 1 - (z / c)^2
+            grad = grad * (1.0 - (x / softcap) * (x / softcap))
+        grad = tl.where(valid, grad, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=2)
+def _triton_loss_kernel(interpret: bool):
+    """The kernel, JIT-wrapped on first use. Triton is imported here, never by `import train_gpt`: it fixes at import
+    whether its library functions are compiled or interpreted (TRITON_INTERPRET=1), and the tests set that after
+    importing this file. The kernel's `tl` comes from a copy of its globals, so this module's namespace stays as is."""
+    import triton
+    import triton.language as tl
+    kernel = types.FunctionType(_fused_loss_kernel.__code__, {**globals(), "tl": tl}, _fused_loss_kernel.__name__)
+    kernel.__qualname__ = _fused_loss_kernel.__qualname__
+    return triton.jit(kernel)
+
+
+def fused_loss_rows_triton(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
+                           softcap: float, temperature: float, ce_weight: float, kl_weight: float,
+                           grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (N, V) of raw logits -> (objective per row, CE per row), float32 (N,); d objective / d logits into
+    grad_out (N, V), in the logits' dtype."""
+    rows, vocab = logits.shape
+    objective = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    ce = torch.empty_like(objective)
+    has_teacher = teacher_log_probs is not None
+    teacher = teacher_log_probs if has_teacher else logits  # an unread stand-in pointer when there is no teacher
+    kernel = _triton_loss_kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(rows,)](logits, logits.stride(0), grad_out, grad_out.stride(0), targets, teacher, teacher.stride(0),
+                    objective, ce, float(softcap) if softcap > 0 else 1.0, 1.0 / temperature,
+                    float(ce_weight), float(kl_weight), n_cols=vocab, HAS_SOFTCAP=softcap > 0, HAS_TEACHER=has_teacher,
+                    BLOCK=min(block or LOSS_TILE, 1 << (vocab - 1).bit_length()), num_warps=8)
+    return objective, ce
+
+
+def fused_loss_rows_torch(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
+                          softcap: float, temperature: float, ce_weight: float, kl_weight: float,
+                          grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the same quantities as fused_loss_rows_triton in plain PyTorch (float32 of these rows only;
+    the caller hands it chunks of rows), with the gradient written out by hand, not by autograd."""
+    z = logits.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = targets >= 0
+    safe_target = targets.clamp(min=0).unsqueeze(-1)
+    log_p = F.log_softmax(z, dim=-1)
+    ce = -log_p.gather(-1, safe_target).squeeze(-1)
+    grad = ce_weight * log_p.exp()
+    grad.scatter_add_(-1, safe_target, torch.full_like(safe_target, -ce_weight, dtype=grad.dtype))
+    objective = ce_weight * ce
+    if teacher_log_probs is not None:
+        log_p_t = F.log_softmax(z / temperature, dim=-1)
+        log_q = teacher_log_probs.float()
+        q = log_q.exp()
+        objective = objective + kl_weight * torch.where(q > 0, q * (log_q - log_p_t), 0.0).sum(-1)
+        grad += kl_weight / temperature * (q.sum(-1, keepdim=True) * log_p_t.exp() - q)
+    if softcap > 0:
+        grad *= 1 - (z / softcap).square()
+    grad_out.copy_(grad * valid.unsqueeze(-1))
+    return objective * valid, ce * valid
+
+
+class FusedSoftcapLoss(torch.autograd.Function):
+    """(summed objective, summed CE) of raw lm_head outputs (N, V), where objective = ce_weight CE + kl_weight
+    KL(teacher || student at temperature T). teacher_rows(start, end) gives the teacher's log-probs for rows
+    [start, end) (float32, made chunk by chunk), or is None. The gradient is computed in the forward, in chunks of
+    chunk_rows rows, into one tensor of the logits' dtype; backward scales it in place (so: one backward only).
+    tile: Triton's vocabulary tile (0 = LOSS_TILE; the tests use small ones so a tiny vocabulary spans several)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_rows, softcap, temperature, ce_weight, kl_weight, chunk_rows, backend,
+                tile=0):
+        rows_fn = fused_loss_rows_triton if backend == "triton" else fused_loss_rows_torch
+        grad = torch.empty_like(logits)
+        objective = torch.zeros((), dtype=torch.float32, device=logits.device)
+        ce = torch.zeros_like(objective)
+        for start in range(0, logits.size(0), chunk_rows):
+            end = min(start + chunk_rows, logits.size(0))
+            teacher = teacher_rows(start, end) if teacher_rows is not None else None
+            chunk_objective, chunk_ce = rows_fn(logits[start:end], targets[start:end], teacher, softcap, temperature,
+                                                ce_weight, kl_weight, grad[start:end], tile)
+            objective += chunk_objective.sum()
+            ce += chunk_ce.sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce)
+        return objective, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_objective, grad_ce):
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(grad_objective.to(grad.dtype)),) + (None,) * 9
+
+
+def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: float, backend: str,
+                    teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
+                    chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
+    teacher (1 - alpha) CE + alpha T^2 KL, as distillation_loss_sum defines it. chunk_rows = 0 picks all rows at once
+    for Triton (it stores no float32 row) and 1024 rows for the PyTorch reference."""
+    flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
+    ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
+    chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
+    return FusedSoftcapLoss.apply(flat, targets.reshape(-1), teacher_rows, softcap, temperature, ce_weight,
+                                  kl_weight, chunk_rows, backend, tile)
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """FlexAttention (torch >= 2.5) trains on CUDA; on CPU torch 2.13 runs its forward only (unfused, no backward)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
+def attention_backend(hp: Hyperparameters, device: torch.device) -> str:
+    """"flex" or "sdpa". auto picks FlexAttention only where it pays: CUDA, torch.compile on (uncompiled flex
+    materialises the scores) and a mask that SDPA cannot skip blocks of (windows or document masking); a plain causal
+    mask stays on SDPA's FlashAttention kernel."""
+    if hp.attention != "auto":
+        return hp.attention
+    compiled = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    masked = bool(hp.window_pattern) or hp.doc_mask
+    return "flex" if compiled and masked and flex_attention_available(device) else "sdpa"
+
+
+def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document index within each row: it steps up at every <|endoftext|>."""
+    return (idx == bos_id).cumsum(dim=1)
+
+
+def attention_mask_dense(time_steps: int, window: int, documents: torch.Tensor | None,
+                         device: torch.device) -> torch.Tensor:
+    """The SDPA reference mask, True where attention is allowed: causal, within `window` tokens, and (documents
+    (B, T) given) within the same document. (T, T), or (B, 1, T, T) with documents."""
+    distance = torch.arange(time_steps, device=device)[:, None] - torch.arange(time_steps, device=device)[None, :]
+    allowed = (distance >= 0) & (distance < window)
+    if documents is None:
+        return allowed
+    same_document = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return (allowed & same_document).unsqueeze(1)
+
+
+def flex_block_mask(time_steps: int, window: int, documents: torch.Tensor | None, device: torch.device):
+    """The same mask as attention_mask_dense, as a FlexAttention BlockMask: 128 x 128 blocks that the mask empties
+    are skipped entirely (how modded-nanogpt's sliding windows and document masks cost less than dense attention)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, query, key):
+        allowed = (query >= key) & (query - key < window)
+        if documents is not None:
+            allowed = allowed & (documents[batch, query] == documents[batch, key])
+        return allowed
+
+    batch = documents.size(0) if documents is not None else None
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=time_steps, KV_LEN=time_steps, device=device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    """(B, H, T, D) attention by whichever path the mask names: None -> SDPA causal (FlashAttention on GPU), a
+    boolean tensor -> SDPA with that mask (the reference), a BlockMask -> FlexAttention."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Model: a modern GPT (nanochat lineage): RMSNorm pre-norm, RoPE, QK-norm, ReLU^2 or SwiGLU, logit soft-cap
 
 
@@ -648,11 +927,8 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * self.c_x0v(x0).view(batch, time_steps, self.n_head, self.head_dim)
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
-        if attn_mask is None:
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
-        else:  # a sliding window: (T, T) boolean, True where attention is allowed
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                               attn_mask=attn_mask)
+        # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         if self.xsa:
             y = exclusive_self_attention(y, v, 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype))
@@ -722,9 +998,8 @@ def window_sizes(hp: Hyperparameters) -> list[int] | None:
 
 
 def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> torch.Tensor:
-    """(T, T) boolean: query i sees keys j with i - window < j <= i. A plain SDPA mask (a fused kernel is another path)."""
-    distance = torch.arange(time_steps, device=device)[:, None] - torch.arange(time_steps, device=device)[None, :]
-    return (distance >= 0) & (distance < window)
+    """(T, T) boolean: query i sees keys j with i - window < j <= i. A plain SDPA mask (FlexAttention is the other path)."""
+    return attention_mask_dense(time_steps, window, None, device)
 
 
 class GPT(nn.Module):
@@ -744,7 +1019,15 @@ class GPT(nn.Module):
         self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
         self.uses_x0 = hp.value_proj or hp.resid_mix
-        self.plain_layers = not (hp.resid_mix or hp.unet_skips or hp.value_proj or hp.loop_repeats or hp.window_pattern)
+        # attention path: "sdpa" or "flex", fixed where the model is built (its device decides what auto means)
+        self.attention, self.doc_mask, self.bos_id = attention_backend(hp, torch.get_default_device()), hp.doc_mask, hp.bos_id
+        self.plain_layers = not (hp.resid_mix or hp.unet_skips or hp.value_proj or hp.loop_repeats or hp.window_pattern
+                                 or hp.doc_mask or self.attention == "flex")
+        # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
+        self.static_block_masks, self.seq_len = {}, hp.seq_len
+        if self.attention == "flex" and not hp.doc_mask and torch.get_default_device().type != "meta":
+            self.static_block_masks = {w: flex_block_mask(hp.seq_len, w, None, torch.get_default_device())
+                                       for w in set(self.window_sizes or [hp.seq_len])}
         if hp.resid_mix:
             self.resid_lambdas = nn.Parameter(torch.ones(hp.n_layer))
             self.x0_lambdas = nn.Parameter(torch.full((hp.n_layer,), 0.1))
@@ -790,20 +1073,36 @@ class GPT(nn.Module):
             order = order[:stop] + list(range(start, stop)) * self.loop_repeats + order[stop:]
         return order
 
-    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """The layer loop with the tricks: x0 mixing, U-Net skips, value projections, windows, looped layers. Each
-        replayed pass re-adds its skip and its x0 mix; an encoder layer's latest output is the skip it hands on."""
+    def attention_masks(self, idx: torch.Tensor) -> dict:
+        """{window: mask} for the layers' windows (the full length when there are none), built once per forward and
+        shared by the layers: a BlockMask on the flex path; on SDPA a boolean mask, or None (plain causal) where the
+        window covers the sequence and documents are not masked."""
+        time_steps = idx.size(1)
+        documents = document_ids(idx, self.bos_id) if self.doc_mask else None
+        windows = set(self.window_sizes or [time_steps])
+        if self.attention == "flex":
+            static = self.static_block_masks if documents is None and time_steps == self.seq_len else {}
+            return {w: static[w] if w in static else flex_block_mask(time_steps, min(w, time_steps), documents,
+                                                                     idx.device) for w in windows}
+        return {w: attention_mask_dense(time_steps, w, documents, idx.device) for w in windows
+                if w < time_steps or documents is not None}
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   idx: torch.Tensor | None = None) -> torch.Tensor:
+        """The layer loop with the tricks: x0 mixing, U-Net skips, value projections, windows, document masks,
+        looped layers. Each replayed pass re-adds its skip and its x0 mix; an encoder layer's latest output is the
+        skip it hands on."""
         x0, n_layer = x, len(self.blocks)
         masks = {}
-        if self.window_sizes is not None:
-            masks = {w: sliding_window_mask(x.size(1), w, x.device) for w in set(self.window_sizes) if w < x.size(1)}
+        if self.window_sizes is not None or self.doc_mask or self.attention == "flex":
+            masks = self.attention_masks(idx)
         skips: dict[int, torch.Tensor] = {}
         for layer in self.layer_order():
             if self.unet_skips and layer >= n_layer - self.encoder_layers and n_layer - 1 - layer in skips:
                 x = x + self.skip_weights[layer - (n_layer - self.encoder_layers)] * skips[n_layer - 1 - layer]
             if self.resid_mix:
                 x = self.resid_lambdas[layer] * x + self.x0_lambdas[layer] * x0
-            window = self.window_sizes[layer] if self.window_sizes is not None else None
+            window = self.window_sizes[layer] if self.window_sizes is not None else x.size(1)
             x = self.blocks[layer](x, cos, sin, x0 if self.uses_x0 else None, masks.get(window))
             if self.unet_skips and layer < self.encoder_layers:
                 skips[layer] = x
@@ -818,31 +1117,34 @@ class GPT(nn.Module):
             for block in self.blocks:
                 x = block(x, cos, sin)
             return x
-        return self.run_layers(x, cos, sin)
+        return self.run_layers(x, cos, sin, idx)
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the final normalised residual stream (B, T, C), the lm_head's input (a distillation
         teacher hands these over, so its logits can be made chunk by chunk)."""
         return rms_norm(self.residual_stream(idx))
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual stream (..., C) -> float32 logits (..., vocab_size)."""
-        return self.head(rms_norm(x))
+    def logits(self, x: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Residual stream (..., C) -> float32 logits (..., vocab_size) (raw: the lm_head's output, see head)."""
+        return self.head(rms_norm(x), raw)
 
-    def head(self, features: torch.Tensor) -> torch.Tensor:
-        """Features (..., C) -> float32 logits (..., vocab_size), soft-capped."""
+    def head(self, features: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """Features (..., C) -> float32 logits (..., vocab_size), soft-capped; raw=True returns the lm_head's output
+        in its own dtype (bf16 under autocast), uncapped: the fused loss caps it tile by tile (Kernels)."""
+        if raw:
+            return self.lm_head(features)
         logits = self.lm_head(features).float()
         if self.logit_softcap > 0:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
-    def forward(self, idx: torch.Tensor):
+    def forward(self, idx: torch.Tensor, raw_logits: bool = False):
         """Token ids (B, T) -> float32 logits (B, T, vocab_size); in training with mtp_weight > 0, the pair
-        (logits, logits for token t+2)."""
+        (logits, logits for token t+2). raw_logits: the lm_head's uncapped output instead, for the fused loss."""
         x = self.residual_stream(idx)
         if self.mtp_weight > 0 and self.training:
-            return self.logits(x), self.logits(x + self.mtp_proj(rms_norm(x)))
-        return self.logits(x)
+            return self.logits(x, raw_logits), self.logits(x + self.mtp_proj(rms_norm(x)), raw_logits)
+        return self.logits(x, raw_logits)
 
 
 def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -1193,11 +1495,29 @@ def select_members(weights: torch.Tensor, top: int) -> list[tuple[int, float]]:
     return [(index, float(weights[index]) / total) for index in order]
 
 
+def teacher_rows(teachers: list[tuple[nn.Module, float]], features: list[torch.Tensor], temperature: float):
+    """For the fused loss: rows (start, end) of the flattened (B*T) positions -> the teachers' mixture log-probs
+    (end - start, V), made on demand from their final features, as teacher_log_probs makes a chunk of positions."""
+    flat = [feature.reshape(1, -1, feature.size(-1)) for feature in features]  # (1, B*T, C)
+    return lambda start, end: teacher_log_probs(teachers, flat, start, end, temperature)[0]
+
+
 def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
-                       distill=None) -> tuple[torch.Tensor, torch.Tensor]:
+                       distill=None, fused: tuple[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss, summed objective to minimise). The objective is the next-token loss, or with a
     teacher `distill(logits)` (the distillation mix), plus mtp_weight times the summed loss of predicting token
-    t+2 (targets shifted by one) when multi-token prediction is on. The logged train loss is always plain CE."""
+    t+2 (targets shifted by one) when multi-token prediction is on. The logged train loss is always plain CE.
+    fused = (backend, softcap) takes the fused loss path (Kernels) from the raw lm_head output; distill is then
+    fused_loss_sums' teacher keywords (teacher_rows, alpha, temperature, chunk_rows) or None."""
+    if fused is not None:
+        backend, softcap = fused
+        output = model(inputs, raw_logits=True)
+        raw, mtp_raw = output if isinstance(output, tuple) else (output, None)
+        objective, loss = fused_loss_sums(raw, targets, softcap, backend, **(distill or {}))
+        if mtp_raw is not None and mtp_weight > 0:  # token t+2: targets shifted by one, the last position has none
+            later = F.pad(targets[:, 1:], (0, 1), value=-1)
+            objective = objective + mtp_weight * fused_loss_sums(mtp_raw, later, softcap, backend)[0]
+        return loss, objective
     output = model(inputs)
     logits, mtp_logits = output if isinstance(output, tuple) else (output, None)
     loss = cross_entropy_sum(logits, targets)
@@ -1499,12 +1819,15 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizers = build_optimizers(raw_model, hp, dist_info)
     distill = hp.distill_alpha > 0 and bool(teachers)
+    backend = loss_backend(hp, device)
+    fused = (backend, hp.logit_softcap) if backend != "eager" else None
     # snapshot ensembles: the steps at which each LR cycle ends; the finished cycles' frozen weights
     cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
     snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every cycle but the last
     if member == 0 or hp.ensemble_size > 1:
         log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
-                  f"{total_steps} steps | compile {'on' if use_compile else 'off'}" +
+                  f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
+                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
                    f"T {hp.distill_temperature}" if distill else ""))
 
@@ -1551,6 +1874,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         return val_loss
 
     interval_start, interval_steps = time.time(), 0
+    compile_seconds = None  # the first step of a compiled model, timed alone: compilation is kept out of ms/step
     loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
     model.train()
     for step in range(progress["step"], total_steps):
@@ -1571,7 +1895,12 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                     def distill_loss(logits, targets=targets, teacher_features=teacher_features):
                         return distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
                                                      hp.distill_temperature, hp.distill_chunk)
-                micro_loss, objective = training_loss_sums(model, inputs, targets, hp.mtp_weight, distill_loss)
+                    if fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
+                        distill_loss = dict(teacher_rows=teacher_rows(teachers, teacher_features,
+                                                                      hp.distill_temperature),
+                                            alpha=hp.distill_alpha, temperature=hp.distill_temperature,
+                                            chunk_rows=hp.distill_chunk * inputs.size(0))
+                micro_loss, objective = training_loss_sums(model, inputs, targets, hp.mtp_weight, distill_loss, fused)
             (objective / step_targets).backward()
             loss_sum += micro_loss.detach().double()
         progress["loss_count"] += step_targets
@@ -1585,6 +1914,15 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         interval_steps += 1
 
         done = step + 1
+        if use_compile and compile_seconds is None:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            compile_seconds = time.time() - interval_start
+            log.write(f"{tag}compile | first step {compile_seconds:.1f}s, compilation included; later ms/step "
+                      f"exclude it")
+            log.metrics(dict(kind="compile", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
+                             compile_seconds=round(compile_seconds, 3)))
+            interval_start, interval_steps = time.time(), 0
         progress["step"] = done
         # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
         if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
@@ -1602,6 +1940,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             interval_seconds = time.time() - interval_start
+            if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
+                interval_seconds, interval_steps = compile_seconds, 1
             progress["train_seconds"] += interval_seconds
             ms_per_step = 1000 * interval_seconds / interval_steps
             tokens_per_second = hp.batch_tokens * interval_steps / interval_seconds
@@ -1656,7 +1996,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
-    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset"}
+    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
+               "attention"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     if given - allowed:
         raise ConfigError(f"--resume continues {hp.resume} with its own hyperparameters; drop "

@@ -1,0 +1,228 @@
+"""Kernels: each fast path against its plain-PyTorch reference, on fresh random inputs of odd sizes.
+
+The Triton loss kernel runs under TRITON_INTERPRET=1 on CPU tensors (skipped where Triton is missing); FlexAttention
+runs its forward on CPU (torch 2.13 has no CPU backward for it) against the masked SDPA reference."""
+import json
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt
+
+torch.set_num_threads(1)
+CPU = torch.device("cpu")
+# The Triton tests run on CUDA where there is one (compiled kernels); elsewhere interpreted on CPU tensors. The
+# interpreter is switched on only without CUDA: it would also turn torch.compile's own Triton kernels into Python.
+DEVICE = torch.device("cuda") if torch.cuda.is_available() else CPU
+if DEVICE.type == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # read when Triton is imported: before any test uses it
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm().clamp_min(1e-30)).item()
+
+
+class TinyTeacher(torch.nn.Module):
+    """A stand-in teacher: head(features) gives soft-capped logits, as GPT.head does."""
+
+    def __init__(self, width: int, vocab: int, softcap: float, seed: int):
+        super().__init__()
+        generator = torch.Generator().manual_seed(seed)
+        self.weight = torch.nn.Parameter(torch.randn(vocab, width, generator=generator), requires_grad=False)
+        self.softcap = softcap
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        logits = features @ self.weight.T
+        return self.softcap * torch.tanh(logits / self.softcap) if self.softcap > 0 else logits
+
+
+def eager_objective(raw: torch.Tensor, targets: torch.Tensor, softcap: float, teachers=None, features=None,
+                    alpha: float = 0.0, temperature: float = 1.0) -> torch.Tensor:
+    """The training script's eager path: soft-cap in float32, then cross_entropy_sum / distillation_loss_sum."""
+    logits = raw.float()
+    if softcap > 0:
+        logits = softcap * torch.tanh(logits / softcap)
+    if teachers is None:
+        return train_gpt.cross_entropy_sum(logits, targets)
+    return train_gpt.distillation_loss_sum(logits, teachers, features, targets, alpha, temperature, chunk=3)
+
+
+def random_case(batch: int, time_steps: int, vocab: int, width: int, seed: int, ignore: bool):
+    generator = torch.Generator().manual_seed(seed)
+    raw = (4 * torch.randn(batch, time_steps, vocab, generator=generator)).requires_grad_(True)
+    targets = torch.randint(0, vocab, (batch, time_steps), generator=generator)
+    if ignore:
+        targets[0, -1] = -1  # padded targets take no part
+    features = [torch.randn(batch, time_steps, width, generator=generator)]
+    return raw, targets, features
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+@pytest.mark.parametrize("batch,time_steps,vocab,softcap,alpha,temperature", [
+    (1, 1, 37, 15.0, 0.0, 1.0),     # a single row, vocab not a multiple of the tile
+    (2, 3, 50, 0.0, 0.0, 1.0),      # softcap off
+    (2, 3, 45, 10.0, 0.5, 2.0),     # distillation, T = 2
+    (1, 5, 33, 0.0, 1.0, 0.7),      # pure KL, softcap off
+])
+def test_fused_loss_matches_eager(backend, batch, time_steps, vocab, softcap, alpha, temperature):
+    if backend == "triton":
+        pytest.importorskip("triton")
+    raw, targets, features = random_case(batch, time_steps, vocab, 8, seed=vocab + batch, ignore=batch * time_steps > 1)
+    raw, targets, features = raw.detach().to(DEVICE).requires_grad_(True), targets.to(DEVICE), [features[0].to(DEVICE)]
+    teachers = [(TinyTeacher(8, vocab, softcap, seed=1).to(DEVICE), 0.6),
+                (TinyTeacher(8, vocab, softcap, seed=2).to(DEVICE), 0.4)] if alpha > 0 else None
+    expected = eager_objective(raw, targets, softcap, teachers, features, alpha, temperature)
+    (expected_grad,) = torch.autograd.grad(expected, raw)
+    expected_ce = eager_objective(raw.detach(), targets, softcap)
+
+    extra = {}
+    if teachers is not None:
+        extra = dict(teacher_rows=train_gpt.teacher_rows(teachers, features, temperature), alpha=alpha,
+                     temperature=temperature, chunk_rows=2)  # several chunks of rows, the last one short
+    # a 16-wide Triton tile: every vocabulary here spans several tiles and ends in a partial one
+    objective, ce = train_gpt.fused_loss_sums(raw, targets, softcap, backend, tile=16, **extra)
+    (grad,) = torch.autograd.grad(objective * 1.7, raw)  # a non-unit upstream gradient: backward must scale
+    assert relative_error(objective, expected) < 1e-4
+    assert relative_error(ce, expected_ce) < 1e-4
+    assert relative_error(grad, 1.7 * expected_grad) < 1e-4
+    assert not ce.requires_grad
+
+
+
+def tiny_hp(**overrides) -> train_gpt.Hyperparameters:
+    settings = dict(vocab_size=67, bos_id=66, n_layer=2, n_embd=16, n_head=2, seq_len=24, device="cpu", compile="off")
+    settings.update(overrides)
+    return train_gpt.Hyperparameters(**settings)
+
+
+@pytest.mark.parametrize("backend", ["chunked", "triton"])
+def test_training_loss_sums_fused_matches_eager(backend):
+    """The wiring: the fused path's (loss, objective) and parameter gradients equal the eager path's, with MTP."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+    hp = tiny_hp(mtp_weight=0.3, logit_softcap=5.0)
+    torch.manual_seed(3)
+    model = train_gpt.GPT(hp).to(DEVICE)
+    for p in model.parameters():  # the zero-init output projections would hide the layers' gradients
+        p.data.add_(0.05 * torch.randn_like(p))
+    inputs = torch.randint(0, hp.vocab_size, (2, 11)).to(DEVICE)
+    targets = torch.randint(0, hp.vocab_size, (2, 11))
+    targets[1, :3] = -1
+    targets = targets.to(DEVICE)
+    results = []
+    for fused in (None, (backend, hp.logit_softcap)):
+        model.zero_grad()
+        loss, objective = train_gpt.training_loss_sums(model, inputs, targets, hp.mtp_weight, None, fused)
+        objective.backward()
+        results.append((loss.detach(), objective.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_e, objective_e, grads_e), (loss_f, objective_f, grads_f) = results
+    assert relative_error(loss_f, loss_e) < 1e-5 and relative_error(objective_f, objective_e) < 1e-5
+    assert max(relative_error(a, b) for a, b in zip(grads_f, grads_e)) < 1e-4
+
+
+def test_loss_backend_choice():
+    assert train_gpt.loss_backend(tiny_hp(), CPU) == "eager"  # auto on CPU: the plain path, exactly as before
+    assert train_gpt.loss_backend(tiny_hp(fused_loss="off"), torch.device("cuda")) == "eager"
+    assert train_gpt.loss_backend(tiny_hp(fused_loss="chunked"), CPU) == "chunked"
+    with pytest.raises(train_gpt.ConfigError):
+        train_gpt.check_hyperparameters(tiny_hp(fused_loss="fast"), 1)
+
+
+# --- FlexAttention (forward only on CPU) against the masked SDPA reference -----------------------------------------
+
+def flex_or_skip():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    probe = torch.zeros(1, 1, 4, 8)
+    try:
+        with torch.no_grad():
+            flex.flex_attention(probe, probe, probe)
+    except Exception as error:  # noqa: BLE001 - any failure means this torch cannot run it here
+        pytest.skip(f"FlexAttention does not run on CPU here: {error}")
+
+
+@pytest.mark.parametrize("window,use_documents", [(37, False), (5, False), (37, True), (6, True)])
+def test_flex_attention_matches_masked_sdpa(window, use_documents):
+    flex_or_skip()
+    generator = torch.Generator().manual_seed(window)
+    batch, heads, time_steps, head_dim = 2, 2, 37, 8  # T not a multiple of the 128-wide blocks
+    q, k, v = (torch.randn(batch, heads, time_steps, head_dim, generator=generator) for _ in range(3))
+    idx = torch.randint(0, 10, (batch, time_steps), generator=generator)
+    idx[0, [0, 9, 10, 30]] = 99  # document starts, two of them adjacent (a one-token document)
+    documents = train_gpt.document_ids(idx, 99) if use_documents else None
+    dense = train_gpt.attention_mask_dense(time_steps, window, documents, CPU)
+    block = train_gpt.flex_block_mask(time_steps, window, documents, CPU)
+    with torch.no_grad():
+        expected = train_gpt.attend(q, k, v, dense)
+        actual = train_gpt.attend(q, k, v, block)
+    assert relative_error(actual, expected) < 1e-5
+    if not use_documents and window >= time_steps:  # the full window is plain causal attention
+        assert relative_error(train_gpt.attend(q, k, v, None), expected) < 1e-5
+
+
+def test_document_mask_blocks_attention_across_documents():
+    """Changing an earlier document must not change a later document's outputs."""
+    idx = torch.tensor([[5, 66, 3, 4, 66, 7, 8, 9]])
+    dense = train_gpt.attention_mask_dense(8, 8, train_gpt.document_ids(idx, 66), CPU)[0, 0]
+    assert not dense[5, 3] and dense[5, 4] and dense[3, 1] and not dense[1, 0] and not dense[2, 5]
+
+
+@pytest.mark.parametrize("overrides", [dict(window_pattern="SL", window_short=5), dict(doc_mask=True),
+                                       dict(doc_mask=True, window_pattern="SL", window_short=7, value_proj=True)])
+def test_gpt_flex_matches_sdpa(overrides):
+    """The whole model: attention=flex gives the same logits as attention=sdpa (windows, documents, both)."""
+    flex_or_skip()
+    idx = torch.randint(0, 66, (2, 24), generator=torch.Generator().manual_seed(0))
+    idx[:, [0, 7, 15]] = 66
+    logits = []
+    for attention in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(tiny_hp(attention=attention, **overrides)).eval()
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        assert model.attention == attention
+        with torch.no_grad():
+            logits.append(model(idx))
+    assert relative_error(logits[1], logits[0]) < 1e-5
+
+
+def test_doc_mask_changes_the_model_and_off_is_plain():
+    """doc_mask on differs from off where documents meet; off with SDPA takes the plain causal path."""
+    idx = torch.randint(0, 66, (1, 24), generator=torch.Generator().manual_seed(1))
+    idx[0, 10] = 66
+    outputs = []
+    for doc_mask in (False, True):
+        torch.manual_seed(0)
+        model = train_gpt.GPT(tiny_hp(doc_mask=doc_mask)).eval()
+        for p in model.parameters():
+            p.data.add_(0.05 * torch.randn_like(p))
+        assert model.plain_layers == (not doc_mask)
+        with torch.no_grad():
+            outputs.append(model(idx))
+    assert torch.allclose(outputs[0][:, :10], outputs[1][:, :10], atol=1e-6)  # the first document: same context
+    assert not torch.allclose(outputs[0][:, 11:], outputs[1][:, 11:], atol=1e-4)
+
+
+@pytest.mark.parametrize("fused_loss", ["chunked", "on"])
+def test_distillation_run_fused_matches_eager(fused_loss, micro_data, tmp_path):
+    """train_member's wiring: a 2-member distillation run (with MTP) gives the same losses on the fused path (the
+    chunked reference, or Triton interpreted on CPU) as on the eager one, and its log names the path."""
+    if fused_loss == "on":
+        pytest.importorskip("triton")
+    from conftest import micro_flags
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    results = {}
+    for mode in ("off", fused_loss):
+        flags = micro_flags(train_path, val_path, logs, mode, ensemble_size=2, distill_alpha=0.5,
+                            distill_temperature=2.0, distill_chunk=5, mtp_weight=0.2, max_steps=2, fused_loss=mode,
+                            device=DEVICE.type, compile="off")
+        assert train_gpt.main(flags) == 0
+        with open(os.path.join(logs, mode, "result.json")) as handle:
+            results[mode] = json.load(handle)
+        with open(os.path.join(logs, mode, "log.txt")) as handle:
+            expected = {"off": "eager", "chunked": "chunked", "on": "triton"}[mode]
+            assert f"loss {expected} | attention sdpa" in handle.read()
+    assert results[fused_loss]["member_val_losses"] == pytest.approx(results["off"]["member_val_losses"], rel=1e-4)
+    assert results[fused_loss]["val_loss"] == pytest.approx(results["off"]["val_loss"], rel=1e-4)
