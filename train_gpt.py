@@ -107,6 +107,7 @@ class Hyperparameters:
     cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
     muon_momentum_warmup: int = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
@@ -266,6 +267,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
     require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
+    require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
     require(hp.fused_loss in ("auto", "on", "chunked", "off"),
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
@@ -1224,7 +1226,7 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
-                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None):
+                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -1233,6 +1235,13 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
                                       normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
+        # compiled: torch.compile fuses each iteration's scale-and-add into the matmuls' epilogues (modded-nanogpt
+        # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
+        self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize,
+                                "polar_express": polar_express_orthogonalize}
+        if compiled:
+            self.orthogonalizers = {name: torch.compile(fn, dynamic=False)
+                                    for name, fn in self.orthogonalizers.items()}
 
     def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
         grad, state = param.grad, self.state[param]
@@ -1244,9 +1253,9 @@ class Muon(torch.optim.Optimizer):
         if group["eq_r"]:  # MuonEq-R: every row to unit norm first, so no row dominates the orthogonalisation
             direction = direction / (direction.norm(dim=-1, keepdim=True) + 1e-7)
         if group["polar_express"]:
-            update = polar_express_orthogonalize(direction, group["ns_steps"])
+            update = self.orthogonalizers["polar_express"](direction, group["ns_steps"])
         else:
-            update = newton_schulz_orthogonalize(direction, group["ns_steps"])
+            update = self.orthogonalizers["newton_schulz"](direction, group["ns_steps"])
         if group["normuon_beta2"] > 0:
             if "second_moment" not in state:
                 reduce_dim = -1 if grad.size(-2) >= grad.size(-1) else -2
@@ -1304,7 +1313,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
                 world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
                 normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
-                process_group=dist_info.group)
+                process_group=dist_info.group,
+                compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"))
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:
