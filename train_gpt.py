@@ -125,6 +125,10 @@ class Hyperparameters:
     ema_every: int = 1  # update the EMA every k optimizer steps (the decay applies per update)
     ema_start_frac: float = 0.0  # start the EMA (from the current weights) at this fraction of training
     ema_blend: float = 1.0  # at the end the weights become blend * EMA + (1 - blend) * last
+    swa_epochs: int = 0  # SWA over the final N epochs: each runs a cosine LR cycle (1 -> lr_cycle_floor) and its end
+    # weights join a uniform average that replaces the weights at the end (Izmailov et al. 2018; slowrun records). 0 = off
+    epoch_snapshots: int = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
+    # candidates: probability averaging of the last epochs' checkpoints (slowrun unlimited records). 0 = off
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -308,6 +312,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
     require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
+    require(hp.swa_epochs >= 0 and hp.epoch_snapshots >= 0, "swa_epochs and epoch_snapshots must be >= 0")
+    require(not (hp.swa_epochs and (hp.ema_decay > 0 or hp.snapshot_cycles or hp.lr_cycles)),
+            "swa_epochs sets the final epochs' LR and averages weights itself: drop ema_decay, snapshot_cycles, lr_cycles")
+    require(not (hp.epoch_snapshots and hp.ensemble_weights), "epoch_snapshots: the candidate count depends on the "
+            "run length; drop ensemble_weights (or learn weights with fitness_tokens)")
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
     batch_seqs = hp.batch_tokens // hp.seq_len
     per_micro_step = hp.device_batch_size * world_size
@@ -318,8 +327,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 
 
 def candidate_count(hp: Hyperparameters) -> int:
-    """Ensemble candidates of a run: every member, or every snapshot of every member with snapshot_cycles."""
-    return hp.ensemble_size * max(1, hp.snapshot_cycles)
+    """Ensemble candidates of a run: every member, or every snapshot of every member with snapshot_cycles (at
+    most that many with epoch_snapshots too: a cycle may end with an epoch)."""
+    return hp.ensemble_size * max(1, hp.snapshot_cycles, hp.epoch_snapshots)
 
 
 def parse_weights(text: str, count: int) -> list[float]:
@@ -1376,6 +1386,10 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
                     hp: Hyperparameters) -> float:
     """Sets this step's LR (and, when their flags are on, weight decay and Muon momentum); returns the LR factor."""
     factor = lr_multiplier(step, total_steps, hp)
+    swa_start = total_steps - hp.swa_epochs * steps_per_epoch
+    if hp.swa_epochs and step >= swa_start:  # SWA: one cosine cycle per final epoch, its end at the floor
+        phase = ((step - swa_start) % steps_per_epoch + 1) / steps_per_epoch
+        factor = hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
     wd_factor = wd_multiplier(step, total_steps, steps_per_epoch, factor, hp) if hp.wd_schedule != "flat" else None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -1831,9 +1845,13 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     distill = hp.distill_alpha > 0 and bool(teachers)
     backend = loss_backend(hp, device)
     fused = (backend, hp.logit_softcap) if backend != "eager" else None
-    # snapshot ensembles: the steps at which each LR cycle ends; the finished cycles' frozen weights
+    # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
+    # the last step's weights are the member itself
+    epoch_ends = [total_steps - k * train_data.steps_per_epoch for k in range(hp.epoch_snapshots)]
     cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
-    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every cycle but the last
+    snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
+    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
+    swa = None  # SWA: (running sum of the weights, count) over the final swa_epochs epoch ends
     if member == 0 or hp.ensemble_size > 1:
         log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
                   f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
@@ -1857,7 +1875,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if saved.get("ema") is not None:
             ema = WeightEMA(raw_model, hp.ema_decay)
             ema.averages = saved["ema"]
-        for cycle, end in enumerate(cycle_ends[:-1]):  # snapshots taken before the interruption
+        if saved.get("swa") is not None:
+            swa = saved["swa"]
+        for cycle, end in enumerate(snapshot_steps):  # snapshots taken before the interruption
             if progress["step"] >= end:
                 snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
                 snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
@@ -1870,7 +1890,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
         atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                                progress=progress, rng=torch.get_rng_state(),
-                               ema=ema.averages if ema is not None else None), own_checkpoint)
+                               ema=ema.averages if ema is not None else None, swa=swa), own_checkpoint)
 
     def run_validation(step: int, epoch_progress: float) -> float:
         start = time.time()
@@ -1969,15 +1989,24 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             interval_start, interval_steps = time.time(), 0
         epoch_end = done % train_data.steps_per_epoch == 0
         pause = time.time()
-        if done in cycle_ends[:-1]:  # an LR cycle ends at its minimum: its weights become an ensemble candidate
-            cycle = cycle_ends.index(done)
+        if hp.swa_epochs and (epoch_end or done == total_steps) and \
+                done > total_steps - hp.swa_epochs * train_data.steps_per_epoch:
+            weights = [p.detach().clone() for p in raw_model.parameters()]  # an SWA cycle ends at its LR floor
+            swa = (weights, 1) if swa is None else ([a + w for a, w in zip(swa[0], weights)], swa[1] + 1)
+            if done == total_steps:  # the run ends on the average of the cycles' end points
+                with torch.no_grad():
+                    for p, total in zip(raw_model.parameters(), swa[0]):
+                        p.copy_(total / swa[1])
+                log.write(f"{tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
+        if done in snapshot_steps:  # an LR cycle or a final epoch ends: its weights become an ensemble candidate
+            cycle = snapshot_steps.index(done)
             snapshot = copy.deepcopy(raw_model).eval().requires_grad_(False)
             snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
             if dist_info.is_main:
                 save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
                                seed=seed, outcome=dict(val_loss=snapshot_loss))
             snapshots.append((snapshot, snapshot_loss))
-            log.write(f"{tag}snapshot {cycle + 1}/{hp.snapshot_cycles} | step {done}/{total_steps} | "
+            log.write(f"{tag}snapshot {cycle + 1}/{len(snapshot_steps) + 1} | step {done}/{total_steps} | "
                       f"val_loss {snapshot_loss:.4f}")
             log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=snapshot_loss))
             if hp.snapshot_noise > 0:
@@ -1998,7 +2027,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             raise RunStopped()
         interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
 
-    return dict(model=raw_model, compiled=model, snapshots=snapshots, val_loss=progress["val_loss"], train_loss=progress["train_loss"],
+    return dict(model=raw_model, compiled=model, snapshots=snapshots, snapshot_count=len(snapshots),
+                val_loss=progress["val_loss"], train_loss=progress["train_loss"],
                 tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
                 epochs=total_steps / train_data.steps_per_epoch, agree=ranks_agree(raw_model, dist_info))
 
@@ -2087,7 +2117,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     def load_finished(member: int) -> tuple[GPT, list, dict]:
         model, saved = load_member(member_path(folder, member), device)
         snapshots = [load_member(snapshot_path(folder, member, cycle), device)
-                     for cycle in range(max(0, hp.snapshot_cycles - 1))]
+                     for cycle in range(saved["outcome"].get("snapshot_count", 0))]
         return model, [(snapshot, info["outcome"]["val_loss"]) for snapshot, info in snapshots], saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group

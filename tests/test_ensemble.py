@@ -262,3 +262,37 @@ def test_snapshot_run_and_resume_across_a_cycle(micro_data, tmp_path, capsys):
                            "--vocab_size", "256", "--device", "cpu", "--val_batch_size", "4", "--seq_len", "32"]) == 0
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------ averaging over the final epochs: SWA, epoch snapshots
+
+def test_swa_cycles_per_final_epoch():
+    hp = train_gpt.Hyperparameters(swa_epochs=2, lr_cycle_floor=0.05, warmdown_frac=0.0)
+    params = [torch.nn.Parameter(torch.zeros(2, 2))]
+    optimizer = torch.optim.SGD(params, lr=1.0)
+    optimizer.param_groups[0]["initial_lr"] = 1.0
+    factors = [train_gpt.apply_schedules([optimizer], step, 30, 10, hp) for step in range(30)]
+    assert factors[:10] == [1.0] * 10  # before the SWA epochs: the usual schedule
+    for end in (19, 29):  # each SWA epoch is one cosine cycle ending at the floor
+        assert factors[end] == pytest.approx(0.05) and factors[end - 9] > 0.95
+
+
+def test_swa_and_epoch_snapshots_runs(micro_data, tmp_path):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    assert run_in_process(micro_flags(train_path, val_path, logs, "swa", num_epochs=3, swa_epochs=2, log_every=5,
+                                      save_model=True)) == 0
+    log_text = open(os.path.join(logs, "swa", "log.txt")).read()
+    assert "swa | weights averaged over the ends of the final 2 epochs" in log_text
+    assert run_in_process(micro_flags(train_path, val_path, logs, "swa_cut", num_epochs=3, swa_epochs=2,
+                                      stop_at_step=13, log_every=5)) == 3
+    assert run_in_process(["--resume", os.path.join(logs, "swa_cut")]) == 0  # the running average survives a kill
+    assert result_of(os.path.join(logs, "swa_cut"))["val_loss"] == result_of(os.path.join(logs, "swa"))["val_loss"]
+
+    assert run_in_process(micro_flags(train_path, val_path, logs, "epochs", num_epochs=3, epoch_snapshots=3,
+                                      log_every=5)) == 0
+    result = result_of(os.path.join(logs, "epochs"))
+    assert len(result["candidate_val_losses"]) == 3  # the ends of epochs 1, 2 and 3
+    vals = [m["val_loss"] for m in read_metrics(os.path.join(logs, "epochs")) if m["kind"] == "val"]
+    assert result["candidate_val_losses"] == pytest.approx(vals, rel=1e-9)  # each candidate is that epoch's model
+    assert result["val_loss"] < np.mean(result["candidate_val_losses"])
