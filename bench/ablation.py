@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="comma-separated techniques to ablate (default: all)")
     parser.add_argument("--max_steps", type=int, default=0, help="cap every run at this many steps (0 = the preset's)")
     parser.add_argument("--num_epochs", type=int, default=0, help="epochs per run (0 = the tiny preset's)")
+    parser.add_argument("--train_tokens", type=int, default=0,
+                        help="train on this prefix of the sample (0 = all; 35027 = the tiny track's quarter)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"), help="the table's file")
     args = parser.parse_args(argv)
 
@@ -79,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown technique(s) {', '.join(unknown)}; known: {', '.join(TECHNIQUES)}")
     defaults = {f.name: f.default for f in train_gpt.dataclasses.fields(train_gpt.Hyperparameters)}
     extra = (["--max_steps", str(args.max_steps)] if args.max_steps else []) + \
-            (["--num_epochs", str(args.num_epochs)] if args.num_epochs else [])
+            (["--num_epochs", str(args.num_epochs)] if args.num_epochs else []) + \
+            (["--train_tokens", str(args.train_tokens)] if args.train_tokens else [])
 
     all_on = {**COMMON, **TECHNIQUES, **SUB_SETTINGS}
     configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated] + \
