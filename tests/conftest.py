@@ -60,9 +60,14 @@ def read_metrics(run_folder: str) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
-def run_script(args: list[str], nproc: int = 1, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Runs train_gpt.py in a fresh process (under torchrun when nproc > 1)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+def run_script(args: list[str], nproc: int = 1, timeout: int = 300, one_thread: bool = True) -> subprocess.CompletedProcess:
+    """Runs train_gpt.py in a fresh process (under torchrun when nproc > 1). one_thread: OMP_NUM_THREADS=1, so that
+    several ranks on 2 cores do not oversubscribe them; False leaves torch its default (every core)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if one_thread:
+        env["OMP_NUM_THREADS"] = "1"
+    else:
+        env.pop("OMP_NUM_THREADS", None)
     script = os.path.join(REPO_ROOT, "train_gpt.py")
     if nproc > 1:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",

@@ -156,7 +156,7 @@ def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
     below the unigram baseline (train's token frequencies scored on val)."""
     start = time.time()
     result = run_script(["--preset", "tiny", "--log_dir", str(tmp_path), "--run_id", "tiny", "--save_model", "false"],
-                        timeout=600)
+                        timeout=600, one_thread=False)
     seconds = time.time() - start
     assert result.returncode == 0, result.stderr[-2000:]
     outcome = json.load(open(tmp_path / "tiny" / "result.json"))
