@@ -6,9 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 # --- GPUs ------------------------------------------------------------------------------------------------------------
-NGPU="${NGPU:-$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)}"
+# the GPUs torch can use (honours CUDA_VISIBLE_DEVICES, unlike nvidia-smi -L)
+NGPU="${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
 if [ "${NGPU:-0}" -lt 1 ]; then  # checked before the ~400 MB download: without a GPU there is nothing to fetch for
-  echo "No GPU found (nvidia-smi -L lists none). On CPU use: python train_gpt.py --preset tiny" >&2
+  echo "No GPU found (torch.cuda.device_count() is 0). On CPU use: python train_gpt.py --preset tiny" >&2
   exit 1
 fi
 

@@ -3,7 +3,8 @@ slowrun: data-efficient language-model pretraining in one file.
 
 The training data is fixed (about 100M FineWeb tokens, read for many epochs) and compute is nearly free:
 the question is how low the validation loss can go. Read this file top to bottom like a paper:
-hyperparameters, distributed setup, data, model, optimizers, evaluation, training, logging, main.
+hyperparameters, distributed setup, data, kernels, model, optimizers, losses and evaluation, logging, training
+(one member, then the ensemble loop), main.
 
     python train_gpt.py --preset tiny                               # CPU, bundled sample, a few minutes
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset slowrun
@@ -144,7 +145,7 @@ class Hyperparameters:
     save_model: bool = True  # write the final weights to <run folder>/model.pt
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
-    ensemble_size: int = 1  # K members trained one after another, member k with seed + 1000 k (1 = a single model)
+    ensemble_size: int = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
     ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
     ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
     distill_alpha: float = 0.0  # member k > 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
@@ -289,6 +290,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
     require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
+    require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
     require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
     world_size //= hp.parallel_members  # the ranks that train one member together
@@ -308,7 +310,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
     require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
     require(hp.window_short >= 0, "window_short must be >= 0")
-    require(hp.wd_schedule in ("flat", "inverse", "sawtooth"), f"wd_schedule must be flat, inverse or sawtooth")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth"),
+            f"wd_schedule must be flat, inverse or sawtooth, got {hp.wd_schedule!r}")
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
     require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
@@ -327,8 +330,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 
 
 def candidate_count(hp: Hyperparameters) -> int:
-    """Ensemble candidates of a run: every member, or every snapshot of every member with snapshot_cycles (at
-    most that many with epoch_snapshots too: a cycle may end with an epoch)."""
+    """Ensemble candidates per run, as far as the flags alone tell: the members times their snapshots (with both
+    snapshot_cycles and epoch_snapshots the union of their steps can hold more; ensemble_weights is refused then)."""
     return hp.ensemble_size * max(1, hp.snapshot_cycles, hp.epoch_snapshots)
 
 
@@ -376,6 +379,14 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
+
+    def from_first_rank(self, value):
+        """rank 0's value of a small Python object, on every rank (run ids, decisions every rank must share)."""
+        if self.world_size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=self.first_global_rank, group=self.group)
+        return box[0]
 
 
 def split_world(dist_info: Dist, groups: int) -> tuple[Dist, int]:
@@ -1344,7 +1355,8 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
 
 
 def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
-    """Linear warmup, constant, then linear warmdown over the final warmdown_frac to final_lr_frac."""
+    """The LR factor of a step: linear warmup; then snapshot cycles if on; else constant (or lr_cycles cosine
+    cycles) followed by the warmdown over the final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
     if step < hp.warmup_steps:
         return (step + 1) / hp.warmup_steps
     progress = step / total_steps
@@ -1569,7 +1581,7 @@ def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Logging and checkpoints: logs/<run_id>/ with log.txt, metrics.jsonl, result.json, model.pt; only rank 0 writes
+# Logging and checkpoints: logs/<run_id>/ with log.txt, metrics.jsonl, result.json, members/; rank 0 writes the log
 
 
 def format_count(count: float) -> str:
@@ -1870,8 +1882,13 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         raw_model.load_state_dict(saved["model"])
         for optimizer, state in zip(optimizers, saved["optimizers"]):
             optimizer.load_state_dict(state)
+        if saved.get("world_size", dist_info.world_size) != dist_info.world_size:
+            raise ConfigError(f"{own_checkpoint} was written by {saved['world_size']} ranks per member, this run has "
+                              f"{dist_info.world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
         progress.update(saved["progress"])
         torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         if saved.get("ema") is not None:
             ema = WeightEMA(raw_model, hp.ema_decay)
             ema.averages = saved["ema"]
@@ -1884,13 +1901,21 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if hp.snapshot_distill and snapshots:
             teachers, distill = [(snapshots[-1][0], 1.0)], True
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
+    steps = torch.tensor([progress["step"], -progress["step"]], dtype=torch.float64, device=device)
+    if dist_info.world_size > 1:  # a crash between two ranks' checkpoint writes would leave them apart
+        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=dist_info.group)
+        if steps[0].item() != -steps[1].item():
+            raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
+                              f"{steps[0].item():.0f}): delete {os.path.dirname(own_checkpoint)} to restart this member")
 
     def save_checkpoint() -> None:
         dist_info.barrier()
         os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
         atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
                                progress=progress, rng=torch.get_rng_state(),
-                               ema=ema.averages if ema is not None else None, swa=swa), own_checkpoint)
+                               ema=ema.averages if ema is not None else None, swa=swa,
+                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               world_size=dist_info.world_size), own_checkpoint)
 
     def run_validation(step: int, epoch_progress: float) -> float:
         start = time.time()
@@ -2039,6 +2064,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
                "attention"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
+    allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
         raise ConfigError(f"--resume continues {hp.resume} with its own hyperparameters; drop "
                           f"{', '.join('--' + name for name in sorted(given - allowed))}")
@@ -2047,6 +2073,12 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
         raise ConfigError(f"--resume {hp.resume}: no hyperparameters.json there (not a run folder?)")
     with open(saved_path, encoding="utf-8") as handle:
         saved = json.load(handle)
+    same_data = {name for name in ("train_files", "val_files", "test_files") if name in given
+                 and getattr(hp, name) == saved.get(name)}  # run.sh passes them again: fine when unchanged
+    if given & {"train_files", "val_files", "test_files"} - same_data:
+        raise ConfigError(f"--resume continues {hp.resume} on its own data; "
+                          f"{', '.join('--' + n for n in sorted(given & {'train_files', 'val_files', 'test_files'} - same_data))}"
+                          f" differs from the run's")
     saved.update({name: getattr(hp, name) for name in given & allowed if name != "preset"})
     saved.update(resume=hp.resume, run_id=os.path.basename(os.path.normpath(hp.resume)),
                  log_dir=os.path.dirname(os.path.normpath(hp.resume)) or ".")
@@ -2073,12 +2105,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     device = dist_info.device
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
 
-    run_id = hp.run_id or default_run_id()
+    run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
     folder = os.path.join(hp.log_dir, run_id)
-    if dist_info.is_main and os.path.exists(folder) and not hp.resume:
+    if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
         raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
-    if dist_info.world_size > 1:
-        dist.barrier()  # nobody creates the folder before rank 0 has checked that it is new
     log = RunLog(folder, dist_info.is_main, append=bool(hp.resume))
     if hp.resume:
         log.section("resume", [" ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *argv]),
@@ -2108,7 +2138,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
     # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
-    # members and, with snapshot_cycles, their earlier snapshots
+    # members and, with snapshot_cycles or epoch_snapshots, their earlier snapshots
     members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
     group_dist, group_index = split_world(dist_info, hp.parallel_members)
     # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
@@ -2231,7 +2261,13 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     """--eval_only: the ensemble of saved members (members/member_NN.pt files or globs) on val, and on test when
     given; nothing is trained. Each member alone, then all of them with --ensemble_weights or uniform weights."""
     paths = sorted({path for pattern in hp.eval_only.split(",") for path in (glob.glob(pattern) or [pattern])})
-    models = [load_member(path, dist_info.device)[0] for path in paths]
+    loaded = [load_member(path, dist_info.device) for path in paths]
+    models = [model for model, _ in loaded]
+    shapes = {(info["hyperparameters"]["seq_len"], info["hyperparameters"]["vocab_size"]) for _, info in loaded}
+    if len(shapes) > 1:
+        raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
+    seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary
+    hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size)
     weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])

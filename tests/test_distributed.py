@@ -73,3 +73,17 @@ def test_parallel_members_train_different_members_like_a_sequential_run(tmp_path
     assert "2 members at once" in log and "trained by another group" in log
     rows = [r for r in read_metrics(str(tmp_path / "parallel")) if r["kind"] == "train"]
     assert {r["member"] for r in rows} == {0, 1}  # both groups wrote their progress lines
+
+
+def test_ranks_share_one_run_folder_and_refuse_an_existing_one(micro_data, tmp_path):
+    """Without --run_id every rank must use rank 0's generated id (one folder); an existing folder stops every rank
+    with one error line instead of leaving the others waiting at a barrier."""
+    train_path, val_path = micro_data
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "", max_steps=2)
+    flags = [f for i, f in enumerate(flags) if not (f == "--run_id" or (i and flags[i - 1] == "--run_id"))]
+    first = run_script(flags, nproc=2)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folders = os.listdir(tmp_path / "logs")
+    assert len(folders) == 1  # one run folder, not one per rank
+    again = run_script(flags + ["--run_id", folders[0]], nproc=2, timeout=120)
+    assert again.returncode != 0 and f"{folders[0]} already exists" in again.stderr

@@ -140,7 +140,7 @@ def test_ensemble_run_scores_members_and_eval_only_agrees(micro_data, tmp_path, 
     capsys.readouterr()
     member_files = os.path.join(logs, "ens", "members", "member_*.pt")
     assert run_in_process(["--eval_only", member_files, "--val_files", val_path, "--vocab_size", "256",
-                           "--device", "cpu", "--val_batch_size", "4", "--seq_len", "32"]) == 0
+                           "--device", "cpu", "--val_batch_size", "4"]) == 0  # seq_len: the members'
     scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert scored["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
     assert scored["member_val_losses"] == pytest.approx(members, rel=1e-6)
