@@ -1451,9 +1451,10 @@ def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.
     return total
 
 
-def ensemble_log_probs(logits_of_members: list[torch.Tensor], weights: list[float], mode: str) -> torch.Tensor:
-    """Combines members' logits (B, T, V) into the ensemble's log-probabilities. "prob": log sum_i w_i softmax(l_i),
-    the probability averaging of the slowrun records; "logit": log_softmax(sum_i w_i l_i) (a geometric mean)."""
+def ensemble_log_probs(logits_of_members, weights: list[float], mode: str) -> torch.Tensor:
+    """Combines members' logits (B, T, V), a list or a generator (then one member's logits exist at a time), into the
+    ensemble's log-probabilities. "prob": log sum_i w_i softmax(l_i), the probability averaging of the slowrun
+    records; "logit": log_softmax(sum_i w_i l_i) (a normalised geometric mean)."""
     if mode == "logit":
         return F.log_softmax(sum(w * logits for w, logits in zip(weights, logits_of_members)), dim=-1)
     mixture = None
@@ -1474,9 +1475,8 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
     for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
         inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-        with autocast_context(dist_info.device):
-            member_logits = [model(inputs).float() for model in models]
-        log_probs = ensemble_log_probs(member_logits, weights, mode)
+        with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
+            log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
         totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
                                 reduction="sum").double()
         totals[1] += (targets >= 0).sum()
