@@ -540,12 +540,14 @@ def track_curve(records_dir: str, track: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------------------------------
 # Plot: val loss against tokens seen (and loss against ensemble size when runs log `ensemble` rows)
 
-def run_series(folder: str) -> tuple[str, list[tuple[int, float]], list[tuple[int, float]]]:
-    """(label, [(tokens_seen, val_loss)], [(ensemble size, val_loss)]) of one run folder."""
+def run_series(folder: str) -> tuple[str, list[tuple[int, float]], list[tuple[int, float]], list[tuple[int, float]]]:
+    """(label, [(tokens_seen, val_loss)], [(ensemble size, val_loss)], [(tokens_seen, train_loss)]) of one run."""
     metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
     val = [(row["tokens_seen"], row["val_loss"]) for row in metrics if row.get("kind") == "val"]
     ensemble = [(row["members"], row["val_loss"]) for row in metrics if row.get("kind") == "ensemble"]
-    return os.path.basename(os.path.normpath(folder)), val, ensemble
+    train = [(row["tokens_seen"], row["train_loss"]) for row in metrics
+             if row.get("kind") == "train" and "member" not in row]
+    return os.path.basename(os.path.normpath(folder)), val, ensemble, train
 
 
 def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int = 600, title: str = "") -> None:
@@ -554,18 +556,21 @@ def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int 
     import matplotlib.pyplot as plt
 
     series = [run_series(folder) for folder in folders]
-    with_ensembles = any(ensemble for _, _, ensemble in series)
+    with_ensembles = any(ensemble for _, _, ensemble, _ in series)
     dpi = 100
     figure, axes = plt.subplots(1, 2 if with_ensembles else 1, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
                                 squeeze=False)
-    for label, val, _ in series:
-        axes[0][0].plot([t for t, _ in val], [loss for _, loss in val], marker="o", markersize=3, label=label)
+    for label, val, _, train in series:
+        line, = axes[0][0].plot([t for t, _ in val], [loss for _, loss in val], marker="o", markersize=3,
+                                label=f"{label} val")
+        if train:  # the train curve beside it, dashed: where val is scored only at the end it shows the run's course
+            axes[0][0].plot(*zip(*train), linestyle="--", linewidth=1, color=line.get_color(), label=f"{label} train")
     axes[0][0].set_xlabel("tokens seen")
-    axes[0][0].set_ylabel("val loss (nats/token)")
+    axes[0][0].set_ylabel("loss (nats/token)")
     axes[0][0].grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
     if with_ensembles:
-        for label, _, ensemble in series:
+        for label, _, ensemble, _ in series:
             if ensemble:
                 axes[0][1].plot(*zip(*ensemble), marker="o", label=label)
         axes[0][1].set_xlabel("ensemble size")
