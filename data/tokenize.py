@@ -60,6 +60,7 @@ else:
 
     BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
 
+BUNDLED_VOCAB = os.path.join(_HERE, "gpt2.tiktoken")  # OpenAI's GPT-2 BPE ranks, MIT (from openai/whisper)
 GPT2_RANKS = 50256  # mergeable BPE ranks of GPT-2 (ids 0..50255); <|endoftext|> is the one special token
 # GPT-2's pre-tokenisation regex, as tiktoken spells it for "gpt2" (r50k_pat_str); the fallback is the same split
 # for tiktoken versions that do not export the constant.
@@ -427,9 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shard_tokens", type=int, default=100_000_000,
                         help="most tokens per train shard; more train than this is split into numbered shards "
                              "(default 100M, as modded-nanogpt)")
-    parser.add_argument("--vocab", default=None,
-                        help="local GPT-2 BPE for offline use: a gpt2.tiktoken file, or a folder with it or with "
-                             "encoder.json + vocab.bpe (default: tiktoken's 'gpt2', which downloads)")
+    parser.add_argument("--vocab", default=BUNDLED_VOCAB if os.path.isfile(BUNDLED_VOCAB) else None,
+                        help="GPT-2 BPE: a gpt2.tiktoken file, or a folder with it or with encoder.json + vocab.bpe "
+                             "(default: the copy bundled in data/, so no download; else tiktoken's 'gpt2')")
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary")
     return parser
 

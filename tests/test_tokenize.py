@@ -12,9 +12,10 @@ import pytest
 import train_gpt
 from conftest import REPO_ROOT
 
-VOCAB = os.path.join(REPO_ROOT, "..", "shared", "data", "gpt2.tiktoken")
-SHARED = os.path.dirname(VOCAB)
-needs_vocab = pytest.mark.skipif(not os.path.isfile(VOCAB), reason="no local gpt2.tiktoken (../shared/data)")
+VOCAB = os.path.join(REPO_ROOT, "data", "gpt2.tiktoken")  # bundled: the tests never download
+SHARED = os.path.join(REPO_ROOT, "..", "shared", "data")  # the sample's source texts, on the machine that made it
+needs_sources = pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "fineweb_edu_sample_800k.txt")),
+                                   reason="the sample's source texts (../shared/data) are not on this machine")
 
 
 def load_tokenize_module():
@@ -30,14 +31,16 @@ tok = load_tokenize_module()
 
 @pytest.fixture(scope="module")
 def encoding():
-    if not os.path.isfile(VOCAB):
-        pytest.skip("no local gpt2.tiktoken")
     return tok.gpt2_encoding(VOCAB)
 
 
 def run_cli(*args):
     return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "tokenize.py"), *args],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+
+
+def test_bundled_vocab_is_gpt2_and_the_default(encoding):
+    assert tok.build_parser().parse_args(["x.txt", "--out_dir", "o", "--name", "n"]).vocab == VOCAB
 
 
 def test_local_vocab_is_gpt2(encoding):
@@ -134,7 +137,7 @@ def test_cli_missing_file_and_not_utf8(tmp_path):
     assert result.returncode == 2 and "not UTF-8" in result.stderr
 
 
-@needs_vocab
+@needs_sources
 def test_bundled_sample_is_reproducible(tmp_path):
     """data/sample/*.bin are exactly what make_sample.sh's commands produce from ../shared/data."""
     for name, source, flags in [
