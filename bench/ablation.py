@@ -1,9 +1,11 @@
 """The mini-slowrun ablation: the tiny preset on the bundled FineWeb-Edu sample, every record technique on, then
 each switched off in turn, over 2 seeds; writes a markdown table of final val loss to bench/RESULTS.md.
+`--mode add` asks the converse question: plain training, then plain plus each technique alone.
 
     python bench/ablation.py                           # the full ablation (CPU, 2 cores; see bench/README.md)
     python bench/ablation.py --max_steps 2 --seeds 0   # a smoke test of the machinery (seconds per run)
     python bench/ablation.py --only xsa,normuon        # a subset of the techniques
+    python bench/ablation.py --mode add                # plain, then plain + one technique at a time
 
 Each run is `python train_gpt.py --preset tiny <ALL_ON> [--<flag> <off value>] --seed S` in a fresh process; the
 runs land in bench/runs/<stamp>/ (git-ignored: delete them freely)."""
@@ -67,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default 0,1)")
     parser.add_argument("--only", default="", help="comma-separated techniques to ablate (default: all)")
+    parser.add_argument("--mode", choices=("drop", "add"), default="drop",
+                        help="drop: all on, then each off (default); add: plain, then each alone on top of plain")
     parser.add_argument("--max_steps", type=int, default=0, help="cap every run at this many steps (0 = the preset's)")
     parser.add_argument("--num_epochs", type=int, default=0, help="epochs per run (0 = the tiny preset's)")
     parser.add_argument("--train_tokens", type=int, default=0,
@@ -85,8 +89,13 @@ def main(argv: list[str] | None = None) -> int:
             (["--train_tokens", str(args.train_tokens)] if args.train_tokens else [])
 
     all_on = {**COMMON, **TECHNIQUES, **SUB_SETTINGS}
-    configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated] + \
-        [("plain (all off)", dict(COMMON))]
+    plain = dict(COMMON)
+    if args.mode == "drop":
+        configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated] + \
+            [("plain (all off)", plain)]
+    else:  # the first row is the reference of the delta column, so plain comes first here
+        configs = [("plain (all off)", plain)] + [(f"only-{t}", {**plain, **SUB_SETTINGS, t: TECHNIQUES[t]})
+                                                  for t in ablated] + [("all-on", all_on)]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
     start = time.time()
@@ -97,15 +106,20 @@ def main(argv: list[str] | None = None) -> int:
 
     base = statistics.mean(rows[0][1])
     command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    reference, sign_meaning = (("all-on", "switching the technique off hurts (the technique helps)")
+                               if args.mode == "drop" else
+                               ("plain", "adding the technique alone hurts (negative: it helps)"))
+    title = ("every technique on, then each off in turn" if args.mode == "drop"
+             else "plain training, then one technique at a time on top")
     lines = [
-        "## Mini-slowrun ablation: every technique on, then each off in turn", "",
+        f"## Mini-slowrun ablation: {title}", "",
         f"Command: `{command}`  ",
         f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
         f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}  ",
         f"All-on settings: `{' '.join(flags_of(all_on))}` on top of `--preset tiny`"
         + (f" and `{' '.join(extra)}`" if extra else "") + ".", "",
         "Final val loss (nats/token). Spread = max - min over the seeds. "
-        "Delta = mean - all-on mean: positive means switching the technique off hurts (the technique helps).", "",
+        f"Delta = mean - {reference} mean: positive means {sign_meaning}.", "",
         "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta |",
         "|---|" + "---|" * (len(seeds) + 3),
     ]
@@ -113,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         mean = statistics.mean(losses)
         lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
                      f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
-    write_section(args.out, "ablation", "\n".join(lines))
+    write_section(args.out, "ablation" if args.mode == "drop" else "ablation_add", "\n".join(lines))
     print(f"wrote {args.out}")
     return 0
 

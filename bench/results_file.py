@@ -12,7 +12,8 @@ def write_section(path: str, name: str, text: str) -> None:
     content = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Bench results\n\n"
     if start in content and end in content:
         before, rest = content.split(start, 1)
-        content = before + block + rest.split(end, 1)[1].lstrip("\n")
+        after = rest.split(end, 1)[1].lstrip("\n")
+        content = before + block + ("\n" + after if after else "")
     else:
         content = content.rstrip("\n") + "\n\n" + block
     temporary = path + ".tmp"
