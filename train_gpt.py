@@ -81,10 +81,13 @@ class Hyperparameters:
     loop_start_frac: float = 0.0  # the replay switches on from this fraction of training on
     window_pattern: str = ""  # sliding-window attention, cycled over layers, last layer always long: e.g. "SSSL" (nanochat; slowrun)
     window_short: int = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
+    window_warmup_frac: float = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
+    window_warmup_stages: int = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
     head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
+    batch_schedule: str = ""  # batch-size schedule: per-epoch multipliers of batch_tokens, the last repeating, e.g. "0.25,0.5,1": small batches early give more updates from the same tokens (modded-nanogpt's batch schedule); LRs unchanged
     device_batch_size: int = 16  # sequences per rank per forward/backward (lower it if memory runs out)
     val_batch_size: int = 16  # sequences per rank per evaluation forward
     # --- optimizer: Muon for hidden matrices, AdamW for the rest -------------------------------------------------
@@ -305,11 +308,16 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
+    require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
     if hp.loop_repeats:
         start, stop = loop_layer_range(hp)
         require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
     require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
     require(hp.window_short >= 0, "window_short must be >= 0")
+    require(0.0 <= hp.window_warmup_frac <= 1.0 and hp.window_warmup_stages >= 1,
+            "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
+    require(not hp.window_warmup_frac or hp.window_pattern,
+            "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
     require(hp.wd_schedule in ("flat", "inverse", "sawtooth"),
             f"wd_schedule must be flat, inverse or sawtooth, got {hp.wd_schedule!r}")
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
@@ -327,6 +335,20 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"batch_tokens/seq_len = {batch_seqs} sequences cannot be split into micro-batches of device_batch_size "
             f"{hp.device_batch_size} x {world_size} ranks; choose batch_tokens as a multiple of "
             f"{per_micro_step * hp.seq_len}")
+    for multiplier in batch_schedule(hp):
+        scheduled = multiplier * batch_seqs
+        require(scheduled == round(scheduled) and round(scheduled) % per_micro_step == 0 and scheduled > 0,
+                f"batch_schedule multiplier {multiplier:g} gives {scheduled:g} sequences per step, not a positive "
+                f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
+
+
+def batch_schedule(hp: Hyperparameters) -> tuple[float, ...]:
+    """The per-epoch batch multipliers of --batch_schedule ("0.25,0.5,1"), () when off."""
+    try:
+        return tuple(float(value) for value in hp.batch_schedule.split(",") if value.strip())
+    except ValueError:
+        raise ConfigError(f"batch_schedule must be comma-separated numbers like 0.25,0.5,1, got "
+                          f"{hp.batch_schedule!r}") from None
 
 
 def candidate_count(hp: Hyperparameters) -> int:
@@ -513,32 +535,62 @@ class TrainData:
     """The fixed train budget, cut into disjoint windows of seq_len + 1 tokens once per epoch.
 
     Each epoch reshuffles whole documents (seed, epoch) and packs the stream into windows; optimizer step s of the
-    epoch takes windows [s*B, (s+1)*B) where B = batch_tokens / seq_len, and splits them over micro-steps and ranks.
-    Every train token therefore lies in exactly one window per epoch, on exactly one rank. The stream's last window
-    is usually short and the epoch's last step usually has fewer than B windows: the missing targets are -1 (ignored),
-    and the loss is normalised by the true number of targets in the global step, so 1, 2 or 8 ranks compute the same
-    update. Everything here is a pure function of (tokens, seed, epoch, step, micro_step, rank)."""
+    epoch takes windows [s*B, (s+1)*B) where B = batch_tokens / seq_len (times the epoch's batch_schedule multiplier),
+    and splits them over micro-steps and ranks. Every train token therefore lies in exactly one window per epoch, on
+    exactly one rank. The stream's last window is usually short and the epoch's last step usually has fewer than B
+    windows: the missing targets are -1 (ignored), and the loss is normalised by the true number of targets in the
+    global step, so 1, 2 or 8 ranks compute the same update. Everything here is a pure function of (tokens, seed,
+    epoch, step, micro_step, rank). Steps are numbered over the whole run; locate() turns one into (epoch, step in
+    epoch), which needs care only because a batch-size schedule gives epochs different numbers of steps."""
 
     def __init__(self, tokens: np.ndarray, bos_id: int, seq_len: int, batch_seqs: int, device_batch_size: int,
-                 world_size: int, rank: int, seed: int):
+                 world_size: int, rank: int, seed: int, batch_schedule: tuple[float, ...] = ()):
         self.tokens = tokens
         self.doc_starts = document_starts(tokens, bos_id)
         self.seq_len, self.window = seq_len, seq_len + 1
-        self.batch_seqs, self.device_batch_size = batch_seqs, device_batch_size
+        self.full_batch_seqs, self.device_batch_size = batch_seqs, device_batch_size
+        self.schedule = tuple(batch_schedule) or (1.0,)  # per-epoch multipliers of the batch; the last one repeats
         self.world_size, self.rank, self.seed = world_size, rank, seed
-        self.grad_accum_steps = batch_seqs // (device_batch_size * world_size)
         self.windows_per_epoch = math.ceil(tokens.size / self.window)
-        self.steps_per_epoch = math.ceil(self.windows_per_epoch / batch_seqs)
         self._cached_epoch, self._cached_stream = -1, tokens
+
+    def batch_seqs(self, epoch: int) -> int:
+        """Sequences per optimizer step (all ranks) in this epoch."""
+        return round(self.full_batch_seqs * self.schedule[min(epoch, len(self.schedule) - 1)])
+
+    def grad_accum_steps(self, epoch: int) -> int:
+        return self.batch_seqs(epoch) // (self.device_batch_size * self.world_size)
+
+    def steps_in(self, epoch: int) -> int:
+        return math.ceil(self.windows_per_epoch / self.batch_seqs(epoch))
+
+    def epoch_start(self, epoch: int) -> int:
+        """The run's step number of the first step of this epoch (epoch = num_epochs: the run's step count)."""
+        scheduled = min(epoch, len(self.schedule))
+        return sum(self.steps_in(e) for e in range(scheduled)) + (epoch - scheduled) * self.steps_in(scheduled)
+
+    def locate(self, step: int) -> tuple[int, int]:
+        """(epoch, step within the epoch) of a run step."""
+        epoch = 0
+        while epoch < len(self.schedule) - 1 and step >= self.steps_in(epoch):
+            step -= self.steps_in(epoch)
+            epoch += 1
+        full_epochs, step_in_epoch = divmod(step, self.steps_in(epoch))
+        return epoch + full_epochs, step_in_epoch
+
+    def epoch_position(self, step: int) -> float:
+        """Epochs completed after `step` steps, fractional: 2.5 = halfway through the third epoch."""
+        epoch, step_in_epoch = self.locate(step)
+        return epoch + step_in_epoch / self.steps_in(epoch)
 
     def stream(self, epoch: int) -> np.ndarray:
         if epoch != self._cached_epoch:
             self._cached_epoch, self._cached_stream = epoch, shuffled_stream(self.tokens, self.doc_starts, self.seed, epoch)
         return self._cached_stream
 
-    def window_ids(self, step_in_epoch: int, micro_step: int, rank: int) -> np.ndarray:
+    def window_ids(self, epoch: int, step_in_epoch: int, micro_step: int, rank: int) -> np.ndarray:
         """Which windows of the epoch this (step, micro-step, rank) trains on; ids past the end are padding."""
-        first = step_in_epoch * self.batch_seqs + (micro_step * self.world_size + rank) * self.device_batch_size
+        first = step_in_epoch * self.batch_seqs(epoch) + (micro_step * self.world_size + rank) * self.device_batch_size
         return np.arange(first, first + self.device_batch_size)
 
     def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
@@ -552,13 +604,13 @@ class TrainData:
 
     def micro_batch(self, epoch: int, step_in_epoch: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs (B, T) and targets (B, T) for this rank; ignored targets are -1 (their inputs are 0)."""
-        windows = torch.from_numpy(self.windows(epoch, self.window_ids(step_in_epoch, micro_step, self.rank)))
+        windows = torch.from_numpy(self.windows(epoch, self.window_ids(epoch, step_in_epoch, micro_step, self.rank)))
         return windows[:, :-1].clamp(min=0), windows[:, 1:].clone()
 
-    def step_target_count(self, step_in_epoch: int) -> int:
+    def step_target_count(self, epoch: int, step_in_epoch: int) -> int:
         """Targets in the whole global step (all ranks, all micro-steps): the loss normaliser. Needs no communication."""
-        first = step_in_epoch * self.batch_seqs
-        ids = np.arange(first, min(first + self.batch_seqs, self.windows_per_epoch))
+        first = step_in_epoch * self.batch_seqs(epoch)
+        ids = np.arange(first, min(first + self.batch_seqs(epoch), self.windows_per_epoch))
         lengths = np.clip(self.tokens.size - ids * self.window, 0, self.window)
         return int(np.clip(lengths - 1, 0, None).sum())
 
@@ -1020,6 +1072,22 @@ def window_sizes(hp: Hyperparameters) -> list[int] | None:
     return sizes
 
 
+def scaled_window_sizes(full_sizes: list[int], stage: int, stages: int) -> list[int]:
+    """The window schedule's sizes at stage 0..stages-1: each window at (stage + 1) / stages of its full size
+    (rounded up). Short windows early make the first steps cheaper and, in modded-nanogpt's records, train local
+    structure first; few stages keep torch.compile to a few graphs (one per distinct size set)."""
+    return [math.ceil(full * (stage + 1) / stages) for full in full_sizes]
+
+
+def window_stage(step: int, total_steps: int, hp: Hyperparameters) -> int:
+    """Which stage of the window schedule a step is in: equal slices of the first window_warmup_frac of training,
+    the last stage (full windows) from then on."""
+    warmup_steps = hp.window_warmup_frac * total_steps
+    if step >= warmup_steps:
+        return hp.window_warmup_stages - 1
+    return min(hp.window_warmup_stages - 1, int(step / warmup_steps * hp.window_warmup_stages))
+
+
 def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> torch.Tensor:
     """(T, T) boolean: query i sees keys j with i - window < j <= i. A plain SDPA mask (FlexAttention is the other path)."""
     return attention_mask_dense(time_steps, window, None, device)
@@ -1038,7 +1106,7 @@ class GPT(nn.Module):
         # --- tricks that change the layer loop: built only when their flag is on ---
         self.resid_mix, self.unet_skips = hp.resid_mix, hp.unet_skips
         self.encoder_layers = hp.n_layer // 2
-        self.window_sizes = window_sizes(hp)
+        self.full_window_sizes = self.window_sizes = window_sizes(hp)  # window_sizes: the current stage's
         self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
         self.uses_x0 = hp.value_proj or hp.resid_mix
@@ -1049,8 +1117,11 @@ class GPT(nn.Module):
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
         self.static_block_masks, self.seq_len = {}, hp.seq_len
         if self.attention == "flex" and not hp.doc_mask and torch.get_default_device().type != "meta":
+            every_stage = [self.window_sizes or [hp.seq_len]] + [
+                scaled_window_sizes(self.full_window_sizes, stage, hp.window_warmup_stages)
+                for stage in range(hp.window_warmup_stages) if hp.window_warmup_frac]
             self.static_block_masks = {w: flex_block_mask(hp.seq_len, w, None, torch.get_default_device())
-                                       for w in set(self.window_sizes or [hp.seq_len])}
+                                       for w in set(sum(every_stage, []))}
         if hp.resid_mix:
             self.resid_lambdas = nn.Parameter(torch.ones(hp.n_layer))
             self.x0_lambdas = nn.Parameter(torch.full((hp.n_layer,), 0.1))
@@ -1095,6 +1166,10 @@ class GPT(nn.Module):
             start, stop = self.loop_range
             order = order[:stop] + list(range(start, stop)) * self.loop_repeats + order[stop:]
         return order
+
+    def set_window_stage(self, stage: int, stages: int) -> None:
+        """The window schedule: stage stages - 1 (the default, and every saved model's) is the full windows."""
+        self.window_sizes = scaled_window_sizes(self.full_window_sizes, stage, stages)
 
     def attention_masks(self, idx: torch.Tensor) -> dict:
         """{window: mask} for the layers' windows (the full length when there are none), built once per forward and
@@ -1141,6 +1216,12 @@ class GPT(nn.Module):
                 x = block(x, cos, sin)
             return x
         return self.run_layers(x, cos, sin, idx)
+
+    def for_inference(self) -> "GPT":
+        """A frozen model (teacher, snapshot, saved member) runs eagerly, where FlexAttention falls back to
+        materialising every score: SDPA with the same dense mask gives the same output faster, so switch to it."""
+        self.attention = "sdpa"
+        return self.eval().requires_grad_(False)
 
     def features(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the final normalised residual stream (B, T, C), the lm_head's input (a distillation
@@ -1376,15 +1457,14 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     return 1.0 - (progress - warmdown_start) / hp.warmdown_frac * (1.0 - hp.final_lr_frac)
 
 
-def wd_multiplier(step: int, total_steps: int, steps_per_epoch: int, lr_factor: float, hp: Hyperparameters) -> float:
+def wd_multiplier(epoch_position: float, total_epochs: float, lr_factor: float, hp: Hyperparameters) -> float:
     """Weight-decay schedule, multiplying the groups' weight decay (the step's shrink is lr * wd):
     flat 1; inverse 1 / max(lr multiplier, 0.1), holding lr * wd at its peak through the warmdown; sawtooth over the
     final wd_sawtooth_epochs epochs, falling 2 -> 0 within each epoch (mean 1), 1 before them."""
     if hp.wd_schedule == "inverse":
         return 1.0 / max(lr_factor, 0.1)
     if hp.wd_schedule == "sawtooth":
-        epoch_position = step / steps_per_epoch
-        if epoch_position >= total_steps / steps_per_epoch - hp.wd_sawtooth_epochs:
+        if epoch_position >= total_epochs - hp.wd_sawtooth_epochs:
             return 2.0 * (1.0 - epoch_position % 1.0)
     return 1.0
 
@@ -1394,15 +1474,16 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
     return 0.85 + (hp.muon_momentum - 0.85) * min(1.0, step / hp.muon_momentum_warmup)
 
 
-def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, steps_per_epoch: int,
+def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, train_data: TrainData,
                     hp: Hyperparameters) -> float:
     """Sets this step's LR (and, when their flags are on, weight decay and Muon momentum); returns the LR factor."""
     factor = lr_multiplier(step, total_steps, hp)
-    swa_start = total_steps - hp.swa_epochs * steps_per_epoch
-    if hp.swa_epochs and step >= swa_start:  # SWA: one cosine cycle per final epoch, its end at the floor
-        phase = ((step - swa_start) % steps_per_epoch + 1) / steps_per_epoch
+    epoch_position, total_epochs = train_data.epoch_position(step), train_data.epoch_position(total_steps)
+    if hp.swa_epochs and epoch_position >= total_epochs - hp.swa_epochs:  # SWA: one cosine cycle per final epoch
+        epoch, step_in_epoch = train_data.locate(step)
+        phase = (step_in_epoch + 1) / train_data.steps_in(epoch)  # the epoch's last step at the floor
         factor = hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
-    wd_factor = wd_multiplier(step, total_steps, steps_per_epoch, factor, hp) if hp.wd_schedule != "flat" else None
+    wd_factor = wd_multiplier(epoch_position, total_epochs, factor, hp) if hp.wd_schedule != "flat" else None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -1835,7 +1916,8 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     with torch.device(device):
         model = GPT(hp)
     model.load_state_dict(saved["model"])
-    return model.eval(), saved
+    model.loop_active = bool(hp.loop_repeats)  # a finished run ends with its looped layers replaying
+    return model.for_inference(), saved
 
 
 def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
@@ -1846,8 +1928,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     seed = member_seed(hp, member)
     batch_seqs = hp.batch_tokens // hp.seq_len
     train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
-                           dist_info.world_size, dist_info.rank, seed)
-    full_steps = hp.num_epochs * train_data.steps_per_epoch
+                           dist_info.world_size, dist_info.rank, seed, batch_schedule(hp))
+    full_steps = train_data.epoch_start(hp.num_epochs)
     total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
     raw_model = build_model(hp, dist_info, seed)
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
@@ -1859,13 +1941,16 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     fused = (backend, hp.logit_softcap) if backend != "eager" else None
     # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
     # the last step's weights are the member itself
-    epoch_ends = [total_steps - k * train_data.steps_per_epoch for k in range(hp.epoch_snapshots)]
+    final_epoch = math.ceil(train_data.epoch_position(total_steps))  # the epoch the run ends in (or at the end of)
+    epoch_ends = [min(total_steps, train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
     cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
     snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
     snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
     swa = None  # SWA: (running sum of the weights, count) over the final swa_epochs epoch ends
     if member == 0 or hp.ensemble_size > 1:
-        log.write(f"{tag}seed {seed} | {train_data.steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
+        scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
+        steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
+        log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
                   f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
                   f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
@@ -1928,17 +2013,19 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                          eval_seconds=round(seconds, 3)))
         return val_loss
 
-    interval_start, interval_steps = time.time(), 0
+    interval_start, interval_steps, interval_tokens = time.time(), 0, 0
     compile_seconds = None  # the first step of a compiled model, timed alone: compilation is kept out of ms/step
     loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
     model.train()
     for step in range(progress["step"], total_steps):
-        epoch, step_in_epoch = divmod(step, train_data.steps_per_epoch)
-        factor = apply_schedules(optimizers, step, total_steps, train_data.steps_per_epoch, hp)
+        epoch, step_in_epoch = train_data.locate(step)
+        factor = apply_schedules(optimizers, step, total_steps, train_data, hp)
         if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
             raw_model.loop_active = step >= hp.loop_start_frac * total_steps
-        step_targets = train_data.step_target_count(step_in_epoch)
-        for micro_step in range(train_data.grad_accum_steps):
+        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
+            raw_model.set_window_stage(window_stage(step, total_steps, hp), hp.window_warmup_stages)
+        step_targets = train_data.step_target_count(epoch, step_in_epoch)
+        for micro_step in range(train_data.grad_accum_steps(epoch)):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
@@ -1966,7 +2053,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         for optimizer in optimizers:
             optimizer.step()
         raw_model.zero_grad(set_to_none=True)
-        interval_steps += 1
+        interval_steps, interval_tokens = interval_steps + 1, interval_tokens + step_targets
 
         done = step + 1
         if use_compile and compile_seconds is None:
@@ -1977,7 +2064,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                       f"exclude it")
             log.metrics(dict(kind="compile", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
                              compile_seconds=round(compile_seconds, 3)))
-            interval_start, interval_steps = time.time(), 0
+            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
         progress["step"] = done
         # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
         if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
@@ -1987,7 +2074,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 ema.update(raw_model)
             if done == total_steps:
                 ema.blend_into(raw_model, hp.ema_blend)
-        epoch_progress = done / train_data.steps_per_epoch
+        epoch_progress = train_data.epoch_position(done)
         if done % hp.log_every == 0 or done == 1 or done == total_steps:
             progress["train_loss"] = dist_info.all_reduce_sum(loss_sum).item() / progress["loss_count"]
             loss_sum.zero_()
@@ -1996,10 +2083,10 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 torch.cuda.synchronize(device)
             interval_seconds = time.time() - interval_start
             if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
-                interval_seconds, interval_steps = compile_seconds, 1
+                interval_seconds, interval_steps, interval_tokens = compile_seconds, 1, step_targets
             progress["train_seconds"] += interval_seconds
             ms_per_step = 1000 * interval_seconds / interval_steps
-            tokens_per_second = hp.batch_tokens * interval_steps / interval_seconds
+            tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
             eta = (total_steps - done) * interval_seconds / interval_steps
             memory = peak_memory_bytes(device)
             log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
@@ -2011,11 +2098,11 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                              tokens_seen=progress["tokens_seen"], ms_per_step=round(ms_per_step, 2),
                              tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
                              peak_memory_bytes=memory, train_seconds=round(progress["train_seconds"], 3)))
-            interval_start, interval_steps = time.time(), 0
-        epoch_end = done % train_data.steps_per_epoch == 0
+            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
+        epoch_end = train_data.locate(done)[1] == 0
         pause = time.time()
         if hp.swa_epochs and (epoch_end or done == total_steps) and \
-                done > total_steps - hp.swa_epochs * train_data.steps_per_epoch:
+                epoch_progress > train_data.epoch_position(total_steps) - hp.swa_epochs:
             weights = [p.detach().clone() for p in raw_model.parameters()]  # an SWA cycle ends at its LR floor
             swa = (weights, 1) if swa is None else ([a + w for a, w in zip(swa[0], weights)], swa[1] + 1)
             if done == total_steps:  # the run ends on the average of the cycles' end points
@@ -2025,7 +2112,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 log.write(f"{tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
         if done in snapshot_steps:  # an LR cycle or a final epoch ends: its weights become an ensemble candidate
             cycle = snapshot_steps.index(done)
-            snapshot = copy.deepcopy(raw_model).eval().requires_grad_(False)
+            snapshot = copy.deepcopy(raw_model).for_inference()
             snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
             if dist_info.is_main:
                 save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
@@ -2055,7 +2142,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     return dict(model=raw_model, compiled=model, snapshots=snapshots, snapshot_count=len(snapshots),
                 val_loss=progress["val_loss"], train_loss=progress["train_loss"],
                 tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
-                epochs=total_steps / train_data.steps_per_epoch, agree=ranks_agree(raw_model, dist_info))
+                epochs=train_data.epoch_position(total_steps), agree=ranks_agree(raw_model, dist_info))
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
@@ -2128,7 +2215,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
         f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
         f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
-        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else ""),
+        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else "")
+        + (f" | batch_schedule x{hp.batch_schedule} (per epoch, the last repeating)" if hp.batch_schedule else ""),
         f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
         f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
         f"(oracle bound for context-free models)" +
@@ -2160,7 +2248,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
             trained = train_member(hp, group_dist, data, member_log, mine, teachers)
-            model = trained.pop("model").eval()
+            model = trained.pop("model").for_inference()
             trained.pop("compiled")
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)

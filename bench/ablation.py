@@ -36,9 +36,12 @@ TECHNIQUES = dict(
     value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, xsa="learned", stochastic_depth=0.1,
     mtp_weight=0.3, loop_repeats=1, window_pattern="SSSL", head_mix=True,
     muon_polar_express=True, muon_eq_r=True, normuon=True, cautious_wd=True, ema_decay=0.95,
+    window_warmup_frac=0.5, batch_schedule="0.5,1",
 )
 # Sub-settings that go with a technique (harmless when it is off).
 SUB_SETTINGS = dict(loop_start_frac=0.5, ema_start_frac=0.5, ema_every=1)
+# Techniques that act on another one: switched off with it, switched on with it.
+NEEDS = dict(window_warmup_frac="window_pattern")
 
 
 def flags_of(settings: dict) -> list[str]:
@@ -91,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     all_on = {**COMMON, **TECHNIQUES, **SUB_SETTINGS}
     plain = dict(COMMON)
     if args.mode == "drop":
-        configs = [("all-on", all_on)] + [(f"no-{t}", {**all_on, t: defaults[t]}) for t in ablated] + \
-            [("plain (all off)", plain)]
+        configs = [("all-on", all_on)] + [
+            (f"no-{t}", {**all_on, **{d: defaults[d] for d in [t] + [d for d, n in NEEDS.items() if n == t]}})
+            for t in ablated] + [("plain (all off)", plain)]
     else:  # the first row is the reference of the delta column, so plain comes first here
-        configs = [("plain (all off)", plain)] + [(f"only-{t}", {**plain, **SUB_SETTINGS, t: TECHNIQUES[t]})
-                                                  for t in ablated] + [("all-on", all_on)]
+        configs = [("plain (all off)", plain)] + [
+            (f"only-{t}", {**plain, **SUB_SETTINGS, **{n: TECHNIQUES[n] for n in [NEEDS.get(t, t), t]}})
+            for t in ablated] + [("all-on", all_on)]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
     start = time.time()

@@ -98,23 +98,25 @@ def test_glob_concatenates_in_name_order(tmp_path):
 def _all_windows(data: train_gpt.TrainData, epoch: int, world_size: int) -> list[np.ndarray]:
     """Every window that any rank trains on in one epoch, in (step, micro-step, rank) order."""
     windows = []
-    for step in range(data.steps_per_epoch):
-        for micro in range(data.grad_accum_steps):
+    for step in range(data.steps_in(epoch)):
+        for micro in range(data.grad_accum_steps(epoch)):
             for rank in range(world_size):
-                ids = data.window_ids(step, micro, rank)
+                ids = data.window_ids(epoch, step, micro, rank)
                 windows.extend(data.windows(epoch, ids))
     return windows
 
 
-def _make_loader(tokens, world_size, rank=0, seed=0, seq_len=16, batch_seqs=12, device_batch_size=2):
-    return train_gpt.TrainData(tokens, MICRO_BOS, seq_len, batch_seqs, device_batch_size, world_size, rank, seed)
+def _make_loader(tokens, world_size, rank=0, seed=0, seq_len=16, batch_seqs=12, device_batch_size=2, schedule=()):
+    return train_gpt.TrainData(tokens, MICRO_BOS, seq_len, batch_seqs, device_batch_size, world_size, rank, seed,
+                               schedule)
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_train_token_exactly_once_per_epoch(world_size):
+@pytest.mark.parametrize("schedule", [(), (0.5, 1.0)])
+def test_every_train_token_exactly_once_per_epoch(world_size, schedule):
     tokens = synthetic_documents(40, seed=3)
-    data = _make_loader(tokens, world_size)
-    for epoch in range(2):
+    data = _make_loader(tokens, world_size, device_batch_size=1, schedule=schedule)
+    for epoch in range(3):
         windows = _all_windows(data, epoch, world_size)
         used = np.concatenate([w[w >= 0] for w in windows])
         # The windows, read in order, are exactly this epoch's shuffled stream: each token once, none invented.
@@ -125,16 +127,35 @@ def test_every_train_token_exactly_once_per_epoch(world_size):
         assert (flat[:used.size] >= 0).all() and (flat[used.size:] == -1).all()
 
 
-def test_ranks_split_the_same_global_batch():
+@pytest.mark.parametrize("schedule", [(), (0.5, 1.0)])
+def test_ranks_split_the_same_global_batch(schedule):
     """Rank r of a 2-rank run trains on the same windows as the 1-rank run's matching micro-steps."""
     tokens = synthetic_documents(40, seed=3)
-    one, two = _make_loader(tokens, 1), [_make_loader(tokens, 2, rank=r) for r in range(2)]
-    for step in range(one.steps_per_epoch):
-        single = np.concatenate([one.window_ids(step, m, 0) for m in range(one.grad_accum_steps)])
-        split = np.concatenate([two[r].window_ids(step, m, r) for m in range(two[0].grad_accum_steps)
-                                for r in range(2)])
-        assert np.array_equal(np.sort(single), np.sort(split))
-        assert one.step_target_count(step) == two[1].step_target_count(step)
+    one = _make_loader(tokens, 1, device_batch_size=1, schedule=schedule)
+    two = [_make_loader(tokens, 2, rank=r, device_batch_size=1, schedule=schedule) for r in range(2)]
+    for epoch in range(2):
+        assert one.steps_in(epoch) == two[0].steps_in(epoch)
+        for step in range(one.steps_in(epoch)):
+            single = np.concatenate([one.window_ids(epoch, step, m, 0) for m in range(one.grad_accum_steps(epoch))])
+            split = np.concatenate([two[r].window_ids(epoch, step, m, r)
+                                    for m in range(two[0].grad_accum_steps(epoch)) for r in range(2)])
+            assert np.array_equal(np.sort(single), np.sort(split))
+            assert one.step_target_count(epoch, step) == two[1].step_target_count(epoch, step)
+
+
+def test_batch_schedule_numbers_steps_across_epochs():
+    """With per-epoch batch multipliers, epochs have different step counts; locate, epoch_start and
+    epoch_position agree with a step-by-step walk through the epochs."""
+    tokens = synthetic_documents(40, seed=3)
+    data = _make_loader(tokens, 1, batch_seqs=8, schedule=(0.25, 0.5, 1.0))
+    assert [data.batch_seqs(e) for e in range(5)] == [2, 4, 8, 8, 8]
+    counts = [data.steps_in(e) for e in range(5)]
+    assert counts[0] > counts[1] > counts[2] == counts[3] == counts[4]
+    walk = [(epoch, step) for epoch in range(5) for step in range(counts[epoch])]
+    assert [data.locate(s) for s in range(len(walk))] == walk
+    assert [data.epoch_start(e) for e in range(6)] == [sum(counts[:e]) for e in range(5)] + [len(walk)]
+    assert data.epoch_position(sum(counts[:2]) + counts[2] // 2) == pytest.approx(2 + (counts[2] // 2) / counts[2])
+    assert data.epoch_position(len(walk)) == 5.0
 
 
 def test_epochs_differ_and_seeds_repeat():
@@ -152,13 +173,13 @@ def test_step_target_count_matches_the_windows():
     tokens = synthetic_documents(40, seed=3)
     data = _make_loader(tokens, 2)
     total = 0
-    for step in range(data.steps_per_epoch):
+    for step in range(data.steps_in(0)):
         counted = 0
-        for micro in range(data.grad_accum_steps):
+        for micro in range(data.grad_accum_steps(0)):
             for rank in range(2):
-                windows = data.windows(0, data.window_ids(step, micro, rank))
+                windows = data.windows(0, data.window_ids(0, step, micro, rank))
                 counted += int((windows[:, 1:] >= 0).sum())
-        assert counted == data.step_target_count(step)
+        assert counted == data.step_target_count(0, step)
         total += counted
     # Each window of w tokens gives w - 1 targets.
     assert total == tokens.size - data.windows_per_epoch
@@ -167,7 +188,7 @@ def test_step_target_count_matches_the_windows():
 def test_micro_batch_shapes_and_padding():
     tokens = synthetic_documents(5, seed=4)  # fewer tokens than one global batch: mostly padding
     data = _make_loader(tokens, 1)
-    inputs, targets = data.micro_batch(0, 0, data.grad_accum_steps - 1)
+    inputs, targets = data.micro_batch(0, 0, data.grad_accum_steps(0) - 1)
     assert inputs.shape == targets.shape == (2, 16) and inputs.dtype == targets.dtype == torch.int64
     assert (inputs >= 0).all()  # padded inputs become token 0, their targets -1
     assert (targets == -1).all()

@@ -9,8 +9,9 @@ from conftest import micro_flags, read_metrics, run_script
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The same micro run on 1, 2 and 3 ranks: 12 sequences per step = 2 per rank x 6, 3 or 2 accumulation steps.
-    Three layers make each Muon shape group hold 3 matrices, so 2 ranks exercise the padded last chunk."""
+    """The same micro run on 1, 2 and 3 ranks: 24 sequences per step = 2 per rank x 12, 6 or 4 accumulation steps,
+    halved in the first epoch by the batch-size schedule. Three layers make each Muon shape group hold 3 matrices,
+    so 2 ranks exercise the padded last chunk."""
     import train_gpt
     from conftest import synthetic_documents
     root = tmp_path_factory.mktemp("dist")
@@ -19,8 +20,8 @@ def runs(tmp_path_factory):
     train_gpt.write_shard(val_path, synthetic_documents(25, seed=2))
     folders = {}
     for nproc in (1, 2, 3):
-        flags = micro_flags(train_path, val_path, str(root), f"world{nproc}", n_layer=3, batch_tokens=384,
-                            device_batch_size=2, num_epochs=3)
+        flags = micro_flags(train_path, val_path, str(root), f"world{nproc}", n_layer=3, batch_tokens=768,
+                            device_batch_size=2, num_epochs=3, batch_schedule="0.5,1")
         result = run_script(flags, nproc=nproc)
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
         folders[nproc] = os.path.join(root, f"world{nproc}")
@@ -31,7 +32,7 @@ def runs(tmp_path_factory):
 def test_ranks_follow_the_single_rank_loss_curve(runs, nproc):
     single, multi = read_metrics(runs[1]), read_metrics(runs[nproc])
     assert [row["kind"] for row in single] == [row["kind"] for row in multi]
-    assert len(single) >= 29  # 9 steps and one validation per epoch
+    assert len(single) >= 20  # 9 + 5 + 5 steps and one validation per epoch
     for one, many in zip(single, multi):
         assert one["step"] == many["step"] and one["tokens_seen"] == many["tokens_seen"]
         key = "train_loss" if one["kind"] == "train" else "val_loss"
@@ -46,7 +47,18 @@ def test_ranks_end_with_identical_weights(runs, nproc):
     result = json.load(open(os.path.join(runs[nproc], "result.json")))
     assert result["world_size"] == nproc and result["ranks_agree"] is True
     log = open(os.path.join(runs[nproc], "log.txt")).read()
-    assert f"= 2 per rank x {nproc} ranks x {6 // nproc} accumulation" in log
+    assert f"= 2 per rank x {nproc} ranks x {12 // nproc} accumulation" in log
+
+
+def test_batch_schedule_reads_each_epoch_once_in_fewer_larger_steps(runs):
+    """batch_schedule 0.5,1: the first epoch takes about twice the steps of the later ones, and every epoch still
+    trains on the same number of targets (the whole train set once)."""
+    ends = [row for row in read_metrics(runs[1]) if row["kind"] == "val"]
+    steps = [ends[0]["step"]] + [b["step"] - a["step"] for a, b in zip(ends, ends[1:])]
+    tokens = [ends[0]["tokens_seen"]] + [b["tokens_seen"] - a["tokens_seen"] for a, b in zip(ends, ends[1:])]
+    assert [round(row["epoch"], 6) for row in ends] == [1.0, 2.0, 3.0]
+    assert steps[1] == steps[2] and 2 * steps[1] - 1 <= steps[0] <= 2 * steps[1], steps
+    assert tokens[0] == tokens[1] == tokens[2] > 0
 
 
 def test_parallel_members_train_different_members_like_a_sequential_run(tmp_path):

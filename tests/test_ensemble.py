@@ -149,7 +149,8 @@ def test_ensemble_run_scores_members_and_eval_only_agrees(micro_data, tmp_path, 
 def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_path):
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")
-    common = dict(ensemble_size=2, distill_alpha=0.5, log_every=1, dropout=0.1)
+    # a batch-size schedule too: the resumed step must map to the same (epoch, step in epoch)
+    common = dict(ensemble_size=2, distill_alpha=0.5, log_every=1, dropout=0.1, batch_schedule="0.5,1")
     assert run_in_process(micro_flags(train_path, val_path, logs, "whole", **common)) == 0
     whole = result_of(os.path.join(logs, "whole"))
     steps_per_member = whole["steps"] // 2
@@ -271,7 +272,11 @@ def test_swa_cycles_per_final_epoch():
     params = [torch.nn.Parameter(torch.zeros(2, 2))]
     optimizer = torch.optim.SGD(params, lr=1.0)
     optimizer.param_groups[0]["initial_lr"] = 1.0
-    factors = [train_gpt.apply_schedules([optimizer], step, 30, 10, hp) for step in range(30)]
+    tokens = np.ones(50, dtype=np.uint16)  # one document of 50 tokens: 10 windows of 5, one per step
+    tokens[0] = 0
+    train_data = train_gpt.TrainData(tokens, 0, 4, 1, 1, 1, 0, 0)
+    assert train_data.steps_in(0) == 10
+    factors = [train_gpt.apply_schedules([optimizer], step, 30, train_data, hp) for step in range(30)]
     assert factors[:10] == [1.0] * 10  # before the SWA epochs: the usual schedule
     for end in (19, 29):  # each SWA epoch is one cosine cycle ending at the floor
         assert factors[end] == pytest.approx(0.05) and factors[end - 9] > 0.95

@@ -185,6 +185,10 @@ def test_gpt_flex_matches_sdpa(overrides):
         with torch.no_grad():
             logits.append(model(idx))
     assert relative_error(logits[1], logits[0]) < 1e-5
+    frozen = model.for_inference()  # teachers and snapshots run eagerly: on SDPA, with the same output
+    assert frozen.attention == "sdpa" and not any(p.requires_grad for p in frozen.parameters())
+    with torch.no_grad():
+        assert relative_error(frozen(idx), logits[1]) < 1e-5
 
 
 def test_doc_mask_changes_the_model_and_off_is_plain():

@@ -13,7 +13,8 @@ from conftest import micro_flags, read_metrics
 
 # Every technique switched on (the values a test or the ablation bench uses); a flag absent from here is a sub-setting.
 ALL_ON = dict(value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, xsa="learned", stochastic_depth=0.1,
-              mtp_weight=0.3, loop_repeats=1, window_pattern="SSSL", window_short=8, head_mix=True,
+              mtp_weight=0.3, loop_repeats=1, window_pattern="SSSL", window_short=8, window_warmup_frac=0.5,
+              head_mix=True,
               muon_polar_express=True, muon_eq_r=True, normuon=True, cautious_wd=True, muon_momentum_warmup=5,
               grad_clip=1.0, warmdown_shape=2.0, lr_cycles=2, wd_schedule="inverse", ema_decay=0.9)
 
@@ -231,8 +232,8 @@ def test_schedules():
     assert factors[4] == pytest.approx(0.2 + 0.8 * 0.5 * (1 + math.cos(math.pi * 0.8)))
     assert min(factors[:10]) >= 0.2 and factors[1] > factors[2] > factors[3] > factors[4]
     assert factors[15] == pytest.approx(0.25)  # (1 - 0.5)^2
-    assert train_gpt.wd_multiplier(15, 20, 5, 0.25, micro_hp(wd_schedule="inverse")) == 4.0
-    saw = [train_gpt.wd_multiplier(s, 20, 5, 1.0, micro_hp(wd_schedule="sawtooth", wd_sawtooth_epochs=2))
+    assert train_gpt.wd_multiplier(3.0, 4.0, 0.25, micro_hp(wd_schedule="inverse")) == 4.0
+    saw = [train_gpt.wd_multiplier(s / 5, 4.0, 1.0, micro_hp(wd_schedule="sawtooth", wd_sawtooth_epochs=2))
            for s in range(20)]
     assert saw[:10] == [1.0] * 10 and saw[10] == 2.0 and saw[14] == pytest.approx(0.4) and saw[15] == 2.0
     hp = micro_hp(muon_momentum_warmup=10, muon_momentum=0.95)
@@ -299,3 +300,27 @@ def test_every_flag_on_eager_matches_compiled(one_thread):
         pytest.skip(f"torch.compile unavailable on this CPU: {type(error).__name__}: {str(error)[:200]}")
     print(f"compile + run: {time.time() - start:.1f}s, max |eager - compiled| = {(eager - compiled).abs().max():.2e}")
     assert torch.allclose(eager, compiled, atol=1e-4, rtol=1e-4)
+
+
+def test_window_schedule_grows_the_windows_to_full():
+    """window_warmup_frac: stages in equal slices of the warmup, full windows after it; the narrow stage really
+    hides distant tokens and the last stage is the unscheduled model."""
+    hp = micro_hp(n_layer=1, window_pattern="L", window_warmup_frac=0.5, window_warmup_stages=4)
+    assert [train_gpt.window_stage(s, 40, hp) for s in range(0, 40, 5)] == [0, 1, 2, 3, 3, 3, 3, 3]
+    assert train_gpt.scaled_window_sizes([8, 16], 0, 4) == [2, 4]
+    assert train_gpt.scaled_window_sizes([8, 16], 3, 4) == [8, 16]
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp).eval()
+    give_weights(model)
+    idx = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    changed = idx.clone()
+    changed[0, 0] = (idx[0, 0] + 1) % 256  # a different first token
+    model.set_window_stage(0, 4)  # window 4: positions >= 4 cannot see token 0
+    assert model.window_sizes == [4]
+    narrow = (model(idx) - model(changed)).abs().amax(dim=-1)[0]
+    assert narrow[4:].max() == 0 and narrow[:4].min() > 0
+    model.set_window_stage(3, 4)  # full: every position sees token 0
+    assert model.window_sizes == [16]
+    assert (model(idx) - model(changed)).abs().amax(dim=-1)[0].min() > 0
+    with pytest.raises(train_gpt.ConfigError, match="window_pattern"):
+        train_gpt.check_hyperparameters(micro_hp(window_warmup_frac=0.5), 1)
