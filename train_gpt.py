@@ -111,6 +111,7 @@ class Hyperparameters:
     cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
     muon_momentum_warmup: int = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
     muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
@@ -276,6 +277,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
     require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
+    require(hp.muon_gram in ("torch", "triton"), f"muon_gram must be torch or triton, got {hp.muon_gram!r}")
     require(hp.fused_loss in ("auto", "on", "chunked", "off"),
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
@@ -756,15 +758,16 @@ def _fused_loss_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets
         tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
 
-@functools.lru_cache(maxsize=2)
-def _triton_loss_kernel(interpret: bool):
-    """The kernel, JIT-wrapped on first use. Triton is imported here, never by `import train_gpt`: it fixes at import
-    whether its library functions are compiled or interpreted (TRITON_INTERPRET=1), and the tests set that after
-    importing this file. The kernel's `tl` comes from a copy of its globals, so this module's namespace stays as is."""
+@functools.lru_cache(maxsize=8)
+def triton_jit(kernel_source, interpret: bool):
+    """A kernel of this file, JIT-wrapped on first use. Triton is imported here, never by `import train_gpt`: it fixes
+    at import whether its library functions are compiled or interpreted (TRITON_INTERPRET=1), and the tests set that
+    after importing this file. The kernel's `tl` comes from a copy of its globals, so this module's namespace stays
+    as is. `interpret` is part of the cache key: a kernel made for one mode is never reused in the other."""
     import triton
     import triton.language as tl
-    kernel = types.FunctionType(_fused_loss_kernel.__code__, {**globals(), "tl": tl}, _fused_loss_kernel.__name__)
-    kernel.__qualname__ = _fused_loss_kernel.__qualname__
+    kernel = types.FunctionType(kernel_source.__code__, {**globals(), "tl": tl}, kernel_source.__name__)
+    kernel.__qualname__ = kernel_source.__qualname__
     return triton.jit(kernel)
 
 
@@ -778,7 +781,7 @@ def fused_loss_rows_triton(logits: torch.Tensor, targets: torch.Tensor, teacher_
     ce = torch.empty_like(objective)
     has_teacher = teacher_log_probs is not None
     teacher = teacher_log_probs if has_teacher else logits  # an unread stand-in pointer when there is no teacher
-    kernel = _triton_loss_kernel(os.environ.get("TRITON_INTERPRET") == "1")
+    kernel = triton_jit(_fused_loss_kernel, os.environ.get("TRITON_INTERPRET") == "1")
     kernel[(rows,)](logits, logits.stride(0), grad_out, grad_out.stride(0), targets, teacher, teacher.stride(0),
                     objective, ce, float(softcap) if softcap > 0 else 1.0, 1.0 / temperature,
                     float(ce_weight), float(kl_weight), n_cols=vocab, HAS_SOFTCAP=softcap > 0, HAS_TEACHER=has_teacher,
@@ -1256,11 +1259,67 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum")
 
 
+def _symmetric_gram_kernel(a_ptr, out_ptr, add_ptr, tiles_ptr, rows, stride_ar, stride_ac, stride_or, stride_oc,
+                           alpha, beta, cols: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """out = alpha * A A^T (+ beta * add) for A (rows, cols): A A^T is symmetric, so only the tiles on and above the
+    diagonal are computed (program p -> tile (i, j), i <= j) and each off-diagonal tile is also stored transposed.
+    Half the products of a plain matmul, the trick modded-nanogpt's Muon kernels use. `add` must be symmetric too."""
+    pid = tl.program_id(0)
+    i = tl.load(tiles_ptr + 2 * pid)  # this program's tile (i, j), listed by the host
+    j = tl.load(tiles_ptr + 2 * pid + 1)
+    offs_i = i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = j * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, cols, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        a_i = tl.load(a_ptr + offs_i[:, None] * stride_ar + offs_k[None, :] * stride_ac,
+                      mask=(offs_i[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
+        a_j = tl.load(a_ptr + offs_j[:, None] * stride_ar + offs_k[None, :] * stride_ac,
+                      mask=(offs_j[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
+        acc += tl.dot(a_i, tl.trans(a_j), input_precision="ieee")
+    acc = acc * alpha
+    mask = (offs_i[:, None] < rows) & (offs_j[None, :] < rows)
+    if HAS_ADD:
+        acc += beta * tl.load(add_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc, mask=mask,
+                              other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_j[None, :] * stride_or + offs_i[:, None] * stride_oc,  # the mirrored tile
+             acc.to(out_ptr.dtype.element_ty), mask=mask & (i != j))
+
+
+def symmetric_gram_triton(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
+                          beta: float = 0.0, block: int = 64) -> torch.Tensor:
+    """alpha * a @ a.T (+ beta * add), a 2-D: the Triton kernel above. Reference: symmetric_gram_torch."""
+    rows, cols = a.shape
+    out = torch.empty(rows, rows, dtype=a.dtype, device=a.device)
+    tiles = upper_triangle_tiles(-(-rows // block), a.device)
+    kernel = triton_jit(_symmetric_gram_kernel, os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(tiles.size(0),)](a, out, add if add is not None else out, tiles, rows, a.stride(0), a.stride(1),
+                             out.stride(0), out.stride(1), float(alpha), float(beta), cols=cols,
+                             HAS_ADD=add is not None, BLOCK=block, BLOCK_K=32)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def upper_triangle_tiles(tiles: int, device: torch.device) -> torch.Tensor:
+    """(n, 2) int32 tile coordinates (i, j), i <= j: one program each (cached per shape and device)."""
+    return torch.triu_indices(tiles, tiles).T.contiguous().to(device=device, dtype=torch.int32)
+
+
+def symmetric_gram_torch(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
+                         beta: float = 0.0, block: int = 0) -> torch.Tensor:
+    """The reference: alpha * a @ a.T (+ beta * add) as one plain matmul."""
+    gram = alpha * (a @ a.mT)
+    return gram if add is None else gram + beta * add
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Optimizers: Muon for the hidden matrices, AdamW for embedding, lm_head and scalars
 
 
-def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
+def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
     """Approximates U V^T of grad = U S V^T with a quintic Newton-Schulz iteration (Jordan et al. 2024, Muon).
     The coefficients push every singular value into roughly [0.7, 1.2] in five steps rather than exactly to 1: what
     matters for the update is that no direction dominates. bf16 on GPU (tensor cores); float32 on CPU."""
@@ -1271,8 +1330,7 @@ def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
     for _ in range(steps):
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = quintic_step(x, a, b, c, gram)
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
@@ -1290,7 +1348,17 @@ POLAR_EXPRESS_COEFFICIENTS = (
 )
 
 
-def polar_express_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
+def quintic_step(x: torch.Tensor, a: float, b: float, c: float, gram=None) -> torch.Tensor:
+    """x <- a x + (b G + c G G) x with G = x x^T. Both G and G G = G G^T are symmetric, which a `gram` function
+    (symmetric_gram_triton: half the products) exploits; None is the plain matmul reference."""
+    if gram is None:
+        g = x @ x.mT
+        return a * x + (b * g + c * g @ g) @ x
+    g = gram(x)
+    return a * x + gram(g, c, g, b) @ x
+
+
+def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
     """U V^T of grad by Polar Express: same shape of iteration as Newton-Schulz, per-step coefficients."""
     x = grad.bfloat16() if grad.is_cuda else grad.float()
     transposed = x.size(-2) > x.size(-1)
@@ -1299,8 +1367,7 @@ def polar_express_orthogonalize(grad: torch.Tensor, steps: int) -> torch.Tensor:
     x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     for step in range(steps):
         a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
-        gram = x @ x.mT
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = quintic_step(x, a, b, c, gram)
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
@@ -1328,7 +1395,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
-                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False):
+                 normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False,
+                 gram: str = "torch"):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -1341,7 +1409,10 @@ class Muon(torch.optim.Optimizer):
         # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
         self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize,
                                 "polar_express": polar_express_orthogonalize}
-        if compiled:
+        if gram == "triton":  # the symmetric Gram kernel: half of X X^T's and G G^T's products (kept uncompiled)
+            self.orthogonalizers = {name: functools.partial(fn, gram=symmetric_gram_triton)
+                                    for name, fn in self.orthogonalizers.items()}
+        elif compiled:
             self.orthogonalizers = {name: torch.compile(fn, dynamic=False)
                                     for name, fn in self.orthogonalizers.items()}
 
@@ -1416,7 +1487,12 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                 world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
                 normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
                 process_group=dist_info.group,
-                compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"))
+                compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
+                gram=hp.muon_gram)
+    if hp.muon_gram == "triton" and not fused_loss_available(dist_info.device):
+        raise ConfigError(f"--muon_gram triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
+                          f"device {dist_info.device.type}, triton "
+                          f"{'present' if importlib.util.find_spec('triton') else 'missing'}")
     optimizers = [adamw, muon]
     for optimizer in optimizers:
         for group in optimizer.param_groups:

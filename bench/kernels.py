@@ -128,10 +128,26 @@ def attention_benches(shape: dict, device: torch.device, window: int):
     return benches
 
 
+def muon_benches(shape: dict, device: torch.device, steps: int = 5):
+    """One orthogonalisation (Polar Express, 5 steps) of a width x 4 width MLP matrix: plain matmuls, compiled, and
+    the symmetric Gram kernel (CUDA only: interpreted Triton on CPU is far too slow to time)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    generator = torch.Generator(device=device).manual_seed(0)
+    grad = torch.randn(shape["width"], 4 * shape["width"], device=device, dtype=dtype, generator=generator)
+    orthogonalize = train_gpt.polar_express_orthogonalize
+    benches = {"Polar Express, plain matmuls (reference)": lambda: orthogonalize(grad, steps)}
+    if device.type == "cuda":
+        compiled = torch.compile(orthogonalize, dynamic=False)
+        benches["Polar Express, torch.compile (--muon_compile on)"] = lambda: compiled(grad, steps)
+        benches["Polar Express, symmetric Gram kernel (--muon_gram triton)"] = lambda: orthogonalize(
+            grad, steps, gram=train_gpt.symmetric_gram_triton)
+    return benches
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="the reduced shape (the default on CPU)")
-    parser.add_argument("--only", default="loss,distill,attention", help="comma-separated benches to run")
+    parser.add_argument("--only", default="loss,distill,attention,muon", help="comma-separated benches to run")
     parser.add_argument("--rows", type=int, default=0, help="lm_head rows (batch x seq) for the loss benches")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--window", type=int, default=1024, help="the short window of the attention bench")
@@ -152,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             benches = loss_benches(shape, device, distill=name == "distill")
         elif name == "attention":
             benches = attention_benches(shape, device, window)
+        elif name == "muon":
+            benches = muon_benches(shape, device)
         else:
             parser.error(f"unknown bench {name!r}")
         reference = None

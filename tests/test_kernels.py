@@ -256,3 +256,33 @@ def test_compiled_muon_matches_the_plain_iteration(polar_express):
     for original, plain, fast in zip(weights, *results):
         assert not torch.equal(plain, original)  # the step did move the weights
         torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ Muon's symmetric Gram kernel
+
+@pytest.mark.parametrize("rows,cols,block", [(37, 53, 16), (1, 7, 16), (64, 20, 32), (50, 50, 16)])
+def test_symmetric_gram_kernel_matches_matmul(rows, cols, block):
+    """alpha A A^T + beta B from the upper-triangle tiles only (mirrored) equals the plain matmul, on sizes that
+    are not multiples of the tile; the last case has several tile rows, so the mirrored stores are exercised."""
+    pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(rows * 100 + cols)
+    a = torch.randn(rows, cols, generator=generator).to(DEVICE)
+    add = a @ a.T + torch.eye(rows, device=DEVICE)  # any symmetric matrix
+    for alpha, beta, extra in ((1.0, 0.0, None), (-2.5, 0.7, add)):
+        fast = train_gpt.symmetric_gram_triton(a, alpha, extra, beta, block=block)
+        reference = train_gpt.symmetric_gram_torch(a, alpha, extra, beta)
+        assert relative_error(fast, reference) < 1e-5, (alpha, beta)
+        assert torch.equal(fast, fast.T)  # the mirrored tiles are the same numbers
+
+
+@pytest.mark.parametrize("polar_express", [False, True])
+def test_orthogonalization_with_the_gram_kernel_matches_reference(polar_express):
+    pytest.importorskip("triton")
+    generator = torch.Generator().manual_seed(5)
+    grad = torch.randn(70, 45, generator=generator).to(DEVICE)  # tall: iterates on the transpose
+    function = train_gpt.polar_express_orthogonalize if polar_express else train_gpt.newton_schulz_orthogonalize
+    fast = function(grad, 5, gram=train_gpt.symmetric_gram_triton).float()
+    reference = function(grad, 5).float()
+    assert relative_error(fast, reference) < (2e-2 if DEVICE.type == "cuda" else 1e-4)  # bf16 on CUDA
+    singular_values = torch.linalg.svdvals(fast.cpu())
+    assert singular_values.min() > 0.5 and singular_values.max() < 1.3
