@@ -104,35 +104,40 @@ def main(argv: list[str] | None = None) -> int:
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
     start = time.time()
-    rows = []
-    for name, settings in configs:
-        losses = [run_one(name, settings, seed, folder, extra)["val_loss"] for seed in seeds]
-        rows.append((name, losses))
-
-    base = statistics.mean(rows[0][1])
     command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     reference, sign_meaning = (("all-on", "switching the technique off hurts (the technique helps)")
                                if args.mode == "drop" else
                                ("plain", "adding the technique alone hurts (negative: it helps)"))
     title = ("every technique on, then each off in turn" if args.mode == "drop"
              else "plain training, then one technique at a time on top")
-    lines = [
-        f"## Mini-slowrun ablation: {title}", "",
-        f"Command: `{command}`  ",
-        f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
-        f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}  ",
-        f"All-on settings: `{' '.join(flags_of(all_on))}` on top of `--preset tiny`"
-        + (f" and `{' '.join(extra)}`" if extra else "") + ".", "",
-        "Final val loss (nats/token). Spread = max - min over the seeds. "
-        f"Delta = mean - {reference} mean: positive means {sign_meaning}.", "",
-        "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta |",
-        "|---|" + "---|" * (len(seeds) + 3),
-    ]
-    for name, losses in rows:
-        mean = statistics.mean(losses)
-        lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
-                     f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
-    write_section(args.out, "ablation" if args.mode == "drop" else "ablation_add", "\n".join(lines))
+
+    def write_table(rows: list[tuple[str, list[float]]]) -> None:
+        """The table so far: rewritten after every configuration, so an interrupted bench keeps what it measured."""
+        done = len(rows) == len(configs)
+        base = statistics.mean(rows[0][1])
+        lines = [
+            f"## Mini-slowrun ablation: {title}", "",
+            f"Command: `{command}`  ",
+            f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
+            f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}"
+            + ("" if done else f" | **incomplete: {len(rows)} of {len(configs)} configurations so far**") + "  ",
+            f"All-on settings: `{' '.join(flags_of(all_on))}` on top of `--preset tiny`"
+            + (f" and `{' '.join(extra)}`" if extra else "") + ".", "",
+            "Final val loss (nats/token). Spread = max - min over the seeds. "
+            f"Delta = mean - {reference} mean: positive means {sign_meaning}.", "",
+            "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta |",
+            "|---|" + "---|" * (len(seeds) + 3),
+        ]
+        for name, losses in rows:
+            mean = statistics.mean(losses)
+            lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
+                         f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
+        write_section(args.out, "ablation" if args.mode == "drop" else "ablation_add", "\n".join(lines))
+
+    rows = []
+    for name, settings in configs:
+        rows.append((name, [run_one(name, settings, seed, folder, extra)["val_loss"] for seed in seeds]))
+        write_table(rows)
     print(f"wrote {args.out}")
     return 0
 
