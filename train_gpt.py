@@ -339,7 +339,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"{per_micro_step * hp.seq_len}")
     for multiplier in batch_schedule(hp):
         scheduled = multiplier * batch_seqs
-        require(scheduled == round(scheduled) and round(scheduled) % per_micro_step == 0 and scheduled > 0,
+        require(abs(scheduled - round(scheduled)) < 1e-6 and round(scheduled) % per_micro_step == 0 and scheduled > 0,
                 f"batch_schedule multiplier {multiplier:g} gives {scheduled:g} sequences per step, not a positive "
                 f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
 
@@ -766,8 +766,12 @@ def triton_jit(kernel_source, interpret: bool):
     as is. `interpret` is part of the cache key: a kernel made for one mode is never reused in the other."""
     import triton
     import triton.language as tl
-    kernel = types.FunctionType(kernel_source.__code__, {**globals(), "tl": tl}, kernel_source.__name__)
+    kernel = types.FunctionType(kernel_source.__code__, {**globals(), "tl": tl}, kernel_source.__name__,
+                                kernel_source.__defaults__)
     kernel.__qualname__ = kernel_source.__qualname__
+    # the annotations say which arguments are tl.constexpr (compile-time): without them a GPU compile fails, while
+    # the interpreter (the CPU tests) would not notice
+    kernel.__annotations__ = dict(kernel_source.__annotations__)
     return triton.jit(kernel)
 
 
@@ -1960,9 +1964,13 @@ def snapshot_path(folder: str, member: int, cycle: int) -> str:
     return os.path.join(folder, "members", f"member_{member:02d}_snapshot_{cycle:02d}.pt")
 
 
-def save_candidate(path: str, model: nn.Module, hp: Hyperparameters, **info) -> None:
+def save_candidate(path: str, model: "GPT", hp: Hyperparameters, **info) -> None:
+    """A member or snapshot with what rebuilds it exactly: weights, hyperparameters, and the schedule state it was
+    taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), **info), path)
+    state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes)
+    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), inference_state=state,
+                           **info), path)
 
 
 def perturb_weights(model: nn.Module, scale: float, seed: int) -> None:
@@ -1992,7 +2000,9 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     with torch.device(device):
         model = GPT(hp)
     model.load_state_dict(saved["model"])
-    model.loop_active = bool(hp.loop_repeats)  # a finished run ends with its looped layers replaying
+    state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
+    model.loop_active = state.get("loop_active", bool(hp.loop_repeats))
+    model.window_sizes = state.get("window_sizes", model.window_sizes)
     return model.for_inference(), saved
 
 
@@ -2007,6 +2017,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                            dist_info.world_size, dist_info.rank, seed, batch_schedule(hp))
     full_steps = train_data.epoch_start(hp.num_epochs)
     total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+    # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
+    # steps differ in cost, so steps left x ms/step would be wrong)
+    run_targets = sum(train_data.step_target_count(*train_data.locate(step)) for step in range(total_steps))
     raw_model = build_model(hp, dist_info, seed)
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
     use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
@@ -2163,7 +2176,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             progress["train_seconds"] += interval_seconds
             ms_per_step = 1000 * interval_seconds / interval_steps
             tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
-            eta = (total_steps - done) * interval_seconds / interval_steps
+            eta = (run_targets - progress["tokens_seen"]) / max(tokens_per_second, 1e-9)
             memory = peak_memory_bytes(device)
             log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
                       f"train_loss {progress['train_loss']:.4f} | tokens {format_count(progress['tokens_seen'])} | "

@@ -286,3 +286,46 @@ def test_orthogonalization_with_the_gram_kernel_matches_reference(polar_express)
     assert relative_error(fast, reference) < (2e-2 if DEVICE.type == "cuda" else 1e-4)  # bf16 on CUDA
     singular_values = torch.linalg.svdvals(fast.cpu())
     assert singular_values.min() > 0.5 and singular_values.max() < 1.3
+
+
+# Compiles both kernels ahead of time for an H100 (sm_90) on this CPU machine, in a fresh process (this module
+# interprets Triton). The interpreter that runs the tests above accepts kernels a GPU compile rejects: a kernel
+# that lost its tl.constexpr annotations ran fine here and failed on every GPU.
+AOT_COMPILE = r"""
+import sys, triton, train_gpt
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+cases = [
+    (train_gpt._fused_loss_kernel,
+     dict(logits_ptr="*bf16", logits_stride="i32", grad_ptr="*bf16", grad_stride="i32", targets_ptr="*i64",
+          teacher_ptr="*fp32", teacher_stride="i32", objective_ptr="*fp32", ce_ptr="*fp32", softcap="fp32",
+          inv_temperature="fp32", ce_weight="fp32", kl_weight="fp32"),
+     dict(n_cols=50304, HAS_SOFTCAP=True, HAS_TEACHER=True, BLOCK=1024)),
+    (train_gpt._symmetric_gram_kernel,
+     dict(a_ptr="*bf16", out_ptr="*bf16", add_ptr="*bf16", tiles_ptr="*i32", rows="i32", stride_ar="i32",
+          stride_ac="i32", stride_or="i32", stride_oc="i32", alpha="fp32", beta="fp32"),
+     dict(cols=2048, HAS_ADD=True, BLOCK=64, BLOCK_K=32)),
+]
+for kernel_source, signature, constexprs in cases:
+    kernel = train_gpt.triton_jit(kernel_source, interpret=False)
+    declared = sorted(p.name for p in kernel.params if p.is_constexpr)
+    assert declared == sorted(constexprs), (kernel_source.__name__, declared)
+    signature.update({name: "constexpr" for name in constexprs})
+    compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32))
+    assert "ptx" in compiled.asm, (kernel_source.__name__, list(compiled.asm))
+    print(kernel_source.__name__, "compiled for sm_90")
+"""
+
+
+def test_triton_kernels_compile_for_an_h100():
+    pytest.importorskip("triton")
+    import subprocess
+    import sys
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    result = subprocess.run([sys.executable, "-c", AOT_COMPILE], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("compiled for sm_90") == 2

@@ -324,3 +324,29 @@ def test_window_schedule_grows_the_windows_to_full():
     assert (model(idx) - model(changed)).abs().amax(dim=-1)[0].min() > 0
     with pytest.raises(train_gpt.ConfigError, match="window_pattern"):
         train_gpt.check_hyperparameters(micro_hp(window_warmup_frac=0.5), 1)
+
+
+def test_saved_member_reloads_in_the_schedule_state_it_was_taken_in(tmp_path):
+    """A snapshot taken before the loop starts and early in the window schedule must score, once reloaded, as the
+    in-memory model did: not with the looped layers replaying or the full windows (a finished run's state)."""
+    hp = micro_hp(n_layer=4, loop_repeats=2, loop_range="1:3", window_pattern="SL", window_short=4,
+                  window_warmup_frac=0.5, window_warmup_stages=2)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp)
+    with torch.no_grad():  # the init zeroes output projections: give every layer a say
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.set_window_stage(0, 2)
+    assert model.window_sizes != model.full_window_sizes and not model.loop_active
+    idx = torch.randint(0, 255, (2, 16))
+    with torch.no_grad():
+        expected = model.eval()(idx)
+    path = str(tmp_path / "members" / "snapshot.pt")
+    train_gpt.save_candidate(path, model, hp)
+    loaded, _ = train_gpt.load_member(path, torch.device("cpu"))
+    assert loaded.window_sizes == model.window_sizes and loaded.loop_active is False
+    with torch.no_grad():
+        assert torch.allclose(loaded(idx), expected, atol=1e-5)
+        # the finished state (loop on, full windows) is a different function: the test would see a wrong reload
+        model.loop_active, model.window_sizes = True, model.full_window_sizes
+        assert not torch.allclose(model(idx), expected, atol=1e-3)
