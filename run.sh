@@ -2,6 +2,7 @@
 # The full-scale entry point: the slowrun preset on every GPU of this node.
 #   ./run.sh                          # train with the slowrun preset
 #   ./run.sh --num_epochs 2 --seed 1  # extra flags pass through to train_gpt.py
+#   NGPU=4 ./run.sh                   # on 4 of this node's GPUs
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -11,6 +12,15 @@ NGPU="${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())' 2>/de
 if [ "${NGPU:-0}" -lt 1 ]; then  # checked before the ~400 MB download: without a GPU there is nothing to fetch for
   echo "No GPU found (torch.cuda.device_count() is 0). On CPU use: python train_gpt.py --preset tiny" >&2
   exit 1
+fi
+# The slowrun preset's 256 sequences per step at 4 per GPU split evenly over 1, 2, 4, 8, 16... GPUs only: on 3, 5, 6
+# or 7 use the largest power of two (same update, same recipe). KEEP_NGPU=1 keeps them all (then pick a batch_tokens
+# that splits: train_gpt.py says which multiples do). NGPU=N ./run.sh chooses the count by hand.
+POW2=1; while [ $((POW2 * 2)) -le "$NGPU" ]; do POW2=$((POW2 * 2)); done
+if [ "$POW2" -ne "$NGPU" ] && [ -z "${KEEP_NGPU:-}" ]; then
+  echo "run.sh: $NGPU GPUs found; using $POW2 (the slowrun batch splits evenly over a power of two;" \
+       "KEEP_NGPU=1 NGPU=$NGPU ./run.sh --batch_tokens ... to use all of them)" >&2
+  NGPU=$POW2
 fi
 
 # --- data -------------------------------------------------------------------------------------------------------------

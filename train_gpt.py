@@ -18,6 +18,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import bisect
 import functools
 import glob
 import importlib.util
@@ -146,15 +147,15 @@ class Hyperparameters:
     log_dir: str = "logs"  # where run folders go
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
     val_every: int = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
-    save_model: bool = True  # write the final weights to <run folder>/model.pt
+    save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it)
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
     ensemble_size: int = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
     ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
     ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
-    distill_alpha: float = 0.0  # member k > 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
+    distill_alpha: float = 0.0  # member k >= 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
     distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
-    distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 1..k-1
+    distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 0..k-1
     distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
     parallel_members: int = 1  # M process groups of world/M ranks train M members at once (round by round); with
     # distillation the teacher is then the last member of the previous round
@@ -298,15 +299,24 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
     require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
+    require(hp.parallel_members <= hp.ensemble_size,
+            f"parallel_members {hp.parallel_members} trains that many members at once: more than ensemble_size "
+            f"{hp.ensemble_size} leaves groups idle")
     world_size //= hp.parallel_members  # the ranks that train one member together
     require(hp.snapshot_cycles >= 0 and hp.snapshot_noise >= 0, "snapshot_cycles and snapshot_noise must be >= 0")
     require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
     require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
+    require(not (hp.snapshot_noise or hp.snapshot_distill) or hp.snapshot_cycles or hp.epoch_snapshots,
+            "snapshot_noise and snapshot_distill act where a snapshot is taken: set snapshot_cycles or epoch_snapshots")
     if hp.ensemble_weights:
         parse_weights(hp.ensemble_weights, candidate_count(hp))
     require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
             "fitness_tokens and select_top must be >= 0, select_steps >= 1")
     require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
+    require(not hp.select_top or hp.fitness_tokens, "select_top keeps the members with the largest learned weights: "
+            "set fitness_tokens (the train tokens the weights are learned on)")
+    require(not (hp.fitness_tokens and hp.ensemble_mode == "logit"),
+            "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
@@ -328,6 +338,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.swa_epochs >= 0 and hp.epoch_snapshots >= 0, "swa_epochs and epoch_snapshots must be >= 0")
     require(not (hp.swa_epochs and (hp.ema_decay > 0 or hp.snapshot_cycles or hp.lr_cycles)),
             "swa_epochs sets the final epochs' LR and averages weights itself: drop ema_decay, snapshot_cycles, lr_cycles")
+    require(not hp.swa_epochs or (hp.swa_epochs <= hp.num_epochs and not hp.max_steps),
+            f"swa_epochs {hp.swa_epochs} runs one LR cycle per final whole epoch: it needs swa_epochs <= num_epochs "
+            f"({hp.num_epochs}) and no max_steps")
     require(not (hp.epoch_snapshots and hp.ensemble_weights), "epoch_snapshots: the candidate count depends on the "
             "run length; drop ensemble_weights (or learn weights with fitness_tokens)")
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
@@ -360,13 +373,14 @@ def candidate_count(hp: Hyperparameters) -> int:
 
 
 def parse_weights(text: str, count: int) -> list[float]:
-    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one non-negative weight per member, not all zero."""
+    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one positive weight per member (to leave a member out, leave
+    out its file: the running ensembles and the log-probabilities need every weight > 0)."""
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError:
         raise ConfigError(f"ensemble_weights {text!r}: expected comma-separated numbers") from None
-    if len(weights) != count or min(weights) < 0 or sum(weights) <= 0:
-        raise ConfigError(f"ensemble_weights {text!r}: need {count} non-negative weights, not all zero")
+    if len(weights) != count or not min(weights) > 0:
+        raise ConfigError(f"ensemble_weights {text!r}: need {count} positive weights, one per member")
     return [w / sum(weights) for w in weights]
 
 
@@ -505,7 +519,8 @@ def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
     """Concatenates every shard that the glob matches, in name order."""
     paths = sorted(glob.glob(pattern))
     if not paths:
-        raise DataError(f"{pattern}: no {what} file matches (README, section Data, says how to get them)")
+        raise DataError(f"{pattern}: no {what} file matches: fetch FineWeb with python data/fineweb.py, or train on "
+                        f"the bundled sample with --preset tiny")
     return np.concatenate([read_shard(path, vocab_size) for path in paths])
 
 
@@ -669,7 +684,8 @@ def fused_loss_available(device: torch.device) -> bool:
 
 def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
     """Which loss path trains: "triton" (the fused kernel), "chunked" (its PyTorch reference) or "eager" (plain
-    F.cross_entropy on float32 soft-capped logits). auto takes Triton on CUDA where it imports."""
+    F.cross_entropy on float32 soft-capped logits). auto takes Triton on CUDA where it imports and passes its
+    self-check (else the chunked reference, with a warning), and eager elsewhere."""
     if hp.fused_loss == "off":
         return "eager"
     if hp.fused_loss == "chunked":
@@ -680,7 +696,43 @@ def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
                               f"{'present' if importlib.util.find_spec('triton') else 'missing'}, device "
                               f"{device.type}); use auto or chunked")
         return "triton"
-    return "triton" if device.type == "cuda" and fused_loss_available(device) else "eager"
+    if device.type == "cuda" and fused_loss_available(device):
+        problem = triton_loss_self_check(str(device))
+        if problem:  # auto never trains on a kernel that failed its check here: say so, train on the reference
+            print(f"warning: --fused_loss auto: the Triton loss failed its self-check on {device} ({problem}); "
+                  f"using the chunked PyTorch reference", file=sys.stderr, flush=True)
+            return "chunked"
+        return "triton"
+    return "eager"
+
+
+@functools.lru_cache(maxsize=None)  # once per device and process
+def triton_loss_self_check(device_name: str) -> str:
+    """"" if the Triton loss kernel compiles here and matches its chunked PyTorch reference on a small random case
+    (several tiles, a partial one, an ignored target, soft-cap and a distillation teacher: values and gradient),
+    else what went wrong. auto runs it before trusting the kernel with a run."""
+    device = torch.device(device_name)
+    generator = torch.Generator().manual_seed(0)
+    rows, vocab, tile = 7, 300, 128
+    raw = (4 * torch.randn(rows, vocab, generator=generator)).to(device)
+    targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
+    targets[-1] = -1
+    teacher = torch.log_softmax(torch.randn(rows, vocab, generator=generator), dim=-1).to(device)
+    results = []
+    try:
+        for backend in ("triton", "chunked"):
+            logits = raw.clone().requires_grad_(True)
+            objective, ce = fused_loss_sums(logits, targets, 15.0, backend, teacher_rows=lambda a, b: teacher[a:b],
+                                            alpha=0.5, temperature=2.0, chunk_rows=3, tile=tile)
+            (grad,) = torch.autograd.grad(objective, logits)
+            results.append((objective.detach(), ce, grad))
+    except Exception as error:  # noqa: BLE001 -- any failure means: do not use the kernel
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    for name, fast, reference in zip(("objective", "ce", "gradient"), *results):
+        error = ((fast.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
+        if not error < 1e-4:
+            return f"{name} differs from the reference by {error:.2e} (relative)"
+    return ""
 
 
 def _fused_loss_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets_ptr, teacher_ptr, teacher_stride,
@@ -1515,6 +1567,12 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
         handle.wait()
 
 
+def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
+    """The step counts after which each snapshot cycle ends (the last is total_steps): whole steps, shared by the LR
+    schedule and the snapshot taking, so every snapshot is taken after a step at the cycle's floor."""
+    return [round((c + 1) * total_steps / cycles) for c in range(cycles)]
+
+
 def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     """The LR factor of a step: linear warmup; then snapshot cycles if on; else constant (or lr_cycles cosine
     cycles) followed by the warmdown over the final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
@@ -1523,8 +1581,10 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     progress = step / total_steps
     warmdown_start = 1.0 - hp.warmdown_frac
     if hp.snapshot_cycles:  # snapshot ensembles: C cosine cycles over the whole run, each ending at lr_cycle_floor
-        cycle_length = total_steps / hp.snapshot_cycles
-        phase = ((step + 1) % cycle_length) / cycle_length if (step + 1) % cycle_length else 1.0
+        ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
+        cycle = bisect.bisect_right(ends, step)  # the cycle this step is in: its end is the first end after it
+        start = ends[cycle - 1] if cycle else 0
+        phase = (step + 1 - start) / (ends[cycle] - start)  # 1 on the cycle's last step: the snapshot's weights
         return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
@@ -2023,6 +2083,10 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     raw_model = build_model(hp, dist_info, seed)
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
     use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
+        # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     model = torch.compile(raw_model) if use_compile else raw_model
     optimizers = build_optimizers(raw_model, hp, dist_info)
     distill = hp.distill_alpha > 0 and bool(teachers)
@@ -2032,7 +2096,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     # the last step's weights are the member itself
     final_epoch = math.ceil(train_data.epoch_position(total_steps))  # the epoch the run ends in (or at the end of)
     epoch_ends = [min(total_steps, train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
-    cycle_ends = [round((c + 1) * total_steps / hp.snapshot_cycles) for c in range(hp.snapshot_cycles)]
+    cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
     snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
     snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
     swa = None  # SWA: (running sum of the weights, count) over the final swa_epochs epoch ends
@@ -2060,9 +2124,6 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             raise ConfigError(f"{own_checkpoint} was written by {saved['world_size']} ranks per member, this run has "
                               f"{dist_info.world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
         progress.update(saved["progress"])
-        torch.set_rng_state(saved["rng"])
-        if saved.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"], device)
         if saved.get("ema") is not None:
             ema = WeightEMA(raw_model, hp.ema_decay)
             ema.averages = saved["ema"]
@@ -2072,6 +2133,11 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             if progress["step"] >= end:
                 snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
                 snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+        # the RNG last: building the snapshots above draws initialisations, and the dropout masks from here on must
+        # be the uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
+        torch.set_rng_state(saved["rng"].cpu())
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
         if hp.snapshot_distill and snapshots:
             teachers, distill = [(snapshots[-1][0], 1.0)], True
         log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
@@ -2247,6 +2313,8 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     saved_path = os.path.join(hp.resume, "hyperparameters.json")
     if not os.path.isfile(saved_path):
         raise ConfigError(f"--resume {hp.resume}: no hyperparameters.json there (not a run folder?)")
+    if os.path.isfile(os.path.join(hp.resume, "result.json")):
+        raise ConfigError(f"--resume {hp.resume}: that run finished (result.json is there); nothing to continue")
     with open(saved_path, encoding="utf-8") as handle:
         saved = json.load(handle)
     same_data = {name for name in ("train_files", "val_files", "test_files") if name in given
@@ -2405,7 +2473,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
-        atomic_torch_save(members[0].state_dict(), os.path.join(folder, "model.pt"))
+        # the member format (weights, hyperparameters, schedule state): --eval_only and load_member take it as is
+        save_candidate(os.path.join(folder, "model.pt"), members[0], hp, member=0, seed=member_seed(hp, 0),
+                       outcome=member_results[0])
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     result = dict(
@@ -2437,7 +2507,9 @@ def build_model_meta(hp: Hyperparameters) -> GPT:
 def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     """--eval_only: the ensemble of saved members (members/member_NN.pt files or globs) on val, and on test when
     given; nothing is trained. Each member alone, then all of them with --ensemble_weights or uniform weights."""
-    paths = sorted({path for pattern in hp.eval_only.split(",") for path in (glob.glob(pattern) or [pattern])})
+    # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
+    paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
+                               for path in (sorted(glob.glob(pattern)) or [pattern])))
     loaded = [load_member(path, dist_info.device) for path in paths]
     models = [model for model, _ in loaded]
     shapes = {(info["hyperparameters"]["seq_len"], info["hyperparameters"]["vocab_size"]) for _, info in loaded}

@@ -1,8 +1,8 @@
 """
 Text files (plain or JSONL) -> modded-nanogpt .bin token shards for train_gpt.py.
 
-    python data/tokenize.py my_corpus.txt --doc_split blank_line --out_dir data/mine --name mine \\
-        --vocab ../shared/data/gpt2.tiktoken              # offline; without --vocab tiktoken downloads GPT-2's BPE
+    python data/tokenize.py my_corpus.txt --doc_split blank_line --out_dir data/mine --name mine
+                                        # GPT-2's BPE from the bundled data/gpt2.tiktoken: no download
     python data/tokenize.py a.jsonl b.jsonl --text_field content --out_dir data/mine --name mine
 
 Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens (tiktoken `encode_ordinary`: special-token

@@ -176,6 +176,39 @@ def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_p
     assert "loaded finished before the resume" in log_text and "resumed from" in log_text
 
 
+@pytest.mark.parametrize("overrides, world_size, message", [
+    (dict(ensemble_size=2, ensemble_weights="0,1"), 1, "positive weights"),  # a zero weight: log(0), 0/0 later
+    (dict(ensemble_size=1, parallel_members=2), 2, "leaves groups idle"),
+    (dict(ensemble_size=2, fitness_tokens=64, ensemble_mode="logit"), 1, "probability mixture"),
+    (dict(num_epochs=2, swa_epochs=3), 1, "swa_epochs <= num_epochs"),
+    (dict(num_epochs=4, swa_epochs=2, max_steps=10), 1, "no max_steps"),
+    (dict(ensemble_size=3, select_top=2), 1, "set fitness_tokens"),  # would silently keep all three
+    (dict(snapshot_noise=0.01), 1, "set snapshot_cycles or epoch_snapshots"),  # would silently do nothing
+])
+def test_combinations_that_would_break_later_are_refused_up_front(overrides, world_size, message):
+    hp = train_gpt.Hyperparameters(vocab_size=256, bos_id=255, n_layer=1, n_embd=16, n_head=2, seq_len=16,
+                                   batch_tokens=128, device_batch_size=2, **overrides)
+    with pytest.raises(train_gpt.ConfigError, match=message):
+        train_gpt.check_hyperparameters(hp, world_size)
+
+
+def test_eval_only_keeps_the_order_given_for_the_weights(micro_data, tmp_path, capsys):
+    """--ensemble_weights pair with the files in the order they are named, not in sorted order."""
+    train_path, val_path = micro_data
+    hp = train_gpt.Hyperparameters(vocab_size=256, n_layer=1, n_embd=16, n_head=2, seq_len=16)
+    paths = []
+    for name, seed in (("b.pt", 0), ("a.pt", 1)):
+        torch.manual_seed(seed)
+        path = str(tmp_path / "members" / name)
+        train_gpt.save_candidate(path, train_gpt.GPT(hp), hp)
+        paths.append(path)
+    capsys.readouterr()
+    assert run_in_process(["--eval_only", ",".join(paths), "--ensemble_weights", "0.9,0.1", "--val_files", val_path,
+                           "--vocab_size", "256", "--device", "cpu", "--val_batch_size", "4"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["members"] == paths and scored["weights"] == pytest.approx([0.9, 0.1])
+
+
 def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")
@@ -184,6 +217,11 @@ def test_resume_rejects_changed_hyperparameters(micro_data, tmp_path, capsys):
     assert run_in_process(["--resume", os.path.join(logs, "r"), "--n_layer", "3"]) == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("error: --resume continues") and "--n_layer" in error and "\n" not in error
+    # finished, a run is never trained again from scratch by a second --resume
+    assert run_in_process(["--resume", os.path.join(logs, "r")]) == 0
+    capsys.readouterr()
+    assert run_in_process(["--resume", os.path.join(logs, "r")]) == 2
+    assert "that run finished" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------------------------------------------------- selection
@@ -234,13 +272,20 @@ def test_snapshot_lr_cycles_restart_and_end_at_the_floor():
         assert factors[end - 1] > factors[end]
     for start in (10, 20):
         assert factors[start] > 0.95
+    # step counts the cycles do not divide: every snapshot is still taken after a step at the floor
+    for total, cycles in ((1000, 3), (1234, 3), (1234, 5), (7, 3)):
+        hp = train_gpt.Hyperparameters(snapshot_cycles=cycles, lr_cycle_floor=0.1, warmup_steps=0)
+        for end in train_gpt.snapshot_cycle_ends(total, cycles):
+            assert train_gpt.lr_multiplier(end - 1, total, hp) == pytest.approx(0.1), (total, cycles, end)
+            if end < total:
+                assert train_gpt.lr_multiplier(end, total, hp) > 0.5  # the next cycle restarts high
 
 
 def test_snapshot_run_and_resume_across_a_cycle(micro_data, tmp_path, capsys):
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")
-    common = dict(num_epochs=3, snapshot_cycles=3, snapshot_noise=0.01, snapshot_distill=True, distill_alpha=0.3,
-                  log_every=1)
+    common = dict(num_epochs=3, dropout=0.1, snapshot_cycles=3, snapshot_noise=0.01, snapshot_distill=True,
+                  distill_alpha=0.3, log_every=1)
     assert run_in_process(micro_flags(train_path, val_path, logs, "snap", **common)) == 0
     result = result_of(os.path.join(logs, "snap"))
     assert len(result["candidate_val_losses"]) == 3 and len(result["member_val_losses"]) == 1
@@ -250,7 +295,8 @@ def test_snapshot_run_and_resume_across_a_cycle(micro_data, tmp_path, capsys):
     snapshot_rows = [m for m in read_metrics(os.path.join(logs, "snap")) if m["kind"] == "snapshot"]
     assert [row["cycle"] for row in snapshot_rows] == [0, 1]
 
-    # killed two steps after the first snapshot, resumed: the same run, step for step
+    # killed two steps after the first snapshot, resumed: the same run, step for step (dropout on: the reloaded
+    # snapshot must not shift the random stream)
     first_end = snapshot_rows[0]["step"]
     assert run_in_process(micro_flags(train_path, val_path, logs, "cut", stop_at_step=first_end + 2, **common)) == 3
     assert run_in_process(["--resume", os.path.join(logs, "cut")]) == 0

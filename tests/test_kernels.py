@@ -329,3 +329,18 @@ def test_triton_kernels_compile_for_an_h100():
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("compiled for sm_90") == 2
+
+
+def test_triton_loss_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
+    """--fused_loss auto runs this check before trusting the kernel on a GPU: it must pass for the real kernel and
+    name the difference when the kernel is wrong."""
+    pytest.importorskip("triton")
+    assert train_gpt.triton_loss_self_check.__wrapped__(str(DEVICE)) == ""
+    real = train_gpt.fused_loss_sums
+
+    def off_by_a_bit(raw, targets, softcap, backend, **kwargs):
+        objective, ce = real(raw, targets, softcap, backend, **kwargs)
+        return (objective * 1.001, ce) if backend == "triton" else (objective, ce)
+
+    monkeypatch.setattr(train_gpt, "fused_loss_sums", off_by_a_bit)
+    assert train_gpt.triton_loss_self_check.__wrapped__(str(DEVICE)).startswith("objective differs")

@@ -63,7 +63,8 @@ def test_cli_error_exit_code_and_no_run_folder(tmp_path, micro_data):
     missing = str(tmp_path / "missing.bin")
     result = run_script(micro_flags(missing, val_path, str(tmp_path / "logs"), "x"))
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: {missing}: no train file matches (README, section Data, says how to get them)"
+    assert result.stderr.strip() == (f"error: {missing}: no train file matches: fetch FineWeb with python data/fineweb.py, or "
+                                     "train on the bundled sample with --preset tiny")
     assert not os.path.exists(tmp_path / "logs")  # a bad input stops the run before it makes its folder
     result = run_script(["--nope", "1"])
     assert result.returncode == 2 and result.stderr.strip().startswith("error: unknown flag --nope")
@@ -128,14 +129,20 @@ def test_log_holds_source_hyperparameters_and_result(micro_run):
     assert log.rstrip().splitlines()[-1].startswith(f"done | val_loss {result['val_loss']:.4f}")
 
 
-def test_saved_model_reproduces_val_loss(micro_run):
+def test_saved_model_reproduces_val_loss(micro_run, capsys):
     folder = micro_run
     result = json.load(open(os.path.join(folder, "result.json")))
     hp = train_gpt.Hyperparameters(**result["hyperparameters"])
-    model = train_gpt.GPT(hp)
-    model.load_state_dict(torch.load(os.path.join(folder, "model.pt"), weights_only=True))
+    model, saved = train_gpt.load_member(os.path.join(folder, "model.pt"), torch.device("cpu"))
+    assert saved["outcome"]["val_loss"] == result["val_loss"]
     val = train_gpt.EvalData(train_gpt.load_tokens(hp.val_files, hp.vocab_size, "val"), hp.seq_len, "val")
     assert train_gpt.evaluate(model, val, train_gpt.Dist(), 4) == pytest.approx(result["val_loss"], rel=1e-6)
+    # a single-model run's model.pt is a member file: --eval_only scores it as the run did
+    capsys.readouterr()
+    assert train_gpt.main(["--eval_only", os.path.join(folder, "model.pt"), "--val_files", hp.val_files,
+                           "--vocab_size", str(hp.vocab_size), "--device", "cpu", "--val_batch_size", "4"]) == 0
+    scored = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert scored["val_loss"] == pytest.approx(result["val_loss"], rel=1e-6)
 
 
 def test_existing_run_folder_is_not_overwritten(micro_run, tmp_path):
@@ -151,8 +158,9 @@ def test_existing_run_folder_is_not_overwritten(micro_run, tmp_path):
 # ------------------------------------------------------------------------------------------------- the tiny preset
 
 @pytest.mark.skipif(os.environ.get("SLOWRUN_SKIP_SLOW") == "1", reason="SLOWRUN_SKIP_SLOW=1")
-def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
-    """The README's promise: the CPU mini-slowrun finishes in under 5 minutes on 2 cores and its val loss is clearly
+def test_tiny_preset_in_minutes_and_beats_unigram(tmp_path):
+    """The README's promise: the CPU mini-slowrun finishes in minutes on 2 cores (about 3.5 on quiet cores; the bound
+    leaves room for a busy CI machine but not for a real slow-down, like denormals' 40x) and its val loss is clearly
     below the unigram baseline (train's token frequencies scored on val)."""
     start = time.time()
     result = run_script(["--preset", "tiny", "--log_dir", str(tmp_path), "--run_id", "tiny", "--save_model", "false"],
@@ -162,5 +170,5 @@ def test_tiny_preset_under_five_minutes_and_beats_unigram(tmp_path):
     outcome = json.load(open(tmp_path / "tiny" / "result.json"))
     print(f"tiny preset: {seconds:.0f} s, val_loss {outcome['val_loss']:.4f}, "
           f"unigram baseline {outcome['unigram_val_loss']:.4f}")
-    assert seconds < 300
+    assert seconds < 480
     assert outcome["val_loss"] < outcome["unigram_val_loss"] - 0.3
