@@ -6,6 +6,7 @@ each switched off in turn, over 2 seeds; writes a markdown table of final val lo
     python bench/ablation.py --max_steps 2 --seeds 0   # a smoke test of the machinery (seconds per run)
     python bench/ablation.py --only xsa,normuon        # a subset of the techniques
     python bench/ablation.py --mode add                # plain, then plain + one technique at a time
+    python bench/ablation.py --rebuild bench/runs/STAMP  # rewrite the table of an earlier (or killed) bench
 
 Each run is `python train_gpt.py --preset tiny <ALL_ON> [--<flag> <off value>] --seed S` in a fresh process; the
 runs land in bench/runs/<stamp>/ (git-ignored: delete them freely)."""
@@ -82,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train_tokens", type=int, default=35027,
                         help="train on this prefix of the sample (0 = all; default 35027 = the tiny track's quarter)")
     parser.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "RESULTS.md"), help="the table's file")
+    parser.add_argument("--rebuild", default="",
+                        help="a bench/runs/<stamp> folder of an earlier bench (finished or interrupted): rewrite its "
+                             "table from the runs' result.json files, training nothing (give its other flags again)")
     args = parser.parse_args(argv)
 
     seeds = [int(s) for s in args.seeds.split(",") if s]
@@ -105,41 +109,69 @@ def main(argv: list[str] | None = None) -> int:
             (f"only-{t}", {**plain, **SUB_SETTINGS, **{n: TECHNIQUES[n] for n in [NEEDS.get(t, t), t]}})
             for t in ablated] + [("all-on", all_on)]
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = os.path.join(REPO_ROOT, "bench", "runs", stamp)
+    folder = args.rebuild or os.path.join(REPO_ROOT, "bench", "runs", stamp)
     start = time.time()
-    command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    given = argv if argv is not None else sys.argv[1:]
+    command = " ".join(shlex.quote(a) for a in ["python", "bench/ablation.py", *given])
     reference, sign_meaning = (("all-on", "switching the technique off hurts (the technique helps)")
                                if args.mode == "drop" else
                                ("plain", "adding the technique alone hurts (negative: it helps)"))
     title = ("every technique on, then each off in turn" if args.mode == "drop"
              else "plain training, then one technique at a time on top")
 
+    results: list[dict] = []  # every run's result.json, for the header's versions and times
+
     def write_table(rows: list[tuple[str, list[float]]]) -> None:
         """The table so far: rewritten after every configuration, so an interrupted bench keeps what it measured."""
         done = len(rows) == len(configs)
-        base = statistics.mean(rows[0][1])
+        base_losses = rows[0][1]
+        base = statistics.mean(base_losses)
+        commits = sorted({r.get("git_commit") or "none" for r in results})
+        torch_versions = sorted({r.get("torch", "?") for r in results})
+        if args.rebuild:  # the runs' own training time; the bench's wall clock is not in their files
+            timing = (f"Table rebuilt {datetime.datetime.now():%Y-%m-%d %H:%M} from the runs in `{folder}`; their "
+                      f"wall times add up to {sum(r['wall_seconds'] for r in results) / 60:.1f} min")
+        else:
+            timing = f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min"
         lines = [
             f"## Mini-slowrun ablation: {title}", "",
             f"Command: `{command}`  ",
-            f"Made {datetime.datetime.now():%Y-%m-%d %H:%M} in {(time.time() - start) / 60:.1f} min | "
-            f"torch {train_gpt.torch.__version__} | git {train_gpt.git_commit() or 'none'}"
+            f"{timing} | torch {', '.join(torch_versions)} | git {', '.join(commits)} (the runs')"
             + ("" if done else f" | **incomplete: {len(rows)} of {len(configs)} configurations so far**") + "  ",
             f"All-on settings: `{' '.join(flags_of(all_on))}` on top of `--preset tiny`"
             + (f" and `{' '.join(extra)}`" if extra else "") + ".", "",
             "Final val loss (nats/token). Spread = max - min over the seeds. "
-            f"Delta = mean - {reference} mean: positive means {sign_meaning}.", "",
-            "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta |",
-            "|---|" + "---|" * (len(seeds) + 3),
+            f"Delta = mean - {reference} mean: positive means {sign_meaning}. Per seed: the same difference seed by "
+            f"seed (same initialisation and data order as the {reference} run of that seed): a seed shifts every "
+            "configuration alike, so these paired deltas are the sharper test; where their signs disagree, the "
+            "technique's effect is below this setting's noise.", "",
+            "| config | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | spread | delta | per seed |",
+            "|---|" + "---|" * (len(seeds) + 4),
         ]
         for name, losses in rows:
             mean = statistics.mean(losses)
+            paired = " / ".join(f"{v - b:+.4f}" for v, b in zip(losses, base_losses))
             lines.append(f"| {name} | " + " | ".join(f"{v:.4f}" for v in losses) +
-                         f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} |")
+                         f" | {mean:.4f} | {max(losses) - min(losses):.4f} | {mean - base:+.4f} | {paired} |")
         write_section(args.out, "ablation" if args.mode == "drop" else "ablation_add", "\n".join(lines))
 
     rows = []
     for name, settings in configs:
-        rows.append((name, [run_one(name, settings, seed, folder, extra)["val_loss"] for seed in seeds]))
+        losses = []
+        for seed in seeds:
+            if args.rebuild:
+                path = os.path.join(folder, f"{name}-seed{seed}", "result.json")
+                if not os.path.isfile(path):
+                    print(f"{path} missing: the table stops before {name}")
+                    break
+                with open(path) as handle:
+                    results.append(json.load(handle))
+            else:
+                results.append(run_one(name, settings, seed, folder, extra))
+            losses.append(results[-1]["val_loss"])
+        if len(losses) < len(seeds):
+            break
+        rows.append((name, losses))
         write_table(rows)
     print(f"wrote {args.out}")
     return 0
