@@ -2,7 +2,7 @@
 each switched off in turn, over 2 seeds; writes a markdown table of final val loss to bench/RESULTS.md.
 `--mode add` asks the converse question: plain training, then plain plus each technique alone.
 
-    python bench/ablation.py                           # the ablation (~75 min on 2 CPU cores; see bench/README.md)
+    python bench/ablation.py                           # the ablation (85 min on 2 CPU cores; see bench/README.md)
     python bench/ablation.py --max_steps 2 --seeds 0   # a smoke test of the machinery (seconds per run)
     python bench/ablation.py --only xsa,normuon        # a subset of the techniques
     python bench/ablation.py --mode add                # plain, then plain + one technique at a time
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mode", choices=("drop", "add"), default="drop",
                         help="drop: all on, then each off (default); add: plain, then each alone on top of plain")
     parser.add_argument("--max_steps", type=int, default=0, help="cap every run at this many steps (0 = the preset's)")
-    # The default setting fits the 90 minutes of 2 CPU cores for 18 configurations x 2 seeds (~2 min a run): the
+    # The default setting fits the 90 minutes of 2 CPU cores for 19 configurations x 2 seeds (~2 min a run): the
     # tiny track's first quarter of the sample for 4 epochs (16 steps). `--train_tokens 0 --num_epochs 0` is the
     # tiny preset itself (all of the sample, 3 epochs: ~4 min a run, about 2.5 hours for the whole table).
     parser.add_argument("--num_epochs", type=int, default=4, help="epochs per run (0 = the tiny preset's; default 4)")
