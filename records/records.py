@@ -129,6 +129,7 @@ class RunLog:
     val: list[dict]  # {"step", "total", "val_loss", "tokens", "text"}
     test_loss: str | None  # as printed
     done: dict | None  # the final line's fields
+    resumed: bool = False  # the log holds more than one run section (--resume appended to it)
 
     @property
     def command(self) -> str:
@@ -144,15 +145,23 @@ def _fields(line: str) -> dict[str, str]:
     return fields
 
 
+MEMBER_PREFIX = re.compile(r"^member (\d+)/(\d+) \| ")  # ensemble runs: member k of K (from 1) before each line
+
+
 def parse_progress_line(line: str) -> tuple[str, dict] | None:
-    """A run-section line -> ("train" | "val" | "test" | "done", fields), or None for other lines."""
+    """A run-section line -> ("train" | "val" | "test" | "done", fields), or None for other lines. Train and val
+    fields carry "member": None in a single-model run, else the member index from 0 (as metrics.jsonl counts)."""
+    member = None
+    prefix = MEMBER_PREFIX.match(line)
+    if prefix:
+        member, line = int(prefix.group(1)) - 1, line[prefix.end():]
     if line.startswith("step ") or line.startswith("val  step "):
         kind = "val" if line.startswith("val") else "train"
         fields = _fields(line[len("val  "):] if kind == "val" else line)
         step, _, total = fields["step"].partition("/")
         loss_key = f"{kind}_loss"
         return kind, dict(step=int(step), total=int(total), loss=float(fields[loss_key]), text=fields[loss_key],
-                          tokens=fields.get("tokens", ""))
+                          tokens=fields.get("tokens", ""), member=member)
     if line.startswith("test "):
         return "test", _fields(line)
     if line.startswith("done | "):
@@ -174,12 +183,13 @@ def parse_log(path: str) -> RunLog:
         raise RecordError(f"{path}: no command section after the source")
     source = "\n".join(lines[1:command_at]) + "\n"
     sections: dict[str, list[str]] = {}
-    current = None
+    current, run_headers = None, 0
     for line in lines[command_at:]:
         match = HEADER.match(line)
         if match:
             current = match.group(1)
-            sections[current] = []
+            run_headers += current == "run"
+            sections.setdefault(current, [])  # a resumed run repeats its headers: one list per title
         else:
             sections[current].append(line)
     for needed in ("hyperparameters", "run"):
@@ -193,7 +203,10 @@ def parse_log(path: str) -> RunLog:
         except (ValueError, SyntaxError):
             raise RecordError(f"{path}: unreadable hyperparameter line {line!r}") from None
     train, val, test_loss, done = [], [], None, None
-    for line in sections["run"]:
+    # progress lines: the run section, and for ensembles the sections after it (the K -> loss table, test, done)
+    progress_lines = [line for title, lines in sections.items()
+                      if title not in ("command", "environment", "hyperparameters") for line in lines]
+    for line in progress_lines:
         try:
             parsed = parse_progress_line(line)
         except (KeyError, ValueError):
@@ -209,7 +222,7 @@ def parse_log(path: str) -> RunLog:
             test_loss = fields.get("test_loss")
         else:
             done = fields
-    return RunLog(path, source, sections, hyperparameters, train, val, test_loss, done)
+    return RunLog(path, source, sections, hyperparameters, train, val, test_loss, done, resumed=run_headers > 1)
 
 
 def read_json(path: str):
@@ -277,6 +290,8 @@ def run_problems(folder: str) -> tuple[list[str], RunLog | None, dict | None]:
 
     need(log.done is not None, "log.txt has no final `done` line (the run did not finish)")
     need(bool(log.train) and bool(log.val), "log.txt has no progress or validation lines")
+    need(not log.resumed, "the run was resumed (--resume): a record is one uninterrupted run, so that its log is "
+                          "the whole story and --rerun can replay it")
     if problems:
         return problems, log, result
     try:
@@ -285,34 +300,54 @@ def run_problems(folder: str) -> tuple[list[str], RunLog | None, dict | None]:
         problems.append(f"{name}: the embedded source does not compile ({error.msg}, line {error.lineno})")
     need(log.hyperparameters == result.get("hyperparameters"),
          "result.json hyperparameters differ from the log's hyperparameters section")
-    # The progress lines themselves: steps rise and every line names the same total.
-    for kind, rows in (("train", log.train), ("val", log.val)):
-        steps = [row["step"] for row in rows]
-        need(steps == sorted(set(steps)), f"{kind} lines' steps are not strictly increasing: {steps}")
-        need({row["total"] for row in rows} == {result.get("steps")},
-             f"{kind} lines name totals {sorted({row['total'] for row in rows})}, result.json says {result.get('steps')} steps")
-    need(log.train[-1]["step"] == result.get("steps"), f"last train line is step {log.train[-1]['step']}, "
-                                                       f"result.json says {result.get('steps')} steps")
-    # result.json against the last lines of the log.
-    last_val = log.val[-1]
-    need(last_val["text"] == loss_text(result.get("val_loss")),
-         f"result.json val_loss {loss_text(result.get('val_loss'))} != last val line's {last_val['text']}")
-    need(log.done["val_loss"] == last_val["text"], f"done line val_loss {log.done['val_loss']} != last val line's "
-                                                   f"{last_val['text']}")
+    # The progress lines themselves, member by member (one "member" None in a single-model run): steps rise, every
+    # line names the member's total, the last train line is that total; the members' totals add up to result.steps.
+    members = list(dict.fromkeys(row["member"] for row in log.train))
+    member_totals = {}
+    for member in members:
+        label = "" if member is None else f"member {member + 1}: "
+        for kind, rows in (("train", log.train), ("val", log.val)):
+            rows = [row for row in rows if row["member"] == member]
+            steps = [row["step"] for row in rows]
+            need(steps == sorted(set(steps)), f"{label}{kind} lines' steps are not strictly increasing: {steps}")
+            need(len({row["total"] for row in rows}) == 1,
+                 f"{label}{kind} lines name totals {sorted({row['total'] for row in rows})}")
+        own = [row for row in log.train if row["member"] == member]
+        member_totals[member] = own[0]["total"]
+        need(own[-1]["step"] == own[0]["total"], f"{label}last train line is step {own[-1]['step']} of "
+                                                 f"{own[0]['total']}")
+    need(sum(member_totals.values()) == result.get("steps"),
+         f"the log's steps add up to {sum(member_totals.values())}, result.json says {result.get('steps')}")
+    need(len(members) == result.get("hyperparameters", {}).get("ensemble_size", 1),
+         f"the log shows {len(members)} member(s), result.json's ensemble_size is "
+         f"{result.get('hyperparameters', {}).get('ensemble_size')}")
+    # result.json against the log's closing lines: the done line prints the ranked val loss and the tokens trained
+    # on (all members); a single model's ranked loss is also its last val line (not so for snapshot ensembles).
+    val_text = loss_text(result.get("val_loss"))
+    need(log.done["val_loss"] == val_text, f"result.json val_loss {val_text} != the done line's {log.done['val_loss']}")
+    if members == [None] and not log.hyperparameters.get("snapshot_cycles") \
+            and not log.hyperparameters.get("epoch_snapshots"):
+        need(log.val[-1]["text"] == val_text, f"result.json val_loss {val_text} != last val line's "
+                                              f"{log.val[-1]['text']}")
+    done_tokens = (log.done.get("tokens") or "").replace("trained on ", "")
+    need(count_matches(done_tokens, result.get("tokens_seen", -1)),
+         f"result.json tokens_seen {result.get('tokens_seen')} != the done line's {done_tokens}")
     need(log.train[-1]["text"] == loss_text(result.get("train_loss")),
          f"result.json train_loss {loss_text(result.get('train_loss'))} != last train line's {log.train[-1]['text']}")
-    need(count_matches(last_val["tokens"], result.get("tokens_seen", -1)),
-         f"result.json tokens_seen {result.get('tokens_seen')} != last val line's {last_val['tokens']}")
     need(log.test_loss == (None if result.get("test_loss") is None else loss_text(result["test_loss"])),
          f"result.json test_loss {result.get('test_loss')} != the log's test line ({log.test_loss})")
     need(log.done["ranks_agree"] == ("agree: yes" if result.get("ranks_agree") else "agree: NO"),
          "result.json ranks_agree differs from the done line")
-    # metrics.jsonl against every progress line: an edited loss line disagrees with its metrics row.
+    # metrics.jsonl against every progress line: an edited loss line disagrees with its metrics row. Sorted by
+    # (member, step): with --parallel_members, groups append their lines in whatever order they finish.
     for kind, rows in (("train", log.train), ("val", log.val)):
-        logged = [(row["step"], row["text"]) for row in rows]
-        recorded = [(row["step"], loss_text(row.get(f"{kind}_loss"))) for row in metrics if row.get("kind") == kind]
+        def order(entry):
+            return (-1 if entry[0] is None else entry[0], entry[1])
+        logged = sorted(((row["member"], row["step"], row["text"]) for row in rows), key=order)
+        recorded = sorted(((row.get("member"), row["step"], loss_text(row.get(f"{kind}_loss")))
+                           for row in metrics if row.get("kind") == kind), key=order)
         if logged != recorded:
-            first = next((f"step {a[0]}: log {a[1]}, metrics {b[1]}" for a, b in zip(logged, recorded) if a != b),
+            first = next((f"step {a[1]}: log {a[2]}, metrics {b[2]}" for a, b in zip(logged, recorded) if a != b),
                          f"{len(logged)} log lines, {len(recorded)} metrics rows")
             problems.append(f"{name}: {kind} loss lines disagree with metrics.jsonl ({first})")
     return problems, log, result

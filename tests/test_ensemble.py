@@ -281,6 +281,14 @@ def test_snapshot_lr_cycles_restart_and_end_at_the_floor():
                 assert train_gpt.lr_multiplier(end, total, hp) > 0.5  # the next cycle restarts high
 
 
+def test_more_snapshot_cycles_than_steps_is_refused(micro_data, tmp_path, capsys):
+    """3 steps cannot hold 4 cycles: two would end on the same step and the candidate count would be wrong."""
+    train_path, val_path = micro_data
+    assert run_in_process(micro_flags(train_path, val_path, str(tmp_path), "few", max_steps=3,
+                                      snapshot_cycles=4)) == 2
+    assert "snapshot_cycles 4: this run has 3 steps" in capsys.readouterr().err
+
+
 def test_snapshot_run_and_resume_across_a_cycle(micro_data, tmp_path, capsys):
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")

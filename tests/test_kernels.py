@@ -335,7 +335,10 @@ def test_triton_loss_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
     """--fused_loss auto runs this check before trusting the kernel on a GPU: it must pass for the real kernel and
     name the difference when the kernel is wrong."""
     pytest.importorskip("triton")
-    assert train_gpt.triton_loss_self_check.__wrapped__(str(DEVICE)) == ""
+    check = train_gpt.triton_loss_self_check.__wrapped__
+    # vocabularies of one partial tile and of several (the last partial); soft-cap on and off; teacher or not
+    for vocab, softcap, teacher in ((300, 15.0, True), (2 * train_gpt.LOSS_TILE + 77, 0.0, False)):
+        assert check(str(DEVICE), vocab, softcap, teacher, "float32") == "", (vocab, softcap, teacher)
     real = train_gpt.fused_loss_sums
 
     def off_by_a_bit(raw, targets, softcap, backend, **kwargs):
@@ -343,4 +346,4 @@ def test_triton_loss_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
         return (objective * 1.001, ce) if backend == "triton" else (objective, ce)
 
     monkeypatch.setattr(train_gpt, "fused_loss_sums", off_by_a_bit)
-    assert train_gpt.triton_loss_self_check.__wrapped__(str(DEVICE)).startswith("objective differs")
+    assert check(str(DEVICE), 300, 15.0, True, "float32").startswith("objective differs")

@@ -377,3 +377,50 @@ def test_reference_plan_prints_the_baseline_commands(capsys):
     assert ("python train_gpt.py --preset tiny --num_epochs 1000 --max_steps 54 --val_every -1 --train_tokens 20000 --seed 1 "
             "--run_id ref_tiny_20000_s1") in out
     assert "python records/records.py reference build logs/ref_tiny_20000_s0 logs/ref_tiny_20000_s1" in out
+
+
+# ------------------------------------------------------------------------------------------------- ensemble records
+
+@pytest.fixture(scope="module")
+def ensemble_runs(tmp_path_factory):
+    """Two seeds of a 2-member micro ensemble (member lines carry a `member k/K |` prefix; the ranked loss is the
+    ensemble's, on the done line, not any member's last val line)."""
+    root = tmp_path_factory.mktemp("ensemble_runs")
+    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    folders = {}
+    for seed in range(2):
+        flags = micro_flags(train_path, val_path, str(root / "logs"), f"e{seed}", n_layer=1, batch_tokens=128,
+                            device_batch_size=4, max_steps=3, val_every=-1, seed=seed, ensemble_size=2)
+        assert train_gpt.main(flags) == 0
+        folders[seed] = str(root / "logs" / f"e{seed}")
+    return folders
+
+
+def test_ensemble_runs_make_a_checkable_record(ensemble_runs, tmp_path, capsys):
+    record = make_record(ensemble_runs, tmp_path / "records", [0, 1], "ens")
+    assert verify(record) == 0
+    result = json.load(open(os.path.join(ensemble_runs[0], "result.json")))
+    assert result["steps"] == 6 and len(result["member_val_losses"]) == 2
+    # an edited member-2 loss line is caught (metrics.jsonl disagrees), even with record.json resealed
+    forged = copy_record(record, tmp_path / "forged")
+    line = log_line(os.path.join(forged, "e0"), "member 2/2 | step 3/3")
+    loss = line.split("train_loss ")[1].split(" ")[0]
+    edit_file(os.path.join(forged, "e0", "log.txt"), line, line.replace(loss, f"{float(loss) - 0.5:.4f}"))
+    reseal(forged)
+    capsys.readouterr()
+    assert verify(forged) == 1
+    assert "train loss lines disagree with metrics.jsonl" in capsys.readouterr().out
+
+
+def test_a_resumed_run_is_not_a_record(tmp_path):
+    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "r", n_layer=1, batch_tokens=128,
+                        device_batch_size=4, max_steps=4, stop_at_step=2)
+    assert train_gpt.main(flags) == 3
+    assert train_gpt.main(["--resume", str(tmp_path / "logs" / "r")]) == 0
+    problems, log, _ = records.run_problems(str(tmp_path / "logs" / "r"))
+    assert log.resumed and any("the run was resumed" in problem for problem in problems)
