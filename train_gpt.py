@@ -2490,7 +2490,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     result = dict(
         run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
         unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
-        train_tokens=int(data.train_tokens.size), epochs=member_results[-1]["epochs"],
+        # the data budget: trained on, plus the fitness slice carved from it (records divide by this)
+        train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
+        epochs=member_results[-1]["epochs"],
         steps=sum(r["steps"] for r in member_results), parameters=n_params,
         wall_seconds=round(time.time() - wall_start, 2),
         train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),

@@ -166,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
                     break
                 with open(path) as handle:
                     results.append(json.load(handle))
+                expected = {**settings, **({"num_epochs": args.num_epochs} if args.num_epochs else {}),
+                            **({"train_tokens": args.train_tokens} if args.train_tokens else {}),
+                            **({"max_steps": args.max_steps} if args.max_steps else {}), "seed": seed}
+                ran = results[-1]["hyperparameters"]
+                wrong = {k: (v, ran.get(k)) for k, v in expected.items() if ran.get(k) != v}
+                if wrong:  # the table's header would describe other runs than these
+                    parser.error(f"{path}: these runs did not use the flags given now: " +
+                                 ", ".join(f"{k} {v[1]!r} (expected {v[0]!r})" for k, v in wrong.items()))
             else:
                 results.append(run_one(name, settings, seed, folder, extra))
             losses.append(results[-1]["val_loss"])
@@ -173,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
             break
         rows.append((name, losses))
         write_table(rows)
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}" if rows else "nothing to write: no configuration has all its runs")
     return 0
 
 

@@ -845,8 +845,11 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
                   overrides: dict[str, str], nproc: int, cwd: str, timeout: float) -> list[str]:
     """Every problem of the record ([] when it passes); prints what it checks."""
     summary = read_json(os.path.join(record, "record.json"))
-    track = get_track(summary.get("track", os.path.basename(os.path.dirname(os.path.normpath(record)))))
+    folder_track = os.path.basename(os.path.dirname(os.path.normpath(record)))
+    track = get_track(summary.get("track", folder_track))
     problems = []
+    if track.name != folder_track:  # the leaderboard groups by folder: a record must follow its folder's rules
+        problems.append(f"record.json says track {track.name}, but the record sits in records/{folder_track}/")
     recorded, actual = summary.get("files", {}), manifest(record)
     for name in sorted(set(recorded) | set(actual)):
         if recorded.get(name) != actual.get(name):

@@ -3,12 +3,16 @@ import json
 import os
 import sys
 
+import pytest
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 from bench import ablation  # noqa: E402
 
 LOSSES = {"all-on": (8.30, 8.40), "no-xsa": (8.31, 8.38), "plain (all off)": (8.20, 8.25)}
+ALL_ON = {**ablation.COMMON, **ablation.TECHNIQUES, **ablation.SUB_SETTINGS}
+SETTINGS = {"all-on": ALL_ON, "no-xsa": {**ALL_ON, "xsa": ""}, "plain (all off)": dict(ablation.COMMON)}
 
 
 def fake_runs(folder, names):
@@ -16,7 +20,9 @@ def fake_runs(folder, names):
         for seed, loss in zip((0, 1), LOSSES[name]):
             os.makedirs(os.path.join(folder, f"{name}-seed{seed}"))
             with open(os.path.join(folder, f"{name}-seed{seed}", "result.json"), "w") as handle:
-                json.dump(dict(val_loss=loss, wall_seconds=120.0, git_commit="abc123", torch="2.13.0"), handle)
+                settings = dict(SETTINGS[name], num_epochs=4, train_tokens=35027, seed=seed)
+                json.dump(dict(val_loss=loss, wall_seconds=120.0, git_commit="abc123", torch="2.13.0",
+                               hyperparameters=settings), handle)
 
 
 def table_rows(path):
@@ -42,3 +48,11 @@ def test_rebuilt_table_of_an_interrupted_bench_says_so(tmp_path):
     assert ablation.main(["--rebuild", runs, "--only", "xsa", "--out", out]) == 0
     assert list(table_rows(out)) == ["config", "all-on"]
     assert "incomplete: 1 of 3 configurations so far" in open(out).read()
+
+
+def test_rebuild_refuses_runs_made_with_other_flags(tmp_path, capsys):
+    runs, out = str(tmp_path / "runs"), str(tmp_path / "RESULTS.md")
+    fake_runs(runs, ["all-on"])
+    with pytest.raises(SystemExit):
+        ablation.main(["--rebuild", runs, "--only", "xsa", "--num_epochs", "3", "--out", out])
+    assert "num_epochs 4 (expected 3)" in capsys.readouterr().err and not os.path.exists(out)

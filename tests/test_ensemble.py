@@ -259,7 +259,10 @@ def test_run_with_fitness_selection(micro_data, tmp_path):
     # one member kept: the final loss is that member's own val loss
     assert result["val_loss"] == pytest.approx(result["member_val_losses"][selection["chosen"][0]], rel=1e-6)
     full = train_gpt.read_shard(train_path).size
-    assert result["train_tokens"] < full - 600  # the fitness slice is never trained on
+    assert result["train_tokens"] == full  # the data budget counts the fitness slice (records divide by it)
+    log_text = open(os.path.join(logs, "sel", "log.txt")).read()
+    trained = int(log_text.split("\ntrain: ")[1].split(" tokens")[0].replace(",", ""))
+    assert trained < full - 600  # ...which is never trained on
 
 
 # ------------------------------------------------------------------------------------------------- snapshot ensembles

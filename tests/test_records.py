@@ -424,3 +424,11 @@ def test_a_resumed_run_is_not_a_record(tmp_path):
     assert train_gpt.main(["--resume", str(tmp_path / "logs" / "r")]) == 0
     problems, log, _ = records.run_problems(str(tmp_path / "logs" / "r"))
     assert log.resumed and any("the run was resumed" in problem for problem in problems)
+
+
+def test_verify_rejects_a_record_moved_to_another_track(record, tmp_path, capsys):
+    moved = tmp_path / "records" / "tiny" / os.path.basename(record)  # a micro record filed under tiny
+    shutil.copytree(record, moved)
+    capsys.readouterr()
+    assert verify(str(moved)) == 1
+    assert "record.json says track micro, but the record sits in records/tiny/" in capsys.readouterr().out
