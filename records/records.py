@@ -338,6 +338,22 @@ def run_problems(folder: str) -> tuple[list[str], RunLog | None, dict | None]:
          f"result.json test_loss {result.get('test_loss')} != the log's test line ({log.test_loss})")
     need(log.done["ranks_agree"] == ("agree: yes" if result.get("ranks_agree") else "agree: NO"),
          "result.json ranks_agree differs from the done line")
+    # what the track rules read: where it ran (the environment section) and how long it trained (each member's
+    # last metrics row carries its running training time)
+    environment = _fields(next((line for line in log.sections.get("environment", []) if line.startswith("world_size")),
+                               ""))
+    need(environment.get("world_size") == str(result.get("world_size")) and
+         environment.get("device") == str(result.get("device")),
+         f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ from the log's "
+         f"environment (world_size {environment.get('world_size')} / device {environment.get('device')})")
+    last_rows = {}
+    for row in metrics:
+        if row.get("kind") == "train" and "train_seconds" in row:
+            last_rows[row.get("member")] = row
+    trained = sum(row["train_seconds"] for row in last_rows.values())
+    # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
+    need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last_rows),
+         f"result.json train_seconds {result.get('train_seconds')} != {trained:.2f} in metrics.jsonl")
     # metrics.jsonl against every progress line: an edited loss line disagrees with its metrics row. Sorted by
     # (member, step): with --parallel_members, groups append their lines in whatever order they finish.
     for kind, rows in (("train", log.train), ("val", log.val)):

@@ -145,15 +145,20 @@ def test_verify_rejects_an_edited_source(record, tmp_path, capsys):
     assert "embedded source differs" in out and "REJECTED" in out
 
 
-def test_verify_rejects_result_json_that_disagrees_with_the_log(record, tmp_path, capsys):
+@pytest.mark.parametrize("field, change, message", [
+    ("val_loss", lambda v: v - 0.01, "result.json val_loss"),
+    ("train_seconds", lambda v: v / 2 - 0.01, "result.json train_seconds"),  # what the time-limited tracks read
+    ("world_size", lambda v: 8, "result.json world_size 8"),
+])
+def test_verify_rejects_result_json_that_disagrees_with_the_log(record, tmp_path, capsys, field, change, message):
     copy = copy_record(record, tmp_path)
     path = os.path.join(copy, "s0", "result.json")
     result = json.load(open(path))
-    result["val_loss"] -= 0.01
+    result[field] = change(result[field])
     json.dump(result, open(path, "w"))
     reseal(copy)
     assert verify(copy) == 1
-    assert "result.json val_loss" in capsys.readouterr().out
+    assert message in capsys.readouterr().out
 
 
 def test_new_refuses_runs_that_are_not_seeds_of_one_experiment(runs, tmp_path, capsys):
