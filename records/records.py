@@ -32,6 +32,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 from dataclasses import dataclass
 
 RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -811,6 +812,9 @@ def rerun_log(log: RunLog, steps: int, workdir: str, overrides: dict[str, str], 
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output, reached = [], False
+    # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
+    watchdog = threading.Timer(timeout, process.terminate)
+    watchdog.start()
     try:
         deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
         for line in process.stdout:
@@ -823,6 +827,7 @@ def rerun_log(log: RunLog, steps: int, workdir: str, overrides: dict[str, str], 
             if reached or datetime.datetime.now() > deadline:
                 break
     finally:
+        watchdog.cancel()
         if process.poll() is None:
             process.terminate()  # only the re-run we started; its partial log is all we need
         try:

@@ -437,3 +437,14 @@ def test_verify_rejects_a_record_moved_to_another_track(record, tmp_path, capsys
     capsys.readouterr()
     assert verify(str(moved)) == 1
     assert "record.json says track micro, but the record sits in records/tiny/" in capsys.readouterr().out
+
+
+def test_rerun_of_a_silent_hang_ends_at_the_timeout(tmp_path):
+    """A re-run that prints nothing (a stalled collective) must not block verify past --timeout."""
+    import time
+    log = records.RunLog("log.txt", "import time\ntime.sleep(120)\n", {}, {}, [dict(step=1, member=None)], [], None,
+                         None)
+    start = time.time()
+    with pytest.raises(records.RecordError, match="did not start"):
+        records.rerun_log(log, 1, str(tmp_path), {}, 1, str(tmp_path), timeout=2)
+    assert time.time() - start < 30
