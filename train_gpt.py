@@ -699,9 +699,10 @@ def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
     if device.type == "cuda" and fused_loss_available(device):
         # the kernel variants this run compiles: its vocabulary and soft-cap, bf16 logits (autocast), with and
         # without a distillation teacher
-        problem = next((problem for teacher in ((False, True) if hp.distill_alpha > 0 else (False,))
-                        for problem in [triton_loss_self_check(str(device), hp.vocab_size, hp.logit_softcap, teacher,
-                                                               "bfloat16")] if problem), "")
+        teachers = (False, True) if hp.distill_alpha > 0 else (False,)
+        problems = (triton_loss_self_check(str(device), hp.vocab_size, hp.logit_softcap, teacher, "bfloat16")
+                    for teacher in teachers)
+        problem = next(filter(None, problems), "")  # the first variant that failed, if any
         if problem:  # auto never trains on a kernel that failed its check here: say so, train on the reference
             print(f"warning: --fused_loss auto: the Triton loss failed its self-check on {device} ({problem}); "
                   f"using the chunked PyTorch reference", file=sys.stderr, flush=True)

@@ -347,3 +347,17 @@ def test_triton_loss_self_check_passes_and_catches_a_wrong_kernel(monkeypatch):
 
     monkeypatch.setattr(train_gpt, "fused_loss_sums", off_by_a_bit)
     assert check(str(DEVICE), 300, 15.0, True, "float32").startswith("objective differs")
+
+
+def test_auto_falls_back_to_the_reference_when_a_kernel_variant_fails_its_check(monkeypatch, capsys):
+    """On a GPU, auto checks every variant the run compiles (here: with a teacher too) and trains on the chunked
+    reference, saying so, when one fails. The GPU is stood in for: only the choice is under test."""
+    checked = []
+    monkeypatch.setattr(train_gpt, "fused_loss_available", lambda device: True)
+    monkeypatch.setattr(train_gpt, "triton_loss_self_check",
+                        lambda *variant: checked.append(variant) or ("wrong" if variant[3] else ""))
+    cuda = torch.device("cuda")
+    assert train_gpt.loss_backend(tiny_hp(), cuda) == "triton"  # no teacher: the passing variant only
+    assert train_gpt.loss_backend(tiny_hp(distill_alpha=0.5), cuda) == "chunked"
+    assert [variant[3] for variant in checked] == [False, False, True]
+    assert "failed its self-check" in capsys.readouterr().err
