@@ -1326,8 +1326,8 @@ def _symmetric_gram_kernel(a_ptr, out_ptr, add_ptr, tiles_ptr, rows, stride_ar, 
                            alpha, beta, cols: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
                            BLOCK_K: tl.constexpr):
     """out = alpha * A A^T (+ beta * add) for A (rows, cols): A A^T is symmetric, so only the tiles on and above the
-    diagonal are computed (program p -> tile (i, j), i <= j) and each off-diagonal tile is also stored transposed.
-    Half the products of a plain matmul, the trick modded-nanogpt's Muon kernels use. `add` must be symmetric too."""
+    diagonal are computed (program p -> tile (i, j), i <= j), each off-diagonal tile is also stored transposed and
+    each diagonal tile is symmetrised, so the output is exactly symmetric. Half the products of a plain matmul, the trick modded-nanogpt's Muon kernels use. `add` must be symmetric too."""
     pid = tl.program_id(0)
     i = tl.load(tiles_ptr + 2 * pid)  # this program's tile (i, j), listed by the host
     j = tl.load(tiles_ptr + 2 * pid + 1)
@@ -1346,6 +1346,10 @@ def _symmetric_gram_kernel(a_ptr, out_ptr, add_ptr, tiles_ptr, rows, stride_ar, 
     if HAS_ADD:
         acc += beta * tl.load(add_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc, mask=mask,
                               other=0.0).to(tl.float32)
+    # A diagonal tile is a_i a_i^T: symmetric in exact arithmetic, but a dot's summation order may differ between
+    # its (r, c) and (c, r) entries (numpy's AVX-512 kernels under the interpreter differ by ~1e-6). Averaging it
+    # with its transpose makes the output symmetric bit for bit on any backend (x + y == y + x in IEEE).
+    acc = tl.where(i == j, (acc + tl.trans(acc)) * 0.5, acc)
     tl.store(out_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc,
              acc.to(out_ptr.dtype.element_ty), mask=mask)
     tl.store(out_ptr + offs_j[None, :] * stride_or + offs_i[:, None] * stride_oc,  # the mirrored tile
