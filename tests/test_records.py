@@ -98,6 +98,11 @@ def log_line(run_folder, prefix):
         return next(line.rstrip("\n") for line in handle if line.startswith(prefix))
 
 
+def logged_value(line, field):
+    """The text after `field ` in a `key value | key value` log line."""
+    return line.split(f"{field} ")[1].split(" ")[0]
+
+
 # ------------------------------------------------------------------------------------------------- new and verify
 
 def test_new_makes_a_checkable_record(record, capsys):
@@ -113,18 +118,19 @@ def test_new_makes_a_checkable_record(record, capsys):
     assert f"mean {np.mean(losses):.4f}, std {np.std(losses, ddof=1):.4f}" in out and "OK" in out
 
 
-def test_parse_log_reads_the_run(runs):
-    log = records.parse_log(os.path.join(runs[0], "log.txt"))
-    assert log.source == open(os.path.join(REPO_ROOT, "train_gpt.py")).read()
-    assert log.hyperparameters["n_layer"] == 1 and log.hyperparameters["seed"] == 0
-    assert [row["step"] for row in log.train] == [1, 2, 3, 4] and [row["step"] for row in log.val] == [2, 4]
+def test_read_run_reads_the_run(runs):
+    run = records.read_run(runs[0])
+    assert run.source == open(os.path.join(REPO_ROOT, "train_gpt.py")).read()
+    assert run.hyperparameters["n_layer"] == 1 and run.hyperparameters["seed"] == 0
+    assert [row["step"] for row in run.train] == [1, 2, 3, 4] and [row["step"] for row in run.val] == [2, 4]
+    assert run.command.split()[1].endswith("train_gpt.py") and not run.resumed
 
 
 @pytest.mark.parametrize("prefix, field", [("step 2/4", "train_loss"), ("val  step 4/4", "val_loss")])
 def test_verify_rejects_an_edited_loss_line(record, tmp_path, capsys, prefix, field):
     copy = copy_record(record, tmp_path)
     line = log_line(os.path.join(copy, "s1"), prefix)
-    logged = records._fields(line.replace("val  ", ""))[field]
+    logged = logged_value(line, field)
     edit_file(os.path.join(copy, "s1", "log.txt"), line, line.replace(f"{field} {logged}", f"{field} 1.2345"))
     assert verify(copy) == 1
     out = capsys.readouterr().out
@@ -177,7 +183,7 @@ def test_rerun_agrees_and_catches_a_forged_curve(runs, tmp_path, capsys, monkeyp
     assert "re-run agrees" in capsys.readouterr().out
     # A forger lowers step 2's train loss in the log and in metrics.jsonl alike: the logs stay consistent...
     line = log_line(os.path.join(single, "s0"), "step 2/4")
-    logged = records._fields(line)["train_loss"]
+    logged = logged_value(line, "train_loss")
     forged = f"{float(logged) - 0.2:.4f}"
     edit_file(os.path.join(single, "s0", "log.txt"), line, line.replace(f"train_loss {logged}", f"train_loss {forged}"))
     metrics_path = os.path.join(single, "s0", "metrics.jsonl")
@@ -442,9 +448,9 @@ def test_verify_rejects_a_record_moved_to_another_track(record, tmp_path, capsys
 def test_rerun_of_a_silent_hang_ends_at_the_timeout(tmp_path):
     """A re-run that prints nothing (a stalled collective) must not block verify past --timeout."""
     import time
-    log = records.RunLog("log.txt", "import time\ntime.sleep(120)\n", {}, {}, [dict(step=1, member=None)], [], None,
-                         None)
+    run = records.Run(str(tmp_path), "import time\ntime.sleep(120)\n", {}, False, [dict(kind="train", step=1, train_loss=5.0)],
+                      dict(hyperparameters={}))
     start = time.time()
     with pytest.raises(records.RecordError, match="did not start"):
-        records.rerun_log(log, 1, str(tmp_path), {}, 1, str(tmp_path), timeout=2)
+        records.rerun_metrics(run, 1, str(tmp_path), {}, 1, str(tmp_path), timeout=2)
     assert time.time() - start < 30
