@@ -127,7 +127,7 @@ def track_violations(track: Track, result: dict) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------------
 # Reading a run: the numbers from metrics.jsonl and result.json; from log.txt the source, the command, the sections
 
-HEADER = "==================== "  # train_gpt.Run.section: the title, then "=" up to column 100
+HEADER = "==================== "  # train_gpt.RunLog.section: the title, then "=" up to column 100
 PROGRESS_KINDS = (("train", "step "), ("val", "val  step "))  # metrics.jsonl kind, and how its log line begins
 
 
@@ -142,43 +142,20 @@ class Run:
     metrics: list[dict]  # metrics.jsonl's rows
     result: dict  # result.json
 
-    @property
-    def path(self) -> str:
-        return os.path.join(self.folder, "log.txt")
-
-    @property
-    def name(self) -> str:
-        return os.path.basename(os.path.normpath(self.folder))
-
-    @property
-    def hyperparameters(self) -> dict:
-        return self.result.get("hyperparameters", {})
-
-    @property
-    def command(self) -> str:
-        return self.sections.get("command", [""])[0]
-
-    def rows(self, kind: str) -> list[dict]:
-        return [row for row in self.metrics if row.get("kind") == kind]
-
-    @property
-    def train(self) -> list[dict]:
-        return self.rows("train")
-
-    @property
-    def val(self) -> list[dict]:
-        return self.rows("val")
-
-
-def header_title(line: str) -> str | None:
-    return line[len(HEADER):].rstrip("=").strip() if line.startswith(HEADER) else None
+    def __post_init__(self):
+        self.path, self.name = os.path.join(self.folder, "log.txt"), os.path.basename(os.path.normpath(self.folder))
+        self.hyperparameters, self.command = self.result.get("hyperparameters", {}), self.sections.get("command", [""])[0]
+        self.train, self.val = ([row for row in self.metrics if row.get("kind") == kind] for kind in ("train", "val"))
+        # what the run wrote after its header sections: progress, ensembles, test, done
+        self.lines = [line for title, lines in self.sections.items()
+                      if title not in ("command", "environment", "hyperparameters") for line in lines]
 
 
 def read_log(path: str) -> tuple[str, dict[str, list[str]], bool]:
     """(the embedded source, the sections after it by title, whether the run was resumed)."""
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
-    titles = [header_title(line) for line in lines]
+    titles = [line[len(HEADER):].rstrip("=").strip() if line.startswith(HEADER) else None for line in lines]
     if not lines or not (titles[0] or "").startswith("source"):
         raise RecordError(f"{path}: does not start with the source section (not a train_gpt.py log.txt?)")
     # The source may itself contain header-like lines; the real command header is the last one in the file.
@@ -186,14 +163,14 @@ def read_log(path: str) -> tuple[str, dict[str, list[str]], bool]:
     if command_at is None:
         raise RecordError(f"{path}: no command section after the source")
     sections: dict[str, list[str]] = {}
-    current, run_headers = None, 0
+    current = None
     for line, title in zip(lines[command_at:], titles[command_at:]):
         if title is None:
             sections[current].append(line)
         else:
-            current, run_headers = title, run_headers + (title == "run")
+            current = title
             sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
-    return "\n".join(lines[1:command_at]) + "\n", sections, run_headers > 1
+    return "\n".join(lines[1:command_at]) + "\n", sections, titles.count("run") > 1
 
 
 def read_json(path: str):
@@ -211,25 +188,20 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
     if not os.path.isfile(path):
         raise RecordError(f"{path}: missing")
     with open(path, encoding="utf-8") as handle:
-        lines = handle.readlines()
+        lines = [line for line in handle if line.strip()]
     if whole_lines_only and lines and not lines[-1].endswith("\n"):
         lines.pop()
     rows = []
     for number, line in enumerate(lines, start=1):
         try:
-            row = json.loads(line) if line.strip() else None
-        except json.JSONDecodeError:
-            row = "unreadable"
-        if row is not None and not isinstance(row, dict):
-            raise UnreadableFile(f"{path}: line {number} is not a JSON row ({line.strip()[:60]!r}): the file is "
-                                 f"damaged or cut short")
-        if row is not None:
-            rows.append(row)
-    for row in rows:  # the rows every check reads: a kind's loss, its step, the tokens seen
-        kind = row.get("kind")
-        if kind in ("train", "val") and not all(isinstance(row.get(key), (int, float)) and not isinstance(
-                row.get(key), bool) for key in ("step", f"{kind}_loss", "tokens_seen")):
-            raise UnreadableFile(f"{path}: a {kind} row lacks a number for step, {kind}_loss or tokens_seen: {row}")
+            rows.append(json.loads(line))
+            kind = rows[-1].get("kind")  # the rows every check reads: their step, loss and tokens are numbers
+            usable = kind not in ("train", "val") or all(type(rows[-1].get(key)) in (int, float)
+                                                         for key in ("step", f"{kind}_loss", "tokens_seen"))
+        except (ValueError, AttributeError):
+            usable = False
+        if not usable:
+            raise UnreadableFile(f"{path}: line {number} is cut short or not a metrics row: {line.strip()[:80]}")
     return rows
 
 
@@ -266,51 +238,24 @@ def loss_text(value) -> str:
 # ----------------------------------------------------------------------------------------------------------------------
 # Consistency: metrics.jsonl and result.json agree with each other, and log.txt says what they say
 
-def run_lines(run: Run) -> list[str]:
-    """The lines the run wrote after its header sections: progress, ensembles, test, done."""
-    return [line for title, lines in run.sections.items() if title not in ("command", "environment",
-                                                                         "hyperparameters") for line in lines]
-
-
-def member_totals(run: Run) -> dict:
-    """{member (None for a single model): its step total}: train_gpt logs the last step of every member."""
-    totals = {}
-    for row in run.train:
-        totals[row.get("member")] = row["step"]
-    return totals
-
-
 def progress_line_problems(run: Run, totals: dict) -> list[str]:
     """Every train and val line of log.txt against its metrics.jsonl row, member by member in the order written
-    (with --parallel_members the members' lines interleave): the same step of the member's total, loss and tokens;
-    no line without a row, no row without a line."""
-    size = run.hyperparameters.get("ensemble_size", 1)
-    tags = {None: ""}  # a stray untagged line in an ensemble's log has no row: it fails below
-    if size > 1:
-        tags.update({member: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), member)
-                     for member in range(size)})
-    logged: dict[tuple, list[str]] = {}
-    for line in run_lines(run):
-        for (member, tag), (kind, start) in itertools.product(tags.items(), PROGRESS_KINDS):
-            if line.startswith(tag + start):
-                logged.setdefault((member, kind), []).append(line)
-    problems = []
+    (with --parallel_members the members' lines interleave): the step of the member's total, the loss and the
+    tokens; no line without a row, no row without a line."""
+    size, problems = run.hyperparameters.get("ensemble_size", 1), []
+    tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m) for m in range(size * (size > 1))}}
     for kind, start in PROGRESS_KINDS:
-        keys = dict.fromkeys([*(row.get("member") for row in run.rows(kind)), *(m for m, k in logged if k == kind)])
-        for member in keys:
-            rows = [row for row in run.rows(kind) if row.get("member") == member]
-            lines, tag = logged.get((member, kind), []), tags.get(member, "")
-            for row, line in zip(rows, lines):
-                head = f"{tag}{start}{row['step']}/{totals.get(member)} | "
-                numbers = f"| {kind}_loss {loss_text(row[f'{kind}_loss'])} | tokens {train_gpt.format_count(row['tokens_seen'])} |"
-                if not (line.startswith(head) and numbers in line):
-                    problems.append(f"{kind} loss lines disagree with metrics.jsonl (metrics: {head}... {numbers}; "
-                                    f"log: {line})")
-                    break
-            else:
-                if len(rows) != len(lines):
-                    problems.append(f"{kind} loss lines disagree with metrics.jsonl ({tag}{len(lines)} log lines, "
-                                    f"{len(rows)} metrics rows)")
+        rows = getattr(run, kind)
+        for member in dict.fromkeys([*tags, *(row.get("member") for row in rows)]):  # "" also finds stray lines
+            tag = tags.get(member, f"(member {member} has no tag) ")
+            lines = [line for line in run.lines if line.startswith(tag + start)]
+            expected = [(f"{tag}{start}{row['step']}/{totals.get(member)} | ", f"| {kind}_loss {loss_text(row[f'{kind}_loss'])} "
+                         f"| tokens {train_gpt.format_count(row['tokens_seen'])} |") for row in rows if row.get("member") == member]
+            wrong = next((f"metrics.jsonl: {head}...{numbers}; log.txt: {line}" for (head, numbers), line in
+                          zip(expected, lines) if not (line.startswith(head) and numbers in line)), None)
+            if wrong or len(lines) != len(expected):
+                problems.append(f"{kind} loss lines disagree with metrics.jsonl "
+                                f"({wrong or f'{tag}{len(lines)} log lines, {len(expected)} metrics rows'})")
     return problems
 
 
@@ -319,23 +264,23 @@ def log_problems(run: Run) -> list[str]:
     result, problems = run.result, []
     if run.sections["hyperparameters"] != [f"{key} = {value!r}" for key, value in run.hyperparameters.items()]:
         problems.append("result.json hyperparameters differ from the log's hyperparameters section")
-    where = f"world_size {result.get('world_size')} | device {result.get('device')} | "
-    if not any(line.startswith(where) for line in run.sections.get("environment", [])):
+    if not any(line.startswith(f"world_size {result.get('world_size')} | device {result.get('device')} | ")
+               for line in run.sections.get("environment", [])):
         problems.append(f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ "
                         f"from the log's environment section")
-    lines = run_lines(run)
-    test_line = next((line + " |" for line in reversed(lines) if line.startswith("test ")), None)
+    test_line = next((line + " |" for line in reversed(run.lines) if line.startswith("test ")), None)
     test_loss = result.get("test_loss")
-    if (test_line is None) != (test_loss is None) or (
-            test_loss is not None and f"| test_loss {loss_text(test_loss)} |" not in test_line):
+    if (test_line is None) != (test_loss is None) or (test_loss is not None and
+                                                       f"| test_loss {loss_text(test_loss)} |" not in test_line):
         problems.append(f"result.json test_loss {test_loss} != the log's test line ({test_line})")
-    done = next((line for line in reversed(lines) if line.startswith("done | ")), "")
-    if not done.startswith(f"done | val_loss {loss_text(result.get('val_loss'))}"):
-        problems.append(f"result.json val_loss {loss_text(result.get('val_loss'))} != the done line's ({done})")
-    if f"tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))}" not in done:
-        problems.append(f"result.json tokens_seen {result.get('tokens_seen')} != the done line's ({done})")
-    if f"ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}" not in done:
-        problems.append("result.json ranks_agree differs from the done line")
+    done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
+    for field, value, text in [("val_loss", result.get("val_loss"), f"done | val_loss {loss_text(result.get('val_loss'))}"),
+                               ("tokens_seen", result.get("tokens_seen"),
+                                f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
+                               ("ranks_agree", result.get("ranks_agree"),
+                                f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
+        if text not in done:
+            problems.append(f"result.json {field} {value} disagrees with the done line ({done})")
     return problems
 
 
@@ -354,8 +299,8 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
         if not condition:
             problems.append(f"{run.name}: {message}")
 
-    need(any(line.startswith("done | ") for line in run_lines(run)), "log.txt has no final `done` line (the run did "
-                                                                     "not finish)")
+    need(any(line.startswith("done | ") for line in run.lines), "log.txt has no final `done` line (the run did not "
+                                                                "finish)")
     need(bool(run.train) and bool(run.val), "metrics.jsonl has no train or no val rows")
     need(not run.resumed, "the run was resumed (--resume): a record is one uninterrupted run, so that its log is "
                           "the whole story and --rerun can replay it")
@@ -365,38 +310,33 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
         compile(run.source, "train_gpt.py", "exec")
     except SyntaxError as error:
         problems.append(f"{run.name}: the embedded source does not compile ({error.msg}, line {error.lineno})")
-    # metrics.jsonl, member by member (member None in a single-model run): steps rise, the last train row is the
-    # member's total (train_gpt logs it); the totals add up to result.json's steps, the members to ensemble_size.
-    totals = member_totals(run)
-    for member, total in totals.items():
-        label = "" if member is None else f"member {member}: "
-        for kind in ("train", "val"):
-            steps = [row["step"] for row in run.rows(kind) if row.get("member") == member]
-            need(steps == sorted(set(steps)) and max(steps, default=0) <= total,
-                 f"{label}{kind} rows' steps are not strictly increasing up to {total}: {steps}")
+    # metrics.jsonl member by member (None: a single model): steps rise to the member's total, its last train row
+    # (train_gpt always logs the last step); the totals add up to result.json's steps, the members to ensemble_size
+    last = {row.get("member"): row for row in run.train}
+    totals = {member: row["step"] for member, row in last.items()}
+    for (member, total), kind in itertools.product(totals.items(), ("train", "val")):
+        steps = [row["step"] for row in getattr(run, kind) if row.get("member") == member]
+        need(steps == sorted(set(steps)) and max(steps, default=0) <= total,
+             f"{'' if member is None else f'member {member}: '}{kind} rows' steps do not rise to {total}: {steps}")
     need(sum(totals.values()) == result.get("steps"),
          f"metrics.jsonl's steps add up to {sum(totals.values())}, result.json says {result.get('steps')}")
     need(len(totals) == hp.get("ensemble_size", 1),
          f"metrics.jsonl shows {len(totals)} member(s), result.json's ensemble_size is {hp.get('ensemble_size')}")
-    # result.json against each member's last rows: a single model's ranked loss is its last val (not so for
-    # ensembles and snapshots), the train loss is the last member's, tokens and training time add up
-    last = {member: [row for row in run.train if row.get("member") == member][-1] for member in totals}
-    val_text = loss_text(result.get("val_loss"))
+    # result.json against the last rows: a single model's ranked loss is its last val (not so for ensembles and
+    # snapshots), the train loss the last member's; tokens and training time add up over the members
     if list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots"):
-        need(loss_text(run.val[-1]["val_loss"]) == val_text,
-             f"result.json val_loss {val_text} != the last val row's {loss_text(run.val[-1]['val_loss'])}")
-    final_train = last[max(totals, key=lambda m: -1 if m is None else m)]["train_loss"]
+        need(loss_text(run.val[-1]["val_loss"]) == loss_text(result.get("val_loss")),
+             f"result.json val_loss {result.get('val_loss')} != the last val row's {run.val[-1]['val_loss']}")
+    final_train = last[max(last, key=lambda member: member or 0)]["train_loss"]
     need(loss_text(final_train) == loss_text(result.get("train_loss")),
-         f"result.json train_loss {loss_text(result.get('train_loss'))} != the last train row's "
-         f"{loss_text(final_train)}")
+         f"result.json train_loss {result.get('train_loss')} != the last train row's {final_train}")
     tokens = sum(row["tokens_seen"] for row in last.values())
-    need(tokens == result.get("tokens_seen"), f"result.json tokens_seen {result.get('tokens_seen')} != {tokens} in "
-                                              f"metrics.jsonl")
+    need(tokens == result.get("tokens_seen"), f"result.json tokens_seen {result.get('tokens_seen')} != {tokens}, "
+                                              f"metrics.jsonl's")
     trained = sum(row.get("train_seconds", math.nan) for row in last.values())
     # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
     need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last),
          f"result.json train_seconds {result.get('train_seconds')} != {trained:.2f} in metrics.jsonl")
-    # the log says what the numbers say
     problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + log_problems(run)]
     return problems, run, result
 
@@ -627,67 +567,56 @@ def track_curve(records_dir: str, track: str) -> dict | None:
 # Plot: train and val loss against tokens seen, the unigram baseline (and loss against ensemble size when runs log
 # `ensemble` rows)
 
-@dataclass
-class Curves:
-    label: str
-    val: dict  # {member (None for a single model): [(tokens_seen, val_loss)]}
-    train: dict  # {member: [(tokens_seen, train_loss)]}
-    ensemble: list  # [(ensemble size, val_loss)]
-    unigram: float | None  # result.json's unigram_val_loss (None while the run is going)
-
-
-def run_curves(folder: str) -> Curves:
-    metrics = read_metrics(os.path.join(folder, "metrics.jsonl"), whole_lines_only=True)
-    series = {"val": {}, "train": {}}
-    for row in metrics:
-        if row.get("kind") in series:
-            series[row["kind"]].setdefault(row.get("member"), []).append((row["tokens_seen"], row[f"{row['kind']}_loss"]))
-    result_path = os.path.join(folder, "result.json")
-    unigram = read_json(result_path).get("unigram_val_loss") if os.path.isfile(result_path) else None
-    return Curves(os.path.basename(os.path.normpath(folder)), series["val"], series["train"],
-                  [(row["members"], row["val_loss"]) for row in metrics if row.get("kind") == "ensemble"], unigram)
-
-
 def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, title: str = ""):
     """The figure of plot_runs (tests read its lines back): each run's (and member's) val curve, solid with markers,
-    its train curve dashed in the same colour, one dotted line per distinct unigram baseline."""
+    its train curve dashed in the same colour, a dotted line per unigram baseline; a second panel of loss against
+    ensemble size when runs log `ensemble` rows."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    runs = [run_curves(folder) for folder in folders]
-    with_ensembles = any(run.ensemble for run in runs)
-    dpi = 100
-    figure, axes = plt.subplots(1, 2 if with_ensembles else 1, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
-                                squeeze=False)
-    losses = axes[0][0]
-    markers = itertools.cycle("os^Dv<>p")
-    for run in runs:
-        for member in dict.fromkeys([*run.val, *run.train]):
-            label = run.label if member is None else f"{run.label} member {member}"
-            val, marker = run.val.get(member, []), next(markers)
-            line, = losses.plot([t for t, _ in val], [loss for _, loss in val], marker=marker, markersize=5,
-                                label=f"{label} val")
-            if len(val) == 1:  # validated only at the end (--val_every -1): a point, its value written beside it
-                losses.annotate(f"{val[0][1]:.4f}", val[0], xytext=(6, 0), textcoords="offset points", fontsize=7,
-                                color=line.get_color(), va="center")
-            if run.train.get(member):  # dashed beside it: where val is scored rarely it shows the run's course
-                losses.plot(*zip(*run.train[member]), linestyle="--", linewidth=1, color=line.get_color(),
-                            label=f"{label} train")
-    for unigram in dict.fromkeys(round(run.unigram, 4) for run in runs if run.unigram is not None):
-        losses.axhline(unigram, color="gray", linestyle=":", linewidth=1.5, label=f"unigram baseline {unigram:.4f}")
-    losses.set_xlabel("tokens seen")
-    losses.set_ylabel("loss (nats/token)")
-    losses.grid(alpha=0.3)
+    # a run still going (no result.json yet) may be writing its last metrics line: that one is skipped
+    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"), not
+             os.path.isfile(os.path.join(folder, "result.json"))), os.path.join(folder, "result.json"))
+            for folder in folders]
+    ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"]) for name, rows, _ in runs]
+    dpi, markers = 100, itertools.cycle("os^Dv<>p")
+    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=dpi,
+                                figsize=(width_px / dpi, height_px / dpi))
+    losses, colours = axes[0][0], {}
+    for name, rows, _ in runs:
+        for member in dict.fromkeys(row.get("member") for row in rows if row.get("kind") in ("train", "val")):
+            label = name if member is None else f"{name} member {member}"
+            val, train = ([(row["tokens_seen"], row[f"{kind}_loss"]) for row in rows
+                           if row.get("kind") == kind and row.get("member") == member] for kind in ("val", "train"))
+            # validated only at the end (--val_every -1): the seeds' points overlap, so each has its own hollow
+            # marker shape and its value in the legend
+            alone = len(val) == 1
+            line, = losses.plot([t for t, _ in val], [loss for _, loss in val], marker=next(markers),
+                                markersize=9 if alone else 5, fillstyle="none" if alone else "full",
+                                label=f"{label} val" + (f" {val[0][1]:.4f} (end only)" if alone else ""))
+            colours.setdefault(name, line.get_color())
+            if train:  # dashed beside it: where val is scored rarely it shows the run's course
+                losses.plot(*zip(*train), linestyle="--", linewidth=1, color=line.get_color(), label=f"{label} train")
+    # the unigram baseline (train's token frequencies scored on val; none while a run is going): one grey line, or
+    # one per run in its colour when their train sets differ (reference runs on different budgets)
+    unigrams = {name: read_json(path).get("unigram_val_loss") for name, _, path in runs if os.path.isfile(path)}
+    unigrams = {name: round(value, 4) for name, value in unigrams.items() if value is not None}
+    for name, unigram in unigrams.items():
+        alone = len(set(unigrams.values())) == 1
+        losses.axhline(unigram, color="gray" if alone else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
+                       label=f"unigram baseline {unigram:.4f}" if alone else f"{name} unigram baseline {unigram:.4f}")
+        if alone:
+            break
+    losses.set(xlabel="tokens seen", ylabel="loss (nats/token)")
+    for name, rows in ensembles:
+        if rows:
+            axes[0][1].plot(*zip(*rows), marker="o", label=name)
+            axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
+    for panel in axes[0]:
+        panel.grid(alpha=0.3)
     losses.legend(fontsize=8)
-    if with_ensembles:
-        for run in runs:
-            if run.ensemble:
-                axes[0][1].plot(*zip(*run.ensemble), marker="o", label=run.label)
-        axes[0][1].set_xlabel("ensemble size")
-        axes[0][1].set_ylabel("val loss (nats/token)")
-        axes[0][1].grid(alpha=0.3)
-    names = [run.label for run in runs]
+    names = [name for name, _, _ in runs]
     figure.suptitle(title or "loss against tokens seen: " + ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
     figure.tight_layout()
     return figure
@@ -713,13 +642,16 @@ def plot_folders(paths: list[str]) -> list[str]:
     return folders
 
 
+def record_title(paths: list[str]) -> str:
+    """One record's plot is titled as `new` titles it; anything else by its runs' names (loss_figure)."""
+    if len(paths) != 1 or not os.path.isfile(os.path.join(paths[0], "record.json")):
+        return ""
+    summary = read_json(os.path.join(paths[0], "record.json"))
+    return f"{summary.get('track')}: {summary.get('title')}"
+
+
 def command_plot(args) -> int:
-    title = args.title
-    records = [path for path in args.paths if os.path.isfile(os.path.join(path, "record.json"))]
-    if not title and len(records) == len(args.paths) == 1:  # one record: its own title, as `new` draws it
-        summary = read_json(os.path.join(records[0], "record.json"))
-        title = f"{summary.get('track')}: {summary.get('title')}"
-    plot_runs(plot_folders(args.paths), args.out, args.width, args.height, title)
+    plot_runs(plot_folders(args.paths), args.out, args.width, args.height, args.title or record_title(args.paths))
     print(f"wrote {args.out}")
     return 0
 
@@ -823,12 +755,10 @@ def command_new(args) -> int:
                        runs=[r["run_id"] for r in results], val_loss_mean=mean_std(losses)[0],
                        val_loss_std=mean_std(losses)[1])
         significance = significance_lines(record, args.records_dir, track.name)
-        with open(os.path.join(record, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(record_readme(summary, logs, results, significance, efficiency))
+        train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
+                                     record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
         summary["files"] = manifest(record)
-        with open(os.path.join(record, "record.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
+        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"), (json.dumps(summary, indent=2) + "\n").encode())
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
@@ -866,13 +796,14 @@ def rerun_flags(hyperparameters: dict, overrides: dict[str, str]) -> list[str]:
     return flags
 
 
-def loss_key(row: dict) -> tuple:
-    """A loss row's place in a run: (member, kind, step)."""
-    return row.get("member"), row["kind"], row["step"]
+def losses_by_place(rows: list[dict]) -> dict[tuple, float]:
+    """{(member, kind, step): loss} of the train and val rows."""
+    return {(row.get("member"), row["kind"], row["step"]): row[f"{row['kind']}_loss"] for row in rows
+            if row.get("kind") in ("train", "val")}
 
 
-def loss_rows(rows: list[dict]) -> dict[tuple, float]:
-    return {loss_key(row): row[f"{row['kind']}_loss"] for row in rows if row.get("kind") in ("train", "val")}
+def place_text(member, kind: str, step: int) -> str:
+    return f"{'' if member is None else f'member {member} '}step {step} {kind}_loss"
 
 
 def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
@@ -892,7 +823,7 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
     command = [*launcher, script, *rerun_flags(run.hyperparameters, settings)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
-    logged, start = loss_rows(run.metrics), time.time()
+    logged, start = losses_by_place(run.metrics), time.time()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     output, rows = [], []
     # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
@@ -902,19 +833,13 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
         for line in process.stdout:
             output.append(line)
             new = read_metrics(metrics_path, whole_lines_only=True)[len(rows):] if os.path.isfile(metrics_path) else []
-            for row in new:  # progress: each loss row of the re-run beside the logged one
-                key = loss_key(row) if row.get("kind") in ("train", "val") else None
-                if key is not None:
-                    again = loss_rows([row])[key]
-                    theirs = (f"logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f}" if key in logged
-                              else "not logged")
-                    member = "" if key[0] is None else f"member {key[0]} "
-                    print(f"    {time.time() - start:6.0f}s  {member}step {key[2]} {key[1]}_loss {again:.4f} ({theirs})",
-                          flush=True)
+            for key, again in losses_by_place(new).items():  # progress: each loss of the re-run beside the logged one
+                print(f"    {time.time() - start:5.0f}s  {place_text(*key)} {again:.4f} " + (
+                    f"(logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f})" if key in logged else
+                    "(not logged)"), flush=True)
             rows += new
-            reached = any(row.get("kind") == "train" and row["step"] >= target and not wait_for_val or
-                          row.get("kind") == "val" and row["step"] >= target for row in rows)
-            if reached or time.time() - start > timeout:
+            wanted = "val" if wait_for_val else "train"
+            if any(row["step"] >= target for row in rows if row.get("kind") == wanted) or time.time() - start > timeout:
                 break
     finally:
         watchdog.cancel()
@@ -936,18 +861,16 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
 def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
     """Loss values at every (member, step) both runs logged: (a problem per difference over tolerance, a summary
     line with the largest difference)."""
-    mine, theirs = loss_rows(run.metrics), loss_rows(rerun_rows)
+    mine, theirs = losses_by_place(run.metrics), losses_by_place(rerun_rows)
     problems, largest = [], (0.0, None)
     shared = [key for key in mine if key in theirs]
     for key in shared:
-        member, kind, step = key
         difference = abs(mine[key] - theirs[key])
-        label = "" if member is None else f"member {member} "
         if not difference <= tolerance:  # NaN fails too
-            problems.append(f"{label}step {step} {kind}_loss: logged {loss_text(mine[key])}, re-run "
-                            f"{theirs[key]:.4f} (|diff| {difference:.4f} > tolerance {tolerance})")
+            problems.append(f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| "
+                            f"{difference:.4f} > tolerance {tolerance})")
         if not difference <= largest[0]:
-            largest = (difference, f"{label}step {step} {kind}")
+            largest = (difference, place_text(*key))
     if not shared:
         problems.append("no loss line to compare (raise --steps)")
     return problems, (f"{len(shared)} loss values compared, max |diff| {largest[0]:.4f} nats"
