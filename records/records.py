@@ -43,6 +43,7 @@ REPO_ROOT = os.path.dirname(RECORDS_DIR)
 sys.path.insert(0, REPO_ROOT)
 
 import train_gpt  # noqa: E402  (the formats the runs were written in, atomic writes, marker replacement)
+
 LEADERBOARD_START, LEADERBOARD_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
 RUN_FILES = ("log.txt", "metrics.jsonl", "result.json")
 # Hyperparameters that may differ between the seeds of one record (everything else must be equal).
@@ -144,7 +145,8 @@ class Run:
 
     def __post_init__(self):
         self.path, self.name = os.path.join(self.folder, "log.txt"), os.path.basename(os.path.normpath(self.folder))
-        self.hyperparameters, self.command = self.result.get("hyperparameters", {}), self.sections.get("command", [""])[0]
+        self.hyperparameters = self.result.get("hyperparameters", {})
+        self.command = self.sections.get("command", [""])[0]
         self.train, self.val = ([row for row in self.metrics if row.get("kind") == kind] for kind in ("train", "val"))
         # what the run wrote after its header sections: progress, ensembles, test, done
         self.lines = [line for title, lines in self.sections.items()
@@ -188,11 +190,11 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
     if not os.path.isfile(path):
         raise RecordError(f"{path}: missing")
     with open(path, encoding="utf-8") as handle:
-        lines = [line for line in handle if line.strip()]
+        lines = handle.readlines()
     if whole_lines_only and lines and not lines[-1].endswith("\n"):
         lines.pop()
     rows = []
-    for number, line in enumerate(lines, start=1):
+    for number, line in [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]:
         try:
             rows.append(json.loads(line))
             kind = rows[-1].get("kind")  # the rows every check reads: their step, loss and tokens are numbers
@@ -242,15 +244,17 @@ def progress_line_problems(run: Run, totals: dict) -> list[str]:
     """Every train and val line of log.txt against its metrics.jsonl row, member by member in the order written
     (with --parallel_members the members' lines interleave): the step of the member's total, the loss and the
     tokens; no line without a row, no row without a line."""
-    size, problems = run.hyperparameters.get("ensemble_size", 1), []
-    tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m) for m in range(size * (size > 1))}}
+    size, problems, count = run.hyperparameters.get("ensemble_size", 1), [], train_gpt.format_count
+    tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m)
+                         for m in range(size if size > 1 else 0)}}
     for kind, start in PROGRESS_KINDS:
         rows = getattr(run, kind)
         for member in dict.fromkeys([*tags, *(row.get("member") for row in rows)]):  # "" also finds stray lines
             tag = tags.get(member, f"(member {member} has no tag) ")
             lines = [line for line in run.lines if line.startswith(tag + start)]
-            expected = [(f"{tag}{start}{row['step']}/{totals.get(member)} | ", f"| {kind}_loss {loss_text(row[f'{kind}_loss'])} "
-                         f"| tokens {train_gpt.format_count(row['tokens_seen'])} |") for row in rows if row.get("member") == member]
+            expected = [(f"{tag}{start}{row['step']}/{totals.get(member)} | ",
+                         f"| {kind}_loss {loss_text(row[kind + '_loss'])} | tokens {count(row['tokens_seen'])} |")
+                        for row in rows if row.get("member") == member]
             wrong = next((f"metrics.jsonl: {head}...{numbers}; log.txt: {line}" for (head, numbers), line in
                           zip(expected, lines) if not (line.startswith(head) and numbers in line)), None)
             if wrong or len(lines) != len(expected):
@@ -274,13 +278,11 @@ def log_problems(run: Run) -> list[str]:
                                                        f"| test_loss {loss_text(test_loss)} |" not in test_line):
         problems.append(f"result.json test_loss {test_loss} != the log's test line ({test_line})")
     done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
-    for field, value, text in [("val_loss", result.get("val_loss"), f"done | val_loss {loss_text(result.get('val_loss'))}"),
-                               ("tokens_seen", result.get("tokens_seen"),
-                                f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
-                               ("ranks_agree", result.get("ranks_agree"),
-                                f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
+    for field, text in [("val_loss", f"done | val_loss {loss_text(result.get('val_loss'))}"),
+                        ("tokens_seen", f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
+                        ("ranks_agree", f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
         if text not in done:
-            problems.append(f"result.json {field} {value} disagrees with the done line ({done})")
+            problems.append(f"result.json {field} {result.get(field)} disagrees with the done line ({done})")
     return problems
 
 
@@ -579,7 +581,8 @@ def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, t
     runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"), not
              os.path.isfile(os.path.join(folder, "result.json"))), os.path.join(folder, "result.json"))
             for folder in folders]
-    ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"]) for name, rows, _ in runs]
+    ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"])
+                 for name, rows, _ in runs]
     dpi, markers = 100, itertools.cycle("os^Dv<>p")
     figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=dpi,
                                 figsize=(width_px / dpi, height_px / dpi))
@@ -602,12 +605,10 @@ def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, t
     # one per run in its colour when their train sets differ (reference runs on different budgets)
     unigrams = {name: read_json(path).get("unigram_val_loss") for name, _, path in runs if os.path.isfile(path)}
     unigrams = {name: round(value, 4) for name, value in unigrams.items() if value is not None}
-    for name, unigram in unigrams.items():
-        alone = len(set(unigrams.values())) == 1
-        losses.axhline(unigram, color="gray" if alone else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
-                       label=f"unigram baseline {unigram:.4f}" if alone else f"{name} unigram baseline {unigram:.4f}")
-        if alone:
-            break
+    shared = len(set(unigrams.values())) == 1
+    for name, unigram in list(unigrams.items())[:1 if shared else None]:
+        losses.axhline(unigram, color="gray" if shared else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
+                       label=("" if shared else f"{name} ") + f"unigram baseline {unigram:.4f}")
     losses.set(xlabel="tokens seen", ylabel="loss (nats/token)")
     for name, rows in ensembles:
         if rows:
@@ -758,7 +759,8 @@ def command_new(args) -> int:
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
                                      record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
         summary["files"] = manifest(record)
-        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"), (json.dumps(summary, indent=2) + "\n").encode())
+        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"),
+                                     (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
