@@ -1939,6 +1939,17 @@ def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
     return all(torch.equal(mine, other) for other in everyone)
 
 
+def replace_between_markers(text: str, begin: str, end: str, new_body: str) -> str:
+    """text with everything between the marker `begin` and the marker `end` replaced by new_body (one newline after
+    each): how the companion tools rewrite their generated part of a hand-written file (records.py the README's
+    leaderboard, the benches their sections of bench/RESULTS.md). Refuses anything but exactly one begin followed
+    by exactly one end, so that a generated section never swallows hand-written text."""
+    start, stop = text.find(begin), text.find(end)
+    if text.count(begin) != 1 or text.count(end) != 1 or stop < start:
+        raise ValueError(f"needs exactly one {begin} line followed by one {end} line")
+    return text[:start + len(begin)] + "\n" + new_body.rstrip("\n") + "\n" + text[stop:]
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Training
 

@@ -14,15 +14,16 @@ plus the sha256 of every file). Anyone can check a record: `verify` re-derives e
     python records/records.py reference build logs/ref_tiny_* --track tiny
     python records/records.py efficiency records/tiny/2025-01-01_my-trick
 
-Standard library, numpy and matplotlib only (matplotlib only for plots); `reference plan` imports train_gpt to count
-the train tokens.
+Every number comes from metrics.jsonl and result.json; log.txt supplies the source and the command and is checked
+against them. Imports train_gpt (its formats and file helpers, and for `reference plan` its data loader); matplotlib
+for plots.
 """
 from __future__ import annotations
 
 import argparse
-import ast
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -33,10 +34,16 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 RECORDS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(RECORDS_DIR)
+sys.path.insert(0, REPO_ROOT)
+
+import train_gpt  # noqa: E402  (the formats the runs were written in, atomic writes, marker replacement)
+
 LEADERBOARD_START, LEADERBOARD_END = "<!-- leaderboard:start -->", "<!-- leaderboard:end -->"
 RUN_FILES = ("log.txt", "metrics.jsonl", "result.json")
 # Hyperparameters that may differ between the seeds of one record (everything else must be equal).
@@ -45,6 +52,10 @@ PER_SEED_FIELDS = {"seed", "run_id", "log_dir"}
 
 class RecordError(Exception):
     """A problem the user must fix: printed as `error: ...`, exit status 1."""
+
+
+class UnreadableFile(RecordError):
+    """A run file that cannot be read at all (a cut metrics.jsonl line, result.json not JSON): exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -115,115 +126,53 @@ def track_violations(track: Track, result: dict) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Reading a run: log.txt sections, its progress lines, metrics.jsonl and result.json
+# Reading a run: the numbers from metrics.jsonl and result.json; from log.txt the source, the command, the sections
 
-HEADER = re.compile(r"^==================== (.+?) =*$")
+HEADER = "==================== "  # train_gpt.RunLog.section: the title, then "=" up to column 100
+PROGRESS_KINDS = (("train", "step "), ("val", "val  step "))  # metrics.jsonl kind, and how its log line begins
 
 
 @dataclass
-class RunLog:
-    path: str
-    source: str  # the training script exactly as it ran
-    sections: dict[str, list[str]]  # every section after the source, by title
-    hyperparameters: dict
-    train: list[dict]  # {"step", "total", "train_loss", "tokens", "text"} per progress line ("text": as printed)
-    val: list[dict]  # {"step", "total", "val_loss", "tokens", "text"}
-    test_loss: str | None  # as printed
-    done: dict | None  # the final line's fields
-    resumed: bool = False  # the log holds more than one run section (--resume appended to it)
+class Run:
+    """One run folder. Every number comes from metrics.jsonl and result.json; log.txt gives the source and the
+    command, and run_problems checks that it says what the numbers say."""
+    folder: str
+    source: str  # the training script exactly as it ran (log.txt's first section)
+    sections: dict[str, list[str]]  # log.txt's sections after the source, by title (a title repeated: one list)
+    resumed: bool  # the log holds more than one run section (--resume appended to it)
+    metrics: list[dict]  # metrics.jsonl's rows
+    result: dict  # result.json
 
-    @property
-    def command(self) -> str:
-        return self.sections.get("command", [""])[0]
-
-
-def _fields(line: str) -> dict[str, str]:
-    """`key value | key value | ...` -> {key: value}; pieces of another shape (`13 ms/step`) are harmless extras."""
-    fields = {}
-    for piece in line.split(" | "):
-        key, _, value = piece.strip().partition(" ")
-        fields[key] = value.strip()
-    return fields
+    def __post_init__(self):
+        self.path, self.name = os.path.join(self.folder, "log.txt"), os.path.basename(os.path.normpath(self.folder))
+        self.hyperparameters = self.result.get("hyperparameters", {})
+        self.command = self.sections.get("command", [""])[0]
+        self.train, self.val = ([row for row in self.metrics if row.get("kind") == kind] for kind in ("train", "val"))
+        # what the run wrote after its header sections: progress, ensembles, test, done
+        self.lines = [line for title, lines in self.sections.items()
+                      if title not in ("command", "environment", "hyperparameters") for line in lines]
 
 
-MEMBER_PREFIX = re.compile(r"^member (\d+)/(\d+) \| ")  # ensemble runs: member k of K (from 1) before each line
-
-
-def parse_progress_line(line: str) -> tuple[str, dict] | None:
-    """A run-section line -> ("train" | "val" | "test" | "done", fields), or None for other lines. Train and val
-    fields carry "member": None in a single-model run, else the member index from 0 (as metrics.jsonl counts)."""
-    member = None
-    prefix = MEMBER_PREFIX.match(line)
-    if prefix:
-        member, line = int(prefix.group(1)) - 1, line[prefix.end():]
-    if line.startswith("step ") or line.startswith("val  step "):
-        kind = "val" if line.startswith("val") else "train"
-        fields = _fields(line[len("val  "):] if kind == "val" else line)
-        step, _, total = fields["step"].partition("/")
-        loss_key = f"{kind}_loss"
-        return kind, dict(step=int(step), total=int(total), loss=float(fields[loss_key]), text=fields[loss_key],
-                          tokens=fields.get("tokens", ""), member=member)
-    if line.startswith("test "):
-        return "test", _fields(line)
-    if line.startswith("done | "):
-        fields = _fields(line)
-        return "done", dict(val_loss=fields.get("val_loss"), tokens=fields.get("tokens"),
-                            ranks_agree=fields.get("ranks"))
-    return None
-
-
-def parse_log(path: str) -> RunLog:
+def read_log(path: str) -> tuple[str, dict[str, list[str]], bool]:
+    """(the embedded source, the sections after it by title, whether the run was resumed)."""
     with open(path, encoding="utf-8") as handle:
         lines = handle.read().splitlines()
-    if not lines or not (HEADER.match(lines[0]) and HEADER.match(lines[0]).group(1).startswith("source")):
+    titles = [line[len(HEADER):].rstrip("=").strip() if line.startswith(HEADER) else None for line in lines]
+    if not lines or not (titles[0] or "").startswith("source"):
         raise RecordError(f"{path}: does not start with the source section (not a train_gpt.py log.txt?)")
     # The source may itself contain header-like lines; the real command header is the last one in the file.
-    command_at = max((i for i, line in enumerate(lines) if HEADER.match(line) and HEADER.match(line).group(1) == "command"),
-                     default=None)
+    command_at = max((i for i, title in enumerate(titles) if title == "command"), default=None)
     if command_at is None:
         raise RecordError(f"{path}: no command section after the source")
-    source = "\n".join(lines[1:command_at]) + "\n"
     sections: dict[str, list[str]] = {}
-    current, run_headers = None, 0
-    for line in lines[command_at:]:
-        match = HEADER.match(line)
-        if match:
-            current = match.group(1)
-            run_headers += current == "run"
-            sections.setdefault(current, [])  # a resumed run repeats its headers: one list per title
-        else:
+    current = None
+    for line, title in zip(lines[command_at:], titles[command_at:]):
+        if title is None:
             sections[current].append(line)
-    for needed in ("hyperparameters", "run"):
-        if needed not in sections:
-            raise RecordError(f"{path}: no {needed} section (the run did not start)")
-    hyperparameters = {}
-    for line in sections["hyperparameters"]:
-        name, _, value = line.partition(" = ")
-        try:
-            hyperparameters[name] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            raise RecordError(f"{path}: unreadable hyperparameter line {line!r}") from None
-    train, val, test_loss, done = [], [], None, None
-    # progress lines: the run section, and for ensembles the sections after it (the K -> loss table, test, done)
-    progress_lines = [line for title, lines in sections.items()
-                      if title not in ("command", "environment", "hyperparameters") for line in lines]
-    for line in progress_lines:
-        try:
-            parsed = parse_progress_line(line)
-        except (KeyError, ValueError):
-            raise RecordError(f"{path}: malformed progress line {line!r}") from None
-        if parsed is None:
-            continue
-        kind, fields = parsed
-        if kind == "train":
-            train.append(fields)
-        elif kind == "val":
-            val.append(fields)
-        elif kind == "test":
-            test_loss = fields.get("test_loss")
         else:
-            done = fields
-    return RunLog(path, source, sections, hyperparameters, train, val, test_loss, done, resumed=run_headers > 1)
+            current = title
+            sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
+    return "\n".join(lines[1:command_at]) + "\n", sections, titles.count("run") > 1
 
 
 def read_json(path: str):
@@ -232,15 +181,39 @@ def read_json(path: str):
             return json.load(handle)
     except FileNotFoundError:
         raise RecordError(f"{path}: missing") from None
-    except json.JSONDecodeError as error:
-        raise RecordError(f"{path}: not valid JSON ({error})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UnreadableFile(f"{path}: not valid JSON ({error}): the file is damaged or cut short") from None
 
 
-def read_metrics(path: str) -> list[dict]:
+def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
+    """metrics.jsonl's rows. whole_lines_only: skip a last line still being written (a run in progress)."""
     if not os.path.isfile(path):
         raise RecordError(f"{path}: missing")
     with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+        lines = handle.readlines()
+    if whole_lines_only and lines and not lines[-1].endswith("\n"):
+        lines.pop()
+    rows = []
+    for number, line in [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]:
+        try:
+            rows.append(json.loads(line))
+            kind = rows[-1].get("kind")  # the rows every check reads: their step, loss and tokens are numbers
+            usable = kind not in ("train", "val") or all(type(rows[-1].get(key)) in (int, float)
+                                                         for key in ("step", f"{kind}_loss", "tokens_seen"))
+        except (ValueError, AttributeError):
+            usable = False
+        if not usable:
+            raise UnreadableFile(f"{path}: line {number} is cut short or not a metrics row: {line.strip()[:80]}")
+    return rows
+
+
+def read_run(folder: str) -> Run:
+    source, sections, resumed = read_log(os.path.join(folder, "log.txt"))
+    for needed in ("hyperparameters", "run"):
+        if needed not in sections:
+            raise RecordError(f"{os.path.join(folder, 'log.txt')}: no {needed} section (the run did not start)")
+    return Run(folder, source, sections, resumed, read_metrics(os.path.join(folder, "metrics.jsonl")),
+               read_json(os.path.join(folder, "result.json")))
 
 
 def run_folder_of(path: str) -> str:
@@ -260,114 +233,114 @@ def sha256_text(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Consistency: every number of a run re-derived from its log (result.json and metrics.jsonl must agree with it)
-
-def count_matches(printed: str, exact: float) -> bool:
-    """`8.19k` (train_gpt.format_count: 2 decimals and a unit, or a plain integer) against an exact count."""
-    units = {"k": 1e3, "M": 1e6, "B": 1e9}
-    if printed and printed[-1] in units:
-        return abs(float(printed[:-1]) - exact / units[printed[-1]]) <= 0.0051
-    return printed.isdigit() and int(printed) == round(exact)
-
-
 def loss_text(value) -> str:
     return "nan" if value is None else f"{value:.4f}"
 
 
-def run_problems(folder: str) -> tuple[list[str], RunLog | None, dict | None]:
-    """Checks one run folder; returns (problems, parsed log, result.json)."""
+# ----------------------------------------------------------------------------------------------------------------------
+# Consistency: metrics.jsonl and result.json agree with each other, and log.txt says what they say
+
+def progress_line_problems(run: Run, totals: dict) -> list[str]:
+    """Every train and val line of log.txt against its metrics.jsonl row, member by member in the order written
+    (with --parallel_members the members' lines interleave): the step of the member's total, the loss and the
+    tokens; no line without a row, no row without a line."""
+    size, problems, count = run.hyperparameters.get("ensemble_size", 1), [], train_gpt.format_count
+    tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m)
+                         for m in range(size if size > 1 else 0)}}
+    for kind, start in PROGRESS_KINDS:
+        rows = getattr(run, kind)
+        for member in dict.fromkeys([*tags, *(row.get("member") for row in rows)]):  # "" also finds stray lines
+            tag = tags.get(member, f"(member {member} has no tag) ")
+            lines = [line for line in run.lines if line.startswith(tag + start)]
+            expected = [(f"{tag}{start}{row['step']}/{totals.get(member)} | ",
+                         f"| {kind}_loss {loss_text(row[kind + '_loss'])} | tokens {count(row['tokens_seen'])} |")
+                        for row in rows if row.get("member") == member]
+            wrong = next((f"metrics.jsonl: {head}...{numbers}; log.txt: {line}" for (head, numbers), line in
+                          zip(expected, lines) if not (line.startswith(head) and numbers in line)), None)
+            if wrong or len(lines) != len(expected):
+                problems.append(f"{kind} loss lines disagree with metrics.jsonl "
+                                f"({wrong or f'{tag}{len(lines)} log lines, {len(expected)} metrics rows'})")
+    return problems
+
+
+def log_problems(run: Run) -> list[str]:
+    """log.txt against result.json: the hyperparameters section, where it ran, the test line and the done line."""
+    result, problems = run.result, []
+    if run.sections["hyperparameters"] != [f"{key} = {value!r}" for key, value in run.hyperparameters.items()]:
+        problems.append("result.json hyperparameters differ from the log's hyperparameters section")
+    if not any(line.startswith(f"world_size {result.get('world_size')} | device {result.get('device')} | ")
+               for line in run.sections.get("environment", [])):
+        problems.append(f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ "
+                        f"from the log's environment section")
+    test_line = next((line + " |" for line in reversed(run.lines) if line.startswith("test ")), None)
+    test_loss = result.get("test_loss")
+    if (test_line is None) != (test_loss is None) or (test_loss is not None and
+                                                       f"| test_loss {loss_text(test_loss)} |" not in test_line):
+        problems.append(f"result.json test_loss {test_loss} != the log's test line ({test_line})")
+    done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
+    for field, text in [("val_loss", f"done | val_loss {loss_text(result.get('val_loss'))}"),
+                        ("tokens_seen", f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
+                        ("ranks_agree", f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
+        if text not in done:
+            problems.append(f"result.json {field} {result.get(field)} disagrees with the done line ({done})")
+    return problems
+
+
+def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
+    """Checks one run folder; returns (problems, the run, result.json). A file that cannot be read at all
+    (UnreadableFile) is raised, not listed: bad input, not a failed check."""
     try:
-        log = parse_log(os.path.join(folder, "log.txt"))
-        result = read_json(os.path.join(folder, "result.json"))
-        metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
+        run = read_run(folder)
+    except UnreadableFile:
+        raise
     except RecordError as error:
         return [str(error)], None, None
-    name, problems = os.path.basename(folder.rstrip("/")), []
+    result, hp, problems = run.result, run.hyperparameters, []
 
     def need(condition: bool, message: str) -> None:
         if not condition:
-            problems.append(f"{name}: {message}")
+            problems.append(f"{run.name}: {message}")
 
-    need(log.done is not None, "log.txt has no final `done` line (the run did not finish)")
-    need(bool(log.train) and bool(log.val), "log.txt has no progress or validation lines")
-    need(not log.resumed, "the run was resumed (--resume): a record is one uninterrupted run, so that its log is "
+    need(any(line.startswith("done | ") for line in run.lines), "log.txt has no final `done` line (the run did not "
+                                                                "finish)")
+    need(bool(run.train) and bool(run.val), "metrics.jsonl has no train or no val rows")
+    need(not run.resumed, "the run was resumed (--resume): a record is one uninterrupted run, so that its log is "
                           "the whole story and --rerun can replay it")
     if problems:
-        return problems, log, result
+        return problems, run, result
     try:
-        compile(log.source, "train_gpt.py", "exec")
+        compile(run.source, "train_gpt.py", "exec")
     except SyntaxError as error:
-        problems.append(f"{name}: the embedded source does not compile ({error.msg}, line {error.lineno})")
-    need(log.hyperparameters == result.get("hyperparameters"),
-         "result.json hyperparameters differ from the log's hyperparameters section")
-    # The progress lines themselves, member by member (one "member" None in a single-model run): steps rise, every
-    # line names the member's total, the last train line is that total; the members' totals add up to result.steps.
-    members = list(dict.fromkeys(row["member"] for row in log.train))
-    member_totals = {}
-    for member in members:
-        label = "" if member is None else f"member {member + 1}: "
-        for kind, rows in (("train", log.train), ("val", log.val)):
-            rows = [row for row in rows if row["member"] == member]
-            steps = [row["step"] for row in rows]
-            need(steps == sorted(set(steps)), f"{label}{kind} lines' steps are not strictly increasing: {steps}")
-            need(len({row["total"] for row in rows}) == 1,
-                 f"{label}{kind} lines name totals {sorted({row['total'] for row in rows})}")
-        own = [row for row in log.train if row["member"] == member]
-        member_totals[member] = own[0]["total"]
-        need(own[-1]["step"] == own[0]["total"], f"{label}last train line is step {own[-1]['step']} of "
-                                                 f"{own[0]['total']}")
-    need(sum(member_totals.values()) == result.get("steps"),
-         f"the log's steps add up to {sum(member_totals.values())}, result.json says {result.get('steps')}")
-    need(len(members) == result.get("hyperparameters", {}).get("ensemble_size", 1),
-         f"the log shows {len(members)} member(s), result.json's ensemble_size is "
-         f"{result.get('hyperparameters', {}).get('ensemble_size')}")
-    # result.json against the log's closing lines: the done line prints the ranked val loss and the tokens trained
-    # on (all members); a single model's ranked loss is also its last val line (not so for snapshot ensembles).
-    val_text = loss_text(result.get("val_loss"))
-    need(log.done["val_loss"] == val_text, f"result.json val_loss {val_text} != the done line's {log.done['val_loss']}")
-    if members == [None] and not log.hyperparameters.get("snapshot_cycles") \
-            and not log.hyperparameters.get("epoch_snapshots"):
-        need(log.val[-1]["text"] == val_text, f"result.json val_loss {val_text} != last val line's "
-                                              f"{log.val[-1]['text']}")
-    done_tokens = (log.done.get("tokens") or "").replace("trained on ", "")
-    need(count_matches(done_tokens, result.get("tokens_seen", -1)),
-         f"result.json tokens_seen {result.get('tokens_seen')} != the done line's {done_tokens}")
-    need(log.train[-1]["text"] == loss_text(result.get("train_loss")),
-         f"result.json train_loss {loss_text(result.get('train_loss'))} != last train line's {log.train[-1]['text']}")
-    need(log.test_loss == (None if result.get("test_loss") is None else loss_text(result["test_loss"])),
-         f"result.json test_loss {result.get('test_loss')} != the log's test line ({log.test_loss})")
-    need(log.done["ranks_agree"] == ("agree: yes" if result.get("ranks_agree") else "agree: NO"),
-         "result.json ranks_agree differs from the done line")
-    # what the track rules read: where it ran (the environment section) and how long it trained (each member's
-    # last metrics row carries its running training time)
-    environment = _fields(next((line for line in log.sections.get("environment", []) if line.startswith("world_size")),
-                               ""))
-    need(environment.get("world_size") == str(result.get("world_size")) and
-         environment.get("device") == str(result.get("device")),
-         f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ from the log's "
-         f"environment (world_size {environment.get('world_size')} / device {environment.get('device')})")
-    last_rows = {}
-    for row in metrics:
-        if row.get("kind") == "train" and "train_seconds" in row:
-            last_rows[row.get("member")] = row
-    trained = sum(row["train_seconds"] for row in last_rows.values())
+        problems.append(f"{run.name}: the embedded source does not compile ({error.msg}, line {error.lineno})")
+    # metrics.jsonl member by member (None: a single model): steps rise to the member's total, its last train row
+    # (train_gpt always logs the last step); the totals add up to result.json's steps, the members to ensemble_size
+    last = {row.get("member"): row for row in run.train}
+    totals = {member: row["step"] for member, row in last.items()}
+    for (member, total), kind in itertools.product(totals.items(), ("train", "val")):
+        steps = [row["step"] for row in getattr(run, kind) if row.get("member") == member]
+        need(steps == sorted(set(steps)) and max(steps, default=0) <= total,
+             f"{'' if member is None else f'member {member}: '}{kind} rows' steps do not rise to {total}: {steps}")
+    need(sum(totals.values()) == result.get("steps"),
+         f"metrics.jsonl's steps add up to {sum(totals.values())}, result.json says {result.get('steps')}")
+    need(len(totals) == hp.get("ensemble_size", 1),
+         f"metrics.jsonl shows {len(totals)} member(s), result.json's ensemble_size is {hp.get('ensemble_size')}")
+    # result.json against the last rows: a single model's ranked loss is its last val (not so for ensembles and
+    # snapshots), the train loss the last member's; tokens and training time add up over the members
+    if list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots"):
+        need(loss_text(run.val[-1]["val_loss"]) == loss_text(result.get("val_loss")),
+             f"result.json val_loss {result.get('val_loss')} != the last val row's {run.val[-1]['val_loss']}")
+    final_train = last[max(last, key=lambda member: member or 0)]["train_loss"]
+    need(loss_text(final_train) == loss_text(result.get("train_loss")),
+         f"result.json train_loss {result.get('train_loss')} != the last train row's {final_train}")
+    tokens = sum(row["tokens_seen"] for row in last.values())
+    need(tokens == result.get("tokens_seen"), f"result.json tokens_seen {result.get('tokens_seen')} != {tokens}, "
+                                              f"metrics.jsonl's")
+    trained = sum(row.get("train_seconds", math.nan) for row in last.values())
     # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
-    need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last_rows),
+    need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last),
          f"result.json train_seconds {result.get('train_seconds')} != {trained:.2f} in metrics.jsonl")
-    # metrics.jsonl against every progress line: an edited loss line disagrees with its metrics row. Sorted by
-    # (member, step): with --parallel_members, groups append their lines in whatever order they finish.
-    for kind, rows in (("train", log.train), ("val", log.val)):
-        def order(entry):
-            return (-1 if entry[0] is None else entry[0], entry[1])
-        logged = sorted(((row["member"], row["step"], row["text"]) for row in rows), key=order)
-        recorded = sorted(((row.get("member"), row["step"], loss_text(row.get(f"{kind}_loss")))
-                           for row in metrics if row.get("kind") == kind), key=order)
-        if logged != recorded:
-            first = next((f"step {a[1]}: log {a[2]}, metrics {b[2]}" for a, b in zip(logged, recorded) if a != b),
-                         f"{len(logged)} log lines, {len(recorded)} metrics rows")
-            problems.append(f"{name}: {kind} loss lines disagree with metrics.jsonl ({first})")
-    return problems, log, result
+    problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + log_problems(run)]
+    return problems, run, result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -492,7 +465,7 @@ def device_hours(result: dict) -> float:
     return result.get("world_size", 1) * result.get("wall_seconds", 0.0) / 3600
 
 
-def short_command(log: RunLog, world_size: int) -> str:
+def short_command(log: Run, world_size: int) -> str:
     """The logged command with the interpreter and absolute script path replaced by the portable form."""
     words = shlex.split(log.command)
     flags = words[2:] if len(words) >= 2 else words
@@ -526,7 +499,10 @@ class ExtrapolationError(RecordError):
 
 
 def load_curve(path: str) -> dict:
-    curve = read_json(path)
+    return check_curve(read_json(path), path)
+
+
+def check_curve(curve: dict, path: str) -> dict:
     points = sorted(curve.get("points", []), key=lambda p: p["train_tokens"])
     if len(points) < 2:
         raise RecordError(f"{path}: a reference curve needs at least 2 points, it has {len(points)}")
@@ -590,49 +566,69 @@ def track_curve(records_dir: str, track: str) -> dict | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Plot: val loss against tokens seen (and loss against ensemble size when runs log `ensemble` rows)
+# Plot: train and val loss against tokens seen, the unigram baseline (and loss against ensemble size when runs log
+# `ensemble` rows)
 
-def run_series(folder: str) -> tuple[str, list[tuple[int, float]], list[tuple[int, float]], list[tuple[int, float]]]:
-    """(label, [(tokens_seen, val_loss)], [(ensemble size, val_loss)], [(tokens_seen, train_loss)]) of one run."""
-    metrics = read_metrics(os.path.join(folder, "metrics.jsonl"))
-    val = [(row["tokens_seen"], row["val_loss"]) for row in metrics if row.get("kind") == "val"]
-    ensemble = [(row["members"], row["val_loss"]) for row in metrics if row.get("kind") == "ensemble"]
-    train = [(row["tokens_seen"], row["train_loss"]) for row in metrics
-             if row.get("kind") == "train" and "member" not in row]
-    return os.path.basename(os.path.normpath(folder)), val, ensemble, train
-
-
-def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int = 600, title: str = "") -> None:
+def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, title: str = ""):
+    """The figure of plot_runs (tests read its lines back): each run's (and member's) val curve, solid with markers,
+    its train curve dashed in the same colour, a dotted line per unigram baseline; a second panel of loss against
+    ensemble size when runs log `ensemble` rows."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    series = [run_series(folder) for folder in folders]
-    with_ensembles = any(ensemble for _, _, ensemble, _ in series)
-    dpi = 100
-    figure, axes = plt.subplots(1, 2 if with_ensembles else 1, figsize=(width_px / dpi, height_px / dpi), dpi=dpi,
-                                squeeze=False)
-    for label, val, _, train in series:
-        line, = axes[0][0].plot([t for t, _ in val], [loss for _, loss in val], marker="o", markersize=3,
-                                label=f"{label} val")
-        if train:  # the train curve beside it, dashed: where val is scored only at the end it shows the run's course
-            axes[0][0].plot(*zip(*train), linestyle="--", linewidth=1, color=line.get_color(), label=f"{label} train")
-    axes[0][0].set_xlabel("tokens seen")
-    axes[0][0].set_ylabel("loss (nats/token)")
-    axes[0][0].grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
-    if with_ensembles:
-        for label, _, ensemble, _ in series:
-            if ensemble:
-                axes[0][1].plot(*zip(*ensemble), marker="o", label=label)
-        axes[0][1].set_xlabel("ensemble size")
-        axes[0][1].set_ylabel("val loss (nats/token)")
-        axes[0][1].grid(alpha=0.3)
-    if title:
-        figure.suptitle(title)
+    # a run still going (no result.json yet) may be writing its last metrics line: that one is skipped
+    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"), not
+             os.path.isfile(os.path.join(folder, "result.json"))), os.path.join(folder, "result.json"))
+            for folder in folders]
+    ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"])
+                 for name, rows, _ in runs]
+    dpi, markers = 100, itertools.cycle("os^Dv<>p")
+    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=dpi,
+                                figsize=(width_px / dpi, height_px / dpi))
+    losses, colours = axes[0][0], {}
+    for name, rows, _ in runs:
+        for member in dict.fromkeys(row.get("member") for row in rows if row.get("kind") in ("train", "val")):
+            label = name if member is None else f"{name} member {member}"
+            val, train = ([(row["tokens_seen"], row[f"{kind}_loss"]) for row in rows
+                           if row.get("kind") == kind and row.get("member") == member] for kind in ("val", "train"))
+            # validated only at the end (--val_every -1): the seeds' points overlap, so each has its own hollow
+            # marker shape and its value in the legend
+            alone = len(val) == 1
+            line, = losses.plot([t for t, _ in val], [loss for _, loss in val], marker=next(markers),
+                                markersize=9 if alone else 5, fillstyle="none" if alone else "full",
+                                label=f"{label} val" + (f" {val[0][1]:.4f} (end only)" if alone else ""))
+            colours.setdefault(name, line.get_color())
+            if train:  # dashed beside it: where val is scored rarely it shows the run's course
+                losses.plot(*zip(*train), linestyle="--", linewidth=1, color=line.get_color(), label=f"{label} train")
+    # the unigram baseline (train's token frequencies scored on val; none while a run is going): one grey line, or
+    # one per run in its colour when their train sets differ (reference runs on different budgets)
+    unigrams = {name: read_json(path).get("unigram_val_loss") for name, _, path in runs if os.path.isfile(path)}
+    unigrams = {name: round(value, 4) for name, value in unigrams.items() if value is not None}
+    shared = len(set(unigrams.values())) == 1
+    for name, unigram in list(unigrams.items())[:1 if shared else None]:
+        losses.axhline(unigram, color="gray" if shared else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
+                       label=("" if shared else f"{name} ") + f"unigram baseline {unigram:.4f}")
+    losses.set(xlabel="tokens seen", ylabel="loss (nats/token)")
+    for name, rows in ensembles:
+        if rows:
+            axes[0][1].plot(*zip(*rows), marker="o", label=name)
+            axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
+    for panel in axes[0]:
+        panel.grid(alpha=0.3)
+    losses.legend(fontsize=8)
+    names = [name for name, _, _ in runs]
+    figure.suptitle(title or "loss against tokens seen: " + ", ".join(names[:4]) + (" ..." if len(names) > 4 else ""))
     figure.tight_layout()
+    return figure
+
+
+def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int = 600, title: str = "") -> None:
+    import matplotlib.pyplot as plt
+
+    figure = loss_figure(folders, width_px, height_px, title)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    figure.savefig(out, dpi=dpi)  # no bbox_inches="tight": the PNG keeps exactly width_px x height_px
+    figure.savefig(out, dpi=figure.dpi)  # no bbox_inches="tight": the PNG keeps exactly width_px x height_px
     plt.close(figure)
 
 
@@ -647,8 +643,16 @@ def plot_folders(paths: list[str]) -> list[str]:
     return folders
 
 
+def record_title(paths: list[str]) -> str:
+    """One record's plot is titled as `new` titles it; anything else by its runs' names (loss_figure)."""
+    if len(paths) != 1 or not os.path.isfile(os.path.join(paths[0], "record.json")):
+        return ""
+    summary = read_json(os.path.join(paths[0], "record.json"))
+    return f"{summary.get('track')}: {summary.get('title')}"
+
+
 def command_plot(args) -> int:
-    plot_runs(plot_folders(args.paths), args.out, args.width, args.height, args.title)
+    plot_runs(plot_folders(args.paths), args.out, args.width, args.height, args.title or record_title(args.paths))
     print(f"wrote {args.out}")
     return 0
 
@@ -656,7 +660,7 @@ def command_plot(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # new: a record folder from finished runs
 
-def check_runs_together(folders: list[str]) -> tuple[list[str], list[RunLog], list[dict]]:
+def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
     """Checks each run and that the runs are seeds of one experiment: same source, same settings but the seed."""
     problems, logs, results = [], [], []
     for folder in folders:
@@ -685,7 +689,7 @@ def check_runs_together(folders: list[str]) -> tuple[list[str], list[RunLog], li
     return problems, logs, results
 
 
-def record_readme(summary: dict, logs: list[RunLog], results: list[dict], significance: list[str],
+def record_readme(summary: dict, logs: list[Run], results: list[dict], significance: list[str],
                   efficiency: str) -> str:
     losses = [r["val_loss"] for r in results]
     tests = [r["test_loss"] for r in results if r.get("test_loss") is not None]
@@ -752,12 +756,11 @@ def command_new(args) -> int:
                        runs=[r["run_id"] for r in results], val_loss_mean=mean_std(losses)[0],
                        val_loss_std=mean_std(losses)[1])
         significance = significance_lines(record, args.records_dir, track.name)
-        with open(os.path.join(record, "README.md"), "w", encoding="utf-8") as handle:
-            handle.write(record_readme(summary, logs, results, significance, efficiency))
+        train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
+                                     record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
         summary["files"] = manifest(record)
-        with open(os.path.join(record, "record.json"), "w", encoding="utf-8") as handle:
-            json.dump(summary, handle, indent=2)
-            handle.write("\n")
+        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"),
+                                     (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
@@ -795,71 +798,85 @@ def rerun_flags(hyperparameters: dict, overrides: dict[str, str]) -> list[str]:
     return flags
 
 
-def rerun_log(log: RunLog, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
-              timeout: float) -> RunLog:
-    """Runs the embedded source with the logged hyperparameters (its full LR schedule: same total steps) and stops
-    it once its progress lines reach `steps` (and that step's validation, if the original validated there)."""
+def losses_by_place(rows: list[dict]) -> dict[tuple, float]:
+    """{(member, kind, step): loss} of the train and val rows."""
+    return {(row.get("member"), row["kind"], row["step"]): row[f"{row['kind']}_loss"] for row in rows
+            if row.get("kind") in ("train", "val")}
+
+
+def place_text(member, kind: str, step: int) -> str:
+    return f"{'' if member is None else f'member {member} '}step {step} {kind}_loss"
+
+
+def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
+                  timeout: float) -> list[dict]:
+    """Runs the embedded source with the logged hyperparameters (its full LR schedule: same total steps), prints
+    each loss row as it comes beside the logged one, and stops it once it reaches `steps` (and that step's
+    validation, if the original validated there). Returns the re-run's metrics.jsonl rows."""
     script = os.path.join(workdir, "train_gpt.py")
     with open(script, "w", encoding="utf-8") as handle:
-        handle.write(log.source)
+        handle.write(run.source)
     # Stop at a step the original logged: the first logged step at or past `steps`.
-    target = next((row["step"] for row in log.train if row["step"] >= steps), log.train[-1]["step"])
-    wait_for_val = any(row["step"] == target for row in log.val)
+    target = next((row["step"] for row in run.train if row["step"] >= steps), run.train[-1]["step"])
+    wait_for_val = any(row["step"] == target for row in run.val)
     settings = dict(run_id="rerun", log_dir=os.path.join(workdir, "logs"), save_model=False, **overrides)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
-    command = [*launcher, script, *rerun_flags(log.hyperparameters, settings)]
+    command = [*launcher, script, *rerun_flags(run.hyperparameters, settings)]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
+    logged, start = losses_by_place(run.metrics), time.time()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output, reached = [], False
+    output, rows = [], []
     # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
     watchdog = threading.Timer(timeout, process.terminate)
     watchdog.start()
     try:
-        deadline = datetime.datetime.now() + datetime.timedelta(seconds=timeout)
         for line in process.stdout:
             output.append(line)
-            parsed = parse_progress_line(line.rstrip("\n"))
-            if parsed and parsed[0] == "train" and parsed[1]["step"] >= target and not wait_for_val:
-                reached = True
-            if parsed and parsed[0] == "val" and parsed[1]["step"] >= target:
-                reached = True
-            if reached or datetime.datetime.now() > deadline:
+            new = read_metrics(metrics_path, whole_lines_only=True)[len(rows):] if os.path.isfile(metrics_path) else []
+            for key, again in losses_by_place(new).items():  # progress: each loss of the re-run beside the logged one
+                print(f"    {time.time() - start:5.0f}s  {place_text(*key)} {again:.4f} " + (
+                    f"(logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f})" if key in logged else
+                    "(not logged)"), flush=True)
+            rows += new
+            wanted = "val" if wait_for_val else "train"
+            if any(row["step"] >= target for row in rows if row.get("kind") == wanted) or time.time() - start > timeout:
                 break
     finally:
         watchdog.cancel()
         if process.poll() is None:
-            process.terminate()  # only the re-run we started; its partial log is all we need
+            process.terminate()  # only the re-run we started; its partial metrics are all we need
         try:
             process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    log_path = os.path.join(workdir, "logs", "rerun", "log.txt")
-    if not os.path.isfile(log_path):
+    if not os.path.isfile(metrics_path):
         raise RecordError("the re-run did not start:\n" + "".join(output[-20:]))
-    rerun = parse_log(log_path)
-    if not rerun.train or rerun.train[-1]["step"] < target:
+    rows = read_metrics(metrics_path, whole_lines_only=True)
+    if max((row["step"] for row in rows if row.get("kind") == "train"), default=0) < target:
         raise RecordError(f"the re-run stopped before step {target}:\n" + "".join(output[-20:]))
-    return rerun
+    return rows
 
 
-def compare_losses(original: RunLog, rerun: RunLog, tolerance: float) -> list[str]:
-    """Loss lines at every step both runs logged; a difference over tolerance fails."""
-    problems, compared = [], 0
-    for kind in ("train", "val"):
-        theirs = {row["step"]: row["loss"] for row in getattr(rerun, kind)}
-        for row in getattr(original, kind):
-            if row["step"] not in theirs:
-                continue
-            compared += 1
-            difference = abs(row["loss"] - theirs[row["step"]])
-            if not difference <= tolerance:  # NaN fails too
-                problems.append(f"step {row['step']} {kind}_loss: logged {row['text']}, re-run {theirs[row['step']]:.4f} "
-                                f"(|diff| {difference:.4f} > tolerance {tolerance})")
-    if compared == 0:
+def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
+    """Loss values at every (member, step) both runs logged: (a problem per difference over tolerance, a summary
+    line with the largest difference)."""
+    mine, theirs = losses_by_place(run.metrics), losses_by_place(rerun_rows)
+    problems, largest = [], (0.0, None)
+    shared = [key for key in mine if key in theirs]
+    for key in shared:
+        difference = abs(mine[key] - theirs[key])
+        if not difference <= tolerance:  # NaN fails too
+            problems.append(f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| "
+                            f"{difference:.4f} > tolerance {tolerance})")
+        if not difference <= largest[0]:
+            largest = (difference, place_text(*key))
+    if not shared:
         problems.append("no loss line to compare (raise --steps)")
-    return problems
+    return problems, (f"{len(shared)} loss values compared, max |diff| {largest[0]:.4f} nats"
+                      + (f" at {largest[1]}" if largest[1] else "") + f" (tolerance {tolerance})")
 
 
 def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolerance: float,
@@ -877,11 +894,11 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
             state = "missing" if name not in actual else "added" if name not in recorded else "edited"
             problems.append(f"{name}: {state} since the record was made (sha256 differs from record.json)")
     folders = record_runs(record)
-    found, logs, results = check_runs_together(folders)
+    found, runs, results = check_runs_together(folders)
     problems += found
     for result in results:
         problems += [f"{result['run_id']}: {p}" for p in track_violations(track, result)]
-    if logs and summary.get("source_sha256") != sha256_text(logs[0].source):
+    if runs and summary.get("source_sha256") != sha256_text(runs[0].source):
         problems.append("the embedded source's sha256 differs from record.json's source_sha256")
     if results:
         mean, std = mean_std([r["val_loss"] for r in results])
@@ -897,19 +914,18 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
     if results and not found:
         for line in significance_lines(record, records_dir, track.name):
             print("  " + line)
-    if rerun and logs:
-        for log in logs:
+    if rerun and runs:
+        for run in runs:
             with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
-                print(f"  re-running {os.path.basename(os.path.dirname(log.path))} for {steps} step(s) "
-                      f"(tolerance {tolerance} nats per loss line)...", flush=True)
+                print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
+                      flush=True)
                 try:
-                    again = rerun_log(log, steps, workdir, overrides, nproc, cwd, timeout)
-                    differences = compare_losses(log, again, tolerance)
+                    differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc,
+                                                                              cwd, timeout), tolerance)
                 except RecordError as error:
-                    differences = [str(error)]
-                name = os.path.basename(os.path.dirname(log.path))
-                problems += [f"{name} re-run: {d}" for d in differences]
-                print(f"  re-run {'agrees' if not differences else 'DIVERGES'}")
+                    differences, compared = [str(error)], "nothing compared"
+                problems += [f"{run.name} re-run: {d}" for d in differences]
+                print(f"  re-run {'agrees' if not differences else 'DIVERGES'}: {compared}")
     return problems
 
 
@@ -968,18 +984,15 @@ def leaderboard(records_dir: str) -> str:
     return "\n".join(blocks) + "\n"
 
 
-def replace_between_markers(text: str, body: str, path: str) -> str:
-    start, end = text.find(LEADERBOARD_START), text.find(LEADERBOARD_END)
-    if start < 0 or end < 0 or end < start or text.count(LEADERBOARD_START) != 1 or text.count(LEADERBOARD_END) != 1:
-        raise RecordError(f"{path}: needs exactly one {LEADERBOARD_START} line followed by one {LEADERBOARD_END} "
-                          f"line; the table goes between them (nothing else in the file is touched)")
-    return text[:start + len(LEADERBOARD_START)] + "\n" + body + text[end:]
-
-
 def command_table(args) -> int:
     with open(args.readme, encoding="utf-8") as handle:
         text = handle.read()
-    updated = replace_between_markers(text, leaderboard(args.records_dir), args.readme)
+    try:
+        updated = train_gpt.replace_between_markers(text, LEADERBOARD_START, LEADERBOARD_END,
+                                                    leaderboard(args.records_dir))
+    except ValueError as error:
+        raise RecordError(f"{args.readme}: {error}; the table goes between them (nothing else in the file is "
+                          f"touched)") from None
     if args.check:
         if updated != text:
             print(f"{args.readme}: the leaderboard is out of date; run python records/records.py table")
@@ -987,8 +1000,7 @@ def command_table(args) -> int:
         print(f"{args.readme}: the leaderboard is up to date")
         return 0
     if updated != text:
-        with open(args.readme, "w", encoding="utf-8") as handle:
-            handle.write(updated)
+        train_gpt.atomic_write_bytes(args.readme, updated.encode("utf-8"))
     print(f"{args.readme}: leaderboard {'updated' if updated != text else 'already up to date'}")
     return 0
 
@@ -1002,8 +1014,6 @@ def command_reference_plan(args) -> int:
         budgets = [int(float(b)) for b in args.budgets.split(",")]
         available = None
     else:
-        sys.path.insert(0, REPO_ROOT)
-        import train_gpt  # the repo's script knows the preset's data and how to read it
         hp = train_gpt.parse_args(list(track.baseline[track.baseline.index("--preset"):]) + list(args.extra))
         available = int(train_gpt.load_tokens(hp.train_files, hp.vocab_size, "train").size)
         budgets = [available // 2 ** k for k in reversed(range(args.halvings + 1))]
@@ -1055,17 +1065,9 @@ def command_reference_build(args) -> int:
                  baseline=" ".join(track.baseline), source_sha256=sha256_text(source), unigram_val_entropy=entropy,
                  recipe=recipe, points=points)
     out = os.path.join(args.records_dir, track.name, "reference_curve.json")
+    check_curve(dict(curve), out)  # refuses a curve whose losses do not fall with the budget
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    temporary = out + ".tmp"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        json.dump(curve, handle, indent=2)
-        handle.write("\n")
-    try:
-        load_curve(temporary)  # refuses a curve whose losses do not fall with the budget
-    except RecordError:
-        os.remove(temporary)
-        raise
-    os.replace(temporary, out)
+    train_gpt.atomic_write_bytes(out, (json.dumps(curve, indent=2) + "\n").encode("utf-8"))
     # The runs themselves stay checkable: their logs go next to the curve.
     for folder, result in ((f, read_json(os.path.join(f, "result.json"))) for f in folders):
         target = os.path.join(args.records_dir, track.name, "reference", result["run_id"])
@@ -1179,7 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     except RecordError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(error, UnreadableFile) else 1
 
 
 if __name__ == "__main__":

@@ -56,3 +56,22 @@ def test_rebuild_refuses_runs_made_with_other_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         ablation.main(["--rebuild", runs, "--only", "xsa", "--num_epochs", "3", "--out", out])
     assert "num_epochs 4 (expected 3)" in capsys.readouterr().err and not os.path.exists(out)
+
+
+def test_write_section_rewrites_only_its_own_part(tmp_path):
+    """bench/results_file.py through train_gpt's marker helper and atomic write: a missing file is made, a new section
+    appended, an existing one replaced with the text around it kept byte for byte; crossed markers refused."""
+    from bench.results_file import write_section
+
+    path = str(tmp_path / "RESULTS.md")
+    write_section(path, "a", "first\n")
+    write_section(path, "b", "table b\n")
+    assert open(path).read() == ("# Bench results\n\n<!-- a:start -->\nfirst\n<!-- a:end -->\n\n"
+                                 "<!-- b:start -->\ntable b\n<!-- b:end -->\n")
+    write_section(path, "a", "second\nrow\n\n")
+    assert open(path).read() == ("# Bench results\n\n<!-- a:start -->\nsecond\nrow\n<!-- a:end -->\n\n"
+                                 "<!-- b:start -->\ntable b\n<!-- b:end -->\n")
+    assert os.listdir(tmp_path) == ["RESULTS.md"]  # no temporary file left
+    open(path, "w").write("<!-- a:end -->\n<!-- a:start -->\n")
+    with pytest.raises(SystemExit, match="needs exactly one <!-- a:start --> line followed by one <!-- a:end -->"):
+        write_section(path, "a", "x")

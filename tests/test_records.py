@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, synthetic_documents
 
 spec = importlib.util.spec_from_file_location("records_tool", os.path.join(REPO_ROOT, "records", "records.py"))
 records = importlib.util.module_from_spec(spec)
@@ -98,6 +98,11 @@ def log_line(run_folder, prefix):
         return next(line.rstrip("\n") for line in handle if line.startswith(prefix))
 
 
+def logged_value(line, field):
+    """The text after `field ` in a `key value | key value` log line."""
+    return line.split(f"{field} ")[1].split(" ")[0]
+
+
 # ------------------------------------------------------------------------------------------------- new and verify
 
 def test_new_makes_a_checkable_record(record, capsys):
@@ -113,18 +118,19 @@ def test_new_makes_a_checkable_record(record, capsys):
     assert f"mean {np.mean(losses):.4f}, std {np.std(losses, ddof=1):.4f}" in out and "OK" in out
 
 
-def test_parse_log_reads_the_run(runs):
-    log = records.parse_log(os.path.join(runs[0], "log.txt"))
-    assert log.source == open(os.path.join(REPO_ROOT, "train_gpt.py")).read()
-    assert log.hyperparameters["n_layer"] == 1 and log.hyperparameters["seed"] == 0
-    assert [row["step"] for row in log.train] == [1, 2, 3, 4] and [row["step"] for row in log.val] == [2, 4]
+def test_read_run_reads_the_run(runs):
+    run = records.read_run(runs[0])
+    assert run.source == open(os.path.join(REPO_ROOT, "train_gpt.py")).read()
+    assert run.hyperparameters["n_layer"] == 1 and run.hyperparameters["seed"] == 0
+    assert [row["step"] for row in run.train] == [1, 2, 3, 4] and [row["step"] for row in run.val] == [2, 4]
+    assert run.command.split()[1].endswith("train_gpt.py") and not run.resumed
 
 
 @pytest.mark.parametrize("prefix, field", [("step 2/4", "train_loss"), ("val  step 4/4", "val_loss")])
 def test_verify_rejects_an_edited_loss_line(record, tmp_path, capsys, prefix, field):
     copy = copy_record(record, tmp_path)
     line = log_line(os.path.join(copy, "s1"), prefix)
-    logged = records._fields(line.replace("val  ", ""))[field]
+    logged = logged_value(line, field)
     edit_file(os.path.join(copy, "s1", "log.txt"), line, line.replace(f"{field} {logged}", f"{field} 1.2345"))
     assert verify(copy) == 1
     out = capsys.readouterr().out
@@ -134,6 +140,47 @@ def test_verify_rejects_an_edited_loss_line(record, tmp_path, capsys, prefix, fi
     out = capsys.readouterr().out
     kind = field.split("_")[0]
     assert f"{kind} loss lines disagree with metrics.jsonl" in out and "edited since" not in out
+
+
+@pytest.mark.parametrize("prefix, old, new, message", [
+    ("step 4/4", "step 4/4", None, "train loss lines disagree with metrics.jsonl (3 log lines, 4 metrics rows)"),
+    ("step 3/4", "step 3/4 | ", "step 3/5 | ", "train loss lines disagree with metrics.jsonl (metrics.jsonl: step 3/4"),
+    ("done | ", "tokens trained on ", "tokens trained on 1", "result.json tokens_seen"),
+    ("n_layer = ", "n_layer = 1", "n_layer = 2", "result.json hyperparameters differ from the log's hyperparameters"),
+    ("world_size ", "device cpu", "device cuda:0", "result.json world_size 1 / device cpu differ from the log's"),
+])
+def test_verify_checks_the_log_against_the_numbers(record, tmp_path, capsys, prefix, old, new, message):
+    """log.txt must say what metrics.jsonl and result.json hold: a dropped line, another total, the done line's
+    tokens, a hyperparameter, where it ran (the hashes resealed, so only these checks can see it)."""
+    copy = copy_record(record, tmp_path)
+    line = log_line(os.path.join(copy, "s0"), prefix)
+    edit_file(os.path.join(copy, "s0", "log.txt"), line + "\n", "" if new is None else line.replace(old, new) + "\n")
+    reseal(copy)
+    assert verify(copy) == 1
+    out = capsys.readouterr().out
+    assert f"s0: {message}" in out and "REJECTED" in out
+
+
+def test_cut_metrics_line_is_one_line_with_exit_status_2(runs, record, tmp_path, capsys):
+    """A metrics.jsonl whose last line was cut (a killed writer, a truncated copy): one line, exit status 2, for the
+    tools that read it (plot, verify); result.json that is not JSON likewise."""
+    run = tmp_path / "cut"
+    shutil.copytree(runs[0], run)
+    text = (run / "metrics.jsonl").read_text()
+    (run / "metrics.jsonl").write_text(text[:-25])  # the last row loses its end
+    rows = text.count("\n")
+    assert records.main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"metrics.jsonl: line {rows} is cut short or not a metrics row" in err
+    copy = copy_record(record, tmp_path)
+    (tmp_path / "records" / "micro" / os.path.basename(copy) / "s1" / "metrics.jsonl").write_text(text[:-25])
+    assert verify(copy) == 2
+    assert capsys.readouterr().err.startswith(f"error: {copy}/s1/metrics.jsonl: line {rows} is cut short")
+    (run / "metrics.jsonl").write_text(text)
+    (run / "result.json").write_text('{"val_loss": 5.')
+    assert records.main(["plot", str(run), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "result.json: not valid JSON" in err
 
 
 def test_verify_rejects_an_edited_source(record, tmp_path, capsys):
@@ -174,10 +221,17 @@ def test_rerun_agrees_and_catches_a_forged_curve(runs, tmp_path, capsys, monkeyp
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     single = make_record(runs, tmp_path / "records", [0], "single")
     assert verify(single, "--rerun", "--steps", "3") == 0
-    assert "re-run agrees" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # progress while it runs: each re-run loss beside the logged one; then how many were compared and the largest gap
+    logged = {row["step"]: row["train_loss"] for row in read_metrics(runs[0]) if row["kind"] == "train"}
+    for step in (1, 2, 3):
+        assert f"step {step} train_loss " in out and f"(logged {logged[step]:.4f}, |diff| " in out
+    summary = out.split("re-run agrees: ")[1].splitlines()[0]
+    assert int(summary.split(" loss values")[0]) >= 4  # train steps 1-3 and val step 2 at least
+    assert float(summary.split("max |diff| ")[1].split(" ")[0]) <= 0.01
     # A forger lowers step 2's train loss in the log and in metrics.jsonl alike: the logs stay consistent...
     line = log_line(os.path.join(single, "s0"), "step 2/4")
-    logged = records._fields(line)["train_loss"]
+    logged = logged_value(line, "train_loss")
     forged = f"{float(logged) - 0.2:.4f}"
     edit_file(os.path.join(single, "s0", "log.txt"), line, line.replace(f"train_loss {logged}", f"train_loss {forged}"))
     metrics_path = os.path.join(single, "s0", "metrics.jsonl")
@@ -193,6 +247,8 @@ def test_rerun_agrees_and_catches_a_forged_curve(runs, tmp_path, capsys, monkeyp
     assert verify(single, "--rerun", "--steps", "3") == 1
     out = capsys.readouterr().out
     assert "re-run DIVERGES" in out and f"step 2 train_loss: logged {forged}" in out and "> tolerance 0.01" in out
+    largest = out.split("max |diff| ")[1]  # the forged 0.2 nats, give or take the 4-decimal rounding of the log
+    assert abs(float(largest.split(" ")[0]) - 0.2) <= 2e-4 and largest.split(" nats at ")[1].startswith("step 2 train")
 
 
 # ------------------------------------------------------------------------------------------------- table
@@ -223,6 +279,16 @@ def test_table_orders_by_loss_and_is_idempotent(runs, tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_replace_between_markers():
+    """train_gpt's one marker helper (records' leaderboard, the benches' RESULTS.md sections), by hand."""
+    text = "a\n<!-- x:start -->\nold\nlines\n<!-- x:end -->\nb\n"
+    assert train_gpt.replace_between_markers(text, "<!-- x:start -->", "<!-- x:end -->", "new\n\n") == \
+        "a\n<!-- x:start -->\nnew\n<!-- x:end -->\nb\n"
+    for bad in ("a\n", "<!-- x:end -->\n<!-- x:start -->\n", text + text, "<!-- x:start -->\n"):
+        with pytest.raises(ValueError, match="needs exactly one <!-- x:start --> line followed by one <!-- x:end -->"):
+            train_gpt.replace_between_markers(bad, "<!-- x:start -->", "<!-- x:end -->", "new")
+
+
 def test_table_needs_the_markers(tmp_path, capsys):
     readme = tmp_path / "README.md"
     readme.write_text("# slowrun\n\nno markers here\n")
@@ -249,6 +315,31 @@ def test_plot_writes_a_png_of_the_asked_size(runs, record, tmp_path):
     out2 = tmp_path / "ensemble.png"
     records.plot_runs([str(ensemble)], str(out2), 800, 300)
     assert matplotlib.image.imread(str(out2)).shape == (300, 800, 4)
+
+
+def test_record_plot_draws_each_seeds_val_curve_and_the_unigram_line(runs, record, tmp_path):
+    """The record's figure, read back: per seed its val curve (validated at steps 2 and 4: two points, not one dot)
+    and its train curve, equal to metrics.jsonl; one unigram line at result.json's value; a title."""
+    import matplotlib.pyplot as plt
+
+    folders = records.plot_folders([record])
+    figure = records.loss_figure(folders, title=records.record_title([record]))
+    lines = {line.get_label(): line for line in figure.axes[0].get_lines()}
+    assert len(lines) == 3 + 3 + 1 and figure.get_suptitle() == "micro: try first"
+    for seed in range(3):
+        rows = read_metrics(runs[seed])
+        for kind in ("val", "train"):
+            line = lines[f"s{seed} {kind}"]
+            assert list(line.get_xdata()) == [row["tokens_seen"] for row in rows if row["kind"] == kind]
+            assert list(line.get_ydata()) == [row[f"{kind}_loss"] for row in rows if row["kind"] == kind]
+        assert len(lines[f"s{seed} val"].get_xdata()) == 2
+    unigram = json.load(open(os.path.join(runs[0], "result.json")))["unigram_val_loss"]
+    assert list(lines[f"unigram baseline {unigram:.4f}"].get_ydata()) == [round(unigram, 4)] * 2
+    plt.close(figure)
+    # plot without --title names its runs
+    figure = records.loss_figure([runs[0], runs[1]])
+    assert figure.get_suptitle() == "loss against tokens seen: s0, s1"
+    plt.close(figure)
 
 
 # ------------------------------------------------------------------------------------------------- statistics
@@ -406,6 +497,17 @@ def ensemble_runs(tmp_path_factory):
 def test_ensemble_runs_make_a_checkable_record(ensemble_runs, tmp_path, capsys):
     record = make_record(ensemble_runs, tmp_path / "records", [0, 1], "ens")
     assert verify(record) == 0
+    # its plot: each member's own curves (val scored once at its end, the value in the legend), the ensemble panel
+    import matplotlib.pyplot as plt
+    figure = records.loss_figure([ensemble_runs[0]])
+    rows = read_metrics(ensemble_runs[0])
+    labels = [line.get_label() for line in figure.axes[0].get_lines()]
+    for member in (0, 1):
+        val = [row["val_loss"] for row in rows if row["kind"] == "val" and row["member"] == member]
+        assert len(val) == 1 and f"e0 member {member} val {val[0]:.4f} (end only)" in labels
+        assert f"e0 member {member} train" in labels
+    assert list(figure.axes[1].get_lines()[0].get_ydata()) == [r["val_loss"] for r in rows if r["kind"] == "ensemble"]
+    plt.close(figure)
     result = json.load(open(os.path.join(ensemble_runs[0], "result.json")))
     assert result["steps"] == 6 and len(result["member_val_losses"]) == 2
     # an edited member-2 loss line is caught (metrics.jsonl disagrees), even with record.json resealed
@@ -442,9 +544,9 @@ def test_verify_rejects_a_record_moved_to_another_track(record, tmp_path, capsys
 def test_rerun_of_a_silent_hang_ends_at_the_timeout(tmp_path):
     """A re-run that prints nothing (a stalled collective) must not block verify past --timeout."""
     import time
-    log = records.RunLog("log.txt", "import time\ntime.sleep(120)\n", {}, {}, [dict(step=1, member=None)], [], None,
-                         None)
+    run = records.Run(str(tmp_path), "import time\ntime.sleep(120)\n", {}, False, [dict(kind="train", step=1, train_loss=5.0)],
+                      dict(hyperparameters={}))
     start = time.time()
     with pytest.raises(records.RecordError, match="did not start"):
-        records.rerun_log(log, 1, str(tmp_path), {}, 1, str(tmp_path), timeout=2)
+        records.rerun_metrics(run, 1, str(tmp_path), {}, 1, str(tmp_path), timeout=2)
     assert time.time() - start < 30
