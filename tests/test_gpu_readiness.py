@@ -131,3 +131,69 @@ def test_parallel_members_that_would_leave_a_group_idle_are_refused(ensemble_siz
             train_gpt.check_hyperparameters(hp, world_size)
     else:
         train_gpt.check_hyperparameters(hp, world_size)
+
+
+def training_step(model, idx):
+    """Forward + backward of the next-token loss: what train_member compiles (the model), plus its loss."""
+    output = model(idx)
+    logits = output[0] if isinstance(output, tuple) else output
+    loss = train_gpt.cross_entropy_sum(logits[:, :-1], idx[:, 1:])
+    loss.backward()
+    return loss
+
+
+@pytest.mark.parametrize("preset", sorted(train_gpt.PRESETS))
+def test_compiled_training_step_has_no_graph_break(preset):
+    """Each preset's model at micro width compiles whole (fullgraph=True: a graph break is an error) for a training
+    step, forward and backward. aot_eager traces forward and backward as inductor would, without generating C++
+    (inductor's CPU codegen takes minutes on this machine); the graph capture is the same."""
+    torch._dynamo.reset()
+    hp = micro_hp(preset, n_layer=2)
+    model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    loss = training_step(compiled, idx)
+    compiled_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(0)  # the same dropout masks
+    eager = training_step(model, idx)
+    assert torch.allclose(loss, eager, rtol=1e-5)
+    for compiled_grad, p in zip(compiled_grads, model.parameters()):
+        assert torch.allclose(compiled_grad, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_recompiles_stay_within_the_schedule_bound():
+    """A run that crosses every schedule change (3 window stages, then looped layers switching on) compiles one
+    graph per (window stage, loop state) it trains in, 4 here, plus one per state it evaluates in (eval mode, another
+    batch size), 2 here, and no more: the later steps reuse them."""
+    torch._dynamo.reset()
+    stages, total_steps = 3, 12
+    hp = micro_hp(n_layer=2, window_pattern="SL", window_warmup_frac=0.5, window_warmup_stages=stages, loop_repeats=1,
+                  loop_start_frac=0.75)
+    model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
+    graphs = []
+
+    def counting_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len), generator=torch.Generator().manual_seed(0))
+    visited, evaluated = set(), set()
+    for step in range(total_steps):
+        model.loop_active = step >= hp.loop_start_frac * total_steps
+        stage = train_gpt.window_stage(step, total_steps, hp)
+        model.set_window_stage(stage, stages)
+        visited.add((stage, model.loop_active))
+        training_step(compiled, idx)
+        model.zero_grad(set_to_none=True)
+        if step in (5, total_steps - 1):  # validation mid-run and at the end, with the eval batch size (3, not 2)
+            model.eval()
+            with torch.no_grad():
+                compiled(torch.cat([idx, idx[:1]]))
+            model.train()
+            evaluated.add((stage, model.loop_active))
+    assert len(visited) == stages + 1 and len(evaluated) == 2
+    assert len(graphs) == len(visited) + len(evaluated), \
+        f"{len(graphs)} graphs for {len(visited)} training and {len(evaluated)} evaluation states"
