@@ -197,3 +197,48 @@ def test_recompiles_stay_within_the_schedule_bound():
     assert len(visited) == stages + 1 and len(evaluated) == 2
     assert len(graphs) == len(visited) + len(evaluated), \
         f"{len(graphs)} graphs for {len(visited)} training and {len(evaluated)} evaluation states"
+
+
+def run_gpu_check(out, *args, **env):
+    return subprocess.run(["bash", os.path.join(REPO_ROOT, "bench", "gpu_check.sh"), *args], capture_output=True,
+                          text=True, timeout=600, cwd=REPO_ROOT,
+                          env=dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", **env))
+
+
+def test_gpu_check_dry_run_reports_every_part(tmp_path):
+    """bench/gpu_check.sh --dry-run runs every part on CPU at tiny shapes through the same plumbing (a forked
+    process per part, its timeout, the report files under $OUT): each part reports ok with its figures, and the
+    FLOPs per token of model_steps equal a hand count for its 2-layer model (windows 32 and 64 of seq 64: mean keys
+    (528 + 32 x 32) / 64 = 24.25 and 65 / 2 = 32.5)."""
+    sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
+    import gpu_check
+    done = run_gpu_check(tmp_path, "--dry-run")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert sorted(os.listdir(tmp_path)) == ["GPU_RESULTS.md", "gpu_check.json", "gpu_check.log"]
+    results = json.load(open(tmp_path / "gpu_check.json"))
+    assert results["dry_run"] is True
+    assert list(results["parts"]) == [name for name, _ in gpu_check.PARTS]
+    for name, part in results["parts"].items():
+        assert part["status"] == "ok" and part["lines"], (name, part)
+        assert f"gpu_check | {name}: ok" in done.stdout
+    model = results["parts"]["model_steps"]["data"]
+    assert model["ms_per_step"] > 0 and model["tokens_per_second"] > 0 and model["steps"] == 3
+    width, vocab = 64, gpu_check.DRY_VOCAB
+    assert model["flops_per_token"] == pytest.approx(6 * (model["parameters"] - vocab * width)
+                                                     + 12 * width * (24.25 + 32.5))
+    assert results["parts"]["memory_plan"]["data"]["measured_peak"] == model["peak_memory_bytes"]
+    distill = results["parts"]["distill_step"]["data"]
+    assert len(distill["members"]) == 2 and distill["overhead"] > 0
+    report = open(tmp_path / "GPU_RESULTS.md").read()
+    assert "DRY RUN" in report and all(f"## {name}: ok" in report for name, _ in gpu_check.PARTS)
+
+
+def test_gpu_check_reports_a_failing_part_and_goes_on(tmp_path):
+    """A part that fails (here: an unknown preset) is reported with its error, the next part still runs, and the
+    exit status says something failed."""
+    done = run_gpu_check(tmp_path, "--dry-run", "--only", "model_steps,fused_loss", GPU_CHECK_PRESET="no_such")
+    assert done.returncode == 1, done.stdout + done.stderr
+    parts = json.load(open(tmp_path / "gpu_check.json"))["parts"]
+    assert parts["model_steps"]["status"] == "error" and "exited with 2" in parts["model_steps"]["error"]
+    assert parts["fused_loss"]["status"] == "ok"
+    assert "unknown preset 'no_such'" in open(tmp_path / "gpu_check.log").read()
