@@ -2677,7 +2677,7 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"frozen      {gib(plan['frozen_bytes']):>11} | {plan['frozen_models']} frozen models (earlier members, "
         f"snapshots) + {plan['average_copies']} EMA/SWA copies, fp32 on the device, while the last member trains",
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
-        f"~{gib(plan['peak_final'])} (all {candidate_count(hp)} candidates scored together)",
+        f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored together)",
         f"checkpoint  {gib(plan['checkpoint_bytes']):>11} | per rank per checkpoint on disk (model + AdamW + its Muon "
         f"shard{' + EMA' if hp.ema_decay > 0 else ''}{' + SWA' if hp.swa_epochs else ''}), x{plan['world_size']} "
         f"ranks; members/: {plan['member_files']} x {gib(plan['member_file_bytes'])} on rank 0",

@@ -38,7 +38,8 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-PEAK_BF16_FLOPS = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}  # dense bf16 tensor-core peaks (SXM)
+# dense bf16 tensor-core peaks, the first name found in the device's name wins (SXM unless PCIe is named)
+PEAK_BF16_FLOPS = {"H100 PCIe": 756e12, "H100": 989.4e12, "H200": 989.4e12, "A100": 312e12}
 FULL_BATCH_TOKENS, FULL_STEPS = 32768, 20  # model_steps: 4 micro-steps of 4 x 2048 tokens per step, 20 steps
 # (part, timeout in seconds on the GPU): the overall budget (--budget) cuts the later ones short if need be
 # (most wanted first: the figures of the preset's own steps come before the micro-benchmarks)
