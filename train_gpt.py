@@ -2575,16 +2575,21 @@ PLAN_HEADROOM = 0.95  # of the device's memory: the rest for the CUDA context an
 
 
 def activation_bytes_per_token(hp: Hyperparameters, compute_bytes: int) -> int:
-    """ESTIMATE of the activations autograd keeps per token for one forward + backward of the layers (not measured:
-    bench/gpu_check.sh puts it beside a measured peak). Per layer, what the eager graph saves: the fp32 residual
-    stream (wte is an fp32 master copy) at each of the two norms, the normed inputs, q, k, v, q and k after RoPE,
-    the attention output, the MLP's hidden tensors (SwiGLU: c_fc, c_gate, silu and their product; ReLU^2: three), a
-    one-byte dropout mask per branch, value-projection and gate inputs where on. compute_bytes: 2 under bf16 autocast
-    (CUDA), 4 in fp32 (CPU). torch.compile usually saves less (it recomputes cheap pointwise ops)."""
+    """ESTIMATE of the activations autograd keeps per token for one forward + backward of the layers, itemised from
+    the tensors the eager graph saves (counted on CPU with torch.autograd.graph.saved_tensors_hooks; a test holds
+    the estimate to that count within 15%). compute_bytes: 2 under bf16 autocast (CUDA), 4 in fp32 (CPU). Per layer:
+    the fp32 residual stream at each norm (wte is an fp32 master copy); the normed input, which autocast casts to
+    bf16 once per matrix that reads it (q, k, v; SwiGLU's c_fc and c_gate); q and k in fp32 at their norm (autocast
+    runs rms_norm in fp32); attention's q, k, v and output; the output projection's input; the MLP's hidden tensors
+    (SwiGLU: c_fc, c_gate, silu, their product; ReLU^2: relu and its square); a dropout mask per branch; the gate
+    and value-projection inputs where on. torch.compile usually saves less (it recomputes cheap pointwise ops)."""
     width, hidden, c = hp.n_embd, mlp_hidden_width(hp), compute_bytes
-    attention = 4 * width + 8 * c * width + (width if hp.dropout > 0 else 0)
+    casts = 1 if c == 4 else 0  # under autocast each matrix keeps its own bf16 copy of a shared fp32 input
+    branch_extra = (c * width if hp.dropout > 0 else 0)
+    attention = 4 * width + (1 + 2 * (1 - casts)) * c * width + 8 * width + 4 * c * width + c * width + branch_extra
     attention += c * width if hp.attn_gate else 0
-    mlp = 4 * width + c * width + (4 if hp.mlp == "swiglu" else 3) * c * hidden + (width if hp.dropout > 0 else 0)
+    swiglu = hp.mlp == "swiglu"
+    mlp = 4 * width + (1 + (1 - casts) * swiglu) * c * width + (4 if swiglu else 2) * c * hidden + branch_extra
     per_layer = attention + mlp
     value_layers = sum(has_value_proj(layer, hp.n_layer) for layer in range(hp.n_layer)) if hp.value_proj else 0
     layers = hp.n_layer + (hp.loop_repeats * (loop_layer_range(hp)[1] - loop_layer_range(hp)[0]) if hp.loop_repeats
@@ -2593,12 +2598,13 @@ def activation_bytes_per_token(hp: Hyperparameters, compute_bytes: int) -> int:
 
 
 def loss_head_bytes_per_token(hp: Hyperparameters, device_type: str, compute_bytes: int) -> int:
-    """ESTIMATE of the lm_head and loss memory per token: the fused loss keeps the raw logits and their gradient
-    (compute dtype); the eager loss float32 logits, their soft-cap and log-softmax besides."""
+    """ESTIMATE of the lm_head and loss memory per token: the lm_head's input, then the fused loss keeps the raw
+    logits and their gradient (compute dtype); the eager loss the raw logits, their float32 soft-cap and
+    log-softmax."""
     fused = hp.fused_loss == "on" or (hp.fused_loss == "auto" and device_type == "cuda")
     per_token = 2 * compute_bytes * hp.vocab_size if fused or hp.fused_loss == "chunked" else \
-        compute_bytes * hp.vocab_size + 3 * 4 * hp.vocab_size
-    return per_token * (2 if hp.mtp_weight > 0 else 1)
+        compute_bytes * hp.vocab_size + 2 * 4 * hp.vocab_size
+    return (compute_bytes * hp.n_embd + per_token) * (2 if hp.mtp_weight > 0 else 1)
 
 
 def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_bytes: int = 0) -> dict:
@@ -2624,6 +2630,9 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     tokens = hp.device_batch_size * hp.seq_len
     activations = tokens * (activation_bytes_per_token(hp, compute_bytes)
                             + loss_head_bytes_per_token(hp, device_type, compute_bytes))
+    if compute_bytes < 4:  # autocast's bf16 copy of every matrix (cached per forward, saved for the backward)
+        activations += compute_bytes * sum(p.numel() for name, p in model.named_parameters()
+                                           if p.ndim == 2 and not name.startswith("wte."))
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
     per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
     frozen_training = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
@@ -2699,13 +2708,18 @@ def memory_plan_refusal(hp: Hyperparameters, plan: dict) -> str:
         return ""
     head = (f"memory plan: ~{plan['peak'] / 2**30:.1f} GiB per rank does not fit {plan['device_bytes'] / 2**30:.1f} "
             f"GiB ({100 * PLAN_HEADROOM:.0f}% usable)")
-    if plan["peak_training"] - plan["frozen_bytes"] <= budget:  # it is the frozen models that do not fit
-        return (f"{head}: up to {max(plan['frozen_models'] + plan['average_copies'], candidate_count(hp))} frozen "
-                f"fp32 models stay on the device; lower --ensemble_size, --snapshot_cycles or --epoch_snapshots "
-                f"(or drop --ema_decay/--swa_epochs)")
     fixed = plan["peak_training"] - plan["activation_bytes"] - plan["distill_bytes"]
     per_sequence = (plan["activation_bytes"] + plan["distill_bytes"]) / hp.device_batch_size
     fitting = int((budget - fixed) // per_sequence) if budget > fixed else 0
+    batch_seqs = hp.batch_tokens // hp.seq_len  # a device batch that still splits the step's sequences evenly
+    fitting = max([size for size in range(1, fitting + 1) if batch_seqs % (size * plan["group_world"]) == 0],
+                  default=0)
+    frozen = plan["frozen_bytes"] > 0 or candidate_count(hp) > 1
+    if frozen and plan["peak_training"] - plan["frozen_bytes"] <= budget:  # it is the frozen models that do not fit
+        smaller_batch = f", or --device_batch_size {fitting}" if plan["peak_final"] <= budget and fitting >= 1 else ""
+        return (f"{head}: up to {max(plan['frozen_models'] + plan['average_copies'], candidate_count(hp))} frozen "
+                f"fp32 models stay on the device; lower --ensemble_size, --snapshot_cycles or --epoch_snapshots "
+                f"(or drop --ema_decay/--swa_epochs){smaller_batch}")
     if fitting >= 1:
         return f"{head}: lower --device_batch_size from {hp.device_batch_size} to {fitting} or less"
     return (f"{head}: the model's training state alone needs ~{fixed / 2**30:.1f} GiB; use a smaller model "

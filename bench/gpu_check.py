@@ -1,11 +1,11 @@
 """One unattended check of the GPU paths on one GPU (an H100 in about 8 minutes); `bash bench/gpu_check.sh` runs it.
 
-    bash bench/gpu_check.sh                       # on the GPU machine: every part, results under $OUT (or logs/gpu_check)
+    bash bench/gpu_check.sh                       # on the GPU: every part; results in $OUT (or logs/gpu_check)
     bash bench/gpu_check.sh --dry-run             # on a CPU: the same parts and plumbing at tiny shapes (the tests)
     python bench/gpu_check.py --only model_steps  # one part
 
-Parts, in the order they run (each in its own forked process with its own timeout, inside one overall time budget; a part that
-fails, hangs or crashes the GPU is reported as such and the next part runs):
+Parts, in the order they run (each in its own forked process with its own timeout, inside one overall time budget;
+a part that fails, hangs or crashes the GPU is reported as such and the next part runs):
     environment     versions, the device, its memory
     triton_kernels  the Triton loss kernel (each variant a run compiles) and the symmetric Gram kernel, compiled and
                     checked against their PyTorch references
@@ -215,7 +215,8 @@ def model_flags(dry: bool, folder: str, run_id: str, steps: int, batch_tokens: i
              "--run_id", run_id, "--log_every", "1", "--val_every", "-1", "--checkpoint_every", "-1",
              "--save_model", "false", "--num_epochs", "1"]
     if dry:
-        flags += ["--vocab_size", str(DRY_VOCAB), "--bos_id", str(DRY_VOCAB - 1), "--device", "cpu", "--n_layer", "2", "--n_embd", "64", "--n_head", "2", "--seq_len", str(seq),
+        flags += ["--vocab_size", str(DRY_VOCAB), "--bos_id", str(DRY_VOCAB - 1), "--device", "cpu", "--n_layer", "2",
+                  "--n_embd", "64", "--n_head", "2", "--seq_len", str(seq),
                   "--device_batch_size", "2", "--val_batch_size", "2", "--compile", "off"]
     else:
         flags += ["--device", "cuda", "--device_batch_size", "4", "--val_batch_size", "4"]

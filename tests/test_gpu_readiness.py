@@ -4,6 +4,7 @@ over the schedule changes) and bench/gpu_check.sh's dry run."""
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import MICRO_BOS, MICRO_VOCAB, REPO_ROOT
+from conftest import MICRO_BOS, MICRO_VOCAB, REPO_ROOT, micro_flags
 
 import train_gpt
 
@@ -22,7 +23,8 @@ MICRO = dict(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=4, n_embd=32, n_h
 def micro_hp(preset: str = "slowrun", **overrides) -> train_gpt.Hyperparameters:
     """A preset's flags at micro width (its tricks kept, its shapes shrunk)."""
     settings = {**train_gpt.PRESETS[preset], **MICRO, **overrides}
-    settings = {k: v for k, v in settings.items() if k in {f.name for f in dataclasses.fields(train_gpt.Hyperparameters)}}
+    known = {field.name for field in dataclasses.fields(train_gpt.Hyperparameters)}
+    settings = {k: v for k, v in settings.items() if k in known}
     return train_gpt.Hyperparameters(**settings)
 
 
@@ -84,6 +86,41 @@ def test_plan_only_prints_and_a_plan_that_cannot_fit_is_refused_before_any_work(
     with pytest.raises(train_gpt.ConfigError, match="does not fit"):
         train_gpt.train(hp, train_gpt.Dist(), [])
     assert not os.path.exists(tmp_path / "refused")
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_activation_estimate_is_within_15_percent_of_what_autograd_saves(autocast):
+    """The plan's activation estimate (layers and eager loss head; under autocast also the bf16 weight copies) against
+    an independent count: the bytes of every distinct storage autograd saves for backward in one forward of the
+    slowrun preset's micro model, parameters excluded, in fp32 and under CPU bf16 autocast."""
+    hp = micro_hp(n_layer=4, n_embd=128, seq_len=128, vocab_size=512, bos_id=511, fused_loss="off")
+    model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
+    generator = torch.Generator().manual_seed(0)
+    idx = torch.randint(0, hp.vocab_size, (hp.device_batch_size, hp.seq_len), generator=generator)
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+            torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        train_gpt.cross_entropy_sum(model(idx), idx)
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    counted = sum(size for pointer, size in saved.items() if pointer not in parameters)
+    estimate = train_gpt.memory_plan(hp, 1, "cuda" if autocast else "cpu")["activation_bytes"]
+    assert abs(estimate / counted - 1) < 0.15, (estimate, counted)
+
+
+def test_a_run_logs_its_memory_plan_once_at_startup(micro_data, tmp_path):
+    """The plan is a section of the log header, before the first step; its parameter line is the run's count."""
+    train_path, val_path = micro_data
+    assert train_gpt.main(micro_flags(train_path, val_path, str(tmp_path), "planned", num_epochs=1)) == 0
+    log = open(tmp_path / "planned" / "log.txt").read()
+    assert log.count("==================== memory plan") == 1
+    plan, first_step = log.index("==================== memory plan"), log.index("step 1/")
+    parameters = int(re.search(r"^model: ([\d,]+) parameters per member", log, re.M).group(1).replace(",", ""))
+    assert plan < first_step and f"{parameters:,} fp32 master weights" in log[plan:first_step]
 
 
 def test_tensors_entering_attention_are_bf16_under_autocast(monkeypatch):
