@@ -2584,12 +2584,12 @@ def activation_bytes_per_token(hp: Hyperparameters, compute_bytes: int) -> int:
     (SwiGLU: c_fc, c_gate, silu, their product; ReLU^2: relu and its square); a dropout mask per branch; the gate
     and value-projection inputs where on. torch.compile usually saves less (it recomputes cheap pointwise ops)."""
     width, hidden, c = hp.n_embd, mlp_hidden_width(hp), compute_bytes
-    casts = 1 if c == 4 else 0  # under autocast each matrix keeps its own bf16 copy of a shared fp32 input
-    branch_extra = (c * width if hp.dropout > 0 else 0)
-    attention = 4 * width + (1 + 2 * (1 - casts)) * c * width + 8 * width + 4 * c * width + c * width + branch_extra
-    attention += c * width if hp.attn_gate else 0
+    fp32 = c == 4  # in fp32 the matrices reading one normed input share it; autocast gives each its own bf16 copy
     swiglu = hp.mlp == "swiglu"
-    mlp = 4 * width + (1 + (1 - casts) * swiglu) * c * width + (4 if swiglu else 2) * c * hidden + branch_extra
+    dropout_mask = c * width if hp.dropout > 0 else 0
+    attention = 4 * width + (1 if fp32 else 3) * c * width + 8 * width + 4 * c * width + c * width + dropout_mask
+    attention += c * width if hp.attn_gate else 0
+    mlp = 4 * width + (2 if swiglu and not fp32 else 1) * c * width + (4 if swiglu else 2) * c * hidden + dropout_mask
     per_layer = attention + mlp
     value_layers = sum(has_value_proj(layer, hp.n_layer) for layer in range(hp.n_layer)) if hp.value_proj else 0
     layers = hp.n_layer + (hp.loop_repeats * (loop_layer_range(hp)[1] - loop_layer_range(hp)[0]) if hp.loop_repeats

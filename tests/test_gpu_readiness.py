@@ -273,9 +273,11 @@ def test_gpu_check_dry_run_reports_every_part(tmp_path):
 def test_gpu_check_reports_a_failing_part_and_goes_on(tmp_path):
     """A part that fails (here: an unknown preset) is reported with its error, the next part still runs, and the
     exit status says something failed."""
-    done = run_gpu_check(tmp_path, "--dry-run", "--only", "model_steps,fused_loss", GPU_CHECK_PRESET="no_such")
+    done = run_gpu_check(tmp_path, "--dry-run", "--only", "model_steps,memory_plan,fused_loss",
+                         GPU_CHECK_PRESET="no_such")
     assert done.returncode == 1, done.stdout + done.stderr
     parts = json.load(open(tmp_path / "gpu_check.json"))["parts"]
     assert parts["model_steps"]["status"] == "error" and "exited with 2" in parts["model_steps"]["error"]
+    assert parts["memory_plan"]["status"] == "error"  # it needs the preset too
     assert parts["fused_loss"]["status"] == "ok"
     assert "unknown preset 'no_such'" in open(tmp_path / "gpu_check.log").read()
