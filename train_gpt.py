@@ -2387,7 +2387,6 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     else:
         write_header(log, hp, dist_info, argv)
         log.save_json("hyperparameters.json", dataclasses.asdict(hp))
-    log.section("memory plan", plan_lines)
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
     unigram_oracle = unigram_entropy(data.val_tokens)
@@ -2407,6 +2406,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         f"(oracle bound for context-free models)" +
         (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
     ])
+    for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
+        log.write(f"memory | {line}")
 
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one

@@ -113,14 +113,16 @@ def test_activation_estimate_is_within_15_percent_of_what_autograd_saves(autocas
 
 
 def test_a_run_logs_its_memory_plan_once_at_startup(micro_data, tmp_path):
-    """The plan is a section of the log header, before the first step; its parameter line is the run's count."""
+    """The plan's lines are in the log's run section, once, before the first step; its parameter line is the run's
+    count."""
     train_path, val_path = micro_data
     assert train_gpt.main(micro_flags(train_path, val_path, str(tmp_path), "planned", num_epochs=1)) == 0
     log = open(tmp_path / "planned" / "log.txt").read()
-    assert log.count("==================== memory plan") == 1
-    plan, first_step = log.index("==================== memory plan"), log.index("step 1/")
     parameters = int(re.search(r"^model: ([\d,]+) parameters per member", log, re.M).group(1).replace(",", ""))
-    assert plan < first_step and f"{parameters:,} fp32 master weights" in log[plan:first_step]
+    plan_lines = re.findall(r"^memory \| parameters .*$", log, re.M)
+    assert len(plan_lines) == 1 and f"{parameters:,} fp32 master weights" in plan_lines[0]
+    assert log.index(plan_lines[0]) < log.index("\nstep 1/")
+    assert re.search(r"^memory \| device +not checked", log, re.M)  # CPU, no --memory_budget_gb
 
 
 def test_tensors_entering_attention_are_bf16_under_autocast(monkeypatch):
