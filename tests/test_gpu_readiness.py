@@ -251,7 +251,7 @@ def test_gpu_check_dry_run_reports_every_part(tmp_path):
     (528 + 32 x 32) / 64 = 24.25 and 65 / 2 = 32.5)."""
     sys.path.insert(0, os.path.join(REPO_ROOT, "bench"))
     import gpu_check
-    done = run_gpu_check(tmp_path, "--dry-run")
+    done = run_gpu_check(tmp_path, "--dry-run", GPU_CHECK_PRESET="slowrun")  # the preset the hand count is for
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(os.listdir(tmp_path)) == ["GPU_RESULTS.md", "gpu_check.json", "gpu_check.log"]
     results = json.load(open(tmp_path / "gpu_check.json"))
