@@ -139,6 +139,9 @@ class Hyperparameters:
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
+    plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
+    memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
+    plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
     attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
@@ -295,10 +298,16 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"distill_teacher must be previous or ensemble, got {hp.distill_teacher!r}")
     require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
     require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
+    require(hp.memory_budget_gb >= 0 and hp.plan_world_size >= 0, "memory_budget_gb and plan_world_size must be >= 0")
     require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
     require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
     require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
+    # a round whose groups do not all train a member leaves the idle ones at the round's barrier for a whole member,
+    # past NCCL's 10-minute watchdog (review slowrun_fidelity B.2)
+    require(hp.ensemble_size % hp.parallel_members == 0,
+            f"parallel_members {hp.parallel_members} must divide ensemble_size {hp.ensemble_size}: otherwise the last "
+            f"round leaves groups idle at a barrier (NCCL times out); change --ensemble_size or --parallel_members")
     require(hp.parallel_members <= hp.ensemble_size,
             f"parallel_members {hp.parallel_members} trains that many members at once: more than ensemble_size "
             f"{hp.ensemble_size} leaves groups idle")
@@ -1068,6 +1077,9 @@ class CausalSelfAttention(nn.Module):
             v = v + gate.unsqueeze(-1) * self.c_x0v(x0).view(batch, time_steps, self.n_head, self.head_dim)
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
+        # from torch 2.12 CUDA autocast runs rms_norm in fp32: back to v's (the compute) dtype, so attention runs and
+        # saves bf16 q/k as the records do (review slowrun_fidelity B.3); a no-op in fp32
+        q, k = q.to(v.dtype), k.to(v.dtype)
         # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
@@ -2329,7 +2341,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
     allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
-               "attention"}
+               "attention", "plan_only", "memory_budget_gb", "plan_world_size"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
@@ -2371,6 +2383,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if hp.resume:
         hp = resumed_hyperparameters(hp, argv)
     check_hyperparameters(hp, dist_info.world_size)
+    plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     device = dist_info.device
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
 
@@ -2404,6 +2417,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         f"(oracle bound for context-free models)" +
         (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
     ])
+    for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
+        log.write(f"memory | {line}")
 
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
@@ -2564,6 +2579,192 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Memory plan: what one rank holds, from the configuration alone (a meta-device model: no allocation, no work)
+
+# The review of the GPU paths (../shared/reviews/slowrun_fidelity.md, part B) found that the README's 8-member
+# ensemble cannot fit an 80 GB card; nothing said so before the run died. The plan below says it at startup.
+PLAN_HEADROOM = 0.95  # of the device's memory: the rest for the CUDA context and the caching allocator's fragments
+
+
+def activation_bytes_per_token(hp: Hyperparameters, compute_bytes: int) -> int:
+    """ESTIMATE of the activations autograd keeps per token for one forward + backward of the layers, itemised from
+    the tensors the eager graph saves (counted on CPU with torch.autograd.graph.saved_tensors_hooks; a test holds
+    the estimate to that count within 15%). compute_bytes: 2 under bf16 autocast (CUDA), 4 in fp32 (CPU). Per layer:
+    the fp32 residual stream at each norm (wte is an fp32 master copy); the normed input, which autocast casts to
+    bf16 once per matrix that reads it (q, k, v; SwiGLU's c_fc and c_gate); q and k in fp32 at their norm (autocast
+    runs rms_norm in fp32); attention's q, k, v and output; the output projection's input; the MLP's hidden tensors
+    (SwiGLU: c_fc, c_gate, silu, their product; ReLU^2: relu and its square); a dropout mask per branch; the gate
+    and value-projection inputs where on. torch.compile usually saves less (it recomputes cheap pointwise ops)."""
+    width, hidden, c = hp.n_embd, mlp_hidden_width(hp), compute_bytes
+    fp32 = c == 4  # in fp32 the matrices reading one normed input share it; autocast gives each its own bf16 copy
+    swiglu = hp.mlp == "swiglu"
+    dropout_mask = c * width if hp.dropout > 0 else 0
+    attention = 4 * width + (1 if fp32 else 3) * c * width + 8 * width + 4 * c * width + c * width + dropout_mask
+    attention += c * width if hp.attn_gate else 0
+    mlp = 4 * width + (2 if swiglu and not fp32 else 1) * c * width + (4 if swiglu else 2) * c * hidden + dropout_mask
+    per_layer = attention + mlp
+    value_layers = sum(has_value_proj(layer, hp.n_layer) for layer in range(hp.n_layer)) if hp.value_proj else 0
+    layers = hp.n_layer + (hp.loop_repeats * (loop_layer_range(hp)[1] - loop_layer_range(hp)[0]) if hp.loop_repeats
+                           else 0)
+    return layers * per_layer + value_layers * 2 * c * width + 4 * width  # + the embedding's fp32 output
+
+
+def loss_head_bytes_per_token(hp: Hyperparameters, device_type: str, compute_bytes: int) -> int:
+    """ESTIMATE of the lm_head and loss memory per token: the lm_head's input, then the fused loss keeps the raw
+    logits and their gradient (compute dtype); the eager loss the raw logits, their float32 soft-cap and
+    log-softmax."""
+    fused = hp.fused_loss == "on" or (hp.fused_loss == "auto" and device_type == "cuda")
+    per_token = 2 * compute_bytes * hp.vocab_size if fused or hp.fused_loss == "chunked" else \
+        compute_bytes * hp.vocab_size + 2 * 4 * hp.vocab_size
+    return (compute_bytes * hp.n_embd + per_token) * (2 if hp.mtp_weight > 0 else 1)
+
+
+def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_bytes: int = 0) -> dict:
+    """Bytes on rank 0 (the rank with the largest Muon shard) of a run of these hyperparameters on world_size ranks,
+    from a meta-device model: nothing is allocated. Exact: parameters, gradients and optimizer state (AdamW's two
+    moments and step counter, Muon's momentum for the matrices this rank orthogonalises, NorMuon's second moments).
+    Estimated: activations and the loss head per device batch, evaluation's logits. Frozen models (finished members,
+    their snapshots, the EMA and SWA copies) are counted where the training loop keeps them: on the device, fp32."""
+    group_world = world_size // max(1, hp.parallel_members)  # the ranks that train one member together
+    model = build_model_meta(hp)
+    compute_bytes = 2 if device_type == "cuda" else 4  # bf16 autocast on CUDA (autocast_context)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    meta = Dist(rank=0, world_size=1, device=torch.device("meta"))
+    adamw, muon = build_optimizers(model, dataclasses.replace(hp, muon_gram="torch", muon_compile="off"), meta)
+    adam_bytes = sum(2 * p.numel() * p.element_size() + 4 for group in adamw.param_groups for p in group["params"])
+    muon_bytes = 0
+    for group in muon.param_groups:
+        for p in group["params"][0::group_world]:  # rank 0 owns params 0, world, 2 world, ... of each shape
+            muon_bytes += p.numel() * p.element_size()
+            if hp.normuon:  # one fp32 value per row (tall) or per column (wide)
+                muon_bytes += 4 * (p.size(-2) if p.size(-2) >= p.size(-1) else p.size(-1))
+    tokens = hp.device_batch_size * hp.seq_len
+    activations = tokens * (activation_bytes_per_token(hp, compute_bytes)
+                            + loss_head_bytes_per_token(hp, device_type, compute_bytes))
+    if compute_bytes < 4:  # autocast's bf16 copy of every matrix (cached per forward, saved for the backward)
+        activations += compute_bytes * sum(p.numel() for name, p in model.named_parameters()
+                                           if p.ndim == 2 and not name.startswith("wte."))
+    eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
+    per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
+    frozen_training = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    averages = (1 if hp.ema_decay > 0 else 0) + (3 if hp.swa_epochs else 0)  # EMA copy; SWA sum + weights + new sum
+    distill = 0
+    if hp.distill_alpha > 0 and hp.ensemble_size > 1:  # teacher features and a chunk of teacher log-probs
+        teachers = hp.ensemble_size - 1 if hp.distill_teacher == "ensemble" else 1
+        distill = tokens * teachers * hp.n_embd * compute_bytes + 3 * 4 * hp.distill_chunk * hp.device_batch_size \
+            * hp.vocab_size
+    training_state = param_bytes + grad_bytes + adam_bytes + muon_bytes
+    peak_training = training_state + max(activations + distill, eval_logits) + \
+        (frozen_training + averages) * param_bytes
+    # after the last member: every candidate on the device, scored together (mixture, one member's logits, log-softmax)
+    peak_final = candidate_count(hp) * param_bytes + 3 * eval_logits // 2
+    adam_state = adam_bytes
+    checkpoint = param_bytes + adam_state + muon_bytes + (param_bytes if hp.ema_decay > 0 else 0) + \
+        (param_bytes if hp.swa_epochs else 0)
+    return dict(world_size=world_size, group_world=group_world, device_type=device_type, compute_bytes=compute_bytes,
+                parameters=sum(p.numel() for p in model.parameters()), param_bytes=param_bytes,
+                grad_bytes=grad_bytes, adam_bytes=adam_bytes, muon_bytes=muon_bytes,
+                optimizer_bytes=adam_bytes + muon_bytes, tokens=tokens, activation_bytes=activations,
+                distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
+                average_copies=averages, frozen_bytes=(frozen_training + averages) * param_bytes,
+                peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
+                checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
+                member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
+
+
+def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
+    """The plan as the log prints it (GiB = 2^30 bytes; ~ marks estimates)."""
+    def gib(count: float) -> str:
+        return f"{count / 2**30:.2f} GiB"
+    activation_note = (f"{plan['tokens']:,} tokens/rank/micro-step ({hp.device_batch_size} x {hp.seq_len}), "
+                       f"{'bf16' if plan['compute_bytes'] == 2 else 'fp32'} compute")
+    lines = [
+        f"per rank (rank 0 of {plan['world_size']}, members trained by {plan['group_world']} ranks each); "
+        f"~ marks estimates",
+        f"parameters  {gib(plan['param_bytes']):>11} | {plan['parameters']:,} fp32 master weights",
+        f"gradients   {gib(plan['grad_bytes']):>11} | fp32, one per parameter",
+        f"optimizer   {gib(plan['optimizer_bytes']):>11} | AdamW moments {gib(plan['adam_bytes'])} (embedding, "
+        f"lm_head, scalars) + Muon momentum{' + NorMuon' if hp.normuon else ''} {gib(plan['muon_bytes'])} "
+        f"(this rank's 1/{plan['group_world']} of the matrices)",
+        f"activations {'~' + gib(plan['activation_bytes']):>11} | {activation_note}",
+    ]
+    if plan["distill_bytes"]:
+        lines.append(f"distillation{'~' + gib(plan['distill_bytes']):>11} | teacher features + chunks of teacher "
+                     f"log-probs")
+    lines += [
+        f"evaluation  {'~' + gib(plan['eval_bytes']):>11} | fp32 logits + log-softmax of {hp.val_batch_size} x "
+        f"{hp.seq_len} tokens (not at the same time as the activations)",
+        f"frozen      {gib(plan['frozen_bytes']):>11} | {plan['frozen_models']} frozen models (earlier members, "
+        f"snapshots) + {plan['average_copies']} EMA/SWA copies, fp32 on the device, while the last member trains",
+        f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
+        f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored together)",
+        f"checkpoint  {gib(plan['checkpoint_bytes']):>11} | per rank per checkpoint on disk (model + AdamW + its Muon "
+        f"shard{' + EMA' if hp.ema_decay > 0 else ''}{' + SWA' if hp.swa_epochs else ''}), x{plan['world_size']} "
+        f"ranks; members/: {plan['member_files']} x {gib(plan['member_file_bytes'])} on rank 0",
+    ]
+    if plan["device_bytes"]:
+        share = plan["peak"] / plan["device_bytes"]
+        lines.append(f"device      {gib(plan['device_bytes']):>11} | peak ~{gib(plan['peak'])} = {100 * share:.0f}% "
+                     f"of it: {'fits' if plan['peak'] <= PLAN_HEADROOM * plan['device_bytes'] else 'DOES NOT FIT'}")
+    else:
+        lines.append("device      not checked | CPU: state --memory_budget_gb to check a plan against a device")
+    return lines
+
+
+def memory_plan_refusal(hp: Hyperparameters, plan: dict) -> str:
+    """"" when the plan fits the device (or there is no device size to check against), else one line that names
+    the setting to change."""
+    budget = PLAN_HEADROOM * plan["device_bytes"]
+    if not plan["device_bytes"] or plan["peak"] <= budget:
+        return ""
+    head = (f"memory plan: ~{plan['peak'] / 2**30:.1f} GiB per rank does not fit {plan['device_bytes'] / 2**30:.1f} "
+            f"GiB ({100 * PLAN_HEADROOM:.0f}% usable)")
+    fixed = plan["peak_training"] - plan["activation_bytes"] - plan["distill_bytes"]
+    per_sequence = (plan["activation_bytes"] + plan["distill_bytes"]) / hp.device_batch_size
+    fitting = int((budget - fixed) // per_sequence) if budget > fixed else 0
+    batch_seqs = hp.batch_tokens // hp.seq_len  # a device batch that still splits the step's sequences evenly
+    fitting = max([size for size in range(1, fitting + 1) if batch_seqs % (size * plan["group_world"]) == 0],
+                  default=0)
+    frozen = plan["frozen_bytes"] > 0 or candidate_count(hp) > 1
+    if frozen and plan["peak_training"] - plan["frozen_bytes"] <= budget:  # it is the frozen models that do not fit
+        smaller_batch = f", or --device_batch_size {fitting}" if plan["peak_final"] <= budget and fitting >= 1 else ""
+        return (f"{head}: up to {max(plan['frozen_models'] + plan['average_copies'], candidate_count(hp))} frozen "
+                f"fp32 models stay on the device; lower --ensemble_size, --snapshot_cycles or --epoch_snapshots "
+                f"(or drop --ema_decay/--swa_epochs){smaller_batch}")
+    if fitting >= 1:
+        return f"{head}: lower --device_batch_size from {hp.device_batch_size} to {fitting} or less"
+    return (f"{head}: the model's training state alone needs ~{fixed / 2**30:.1f} GiB; use a smaller model "
+            f"(--n_layer, --n_embd) or more ranks (Muon's momentum is sharded over them)")
+
+
+def plan_device(hp: Hyperparameters, dist_info: Dist) -> tuple[str, int]:
+    """(device type, its memory in bytes) the plan is made for: --memory_budget_gb if given, else what CUDA reports;
+    --plan_only without CUDA plans for a GPU (the node about to be rented) unless --device cpu."""
+    device_type = dist_info.device.type
+    if hp.plan_only and device_type == "cpu" and hp.device != "cpu":
+        device_type = "cuda"
+    if hp.memory_budget_gb:
+        return device_type, int(hp.memory_budget_gb * 2**30)
+    if dist_info.device.type == "cuda":
+        return device_type, torch.cuda.get_device_properties(dist_info.device).total_memory
+    return device_type, 0
+
+
+def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
+    """The plan's lines for the log; raises ConfigError (one line, the setting to change) when it cannot fit."""
+    device_type, device_bytes = plan_device(hp, dist_info)
+    plan = memory_plan(hp, hp.plan_world_size or dist_info.world_size, device_type, device_bytes)
+    lines = memory_plan_lines(hp, plan)
+    if hp.plan_only and dist_info.is_main:
+        print("\n".join(["memory plan" + (f" | preset {hp.preset}" if hp.preset else "")] + lines), flush=True)
+    refusal = memory_plan_refusal(hp, plan)
+    if refusal:
+        raise ConfigError(refusal)
+    return lines
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # main
 
 
@@ -2594,7 +2795,10 @@ def main(argv: list[str] | None = None) -> int:
         dist_info = setup_distributed(hp.device)
         if dist_info.device.type == "cpu":
             tune_cpu_runtime()
-        if hp.eval_only:
+        if hp.plan_only:  # before any data or work: the plan, then exit (2 if it cannot fit)
+            check_hyperparameters(hp, hp.plan_world_size or dist_info.world_size)
+            check_memory_plan(hp, dist_info)
+        elif hp.eval_only:
             score_saved_members(hp, dist_info)
         else:
             train(hp, dist_info, argv)
