@@ -143,7 +143,7 @@ class Hyperparameters:
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    dist_timeout: float = 600.0  # seconds: the process-group timeout, and how long a rank may stop answering the heartbeat watchdog before every rank ends (torch's own default is 30 min)
+    dist_timeout: float = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
@@ -475,7 +475,8 @@ def setup_distributed(device_choice: str = "auto", timeout_s: float | None = Non
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
-        timeout = {} if timeout_s is None else dict(timeout=datetime.timedelta(seconds=timeout_s))
+        # twice the watchdog's limit: a silent rank is named by the watchdog first, not by a gloo/NCCL traceback
+        timeout = {} if timeout_s is None else dict(timeout=datetime.timedelta(seconds=2 * timeout_s))
         if use_cuda:
             dist.init_process_group(backend="nccl", device_id=device, **timeout)
         else:
@@ -2054,6 +2055,8 @@ def atomic_write(path: str, size: int, write) -> None:
 
 
 def format_bytes(count: int) -> str:
+    if count < 2**20:
+        return f"{count:,} bytes"
     return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
@@ -2623,8 +2626,10 @@ def saved_hyperparameters(folder: str, may_change: set[str]) -> dict:
     logged = {}
     try:
         with open(os.path.join(folder, "log.txt"), encoding="utf-8") as handle:
-            lines = handle.read().split("==================== hyperparameters ", 1)[1].splitlines()[1:]
-    except (OSError, IndexError):
+            lines = handle.read().splitlines()
+        title = "hyperparameters"  # the exact header line RunLog.section wrote (the logged source only quotes it)
+        lines = lines[lines.index(f"==================== {title} " + "=" * max(0, 80 - len(title))) + 1:]
+    except (OSError, ValueError):
         lines = []  # no log or no section: nothing to compare with
     for line in lines:
         name, equals, value = line.partition(" = ")
