@@ -18,9 +18,11 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import ast
 import bisect
 import functools
 import glob
+import hashlib
 import importlib.util
 import inspect
 import json
@@ -28,8 +30,11 @@ import math
 import os
 import platform
 import shlex
+import shutil
+import socket
 import subprocess
 import sys
+import threading
 import time
 import types
 import uuid
@@ -138,6 +143,7 @@ class Hyperparameters:
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    dist_timeout: float = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
     plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
     memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
@@ -254,6 +260,8 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     settings: dict = {}
     for name, value in pairs:
         if name == "preset":
+            if value is None:
+                raise ConfigError(f"flag --preset needs a value (one of {', '.join(PRESETS)})")
             if value not in PRESETS:
                 raise ConfigError(f"flag --preset: unknown preset {value!r} (known: {', '.join(PRESETS)})")
             settings = {**PRESETS[value], "preset": value}
@@ -275,6 +283,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             raise ConfigError(message)
 
     require(hp.n_layer >= 1 and hp.n_embd >= 1 and hp.n_head >= 1, "n_layer, n_embd and n_head must be positive")
+    check_sizes(hp)
     require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
     require((hp.n_embd // hp.n_head) % 2 == 0, f"head_dim n_embd/n_head = {hp.n_embd // hp.n_head} must be even (RoPE)")
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
@@ -366,6 +375,18 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
                 f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
 
 
+def check_sizes(hp: Hyperparameters) -> None:
+    """Sizes that would otherwise divide by zero or silently shrink the data (fault-injection review, issue 14)."""
+    for name in ("batch_tokens", "dist_timeout"):
+        if not getattr(hp, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(hp, name)}")
+    for name in ("train_tokens", "val_tokens"):
+        if getattr(hp, name) < 0:
+            raise ConfigError(f"{name} must be >= 0 (0 = all), got {getattr(hp, name)}")
+    if not hp.mlp_ratio > 0 or mlp_hidden_width(hp) < 1:
+        raise ConfigError(f"mlp_ratio {hp.mlp_ratio} gives an MLP hidden width of {mlp_hidden_width(hp)}: must be >= 1")
+
+
 def batch_schedule(hp: Hyperparameters) -> tuple[float, ...]:
     """The per-epoch batch multipliers of --batch_schedule ("0.25,0.5,1"), () when off."""
     try:
@@ -448,8 +469,9 @@ def split_world(dist_info: Dist, groups: int) -> tuple[Dist, int]:
                 group=handles[index], first_global_rank=index * size), index
 
 
-def setup_distributed(device_choice: str = "auto") -> Dist:
-    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPU."""
+def setup_distributed(device_choice: str = "auto", timeout_s: float | None = None) -> Dist:
+    """Reads torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); NCCL on GPUs, gloo on CPU. timeout_s (the
+    dist_timeout flag) bounds every collective and starts the heartbeat watchdog (see start_heartbeat_watchdog)."""
     rank = int(os.environ.get("RANK", "0"))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -462,11 +484,82 @@ def setup_distributed(device_choice: str = "auto") -> Dist:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not dist.is_initialized():
+        # twice the watchdog's limit: a silent rank is named by the watchdog first, not by a gloo/NCCL traceback
+        timeout = {} if timeout_s is None else dict(timeout=datetime.timedelta(seconds=2 * timeout_s))
         if use_cuda:
-            dist.init_process_group(backend="nccl", device_id=device)
+            dist.init_process_group(backend="nccl", device_id=device, **timeout)
         else:
-            dist.init_process_group(backend="gloo")
+            dist.init_process_group(backend="gloo", **timeout)
+        if timeout_s is not None:
+            start_heartbeat_watchdog(rank, world_size, timeout_s)
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def main_thread_position() -> str:
+    """Where the main thread is now: its innermost frame in this script (file:line in function)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    here = os.path.abspath(__file__)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) != here:
+        frame = frame.f_back
+    return f"line {frame.f_lineno} in {frame.f_code.co_name}" if frame is not None else "outside train_gpt.py"
+
+
+HEARTBEAT = dict(stopping=threading.Event(), store=None, rank=0)  # the watchdog of this process (one per rank)
+
+
+def stop_heartbeat_watchdog() -> None:
+    """This rank is finishing (done or failed): its watchdog stops, and the others stop watching it."""
+    HEARTBEAT["stopping"].set()
+    if HEARTBEAT["store"] is not None:
+        try:
+            HEARTBEAT["store"].set(f"slowrun_heartbeat_done/{HEARTBEAT['rank']}", "1")
+        except Exception:  # noqa: BLE001 - the store's host has gone already: nobody is left to watch
+            pass
+
+
+def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> threading.Thread:
+    """A daemon thread that beats in the process group's own store (torch.distributed's TCPStore) and watches the
+    other ranks' beats. A rank that is frozen (SIGSTOP, a stuck driver) or dead stops beating even while the others
+    wait silently inside a collective (gloo's default wait is 30 minutes); once one has been silent for timeout_s,
+    every watching rank prints one line naming it, its host and pid and where its main thread last was, then ends
+    with status 2. The beats run beside the training thread, so slow steps, compilation or a long checkpoint write
+    on one rank never count as silence."""
+    store = dist.distributed_c10d._get_default_store()
+    stopping = threading.Event()
+    HEARTBEAT.update(store=store, rank=rank, stopping=stopping)
+    interval = max(0.05, min(5.0, timeout_s / 5))
+    identity = f"{socket.gethostname()} pid {os.getpid()}"
+
+    def beat() -> None:
+        last_count, last_change = [0] * world_size, [time.monotonic()] * world_size
+        while not stopping.is_set():
+            try:
+                store.set(f"slowrun_heartbeat_at/{rank}", f"{identity}, {main_thread_position()}")
+                store.add(f"slowrun_heartbeat/{rank}", 1)
+                now = time.monotonic()
+                for other in range(world_size):
+                    count = store.add(f"slowrun_heartbeat/{other}", 0)  # reads the counter without blocking
+                    if count != last_count[other]:
+                        last_count[other], last_change[other] = count, now
+                    elif other != rank and now - last_change[other] > timeout_s and \
+                            not store.check([f"slowrun_heartbeat_done/{other}"]):  # a finished rank is quiet
+                        key = f"slowrun_heartbeat_at/{other}"
+                        where = store.get(key).decode() if store.check([key]) else "before its first beat"
+                        print(f"error: rank {other} stopped answering for {now - last_change[other]:.0f} s "
+                              f"(dist_timeout {timeout_s:g} s; last heard: {where}); rank {rank} ends the run",
+                              file=sys.stderr, flush=True)
+                        os._exit(2)
+            except Exception as exc:  # noqa: BLE001 - the store itself is gone: its host (rank 0 or torchrun) died
+                if stopping.is_set():  # this rank is finishing: the store may close before it
+                    return
+                print(f"error: the process group's store stopped answering ({type(exc).__name__}: {exc}); "
+                      f"rank {rank} ends the run", file=sys.stderr, flush=True)
+                os._exit(2)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=beat, name="slowrun-heartbeat", daemon=True)
+    thread.start()
+    return thread
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1922,18 +2015,137 @@ class RunLog:
                 handle.close()
 
 
-def atomic_write_bytes(path: str, payload: bytes) -> None:
+class StorageError(ConfigError):
+    """The run folder cannot be written (full disk, read-only, no permission): one line naming the folder."""
+
+
+def free_disk_bytes(folder: str) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def saved_size_estimate(obj) -> int:
+    """Bytes torch.save will write for obj: its tensors' storages (each once) plus 1 MiB for the pickle and the zip
+    records. A full-scale checkpoint is ~9.6 GB per rank: checked before writing, not discovered half-way."""
+    seen, total, pending = set(), 0, [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes(), str(item.device))
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return total + 2**20
+
+
+def atomic_write(path: str, size: int, write) -> None:
+    """write(temporary) then a rename: a crash while writing leaves the previous file intact. The free space is
+    checked against size first; on any error (ENOSPC included) the partial temporary is removed, so a full disk does
+    not stay full, and the failure is one line naming the folder, the need and the free space."""
+    folder = os.path.dirname(os.path.abspath(path))
     temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as handle:
+    try:
+        free = free_disk_bytes(folder)
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot write {os.path.basename(path)} there ({exc.strerror or exc})") from None
+    if size > free:
+        raise StorageError(f"{folder}: no room for {os.path.basename(path)}: it needs {format_bytes(size)}, "
+                           f"{format_bytes(free)} free")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError "unexpected pos"
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).splitlines()[0]
+        raise StorageError(f"{folder}: writing {os.path.basename(path)} ({format_bytes(size)}) failed with "
+                           f"{format_bytes(free_disk_bytes(folder))} free: {detail}") from None
+
+
+def format_bytes(count: int) -> str:
+    if count < 2**20:
+        return f"{count:,} bytes"
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def write_file_bytes(path: str, payload: bytes) -> None:
+    with open(path, "wb") as handle:
         handle.write(payload)
-    os.replace(temporary, path)
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    atomic_write(path, len(payload), functools.partial(write_file_bytes, payload=payload))
 
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save through a temporary file and a rename: a crash while saving leaves the previous file intact."""
-    temporary = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, temporary)
-    os.replace(temporary, path)
+    atomic_write(path, saved_size_estimate(obj), functools.partial(torch.save, obj))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Deletes the `<file>.tmp<pid>` partials of atomic writes whose process is gone (killed mid-write): at full
+    scale each is a whole checkpoint that would keep the disk full. Returns the paths removed."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            stem, dot_tmp, pid = name.rpartition(".tmp")
+            if dot_tmp and stem and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                try:
+                    os.remove(os.path.join(root, name))
+                    removed.append(os.path.join(root, name))
+                except FileNotFoundError:  # another rank removed it first
+                    pass
+    return removed
+
+
+RUN_LOCKS: list = []  # the open run.lock files this process holds; main closes them on the way out
+
+
+def lock_run_folder(folder: str) -> None:
+    """Takes <folder>/run.lock, an flock held for the life of the process, the file holding 'pid host': a second
+    process on a live run (a --resume while it still trains) is refused with the holder's pid and host. The kernel
+    drops the lock when its holder dies however it dies (kill -9 included), so a stale lock is simply taken over,
+    and two processes taking over at once cannot both get it."""
+    import fcntl  # POSIX only, like the rest of the launch path (torchrun, gloo)
+    path = os.path.join(folder, "run.lock")
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot create run.lock there ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().split()
+        handle.close()
+        pid, host = (holder + ["?", "?"])[:2]
+        raise ConfigError(f"{folder} is in use by pid {pid} on {host} (it holds run.lock): wait for that run to end "
+                          f"before resuming it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+    handle.flush()
+    RUN_LOCKS.append(handle)
+
+
+def release_run_locks() -> None:
+    while RUN_LOCKS:
+        RUN_LOCKS.pop().close()  # closing drops the flock; the file stays (removing it would race a new taker)
 
 
 def parameter_fingerprint(model: nn.Module) -> torch.Tensor:
@@ -2013,11 +2225,64 @@ def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, na
     return tokens[:later[0]], tokens[later[0]:]
 
 
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_data_files(hp: Hyperparameters, need_train: bool = True) -> None:
+    """Refuses, in one line, what would otherwise train silently: a file in two sets (the same path, or globs that
+    overlap), two sets holding identical content (val copied in as train), a shard with no tokens, and a shard with
+    no <|endoftext|> (bos_id) in a training run, where every document starts with one (data/README.md). Runs after read_shard has
+    checked each file's header."""
+    sets = ([("train", hp.train_files)] if need_train else []) + [("validation", hp.val_files)] + \
+        ([("test", hp.test_files)] if hp.test_files else [])
+    flag = dict(train="--train_files", validation="--val_files", test="--test_files")
+    owner: dict[str, str] = {}  # real path -> its set
+    sizes: dict[int, list[tuple[str, str]]] = {}
+    for what, pattern in sets:
+        for path in sorted(glob.glob(pattern)):
+            real = os.path.realpath(path)
+            if owner.get(real, what) != what:
+                raise DataError(f"{path} is both a {owner[real]} file and a {what} file ({flag[owner[real]]} "
+                                f"and {flag[what]} overlap): the {what} score would leak into training or "
+                                f"selection")
+            if real in owner:
+                continue
+            owner[real] = what
+            tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES) \
+                if os.path.getsize(path) > SHARD_HEADER_BYTES else np.zeros(0, np.uint16)
+            if tokens.size == 0:
+                raise DataError(f"{path}: the header is valid but the shard holds 0 tokens")
+            if need_train and not (tokens == hp.bos_id).any():  # --eval_only scores members of other bos_ids
+                raise DataError(f"{path}: no <|endoftext|> (bos_id {hp.bos_id}) in {tokens.size:,} tokens; every "
+                                f"document must start with one (a shard of another tokenizer, or a wrong --bos_id?)")
+            sizes.setdefault(os.path.getsize(path), []).append((what, path))
+    for same_size in sizes.values():  # identical content needs an identical size: hash only those
+        if len({what for what, _ in same_size}) > 1:
+            seen: dict[str, tuple[str, str]] = {}
+            for what, path in same_size:
+                earlier = seen.setdefault(file_digest(path), (what, path))
+                if earlier[0] != what:
+                    raise DataError(f"{path} ({what}) has the same content as {earlier[1]} ({earlier[0]}): the "
+                                    f"{what} score would leak")
+
+
 def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
     train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train") if need_train else np.zeros(0, np.uint16)
     val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
+    if hp.test_files:
+        load_tokens(hp.test_files, hp.vocab_size, "test")  # headers checked before check_data_files reads them
+    check_data_files(hp, need_train)
     if hp.train_tokens:
         train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
+    if need_train and train_tokens.size < hp.seq_len + 1:
+        raise DataError(f"{hp.train_files}: {train_tokens.size:,} train tokens"
+                        f"{' after --train_tokens ' + str(hp.train_tokens) if hp.train_tokens else ''}, fewer than "
+                        f"one sequence of seq_len + 1 = {hp.seq_len + 1}")
     fitness_data = None
     if hp.fitness_tokens and need_train:  # carved after the budget cut: selection data comes out of the budget
         fitness_tokens, train_tokens = carve_fitness_slice(train_tokens, hp.fitness_tokens, hp.bos_id, hp.train_files)
@@ -2341,7 +2606,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
     allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
-               "attention", "plan_only", "memory_budget_gb", "plan_world_size"}
+               "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
@@ -2352,8 +2617,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
         raise ConfigError(f"--resume {hp.resume}: no hyperparameters.json there (not a run folder?)")
     if os.path.isfile(os.path.join(hp.resume, "result.json")):
         raise ConfigError(f"--resume {hp.resume}: that run finished (result.json is there); nothing to continue")
-    with open(saved_path, encoding="utf-8") as handle:
-        saved = json.load(handle)
+    saved = saved_hyperparameters(hp.resume, allowed)
     same_data = {name for name in ("train_files", "val_files", "test_files") if name in given
                  and getattr(hp, name) == saved.get(name)}  # run.sh passes them again: fine when unchanged
     if given & {"train_files", "val_files", "test_files"} - same_data:
@@ -2366,6 +2630,74 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     return Hyperparameters(**saved)
 
 
+def saved_hyperparameters(folder: str, may_change: set[str]) -> dict:
+    """A run folder's hyperparameters.json, checked: readable JSON, only known fields, and the same values as the
+    hyperparameters section log.txt wrote when the run started (an edited batch size would otherwise continue the
+    old checkpoint under another schedule); the first difference is named. Fields that --resume may change, or that
+    a run of an older script did not log, are not compared."""
+    path = os.path.join(folder, "hyperparameters.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--resume {folder}: hyperparameters.json is damaged ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]})") from None
+    known = {f.name for f in dataclasses.fields(Hyperparameters)}
+    if not isinstance(saved, dict) or set(saved) - known:
+        unknown = sorted(set(saved) - known) if isinstance(saved, dict) else ["(not an object)"]
+        raise ConfigError(f"--resume {folder}: hyperparameters.json has unknown field(s) {', '.join(unknown)}")
+    logged = {}
+    try:
+        with open(os.path.join(folder, "log.txt"), encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+        title = "hyperparameters"  # the exact header line RunLog.section wrote (the logged source only quotes it)
+        lines = lines[lines.index(f"==================== {title} " + "=" * max(0, 80 - len(title))) + 1:]
+    except (OSError, ValueError):
+        lines = []  # no log or no section: nothing to compare with
+    for line in lines:
+        name, equals, value = line.partition(" = ")
+        if not equals or name not in known:
+            break  # the section ends where its `name = value` lines end
+        try:
+            logged[name] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            continue
+    for name, value in saved.items():
+        if name in logged and name not in may_change and logged[name] != value:
+            raise ConfigError(f"--resume {folder}: hyperparameters.json says {name} = {value!r} but the run started "
+                              f"with {logged[name]!r} (log.txt); its checkpoints belong to the logged value")
+    return saved
+
+
+def check_resume_checkpoints(hp: Hyperparameters, dist_info: Dist, folder: str) -> None:
+    """Before a resume touches the run folder: every checkpoint this rank will load must be readable and match the
+    model the saved hyperparameters build (tensor names and shapes) and the world size; the first mismatch is named,
+    one line. mmap=True reads the structure without reading the tensors (a full-scale checkpoint is ~9.6 GB)."""
+    expected = {name: tuple(t.shape) for name, t in build_model_meta(hp).state_dict().items()}
+    group_size = dist_info.world_size // hp.parallel_members
+    for member in range(hp.ensemble_size):
+        path = checkpoint_path(folder, member, dist_info.rank % group_size)
+        if not os.path.isfile(path):
+            continue
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+            state, progress = saved["model"], saved["progress"]
+            shapes = {name: tuple(t.shape) for name, t in state.items()}
+        except Exception as exc:  # noqa: BLE001 - truncated zip, another pickle, missing keys: all one complaint
+            raise ConfigError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                              f"delete it to restart member {member} from its start") from None
+        for name in sorted(set(expected) | set(shapes)):
+            if expected.get(name) != shapes.get(name):
+                raise ConfigError(f"--resume: {path} does not fit the run's hyperparameters: {name} has shape "
+                                  f"{shapes.get(name, 'missing')} in the checkpoint, {expected.get(name, 'missing')} "
+                                  f"in the model")
+        if saved.get("world_size", group_size) != group_size:
+            raise ConfigError(f"--resume: {path} was written by {saved['world_size']} ranks per member, this run has "
+                              f"{group_size}: resume on the same number of ranks (Muon's momentum is sharded)")
+        if not isinstance(progress.get("step"), int) or progress["step"] < 0:
+            raise ConfigError(f"--resume: {path} holds no valid step ({progress.get('step')!r})")
+
+
 def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> None:
     script_path = os.path.abspath(__file__)
     with open(script_path, encoding="utf-8") as handle:
@@ -2374,6 +2706,48 @@ def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[s
                             f"git commit: {git_commit() or 'none'}", f"run folder: {log.folder}"])
     log.section("environment", environment_report(dist_info))
     log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()])
+
+
+def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: list[str]) -> RunLog:
+    """Creates (or, on --resume, reopens) the run folder and takes its lock, then writes the header (or the resume
+    section). A folder that cannot be written (read-only, full) is one line, and a new run's folder is removed again,
+    so nothing half-made is left behind. Every rank learns rank 0's outcome, so all stop together."""
+    failure, log = None, None
+    if dist_info.is_main:
+        created = False
+        try:
+            created = not hp.resume and not os.path.exists(folder)
+            log = RunLog(folder, True, append=bool(hp.resume))
+            lock_run_folder(folder)
+            if hp.resume:
+                removed = remove_stale_temporaries(folder)
+                log.section("resume", [" ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__),
+                                                                        *argv]),
+                                       f"git commit: {git_commit() or 'none'}"]
+                            + [f"removed a partial file of a killed process: {path}" for path in removed])
+            else:
+                write_header(log, hp, dist_info, argv)
+                log.save_json("hyperparameters.json", dataclasses.asdict(hp))
+        except OSError as exc:
+            failure = f"{folder}: cannot write the run folder there ({exc.strerror or exc})"
+        except ConfigError as exc:
+            failure = str(exc)
+        if failure and log is not None:
+            try:
+                log.close()
+            except OSError:  # the buffered last line cannot be written either
+                pass
+        if failure and created:
+            release_run_locks()
+            shutil.rmtree(folder, ignore_errors=True)
+    failure = dist_info.from_first_rank(failure)
+    if failure:
+        raise StorageError(failure)
+    if not dist_info.is_main:
+        log = RunLog(folder, False)
+        if hp.resume:
+            remove_stale_temporaries(folder)  # this rank's own checkpoint partials
+    return log
 
 
 def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
@@ -2391,13 +2765,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     folder = os.path.join(hp.log_dir, run_id)
     if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
         raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
-    log = RunLog(folder, dist_info.is_main, append=bool(hp.resume))
     if hp.resume:
-        log.section("resume", [" ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__), *argv]),
-                               f"git commit: {git_commit() or 'none'}"])
-    else:
-        write_header(log, hp, dist_info, argv)
-        log.save_json("hyperparameters.json", dataclasses.asdict(hp))
+        check_resume_checkpoints(hp, dist_info, folder)
+    log = open_run_folder(hp, dist_info, folder, argv)
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
     unigram_oracle = unigram_entropy(data.val_tokens)
@@ -2792,7 +3162,7 @@ def main(argv: list[str] | None = None) -> int:
     dist_info = None
     try:
         hp = parse_args(argv)
-        dist_info = setup_distributed(hp.device)
+        dist_info = setup_distributed(hp.device, hp.dist_timeout)
         if dist_info.device.type == "cpu":
             tune_cpu_runtime()
         if hp.plan_only:  # before any data or work: the plan, then exit (2 if it cannot fit)
@@ -2810,6 +3180,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     finally:
+        stop_heartbeat_watchdog()
+        release_run_locks()
         if dist.is_initialized():
             dist.destroy_process_group()
 

@@ -1,0 +1,302 @@
+"""Fault injection (issue 14, ../shared/reviews/reliability.md): a stalled rank, a full disk, leaked data, bad sizes,
+damaged resume folders and a second process on a live run each end in one line (exit status 2), leave no partial
+files and no half-made run folder behind."""
+import errno
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from conftest import REPO_ROOT, micro_flags, synthetic_documents
+
+
+def run_main(argv, capsys) -> tuple[int, str]:
+    """train_gpt.main in this process: (exit status, stderr)."""
+    capsys.readouterr()
+    status = train_gpt.main(argv)
+    return status, capsys.readouterr().err
+
+
+def assert_one_line(status: int, err: str, *fragments: str) -> None:
+    assert status == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def tree(folder: str) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, name), folder) for root, _, names in os.walk(folder)
+                  for name in names)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A micro run stopped after step 3 of 6 (its step-3 checkpoint on disk): the folder --resume continues."""
+    base = tmp_path_factory.mktemp("stopped")
+    train_path, val_path = str(base / "train.bin"), str(base / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    status = train_gpt.main(micro_flags(train_path, val_path, str(base / "logs"), "run", stop_at_step=3,
+                                        max_steps=6, val_every=-1))
+    assert status == 3
+    return str(base / "logs" / "run")
+
+
+def copy_run(stopped_run: str, tmp_path) -> str:
+    folder = str(tmp_path / "logs" / "run")
+    shutil.copytree(stopped_run, folder)
+    return folder
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+# ------------------------------------------------------------------------------------------------- a stalled rank
+
+def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
+    """Rank 1 frozen by SIGSTOP mid-training: rank 0 (waiting in a gloo collective) ends within --dist_timeout 3 s,
+    one line naming rank 1 and where it was; before, it waited silently for gloo's 30 minutes."""
+    train_path, val_path = micro_data
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "stall", num_epochs=500, dist_timeout=3,
+                        log_every=1, val_every=-1, checkpoint_every=-1, batch_tokens=256)
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
+               PYTHONUNBUFFERED="1")
+    script = os.path.join(REPO_ROOT, "train_gpt.py")
+    ranks = [subprocess.Popen([sys.executable, script, *flags], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
+                              stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, cwd=REPO_ROOT) for r in range(2)]
+    try:
+        stepping = threading.Event()
+
+        def watch():
+            for line in ranks[0].stdout:
+                if line.startswith("step 2/"):
+                    stepping.set()
+        threading.Thread(target=watch, daemon=True).start()
+        assert stepping.wait(120), ranks[0].stderr.read() if ranks[0].poll() is not None else "no step 2 line"
+        os.kill(ranks[1].pid, signal.SIGSTOP)
+        stopped = time.monotonic()
+        status = ranks[0].wait(timeout=60)
+        waited = time.monotonic() - stopped
+        err = ranks[0].stderr.read()
+    finally:
+        for process in ranks:
+            if process.poll() is None:
+                process.kill()
+            process.wait()
+    assert status == 2, err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "rank 1 stopped answering" in lines[0] and "line " in lines[0], err
+    assert f"pid {ranks[1].pid}" in lines[0]
+    assert 3 <= waited < 3 + 10, waited  # the timeout, plus a beat interval and a loaded machine's slack
+
+
+# ------------------------------------------------------------------------------------------------- a full disk
+
+def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
+    """A fake free-space figure below the estimated size: one line naming the folder, the need and the free space,
+    and nothing written. The estimate covers what torch.save really writes (measured, not assumed)."""
+    state = dict(weights=torch.zeros(1000, 1000), step=7)  # 4,000,000 bytes of tensor data
+    path = str(tmp_path / "ckpt.pt")
+    train_gpt.atomic_torch_save(state, path)
+    estimate = train_gpt.saved_size_estimate(state)
+    assert estimate == 4_000_000 + 2**20 and 4_000_000 < os.path.getsize(path) <= estimate
+    monkeypatch.setattr(train_gpt, "free_disk_bytes", lambda folder: 3 * 2**20)
+    with pytest.raises(train_gpt.StorageError) as info:
+        train_gpt.atomic_torch_save(state, str(tmp_path / "other.pt"))
+    assert str(info.value) == f"{tmp_path}: no room for other.pt: it needs 4.8 MiB, 3.0 MiB free"
+    monkeypatch.setattr(train_gpt, "free_disk_bytes", lambda folder: 19)
+    with pytest.raises(train_gpt.StorageError, match="result.json: it needs 20 bytes, 19 bytes free"):
+        train_gpt.atomic_write_bytes(str(tmp_path / "result.json"), b"{}" * 10)
+    assert sorted(os.listdir(tmp_path)) == ["ckpt.pt"]
+
+
+def test_disk_full_during_a_checkpoint_is_one_line_and_resume_succeeds(micro_data, tmp_path, monkeypatch, capsys):
+    """The second checkpoint write fails with ENOSPC half-way: one line, no .tmp left to keep the disk full, the
+    first checkpoint intact; with space back, --resume continues from that checkpoint and finishes."""
+    train_path, val_path = micro_data
+    real_save, calls = torch.save, []
+
+    def full_disk_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            with open(path, "wb") as handle:
+                handle.write(b"x" * 1000)  # a partial file, as a real ENOSPC leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "full", max_steps=5, checkpoint_every=2,
+                        val_every=-1)
+    status, err = run_main(flags, capsys)
+    folder = str(tmp_path / "logs" / "full")
+    assert_one_line(status, err, os.path.join(folder, "checkpoints"), "No space left on device",
+                    "member_00_rank0.pt")
+    assert not [name for name in tree(folder) if ".tmp" in name]
+    monkeypatch.setattr(torch, "save", real_save)
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert "resumed from" in log and "at step 2/" in log  # the first checkpoint, not step 1 again
+    assert os.path.isfile(os.path.join(folder, "result.json"))
+
+
+@pytest.mark.parametrize("failure", ["full", "unwritable"])
+def test_unwritable_log_dir_is_one_line_and_leaves_no_folder(micro_data, tmp_path, monkeypatch, capsys, failure):
+    train_path, val_path = micro_data
+    log_dir = tmp_path / "logs"
+    if failure == "full":  # the folder is made, then the header's first line finds no space
+        def no_space(self, text, echo=True):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(train_gpt.RunLog, "write", no_space)
+        expected = "No space left on device"
+    else:  # log_dir below a plain file: cannot be created (chmod does not stop root, who runs CI containers)
+        (tmp_path / "file").write_text("x")
+        log_dir = tmp_path / "file" / "logs"
+        expected = "cannot write the run folder"
+    status, err = run_main(micro_flags(train_path, val_path, str(log_dir), "r"), capsys)
+    assert_one_line(status, err, expected)
+    assert not os.path.exists(log_dir / "r")
+
+
+def test_stale_temporaries_of_dead_processes_are_removed(tmp_path):
+    live, dead = os.getppid(), dead_pid()
+    for name in [f"a.pt.tmp{dead}", f"b.json.tmp{live}", "c.tmpx", "d.pt"]:
+        (tmp_path / name).write_text("x")
+    assert train_gpt.remove_stale_temporaries(str(tmp_path)) == [str(tmp_path / f"a.pt.tmp{dead}")]
+    assert sorted(os.listdir(tmp_path)) == [f"b.json.tmp{live}", "c.tmpx", "d.pt"]
+
+
+# ------------------------------------------------------------------------------------------------- data leaks
+
+@pytest.mark.parametrize("case", ["same file", "overlapping glob", "identical copy"])
+def test_validation_overlapping_train_is_refused(micro_data, tmp_path, capsys, case):
+    train_path, val_path = micro_data
+    if case == "same file":
+        train, val, message = val_path, val_path, "is both a train file and a validation file"
+    elif case == "overlapping glob":
+        train, val, message = str(tmp_path / "*.bin"), val_path, "is both a train file and a validation file"
+    else:
+        shutil.copy(val_path, tmp_path / "copy.bin")
+        train, val, message = str(tmp_path / "copy.bin"), val_path, "has the same content as"
+    status, err = run_main(micro_flags(train, val, str(tmp_path / "logs"), "leak"), capsys)
+    assert_one_line(status, err, message)
+    assert not os.path.exists(tmp_path / "logs")
+
+
+# ------------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("case, overrides, message", [
+    ("zero-token shard", {}, "the header is valid but the shard holds 0 tokens"),
+    ("no endoftext", {}, "no <|endoftext|> (bos_id 255)"),
+    ("train_tokens 1", dict(train_tokens=1), "1 train tokens after --train_tokens 1, fewer than one sequence"),
+    ("train_tokens -5", dict(train_tokens=-5), "train_tokens must be >= 0"),
+    ("val_tokens -100", dict(val_tokens=-100), "val_tokens must be >= 0"),
+    ("batch_tokens 0", dict(batch_tokens=0), "batch_tokens must be > 0, got 0"),
+    ("batch_tokens -8192", dict(batch_tokens=-8192), "batch_tokens must be > 0, got -8192"),
+    ("mlp_ratio 0", dict(mlp_ratio=0), "MLP hidden width of 0"),
+])
+def test_bad_sizes_and_shards_are_one_line(micro_data, tmp_path, capsys, case, overrides, message):
+    train_path, val_path = micro_data
+    if case == "zero-token shard":
+        train_gpt.write_shard(str(tmp_path / "empty.bin"), np.zeros(0, np.uint16))
+        train_path = str(tmp_path / "empty.bin")
+    if case == "no endoftext":
+        train_gpt.write_shard(str(tmp_path / "plain.bin"), np.arange(2000, dtype=np.uint16) % 200)
+        train_path = str(tmp_path / "plain.bin")
+    status, err = run_main(micro_flags(train_path, val_path, str(tmp_path / "logs"), "bad", **overrides), capsys)
+    assert_one_line(status, err, message)
+    assert not os.path.exists(tmp_path / "logs")
+
+
+def test_bare_preset_says_it_needs_a_value(capsys):
+    status, err = run_main(["--n_layer", "2", "--preset"], capsys)
+    assert_one_line(status, err, "flag --preset needs a value (one of tiny, slowrun)")
+
+
+def test_bundled_sample_passes_the_shard_checks():
+    hp = train_gpt.parse_args(["--preset", "tiny"])
+    train_gpt.check_data_files(hp)  # GPT-2 shards: every file holds <|endoftext|>, val is not train
+
+
+# ------------------------------------------------------------------------------------------------- damaged resume
+
+def edit_json(folder, change):
+    path = os.path.join(folder, "hyperparameters.json")
+    saved = json.load(open(path))
+    change(saved)
+    json.dump(saved, open(path, "w"))
+
+
+def truncate(path, keep):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:int(len(data) * keep)])
+
+
+def other_shape(folder):
+    path = train_gpt.checkpoint_path(folder, 0, 0)
+    saved = torch.load(path, weights_only=False)
+    saved["model"]["lm_head.weight"] = torch.zeros(7, 3)
+    torch.save(saved, path)
+
+
+@pytest.mark.parametrize("case, damage, message", [
+    ("truncated json", lambda f: truncate(os.path.join(f, "hyperparameters.json"), 0.5),
+     "hyperparameters.json is damaged (JSONDecodeError"),
+    ("unknown key", lambda f: edit_json(f, lambda s: s.update(n_layers=3)), "unknown field(s) n_layers"),
+    ("edited batch size", lambda f: edit_json(f, lambda s: s.update(batch_tokens=768)),
+     "hyperparameters.json says batch_tokens = 768 but the run started with 384"),
+    ("truncated checkpoint", lambda f: truncate(train_gpt.checkpoint_path(f, 0, 0), 0.6), "member_00_rank0.pt is damaged"),
+    ("checkpoint of another shape", other_shape, "lm_head.weight has shape (7, 3) in the checkpoint, (256, 32)"),
+])
+def test_damaged_resume_folder_is_one_line_and_log_untouched(stopped_run, tmp_path, capsys, case, damage, message):
+    folder = copy_run(stopped_run, tmp_path)
+    damage(folder)
+    log_before = open(os.path.join(folder, "log.txt"), "rb").read()
+    status, err = run_main(["--resume", folder], capsys)
+    assert_one_line(status, err, message)
+    assert open(os.path.join(folder, "log.txt"), "rb").read() == log_before  # no resume section for a failed resume
+
+
+# ------------------------------------------------------------------------------------------------- run lock
+
+def test_live_run_folder_is_locked_and_a_dead_holder_taken_over(stopped_run, tmp_path, capsys):
+    """While another process holds the run folder, --resume is refused (its pid and host named) and log.txt is left
+    alone; once that process is dead (kill -9, so nothing released it), --resume takes the lock over, clears the
+    dead process's partial checkpoint and finishes."""
+    folder = copy_run(stopped_run, tmp_path)
+    holder = subprocess.Popen([sys.executable, "-c", f"import sys, time; sys.path.insert(0, {REPO_ROOT!r}); "
+                               f"import train_gpt; train_gpt.lock_run_folder({folder!r}); print('locked', flush=True); "
+                               f"time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        log_before = open(os.path.join(folder, "log.txt"), "rb").read()
+        status, err = run_main(["--resume", folder], capsys)
+        assert_one_line(status, err, f"is in use by pid {holder.pid} on {socket.gethostname()}")
+        assert open(os.path.join(folder, "log.txt"), "rb").read() == log_before
+        partial = train_gpt.checkpoint_path(folder, 0, 0) + f".tmp{holder.pid}"
+        open(partial, "wb").write(b"half a checkpoint")
+    finally:
+        holder.kill()
+        holder.wait()
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert f"removed a partial file of a killed process: {partial}" in log and "at step 3/" in log
+    assert not os.path.exists(partial) and os.path.isfile(os.path.join(folder, "result.json"))
