@@ -991,6 +991,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 # Model: a modern GPT (nanochat lineage): RMSNorm pre-norm, RoPE, QK-norm, ReLU^2 or SwiGLU, logit soft-cap
 
 
+@dataclass(frozen=True)
+class GPTConfig:
+    """The architecture alone: what GPT(config) builds and a member file stores to rebuild its model. Each field has
+    the name, meaning and default of the Hyperparameters field of the same name (documented there)."""
+
+    vocab_size: int
+    bos_id: int
+    seq_len: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    mlp: str
+    mlp_ratio: float
+    rope_base: float
+    logit_softcap: float
+    dropout: float
+    # --- model tricks: each at its Hyperparameters default leaves the plain model ---
+    value_proj: bool
+    unet_skips: bool
+    attn_gate: bool
+    resid_mix: bool
+    xsa: str
+    stochastic_depth: float
+    mtp_weight: float
+    loop_repeats: int
+    loop_range: str
+    window_pattern: str
+    window_short: int
+    window_warmup_frac: float
+    window_warmup_stages: int
+    head_mix: bool
+    doc_mask: bool
+
+
+def model_config(hp: Hyperparameters) -> GPTConfig:
+    """The run's architecture: its fields copied from the hyperparameters of the same names."""
+    return GPTConfig(**{field.name: getattr(hp, field.name) for field in dataclasses.fields(GPTConfig)})
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without weights (nanochat): the scale is left to the next matrix."""
     return F.rms_norm(x, (x.size(-1),))
@@ -1012,8 +1051,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 GATE_CHANNELS = 32  # the data-dependent gates read only the first 32 channels of their input (slowrun records)
-# Parameters with these names are small gates and mixing matrices: they go to the AdamW scalar group, never to Muon.
-SCALAR_GROUP_NAMES = ("value_gate", "out_gate", "head_mix", "xsa_alpha", "resid_lambdas", "x0_lambdas", "skip_weights")
+
+
+def scalar_parameter(initial: torch.Tensor) -> nn.Parameter:
+    """A gate, lambda or mixing matrix, at its initial value: marked for AdamW's scalar group (build_optimizers reads
+    the mark), never Muon, whose orthogonalised update would throw away its scale. The mark is an attribute of the
+    parameter, so build the optimizers on the model as built (copy.deepcopy of a Parameter drops attributes)."""
+    param = nn.Parameter(initial)
+    param.scalar_group = True
+    return param
 
 
 def has_value_proj(layer: int, n_layer: int) -> bool:
@@ -1033,7 +1079,7 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torc
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hp: Hyperparameters, layer: int = 0):
+    def __init__(self, hp: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.head_dim = hp.n_head, hp.n_embd // hp.n_head
         self.c_q = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
@@ -1045,13 +1091,13 @@ class CausalSelfAttention(nn.Module):
         self.c_x0v = self.value_gate = self.out_gate = self.head_mix = self.xsa_alpha = None
         if hp.value_proj and has_value_proj(layer, hp.n_layer):
             self.c_x0v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-            self.value_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
+            self.value_gate = scalar_parameter(torch.zeros(hp.n_head, self.gate_channels))
         if hp.attn_gate:
-            self.out_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
+            self.out_gate = scalar_parameter(torch.zeros(hp.n_head, self.gate_channels))
         if hp.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
-            self.head_mix = nn.Parameter(torch.eye(hp.n_head).repeat(3, 1, 1))
+            self.head_mix = scalar_parameter(torch.eye(hp.n_head).repeat(3, 1, 1))
         if hp.xsa == "learned":
-            self.xsa_alpha = nn.Parameter(torch.zeros(hp.n_head))
+            self.xsa_alpha = scalar_parameter(torch.zeros(hp.n_head))
         self.xsa = hp.xsa
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
@@ -1078,14 +1124,14 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
 
 
-def mlp_hidden_width(hp: Hyperparameters) -> int:
+def mlp_hidden_width(hp: GPTConfig) -> int:
     """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64."""
     hidden = hp.mlp_ratio * hp.n_embd * (2 / 3 if hp.mlp == "swiglu" else 1)
     return 64 * math.ceil(hidden / 64)
 
 
 class MLP(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, hp: GPTConfig):
         super().__init__()
         self.kind, hidden = hp.mlp, mlp_hidden_width(hp)
         self.c_fc = nn.Linear(hp.n_embd, hidden, bias=False)
@@ -1099,7 +1145,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, layer: int = 0):
+    def __init__(self, hp: GPTConfig, layer: int = 0):
         super().__init__()
         self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP(hp)
         self.dropout = nn.Dropout(hp.dropout) if hp.dropout > 0 else nn.Identity()
@@ -1116,7 +1162,7 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(rms_norm(x)))
 
 
-def loop_layer_range(hp: Hyperparameters) -> tuple[int, int]:
+def loop_layer_range(hp: GPTConfig) -> tuple[int, int]:
     """The layers [a, b) that looped layers replay: loop_range "a:b", or the middle third."""
     if not hp.loop_range:
         return hp.n_layer // 3, max(hp.n_layer // 3 + 1, 2 * hp.n_layer // 3)
@@ -1127,7 +1173,7 @@ def loop_layer_range(hp: Hyperparameters) -> tuple[int, int]:
     return start, stop
 
 
-def window_sizes(hp: Hyperparameters) -> list[int] | None:
+def window_sizes(hp: GPTConfig) -> list[int] | None:
     """Each layer's attention window in tokens from window_pattern (cycled; the last layer always long), or None."""
     if not hp.window_pattern:
         return None
@@ -1160,8 +1206,11 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
 
 
 class GPT(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, config: GPTConfig | Hyperparameters, attention: str = "sdpa"):
+        """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
+        GPT(hp) is shorthand for GPT(model_config(hp))."""
         super().__init__()
+        hp = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
         self.logit_softcap = hp.logit_softcap
         self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
         self.blocks = nn.ModuleList([Block(hp, layer) for layer in range(hp.n_layer)])
@@ -1176,10 +1225,7 @@ class GPT(nn.Module):
         self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
         self.uses_x0 = hp.value_proj or hp.resid_mix
-        # attention path: "sdpa" or "flex", fixed where the model is built (its device decides what auto means)
-        self.attention, self.doc_mask, self.bos_id = attention_backend(hp, torch.get_default_device()), hp.doc_mask, hp.bos_id
-        self.plain_layers = not (hp.resid_mix or hp.unet_skips or hp.value_proj or hp.loop_repeats or hp.window_pattern
-                                 or hp.doc_mask or self.attention == "flex")
+        self.attention, self.doc_mask, self.bos_id = attention, hp.doc_mask, hp.bos_id
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
         self.static_block_masks, self.seq_len = {}, hp.seq_len
         if self.attention == "flex" and not hp.doc_mask and torch.get_default_device().type != "meta":
@@ -1189,10 +1235,10 @@ class GPT(nn.Module):
             self.static_block_masks = {w: flex_block_mask(hp.seq_len, w, None, torch.get_default_device())
                                        for w in set(sum(every_stage, []))}
         if hp.resid_mix:
-            self.resid_lambdas = nn.Parameter(torch.ones(hp.n_layer))
-            self.x0_lambdas = nn.Parameter(torch.full((hp.n_layer,), 0.1))
+            self.resid_lambdas = scalar_parameter(torch.ones(hp.n_layer))
+            self.x0_lambdas = scalar_parameter(torch.full((hp.n_layer,), 0.1))
         if hp.unet_skips:
-            self.skip_weights = nn.Parameter(torch.ones(hp.n_layer - self.encoder_layers))
+            self.skip_weights = scalar_parameter(torch.ones(hp.n_layer - self.encoder_layers))
         self.mtp_weight = hp.mtp_weight
         if hp.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
             self.mtp_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
@@ -1200,8 +1246,9 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nanochat's init: unit-variance embedding, tiny lm_head, uniform hidden matrices, zero output projections
-        (each block starts as the identity, so depth does not blow up the residual stream)."""
+        """nanochat's init of the matrices: unit-variance embedding, tiny lm_head, uniform hidden matrices, zero
+        output projections (each block starts as the identity, so depth does not blow up the residual stream). The
+        tricks' gates and lambdas take their initial values where they are made (scalar_parameter)."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
@@ -1212,16 +1259,6 @@ class GPT(nn.Module):
                     nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            for gate in (block.attn.value_gate, block.attn.out_gate, block.attn.xsa_alpha):
-                if gate is not None:
-                    nn.init.zeros_(gate)
-            if block.attn.head_mix is not None:
-                block.attn.head_mix.copy_(torch.eye(block.attn.n_head).repeat(3, 1, 1))
-        if self.resid_mix:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(0.1)
-        if self.unet_skips:
-            self.skip_weights.fill_(1.0)
         if self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
 
@@ -1276,12 +1313,7 @@ class GPT(nn.Module):
         """Token ids (B, T) -> the final residual stream (B, T, C), before the last norm."""
         time_steps = idx.size(1)
         cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
-        x = rms_norm(self.wte(idx))  # (B, T, C)
-        if self.plain_layers:
-            for block in self.blocks:
-                x = block(x, cos, sin)
-            return x
-        return self.run_layers(x, cos, sin, idx)
+        return self.run_layers(rms_norm(self.wte(idx)), cos, sin, idx)  # (B, T, C) in and out
 
     def for_inference(self) -> "GPT":
         """A frozen model (teacher, snapshot, saved member) runs eagerly, where FlexAttention falls back to
@@ -1533,9 +1565,9 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
     """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
-    anything 0-D or 1-D or named in SCALAR_GROUP_NAMES (gates, lambdas, head-mixing matrices)."""
+    anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
-    is_scalar = {name: p.ndim < 2 or name.split(".")[-1] in SCALAR_GROUP_NAMES for name, p in named.items()}
+    is_scalar = {name: p.ndim < 2 or getattr(p, "scalar_group", False) for name, p in named.items()}
     muon_params = [p for name, p in named.items()
                    if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
@@ -2019,7 +2051,7 @@ def member_tag(hp: Hyperparameters, member: int) -> str:
 def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
     torch.manual_seed(seed)
     with torch.device(dist_info.device):
-        model = GPT(hp)
+        model = GPT(model_config(hp), attention_backend(hp, dist_info.device))
     if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
@@ -2035,12 +2067,12 @@ def snapshot_path(folder: str, member: int, cycle: int) -> str:
     return os.path.join(folder, "members", f"member_{member:02d}_snapshot_{cycle:02d}.pt")
 
 
-def save_candidate(path: str, model: "GPT", hp: Hyperparameters, **info) -> None:
-    """A member or snapshot with what rebuilds it exactly: weights, hyperparameters, and the schedule state it was
-    taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
+def save_candidate(path: str, model: "GPT", **info) -> None:
+    """A member or snapshot with what rebuilds it exactly: weights, the model's GPTConfig, and the schedule state it
+    was taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes)
-    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), inference_state=state,
+    atomic_torch_save(dict(model=model.state_dict(), config=dataclasses.asdict(model.config), inference_state=state,
                            **info), path)
 
 
@@ -2060,19 +2092,22 @@ def checkpoint_path(folder: str, member: int, rank: int) -> str:
 
 
 def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
-    """A saved member (members/member_NN.pt): its model, rebuilt from the hyperparameters stored beside the weights."""
+    """A saved member (members/member_NN.pt): its model, rebuilt from the GPTConfig stored beside the weights (or,
+    in files written before GPTConfig, from all the run's hyperparameters)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such member file")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-        hp = Hyperparameters(**saved["hyperparameters"])
+        config = (GPTConfig(**saved["config"]) if "config" in saved
+                  else model_config(Hyperparameters(**saved["hyperparameters"])))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
         raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
+    saved["config"] = dataclasses.asdict(config)
     with torch.device(device):
-        model = GPT(hp)
+        model = GPT(config)
     model.load_state_dict(saved["model"])
     state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
-    model.loop_active = state.get("loop_active", bool(hp.loop_repeats))
+    model.loop_active = state.get("loop_active", bool(config.loop_repeats))
     model.window_sizes = state.get("window_sizes", model.window_sizes)
     return model.for_inference(), saved
 
@@ -2284,7 +2319,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             snapshot = copy.deepcopy(raw_model).for_inference()
             snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
             if dist_info.is_main:
-                save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
+                save_candidate(snapshot_path(folder, member, cycle), snapshot, member=member, cycle=cycle,
                                seed=seed, outcome=dict(val_loss=snapshot_loss))
             snapshots.append((snapshot, snapshot_loss))
             log.write(f"{tag}snapshot {cycle + 1}/{len(snapshot_steps) + 1} | step {done}/{total_steps} | "
@@ -2424,7 +2459,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
             if keep_files and group_dist.is_main:
-                save_candidate(member_path(folder, mine), model, hp, member=mine, seed=member_seed(hp, mine),
+                save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained)
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             stale = checkpoint_path(folder, mine, group_dist.rank)
@@ -2488,7 +2523,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
         # the member format (weights, hyperparameters, schedule state): --eval_only and load_member take it as is
-        save_candidate(os.path.join(folder, "model.pt"), members[0], hp, member=0, seed=member_seed(hp, 0),
+        save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
                        outcome=member_results[0])
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
@@ -2517,7 +2552,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
 def build_model_meta(hp: Hyperparameters) -> GPT:
     """The model on the meta device: its shapes and parameter count without memory or work."""
     with torch.device("meta"):
-        return GPT(hp)
+        return GPT(model_config(hp))
 
 
 def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
@@ -2528,7 +2563,7 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
     loaded = [load_member(path, dist_info.device) for path in paths]
     models = [model for model, _ in loaded]
-    shapes = {(info["hyperparameters"]["seq_len"], info["hyperparameters"]["vocab_size"]) for _, info in loaded}
+    shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
     seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary

@@ -178,7 +178,7 @@ def test_gpt_flex_matches_sdpa(overrides):
     logits = []
     for attention in ("sdpa", "flex"):
         torch.manual_seed(0)
-        model = train_gpt.GPT(tiny_hp(attention=attention, **overrides)).eval()
+        model = train_gpt.GPT(tiny_hp(**overrides), attention).eval()
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
         assert model.attention == attention
@@ -201,7 +201,7 @@ def test_doc_mask_changes_the_model_and_off_is_plain():
         model = train_gpt.GPT(tiny_hp(doc_mask=doc_mask)).eval()
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
-        assert model.plain_layers == (not doc_mask)
+        assert (model.attention_masks(idx) == {}) == (not doc_mask)  # no mask: SDPA's plain causal kernel
         with torch.no_grad():
             outputs.append(model(idx))
     assert torch.allclose(outputs[0][:, :10], outputs[1][:, :10], atol=1e-6)  # the first document: same context

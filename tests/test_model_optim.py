@@ -1,4 +1,5 @@
 """The model's contracts (causality, shapes, init) and the optimizers' mathematics."""
+import dataclasses
 import math
 
 import pytest
@@ -121,9 +122,41 @@ def test_every_parameter_gets_an_optimizer():
     assert all(p.ndim == 2 for group in muon.param_groups for p in group["params"])
     assert all(p is not model.wte.weight and p is not model.lm_head.weight
                for group in muon.param_groups for p in group["params"])
+    tricks = micro_hp(value_proj=True, attn_gate=True, head_mix=True, xsa="learned", resid_mix=True, unet_skips=True)
+    model = train_gpt.GPT(tricks)
+    adamw, muon = train_gpt.build_optimizers(model, tricks, train_gpt.Dist())
+    scalar_group = {id(p) for p in adamw.param_groups[-1]["params"]}
+    marked = [p for p in model.parameters() if getattr(p, "scalar_group", False)]
+    assert len(marked) == 1 + 3 * 2 + 3  # a value gate (last layer); per layer out gate, head mix, XSA; 2 lambdas, skips
+    assert all(id(p) in scalar_group for p in marked)  # 2-D gates included: never Muon
+    assert all(p.ndim == 2 and id(p) not in scalar_group for group in muon.param_groups for p in group["params"])
     model.extra = torch.nn.Linear(3, 3)  # a parameter nobody assigned must be an error, not silently frozen
     with pytest.raises(train_gpt.ConfigError, match="extra.weight"):
         train_gpt.build_optimizers(model, micro_hp(), train_gpt.Dist())
+
+
+def test_member_file_written_before_gptconfig_still_loads(tmp_path):
+    """Member files used to store every hyperparameter instead of the GPTConfig: such a file still loads, to the
+    same model; a new file stores the GPTConfig only."""
+    hp = micro_hp(value_proj=True, loop_repeats=1)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    old = tmp_path / "old.pt"
+    torch.save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
+                    inference_state=dict(loop_active=True, window_sizes=None), outcome=dict(val_loss=1.0)), old)
+    train_gpt.save_candidate(str(tmp_path / "new.pt"), model)
+    assert "hyperparameters" not in torch.load(tmp_path / "new.pt", weights_only=True)
+    idx = torch.randint(0, 256, (2, 16))
+    model.loop_active = True
+    expected = model.eval()(idx)
+    for path in (old, tmp_path / "new.pt"):
+        loaded, saved = train_gpt.load_member(str(path), torch.device("cpu"))
+        assert loaded.config == train_gpt.model_config(hp) and saved["config"]["seq_len"] == 16
+        with torch.no_grad():
+            assert torch.equal(loaded(idx), expected)
 
 
 def test_lr_schedule():

@@ -344,7 +344,7 @@ def test_saved_member_reloads_in_the_schedule_state_it_was_taken_in(tmp_path):
     with torch.no_grad():
         expected = model.eval()(idx)
     path = str(tmp_path / "members" / "snapshot.pt")
-    train_gpt.save_candidate(path, model, hp)
+    train_gpt.save_candidate(path, model)
     loaded, _ = train_gpt.load_member(path, torch.device("cpu"))
     assert loaded.window_sizes == model.window_sizes and loaded.loop_active is False
     with torch.no_grad():
