@@ -144,14 +144,15 @@ def test_member_file_written_before_gptconfig_still_loads(tmp_path):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    model.loop_active = True
     old = tmp_path / "old.pt"
     torch.save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
                     inference_state=dict(loop_active=True, window_sizes=None), outcome=dict(val_loss=1.0)), old)
     train_gpt.save_candidate(str(tmp_path / "new.pt"), model)
     assert "hyperparameters" not in torch.load(tmp_path / "new.pt", weights_only=True)
     idx = torch.randint(0, 256, (2, 16))
-    model.loop_active = True
-    expected = model.eval()(idx)
+    with torch.no_grad():
+        expected = model.eval()(idx)
     for path in (old, tmp_path / "new.pt"):
         loaded, saved = train_gpt.load_member(str(path), torch.device("cpu"))
         assert loaded.config == train_gpt.model_config(hp) and saved["config"]["seq_len"] == 16
