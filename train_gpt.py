@@ -33,7 +33,7 @@ import sys
 import time
 import types
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -2112,241 +2112,412 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     return model.for_inference(), saved
 
 
+class MemberSchedule:
+    """A member's plan: its data order (a pure function of seed and epoch), its steps, where epochs end, the steps
+    whose weights become snapshots, and each step's settings (LR, weight decay, momentum, looped layers, windows)."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
+        self.hp, self.member = hp, member
+        self.train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
+                                    hp.device_batch_size, dist_info.world_size, dist_info.rank,
+                                    member_seed(hp, member), batch_schedule(hp))
+        full_steps = self.train_data.epoch_start(hp.num_epochs)
+        self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+        # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
+        # steps differ in cost, so steps left x ms/step would be wrong)
+        self.run_targets = sum(self.train_data.step_target_count(*self.train_data.locate(step))
+                               for step in range(total_steps))
+        # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
+        # the last step's weights are the member itself
+        final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
+        epoch_ends = [min(total_steps, self.train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
+        cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
+        if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
+            raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
+                              f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the "
+                              f"warmup")
+        self.snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
+
+    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
+        """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
+        hp = self.hp
+        factor = apply_schedules(optimizers, step, self.total_steps, self.train_data, hp)
+        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
+            model.loop_active = step >= hp.loop_start_frac * self.total_steps
+        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
+            model.set_window_stage(window_stage(step, self.total_steps, hp), hp.window_warmup_stages)
+        return factor
+
+    def epoch_end(self, done: int) -> bool:
+        return self.train_data.locate(done)[1] == 0
+
+    def validate_after(self, done: int) -> bool:
+        every = self.hp.val_every
+        return done == self.total_steps or (self.epoch_end(done) and every >= 0) or (every > 0 and done % every == 0)
+
+    def stop_after(self, done: int) -> bool:
+        """--stop_at_step counts over the members one after another (a test aid: stop, then resume)."""
+        return bool(self.hp.stop_at_step) and self.member * self.total_steps + done == self.hp.stop_at_step
+
+    def checkpoint_after(self, done: int) -> bool:
+        every = self.hp.checkpoint_every
+        return done < self.total_steps and (self.stop_after(done) or (self.epoch_end(done) and every >= 0) or
+                                            (every > 0 and done % every == 0))
+
+
+class MemberObjective:
+    """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
+    path or the fused loss (Kernels). training_loss_sums adds multi-token prediction."""
+
+    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]]):
+        self.hp, self.teachers = hp, teachers
+        self.backend = loss_backend(hp, device)
+        self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
+
+    @property
+    def distilling(self) -> bool:
+        return self.hp.distill_alpha > 0 and bool(self.teachers)
+
+    def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token loss, summed objective) of one micro-batch."""
+        hp, distill = self.hp, None
+        if self.distilling:
+            with torch.no_grad():
+                features = [teacher.features(inputs) for teacher, _ in self.teachers]
+            if self.fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
+                distill = dict(teacher_rows=teacher_rows(self.teachers, features, hp.distill_temperature),
+                               alpha=hp.distill_alpha, temperature=hp.distill_temperature,
+                               chunk_rows=hp.distill_chunk * inputs.size(0))
+            else:
+                distill = functools.partial(distillation_loss_sum, teachers=self.teachers, teacher_features=features,
+                                            targets=targets, alpha=hp.distill_alpha,
+                                            temperature=hp.distill_temperature, chunk=hp.distill_chunk)
+        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
+
+
+class MemberProgress:
+    """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
+    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA, and the
+    paused time (evaluation, snapshots, checkpoints) kept out of the training time."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, log: RunLog, member: int, schedule: MemberSchedule,
+                 compiled: bool):
+        self.hp, self.dist_info, self.log, self.schedule, self.compiled = hp, dist_info, log, schedule, compiled
+        self.tag, self.member_field = member_tag(hp, member), {"member": member} if hp.ensemble_size > 1 else {}
+        # the data order is a pure function of (seed, epoch), so the step alone says where the data stands
+        self.state = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
+                          loss_sum=0.0, loss_count=0)
+
+    def begin(self) -> None:
+        """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
+        self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
+
+    def add_loss(self, micro_loss: torch.Tensor) -> None:
+        self.loss_sum += micro_loss.detach().double()
+
+    def checkpoint_state(self) -> dict:
+        self.state["loss_sum"] = self.loss_sum.item()  # the train loss accumulated since the last progress line
+        return self.state
+
+    @contextmanager
+    def paused(self):
+        """with progress.paused(): time spent inside is not training time."""
+        start = time.time()
+        yield
+        self.interval_start += time.time() - start
+
+    def _synchronize(self) -> None:
+        if self.dist_info.device.type == "cuda":
+            torch.cuda.synchronize(self.dist_info.device)
+
+    def step_done(self, done: int, step_targets: int, factor: float) -> None:
+        """Counts a finished step; times a compiled first step; every log_every steps, the progress line."""
+        hp, state, log, tag = self.hp, self.state, self.log, self.tag
+        state["loss_count"] += step_targets
+        state["tokens_seen"] += step_targets
+        self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + step_targets
+        if self.compiled and self.compile_seconds is None:
+            self._synchronize()
+            self.compile_seconds = time.time() - self.interval_start
+            log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
+                      f"exclude it")
+            log.metrics(dict(kind="compile", **self.member_field, step=done,
+                             compile_seconds=round(self.compile_seconds, 3)))
+            self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        state["step"] = done
+        total_steps = self.schedule.total_steps
+        if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
+            return
+        state["train_loss"] = self.dist_info.all_reduce_sum(self.loss_sum).item() / state["loss_count"]
+        self.loss_sum.zero_()
+        state["loss_count"] = 0
+        self._synchronize()
+        interval_seconds, interval_steps, interval_tokens = time.time() - self.interval_start, self.interval_steps, \
+            self.interval_tokens
+        if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
+            interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
+        state["train_seconds"] += interval_seconds
+        ms_per_step = 1000 * interval_seconds / interval_steps
+        tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
+        eta = (self.schedule.run_targets - state["tokens_seen"]) / max(tokens_per_second, 1e-9)
+        memory = peak_memory_bytes(self.dist_info.device)
+        epoch_progress = self.schedule.train_data.epoch_position(done)
+        log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
+                  f"train_loss {state['train_loss']:.4f} | tokens {format_count(state['tokens_seen'])} | "
+                  f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
+                  f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
+        log.metrics(dict(kind="train", **self.member_field, step=done,
+                         epoch=round(epoch_progress, 4), train_loss=state["train_loss"],
+                         tokens_seen=state["tokens_seen"], ms_per_step=round(ms_per_step, 2),
+                         tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
+                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3)))
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+
+    def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
+        """Scores val; the validation line."""
+        start = time.time()
+        val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
+        seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
+        self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
+                       f"val_loss {val_loss:.4f} | tokens {format_count(self.state['tokens_seen'])} | "
+                       f"eval {seconds:.1f}s")
+        self.log.metrics(dict(kind="val", **self.member_field, step=done, epoch=round(epoch_progress, 4),
+                              val_loss=val_loss, tokens_seen=self.state["tokens_seen"], eval_seconds=round(seconds, 3)))
+        self.state["val_loss"] = val_loss
+
+
+# Weight averaging: each kind has after_step(done, model), called once after every optimizer step, and
+# state() / restore(saved, model) for the checkpoint (saved under its key; None: nothing of its own to save).
+
+class EMAAveraging:
+    """ema_decay > 0: an EMA of the weights from ema_start_frac, updated every ema_every steps, blended into the
+    final weights (ema_blend)."""
+    key = "ema"
+
+    def __init__(self, hp: Hyperparameters, total_steps: int):
+        self.hp, self.total_steps, self.ema = hp, total_steps, None
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        hp = self.hp
+        if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
+            return
+        if self.ema is None:
+            self.ema = WeightEMA(model, hp.ema_decay)
+        elif done % hp.ema_every == 0:
+            self.ema.update(model)
+        if done == self.total_steps:
+            self.ema.blend_into(model, hp.ema_blend)
+
+    def state(self):
+        return self.ema.averages if self.ema is not None else None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.ema = WeightEMA(model, self.hp.ema_decay)
+            self.ema.averages = saved[self.key]
+
+
+class SWAAveraging:
+    """swa_epochs: the run ends on the average of the weights at the ends of its final swa_epochs epochs, each at the
+    floor of its own cosine LR cycle (apply_schedules)."""
+    key = "swa"
+
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
+        self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
+        self.swa = None  # (running sum of the weights, count)
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule, total_steps = self.schedule, self.schedule.total_steps
+        if not self.hp.swa_epochs or not (schedule.epoch_end(done) or done == total_steps) or \
+                schedule.train_data.epoch_position(done) <= \
+                schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
+            return
+        weights = [p.detach().clone() for p in model.parameters()]
+        swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
+                                                                self.swa[1] + 1)
+        if done == total_steps:
+            with torch.no_grad():
+                for p, total in zip(model.parameters(), swa[0]):
+                    p.copy_(total / swa[1])
+            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
+
+    def state(self):
+        return self.swa
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.swa = saved[self.key]
+
+
+class Snapshots:
+    """Snapshot ensembles: at each snapshot step (an LR cycle's or a final epoch's end) the weights become a frozen,
+    scored and saved ensemble candidate; then, when asked, noise pushes the next cycle to another basin."""
+    key = None  # the snapshots are their own files, reloaded on resume
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
+                 schedule: MemberSchedule, progress: MemberProgress):
+        self.hp, self.dist_info, self.data, self.log, self.member = hp, dist_info, data, log, member
+        self.schedule, self.progress, self.seed = schedule, progress, member_seed(hp, member)
+        self.taken: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        steps, total_steps, member = self.schedule.snapshot_steps, self.schedule.total_steps, self.member
+        if done not in steps:
+            return
+        cycle = steps.index(done)
+        with self.progress.paused():
+            snapshot = copy.deepcopy(model).for_inference()
+            loss = evaluate(snapshot, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            if self.dist_info.is_main:
+                save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
+                               seed=self.seed, outcome=dict(val_loss=loss))
+        self.taken.append((snapshot, loss))
+        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
+                       f"{total_steps} | val_loss {loss:.4f}")
+        self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
+        if self.hp.snapshot_noise > 0:
+            perturb_weights(model, self.hp.snapshot_noise, self.seed * 1000 + cycle)
+
+    def state(self):
+        return None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        """The snapshots taken before the interruption, from their files."""
+        for cycle, end in enumerate(self.schedule.snapshot_steps):
+            if saved["progress"]["step"] >= end:
+                snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.device)
+                self.taken.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+
+
+class MemberCheckpoint:
+    """A member's checkpoint and resume: one file per rank (Muon's momentum is sharded over ranks) holding the weights,
+    the optimizer states, the progress, the weight averages and the RNG states, written atomically."""
+
+    def __init__(self, folder: str, member: int, dist_info: Dist):
+        self.path, self.dist_info = checkpoint_path(folder, member, dist_info.rank), dist_info
+
+    def save(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict, averaging: list) -> None:
+        device = self.dist_info.device
+        self.dist_info.barrier()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic_torch_save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                               progress=progress, rng=torch.get_rng_state(),
+                               **{kind.key: kind.state() for kind in averaging if kind.key},
+                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               world_size=self.dist_info.world_size), self.path)
+
+    def resume(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict,
+               averaging: list) -> bool:
+        """Loads this rank's checkpoint, if there is one, into the model, optimizers, progress and averages."""
+        if not os.path.isfile(self.path):
+            return False
+        device, world_size = self.dist_info.device, self.dist_info.world_size
+        saved = torch.load(self.path, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        for optimizer, state in zip(optimizers, saved["optimizers"]):
+            optimizer.load_state_dict(state)
+        if saved.get("world_size", world_size) != world_size:
+            raise ConfigError(f"{self.path} was written by {saved['world_size']} ranks per member, this run has "
+                              f"{world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
+        progress.update(saved["progress"])
+        for kind in averaging:
+            kind.restore(saved, model)
+        # the RNG last: rebuilding snapshots draws initialisations, and the dropout masks from here on must be the
+        # uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
+        torch.set_rng_state(saved["rng"].cpu())
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        return True
+
+    def check_ranks_agree(self, step: int, tag: str) -> None:
+        """A crash between two ranks' checkpoint writes would leave them at different steps."""
+        steps = torch.tensor([step, -step], dtype=torch.float64, device=self.dist_info.device)
+        if self.dist_info.world_size > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.dist_info.group)
+            if steps[0].item() != -steps[1].item():
+                raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
+                                  f"{steps[0].item():.0f}): delete {os.path.dirname(self.path)} to restart this "
+                                  f"member")
+
+
+def compiled_model(raw_model: GPT, hp: Hyperparameters, device: torch.device) -> nn.Module:
+    """torch.compile'd where asked (auto: on CUDA), else the model itself."""
+    if not (hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")):
+        return raw_model
+    # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
+    # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(raw_model)
+
+
 def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
                  teachers: list[tuple[GPT, float]]) -> dict:
     """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
     and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
-    device, tag, folder = dist_info.device, member_tag(hp, member), log.folder
-    seed = member_seed(hp, member)
-    batch_seqs = hp.batch_tokens // hp.seq_len
-    train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
-                           dist_info.world_size, dist_info.rank, seed, batch_schedule(hp))
-    full_steps = train_data.epoch_start(hp.num_epochs)
-    total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-    # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
-    # steps differ in cost, so steps left x ms/step would be wrong)
-    run_targets = sum(train_data.step_target_count(*train_data.locate(step)) for step in range(total_steps))
+    device, tag, seed = dist_info.device, member_tag(hp, member), member_seed(hp, member)
+    schedule = MemberSchedule(hp, dist_info, data, member)
+    train_data, total_steps = schedule.train_data, schedule.total_steps
     raw_model = build_model(hp, dist_info, seed)
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
-    use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
-        # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = compiled_model(raw_model, hp, device)
     optimizers = build_optimizers(raw_model, hp, dist_info)
-    distill = hp.distill_alpha > 0 and bool(teachers)
-    backend = loss_backend(hp, device)
-    fused = (backend, hp.logit_softcap) if backend != "eager" else None
-    # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
-    # the last step's weights are the member itself
-    final_epoch = math.ceil(train_data.epoch_position(total_steps))  # the epoch the run ends in (or at the end of)
-    epoch_ends = [min(total_steps, train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
-    cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
-    if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
-        raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
-                          f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the warmup")
-    snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
-    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
-    swa = None  # SWA: (running sum of the weights, count) over the final swa_epochs epoch ends
+    objective = MemberObjective(hp, device, teachers)
+    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model)
+    snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
         log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
-                  f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
-                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
+                  f"{total_steps} steps | compile {'on' if model is not raw_model else 'off'} | loss "
+                  f"{objective.backend} | attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
-                   f"T {hp.distill_temperature}" if distill else ""))
-
-    # Progress that a checkpoint carries (weights and optimizer state aside); the data order is a pure function of
-    # (seed, epoch), so the step alone says where the data stands.
-    progress = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
-                    loss_sum=0.0, loss_count=0)
-    ema = None  # WeightEMA once ema_start_frac is reached (ema_decay > 0)
-    own_checkpoint = checkpoint_path(folder, member, dist_info.rank)
-    if os.path.isfile(own_checkpoint):
-        saved = torch.load(own_checkpoint, map_location=device, weights_only=False)
-        raw_model.load_state_dict(saved["model"])
-        for optimizer, state in zip(optimizers, saved["optimizers"]):
-            optimizer.load_state_dict(state)
-        if saved.get("world_size", dist_info.world_size) != dist_info.world_size:
-            raise ConfigError(f"{own_checkpoint} was written by {saved['world_size']} ranks per member, this run has "
-                              f"{dist_info.world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
-        progress.update(saved["progress"])
-        if saved.get("ema") is not None:
-            ema = WeightEMA(raw_model, hp.ema_decay)
-            ema.averages = saved["ema"]
-        if saved.get("swa") is not None:
-            swa = saved["swa"]
-        for cycle, end in enumerate(snapshot_steps):  # snapshots taken before the interruption
-            if progress["step"] >= end:
-                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
-                snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
-        # the RNG last: building the snapshots above draws initialisations, and the dropout masks from here on must
-        # be the uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
-        torch.set_rng_state(saved["rng"].cpu())
-        if saved.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
-        if hp.snapshot_distill and snapshots:
-            teachers, distill = [(snapshots[-1][0], 1.0)], True
-        log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
-    steps = torch.tensor([progress["step"], -progress["step"]], dtype=torch.float64, device=device)
-    if dist_info.world_size > 1:  # a crash between two ranks' checkpoint writes would leave them apart
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=dist_info.group)
-        if steps[0].item() != -steps[1].item():
-            raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
-                              f"{steps[0].item():.0f}): delete {os.path.dirname(own_checkpoint)} to restart this member")
-
-    def save_checkpoint() -> None:
-        dist_info.barrier()
-        os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
-        atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                               progress=progress, rng=torch.get_rng_state(),
-                               ema=ema.averages if ema is not None else None, swa=swa,
-                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               world_size=dist_info.world_size), own_checkpoint)
-
-    def run_validation(step: int, epoch_progress: float) -> float:
-        start = time.time()
-        val_loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
-        seconds = time.time() - start
-        log.write(f"{tag}val  step {step}/{total_steps} | epoch {epoch_progress:.2f} | val_loss {val_loss:.4f} | "
-                  f"tokens {format_count(progress['tokens_seen'])} | eval {seconds:.1f}s")
-        log.metrics(dict(kind="val", **({"member": member} if hp.ensemble_size > 1 else {}), step=step,
-                         epoch=round(epoch_progress, 4), val_loss=val_loss, tokens_seen=progress["tokens_seen"],
-                         eval_seconds=round(seconds, 3)))
-        return val_loss
-
-    interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-    compile_seconds = None  # the first step of a compiled model, timed alone: compilation is kept out of ms/step
-    loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
+                   f"T {hp.distill_temperature}" if objective.distilling else ""))
+    checkpoint = MemberCheckpoint(log.folder, member, dist_info)
+    if checkpoint.resume(raw_model, optimizers, progress.state, averaging):
+        log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
+    checkpoint.check_ranks_agree(progress.state["step"], tag)
+    progress.begin()
     model.train()
-    for step in range(progress["step"], total_steps):
+    for step in range(progress.state["step"], total_steps):
         epoch, step_in_epoch = train_data.locate(step)
-        factor = apply_schedules(optimizers, step, total_steps, train_data, hp)
-        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
-            raw_model.loop_active = step >= hp.loop_start_frac * total_steps
-        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
-            raw_model.set_window_stage(window_stage(step, total_steps, hp), hp.window_warmup_stages)
+        factor = schedule.start_step(step, optimizers, raw_model)
+        if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
+            objective.teachers = [(snapshots.taken[-1][0], 1.0)]
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
         for micro_step in range(train_data.grad_accum_steps(epoch)):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
-                distill_loss = None
-                if distill:
-                    with torch.no_grad():
-                        teacher_features = [teacher.features(inputs) for teacher, _ in teachers]
-
-                    def distill_loss(logits, targets=targets, teacher_features=teacher_features):
-                        return distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
-                                                     hp.distill_temperature, hp.distill_chunk)
-                    if fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
-                        distill_loss = dict(teacher_rows=teacher_rows(teachers, teacher_features,
-                                                                      hp.distill_temperature),
-                                            alpha=hp.distill_alpha, temperature=hp.distill_temperature,
-                                            chunk_rows=hp.distill_chunk * inputs.size(0))
-                micro_loss, objective = training_loss_sums(model, inputs, targets, hp.mtp_weight, distill_loss, fused)
-            (objective / step_targets).backward()
-            loss_sum += micro_loss.detach().double()
-        progress["loss_count"] += step_targets
-        progress["tokens_seen"] += step_targets
+                micro_loss, loss = objective.sums(model, inputs, targets)
+            (loss / step_targets).backward()
+            progress.add_loss(micro_loss)
         average_gradients(raw_model, dist_info)
         if hp.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
         raw_model.zero_grad(set_to_none=True)
-        interval_steps, interval_tokens = interval_steps + 1, interval_tokens + step_targets
-
         done = step + 1
-        if use_compile and compile_seconds is None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_seconds = time.time() - interval_start
-            log.write(f"{tag}compile | first step {compile_seconds:.1f}s, compilation included; later ms/step "
-                      f"exclude it")
-            log.metrics(dict(kind="compile", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
-                             compile_seconds=round(compile_seconds, 3)))
-            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-        progress["step"] = done
-        # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
-        if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
-            if ema is None:
-                ema = WeightEMA(raw_model, hp.ema_decay)
-            elif done % hp.ema_every == 0:
-                ema.update(raw_model)
-            if done == total_steps:
-                ema.blend_into(raw_model, hp.ema_blend)
-        epoch_progress = train_data.epoch_position(done)
-        if done % hp.log_every == 0 or done == 1 or done == total_steps:
-            progress["train_loss"] = dist_info.all_reduce_sum(loss_sum).item() / progress["loss_count"]
-            loss_sum.zero_()
-            progress["loss_count"] = 0
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            interval_seconds = time.time() - interval_start
-            if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
-                interval_seconds, interval_steps, interval_tokens = compile_seconds, 1, step_targets
-            progress["train_seconds"] += interval_seconds
-            ms_per_step = 1000 * interval_seconds / interval_steps
-            tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
-            eta = (run_targets - progress["tokens_seen"]) / max(tokens_per_second, 1e-9)
-            memory = peak_memory_bytes(device)
-            log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
-                      f"train_loss {progress['train_loss']:.4f} | tokens {format_count(progress['tokens_seen'])} | "
-                      f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
-                      f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
-            log.metrics(dict(kind="train", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
-                             epoch=round(epoch_progress, 4), train_loss=progress["train_loss"],
-                             tokens_seen=progress["tokens_seen"], ms_per_step=round(ms_per_step, 2),
-                             tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
-                             peak_memory_bytes=memory, train_seconds=round(progress["train_seconds"], 3)))
-            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-        epoch_end = train_data.locate(done)[1] == 0
-        pause = time.time()
-        if hp.swa_epochs and (epoch_end or done == total_steps) and \
-                epoch_progress > train_data.epoch_position(total_steps) - hp.swa_epochs:
-            weights = [p.detach().clone() for p in raw_model.parameters()]  # an SWA cycle ends at its LR floor
-            swa = (weights, 1) if swa is None else ([a + w for a, w in zip(swa[0], weights)], swa[1] + 1)
-            if done == total_steps:  # the run ends on the average of the cycles' end points
-                with torch.no_grad():
-                    for p, total in zip(raw_model.parameters(), swa[0]):
-                        p.copy_(total / swa[1])
-                log.write(f"{tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
-        if done in snapshot_steps:  # an LR cycle or a final epoch ends: its weights become an ensemble candidate
-            cycle = snapshot_steps.index(done)
-            snapshot = copy.deepcopy(raw_model).for_inference()
-            snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
-            if dist_info.is_main:
-                save_candidate(snapshot_path(folder, member, cycle), snapshot, member=member, cycle=cycle,
-                               seed=seed, outcome=dict(val_loss=snapshot_loss))
-            snapshots.append((snapshot, snapshot_loss))
-            log.write(f"{tag}snapshot {cycle + 1}/{len(snapshot_steps) + 1} | step {done}/{total_steps} | "
-                      f"val_loss {snapshot_loss:.4f}")
-            log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=snapshot_loss))
-            if hp.snapshot_noise > 0:
-                perturb_weights(raw_model, hp.snapshot_noise, seed * 1000 + cycle)
-            if hp.snapshot_distill:
-                teachers, distill = [(snapshot, 1.0)], True
-        if done == total_steps or (epoch_end and hp.val_every >= 0) or (hp.val_every > 0 and done % hp.val_every == 0):
-            progress["val_loss"] = run_validation(done, epoch_progress)
-        global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
-        stopping = hp.stop_at_step and global_step == hp.stop_at_step
-        if done < total_steps and (stopping or (epoch_end and hp.checkpoint_every >= 0) or
-                                   (hp.checkpoint_every > 0 and done % hp.checkpoint_every == 0)):
-            progress["loss_sum"] = loss_sum.item()  # the train loss accumulated since the last progress line
-            save_checkpoint()
-        if stopping:
+        progress.step_done(done, step_targets, factor)
+        for kind in averaging:
+            kind.after_step(done, raw_model)
+        with progress.paused():  # evaluation and checkpoints do not count as training time
+            if schedule.validate_after(done):
+                progress.validate(model, data.val_data, done)
+            if schedule.checkpoint_after(done):
+                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
+        if schedule.stop_after(done):
             log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
-                      f"--resume {folder}")
+                      f"--resume {log.folder}")
             raise RunStopped()
-        interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
-
-    return dict(model=raw_model, compiled=model, snapshots=snapshots, snapshot_count=len(snapshots),
-                val_loss=progress["val_loss"], train_loss=progress["train_loss"],
-                tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
-                epochs=train_data.epoch_position(total_steps), agree=ranks_agree(raw_model, dist_info))
+    state = progress.state
+    return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
+                val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
+                steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
+                agree=ranks_agree(raw_model, dist_info))
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
