@@ -1418,33 +1418,23 @@ def symmetric_gram_torch(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor 
 # Optimizers: Muon for the hidden matrices, AdamW for embedding, lm_head and scalars
 
 
-def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
-    """Approximates U V^T of grad = U S V^T with a quintic Newton-Schulz iteration (Jordan et al. 2024, Muon).
-    The coefficients push every singular value into roughly [0.7, 1.2] in five steps rather than exactly to 1: what
-    matters for the update is that no direction dominates. bf16 on GPU (tensor cores); float32 on CPU."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = grad.bfloat16() if grad.is_cuda else grad.float()
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:  # iterate on the short side: X X^T is then the smaller matrix
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        x = quintic_step(x, a, b, c, gram)
-    if transposed:
-        x = x.mT
-    return x.to(grad.dtype)
-
-
-# Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods"): a different quintic per
-# iteration, each minimax-optimal for the interval the singular values occupy after the previous one; the values
-# used by the slowrun records (5 iterations, safety factor 1.02 in the normalisation). Later iterations reuse the last.
-POLAR_EXPRESS_COEFFICIENTS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
+# The orthogonalisers: quintic iterations x <- a x + (b G + c G G) x from x = grad / (|grad|_F * safety + eps), with
+# one (a, b, c) per iteration (the last repeats). Both aim at U V^T of grad = U S V^T.
+ORTHOGONALIZERS = {
+    # Newton-Schulz (Jordan et al. 2024, Muon): one quintic whose coefficients push every singular value into roughly
+    # [0.7, 1.2] in five steps rather than exactly to 1: what matters for the update is that no direction dominates.
+    "newton_schulz": dict(coefficients=((3.4445, -4.7750, 2.0315),), safety=1.0, eps=1e-7),
+    # Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods"): a different quintic per
+    # iteration, each minimax-optimal for the interval the singular values occupy after the previous one; the values
+    # used by the slowrun records (5 iterations, safety factor 1.02 in the normalisation).
+    "polar_express": dict(coefficients=(
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ), safety=1.02, eps=1e-6),
+}
 
 
 def quintic_step(x: torch.Tensor, a: float, b: float, c: float, gram=None) -> torch.Tensor:
@@ -1457,19 +1447,29 @@ def quintic_step(x: torch.Tensor, a: float, b: float, c: float, gram=None) -> to
     return a * x + gram(g, c, g, b) @ x
 
 
-def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
-    """U V^T of grad by Polar Express: same shape of iteration as Newton-Schulz, per-step coefficients."""
+def orthogonalize(grad: torch.Tensor, steps: int, method: str, gram=None) -> torch.Tensor:
+    """Approximates U V^T of grad with the ORTHOGONALIZERS entry `method`. bf16 on GPU (tensor cores); float32 on
+    CPU."""
+    table = ORTHOGONALIZERS[method]
     x = grad.bfloat16() if grad.is_cuda else grad.float()
     transposed = x.size(-2) > x.size(-1)
-    if transposed:
+    if transposed:  # iterate on the short side: X X^T is then the smaller matrix
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * table["safety"] + table["eps"])  # spectral norm <= Frobenius <= 1
     for step in range(steps):
-        a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+        a, b, c = table["coefficients"][min(step, len(table["coefficients"]) - 1)]
         x = quintic_step(x, a, b, c, gram)
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
+
+
+def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
+    return orthogonalize(grad, steps, "newton_schulz", gram)
+
+
+def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
+    return orthogonalize(grad, steps, "polar_express", gram)
 
 
 def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -1616,6 +1616,12 @@ def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
     return [round((c + 1) * total_steps / cycles) for c in range(cycles)]
 
 
+def cosine_to_floor(phase: float, floor: float) -> float:
+    """The LR shape of a cycle: 1 at phase 0, down half a cosine to `floor` at phase 1 (SGDR, Loshchilov & Hutter
+    2017; snapshot ensembles; SWA's cycles)."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * phase))
+
+
 def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     """The LR factor of a step: linear warmup; then snapshot cycles if on; else constant (or lr_cycles cosine
     cycles) followed by the warmdown over the final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
@@ -1628,11 +1634,11 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
         cycle = bisect.bisect_right(ends, step)  # the cycle this step is in: its end is the first end after it
         start = ends[cycle - 1] if cycle else 0
         phase = (step + 1 - start) / (ends[cycle] - start)  # 1 on the cycle's last step: the snapshot's weights
-        return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+        return cosine_to_floor(phase, hp.lr_cycle_floor)
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
-            return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+            return cosine_to_floor(phase, hp.lr_cycle_floor)
         return 1.0
     if hp.warmdown_shape != 1.0:  # shape > 1 keeps the LR high longer, < 1 drops it early
         decayed = (progress - warmdown_start) / hp.warmdown_frac
@@ -1665,7 +1671,7 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
     if hp.swa_epochs and epoch_position >= total_epochs - hp.swa_epochs:  # SWA: one cosine cycle per final epoch
         epoch, step_in_epoch = train_data.locate(step)
         phase = (step_in_epoch + 1) / train_data.steps_in(epoch)  # the epoch's last step at the floor
-        factor = hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+        factor = cosine_to_floor(phase, hp.lr_cycle_floor)
     wd_factor = wd_multiplier(epoch_position, total_epochs, factor, hp) if hp.wd_schedule != "flat" else None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
