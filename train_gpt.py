@@ -1695,12 +1695,9 @@ def autocast_context(device: torch.device):
 def teacher_log_probs(teachers: list[tuple[nn.Module, float]], features: list[torch.Tensor], start: int, end: int,
                       temperature: float) -> torch.Tensor:
     """log of the teachers' weighted average of softmax(logits / T) at positions [start, end): (B, end-start, V).
-    Only this chunk of each teacher's logits exists in float32 at a time."""
-    mixture = None
-    for (teacher, weight), feature in zip(teachers, features):
-        log_probs = F.log_softmax(teacher.head(feature[:, start:end]) / temperature, dim=-1) + math.log(weight)
-        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
-    return mixture
+    Only this chunk of each teacher's logits exists in float32 at a time (the teachers are an ensemble's members)."""
+    chunk_logits = (teacher.head(feature[:, start:end]) / temperature for (teacher, _), feature in zip(teachers, features))
+    return ensemble_log_probs(chunk_logits, [weight for _, weight in teachers], "prob")
 
 
 def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.Module, float]],
@@ -1833,21 +1830,9 @@ def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     return loss, objective
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
-    """Mean loss in nats per token over the whole set, summed in float64 over every rank."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
-    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
-        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-        with autocast_context(dist_info.device):
-            logits = model(inputs)
-        totals[0] += cross_entropy_sum(logits, targets).double()
-        totals[1] += targets.numel()
-    dist_info.all_reduce_sum(totals)
-    model.train(was_training)
-    return (totals[0] / totals[1]).item()
+    """Mean loss in nats per token over the whole set, summed in float64 over every rank: a one-member ensemble."""
+    return evaluate_ensemble([model], [1.0], "prob", data, dist_info, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
