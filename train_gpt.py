@@ -915,7 +915,7 @@ def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: fl
                     teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
                     chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
-    teacher (1 - alpha) CE + alpha T^2 KL, as distillation_loss_sum defines it. chunk_rows = 0 picks all rows at once
+    teacher (1 - alpha) CE + alpha T^2 KL (distillation_loss_sum; Hinton et al. 2015). chunk_rows = 0 picks all rows at once
     for Triton (it stores no float32 row) and 1024 rows for the PyTorch reference."""
     flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
     ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
@@ -1704,18 +1704,12 @@ def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.
                           teacher_features: list[torch.Tensor], targets: torch.Tensor, alpha: float,
                           temperature: float, chunk: int) -> torch.Tensor:
     """Summed (1 - alpha) CE(targets) + alpha T^2 KL(teacher || student at temperature T) over the valid targets
-    (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard ones). The teachers' logits are
-    made chunk by chunk over the sequence from their final features, never as one float32 batch x vocab tensor."""
-    total = (1.0 - alpha) * cross_entropy_sum(student_logits, targets) if alpha < 1.0 else student_logits.new_zeros(())
-    valid = (targets >= 0).unsqueeze(-1)  # (B, T, 1): padded targets take no part
-    for start in range(0, student_logits.size(1), chunk):
-        end = min(start + chunk, student_logits.size(1))
-        with torch.no_grad():
-            teacher = teacher_log_probs(teachers, teacher_features, start, end, temperature)
-        student = F.log_softmax(student_logits[:, start:end] / temperature, dim=-1)
-        kl = (teacher.exp() * (teacher - student) * valid[:, start:end]).sum()
-        total = total + alpha * temperature**2 * kl
-    return total
+    (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard ones), for the eager path's
+    (already soft-capped) logits: the one objective, fused_loss_sums, on its chunked PyTorch backend. The teachers'
+    logits are made `chunk` positions of every sequence at a time from their final features, never as one float32
+    batch x vocab tensor."""
+    return fused_loss_sums(student_logits, targets, 0.0, "chunked", teacher_rows(teachers, teacher_features, temperature),
+                           alpha, temperature, chunk * student_logits.size(0))[0]
 
 
 def ensemble_log_probs(logits_of_members, weights: list[float], mode: str) -> torch.Tensor:
