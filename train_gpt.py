@@ -1079,26 +1079,26 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torc
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hp: GPTConfig, layer: int = 0):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.head_dim = hp.n_head, hp.n_embd // hp.n_head
-        self.c_q = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_k = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # --- tricks (value_proj, attn_gate, head_mix, xsa): each None unless its flag is on ---
-        self.gate_channels = min(GATE_CHANNELS, hp.n_embd)
+        self.gate_channels = min(GATE_CHANNELS, config.n_embd)
         self.c_x0v = self.value_gate = self.out_gate = self.head_mix = self.xsa_alpha = None
-        if hp.value_proj and has_value_proj(layer, hp.n_layer):
-            self.c_x0v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-            self.value_gate = scalar_parameter(torch.zeros(hp.n_head, self.gate_channels))
-        if hp.attn_gate:
-            self.out_gate = scalar_parameter(torch.zeros(hp.n_head, self.gate_channels))
-        if hp.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
-            self.head_mix = scalar_parameter(torch.eye(hp.n_head).repeat(3, 1, 1))
-        if hp.xsa == "learned":
-            self.xsa_alpha = scalar_parameter(torch.zeros(hp.n_head))
-        self.xsa = hp.xsa
+        if config.value_proj and has_value_proj(layer, config.n_layer):
+            self.c_x0v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.value_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+        if config.attn_gate:
+            self.out_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+        if config.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
+            self.head_mix = scalar_parameter(torch.eye(config.n_head).repeat(3, 1, 1))
+        if config.xsa == "learned":
+            self.xsa_alpha = scalar_parameter(torch.zeros(config.n_head))
+        self.xsa = config.xsa
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1124,19 +1124,19 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
 
 
-def mlp_hidden_width(hp: GPTConfig) -> int:
+def mlp_hidden_width(config: GPTConfig) -> int:
     """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64."""
-    hidden = hp.mlp_ratio * hp.n_embd * (2 / 3 if hp.mlp == "swiglu" else 1)
+    hidden = config.mlp_ratio * config.n_embd * (2 / 3 if config.mlp == "swiglu" else 1)
     return 64 * math.ceil(hidden / 64)
 
 
 class MLP(nn.Module):
-    def __init__(self, hp: GPTConfig):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.kind, hidden = hp.mlp, mlp_hidden_width(hp)
-        self.c_fc = nn.Linear(hp.n_embd, hidden, bias=False)
-        self.c_gate = nn.Linear(hp.n_embd, hidden, bias=False) if hp.mlp == "swiglu" else None
-        self.c_proj = nn.Linear(hidden, hp.n_embd, bias=False)
+        self.kind, hidden = config.mlp, mlp_hidden_width(config)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=False) if config.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.c_gate is not None:
@@ -1145,12 +1145,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: GPTConfig, layer: int = 0):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP(hp)
-        self.dropout = nn.Dropout(hp.dropout) if hp.dropout > 0 else nn.Identity()
+        self.attn, self.mlp = CausalSelfAttention(config, layer), MLP(config)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
-        self.drop_prob = hp.stochastic_depth * (layer + 1) / hp.n_layer
+        self.drop_prob = config.stochastic_depth * (layer + 1) / config.n_layer
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1162,25 +1162,25 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(rms_norm(x)))
 
 
-def loop_layer_range(hp: GPTConfig) -> tuple[int, int]:
+def loop_layer_range(config: GPTConfig | Hyperparameters) -> tuple[int, int]:
     """The layers [a, b) that looped layers replay: loop_range "a:b", or the middle third."""
-    if not hp.loop_range:
-        return hp.n_layer // 3, max(hp.n_layer // 3 + 1, 2 * hp.n_layer // 3)
+    if not config.loop_range:
+        return config.n_layer // 3, max(config.n_layer // 3 + 1, 2 * config.n_layer // 3)
     try:
-        start, stop = (int(part) for part in hp.loop_range.split(":"))
+        start, stop = (int(part) for part in config.loop_range.split(":"))
     except ValueError:
-        raise ConfigError(f"loop_range must look like 'a:b', got {hp.loop_range!r}") from None
+        raise ConfigError(f"loop_range must look like 'a:b', got {config.loop_range!r}") from None
     return start, stop
 
 
-def window_sizes(hp: GPTConfig) -> list[int] | None:
+def window_sizes(config: GPTConfig) -> list[int] | None:
     """Each layer's attention window in tokens from window_pattern (cycled; the last layer always long), or None."""
-    if not hp.window_pattern:
+    if not config.window_pattern:
         return None
-    short = hp.window_short or hp.seq_len // 2
-    sizes = [short if hp.window_pattern.upper()[i % len(hp.window_pattern)] == "S" else hp.seq_len
-             for i in range(hp.n_layer)]
-    sizes[-1] = hp.seq_len
+    short = config.window_short or config.seq_len // 2
+    sizes = [short if config.window_pattern.upper()[i % len(config.window_pattern)] == "S" else config.seq_len
+             for i in range(config.n_layer)]
+    sizes[-1] = config.seq_len
     return sizes
 
 
@@ -1210,38 +1210,39 @@ class GPT(nn.Module):
         """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
         GPT(hp) is shorthand for GPT(model_config(hp))."""
         super().__init__()
-        hp = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
-        self.logit_softcap = hp.logit_softcap
-        self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
-        self.blocks = nn.ModuleList([Block(hp, layer) for layer in range(hp.n_layer)])
-        self.lm_head = nn.Linear(hp.n_embd, hp.vocab_size, bias=False)  # untied from wte (nanochat)
-        cos, sin = rotary_tables(hp.seq_len, hp.n_embd // hp.n_head, hp.rope_base)
+        config = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
+        self.logit_softcap = config.logit_softcap
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte (nanochat)
+        cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         # --- tricks that change the layer loop: built only when their flag is on ---
-        self.resid_mix, self.unet_skips = hp.resid_mix, hp.unet_skips
-        self.encoder_layers = hp.n_layer // 2
-        self.full_window_sizes = self.window_sizes = window_sizes(hp)  # window_sizes: the current stage's
-        self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
+        self.resid_mix, self.unet_skips = config.resid_mix, config.unet_skips
+        self.encoder_layers = config.n_layer // 2
+        self.full_window_sizes = self.window_sizes = window_sizes(config)  # window_sizes: the current stage's
+        self.loop_repeats = config.loop_repeats
+        self.loop_range = loop_layer_range(config) if config.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
-        self.uses_x0 = hp.value_proj or hp.resid_mix
-        self.attention, self.doc_mask, self.bos_id = attention, hp.doc_mask, hp.bos_id
+        self.uses_x0 = config.value_proj or config.resid_mix
+        self.attention, self.doc_mask, self.bos_id = attention, config.doc_mask, config.bos_id
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
-        self.static_block_masks, self.seq_len = {}, hp.seq_len
-        if self.attention == "flex" and not hp.doc_mask and torch.get_default_device().type != "meta":
-            every_stage = [self.window_sizes or [hp.seq_len]] + [
-                scaled_window_sizes(self.full_window_sizes, stage, hp.window_warmup_stages)
-                for stage in range(hp.window_warmup_stages) if hp.window_warmup_frac]
-            self.static_block_masks = {w: flex_block_mask(hp.seq_len, w, None, torch.get_default_device())
+        self.static_block_masks, self.seq_len = {}, config.seq_len
+        if self.attention == "flex" and not config.doc_mask and torch.get_default_device().type != "meta":
+            every_stage = [self.window_sizes or [config.seq_len]] + [
+                scaled_window_sizes(self.full_window_sizes, stage, config.window_warmup_stages)
+                for stage in range(config.window_warmup_stages) if config.window_warmup_frac]
+            self.static_block_masks = {w: flex_block_mask(config.seq_len, w, None, torch.get_default_device())
                                        for w in set(sum(every_stage, []))}
-        if hp.resid_mix:
-            self.resid_lambdas = scalar_parameter(torch.ones(hp.n_layer))
-            self.x0_lambdas = scalar_parameter(torch.full((hp.n_layer,), 0.1))
-        if hp.unet_skips:
-            self.skip_weights = scalar_parameter(torch.ones(hp.n_layer - self.encoder_layers))
-        self.mtp_weight = hp.mtp_weight
-        if hp.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
-            self.mtp_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        if config.resid_mix:
+            self.resid_lambdas = scalar_parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
+        if config.unet_skips:
+            self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
+        self.mtp_weight = config.mtp_weight
+        if config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
+            self.mtp_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
