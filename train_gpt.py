@@ -2145,11 +2145,6 @@ class MemberSchedule:
         """--stop_at_step counts over the members one after another (a test aid: stop, then resume)."""
         return bool(self.hp.stop_at_step) and self.member * self.total_steps + done == self.hp.stop_at_step
 
-    def checkpoint_after(self, done: int) -> bool:
-        every = self.hp.checkpoint_every
-        return done < self.total_steps and (self.stop_after(done) or (self.epoch_end(done) and every >= 0) or
-                                            (every > 0 and done % every == 0))
-
 
 class MemberObjective:
     """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
@@ -2381,8 +2376,16 @@ class MemberCheckpoint:
     """A member's checkpoint and resume: one file per rank (Muon's momentum is sharded over ranks) holding the weights,
     the optimizer states, the progress, the weight averages and the RNG states, written atomically."""
 
-    def __init__(self, folder: str, member: int, dist_info: Dist):
-        self.path, self.dist_info = checkpoint_path(folder, member, dist_info.rank), dist_info
+    def __init__(self, folder: str, member: int, dist_info: Dist, hp: Hyperparameters):
+        self.path = checkpoint_path(folder, member, dist_info.rank)
+        self.dist_info, self.every = dist_info, hp.checkpoint_every
+
+    def due_after(self, done: int, schedule: MemberSchedule) -> bool:
+        """After each epoch (checkpoint_every 0), every N steps (N > 0) or never (-1), and before a --stop_at_step
+        stop; not after the last step: the member file is then written."""
+        every = self.every
+        return done < schedule.total_steps and (schedule.stop_after(done) or (schedule.epoch_end(done) and every >= 0)
+                                                or (every > 0 and done % every == 0))
 
     def save(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict, averaging: list) -> None:
         device = self.dist_info.device
@@ -2461,7 +2464,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                   f"{objective.backend} | attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
                    f"T {hp.distill_temperature}" if objective.distilling else ""))
-    checkpoint = MemberCheckpoint(log.folder, member, dist_info)
+    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp)
     if checkpoint.resume(raw_model, optimizers, progress.state, averaging):
         log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
     checkpoint.check_ranks_agree(progress.state["step"], tag)
@@ -2493,7 +2496,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         with progress.paused():  # evaluation and checkpoints do not count as training time
             if schedule.validate_after(done):
                 progress.validate(model, data.val_data, done)
-            if schedule.checkpoint_after(done):
+            if checkpoint.due_after(done, schedule):
                 checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
         if schedule.stop_after(done):
             log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
