@@ -915,8 +915,8 @@ def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: fl
                     teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
                     chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
-    teacher (1 - alpha) CE + alpha T^2 KL (distillation_loss_sum; Hinton et al. 2015). chunk_rows = 0 picks all rows at once
-    for Triton (it stores no float32 row) and 1024 rows for the PyTorch reference."""
+    teacher (1 - alpha) CE + alpha T^2 KL (Hinton et al. 2015). chunk_rows = 0 picks all rows at once for Triton (it
+    stores no float32 row) and 1024 rows for the PyTorch reference."""
     flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
     ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
     chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
@@ -1697,7 +1697,8 @@ def teacher_log_probs(teachers: list[tuple[nn.Module, float]], features: list[to
                       temperature: float) -> torch.Tensor:
     """log of the teachers' weighted average of softmax(logits / T) at positions [start, end): (B, end-start, V).
     Only this chunk of each teacher's logits exists in float32 at a time (the teachers are an ensemble's members)."""
-    chunk_logits = (teacher.head(feature[:, start:end]) / temperature for (teacher, _), feature in zip(teachers, features))
+    chunk_logits = (teacher.head(feature[:, start:end]) / temperature
+                    for (teacher, _), feature in zip(teachers, features))
     return ensemble_log_probs(chunk_logits, [weight for _, weight in teachers], "prob")
 
 
@@ -1709,8 +1710,9 @@ def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.
     (already soft-capped) logits: the one objective, fused_loss_sums, on its chunked PyTorch backend. The teachers'
     logits are made `chunk` positions of every sequence at a time from their final features, never as one float32
     batch x vocab tensor."""
-    return fused_loss_sums(student_logits, targets, 0.0, "chunked", teacher_rows(teachers, teacher_features, temperature),
-                           alpha, temperature, chunk * student_logits.size(0))[0]
+    rows = teacher_rows(teachers, teacher_features, temperature)
+    return fused_loss_sums(student_logits, targets, 0.0, "chunked", rows, alpha, temperature,
+                           chunk * student_logits.size(0))[0]
 
 
 def ensemble_log_probs(logits_of_members, weights: list[float], mode: str) -> torch.Tensor:
