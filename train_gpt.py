@@ -2237,8 +2237,8 @@ class MemberProgress:
         self.loss_sum.zero_()
         state["loss_count"] = 0
         self._synchronize()
-        interval_seconds, interval_steps, interval_tokens = time.time() - self.interval_start, self.interval_steps, \
-            self.interval_tokens
+        interval_seconds = time.time() - self.interval_start
+        interval_steps, interval_tokens = self.interval_steps, self.interval_tokens
         if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
             interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
         state["train_seconds"] += interval_seconds
