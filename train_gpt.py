@@ -38,7 +38,7 @@ import threading
 import time
 import types
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -1017,8 +1017,8 @@ def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: fl
                     teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
                     chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
-    teacher (1 - alpha) CE + alpha T^2 KL, as distillation_loss_sum defines it. chunk_rows = 0 picks all rows at once
-    for Triton (it stores no float32 row) and 1024 rows for the PyTorch reference."""
+    teacher (1 - alpha) CE + alpha T^2 KL (Hinton et al. 2015). chunk_rows = 0 picks all rows at once for Triton (it
+    stores no float32 row) and 1024 rows for the PyTorch reference."""
     flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
     ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
     chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
@@ -1093,6 +1093,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Ten
 # Model: a modern GPT (nanochat lineage): RMSNorm pre-norm, RoPE, QK-norm, ReLU^2 or SwiGLU, logit soft-cap
 
 
+@dataclass(frozen=True)
+class GPTConfig:
+    """The architecture alone: what GPT(config) builds and a member file stores to rebuild its model. Each field has
+    the name, meaning and default of the Hyperparameters field of the same name (documented there)."""
+
+    vocab_size: int
+    bos_id: int
+    seq_len: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    mlp: str
+    mlp_ratio: float
+    rope_base: float
+    logit_softcap: float
+    dropout: float
+    # --- model tricks: each at its Hyperparameters default leaves the plain model ---
+    value_proj: bool
+    unet_skips: bool
+    attn_gate: bool
+    resid_mix: bool
+    xsa: str
+    stochastic_depth: float
+    mtp_weight: float
+    loop_repeats: int
+    loop_range: str
+    window_pattern: str
+    window_short: int
+    window_warmup_frac: float
+    window_warmup_stages: int
+    head_mix: bool
+    doc_mask: bool
+
+
+def model_config(hp: Hyperparameters) -> GPTConfig:
+    """The run's architecture: its fields copied from the hyperparameters of the same names."""
+    return GPTConfig(**{field.name: getattr(hp, field.name) for field in dataclasses.fields(GPTConfig)})
+
+
 def rms_norm(x: torch.Tensor) -> torch.Tensor:
     """RMSNorm without weights (nanochat): the scale is left to the next matrix."""
     return F.rms_norm(x, (x.size(-1),))
@@ -1114,8 +1153,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 GATE_CHANNELS = 32  # the data-dependent gates read only the first 32 channels of their input (slowrun records)
-# Parameters with these names are small gates and mixing matrices: they go to the AdamW scalar group, never to Muon.
-SCALAR_GROUP_NAMES = ("value_gate", "out_gate", "head_mix", "xsa_alpha", "resid_lambdas", "x0_lambdas", "skip_weights")
+
+
+def scalar_parameter(initial: torch.Tensor) -> nn.Parameter:
+    """A gate, lambda or mixing matrix, at its initial value: marked for AdamW's scalar group (build_optimizers reads
+    the mark), never Muon, whose orthogonalised update would throw away its scale. The mark is an attribute of the
+    parameter, so build the optimizers on the model as built (copy.deepcopy of a Parameter drops attributes)."""
+    param = nn.Parameter(initial)
+    param.scalar_group = True
+    return param
 
 
 def has_value_proj(layer: int, n_layer: int) -> bool:
@@ -1135,26 +1181,26 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torc
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, hp: Hyperparameters, layer: int = 0):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.n_head, self.head_dim = hp.n_head, hp.n_embd // hp.n_head
-        self.c_q = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_k = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-        self.c_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
+        self.c_q = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_k = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # --- tricks (value_proj, attn_gate, head_mix, xsa): each None unless its flag is on ---
-        self.gate_channels = min(GATE_CHANNELS, hp.n_embd)
+        self.gate_channels = min(GATE_CHANNELS, config.n_embd)
         self.c_x0v = self.value_gate = self.out_gate = self.head_mix = self.xsa_alpha = None
-        if hp.value_proj and has_value_proj(layer, hp.n_layer):
-            self.c_x0v = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
-            self.value_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
-        if hp.attn_gate:
-            self.out_gate = nn.Parameter(torch.zeros(hp.n_head, self.gate_channels))
-        if hp.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
-            self.head_mix = nn.Parameter(torch.eye(hp.n_head).repeat(3, 1, 1))
-        if hp.xsa == "learned":
-            self.xsa_alpha = nn.Parameter(torch.zeros(hp.n_head))
-        self.xsa = hp.xsa
+        if config.value_proj and has_value_proj(layer, config.n_layer):
+            self.c_x0v = nn.Linear(config.n_embd, config.n_embd, bias=False)
+            self.value_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+        if config.attn_gate:
+            self.out_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+        if config.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
+            self.head_mix = scalar_parameter(torch.eye(config.n_head).repeat(3, 1, 1))
+        if config.xsa == "learned":
+            self.xsa_alpha = scalar_parameter(torch.zeros(config.n_head))
+        self.xsa = config.xsa
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1183,19 +1229,19 @@ class CausalSelfAttention(nn.Module):
         return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
 
 
-def mlp_hidden_width(hp: Hyperparameters) -> int:
+def mlp_hidden_width(config: GPTConfig) -> int:
     """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64."""
-    hidden = hp.mlp_ratio * hp.n_embd * (2 / 3 if hp.mlp == "swiglu" else 1)
+    hidden = config.mlp_ratio * config.n_embd * (2 / 3 if config.mlp == "swiglu" else 1)
     return 64 * math.ceil(hidden / 64)
 
 
 class MLP(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, config: GPTConfig):
         super().__init__()
-        self.kind, hidden = hp.mlp, mlp_hidden_width(hp)
-        self.c_fc = nn.Linear(hp.n_embd, hidden, bias=False)
-        self.c_gate = nn.Linear(hp.n_embd, hidden, bias=False) if hp.mlp == "swiglu" else None
-        self.c_proj = nn.Linear(hidden, hp.n_embd, bias=False)
+        self.kind, hidden = config.mlp, mlp_hidden_width(config)
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=False)
+        self.c_gate = nn.Linear(config.n_embd, hidden, bias=False) if config.mlp == "swiglu" else None
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.c_gate is not None:
@@ -1204,12 +1250,12 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, hp: Hyperparameters, layer: int = 0):
+    def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
-        self.attn, self.mlp = CausalSelfAttention(hp, layer), MLP(hp)
-        self.dropout = nn.Dropout(hp.dropout) if hp.dropout > 0 else nn.Identity()
+        self.attn, self.mlp = CausalSelfAttention(config, layer), MLP(config)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
-        self.drop_prob = hp.stochastic_depth * (layer + 1) / hp.n_layer
+        self.drop_prob = config.stochastic_depth * (layer + 1) / config.n_layer
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1221,25 +1267,25 @@ class Block(nn.Module):
         return x + self.dropout(self.mlp(rms_norm(x)))
 
 
-def loop_layer_range(hp: Hyperparameters) -> tuple[int, int]:
+def loop_layer_range(config: GPTConfig | Hyperparameters) -> tuple[int, int]:
     """The layers [a, b) that looped layers replay: loop_range "a:b", or the middle third."""
-    if not hp.loop_range:
-        return hp.n_layer // 3, max(hp.n_layer // 3 + 1, 2 * hp.n_layer // 3)
+    if not config.loop_range:
+        return config.n_layer // 3, max(config.n_layer // 3 + 1, 2 * config.n_layer // 3)
     try:
-        start, stop = (int(part) for part in hp.loop_range.split(":"))
+        start, stop = (int(part) for part in config.loop_range.split(":"))
     except ValueError:
-        raise ConfigError(f"loop_range must look like 'a:b', got {hp.loop_range!r}") from None
+        raise ConfigError(f"loop_range must look like 'a:b', got {config.loop_range!r}") from None
     return start, stop
 
 
-def window_sizes(hp: Hyperparameters) -> list[int] | None:
+def window_sizes(config: GPTConfig) -> list[int] | None:
     """Each layer's attention window in tokens from window_pattern (cycled; the last layer always long), or None."""
-    if not hp.window_pattern:
+    if not config.window_pattern:
         return None
-    short = hp.window_short or hp.seq_len // 2
-    sizes = [short if hp.window_pattern.upper()[i % len(hp.window_pattern)] == "S" else hp.seq_len
-             for i in range(hp.n_layer)]
-    sizes[-1] = hp.seq_len
+    short = config.window_short or config.seq_len // 2
+    sizes = [short if config.window_pattern.upper()[i % len(config.window_pattern)] == "S" else config.seq_len
+             for i in range(config.n_layer)]
+    sizes[-1] = config.seq_len
     return sizes
 
 
@@ -1265,48 +1311,50 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
 
 
 class GPT(nn.Module):
-    def __init__(self, hp: Hyperparameters):
+    def __init__(self, config: GPTConfig | Hyperparameters, attention: str = "sdpa"):
+        """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
+        GPT(hp) is shorthand for GPT(model_config(hp))."""
         super().__init__()
-        self.logit_softcap = hp.logit_softcap
-        self.wte = nn.Embedding(hp.vocab_size, hp.n_embd)
-        self.blocks = nn.ModuleList([Block(hp, layer) for layer in range(hp.n_layer)])
-        self.lm_head = nn.Linear(hp.n_embd, hp.vocab_size, bias=False)  # untied from wte (nanochat)
-        cos, sin = rotary_tables(hp.seq_len, hp.n_embd // hp.n_head, hp.rope_base)
+        config = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
+        self.logit_softcap = config.logit_softcap
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte (nanochat)
+        cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         # --- tricks that change the layer loop: built only when their flag is on ---
-        self.resid_mix, self.unet_skips = hp.resid_mix, hp.unet_skips
-        self.encoder_layers = hp.n_layer // 2
-        self.full_window_sizes = self.window_sizes = window_sizes(hp)  # window_sizes: the current stage's
-        self.loop_repeats, self.loop_range = hp.loop_repeats, loop_layer_range(hp) if hp.loop_repeats else (0, 0)
+        self.resid_mix, self.unet_skips = config.resid_mix, config.unet_skips
+        self.encoder_layers = config.n_layer // 2
+        self.full_window_sizes = self.window_sizes = window_sizes(config)  # window_sizes: the current stage's
+        self.loop_repeats = config.loop_repeats
+        self.loop_range = loop_layer_range(config) if config.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
-        self.uses_x0 = hp.value_proj or hp.resid_mix
-        # attention path: "sdpa" or "flex", fixed where the model is built (its device decides what auto means)
-        self.attention, self.doc_mask, self.bos_id = attention_backend(hp, torch.get_default_device()), hp.doc_mask, hp.bos_id
-        self.plain_layers = not (hp.resid_mix or hp.unet_skips or hp.value_proj or hp.loop_repeats or hp.window_pattern
-                                 or hp.doc_mask or self.attention == "flex")
+        self.uses_x0 = config.value_proj or config.resid_mix
+        self.attention, self.doc_mask, self.bos_id = attention, config.doc_mask, config.bos_id
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
-        self.static_block_masks, self.seq_len = {}, hp.seq_len
-        if self.attention == "flex" and not hp.doc_mask and torch.get_default_device().type != "meta":
-            every_stage = [self.window_sizes or [hp.seq_len]] + [
-                scaled_window_sizes(self.full_window_sizes, stage, hp.window_warmup_stages)
-                for stage in range(hp.window_warmup_stages) if hp.window_warmup_frac]
-            self.static_block_masks = {w: flex_block_mask(hp.seq_len, w, None, torch.get_default_device())
+        self.static_block_masks, self.seq_len = {}, config.seq_len
+        if self.attention == "flex" and not config.doc_mask and torch.get_default_device().type != "meta":
+            every_stage = [self.window_sizes or [config.seq_len]] + [
+                scaled_window_sizes(self.full_window_sizes, stage, config.window_warmup_stages)
+                for stage in range(config.window_warmup_stages) if config.window_warmup_frac]
+            self.static_block_masks = {w: flex_block_mask(config.seq_len, w, None, torch.get_default_device())
                                        for w in set(sum(every_stage, []))}
-        if hp.resid_mix:
-            self.resid_lambdas = nn.Parameter(torch.ones(hp.n_layer))
-            self.x0_lambdas = nn.Parameter(torch.full((hp.n_layer,), 0.1))
-        if hp.unet_skips:
-            self.skip_weights = nn.Parameter(torch.ones(hp.n_layer - self.encoder_layers))
-        self.mtp_weight = hp.mtp_weight
-        if hp.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
-            self.mtp_proj = nn.Linear(hp.n_embd, hp.n_embd, bias=False)
+        if config.resid_mix:
+            self.resid_lambdas = scalar_parameter(torch.ones(config.n_layer))
+            self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
+        if config.unet_skips:
+            self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
+        self.mtp_weight = config.mtp_weight
+        if config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
+            self.mtp_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """nanochat's init: unit-variance embedding, tiny lm_head, uniform hidden matrices, zero output projections
-        (each block starts as the identity, so depth does not blow up the residual stream)."""
+        """nanochat's init of the matrices: unit-variance embedding, tiny lm_head, uniform hidden matrices, zero
+        output projections (each block starts as the identity, so depth does not blow up the residual stream). The
+        tricks' gates and lambdas take their initial values where they are made (scalar_parameter)."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
         for block in self.blocks:
@@ -1317,16 +1365,6 @@ class GPT(nn.Module):
                     nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-            for gate in (block.attn.value_gate, block.attn.out_gate, block.attn.xsa_alpha):
-                if gate is not None:
-                    nn.init.zeros_(gate)
-            if block.attn.head_mix is not None:
-                block.attn.head_mix.copy_(torch.eye(block.attn.n_head).repeat(3, 1, 1))
-        if self.resid_mix:
-            self.resid_lambdas.fill_(1.0)
-            self.x0_lambdas.fill_(0.1)
-        if self.unet_skips:
-            self.skip_weights.fill_(1.0)
         if self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
 
@@ -1381,12 +1419,7 @@ class GPT(nn.Module):
         """Token ids (B, T) -> the final residual stream (B, T, C), before the last norm."""
         time_steps = idx.size(1)
         cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
-        x = rms_norm(self.wte(idx))  # (B, T, C)
-        if self.plain_layers:
-            for block in self.blocks:
-                x = block(x, cos, sin)
-            return x
-        return self.run_layers(x, cos, sin, idx)
+        return self.run_layers(rms_norm(self.wte(idx)), cos, sin, idx)  # (B, T, C) in and out
 
     def for_inference(self) -> "GPT":
         """A frozen model (teacher, snapshot, saved member) runs eagerly, where FlexAttention falls back to
@@ -1491,33 +1524,23 @@ def symmetric_gram_torch(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor 
 # Optimizers: Muon for the hidden matrices, AdamW for embedding, lm_head and scalars
 
 
-def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
-    """Approximates U V^T of grad = U S V^T with a quintic Newton-Schulz iteration (Jordan et al. 2024, Muon).
-    The coefficients push every singular value into roughly [0.7, 1.2] in five steps rather than exactly to 1: what
-    matters for the update is that no direction dominates. bf16 on GPU (tensor cores); float32 on CPU."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = grad.bfloat16() if grad.is_cuda else grad.float()
-    transposed = x.size(-2) > x.size(-1)
-    if transposed:  # iterate on the short side: X X^T is then the smaller matrix
-        x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)  # spectral norm <= Frobenius norm <= 1
-    for _ in range(steps):
-        x = quintic_step(x, a, b, c, gram)
-    if transposed:
-        x = x.mT
-    return x.to(grad.dtype)
-
-
-# Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods"): a different quintic per
-# iteration, each minimax-optimal for the interval the singular values occupy after the previous one; the values
-# used by the slowrun records (5 iterations, safety factor 1.02 in the normalisation). Later iterations reuse the last.
-POLAR_EXPRESS_COEFFICIENTS = (
-    (8.156554524902461, -22.48329292557795, 15.878769915207462),
-    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
-)
+# The orthogonalisers: quintic iterations x <- a x + (b G + c G G) x from x = grad / (|grad|_F * safety + eps), with
+# one (a, b, c) per iteration (the last repeats). Both aim at U V^T of grad = U S V^T.
+ORTHOGONALIZERS = {
+    # Newton-Schulz (Jordan et al. 2024, Muon): one quintic whose coefficients push every singular value into roughly
+    # [0.7, 1.2] in five steps rather than exactly to 1: what matters for the update is that no direction dominates.
+    "newton_schulz": dict(coefficients=((3.4445, -4.7750, 2.0315),), safety=1.0, eps=1e-7),
+    # Polar Express (Amsel et al. 2025, "The Polar Express: Optimal Matrix Sign Methods"): a different quintic per
+    # iteration, each minimax-optimal for the interval the singular values occupy after the previous one; the values
+    # used by the slowrun records (5 iterations, safety factor 1.02 in the normalisation).
+    "polar_express": dict(coefficients=(
+        (8.156554524902461, -22.48329292557795, 15.878769915207462),
+        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+        (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+        (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+        (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+    ), safety=1.02, eps=1e-6),
+}
 
 
 def quintic_step(x: torch.Tensor, a: float, b: float, c: float, gram=None) -> torch.Tensor:
@@ -1530,19 +1553,29 @@ def quintic_step(x: torch.Tensor, a: float, b: float, c: float, gram=None) -> to
     return a * x + gram(g, c, g, b) @ x
 
 
-def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
-    """U V^T of grad by Polar Express: same shape of iteration as Newton-Schulz, per-step coefficients."""
+def orthogonalize(grad: torch.Tensor, steps: int, method: str, gram=None) -> torch.Tensor:
+    """Approximates U V^T of grad with the ORTHOGONALIZERS entry `method`. bf16 on GPU (tensor cores); float32 on
+    CPU."""
+    table = ORTHOGONALIZERS[method]
     x = grad.bfloat16() if grad.is_cuda else grad.float()
     transposed = x.size(-2) > x.size(-1)
-    if transposed:
+    if transposed:  # iterate on the short side: X X^T is then the smaller matrix
         x = x.mT
-    x = x / (x.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * table["safety"] + table["eps"])  # spectral norm <= Frobenius <= 1
     for step in range(steps):
-        a, b, c = POLAR_EXPRESS_COEFFICIENTS[min(step, len(POLAR_EXPRESS_COEFFICIENTS) - 1)]
+        a, b, c = table["coefficients"][min(step, len(table["coefficients"]) - 1)]
         x = quintic_step(x, a, b, c, gram)
     if transposed:
         x = x.mT
     return x.to(grad.dtype)
+
+
+def newton_schulz_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
+    return orthogonalize(grad, steps, "newton_schulz", gram)
+
+
+def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> torch.Tensor:
+    return orthogonalize(grad, steps, "polar_express", gram)
 
 
 def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
@@ -1638,9 +1671,9 @@ class Muon(torch.optim.Optimizer):
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
     """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
-    anything 0-D or 1-D or named in SCALAR_GROUP_NAMES (gates, lambdas, head-mixing matrices)."""
+    anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
-    is_scalar = {name: p.ndim < 2 or name.split(".")[-1] in SCALAR_GROUP_NAMES for name, p in named.items()}
+    is_scalar = {name: p.ndim < 2 or getattr(p, "scalar_group", False) for name, p in named.items()}
     muon_params = [p for name, p in named.items()
                    if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
@@ -1689,6 +1722,12 @@ def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
     return [round((c + 1) * total_steps / cycles) for c in range(cycles)]
 
 
+def cosine_to_floor(phase: float, floor: float) -> float:
+    """The LR shape of a cycle: 1 at phase 0, down half a cosine to `floor` at phase 1 (SGDR, Loshchilov & Hutter
+    2017; snapshot ensembles; SWA's cycles)."""
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * phase))
+
+
 def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     """The LR factor of a step: linear warmup; then snapshot cycles if on; else constant (or lr_cycles cosine
     cycles) followed by the warmdown over the final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
@@ -1701,11 +1740,11 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
         cycle = bisect.bisect_right(ends, step)  # the cycle this step is in: its end is the first end after it
         start = ends[cycle - 1] if cycle else 0
         phase = (step + 1 - start) / (ends[cycle] - start)  # 1 on the cycle's last step: the snapshot's weights
-        return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+        return cosine_to_floor(phase, hp.lr_cycle_floor)
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
-            return hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+            return cosine_to_floor(phase, hp.lr_cycle_floor)
         return 1.0
     if hp.warmdown_shape != 1.0:  # shape > 1 keeps the LR high longer, < 1 drops it early
         decayed = (progress - warmdown_start) / hp.warmdown_frac
@@ -1738,7 +1777,7 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
     if hp.swa_epochs and epoch_position >= total_epochs - hp.swa_epochs:  # SWA: one cosine cycle per final epoch
         epoch, step_in_epoch = train_data.locate(step)
         phase = (step_in_epoch + 1) / train_data.steps_in(epoch)  # the epoch's last step at the floor
-        factor = hp.lr_cycle_floor + (1 - hp.lr_cycle_floor) * 0.5 * (1 + math.cos(math.pi * phase))
+        factor = cosine_to_floor(phase, hp.lr_cycle_floor)
     wd_factor = wd_multiplier(epoch_position, total_epochs, factor, hp) if hp.wd_schedule != "flat" else None
     for optimizer in optimizers:
         for group in optimizer.param_groups:
@@ -1762,30 +1801,23 @@ def autocast_context(device: torch.device):
 def teacher_log_probs(teachers: list[tuple[nn.Module, float]], features: list[torch.Tensor], start: int, end: int,
                       temperature: float) -> torch.Tensor:
     """log of the teachers' weighted average of softmax(logits / T) at positions [start, end): (B, end-start, V).
-    Only this chunk of each teacher's logits exists in float32 at a time."""
-    mixture = None
-    for (teacher, weight), feature in zip(teachers, features):
-        log_probs = F.log_softmax(teacher.head(feature[:, start:end]) / temperature, dim=-1) + math.log(weight)
-        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
-    return mixture
+    Only this chunk of each teacher's logits exists in float32 at a time (the teachers are an ensemble's members)."""
+    chunk_logits = (teacher.head(feature[:, start:end]) / temperature
+                    for (teacher, _), feature in zip(teachers, features))
+    return ensemble_log_probs(chunk_logits, [weight for _, weight in teachers], "prob")
 
 
 def distillation_loss_sum(student_logits: torch.Tensor, teachers: list[tuple[nn.Module, float]],
                           teacher_features: list[torch.Tensor], targets: torch.Tensor, alpha: float,
                           temperature: float, chunk: int) -> torch.Tensor:
     """Summed (1 - alpha) CE(targets) + alpha T^2 KL(teacher || student at temperature T) over the valid targets
-    (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard ones). The teachers' logits are
-    made chunk by chunk over the sequence from their final features, never as one float32 batch x vocab tensor."""
-    total = (1.0 - alpha) * cross_entropy_sum(student_logits, targets) if alpha < 1.0 else student_logits.new_zeros(())
-    valid = (targets >= 0).unsqueeze(-1)  # (B, T, 1): padded targets take no part
-    for start in range(0, student_logits.size(1), chunk):
-        end = min(start + chunk, student_logits.size(1))
-        with torch.no_grad():
-            teacher = teacher_log_probs(teachers, teacher_features, start, end, temperature)
-        student = F.log_softmax(student_logits[:, start:end] / temperature, dim=-1)
-        kl = (teacher.exp() * (teacher - student) * valid[:, start:end]).sum()
-        total = total + alpha * temperature**2 * kl
-    return total
+    (Hinton et al. 2015: T^2 keeps the soft-target gradients on the scale of the hard ones), for the eager path's
+    (already soft-capped) logits: the one objective, fused_loss_sums, on its chunked PyTorch backend. The teachers'
+    logits are made `chunk` positions of every sequence at a time from their final features, never as one float32
+    batch x vocab tensor."""
+    rows = teacher_rows(teachers, teacher_features, temperature)
+    return fused_loss_sums(student_logits, targets, 0.0, "chunked", rows, alpha, temperature,
+                           chunk * student_logits.size(0))[0]
 
 
 def ensemble_log_probs(logits_of_members, weights: list[float], mode: str) -> torch.Tensor:
@@ -1900,21 +1932,9 @@ def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     return loss, objective
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
-    """Mean loss in nats per token over the whole set, summed in float64 over every rank."""
-    was_training = model.training
-    model.eval()
-    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
-    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
-        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-        with autocast_context(dist_info.device):
-            logits = model(inputs)
-        totals[0] += cross_entropy_sum(logits, targets).double()
-        totals[1] += targets.numel()
-    dist_info.all_reduce_sum(totals)
-    model.train(was_training)
-    return (totals[0] / totals[1]).item()
+    """Mean loss in nats per token over the whole set, summed in float64 over every rank: a one-member ensemble."""
+    return evaluate_ensemble([model], [1.0], "prob", data, dist_info, batch_size)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2307,7 +2327,7 @@ def member_tag(hp: Hyperparameters, member: int) -> str:
 def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
     torch.manual_seed(seed)
     with torch.device(dist_info.device):
-        model = GPT(hp)
+        model = GPT(model_config(hp), attention_backend(hp, dist_info.device))
     if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
         for p in model.parameters():
             dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
@@ -2323,12 +2343,12 @@ def snapshot_path(folder: str, member: int, cycle: int) -> str:
     return os.path.join(folder, "members", f"member_{member:02d}_snapshot_{cycle:02d}.pt")
 
 
-def save_candidate(path: str, model: "GPT", hp: Hyperparameters, **info) -> None:
-    """A member or snapshot with what rebuilds it exactly: weights, hyperparameters, and the schedule state it was
-    taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
+def save_candidate(path: str, model: "GPT", **info) -> None:
+    """A member or snapshot with what rebuilds it exactly: weights, the model's GPTConfig, and the schedule state it
+    was taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes)
-    atomic_torch_save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp), inference_state=state,
+    atomic_torch_save(dict(model=model.state_dict(), config=dataclasses.asdict(model.config), inference_state=state,
                            **info), path)
 
 
@@ -2348,258 +2368,435 @@ def checkpoint_path(folder: str, member: int, rank: int) -> str:
 
 
 def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
-    """A saved member (members/member_NN.pt): its model, rebuilt from the hyperparameters stored beside the weights."""
+    """A saved member (members/member_NN.pt): its model, rebuilt from the GPTConfig stored beside the weights (or,
+    in files written before GPTConfig, from all the run's hyperparameters)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such member file")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-        hp = Hyperparameters(**saved["hyperparameters"])
+        config = (GPTConfig(**saved["config"]) if "config" in saved
+                  else model_config(Hyperparameters(**saved["hyperparameters"])))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
         raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
+    saved["config"] = dataclasses.asdict(config)
     with torch.device(device):
-        model = GPT(hp)
+        model = GPT(config)
     model.load_state_dict(saved["model"])
     state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
-    model.loop_active = state.get("loop_active", bool(hp.loop_repeats))
+    model.loop_active = state.get("loop_active", bool(config.loop_repeats))
     model.window_sizes = state.get("window_sizes", model.window_sizes)
     return model.for_inference(), saved
+
+
+class MemberSchedule:
+    """A member's plan: its data order (a pure function of seed and epoch), its steps, where epochs end, the steps
+    whose weights become snapshots, and each step's settings (LR, weight decay, momentum, looped layers, windows)."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
+        self.hp, self.member = hp, member
+        self.train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
+                                    hp.device_batch_size, dist_info.world_size, dist_info.rank,
+                                    member_seed(hp, member), batch_schedule(hp))
+        full_steps = self.train_data.epoch_start(hp.num_epochs)
+        self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+        # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
+        # steps differ in cost, so steps left x ms/step would be wrong)
+        self.run_targets = sum(self.train_data.step_target_count(*self.train_data.locate(step))
+                               for step in range(total_steps))
+        # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
+        # the last step's weights are the member itself
+        final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
+        epoch_ends = [min(total_steps, self.train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
+        cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
+        if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
+            raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
+                              f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the "
+                              f"warmup")
+        self.snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
+
+    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
+        """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
+        hp = self.hp
+        factor = apply_schedules(optimizers, step, self.total_steps, self.train_data, hp)
+        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
+            model.loop_active = step >= hp.loop_start_frac * self.total_steps
+        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
+            model.set_window_stage(window_stage(step, self.total_steps, hp), hp.window_warmup_stages)
+        return factor
+
+    def epoch_end(self, done: int) -> bool:
+        return self.train_data.locate(done)[1] == 0
+
+    def validate_after(self, done: int) -> bool:
+        every = self.hp.val_every
+        return done == self.total_steps or (self.epoch_end(done) and every >= 0) or (every > 0 and done % every == 0)
+
+    def stop_after(self, done: int) -> bool:
+        """--stop_at_step counts over the members one after another (a test aid: stop, then resume)."""
+        return bool(self.hp.stop_at_step) and self.member * self.total_steps + done == self.hp.stop_at_step
+
+
+class MemberObjective:
+    """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
+    path or the fused loss (Kernels). training_loss_sums adds multi-token prediction."""
+
+    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]]):
+        self.hp, self.teachers = hp, teachers
+        self.backend = loss_backend(hp, device)
+        self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
+
+    @property
+    def distilling(self) -> bool:
+        return self.hp.distill_alpha > 0 and bool(self.teachers)
+
+    def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token loss, summed objective) of one micro-batch."""
+        hp, distill = self.hp, None
+        if self.distilling:
+            with torch.no_grad():
+                features = [teacher.features(inputs) for teacher, _ in self.teachers]
+            if self.fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
+                distill = dict(teacher_rows=teacher_rows(self.teachers, features, hp.distill_temperature),
+                               alpha=hp.distill_alpha, temperature=hp.distill_temperature,
+                               chunk_rows=hp.distill_chunk * inputs.size(0))
+            else:
+                distill = functools.partial(distillation_loss_sum, teachers=self.teachers, teacher_features=features,
+                                            targets=targets, alpha=hp.distill_alpha,
+                                            temperature=hp.distill_temperature, chunk=hp.distill_chunk)
+        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
+
+
+class MemberProgress:
+    """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
+    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA, and the
+    paused time (evaluation, snapshots, checkpoints) kept out of the training time."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, log: RunLog, member: int, schedule: MemberSchedule,
+                 compiled: bool):
+        self.hp, self.dist_info, self.log, self.schedule, self.compiled = hp, dist_info, log, schedule, compiled
+        self.tag, self.member_field = member_tag(hp, member), {"member": member} if hp.ensemble_size > 1 else {}
+        # the data order is a pure function of (seed, epoch), so the step alone says where the data stands
+        self.state = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
+                          loss_sum=0.0, loss_count=0)
+
+    def begin(self) -> None:
+        """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
+        self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
+
+    def add_loss(self, micro_loss: torch.Tensor) -> None:
+        self.loss_sum += micro_loss.detach().double()
+
+    def checkpoint_state(self) -> dict:
+        self.state["loss_sum"] = self.loss_sum.item()  # the train loss accumulated since the last progress line
+        return self.state
+
+    @contextmanager
+    def paused(self):
+        """with progress.paused(): time spent inside is not training time."""
+        start = time.time()
+        yield
+        self.interval_start += time.time() - start
+
+    def _synchronize(self) -> None:
+        if self.dist_info.device.type == "cuda":
+            torch.cuda.synchronize(self.dist_info.device)
+
+    def step_done(self, done: int, step_targets: int, factor: float) -> None:
+        """Counts a finished step; times a compiled first step; every log_every steps, the progress line."""
+        hp, state, log, tag = self.hp, self.state, self.log, self.tag
+        state["loss_count"] += step_targets
+        state["tokens_seen"] += step_targets
+        self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + step_targets
+        if self.compiled and self.compile_seconds is None:
+            self._synchronize()
+            self.compile_seconds = time.time() - self.interval_start
+            log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
+                      f"exclude it")
+            log.metrics(dict(kind="compile", **self.member_field, step=done,
+                             compile_seconds=round(self.compile_seconds, 3)))
+            self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        state["step"] = done
+        total_steps = self.schedule.total_steps
+        if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
+            return
+        state["train_loss"] = self.dist_info.all_reduce_sum(self.loss_sum).item() / state["loss_count"]
+        self.loss_sum.zero_()
+        state["loss_count"] = 0
+        self._synchronize()
+        interval_seconds = time.time() - self.interval_start
+        interval_steps, interval_tokens = self.interval_steps, self.interval_tokens
+        if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
+            interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
+        state["train_seconds"] += interval_seconds
+        ms_per_step = 1000 * interval_seconds / interval_steps
+        tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
+        eta = (self.schedule.run_targets - state["tokens_seen"]) / max(tokens_per_second, 1e-9)
+        memory = peak_memory_bytes(self.dist_info.device)
+        epoch_progress = self.schedule.train_data.epoch_position(done)
+        log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
+                  f"train_loss {state['train_loss']:.4f} | tokens {format_count(state['tokens_seen'])} | "
+                  f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
+                  f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
+        log.metrics(dict(kind="train", **self.member_field, step=done,
+                         epoch=round(epoch_progress, 4), train_loss=state["train_loss"],
+                         tokens_seen=state["tokens_seen"], ms_per_step=round(ms_per_step, 2),
+                         tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
+                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3)))
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+
+    def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
+        """Scores val; the validation line."""
+        start = time.time()
+        val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
+        seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
+        self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
+                       f"val_loss {val_loss:.4f} | tokens {format_count(self.state['tokens_seen'])} | "
+                       f"eval {seconds:.1f}s")
+        self.log.metrics(dict(kind="val", **self.member_field, step=done, epoch=round(epoch_progress, 4),
+                              val_loss=val_loss, tokens_seen=self.state["tokens_seen"], eval_seconds=round(seconds, 3)))
+        self.state["val_loss"] = val_loss
+
+
+# Weight averaging: each kind has after_step(done, model), called once after every optimizer step, and
+# state() / restore(saved, model) for the checkpoint (saved under its key; None: nothing of its own to save).
+
+class EMAAveraging:
+    """ema_decay > 0: an EMA of the weights from ema_start_frac, updated every ema_every steps, blended into the
+    final weights (ema_blend)."""
+    key = "ema"
+
+    def __init__(self, hp: Hyperparameters, total_steps: int):
+        self.hp, self.total_steps, self.ema = hp, total_steps, None
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        hp = self.hp
+        if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
+            return
+        if self.ema is None:
+            self.ema = WeightEMA(model, hp.ema_decay)
+        elif done % hp.ema_every == 0:
+            self.ema.update(model)
+        if done == self.total_steps:
+            self.ema.blend_into(model, hp.ema_blend)
+
+    def state(self):
+        return self.ema.averages if self.ema is not None else None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.ema = WeightEMA(model, self.hp.ema_decay)
+            self.ema.averages = saved[self.key]
+
+
+class SWAAveraging:
+    """swa_epochs: the run ends on the average of the weights at the ends of its final swa_epochs epochs, each at the
+    floor of its own cosine LR cycle (apply_schedules)."""
+    key = "swa"
+
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
+        self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
+        self.swa = None  # (running sum of the weights, count)
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule, total_steps = self.schedule, self.schedule.total_steps
+        if not self.hp.swa_epochs or not (schedule.epoch_end(done) or done == total_steps) or \
+                schedule.train_data.epoch_position(done) <= \
+                schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
+            return
+        weights = [p.detach().clone() for p in model.parameters()]
+        swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
+                                                                self.swa[1] + 1)
+        if done == total_steps:
+            with torch.no_grad():
+                for p, total in zip(model.parameters(), swa[0]):
+                    p.copy_(total / swa[1])
+            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
+
+    def state(self):
+        return self.swa
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.swa = saved[self.key]
+
+
+class Snapshots:
+    """Snapshot ensembles: at each snapshot step (an LR cycle's or a final epoch's end) the weights become a frozen,
+    scored and saved ensemble candidate; then, when asked, noise pushes the next cycle to another basin."""
+    key = None  # the snapshots are their own files, reloaded on resume
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
+                 schedule: MemberSchedule, progress: MemberProgress):
+        self.hp, self.dist_info, self.data, self.log, self.member = hp, dist_info, data, log, member
+        self.schedule, self.progress, self.seed = schedule, progress, member_seed(hp, member)
+        self.taken: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        steps, total_steps, member = self.schedule.snapshot_steps, self.schedule.total_steps, self.member
+        if done not in steps:
+            return
+        cycle = steps.index(done)
+        with self.progress.paused():
+            snapshot = copy.deepcopy(model).for_inference()
+            loss = evaluate(snapshot, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            if self.dist_info.is_main:
+                save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
+                               seed=self.seed, outcome=dict(val_loss=loss))
+        self.taken.append((snapshot, loss))
+        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
+                       f"{total_steps} | val_loss {loss:.4f}")
+        self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
+        if self.hp.snapshot_noise > 0:
+            perturb_weights(model, self.hp.snapshot_noise, self.seed * 1000 + cycle)
+
+    def state(self):
+        return None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        """The snapshots taken before the interruption, from their files."""
+        for cycle, end in enumerate(self.schedule.snapshot_steps):
+            if saved["progress"]["step"] >= end:
+                snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.device)
+                self.taken.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+
+
+class MemberCheckpoint:
+    """A member's checkpoint and resume: one file per rank (Muon's momentum is sharded over ranks) holding the weights,
+    the optimizer states, the progress, the weight averages and the RNG states, written atomically."""
+
+    def __init__(self, folder: str, member: int, dist_info: Dist, hp: Hyperparameters):
+        self.path = checkpoint_path(folder, member, dist_info.rank)
+        self.dist_info, self.every = dist_info, hp.checkpoint_every
+
+    def due_after(self, done: int, schedule: MemberSchedule) -> bool:
+        """After each epoch (checkpoint_every 0), every N steps (N > 0) or never (-1), and before a --stop_at_step
+        stop; not after the last step: the member file is then written."""
+        every = self.every
+        return done < schedule.total_steps and (schedule.stop_after(done) or (schedule.epoch_end(done) and every >= 0)
+                                                or (every > 0 and done % every == 0))
+
+    def save(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict, averaging: list) -> None:
+        device = self.dist_info.device
+        self.dist_info.barrier()
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        atomic_torch_save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
+                               progress=progress, rng=torch.get_rng_state(),
+                               **{kind.key: kind.state() for kind in averaging if kind.key},
+                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                               world_size=self.dist_info.world_size), self.path)
+
+    def resume(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict,
+               averaging: list) -> bool:
+        """Loads this rank's checkpoint, if there is one, into the model, optimizers, progress and averages."""
+        if not os.path.isfile(self.path):
+            return False
+        device, world_size = self.dist_info.device, self.dist_info.world_size
+        saved = torch.load(self.path, map_location=device, weights_only=False)
+        model.load_state_dict(saved["model"])
+        for optimizer, state in zip(optimizers, saved["optimizers"]):
+            optimizer.load_state_dict(state)
+        if saved.get("world_size", world_size) != world_size:
+            raise ConfigError(f"{self.path} was written by {saved['world_size']} ranks per member, this run has "
+                              f"{world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
+        progress.update(saved["progress"])
+        for kind in averaging:
+            kind.restore(saved, model)
+        # the RNG last: rebuilding snapshots draws initialisations, and the dropout masks from here on must be the
+        # uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
+        torch.set_rng_state(saved["rng"].cpu())
+        if saved.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        return True
+
+    def check_ranks_agree(self, step: int, tag: str) -> None:
+        """A crash between two ranks' checkpoint writes would leave them at different steps."""
+        steps = torch.tensor([step, -step], dtype=torch.float64, device=self.dist_info.device)
+        if self.dist_info.world_size > 1:
+            dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=self.dist_info.group)
+            if steps[0].item() != -steps[1].item():
+                raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
+                                  f"{steps[0].item():.0f}): delete {os.path.dirname(self.path)} to restart this "
+                                  f"member")
+
+
+def compiled_model(raw_model: GPT, hp: Hyperparameters, device: torch.device) -> nn.Module:
+    """torch.compile'd where asked (auto: on CUDA), else the model itself."""
+    if not (hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")):
+        return raw_model
+    # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
+    # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(raw_model)
 
 
 def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
                  teachers: list[tuple[GPT, float]]) -> dict:
     """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
     and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
-    device, tag, folder = dist_info.device, member_tag(hp, member), log.folder
-    seed = member_seed(hp, member)
-    batch_seqs = hp.batch_tokens // hp.seq_len
-    train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, batch_seqs, hp.device_batch_size,
-                           dist_info.world_size, dist_info.rank, seed, batch_schedule(hp))
-    full_steps = train_data.epoch_start(hp.num_epochs)
-    total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-    # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
-    # steps differ in cost, so steps left x ms/step would be wrong)
-    run_targets = sum(train_data.step_target_count(*train_data.locate(step)) for step in range(total_steps))
+    device, tag, seed = dist_info.device, member_tag(hp, member), member_seed(hp, member)
+    schedule = MemberSchedule(hp, dist_info, data, member)
+    train_data, total_steps = schedule.train_data, schedule.total_steps
     raw_model = build_model(hp, dist_info, seed)
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
-    use_compile = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
-        # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    model = torch.compile(raw_model) if use_compile else raw_model
+    model = compiled_model(raw_model, hp, device)
     optimizers = build_optimizers(raw_model, hp, dist_info)
-    distill = hp.distill_alpha > 0 and bool(teachers)
-    backend = loss_backend(hp, device)
-    fused = (backend, hp.logit_softcap) if backend != "eager" else None
-    # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
-    # the last step's weights are the member itself
-    final_epoch = math.ceil(train_data.epoch_position(total_steps))  # the epoch the run ends in (or at the end of)
-    epoch_ends = [min(total_steps, train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
-    cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
-    if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
-        raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
-                          f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the warmup")
-    snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
-    snapshots: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
-    swa = None  # SWA: (running sum of the weights, count) over the final swa_epochs epoch ends
+    objective = MemberObjective(hp, device, teachers)
+    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model)
+    snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
         log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
-                  f"{total_steps} steps | compile {'on' if use_compile else 'off'} | loss {backend} | "
-                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
+                  f"{total_steps} steps | compile {'on' if model is not raw_model else 'off'} | loss "
+                  f"{objective.backend} | attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
-                   f"T {hp.distill_temperature}" if distill else ""))
-
-    # Progress that a checkpoint carries (weights and optimizer state aside); the data order is a pure function of
-    # (seed, epoch), so the step alone says where the data stands.
-    progress = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
-                    loss_sum=0.0, loss_count=0)
-    ema = None  # WeightEMA once ema_start_frac is reached (ema_decay > 0)
-    own_checkpoint = checkpoint_path(folder, member, dist_info.rank)
-    if os.path.isfile(own_checkpoint):
-        saved = torch.load(own_checkpoint, map_location=device, weights_only=False)
-        raw_model.load_state_dict(saved["model"])
-        for optimizer, state in zip(optimizers, saved["optimizers"]):
-            optimizer.load_state_dict(state)
-        if saved.get("world_size", dist_info.world_size) != dist_info.world_size:
-            raise ConfigError(f"{own_checkpoint} was written by {saved['world_size']} ranks per member, this run has "
-                              f"{dist_info.world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
-        progress.update(saved["progress"])
-        if saved.get("ema") is not None:
-            ema = WeightEMA(raw_model, hp.ema_decay)
-            ema.averages = saved["ema"]
-        if saved.get("swa") is not None:
-            swa = saved["swa"]
-        for cycle, end in enumerate(snapshot_steps):  # snapshots taken before the interruption
-            if progress["step"] >= end:
-                snapshot, info = load_member(snapshot_path(folder, member, cycle), device)
-                snapshots.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
-        # the RNG last: building the snapshots above draws initialisations, and the dropout masks from here on must
-        # be the uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
-        torch.set_rng_state(saved["rng"].cpu())
-        if saved.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
-        if hp.snapshot_distill and snapshots:
-            teachers, distill = [(snapshots[-1][0], 1.0)], True
-        log.write(f"{tag}resumed from {own_checkpoint} at step {progress['step']}/{total_steps}")
-    steps = torch.tensor([progress["step"], -progress["step"]], dtype=torch.float64, device=device)
-    if dist_info.world_size > 1:  # a crash between two ranks' checkpoint writes would leave them apart
-        dist.all_reduce(steps, op=dist.ReduceOp.MAX, group=dist_info.group)
-        if steps[0].item() != -steps[1].item():
-            raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
-                              f"{steps[0].item():.0f}): delete {os.path.dirname(own_checkpoint)} to restart this member")
-
-    def save_checkpoint() -> None:
-        dist_info.barrier()
-        os.makedirs(os.path.dirname(own_checkpoint), exist_ok=True)
-        atomic_torch_save(dict(model=raw_model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                               progress=progress, rng=torch.get_rng_state(),
-                               ema=ema.averages if ema is not None else None, swa=swa,
-                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               world_size=dist_info.world_size), own_checkpoint)
-
-    def run_validation(step: int, epoch_progress: float) -> float:
-        start = time.time()
-        val_loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
-        seconds = time.time() - start
-        log.write(f"{tag}val  step {step}/{total_steps} | epoch {epoch_progress:.2f} | val_loss {val_loss:.4f} | "
-                  f"tokens {format_count(progress['tokens_seen'])} | eval {seconds:.1f}s")
-        log.metrics(dict(kind="val", **({"member": member} if hp.ensemble_size > 1 else {}), step=step,
-                         epoch=round(epoch_progress, 4), val_loss=val_loss, tokens_seen=progress["tokens_seen"],
-                         eval_seconds=round(seconds, 3)))
-        return val_loss
-
-    interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-    compile_seconds = None  # the first step of a compiled model, timed alone: compilation is kept out of ms/step
-    loss_sum = torch.full((), progress["loss_sum"], dtype=torch.float64, device=device)
+                   f"T {hp.distill_temperature}" if objective.distilling else ""))
+    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp)
+    if checkpoint.resume(raw_model, optimizers, progress.state, averaging):
+        log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
+    checkpoint.check_ranks_agree(progress.state["step"], tag)
+    progress.begin()
     model.train()
-    for step in range(progress["step"], total_steps):
+    for step in range(progress.state["step"], total_steps):
         epoch, step_in_epoch = train_data.locate(step)
-        factor = apply_schedules(optimizers, step, total_steps, train_data, hp)
-        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
-            raw_model.loop_active = step >= hp.loop_start_frac * total_steps
-        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
-            raw_model.set_window_stage(window_stage(step, total_steps, hp), hp.window_warmup_stages)
+        factor = schedule.start_step(step, optimizers, raw_model)
+        if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
+            objective.teachers = [(snapshots.taken[-1][0], 1.0)]
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
         for micro_step in range(train_data.grad_accum_steps(epoch)):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
-                distill_loss = None
-                if distill:
-                    with torch.no_grad():
-                        teacher_features = [teacher.features(inputs) for teacher, _ in teachers]
-
-                    def distill_loss(logits, targets=targets, teacher_features=teacher_features):
-                        return distillation_loss_sum(logits, teachers, teacher_features, targets, hp.distill_alpha,
-                                                     hp.distill_temperature, hp.distill_chunk)
-                    if fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
-                        distill_loss = dict(teacher_rows=teacher_rows(teachers, teacher_features,
-                                                                      hp.distill_temperature),
-                                            alpha=hp.distill_alpha, temperature=hp.distill_temperature,
-                                            chunk_rows=hp.distill_chunk * inputs.size(0))
-                micro_loss, objective = training_loss_sums(model, inputs, targets, hp.mtp_weight, distill_loss, fused)
-            (objective / step_targets).backward()
-            loss_sum += micro_loss.detach().double()
-        progress["loss_count"] += step_targets
-        progress["tokens_seen"] += step_targets
+                micro_loss, loss = objective.sums(model, inputs, targets)
+            (loss / step_targets).backward()
+            progress.add_loss(micro_loss)
         average_gradients(raw_model, dist_info)
         if hp.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
         for optimizer in optimizers:
             optimizer.step()
         raw_model.zero_grad(set_to_none=True)
-        interval_steps, interval_tokens = interval_steps + 1, interval_tokens + step_targets
-
         done = step + 1
-        if use_compile and compile_seconds is None:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            compile_seconds = time.time() - interval_start
-            log.write(f"{tag}compile | first step {compile_seconds:.1f}s, compilation included; later ms/step "
-                      f"exclude it")
-            log.metrics(dict(kind="compile", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
-                             compile_seconds=round(compile_seconds, 3)))
-            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-        progress["step"] = done
-        # --- weight averaging hook (ema_decay > 0): start, update every ema_every steps, blend in at the end ---
-        if hp.ema_decay > 0 and done >= hp.ema_start_frac * total_steps:
-            if ema is None:
-                ema = WeightEMA(raw_model, hp.ema_decay)
-            elif done % hp.ema_every == 0:
-                ema.update(raw_model)
-            if done == total_steps:
-                ema.blend_into(raw_model, hp.ema_blend)
-        epoch_progress = train_data.epoch_position(done)
-        if done % hp.log_every == 0 or done == 1 or done == total_steps:
-            progress["train_loss"] = dist_info.all_reduce_sum(loss_sum).item() / progress["loss_count"]
-            loss_sum.zero_()
-            progress["loss_count"] = 0
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            interval_seconds = time.time() - interval_start
-            if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
-                interval_seconds, interval_steps, interval_tokens = compile_seconds, 1, step_targets
-            progress["train_seconds"] += interval_seconds
-            ms_per_step = 1000 * interval_seconds / interval_steps
-            tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
-            eta = (run_targets - progress["tokens_seen"]) / max(tokens_per_second, 1e-9)
-            memory = peak_memory_bytes(device)
-            log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
-                      f"train_loss {progress['train_loss']:.4f} | tokens {format_count(progress['tokens_seen'])} | "
-                      f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
-                      f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
-            log.metrics(dict(kind="train", **({"member": member} if hp.ensemble_size > 1 else {}), step=done,
-                             epoch=round(epoch_progress, 4), train_loss=progress["train_loss"],
-                             tokens_seen=progress["tokens_seen"], ms_per_step=round(ms_per_step, 2),
-                             tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
-                             peak_memory_bytes=memory, train_seconds=round(progress["train_seconds"], 3)))
-            interval_start, interval_steps, interval_tokens = time.time(), 0, 0
-        epoch_end = train_data.locate(done)[1] == 0
-        pause = time.time()
-        if hp.swa_epochs and (epoch_end or done == total_steps) and \
-                epoch_progress > train_data.epoch_position(total_steps) - hp.swa_epochs:
-            weights = [p.detach().clone() for p in raw_model.parameters()]  # an SWA cycle ends at its LR floor
-            swa = (weights, 1) if swa is None else ([a + w for a, w in zip(swa[0], weights)], swa[1] + 1)
-            if done == total_steps:  # the run ends on the average of the cycles' end points
-                with torch.no_grad():
-                    for p, total in zip(raw_model.parameters(), swa[0]):
-                        p.copy_(total / swa[1])
-                log.write(f"{tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
-        if done in snapshot_steps:  # an LR cycle or a final epoch ends: its weights become an ensemble candidate
-            cycle = snapshot_steps.index(done)
-            snapshot = copy.deepcopy(raw_model).for_inference()
-            snapshot_loss = evaluate(snapshot, data.val_data, dist_info, hp.val_batch_size)
-            if dist_info.is_main:
-                save_candidate(snapshot_path(folder, member, cycle), snapshot, hp, member=member, cycle=cycle,
-                               seed=seed, outcome=dict(val_loss=snapshot_loss))
-            snapshots.append((snapshot, snapshot_loss))
-            log.write(f"{tag}snapshot {cycle + 1}/{len(snapshot_steps) + 1} | step {done}/{total_steps} | "
-                      f"val_loss {snapshot_loss:.4f}")
-            log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=snapshot_loss))
-            if hp.snapshot_noise > 0:
-                perturb_weights(raw_model, hp.snapshot_noise, seed * 1000 + cycle)
-            if hp.snapshot_distill:
-                teachers, distill = [(snapshot, 1.0)], True
-        if done == total_steps or (epoch_end and hp.val_every >= 0) or (hp.val_every > 0 and done % hp.val_every == 0):
-            progress["val_loss"] = run_validation(done, epoch_progress)
-        global_step = member * total_steps + done  # --stop_at_step counts over the members one after another
-        stopping = hp.stop_at_step and global_step == hp.stop_at_step
-        if done < total_steps and (stopping or (epoch_end and hp.checkpoint_every >= 0) or
-                                   (hp.checkpoint_every > 0 and done % hp.checkpoint_every == 0)):
-            progress["loss_sum"] = loss_sum.item()  # the train loss accumulated since the last progress line
-            save_checkpoint()
-        if stopping:
+        progress.step_done(done, step_targets, factor)
+        for kind in averaging:
+            kind.after_step(done, raw_model)
+        with progress.paused():  # evaluation and checkpoints do not count as training time
+            if schedule.validate_after(done):
+                progress.validate(model, data.val_data, done)
+            if checkpoint.due_after(done, schedule):
+                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
+        if schedule.stop_after(done):
             log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
-                      f"--resume {folder}")
+                      f"--resume {log.folder}")
             raise RunStopped()
-        interval_start += time.time() - pause  # evaluation and checkpoints do not count as training time
-
-    return dict(model=raw_model, compiled=model, snapshots=snapshots, snapshot_count=len(snapshots),
-                val_loss=progress["val_loss"], train_loss=progress["train_loss"],
-                tokens_seen=progress["tokens_seen"], steps=total_steps, train_seconds=progress["train_seconds"],
-                epochs=train_data.epoch_position(total_steps), agree=ranks_agree(raw_model, dist_info))
+    state = progress.state
+    return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
+                val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
+                steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
+                agree=ranks_agree(raw_model, dist_info))
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
@@ -2820,7 +3017,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
             if keep_files and group_dist.is_main:
-                save_candidate(member_path(folder, mine), model, hp, member=mine, seed=member_seed(hp, mine),
+                save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained)
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             stale = checkpoint_path(folder, mine, group_dist.rank)
@@ -2884,7 +3081,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
         # the member format (weights, hyperparameters, schedule state): --eval_only and load_member take it as is
-        save_candidate(os.path.join(folder, "model.pt"), members[0], hp, member=0, seed=member_seed(hp, 0),
+        save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
                        outcome=member_results[0])
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
@@ -2913,7 +3110,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
 def build_model_meta(hp: Hyperparameters) -> GPT:
     """The model on the meta device: its shapes and parameter count without memory or work."""
     with torch.device("meta"):
-        return GPT(hp)
+        return GPT(model_config(hp))
 
 
 def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
@@ -2924,7 +3121,7 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
     loaded = [load_member(path, dist_info.device) for path in paths]
     models = [model for model, _ in loaded]
-    shapes = {(info["hyperparameters"]["seq_len"], info["hyperparameters"]["vocab_size"]) for _, info in loaded}
+    shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
     seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary

@@ -200,7 +200,7 @@ def test_eval_only_keeps_the_order_given_for_the_weights(micro_data, tmp_path, c
     for name, seed in (("b.pt", 0), ("a.pt", 1)):
         torch.manual_seed(seed)
         path = str(tmp_path / "members" / name)
-        train_gpt.save_candidate(path, train_gpt.GPT(hp), hp)
+        train_gpt.save_candidate(path, train_gpt.GPT(hp))
         paths.append(path)
     capsys.readouterr()
     assert run_in_process(["--eval_only", ",".join(paths), "--ensemble_weights", "0.9,0.1", "--val_files", val_path,

@@ -1,4 +1,5 @@
 """The model's contracts (causality, shapes, init) and the optimizers' mathematics."""
+import dataclasses
 import math
 
 import pytest
@@ -89,19 +90,27 @@ def test_newton_schulz_keeps_singular_vectors():
     assert (torch.diagonal(in_gradient_basis) > 0.6).all()  # every direction kept, with the same sign
 
 
-def test_muon_step_matches_hand_computation():
+def test_muon_step_matches_exact_polar_factor():
+    """Muon's step against a float64 reference built on the exact polar factor U V^T (SVD) of the Nesterov direction,
+    independent of our orthogonalisers: the momentum, Nesterov, shape scale and decoupled decay must be exact, and the
+    orthogonalised part must be U diag(s) V^T with every s in Newton-Schulz's band [0.6, 1.25] (nothing outside the
+    direction's singular vectors)."""
     torch.manual_seed(0)
     param = torch.nn.Parameter(torch.randn(8, 4))
-    start = param.detach().clone()
-    grad = torch.randn(8, 4)
+    start, grad = param.detach().clone().double(), torch.randn(8, 4)
     param.grad = grad.clone()
-    muon = train_gpt.Muon([param], lr=0.1, momentum=0.9, nesterov=True, ns_steps=5, weight_decay=0.5)
-    muon.step()
-    buffer = 0.1 * grad  # lerp of a zero buffer towards grad by (1 - momentum)
-    direction = grad + 0.9 * (buffer - grad)  # Nesterov: grad lerped towards the buffer by momentum
-    update = train_gpt.newton_schulz_orthogonalize(direction, 5) * math.sqrt(8 / 4)
-    expected = start * (1 - 0.1 * 0.5) - 0.1 * update
-    assert torch.allclose(param.detach(), expected, atol=1e-6)
+    train_gpt.Muon([param], lr=0.1, momentum=0.9, nesterov=True, ns_steps=5, weight_decay=0.5).step()
+    grad = grad.double()
+    direction = grad + 0.9 * (0.1 * grad - grad)  # Nesterov: grad lerped by momentum towards the buffer 0.1 * grad
+    u, _, vh = torch.linalg.svd(direction, full_matrices=False)
+    update = (start * (1 - 0.1 * 0.5) - param.detach().double()) / 0.1 / math.sqrt(8 / 4)
+    in_polar_basis = u.T @ update @ vh.T
+    scales = torch.diagonal(in_polar_basis)
+    assert (update - u @ in_polar_basis @ vh).norm() < 1e-5 * update.norm()  # nothing outside span(U) x span(V)
+    assert (in_polar_basis - torch.diag(scales)).norm() < 1e-5 * update.norm()  # the singular vectors kept
+    assert ((scales > 0.6) & (scales < 1.25)).all(), scales
+    print(f"Muon vs exact U V^T: scales {scales.min():.3f}-{scales.max():.3f}, "
+          f"distance {(update - u @ vh).norm() / (u @ vh).norm():.3f}")
 
 
 def test_every_parameter_gets_an_optimizer():
@@ -113,9 +122,42 @@ def test_every_parameter_gets_an_optimizer():
     assert all(p.ndim == 2 for group in muon.param_groups for p in group["params"])
     assert all(p is not model.wte.weight and p is not model.lm_head.weight
                for group in muon.param_groups for p in group["params"])
+    tricks = micro_hp(value_proj=True, attn_gate=True, head_mix=True, xsa="learned", resid_mix=True, unet_skips=True)
+    model = train_gpt.GPT(tricks)
+    adamw, muon = train_gpt.build_optimizers(model, tricks, train_gpt.Dist())
+    scalar_group = {id(p) for p in adamw.param_groups[-1]["params"]}
+    marked = [p for p in model.parameters() if getattr(p, "scalar_group", False)]
+    assert len(marked) == 1 + 3 * 2 + 3  # a value gate (last layer); per layer out gate, head mix, XSA; 2 lambdas, skips
+    assert all(id(p) in scalar_group for p in marked)  # 2-D gates included: never Muon
+    assert all(p.ndim == 2 and id(p) not in scalar_group for group in muon.param_groups for p in group["params"])
     model.extra = torch.nn.Linear(3, 3)  # a parameter nobody assigned must be an error, not silently frozen
     with pytest.raises(train_gpt.ConfigError, match="extra.weight"):
         train_gpt.build_optimizers(model, micro_hp(), train_gpt.Dist())
+
+
+def test_member_file_written_before_gptconfig_still_loads(tmp_path):
+    """Member files used to store every hyperparameter instead of the GPTConfig: such a file still loads, to the
+    same model; a new file stores the GPTConfig only."""
+    hp = micro_hp(value_proj=True, loop_repeats=1)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.loop_active = True
+    old = tmp_path / "old.pt"
+    torch.save(dict(model=model.state_dict(), hyperparameters=dataclasses.asdict(hp),
+                    inference_state=dict(loop_active=True, window_sizes=None), outcome=dict(val_loss=1.0)), old)
+    train_gpt.save_candidate(str(tmp_path / "new.pt"), model)
+    assert "hyperparameters" not in torch.load(tmp_path / "new.pt", weights_only=True)
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = model.eval()(idx)
+    for path in (old, tmp_path / "new.pt"):
+        loaded, saved = train_gpt.load_member(str(path), torch.device("cpu"))
+        assert loaded.config == train_gpt.model_config(hp) and saved["config"]["seq_len"] == 16
+        with torch.no_grad():
+            assert torch.equal(loaded(idx), expected)
 
 
 def test_lr_schedule():
