@@ -139,6 +139,8 @@ class Hyperparameters:
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
+    low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
+    # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
     attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
@@ -2772,13 +2774,15 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
 # main
 
 
-def tune_cpu_runtime() -> None:
+def tune_cpu_runtime(keep_freed_memory: bool = True) -> None:
     """Two CPU settings measured on 2 cores (torch 2.13, the tiny preset's 50,304-wide lm_head):
     - denormal floats made one lm_head backward matmul ~40x slower (25 s instead of 0.6 s): flush them to zero;
     - glibc hands every allocation above 32 MB back to the OS when freed, so each 200 MB logits tensor page-faults
       afresh: 205 ms per 256 tokens for forward + backward; raising the mmap and trim thresholds so freed memory is
       reused gave 95 ms."""
     torch.set_flush_denormal(True)
+    if not keep_freed_memory:  # --low_memory: the heap keeps fewer freed blocks, and fragments less
+        return
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -2798,7 +2802,7 @@ def main(argv: list[str] | None = None) -> int:
         hp = parse_args(argv)
         dist_info = setup_distributed(hp.device)
         if dist_info.device.type == "cpu":
-            tune_cpu_runtime()
+            tune_cpu_runtime(keep_freed_memory=not hp.low_memory)
         if hp.eval_only:
             score_saved_members(hp, dist_info)
         else:
