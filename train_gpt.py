@@ -2509,7 +2509,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
     allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
-               "attention"}
+               "attention", "low_memory", "sample_tokens", "wandb"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
@@ -2725,7 +2725,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             os.rmdir(os.path.join(folder, "checkpoints"))
         except OSError:
             pass
-    log.write(f"done | val_loss {val_loss:.4f} ({unigram_comparison(val_loss, unigram)}) | tokens trained on "
+    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)} | tokens trained on "
               f"{format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
               f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
     log.close()

@@ -89,7 +89,7 @@ def test_small_run_warns_and_done_line_compares_with_unigram(small_run):
     assert len(done) == 1
     gap = unigram - result["val_loss"]
     word = "below" if gap >= 0 else "ABOVE"
-    assert f"val_loss {result['val_loss']:.4f} ({abs(gap):.2f} nats {word} unigram {unigram:.4f})" in done[0]
+    assert f"val_loss {result['val_loss']:.4f} | {abs(gap):.2f} nats {word} unigram {unigram:.4f} | " in done[0]
     assert "peak mem" in done[0]
     # the terminal shows the changed hyperparameters only; log.txt keeps every one
     assert "muon_momentum = 0.95" not in stdout and "sample_tokens=4" in stdout
