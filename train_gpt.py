@@ -2056,7 +2056,7 @@ def decode_tokens(token_ids: list[int], vocab_size: int) -> str:
             "slowrun_tokenize", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenize.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        encoding = module.gpt2_encoding()
+        encoding = module.gpt2_encoding(module.BUNDLED_VOCAB)  # offline: the BPE file bundled in data/
         if vocab_size < encoding.n_vocab:
             raise ValueError("not the GPT-2 vocabulary")
         return repr(encoding.decode([t for t in token_ids if t < encoding.n_vocab]))
