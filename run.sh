@@ -6,9 +6,20 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 
+# --- python and torch: name the real cause (a venv not activated is not "no GPU") -------------------------------------
+if ! command -v python >/dev/null 2>&1; then
+  echo "run.sh: no 'python' on PATH: activate the environment where torch is installed (README: Quick start)" >&2
+  exit 1
+fi
+if ! TORCH_ERROR="$(python -c 'import torch' 2>&1)"; then
+  echo "run.sh: $(command -v python) cannot import torch ($(printf '%s' "$TORCH_ERROR" | tail -n 1)):" \
+       "activate its environment or pip install -r requirements.txt (README: Quick start)" >&2
+  exit 1
+fi
+
 # --- GPUs ------------------------------------------------------------------------------------------------------------
 # the GPUs torch can use (honours CUDA_VISIBLE_DEVICES, unlike nvidia-smi -L)
-NGPU="${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}"
+NGPU="${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
 if [ "${NGPU:-0}" -lt 1 ]; then  # checked before the ~400 MB download: without a GPU there is nothing to fetch for
   echo "No GPU found (torch.cuda.device_count() is 0). On CPU use: python train_gpt.py --preset tiny" >&2
   exit 1

@@ -148,6 +148,8 @@ class Hyperparameters:
     plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
     memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
     plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
+    low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
+    # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
     attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
@@ -156,7 +158,12 @@ class Hyperparameters:
     log_dir: str = "logs"  # where run folders go
     log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
     val_every: int = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
-    save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it)
+    save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it).
+    # On by default: a run's weights are its only product that --eval_only and sampling can reuse, and re-training
+    # costs far more than the disk (4 bytes per parameter: 53 MB for tiny); --save_model false for sweeps
+    sample_tokens: int = 0  # after the final evaluation, continue a few val prompts by N tokens (greedy, and top-k
+    # with temperature from a generator seeded by --seed), printed and logged (0 = off)
+    wandb: str = ""  # also send every metrics row to this Weights & Biases project (needs `pip install wandb`; "" = off)
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
     ensemble_size: int = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
@@ -287,6 +294,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
     require((hp.n_embd // hp.n_head) % 2 == 0, f"head_dim n_embd/n_head = {hp.n_embd // hp.n_head} must be even (RoPE)")
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
+    require(hp.sample_tokens >= 0, f"sample_tokens must be >= 0, got {hp.sample_tokens}")
     require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
     require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
@@ -1833,6 +1841,32 @@ def ensemble_log_probs(logits_of_members, weights: list[float], mode: str) -> to
     return mixture
 
 
+EVAL_CPU_POSITIONS = 512  # positions per evaluation forward on CPU: each (positions, 50,304) float32 tensor is 100 MB
+
+
+def eval_pieces(inputs: torch.Tensor, targets: torch.Tensor, device: torch.device):
+    """An evaluation batch moved to the device, on CPU in pieces of whole sequences of at most EVAL_CPU_POSITIONS
+    positions: the softcap and log-softmax each make a float32 (positions, vocab) tensor, 400 MB apiece for the tiny
+    preset's 8 x 256 batch, and peak memory is what a laptop runs out of. Sums over pieces are the batch's sums (the
+    order of float additions aside). On GPU the batch goes whole (throughput)."""
+    rows = inputs.size(0) if device.type != "cpu" else max(1, EVAL_CPU_POSITIONS // max(1, inputs.size(1)))
+    for first in range(0, inputs.size(0), rows):
+        yield inputs[first:first + rows].to(device), targets[first:first + rows].to(device)
+
+
+def release_free_memory(device: torch.device) -> None:
+    """Hands memory that glibc keeps after frees back to the OS (malloc_trim): tune_cpu_runtime lets the heap keep
+    freed blocks for the next training step's same-sized tensors; after an evaluation, whose tensors have other
+    sizes, keeping them only adds to the resident set. No-op off glibc or on GPU."""
+    if device.type != "cpu":
+        return
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 @torch.no_grad()
 def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData, dist_info: Dist,
                       batch_size: int) -> float:
@@ -1842,16 +1876,18 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
     for model in models:
         model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
-    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
-        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-        with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
-            log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
-        totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
-                                reduction="sum").double()
-        totals[1] += (targets >= 0).sum()
+    for batch in data.batches(dist_info.rank, dist_info.world_size, batch_size):
+        for inputs, targets in eval_pieces(*batch, dist_info.device):
+            with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
+                log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
+            totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                    reduction="sum").double()
+            totals[1] += (targets >= 0).sum()
+            del log_probs
     dist_info.all_reduce_sum(totals)
     for model, state in zip(models, states):
         model.train(state)
+    release_free_memory(dist_info.device)
     return (totals[0] / totals[1]).item()
 
 
@@ -1867,12 +1903,13 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
         was_training = model.training
         model.eval()
         probs = []
-        for inputs, targets in data.batches(0, 1, batch_size):
-            inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-            with autocast_context(dist_info.device):
-                logits = model(inputs).float()
-            picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            probs.append(picked[targets >= 0].double().exp())
+        for batch in data.batches(0, 1, batch_size):
+            for inputs, targets in eval_pieces(*batch, dist_info.device):
+                with autocast_context(dist_info.device):
+                    logits = model(inputs).float()
+                picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                probs.append(picked[targets >= 0].double().exp())
+                del logits
         model.train(was_training)
         rows.append(torch.cat(probs))
     table = torch.stack([row if row is not None else
@@ -2002,6 +2039,7 @@ class RunLog:
     def __init__(self, folder: str, is_main: bool, append: bool = False):
         self.folder, self.is_main = folder, is_main
         self._log = self._metrics = None
+        self.tracker = None  # a wandb run (--wandb) that receives every metrics row too
         if is_main:
             os.makedirs(folder, exist_ok=append)
             self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
@@ -2024,6 +2062,8 @@ class RunLog:
         if self.is_main:
             self._metrics.write(json.dumps(row) + "\n")
             self._metrics.flush()
+            if self.tracker is not None:
+                self.tracker.log(tracker_row(row))
 
     def save_json(self, name: str, payload: dict) -> None:
         if self.is_main:
@@ -2033,6 +2073,9 @@ class RunLog:
         for handle in (self._log, self._metrics):
             if handle is not None:
                 handle.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 class StorageError(ConfigError):
@@ -2192,6 +2235,152 @@ def replace_between_markers(text: str, begin: str, end: str, new_body: str) -> s
     if text.count(begin) != 1 or text.count(end) != 1 or stop < start:
         raise ValueError(f"needs exactly one {begin} line followed by one {end} line")
     return text[:start + len(begin)] + "\n" + new_body.rstrip("\n") + "\n" + text[stop:]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# A run's first and last words for a newcomer: too little data, the loss plot, text samples, experiment tracking
+
+MIN_STEPS_PER_EPOCH = 10  # below this an epoch is too few updates for the recipe's schedules (warmdown, LR) to mean much
+
+
+def data_size_warnings(hp: Hyperparameters, train_tokens: int) -> list[str]:
+    """Warnings for a train set too small for the batch: a model that takes a handful of steps ends worse than the
+    unigram baseline, and nothing else would say why (your own 4k-token text with the default 8,192-token batch)."""
+    windows = math.ceil(train_tokens / (hp.seq_len + 1))
+    steps_per_epoch = math.ceil(windows / max(1, hp.batch_tokens // hp.seq_len))
+    hint = f"lower --batch_tokens (a multiple of seq_len {hp.seq_len}) or add data"
+    warnings = []
+    if train_tokens < hp.batch_tokens:
+        warnings.append(f"warning: the train set ({train_tokens:,} tokens) is smaller than one batch "
+                        f"({hp.batch_tokens:,} tokens): every step sees all of it, padded; {hint}")
+    if steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"warning: only {steps_per_epoch} optimizer step(s) per epoch "
+                        f"({steps_per_epoch * hp.num_epochs} in all), fewer than {MIN_STEPS_PER_EPOCH}: too few "
+                        f"updates to learn much; {hint}, or raise --num_epochs")
+    return warnings
+
+
+def unigram_comparison(loss: float, unigram: float) -> str:
+    """'0.48 nats below unigram 7.9503': a model that does not beat the context-free baseline has learned nothing."""
+    gap = unigram - loss
+    return f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} unigram {unigram:.4f}"
+
+
+def write_loss_plot(folder: str, title: str, unigram: float):
+    """loss.png in the run folder from its metrics.jsonl: train and val loss against tokens trained on (one curve
+    each per member), the unigram baseline as a dashed line, the final ensemble's val loss dotted. Returns the
+    matplotlib Figure (the tests read its lines), or None without matplotlib (a warning says so; the run stands)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("warning: matplotlib is not installed, so no loss.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    figure = Figure(figsize=(8, 5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    members = sorted({row.get("member", 0) for row in rows if row["kind"] in ("train", "val")})
+    for member in members:
+        suffix = f" (member {member})" if len(members) > 1 else ""
+        for kind, style in (("train", "-"), ("val", "o-")):
+            points = [(row["tokens_seen"], row[f"{kind}_loss"]) for row in rows
+                      if row["kind"] == kind and row.get("member", 0) == member]
+            if points:
+                axes.plot(*zip(*points), style, label=f"{kind}{suffix}", markersize=4)
+    ensemble = [row["val_loss"] for row in rows if row["kind"] == "ensemble"]
+    if len(ensemble) > 1:
+        axes.axhline(ensemble[-1], linestyle=":", color="black", label=f"ensemble val {ensemble[-1]:.4f}")
+    axes.axhline(unigram, linestyle="--", color="gray", label=f"unigram baseline {unigram:.4f}")
+    axes.set(xlabel="tokens trained on (per member)", ylabel="loss (nats/token)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(folder, "loss.png"), dpi=100)
+    return figure
+
+
+def decode_tokens(token_ids: list[int], vocab_size: int) -> str:
+    """GPT-2 text of the tokens (data/tokenize.py's bundled BPE, no download), or the ids themselves where that is
+    unavailable or the vocabulary is not GPT-2's (the tests' toy languages)."""
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "slowrun_tokenize", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenize.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        encoding = module.gpt2_encoding(module.BUNDLED_VOCAB)  # offline: the BPE file bundled in data/
+        if vocab_size < encoding.n_vocab:
+            raise ValueError("not the GPT-2 vocabulary")
+        return repr(encoding.decode([t for t in token_ids if t < encoding.n_vocab]))
+    except Exception:  # noqa: BLE001 - any trouble decoding: show the ids, the samples stay useful
+        return " ".join(str(t) for t in token_ids)
+
+
+@torch.no_grad()
+def sample_continuations(models: list[nn.Module], weights: list[float], mode: str, val_tokens: np.ndarray,
+                         hp: Hyperparameters, device: torch.device, prompts: int = 3, prompt_len: int = 32,
+                         top_k: int = 50, temperature: float = 0.8) -> list[dict]:
+    """--sample_tokens N: the first prompt_len tokens of the first val documents, each continued by N tokens of the
+    (ensemble) model, greedily and by top-k sampling at a temperature from a generator seeded by --seed, so a seed
+    gives the same text every time. Only the last position's logits are made per token (no (T, vocab) tensor)."""
+    starts = document_starts(val_tokens, hp.bos_id)[:prompts]
+    if starts.size == 0:
+        starts = np.array([0])
+    batch = torch.from_numpy(np.stack([val_tokens[s:s + prompt_len].astype(np.int64) for s in starts
+                                       if s + prompt_len <= val_tokens.size] or [val_tokens[:prompt_len].astype(np.int64)]))
+    generator = torch.Generator(device="cpu").manual_seed(hp.seed)
+    states = [model.training for model in models]
+    for model in models:
+        model.eval()
+    results = {}
+    for how in ("greedy", f"top-{top_k} T={temperature}"):
+        context = batch.to(device)
+        for _ in range(hp.sample_tokens):
+            window = context[:, -hp.seq_len:]
+            with autocast_context(device):
+                log_probs = ensemble_log_probs((model.head(model.features(window)[:, -1:]).float() for model in models),
+                                               weights, mode)[:, -1].float().cpu()
+            if how == "greedy":
+                choice = log_probs.argmax(-1)
+            else:
+                top = torch.topk(log_probs / temperature, min(top_k, log_probs.size(-1)), dim=-1)
+                picked = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+                choice = top.indices.gather(-1, picked).squeeze(-1)
+            context = torch.cat([context, choice.to(device).unsqueeze(-1)], dim=1)
+        results[how] = context[:, batch.size(1):].cpu().tolist()
+    for model, state in zip(models, states):
+        model.train(state)
+    return [dict(prompt=batch[i].tolist(), **{how: rows[i] for how, rows in results.items()})
+            for i in range(batch.size(0))]
+
+
+def sample_lines(samples: list[dict], vocab_size: int) -> list[str]:
+    lines = []
+    for number, sample in enumerate(samples):
+        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size)}")
+        lines += [f"  {how}: {decode_tokens(tokens, vocab_size)}" for how, tokens in sample.items() if how != "prompt"]
+    return lines
+
+
+def import_wandb(project: str):
+    """The wandb module for --wandb PROJECT, or a one-line ConfigError when it is not installed (it is never a
+    required dependency; checked before the run folder is made)."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"--wandb {project}: the wandb package is not installed (pip install wandb, "
+                          f"or drop --wandb)") from None
+    return wandb
+
+
+def tracker_row(row: dict) -> dict:
+    """A metrics.jsonl row as wandb takes it: the numbers, named '<kind>/<field>' (train/train_loss, val/val_loss)."""
+    kind = row.get("kind", "metrics")
+    return {f"{kind}/{key}": value for key, value in row.items()
+            if key != "kind" and isinstance(value, (int, float)) and not isinstance(value, bool)}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2381,7 +2570,7 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     saved["config"] = dataclasses.asdict(config)
     with torch.device(device):
         model = GPT(config)
-    model.load_state_dict(saved["model"])
+    model.load_state_dict(saved.pop("model"))  # the weights now live in the model: no second copy per member
     state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
     model.loop_active = state.get("loop_active", bool(config.loop_repeats))
     model.window_sizes = state.get("window_sizes", model.window_sizes)
@@ -2803,7 +2992,8 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
     allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
-               "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout"}
+               "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout", "low_memory",
+               "sample_tokens", "wandb"}
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
@@ -2895,6 +3085,12 @@ def check_resume_checkpoints(hp: Hyperparameters, dist_info: Dist, folder: str) 
             raise ConfigError(f"--resume: {path} holds no valid step ({progress.get('step')!r})")
 
 
+def non_default_hyperparameters(hp: Hyperparameters) -> dict:
+    """{name: value} of the fields that differ from the dataclass defaults (a preset's values included)."""
+    defaults = Hyperparameters()
+    return {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp) if getattr(hp, f.name) != getattr(defaults, f.name)}
+
+
 def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> None:
     script_path = os.path.abspath(__file__)
     with open(script_path, encoding="utf-8") as handle:
@@ -2902,7 +3098,10 @@ def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[s
     log.section("command", [" ".join(shlex.quote(a) for a in [sys.executable, script_path, *argv]),
                             f"git commit: {git_commit() or 'none'}", f"run folder: {log.folder}"])
     log.section("environment", environment_report(dist_info))
-    log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()])
+    log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()], echo=False)
+    changed = non_default_hyperparameters(hp)  # the terminal shows what this run changed; log.txt keeps them all
+    log.write(f"hyperparameters (not at their defaults; all {len(dataclasses.fields(hp))} in log.txt): "
+              + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none"), echo=True)
 
 
 def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: list[str]) -> RunLog:
@@ -2956,6 +3155,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     check_hyperparameters(hp, dist_info.world_size)
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     device = dist_info.device
+    wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
 
     run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
@@ -2965,6 +3165,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if hp.resume:
         check_resume_checkpoints(hp, dist_info, folder)
     log = open_run_folder(hp, dist_info, folder, argv)
+    if wandb is not None and dist_info.is_main:
+        log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
     unigram_oracle = unigram_entropy(data.val_tokens)
@@ -2986,6 +3188,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     ])
     for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
         log.write(f"memory | {line}")
+    for warning in data_size_warnings(hp, data.train_tokens.size):
+        log.write(warning)
 
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
@@ -3100,9 +3304,22 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         candidate_val_losses=candidate_losses,
         selection=selection,
     )
+    if hp.sample_tokens and dist_info.is_main:  # after the final evaluation; no collectives, so rank 0 alone
+        result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
+                                                 device)
+        log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
+                    sample_lines(result["samples"], hp.vocab_size))
+    result["peak_memory_bytes"] = peak_memory_bytes(device)
     log.save_json("result.json", result)
-    log.write(f"done | val_loss {val_loss:.4f} | tokens trained on {format_count(tokens_seen)} | "
-              f"wall {format_duration(result['wall_seconds'])} | ranks agree: {'yes' if agree else 'NO'} | {folder}")
+    if dist_info.is_main:
+        write_loss_plot(folder, f"{run_id} | preset {hp.preset or 'none'} | val {val_loss:.4f}", unigram)
+        try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind
+            os.rmdir(os.path.join(folder, "checkpoints"))
+        except OSError:
+            pass
+    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)} | tokens trained on "
+              f"{format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
+              f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
     log.close()
     return result
 
@@ -3335,13 +3552,15 @@ def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
 # main
 
 
-def tune_cpu_runtime() -> None:
+def tune_cpu_runtime(keep_freed_memory: bool = True) -> None:
     """Two CPU settings measured on 2 cores (torch 2.13, the tiny preset's 50,304-wide lm_head):
     - denormal floats made one lm_head backward matmul ~40x slower (25 s instead of 0.6 s): flush them to zero;
     - glibc hands every allocation above 32 MB back to the OS when freed, so each 200 MB logits tensor page-faults
       afresh: 205 ms per 256 tokens for forward + backward; raising the mmap and trim thresholds so freed memory is
       reused gave 95 ms."""
     torch.set_flush_denormal(True)
+    if not keep_freed_memory:  # --low_memory: the heap keeps fewer freed blocks, and fragments less
+        return
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -3361,7 +3580,7 @@ def main(argv: list[str] | None = None) -> int:
         hp = parse_args(argv)
         dist_info = setup_distributed(hp.device, hp.dist_timeout)
         if dist_info.device.type == "cpu":
-            tune_cpu_runtime()
+            tune_cpu_runtime(keep_freed_memory=not hp.low_memory)
         if hp.plan_only:  # before any data or work: the plan, then exit (2 if it cannot fit)
             check_hyperparameters(hp, hp.plan_world_size or dist_info.world_size)
             check_memory_plan(hp, dist_info)

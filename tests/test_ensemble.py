@@ -135,7 +135,7 @@ def test_ensemble_run_scores_members_and_eval_only_agrees(micro_data, tmp_path, 
     assert len({m["member"] for m in read_metrics(os.path.join(logs, "ens")) if m["kind"] == "train"}) == 3
     log_text = open(os.path.join(logs, "ens", "log.txt")).read()
     assert "ensemble size -> val loss" in log_text and "distilling from 1 teacher(s)" in log_text
-    assert not os.listdir(os.path.join(logs, "ens", "checkpoints"))  # finished members leave no checkpoints
+    assert not os.path.exists(os.path.join(logs, "ens", "checkpoints"))  # finished members leave no checkpoints, nor their folder
 
     capsys.readouterr()
     member_files = os.path.join(logs, "ens", "members", "member_*.pt")
