@@ -85,6 +85,7 @@ def test_old_shards_read_as_gpt2_and_header_field(tmp_path):
     ("mini", "data/sample/fineweb_edu_val.bin", "gpt2"),  # BPE shards under the byte preset
 ])
 def test_tokenizer_mismatch_is_refused_in_one_line(preset, files, made_by, capsys, tmp_path):
+    files = os.path.join(REPO_ROOT, files)
     code = train_gpt.main(["--preset", preset, "--train_files", files, "--val_files", files, "--test_files", "",
                            "--log_dir", str(tmp_path)])
     err = capsys.readouterr().err.strip()
@@ -123,6 +124,8 @@ def test_mini_run_reports_bits_per_byte(tmp_path):
     val file (every target token is one byte except the separators); the done line shows it."""
     code = train_gpt.main(["--preset", "mini", "--n_layer", "1", "--n_embd", "32", "--n_head", "2",
                            "--max_steps", "2", "--val_tokens", "4097", "--test_files", "", "--train_tokens", "20000",
+                           "--train_files", os.path.join(MINI, "mini_train.bin"),
+                           "--val_files", os.path.join(MINI, "mini_val.bin"),
                            "--log_dir", str(tmp_path), "--run_id", "r", "--save_model", "false"])
     assert code == 0
     result = json.loads((tmp_path / "r" / "result.json").read_text())
