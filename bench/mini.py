@@ -117,19 +117,24 @@ def build_curve(results: dict, command: str) -> dict:
         points.append(dict(budget=f"1/{n}", train_tokens=result["train_tokens"], val_loss=val,
                            test_loss=result["test_loss"], val_bpb=result["val_bpb"], test_bpb=result["test_bpb"],
                            size=size, epochs=epochs, run=run_id, runs_tried=len(by_budget[n])))
+    # A budget whose best loss does not beat a smaller budget's adds no point: plain training with B bytes could use
+    # only the smaller budget's bytes, and interpolation needs losses that fall. Such budgets are kept apart.
+    used, dropped = [], []
+    for point in points:
+        (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
     unigram = next(iter(results.values()))[3]
     curve = dict(track="mini", what="best val loss of plain `--preset mini` training over model sizes and epoch "
                  "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
                  "the curve reaches a loss (piecewise linear in tokens, slowrun data_eff) / the run's own budget",
                  interpolation="linear in train_tokens", command=command, git_commit=git_commit(),
                  sizes=SIZES, unigram_val_loss=unigram.get("unigram_val_loss"),
-                 unigram_val_bpb=unigram.get("unigram_val_bpb"), points=points)
+                 unigram_val_bpb=unigram.get("unigram_val_bpb"), points=used, not_falling=dropped)
     out_dir = os.path.join(REPO_ROOT, "records", "mini")
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "reference_curve.json"), "w") as handle:
         json.dump(curve, handle, indent=2)
         handle.write("\n")
-    plot_curve(results, points, os.path.join(out_dir, "reference_curve.png"))
+    plot_curve(results, used, os.path.join(out_dir, "reference_curve.png"))
     sizes = sorted({size for _, size, _, _ in results.values()}, key=list(SIZES).index)
     lines = [f"Command: `{command}` (git {git_commit()}; one thread each, OMP_NUM_THREADS=1, on a shared 2-core "
              f"machine). Cell: val / test loss in nats per byte of the best epoch count (chosen on val) for that "
@@ -148,6 +153,9 @@ def build_curve(results: dict, command: str) -> dict:
         lines.append(f"| {point['budget']} | {point['train_tokens']:,} | " + " | ".join(cells) +
                      f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / "
                      f"{point['test_bpb']:.3f}) |")
+    if dropped:
+        lines += ["", "Not on the curve (their best val loss does not beat a smaller budget's): "
+                  + ", ".join(f"{p['budget']} ({p['val_loss']:.4f})" for p in dropped) + "."]
     return curve, "\n".join(lines)
 
 
@@ -220,7 +228,7 @@ def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python bench/mini.py", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="action", required=True)
     curve = sub.add_parser("curve", help="the reference curve: plain runs at every budget, size and epoch count")
     curve.add_argument("--epochs", default="16:16,32;8:8,16;4:4,8;2:2,4;1:1,2",
                        help="epoch counts per budget, 'N:e1,e2;...' (1/N of the data)")
@@ -241,8 +249,8 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a") as handle:
             handle.write(text + "\n")
 
-    if args.command == "curve":
-        epochs = {int(n): [int(e) for e in es.split(",")]
+    if args.action == "curve":
+        epochs = {int(n): [int(e) for e in es.split(",") if e]
                   for n, es in (item.split(":") for item in args.epochs.split(";"))}
         sizes = args.sizes.split(",")
         results = {}
