@@ -65,6 +65,7 @@ class Hyperparameters:
     val_tokens: int = 0  # score only the first N validation tokens (0 = all of them)
     vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
     bos_id: int = 50256  # <|endoftext|>: every document starts with it
+    tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256); a mismatch is refused
     # --- model (nanochat lineage, as in the public slowrun baseline) ---------------------------------------------
     n_layer: int = 12  # transformer blocks
     n_embd: int = 768  # residual width
@@ -201,6 +202,19 @@ PRESETS: dict[str, dict] = {
         num_epochs=3, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=5, device="cpu",
     ),
+    # The CPU data-efficiency track (issue 17): FineWeb-Edu as UTF-8 bytes (vocabulary 256 + a document separator),
+    # so the output layer is tiny and a one-thread CPU step goes into the transformer. The track's data is the first
+    # 262,144 bytes of data/mini/mini_train.bin (whole documents); a plain run of this preset learns visibly in a few
+    # minutes on 2 cores. See README "Mini-slowrun (CPU)" and records/mini/.
+    "mini": dict(
+        train_files="data/mini/mini_train.bin", val_files="data/mini/mini_val.bin",
+        test_files="data/mini/mini_test.bin", train_tokens=262144,
+        tokenizer="bytes", vocab_size=257, bos_id=256,
+        n_layer=3, n_embd=96, n_head=3, seq_len=128,
+        batch_tokens=4096, device_batch_size=32, val_batch_size=64,
+        num_epochs=2, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
+        log_every=10, device="cpu",
+    ),
     # The public slowrun baseline's shape (github.com/qlabs-eng/slowrun train.py: 30 layers, width 1792, 14 heads,
     # SwiGLU, dropout 0.1, weight decay 1.3, 11 epochs, 524,288-token batches, logit cap 10). We use width 2048 with
     # 16 heads (head_dim 128 either way). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
@@ -302,6 +316,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.fused_loss in ("auto", "on", "chunked", "off"),
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
+    require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
     require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
     require(0.0 <= hp.dropout < 1.0, f"dropout must lie in [0, 1), got {hp.dropout}")
     require(0.0 <= hp.warmdown_frac <= 1.0, f"warmdown_frac must lie in [0, 1], got {hp.warmdown_frac}")
@@ -577,13 +592,17 @@ SHARD_MAGIC = 20240520  # modded-nanogpt / llm.c token shard: 256 int32 header, 
 SHARD_VERSION = 1
 SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+# header[3] names the tokenizer that made the shard, as an index here. 0 is GPT-2's BPE, which is also what every
+# shard written before the field existed (modded-nanogpt's, FineWeb's, ours) holds there, so old shards read as GPT-2.
+SHARD_TOKENIZERS = ("gpt2", "bytes")
+BYTE_SEPARATOR = 256  # the byte tokenizer's document separator (ids 0-255 are the bytes): opens every document
 
 
 class DataError(ValueError):
     """A missing or malformed data file: one line naming the file and what is wrong."""
 
 
-def write_shard(path: str, tokens: np.ndarray) -> None:
+def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2") -> None:
     """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
@@ -592,6 +611,7 @@ def write_shard(path: str, tokens: np.ndarray) -> None:
         raise ValueError(f"{path}: token ids must lie in [0, 65536) to be stored as uint16")
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    header[3] = SHARD_TOKENIZERS.index(tokenizer)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "wb") as handle:
@@ -623,6 +643,30 @@ def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
         raise DataError(f"{path}: token id {int(tokens[position])} at position {position:,} is >= vocab_size "
                         f"{vocab_size}")
     return tokens
+
+
+def shard_tokenizer(path: str) -> str | None:
+    """The tokenizer a shard's header names (header[3]); None when the file is no shard at all (read_shard then
+    says what is wrong with it)."""
+    if not os.path.isfile(path) or os.path.getsize(path) < SHARD_HEADER_BYTES:
+        return None
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        return None
+    if not 0 <= int(header[3]) < len(SHARD_TOKENIZERS):
+        raise DataError(f"{path}: header[3] = {int(header[3])} names no known tokenizer (0 gpt2, 1 bytes)")
+    return SHARD_TOKENIZERS[int(header[3])]
+
+
+def check_shard_tokenizers(hp: Hyperparameters, patterns: list[str]) -> None:
+    """Refuses, in one line, a shard made by another tokenizer than the run's: a byte shard fed to a GPT-2 model
+    would train without any error (byte ids are valid GPT-2 ids) and mean nothing."""
+    for path in sorted(path for pattern in patterns if pattern for path in glob.glob(pattern)):
+        made_by = shard_tokenizer(path)
+        if made_by is not None and made_by != hp.tokenizer:
+            raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
+                            f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
+                            f"its vocabulary (--preset mini for bytes) or shards made for {hp.tokenizer}")
 
 
 def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
@@ -777,6 +821,60 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
     counts = np.bincount(train_tokens.astype(np.int64), minlength=vocab_size)[:vocab_size] + 0.5
     log_probs = np.log(counts / counts.sum())
     return float(-log_probs[val_tokens[1:].astype(np.int64)].mean())
+
+
+# Bits per byte: a loss in nats per token depends on the tokenizer; nats (or bits) per byte of the text do not, so
+# tracks with different tokenizers (GPT-2 BPE, bytes) compare on this scale.
+
+
+@functools.lru_cache(maxsize=None)
+def token_byte_lengths(tokenizer: str, vocab_size: int) -> np.ndarray | None:
+    """UTF-8 bytes of text each token id stands for (0 for the document separator and padding ids). For GPT-2 read
+    from the bundled data/gpt2.tiktoken (one `base64(token bytes) rank` line per token); None when it is missing."""
+    lengths = np.zeros(max(vocab_size, 257), dtype=np.int64)
+    if tokenizer == "bytes":
+        lengths[:256] = 1
+        return lengths
+    import base64
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as handle:
+        for line in handle:
+            if line.strip():
+                token, rank = line.split()
+                if int(rank) < lengths.size:
+                    lengths[int(rank)] = len(base64.b64decode(token))
+    return lengths
+
+
+def text_bytes(tokens: np.ndarray, lengths: np.ndarray) -> int:
+    """Bytes of text the tokens decode to."""
+    return int(lengths[tokens.astype(np.int64)].sum())
+
+
+def bits_per_byte(loss: float, targets: int, num_bytes: int) -> float:
+    """Mean nats per token over `targets` tokens -> bits per byte of the text they decode to: loss * targets is the
+    total in nats, spread over the bytes (a separator costs its loss but holds no byte)."""
+    return loss * targets / num_bytes / math.log(2)
+
+
+def run_bits_per_byte(hp: Hyperparameters, data: RunData, val_loss: float, test_loss: float | None,
+                      unigram: float) -> dict:
+    """result.json's bits-per-byte fields: val, test and the unigram baseline (None without the GPT-2 vocab file)."""
+    lengths = token_byte_lengths(hp.tokenizer, hp.vocab_size)
+    if lengths is None:
+        return dict(val_bpb=None, test_bpb=None, unigram_val_bpb=None, val_bytes=None)
+    val_targets = data.val_data.tokens[1:data.val_data.num_targets + 1]
+    val_bytes = text_bytes(val_targets, lengths)
+    test_bpb = None
+    if test_loss is not None:
+        test_targets = data.test_data.tokens[1:data.test_data.num_targets + 1]
+        test_bpb = bits_per_byte(test_loss, data.test_data.num_targets, text_bytes(test_targets, lengths))
+    return dict(val_bpb=bits_per_byte(val_loss, data.val_data.num_targets, val_bytes), test_bpb=test_bpb,
+                unigram_val_bpb=bits_per_byte(unigram, data.val_tokens.size - 1,
+                                              text_bytes(data.val_tokens[1:], lengths)),
+                val_bytes=val_bytes)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2481,6 +2579,7 @@ def check_data_files(hp: Hyperparameters, need_train: bool = True) -> None:
 
 
 def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
+    check_shard_tokenizers(hp, [hp.train_files if need_train else "", hp.val_files, hp.test_files])
     train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train") if need_train else np.zeros(0, np.uint16)
     val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
     if hp.test_files:
@@ -3289,6 +3388,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                        outcome=member_results[0])
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
+    bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
+    log.metrics(dict(kind="bits_per_byte", **bpb))
     result = dict(
         run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
         unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
@@ -3302,7 +3403,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
         member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
         candidate_val_losses=candidate_losses,
-        selection=selection,
+        selection=selection, **bpb,
     )
     if hp.sample_tokens and dist_info.is_main:  # after the final evaluation; no collectives, so rank 0 alone
         result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
@@ -3317,8 +3418,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             os.rmdir(os.path.join(folder, "checkpoints"))
         except OSError:
             pass
-    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)} | tokens trained on "
-              f"{format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
+    bpb_text = "" if bpb["val_bpb"] is None else f" | val_bpb {bpb['val_bpb']:.4f} (unigram {bpb['unigram_val_bpb']:.4f})"
+    log.write(f"done | val_loss {val_loss:.4f}{bpb_text} | {unigram_comparison(val_loss, unigram)} | tokens trained "
+              f"on {format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
               f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
     log.close()
     return result
@@ -3342,7 +3444,8 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
     seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary
-    hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size)
+    hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size,  # and the shards' tokenizer (old files: gpt2)
+                             tokenizer=loaded[0][1]["hyperparameters"].get("tokenizer", "gpt2"))
     weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])

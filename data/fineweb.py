@@ -22,18 +22,13 @@ goes, how long it takes, how to work offline and how the tests stand in for the 
 """
 from __future__ import annotations
 
-import os
-import sys
-
-if __name__ == "__main__":  # `python data/fineweb.py` puts data/ first on sys.path, where a sibling script named
-    # like a standard module (data/tokenize.py) would shadow it: look for modules elsewhere.
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != os.path.dirname(os.path.abspath(__file__))]
-
 import argparse
 import datetime
 import hashlib
 import json
+import os
 import shutil
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""data/tokenize.py: text and JSONL -> .bin shards with GPT-2's BPE, offline vocabulary, document splits, errors."""
+"""data/encode.py: text and JSONL -> .bin shards with GPT-2's BPE, offline vocabulary, document splits, errors."""
 import hashlib
 import importlib.util
 import json
@@ -18,15 +18,14 @@ needs_sources = pytest.mark.skipif(not os.path.isfile(os.path.join(SHARED, "fine
                                    reason="the sample's source texts (../shared/data) are not on this machine")
 
 
-def load_tokenize_module():
-    # data/tokenize.py shares its name with the standard library's tokenize: load it under another name.
-    spec = importlib.util.spec_from_file_location("slowrun_tokenize", os.path.join(REPO_ROOT, "data", "tokenize.py"))
+def load_encode_module():
+    spec = importlib.util.spec_from_file_location("slowrun_encode", os.path.join(REPO_ROOT, "data", "encode.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-tok = load_tokenize_module()
+tok = load_encode_module()
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +34,7 @@ def encoding():
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "tokenize.py"), *args],
+    return subprocess.run([sys.executable, os.path.join(REPO_ROOT, "data", "encode.py"), *args],
                           capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
 
 

@@ -1,14 +1,19 @@
 """
 Text files (plain or JSONL) -> modded-nanogpt .bin token shards for train_gpt.py.
 
-    python data/tokenize.py my_corpus.txt --doc_split blank_line --out_dir data/mine --name mine
+    python data/encode.py my_corpus.txt --doc_split blank_line --out_dir data/mine --name mine
                                         # GPT-2's BPE from the bundled data/gpt2.tiktoken: no download
-    python data/tokenize.py a.jsonl b.jsonl --text_field content --out_dir data/mine --name mine
+    python data/encode.py a.jsonl b.jsonl --text_field content --out_dir data/mine --name mine
 
 Every document becomes <|endoftext|> (50256) followed by its GPT-2 tokens (tiktoken `encode_ordinary`: special-token
 text inside a document is encoded as plain text). The LAST whole documents holding at least --val_tokens tokens go to
 <name>_val.bin, the rest to <name>_train.bin (or <name>_train_000000.bin, _000001, ... when the train split is
-larger than --shard_tokens). Documents are never cut: not between train and val, not between shards.
+larger than --shard_tokens); with --test_tokens the very last documents go to <name>_test.bin and val comes just
+before them. Documents are never cut: not between splits, not between shards.
+
+--tokenizer bytes instead writes each document as its UTF-8 bytes (ids 0-255) opened by the separator 256 (a
+vocabulary of 257; the mini track's data/mini/ is made so). The shard header (train_gpt.SHARD_TOKENIZERS) records
+which tokenizer made it, and train_gpt.py refuses a shard made by another tokenizer than the run's --tokenizer.
 
 How a plain text file splits into documents (--doc_split; JSONL files hold one document per line whatever it says):
   file        the whole file is one document
@@ -28,37 +33,20 @@ from __future__ import annotations
 
 import argparse
 import gzip
-import importlib
 import json
 import os
 import re
 import sys
 
+import numpy as np
+
 _HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(_HERE)
+if REPO_ROOT not in sys.path:
+    sys.path.insert(0, REPO_ROOT)
+from train_gpt import BYTE_SEPARATOR, DataError, Hyperparameters, read_shard, write_shard  # noqa: E402,F401
 
-if __name__ == "tokenize":
-    # This file sits where the standard library's `tokenize` would be found when a script inside data/ runs
-    # (Python puts the script's folder first on sys.path) and numpy, torch or inspect then import `tokenize`. Step
-    # aside: load the real module and hand it to whoever imported us (the import statement returns whatever
-    # sys.modules holds once this file has run; the definitions below then land in a module nobody sees).
-    _saved_path = sys.path[:]
-    sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-    del sys.modules["tokenize"]
-    try:
-        sys.modules["tokenize"] = importlib.import_module("tokenize")
-    finally:
-        sys.path[:] = _saved_path
-else:
-    if __name__ == "__main__":  # run as a script: keep data/ off the path so numpy & co. find the real tokenize
-        sys.path[:] = [entry for entry in sys.path if os.path.abspath(entry or os.curdir) != _HERE]
-    import numpy as np
-
-    REPO_ROOT = os.path.dirname(_HERE)
-    if REPO_ROOT not in sys.path:
-        sys.path.insert(0, REPO_ROOT)
-    from train_gpt import DataError, Hyperparameters, read_shard, write_shard  # noqa: E402,F401
-
-    BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
+BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
 
 BUNDLED_VOCAB = os.path.join(_HERE, "gpt2.tiktoken")  # OpenAI's GPT-2 BPE ranks, MIT (from openai/whisper)
 GPT2_RANKS = 50256  # mergeable BPE ranks of GPT-2 (ids 0..50255); <|endoftext|> is the one special token
@@ -66,6 +54,7 @@ GPT2_RANKS = 50256  # mergeable BPE ranks of GPT-2 (ids 0..50255); <|endoftext|>
 # for tiktoken versions that do not export the constant.
 GPT2_PATTERN_FALLBACK = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DOC_SPLITS = ("file", "blank_line", "line", "joined")
+TOKENIZERS = ("gpt2", "bytes")  # the names train_gpt's shard header and --tokenizer use
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
 
@@ -114,6 +103,38 @@ def gpt2_encoding(vocab_path: str | None = None):
     if encoding.encode_ordinary("Hello world") != [15496, 995]:
         raise TokenizeError(f"--vocab {vocab_path}: 'Hello world' does not encode to GPT-2's [15496, 995]")
     return encoding
+
+
+class ByteEncoding:
+    """The byte tokenizer: a document is its UTF-8 bytes (ids 0-255), opened by the separator 256 (vocabulary 257).
+    No merges to learn and nothing out of vocabulary; every token is one byte, so nats per token are nats per byte.
+    The same calls as a tiktoken Encoding where tokenize_files uses one."""
+    name = "bytes"
+    bos_id = BYTE_SEPARATOR
+    n_vocab = BYTE_SEPARATOR + 1
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids) -> str:
+        """One document's ids (no separator) -> its text; invalid UTF-8 is an error, never replaced."""
+        return bytes(int(i) for i in ids).decode("utf-8")
+
+
+def decode_byte_documents(tokens) -> list[str]:
+    """A byte shard's tokens -> its documents' texts (each separator opens one)."""
+    tokens = np.asarray(tokens, dtype=np.int64)
+    starts = np.flatnonzero(tokens == BYTE_SEPARATOR)
+    ends = np.append(starts[1:], tokens.size)
+    return [ByteEncoding().decode(tokens[start + 1:end]) for start, end in zip(starts, ends)]
+
+
+def make_encoding(tokenizer: str, vocab_path: str | None):
+    if tokenizer == "bytes":
+        return ByteEncoding()
+    if tokenizer != "gpt2":
+        raise TokenizeError(f"--tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
+    return gpt2_encoding(vocab_path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -298,7 +319,7 @@ def read_documents(path: str, input_format: str, doc_split: str, text_field: str
 # Splitting and writing
 
 
-def split_point(doc_lengths: np.ndarray, val_tokens: int) -> int:
+def split_point(doc_lengths: np.ndarray, val_tokens: int, flag: str = "--val_tokens") -> int:
     """Index of the first validation document: the fewest last documents whose tokens (BOS included) reach
     val_tokens. len(doc_lengths) when val_tokens is 0. At least one document must stay in train."""
     if val_tokens <= 0:
@@ -307,7 +328,7 @@ def split_point(doc_lengths: np.ndarray, val_tokens: int) -> int:
     reached = np.flatnonzero(from_end >= val_tokens)
     most_val = int(from_end[-2]) if len(doc_lengths) > 1 else 0
     if reached.size == 0 or reached[0] >= len(doc_lengths) - 1:
-        raise TokenizeError(f"--val_tokens {val_tokens:,} is more than the data allows: the {len(doc_lengths):,} "
+        raise TokenizeError(f"{flag} {val_tokens:,} is more than the data allows: the {len(doc_lengths):,} "
                             f"documents hold {int(from_end[-1]):,} tokens and at least one whole document must stay "
                             f"in train, so val can hold at most {most_val:,}")
     return len(doc_lengths) - 1 - int(reached[0])
@@ -357,7 +378,7 @@ def tokenize_files(paths: list[str], encoding, input_format: str = "auto", doc_s
             for text, consumed in read_documents(path, input_format, doc_split, text_field, min_doc_chars):
                 if text:
                     ids = encoding.encode_ordinary(text)
-                    documents.append(np.array([BOS_ID, *ids], dtype=np.uint16))
+                    documents.append(np.array([getattr(encoding, "bos_id", BOS_ID), *ids], dtype=np.uint16))
                 bar.update(consumed)
     finally:
         bar.close()
@@ -371,15 +392,17 @@ def _stale_outputs(out_dir: str, name: str) -> list[str]:
     """Files a previous run of this name may have left: they would mix into a glob of the new ones."""
     if not os.path.isdir(out_dir):
         return []
-    pattern = re.compile(rf"{re.escape(name)}_(?:train|val)(?:_\d{{6}})?\.bin")
+    pattern = re.compile(rf"{re.escape(name)}_(?:train|val|test)(?:_\d{{6}})?\.bin")
     return sorted(os.path.join(out_dir, entry) for entry in os.listdir(out_dir) if pattern.fullmatch(entry))
 
 
 def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_tokens: int,
-                 shard_tokens: int) -> dict:
-    """Writes the train shard(s) and the val file; returns a summary."""
+                 shard_tokens: int, tokenizer: str = "gpt2", test_tokens: int = 0) -> dict:
+    """Writes the train shard(s), the val file and (test_tokens > 0) the test file: test is the last whole documents,
+    val the ones before them; returns a summary."""
     lengths = np.array([doc.size for doc in documents], dtype=np.int64)
-    first_val = split_point(lengths, val_tokens)
+    first_test = split_point(lengths, test_tokens, "--test_tokens")
+    first_val = split_point(lengths[:first_test], val_tokens)
     train_ranges = shard_ranges(lengths[:first_val], shard_tokens)
     outputs = []  # (path, first doc, end doc)
     if len(train_ranges) == 1:
@@ -387,19 +410,22 @@ def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_token
     else:
         outputs += [(os.path.join(out_dir, f"{name}_train_{index:06d}.bin"), first, end)
                     for index, (first, end) in enumerate(train_ranges)]
-    if first_val < len(documents):
-        outputs.append((os.path.join(out_dir, f"{name}_val.bin"), first_val, len(documents)))
+    if first_val < first_test:
+        outputs.append((os.path.join(out_dir, f"{name}_val.bin"), first_val, first_test))
+    if first_test < len(documents):
+        outputs.append((os.path.join(out_dir, f"{name}_test.bin"), first_test, len(documents)))
     written = {os.path.abspath(path) for path, _, _ in outputs}
     removed = [path for path in _stale_outputs(out_dir, name) if os.path.abspath(path) not in written]
     for path in removed:
         os.remove(path)
     files = []
     for path, first, end in outputs:
-        write_shard(path, np.concatenate(documents[first:end]))
+        write_shard(path, np.concatenate(documents[first:end]), tokenizer)
         files.append({"path": path, "documents": end - first, "tokens": int(lengths[first:end].sum())})
     return {"documents": len(documents), "tokens": int(lengths.sum()),
             "train_documents": first_val, "train_tokens": int(lengths[:first_val].sum()),
-            "val_documents": len(documents) - first_val, "val_tokens": int(lengths[first_val:].sum()),
+            "val_documents": first_test - first_val, "val_tokens": int(lengths[first_val:first_test].sum()),
+            "test_documents": len(documents) - first_test, "test_tokens": int(lengths[first_test:].sum()),
             "files": files, "removed": removed}
 
 
@@ -409,7 +435,7 @@ def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_token
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python data/tokenize.py",
+        prog="python data/encode.py",
         description="Tokenize text or JSONL files with GPT-2's BPE into modded-nanogpt .bin shards "
                     "(<|endoftext|> before every document; the last documents form the val split).")
     parser.add_argument("inputs", nargs="+", help="text files, or JSONL files (.jsonl: one JSON object per line)")
@@ -425,6 +451,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--val_tokens", type=int, default=32768,
                         help="the last whole documents holding at least this many tokens form the val split "
                              "(0 = no val file; default 32768)")
+    parser.add_argument("--test_tokens", type=int, default=0,
+                        help="the last whole documents holding at least this many tokens form a held-out test split, "
+                             "<name>_test.bin, and val comes from the documents before them (default 0: no test)")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
+                        help="gpt2: GPT-2's BPE (default) | bytes: UTF-8 bytes, ids 0-255, with 256 opening every "
+                             "document (vocabulary 257; train with --tokenizer bytes --vocab_size 257 --bos_id 256, "
+                             "as --preset mini does). The shard header records which")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000,
                         help="most tokens per train shard; more train than this is split into numbered shards "
                              "(default 100M, as modded-nanogpt)")
@@ -447,15 +480,20 @@ def run(args: argparse.Namespace) -> dict:
     for path in args.inputs:
         if not os.path.isfile(path):
             raise TokenizeError(f"{path}: file not found")
-    encoding = gpt2_encoding(args.vocab)
+    if args.test_tokens < 0:
+        raise TokenizeError(f"--test_tokens {args.test_tokens}: must be >= 0")
+    encoding = make_encoding(args.tokenizer, args.vocab)
     documents = tokenize_files(args.inputs, encoding, args.input_format, args.doc_split, args.text_field,
                                args.min_doc_chars, quiet=args.quiet)
-    summary = write_splits(documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens)
+    summary = write_splits(documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens, args.tokenizer,
+                           args.test_tokens)
     if not args.quiet:
         print(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens (BOS included) from "
               f"{len(args.inputs)} file(s)")
         print(f"train: {summary['train_documents']:,} documents, {summary['train_tokens']:,} tokens")
         print(f"val:   {summary['val_documents']:,} documents, {summary['val_tokens']:,} tokens")
+        if summary["test_documents"]:
+            print(f"test:  {summary['test_documents']:,} documents, {summary['test_tokens']:,} tokens")
         for path in summary["removed"]:
             print(f"removed stale {path}")
         for entry in summary["files"]:

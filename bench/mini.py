@@ -1,0 +1,280 @@
+"""
+The mini-slowrun bench (issue 17): the reference curve of the `mini` track and the method's tables, on one CPU thread.
+
+    python bench/mini.py curve                    # plain training at 1/16 .. 1 of the track's data, 3 sizes x epochs
+    python bench/mini.py curve --build            # records/mini/reference_curve.json + table + plot from finished runs
+    python bench/mini.py grid NAME --budget 8 --runs 'wd0:--muon_wd 0' 'wd1:--muon_wd 1.0' ...   # any table at 1/8
+
+Every run is `train_gpt.py --preset mini` plus flags, one after another, with OMP_NUM_THREADS=1 (the machine is
+shared), in bench/runs/mini/<run_id>/ ; a run whose result.json exists is not run again, so a killed bench resumes.
+
+Data efficiency, by the public slowrun's own method (github.com/qlabs-eng/slowrun data_eff/README.md): at each train
+budget the reference is the best val loss over several model sizes (and, here, epoch counts) of plain training;
+a run's loss is placed on that curve by piecewise-linear interpolation between the budgets, which gives the budget B
+at which plain training reaches it, and the run's data efficiency is B / (its own budget). `data_efficiency` is
+that function; records.py can call it with the points of records/mini/reference_curve.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.results_file import write_section  # noqa: E402
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNS = os.path.join(REPO_ROOT, "bench", "runs", "mini")
+RESULTS = os.path.join(REPO_ROOT, "bench", "RESULTS.md")
+TRACK_BYTES = 262144  # the mini preset's --train_tokens: the track's whole budget ("1" on the curve)
+BUDGETS = (16, 8, 4, 2, 1)  # the curve's budgets, as 1/N of the track's data
+SIZES = {"s": "--n_layer 2 --n_embd 64 --n_head 2", "m": "--n_layer 3 --n_embd 96 --n_head 3",
+         "l": "--n_layer 4 --n_embd 128 --n_head 4"}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Data efficiency
+
+
+def reference_budget(points: list[tuple[float, float]], loss: float) -> float | None:
+    """The budget at which the reference curve reaches `loss`, linear in the budget between neighbouring points
+    (slowrun data_eff). points: (budget, best loss) sorted by budget, losses falling. None when the loss lies off
+    the curve (below its last point or above its first): that is a bound, never an extrapolation."""
+    if any(b1 <= b0 or l1 >= l0 for (b0, l0), (b1, l1) in zip(points, points[1:])):
+        raise ValueError(f"reference points must rise in budget and fall in loss: {points}")
+    if not points or loss < points[-1][1] or loss > points[0][1]:
+        return None
+    for (b0, l0), (b1, l1) in zip(points, points[1:]):
+        if l1 <= loss <= l0:
+            return b0 + (l0 - loss) / (l0 - l1) * (b1 - b0)
+    return points[0][0]  # a single point equal to the loss
+
+
+def data_efficiency(points: list[tuple[float, float]], loss: float, budget: float) -> tuple[str, float]:
+    """(relation, multiple) of a run with this loss trained on `budget`: ("=", B / budget) on the curve; (">", last
+    budget / budget) when it beats every reference point; ("<", first budget / budget) when it is worse than all."""
+    matched = reference_budget(points, loss)
+    if matched is not None:
+        return "=", matched / budget
+    if loss < points[-1][1]:
+        return ">", points[-1][0] / budget
+    return "<", points[0][0] / budget
+
+
+def format_efficiency(relation: str, multiple: float) -> str:
+    return f"{multiple:.2f}x" if relation == "=" else f"{relation} {multiple:.2f}x"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Runs
+
+
+def run(run_id: str, flags: str, log) -> dict:
+    """One train_gpt.py --preset mini run on one thread (skipped when its result.json exists); its result.json."""
+    result_path = os.path.join(RUNS, run_id, "result.json")
+    if not os.path.isfile(result_path):
+        command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--preset", "mini", "--log_dir", RUNS,
+                   "--run_id", run_id, "--save_model", "false", "--val_every", "-1", *flags.split()]
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+        log(f"run {run_id}: {' '.join(command[2:])}")
+        done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            log(f"run {run_id} FAILED rc {done.returncode}: {done.stderr.strip().splitlines()[-1:]}")
+            return {}
+    with open(result_path) as handle:
+        result = json.load(handle)
+    log(f"  {run_id}: val {result['val_loss']:.4f} test {result['test_loss']:.4f} bpb {result.get('val_bpb')} "
+        f"train_tokens {result['train_tokens']} train {result['train_seconds']:.0f}s")
+    return result
+
+
+def curve_runs(epochs: dict[int, list[int]]) -> list[tuple[int, str, int, str]]:
+    """(budget N, size, epochs, run_id) of the reference grid."""
+    return [(n, size, e, f"ref_b{n}_{size}_e{e}") for size in SIZES for n in BUDGETS for e in epochs[n]]
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Tables: the reference curve (records/mini/reference_curve.json, its plot, its RESULTS.md section) and any grid
+
+
+def git_commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def build_curve(results: dict, command: str) -> dict:
+    """The best run per budget (chosen on val, never on test) -> the curve; writes the json, the plot, the table."""
+    by_budget = {}
+    for run_id, (n, size, epochs, result) in results.items():
+        if result:
+            by_budget.setdefault(n, []).append((result["val_loss"], run_id, size, epochs, result))
+    points = []
+    for n in sorted(by_budget, reverse=True):
+        val, run_id, size, epochs, result = min(by_budget[n])
+        points.append(dict(budget=f"1/{n}", train_tokens=result["train_tokens"], val_loss=val,
+                           test_loss=result["test_loss"], val_bpb=result["val_bpb"], test_bpb=result["test_bpb"],
+                           size=size, epochs=epochs, run=run_id, runs_tried=len(by_budget[n])))
+    # A budget whose best loss does not beat a smaller budget's adds no point: plain training with B bytes could use
+    # only the smaller budget's bytes, and interpolation needs losses that fall. Such budgets are kept apart.
+    used, dropped = [], []
+    for point in points:
+        (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
+    unigram = next(iter(results.values()))[3]
+    curve = dict(track="mini", what="best val loss of plain `--preset mini` training over model sizes and epoch "
+                 "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
+                 "the curve reaches a loss (piecewise linear in tokens, slowrun data_eff) / the run's own budget",
+                 interpolation="linear in train_tokens", command=command, git_commit=git_commit(),
+                 sizes=SIZES, unigram_val_loss=unigram.get("unigram_val_loss"),
+                 unigram_val_bpb=unigram.get("unigram_val_bpb"), points=used, not_falling=dropped)
+    out_dir = os.path.join(REPO_ROOT, "records", "mini")
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "reference_curve.json"), "w") as handle:
+        json.dump(curve, handle, indent=2)
+        handle.write("\n")
+    plot_curve(results, used, os.path.join(out_dir, "reference_curve.png"))
+    sizes = sorted({size for _, size, _, _ in results.values()}, key=list(SIZES).index)
+    lines = [f"Command: `{command}` (git {git_commit()}; one thread each, OMP_NUM_THREADS=1, on a shared 2-core "
+             f"machine). Cell: val / test loss in nats per byte of the best epoch count (chosen on val) for that "
+             f"size; `e` = epochs. Unigram baseline on val: {curve['unigram_val_loss']:.4f} nats/byte "
+             f"({curve['unigram_val_bpb']:.3f} bits/byte).", "",
+             "| budget | train bytes | " + " | ".join(f"{s} ({SIZES[s]})" for s in sizes) + " | best: val / test (bits/byte) |",
+             "|---|---|" + "---|" * len(sizes) + "---|"]
+    for point in points:
+        n = int(point["budget"].split("/")[1])
+        cells = []
+        for size in sizes:
+            runs = [(r["val_loss"], r["test_loss"], e) for rid, (nn, ss, e, r) in results.items()
+                    if nn == n and ss == size and r]
+            tried = ",".join(str(e) for _, _, e in sorted(runs, key=lambda x: x[2]))
+            cells.append("—" if not runs else f"{min(runs)[0]:.4f} / {min(runs)[1]:.4f} (e{min(runs)[2]} of {tried})")
+        lines.append(f"| {point['budget']} | {point['train_tokens']:,} | " + " | ".join(cells) +
+                     f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / "
+                     f"{point['test_bpb']:.3f}) |")
+    if dropped:
+        lines += ["", "Not on the curve (their best val loss does not beat a smaller budget's): "
+                  + ", ".join(f"{p['budget']} ({p['val_loss']:.4f})" for p in dropped) + "."]
+    return curve, "\n".join(lines)
+
+
+def plot_curve(results: dict, points: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for size in SIZES:
+        rows = sorted((r["train_tokens"], r["val_loss"]) for _, (n, s, e, r) in results.items() if s == size and r)
+        best = {}
+        for tokens, loss in rows:
+            best[tokens] = min(loss, best.get(tokens, loss))
+        if best:
+            axis.plot(list(best), list(best.values()), "o--", alpha=0.6, label=f"size {size}: {SIZES[size]}")
+    axis.plot([p["train_tokens"] for p in points], [p["val_loss"] for p in points], "k-", lw=2, label="reference (best)")
+    axis.set_xscale("log")
+    axis.set_xlabel("train budget (bytes)")
+    axis.set_ylabel("val loss (nats/byte)")
+    axis.set_title("mini track: plain training, best over sizes and epochs")
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def load_curve_points(kind: str = "val_loss") -> list[tuple[float, float]] | None:
+    path = os.path.join(REPO_ROOT, "records", "mini", "reference_curve.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as handle:
+        return [(p["train_tokens"], p[kind]) for p in json.load(handle)["points"]]
+
+
+def efficiency_text(points, loss: float, budget: int) -> str:
+    if not points:
+        return "—"
+    try:
+        return format_efficiency(*data_efficiency(points, loss, budget))
+    except ValueError:  # a curve whose best losses do not fall with the budget: no single answer
+        return "n/a"
+
+
+def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
+    val_points, test_points = load_curve_points("val_loss"), load_curve_points("test_loss")
+    lines = [f"Command: `{command}` (git {git_commit()}; one thread each). Data efficiency against "
+             f"records/mini/reference_curve.json (val on the val curve, test on the test curve).", "",
+             "| run | flags | val | test | val bits/byte | train s | data eff. (val) | data eff. (test) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for label, flags, r in rows:
+        if not r:
+            lines.append(f"| {label} | `{flags}` | failed | | | | | |")
+            continue
+        lines.append(f"| {label} | `{flags}` | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['val_bpb']:.3f} | "
+                     f"{r['train_seconds']:.0f} | {efficiency_text(val_points, r['val_loss'], r['train_tokens'])} | "
+                     f"{efficiency_text(test_points, r['test_loss'], r['train_tokens'])} |")
+    ensembles = [(label, r["ensemble_val_losses"]) for label, _, r in rows if len(r.get("ensemble_val_losses") or []) > 1]
+    if ensembles:
+        width = max(len(losses) for _, losses in ensembles)
+        lines += ["", "Val loss of the running ensemble (probability average) after each member:", "",
+                  "| run | " + " | ".join(f"K={k + 1}" for k in range(width)) + " |", "|---|" + "---|" * width]
+        lines += [f"| {label} | " + " | ".join(f"{loss:.4f}" for loss in losses) + " |" * (width - len(losses) + 1)
+                  for label, losses in ensembles]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Main
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/mini.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="action", required=True)
+    curve = sub.add_parser("curve", help="the reference curve: plain runs at every budget, size and epoch count")
+    curve.add_argument("--epochs", default="16:16,32;8:8,16;4:4,8;2:2,4;1:1,2",
+                       help="epoch counts per budget, 'N:e1,e2;...' (1/N of the data)")
+    curve.add_argument("--sizes", default="s,m,l")
+    curve.add_argument("--build", action="store_true", help="only build the curve, table and plot from finished runs")
+    curve.add_argument("--command", default="", help="with --build: the commands that made the runs, for the table")
+    grid = sub.add_parser("grid", help="a list of named runs at one budget")
+    grid.add_argument("name")
+    grid.add_argument("--budget", type=int, default=8, help="1/N of the track's data (default 8)")
+    grid.add_argument("--runs", nargs="+", required=True, help="'label:flags' items")
+    grid.add_argument("--title", default="", help="the table's title in RESULTS.md")
+    args = parser.parse_args(argv)
+    os.makedirs(RUNS, exist_ok=True)
+    log_path = os.path.join(RUNS, "bench.log")
+
+    def log(text: str) -> None:
+        print(text, flush=True)
+        with open(log_path, "a") as handle:
+            handle.write(text + "\n")
+
+    if args.action == "curve":
+        epochs = {int(n): [int(e) for e in es.split(",") if e]
+                  for n, es in (item.split(":") for item in args.epochs.split(";"))}
+        sizes = args.sizes.split(",")
+        results = {}
+        for n, size, e, run_id in curve_runs(epochs):
+            if size not in sizes:
+                continue
+            if args.build and not os.path.isfile(os.path.join(RUNS, run_id, "result.json")):
+                continue
+            flags = f"--train_tokens {TRACK_BYTES // n} --num_epochs {e} {SIZES[size]}"
+            results[run_id] = (n, size, e, run(run_id, flags, log))
+        _, table = build_curve(results, args.command or "python bench/mini.py curve " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--build"))
+        write_section(RESULTS, "mini_curve", "### Mini-slowrun: the reference curve (plain training)\n\n" + table)
+        return 0
+    rows = []
+    for item in args.runs:
+        label, _, flags = item.partition(":")
+        rows.append((label, flags, run(f"{args.name}_{label}", f"--train_tokens {TRACK_BYTES // args.budget} {flags}",
+                                       log)))
+        command = "python bench/mini.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+        write_section(RESULTS, f"mini_{args.name}", f"### Mini-slowrun: {args.title or args.name} at 1/{args.budget} "
+                      f"of the data\n\n" + grid_table(rows, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
