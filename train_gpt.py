@@ -2399,12 +2399,16 @@ def write_loss_plot(folder: str, title: str, unigram: float):
     return figure
 
 
-def decode_tokens(token_ids: list[int], vocab_size: int) -> str:
-    """GPT-2 text of the tokens (data/tokenize.py's bundled BPE, no download), or the ids themselves where that is
-    unavailable or the vocabulary is not GPT-2's (the tests' toy languages)."""
+def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2") -> str:
+    """The text of the tokens: UTF-8 bytes for the byte tokenizer (the separator shown as a newline), GPT-2 text from
+    data/encode.py's bundled BPE (no download), or the ids themselves where that is unavailable or the vocabulary
+    is not GPT-2's (the tests' toy languages)."""
+    if tokenizer == "bytes":
+        return repr(b"".join(b"\n" if t == BYTE_SEPARATOR else bytes([t]) for t in token_ids if t <= BYTE_SEPARATOR)
+                    .decode("utf-8", errors="replace"))
     try:
         spec = importlib.util.spec_from_file_location(
-            "slowrun_tokenize", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tokenize.py"))
+            "slowrun_encode", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "encode.py"))
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         encoding = module.gpt2_encoding(module.BUNDLED_VOCAB)  # offline: the BPE file bundled in data/
@@ -2453,10 +2457,10 @@ def sample_continuations(models: list[nn.Module], weights: list[float], mode: st
             for i in range(batch.size(0))]
 
 
-def sample_lines(samples: list[dict], vocab_size: int) -> list[str]:
+def sample_lines(samples: list[dict], vocab_size: int, tokenizer: str = "gpt2") -> list[str]:
     lines = []
     for number, sample in enumerate(samples):
-        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size)}")
+        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size, tokenizer)}")
         lines += [f"  {how}: {decode_tokens(tokens, vocab_size)}" for how, tokens in sample.items() if how != "prompt"]
     return lines
 
@@ -3409,7 +3413,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
                                                  device)
         log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                    sample_lines(result["samples"], hp.vocab_size))
+                    sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
     result["peak_memory_bytes"] = peak_memory_bytes(device)
     log.save_json("result.json", result)
     if dist_info.is_main:
