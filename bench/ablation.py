@@ -18,7 +18,6 @@ import json
 import os
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 
@@ -26,7 +25,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import train_gpt  # noqa: E402
-from bench.results_file import write_section  # noqa: E402
+from bench.results_file import train_run, write_section  # noqa: E402
 
 # Settings shared by every configuration: weight decay the records use heavily (1.3-1.6), so that cautious weight
 # decay has something to act on; 0.5 at tiny scale. Not a technique, so never switched off.
@@ -55,16 +54,9 @@ def flags_of(settings: dict) -> list[str]:
 def run_one(name: str, settings: dict, seed: int, folder: str, extra: list[str]) -> dict:
     """One training run in a fresh process; returns its result.json plus the wall time."""
     run_id = f"{name}-seed{seed}"
-    command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--preset", "tiny",
-               *flags_of(settings), "--seed", str(seed), "--log_dir", folder, "--run_id", run_id,
-               "--save_model", "false", *extra]
-    start = time.time()
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{run_id} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-    with open(os.path.join(folder, run_id, "result.json")) as handle:
-        result = json.load(handle)
-    result["bench_seconds"] = time.time() - start
+    result, seconds = train_run(["--preset", "tiny", *flags_of(settings), "--seed", str(seed), "--save_model", "false",
+                                 *extra], folder, run_id)
+    result["bench_seconds"] = seconds
     print(f"{run_id}: val_loss {result['val_loss']:.4f} ({result['bench_seconds']:.0f}s)", flush=True)
     return result
 

@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 
@@ -25,7 +23,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
 
 import train_gpt  # noqa: E402
-from bench.results_file import write_section  # noqa: E402
+from bench.results_file import train_run, write_section  # noqa: E402
 
 
 def split_val_for_test(val_path: str, out_dir: str, bos_id: int) -> tuple[str, str]:
@@ -41,14 +39,8 @@ def split_val_for_test(val_path: str, out_dir: str, bos_id: int) -> tuple[str, s
 
 
 def run(name: str, flags: list[str], folder: str) -> tuple[dict, str]:
-    command = [sys.executable, "train_gpt.py", "--preset", "tiny", *flags, "--log_dir", folder, "--run_id", name]
-    start = time.time()
-    completed = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True)
-    if completed.returncode != 0:
-        raise RuntimeError(f"{name} failed ({completed.returncode}):\n{completed.stderr[-3000:]}")
-    with open(os.path.join(folder, name, "result.json")) as handle:
-        result = json.load(handle)
-    print(f"{name}: val {result['val_loss']:.4f} test {result['test_loss']:.4f} ({time.time() - start:.0f} s)",
+    result, seconds = train_run(["--preset", "tiny", *flags], folder, name)
+    print(f"{name}: val {result['val_loss']:.4f} test {result['test_loss']:.4f} ({seconds:.0f} s)",
           flush=True)
     shown = " ".join(shlex.quote(a) for a in ["python", "train_gpt.py", "--preset", "tiny", *flags])
     return result, shown

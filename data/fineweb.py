@@ -37,7 +37,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
 
-from train_gpt import SHARD_HEADER_BYTES, DataError, document_starts, read_shard, write_shard  # noqa: E402
+from train_gpt import SHARD_HEADER_BYTES, DataError, atomic_write_bytes, document_starts, read_shard, write_shard  # noqa: E402
 
 DEFAULT_REPO_ID = "kjj0/fineweb10B-gpt2"
 DEFAULT_OUT_DIR = os.path.join(REPO_ROOT, "data", "fineweb")
@@ -347,11 +347,7 @@ def read_manifest(out_dir: str) -> dict | None:
 
 def write_manifest(out_dir: str, manifest: dict) -> None:
     path = os.path.join(out_dir, MANIFEST_FILE)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-    os.replace(temporary, path)
+    atomic_write_bytes(path, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 def check_output(out_dir: str, entry: dict) -> str:
