@@ -3423,7 +3423,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         except OSError:
             pass
     bpb_text = "" if bpb["val_bpb"] is None else f" | val_bpb {bpb['val_bpb']:.4f} (unigram {bpb['unigram_val_bpb']:.4f})"
-    log.write(f"done | val_loss {val_loss:.4f}{bpb_text} | {unigram_comparison(val_loss, unigram)} | tokens trained "
+    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)}{bpb_text} | tokens trained "
               f"on {format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
               f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
     log.close()
