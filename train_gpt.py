@@ -2671,6 +2671,8 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
         raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
     saved["config"] = dataclasses.asdict(config)
+    # what made the shards it was trained on (saved beside the weights; older files: in their hyperparameters, else GPT-2)
+    saved.setdefault("tokenizer", saved.get("hyperparameters", {}).get("tokenizer", "gpt2"))
     with torch.device(device):
         model = GPT(config)
     model.load_state_dict(saved.pop("model"))  # the weights now live in the model: no second copy per member
@@ -2935,7 +2937,7 @@ class Snapshots:
             loss = evaluate(snapshot, self.data.val_data, self.dist_info, self.hp.val_batch_size)
             if self.dist_info.is_main:
                 save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
-                               seed=self.seed, outcome=dict(val_loss=loss))
+                               seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
         self.taken.append((snapshot, loss))
         self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
@@ -3203,8 +3205,9 @@ def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[s
     log.section("environment", environment_report(dist_info))
     log.section("hyperparameters", [f"{k} = {v!r}" for k, v in dataclasses.asdict(hp).items()], echo=False)
     changed = non_default_hyperparameters(hp)  # the terminal shows what this run changed; log.txt keeps them all
-    log.write(f"hyperparameters (not at their defaults; all {len(dataclasses.fields(hp))} in log.txt): "
-              + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none"), echo=True)
+    if log.is_main:  # terminal only: log.txt's hyperparameters section stays exactly the `name = value` lines
+        print(f"hyperparameters (not at their defaults; all {len(dataclasses.fields(hp))} in log.txt): "
+              + (", ".join(f"{k}={v!r}" for k, v in changed.items()) or "none"), flush=True)
 
 
 def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: list[str]) -> RunLog:
@@ -3325,7 +3328,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             trained_here[mine] = (model, snapshots, trained)
             if keep_files and group_dist.is_main:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
-                               outcome=trained)
+                               outcome=trained, tokenizer=hp.tokenizer)
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             stale = checkpoint_path(folder, mine, group_dist.rank)
             if os.path.isfile(stale):
@@ -3387,9 +3390,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
-        # the member format (weights, hyperparameters, schedule state): --eval_only and load_member take it as is
+        # the member format (weights, GPTConfig, schedule state): --eval_only and load_member take it as is
         save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
-                       outcome=member_results[0])
+                       outcome=member_results[0], tokenizer=hp.tokenizer)
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
@@ -3449,7 +3452,7 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
     seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary
     hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size,  # and the shards' tokenizer (old files: gpt2)
-                             tokenizer=loaded[0][1]["hyperparameters"].get("tokenizer", "gpt2"))
+                             tokenizer=loaded[0][1]["tokenizer"])
     weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
