@@ -217,7 +217,8 @@ def model_flags(dry: bool, folder: str, run_id: str, steps: int, batch_tokens: i
     if dry:
         flags += ["--vocab_size", str(DRY_VOCAB), "--bos_id", str(DRY_VOCAB - 1), "--device", "cpu", "--n_layer", "2",
                   "--n_embd", "64", "--n_head", "2", "--seq_len", str(seq),
-                  "--device_batch_size", "2", "--val_batch_size", "2", "--compile", "off"]
+                  "--device_batch_size", "2", "--val_batch_size", "2", "--compile", "off",
+                  "--train_vocab", "0", "--eval_vocab", "0", "--window_short", "0", "--mlp_hidden", "0"]
     else:
         flags += ["--device", "cuda", "--device_batch_size", "4", "--val_batch_size", "4"]
     return flags + extra
