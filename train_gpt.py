@@ -3296,14 +3296,23 @@ def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float
     return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed) + attention
 
 
+def preset_record(name: str) -> str:
+    """One line: which public record a preset reproduces (run.sh prints it; an unknown preset is a ConfigError)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    track = PRESET_ALIASES.get(name, name)
+    record = PUBLIC_RECORDS.get(track)
+    head = f"preset {name} is {track}" if track != name else f"preset {name}"
+    return head + (f": reproduces the {track} record {record['figure']} ({record['script']})" if record
+                   else ": not a public record")
+
+
 def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
     """The log's comparison of this run's model with the public record its preset reproduces (none without one)."""
-    track = PRESET_ALIASES.get(hp.preset, hp.preset)
-    record = PUBLIC_RECORDS.get(track)
+    record = PUBLIC_RECORDS.get(PRESET_ALIASES.get(hp.preset, hp.preset))
     if record is None:
         return []
-    lines = [f"preset {hp.preset} is {track}" if track != hp.preset else f"preset {track}"]
-    lines[0] += f": reproduces the {track} record {record['figure']} ({record['script']})"
+    lines = [preset_record(hp.preset)]
     looped = f"; {training_flops_per_token(hp, True) / 1e9:.2f} G with looped layers on" if hp.loop_repeats else ""
     lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
                  f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G "
