@@ -16,6 +16,9 @@ from conftest import micro_flags, read_metrics
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
 
+if not torch.cuda.is_available():  # the Triton loss interpreted on CPU tensors, as in tests/test_kernels.py
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REFERENCE = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "plain_reference.pt"), weights_only=True)
 
 
@@ -88,6 +91,22 @@ def test_train_vocab_softmax_over_the_first_columns_only():
     assert abs(fused.item() / targets.numel() - expected.item()) < 1e-5 and abs(ce.item() - fused.item()) < 1e-6
     model.eval()
     assert model(idx).shape == (2, 8, 14)
+
+
+def test_triton_loss_reads_a_vocabulary_slice_with_the_full_row_stride():
+    """The fused Triton loss on raw[..., :33] of a 40-column tensor (the view head() returns with train_vocab): the
+    loss and the gradient of the 33 columns equal the chunked reference on a contiguous copy; columns 33..39 get 0."""
+    pytest.importorskip("triton")
+    full = torch.randn(2, 5, 40, generator=torch.Generator().manual_seed(0))
+    targets = torch.randint(0, 33, (2, 5), generator=torch.Generator().manual_seed(1))
+    copy, strided = full[..., :33].clone().requires_grad_(True), full.clone().requires_grad_(True)
+    expected = train_gpt.fused_loss_sums(copy, targets, 10.0, "chunked")[0]
+    expected.backward()
+    loss = train_gpt.fused_loss_sums(strided[..., :33], targets, 10.0, "triton", tile=16)[0]
+    loss.backward()
+    assert abs(loss.item() - expected.item()) < 1e-4
+    assert torch.allclose(strided.grad[..., :33], copy.grad, atol=1e-6)
+    assert torch.count_nonzero(strided.grad[..., 33:]) == 0
 
 
 def test_vocab_flags_refuse_a_slice_that_drops_real_tokens():
