@@ -227,7 +227,7 @@ def test_bad_sizes_and_shards_are_one_line(micro_data, tmp_path, capsys, case, o
 
 def test_bare_preset_says_it_needs_a_value(capsys):
     status, err = run_main(["--n_layer", "2", "--preset"], capsys)
-    assert_one_line(status, err, "flag --preset needs a value (one of tiny, slowrun)")
+    assert_one_line(status, err, "flag --preset needs a value (one of tiny, 1h, slowrun)")
 
 
 def test_bundled_sample_passes_the_shard_checks():
