@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The full-scale entry point: the slowrun preset on every GPU of this node.
-#   ./run.sh                          # train with the slowrun preset
-#   ./run.sh --num_epochs 2 --seed 1  # extra flags pass through to train_gpt.py
+# The full-scale entry point: a track's preset (its public record, records/TRACKS.md) on every GPU of this node.
+#   ./run.sh                          # the 1h preset: the 1-hour track's record (3.195)
+#   ./run.sh 1h --num_epochs 2        # the preset first (default 1h), then flags passed through to train_gpt.py
 #   NGPU=4 ./run.sh                   # on 4 of this node's GPUs
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -16,6 +16,17 @@ if ! TORCH_ERROR="$(python -c 'import torch' 2>&1)"; then
        "activate its environment or pip install -r requirements.txt (README: Quick start)" >&2
   exit 1
 fi
+
+# --- preset -----------------------------------------------------------------------------------------------------------
+PRESET=1h
+if [ $# -gt 0 ] && [ "${1#--}" = "$1" ]; then PRESET="$1"; shift; fi
+# which public record the preset reproduces (train_gpt.PUBLIC_RECORDS); an unknown preset stops here with the list
+RECORD="$(python -c 'import sys, train_gpt
+try:
+    print(train_gpt.preset_record(sys.argv[1]))
+except train_gpt.ConfigError as error:
+    sys.exit(f"run.sh: {error}")' "$PRESET")" || exit 2
+echo "run.sh: $RECORD"
 
 # --- GPUs ------------------------------------------------------------------------------------------------------------
 # the GPUs torch can use (honours CUDA_VISIBLE_DEVICES, unlike nvidia-smi -L)
@@ -45,5 +56,5 @@ fi
 # --- train ------------------------------------------------------------------------------------------------------------
 TEST_FLAGS=(--test_files "")  # the held-out test split is scored once at the end when it exists
 [ -f "$DATA_DIR/fineweb_test.bin" ] && TEST_FLAGS=(--test_files "$DATA_DIR/fineweb_test.bin")
-exec torchrun --standalone --nproc_per_node="$NGPU" train_gpt.py --preset slowrun \
+exec torchrun --standalone --nproc_per_node="$NGPU" train_gpt.py --preset "$PRESET" \
   --train_files "$DATA_DIR/fineweb_train.bin" --val_files "$DATA_DIR/fineweb_val.bin" "${TEST_FLAGS[@]}" "$@"

@@ -91,6 +91,13 @@ class Hyperparameters:
     window_warmup_frac: float = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
     window_warmup_stages: int = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
     head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
+    # --- the public records' model settings (records/TRACKS.md F0-F3, F5, F10; each at its default = the plain model) ---
+    mlp_hidden: int = 0  # MLP hidden width (0 = mlp_ratio's rule); the records use 256 * ceil(floor(8 d / 3) / 256): 4864 at d 1792
+    proj_init: str = "zero"  # attention and MLP output projections: "zero" (nanochat) | "normal": N(0, n_embd^-0.5) (slowrun 1h record #14)
+    out_gate_channels: int = 32  # input channels the attention output gate reads (x[..., :C]); the 1h record uses 12
+    train_vocab: int = 0  # softmax over the first N logits in training (0 = all vocab_size): the records pad the vocabulary
+    eval_vocab: int = 0  # to 50,304 rows but score only the 50,257 real tokens (0 = all vocab_size), in evaluation
+    loop_start_epoch: int = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -120,6 +127,11 @@ class Hyperparameters:
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
     muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
     muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
+    # --- the public records' optimizer groups (records/TRACKS.md F4, F5) -----------------------------------------
+    muon_wd_scaled: bool = False  # Muon's sqrt(max(1, rows/cols)) step factor multiplies the weight decay too (slowrun records)
+    resid_lr_scale: float = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
+    x0_beta1: float = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
+    gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
@@ -130,8 +142,13 @@ class Hyperparameters:
     warmdown_shape: float = 1.0  # warmdown exponent: lr = final + (1 - final) * (1 - d)^shape over the warmdown (1 = linear)
     lr_cycles: int = 0  # cosine LR cycles (warm restarts, Loshchilov & Hutter 2017) over the pre-warmdown phase (0 = constant)
     lr_cycle_floor: float = 0.1  # the cycles' lowest LR, as a fraction of the peak
-    wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch)
+    wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch) | slowrun (see wd_hold_frac)
     wd_sawtooth_epochs: int = 2  # how many final epochs the sawtooth weight decay spans
+    lr_epoch_cosine: int = 0  # the final N epochs each run a cosine from max(lr multiplier, floor) down to the floor (slowrun 1h record, "SWA cycles")
+    lr_epoch_cosine_floor: float = 0.05  # the floor of those cosines
+    wd_hold_frac: float = 0.4  # wd_schedule slowrun: multiplier 1 until this fraction of training, then linear down to
+    wd_low: float = 0.65  # wd_low where the lr_epoch_cosine epochs start, then wd_low -> wd_high within each of them
+    wd_high: float = 1.5  # (rising while the LR cosine falls: the 1h record's anti-phase weight decay)
     # --- weight averaging (off by default) ------------------------------------------------------------------------
     ema_decay: float = 0.0  # EMA of the weights, ema <- d * ema + (1 - d) * w (0 = off; Polyak averaging, modded-nanogpt)
     ema_every: int = 1  # update the EMA every k optimizer steps (the decay applies per update)
@@ -215,26 +232,49 @@ PRESETS: dict[str, dict] = {
         num_epochs=2, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=10, device="cpu",
     ),
-    # The public slowrun baseline's shape (github.com/qlabs-eng/slowrun train.py: 30 layers, width 1792, 14 heads,
-    # SwiGLU, dropout 0.1, weight decay 1.3, 11 epochs, 524,288-token batches, logit cap 10). We use width 2048 with
-    # 16 heads (head_dim 128 either way). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
-    "slowrun": dict(
+    # Each track's preset is its public record, setting by setting (records/TRACKS.md has the table: setting | public
+    # script:line | our flag | same?). "1h": the 1-hour track's record, 3.195 (qlabs-eng/slowrun train.py at fd342f0,
+    # 30 x 1792, 14 heads, SwiGLU 4864). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
+    # Not yet in it (their flags come with the evaluation/MTP work of issue 15): probability averaging of the last 3
+    # epochs' checkpoints, the MTP block, batch stochastic depth, the IHA learning rate (0.02; here scalar_lr), the
+    # public evaluation windows. Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics),
+    # fp32 master weights of wte/lm_head, our RNG streams (document order, dropout masks).
+    "1h": dict(
         train_files="data/fineweb/fineweb_train.bin",
         val_files="data/fineweb/fineweb_val.bin",
         test_files="data/fineweb/fineweb_test.bin",
-        n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", seq_len=2048,
+        n_layer=30, n_embd=1792, n_head=14, mlp="swiglu", mlp_hidden=4864, seq_len=2048,
         batch_tokens=524288, device_batch_size=4, val_batch_size=8,
-        dropout=0.1, logit_softcap=10.0, num_epochs=11, warmdown_frac=0.2,
-        # slowrun's lrs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
+        dropout=0.1, logit_softcap=10.0, num_epochs=11, log_every=1,
+        # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
         muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
-        log_every=1,
-        # The records' techniques (qlabs-eng/slowrun limited/ and unlimited/ train.py): value projections from x0,
-        # U-Net skips, attention output gates, x0 residual mixing, "SSSL" windows, Polar Express, NorMuon and
-        # cautious weight decay (the records also raise weight decay to 1.6 and warm down over half the run).
-        value_proj=True, unet_skips=True, attn_gate=True, resid_mix=True, window_pattern="SSSL",
-        muon_polar_express=True, normuon=True, cautious_wd=True,
+        # model: value projections from x0, U-Net skips, 12-channel attention output gates, x0 mixing, interleaved
+        # head attention, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys), normal c_proj
+        # init, only the 50,257 real tokens in the softmax, layers 15-20 run three times from epoch 7 on
+        value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
+        window_pattern="SSSL", window_short=1025, proj_init="normal", train_vocab=50257, eval_vocab=50257,
+        loop_repeats=2, loop_range="15:21", loop_start_epoch=7,
+        # optimizer: Polar Express, NorMuon, cautious and shape-scaled weight decay, MuonEq-R, momentum 0.85 -> 0.95
+        # over 300 steps; gates in Muon; resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
+        muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
+        muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+        # schedules: square-root warmdown over the last 20 %, a cosine per epoch in the last 3, and the weight decay
+        # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
+        warmdown_frac=0.2, warmdown_shape=0.5, lr_epoch_cosine=3, lr_epoch_cosine_floor=0.05,
+        wd_schedule="slowrun", wd_hold_frac=0.4, wd_low=0.65, wd_high=1.5,
     ),
 }
+
+
+PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an alias (the log says which it is)
+
+# The public records each preset reproduces: the figure, the script, and the model's size and training FLOPs per
+# token by the public estimate_flops (records/TRACKS.md section 3; counted on the public model classes).
+PUBLIC_RECORDS = {
+    "1h": dict(figure=3.195, script="qlabs-eng/slowrun train.py@fd342f0", parameters=1_443_722_775,
+               flops=8.66e9, flops_looped=11.81e9),
+}
+PRESET_ALIASES = {"slowrun": "1h"}
 
 
 class ConfigError(ValueError):
@@ -371,8 +411,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
     require(not hp.window_warmup_frac or hp.window_pattern,
             "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
-    require(hp.wd_schedule in ("flat", "inverse", "sawtooth"),
-            f"wd_schedule must be flat, inverse or sawtooth, got {hp.wd_schedule!r}")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun"),
+            f"wd_schedule must be flat, inverse, sawtooth or slowrun, got {hp.wd_schedule!r}")
+    check_record_settings(hp)
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
     require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
@@ -396,6 +437,33 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         require(abs(scheduled - round(scheduled)) < 1e-6 and round(scheduled) % per_micro_step == 0 and scheduled > 0,
                 f"batch_schedule multiplier {multiplier:g} gives {scheduled:g} sequences per step, not a positive "
                 f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
+
+
+def check_record_settings(hp: Hyperparameters) -> None:
+    """The public records' flags (records/TRACKS.md F1-F10), each with a one-line reason."""
+    def require(condition: bool, message: str) -> None:
+        if not condition:
+            raise ConfigError(message)
+
+    require(hp.proj_init in ("zero", "normal"), f"proj_init must be zero or normal, got {hp.proj_init!r}")
+    require(hp.mlp_hidden >= 0 and hp.out_gate_channels >= 1, "mlp_hidden must be >= 0 and out_gate_channels >= 1")
+    for name in ("train_vocab", "eval_vocab"):
+        columns = getattr(hp, name)
+        require(columns == 0 or hp.bos_id < columns <= hp.vocab_size,
+                f"{name} {columns} must be 0 (all) or lie in (bos_id={hp.bos_id}, vocab_size={hp.vocab_size}]")
+    require(hp.train_vocab == hp.eval_vocab or not (hp.distill_alpha or hp.snapshot_distill),
+            "distillation compares a teacher's (evaluation) and a student's (training) softmax: train_vocab and "
+            "eval_vocab must be equal")
+    require(hp.resid_lr_scale > 0 and 0.0 <= hp.x0_beta1 < 1.0, "resid_lr_scale must be > 0, x0_beta1 in [0, 1)")
+    require(hp.lr_epoch_cosine >= 0 and 0.0 <= hp.lr_epoch_cosine_floor < 1.0,
+            "lr_epoch_cosine must be >= 0 and lr_epoch_cosine_floor in [0, 1)")
+    require(not (hp.lr_epoch_cosine and (hp.swa_epochs or hp.snapshot_cycles or hp.lr_cycles)),
+            "lr_epoch_cosine shapes the final epochs' LR itself: drop swa_epochs, snapshot_cycles, lr_cycles")
+    require(0.0 <= hp.wd_hold_frac <= 1.0 and hp.wd_low >= 0 and hp.wd_high >= 0,
+            "wd_hold_frac must lie in [0, 1], wd_low and wd_high be >= 0")
+    require(hp.loop_start_epoch >= 0, f"loop_start_epoch must be >= 0, got {hp.loop_start_epoch}")
+    require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
+            "looping starts: set one")
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -1231,6 +1299,12 @@ class GPTConfig:
     window_warmup_stages: int
     head_mix: bool
     doc_mask: bool
+    # --- the public records' settings (defaults: files saved before they existed rebuild the plain model) ---
+    mlp_hidden: int = 0
+    proj_init: str = "zero"
+    out_gate_channels: int = 32
+    train_vocab: int = 0
+    eval_vocab: int = 0
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1296,12 +1370,13 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         # --- tricks (value_proj, attn_gate, head_mix, xsa): each None unless its flag is on ---
         self.gate_channels = min(GATE_CHANNELS, config.n_embd)
+        self.out_gate_channels = min(config.out_gate_channels, config.n_embd)  # the 1h record's output gate reads 12
         self.c_x0v = self.value_gate = self.out_gate = self.head_mix = self.xsa_alpha = None
         if config.value_proj and has_value_proj(layer, config.n_layer):
             self.c_x0v = nn.Linear(config.n_embd, config.n_embd, bias=False)
             self.value_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
         if config.attn_gate:
-            self.out_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+            self.out_gate = scalar_parameter(torch.zeros(config.n_head, self.out_gate_channels))
         if config.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
             self.head_mix = scalar_parameter(torch.eye(config.n_head).repeat(3, 1, 1))
         if config.xsa == "learned":
@@ -1331,12 +1406,15 @@ class CausalSelfAttention(nn.Module):
         if self.xsa:
             y = exclusive_self_attention(y, v, 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype))
         if self.out_gate is not None:  # sigmoid(0) = 1/2 at init; lets a head switch itself off per token
-            y = y * torch.sigmoid(F.linear(x[..., :self.gate_channels], self.out_gate.to(x.dtype))).unsqueeze(-1)
+            y = y * torch.sigmoid(F.linear(x[..., :self.out_gate_channels], self.out_gate.to(x.dtype))).unsqueeze(-1)
         return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
 
 
 def mlp_hidden_width(config: GPTConfig) -> int:
-    """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64."""
+    """ReLU^2 uses mlp_ratio * n_embd; SwiGLU's three matrices use 2/3 of that, rounded up to a multiple of 64;
+    mlp_hidden, when set, is the width itself (the public records round 8 d / 3 up to 256 instead: 4864 at 1792)."""
+    if config.mlp_hidden:
+        return config.mlp_hidden
     hidden = config.mlp_ratio * config.n_embd * (2 / 3 if config.mlp == "swiglu" else 1)
     return 64 * math.ceil(hidden / 64)
 
@@ -1423,6 +1501,9 @@ class GPT(nn.Module):
         super().__init__()
         config = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
         self.logit_softcap = config.logit_softcap
+        # the softmax's columns in training and in evaluation (0 = all): the padded rows past 50,257 get no mass
+        self.train_vocab, self.eval_vocab = config.train_vocab, config.eval_vocab
+        self.proj_init = config.proj_init
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte (nanochat)
@@ -1469,8 +1550,12 @@ class GPT(nn.Module):
                 if linear is not None:
                     bound = 3**0.5 * linear.in_features**-0.5
                     nn.init.uniform_(linear.weight, -bound, bound)
-            nn.init.zeros_(block.attn.c_proj.weight)
-            nn.init.zeros_(block.mlp.c_proj.weight)
+            if self.proj_init == "normal":  # the 1h record (#14): std n_embd^-0.5 for both, the MLP's fan-in too
+                nn.init.normal_(block.attn.c_proj.weight, std=self.config.n_embd**-0.5)
+                nn.init.normal_(block.mlp.c_proj.weight, std=self.config.n_embd**-0.5)
+            else:
+                nn.init.zeros_(block.attn.c_proj.weight)
+                nn.init.zeros_(block.mlp.c_proj.weight)
         if self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
 
@@ -1544,10 +1629,15 @@ class GPT(nn.Module):
 
     def head(self, features: torch.Tensor, raw: bool = False) -> torch.Tensor:
         """Features (..., C) -> float32 logits (..., vocab_size), soft-capped; raw=True returns the lm_head's output
-        in its own dtype (bf16 under autocast), uncapped: the fused loss caps it tile by tile (Kernels)."""
+        in its own dtype (bf16 under autocast), uncapped: the fused loss caps it tile by tile (Kernels). With
+        train_vocab / eval_vocab only the first that many columns (a view: rows keep the full stride)."""
+        output = self.lm_head(features)
+        columns = self.train_vocab if self.training else self.eval_vocab
+        if columns:
+            output = output[..., :columns]
         if raw:
-            return self.lm_head(features)
-        logits = self.lm_head(features).float()
+            return output
+        logits = output.float()
         if self.logit_softcap > 0:
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
@@ -1707,14 +1797,15 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
                  normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False,
-                 gram: str = "torch"):
+                 gram: str = "torch", wd_scaled: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
-        # variants (off by default): polar_express, eq_r (MuonEq-R), normuon_beta2 > 0 (NorMuon), cautious_wd
+        # variants (off by default): polar_express, eq_r (MuonEq-R), normuon_beta2 > 0 (NorMuon), cautious_wd,
+        # wd_scaled (the shape factor on the decay too)
         super().__init__(groups, dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps,
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
-                                      normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
+                                      normuon_beta2=normuon_beta2, cautious_wd=cautious_wd, wd_scaled=wd_scaled))
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
         # compiled: torch.compile fuses each iteration's scale-and-add into the matmuls' epilogues (modded-nanogpt
         # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
@@ -1768,18 +1859,47 @@ class Muon(torch.optim.Optimizer):
             if handle is not None:
                 handle.wait()
             for param, update in zip(chunk, updates):
+                decay = group["lr"] * group["weight_decay"]
+                if group["wd_scaled"]:  # the public records' lr_eff = lr sqrt(max(1, rows/cols)) scales both terms
+                    decay = decay * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
                 if group["cautious_wd"]:  # decay only where the update already pulls towards zero (update*param >= 0)
-                    param.sub_(param * (update * param >= 0), alpha=group["lr"] * group["weight_decay"])
+                    param.sub_(param * (update * param >= 0), alpha=decay)
                 else:
-                    param.mul_(1 - group["lr"] * group["weight_decay"])
+                    param.mul_(1 - decay)
                 param.add_(update, alpha=-group["lr"])
+
+
+# The public 1h record's scalar groups: which scalar parameter plays which part, by its attribute name
+SCALAR_ROLES = {"resid_lambdas": "resid", "skip_weights": "resid", "x0_lambdas": "x0", "value_gate": "gate",
+                "out_gate": "gate"}
+
+
+def scalar_role(name: str) -> str:
+    """"resid", "x0", "gate" or "" for a parameter's dotted name (the roles of SCALAR_ROLES)."""
+    return SCALAR_ROLES.get(name.rsplit(".", 1)[-1], "")
+
+
+def scalar_adam_groups(scalars: dict[str, nn.Parameter], hp: Hyperparameters) -> list[dict]:
+    """AdamW groups (weight decay 0) of the scalar parameters: one at scalar_lr, with the public 1h record's split
+    when its flags are on: resid lambdas and skip weights at scalar_lr * resid_lr_scale (0.01: they would otherwise
+    move 100x faster than the record's), x0 lambdas with beta1 x0_beta1 (0.96)."""
+    def role_of(name: str) -> str:
+        role = scalar_role(name)
+        return role if (role == "resid" and hp.resid_lr_scale != 1.0) or (role == "x0" and hp.x0_beta1) else ""
+    groups = [dict(params=[p for name, p in scalars.items() if role_of(name) == ""], lr=hp.scalar_lr, weight_decay=0.0),
+              dict(params=[p for name, p in scalars.items() if role_of(name) == "resid"],
+                   lr=hp.scalar_lr * hp.resid_lr_scale, weight_decay=0.0),
+              dict(params=[p for name, p in scalars.items() if role_of(name) == "x0"], lr=hp.scalar_lr,
+                   weight_decay=0.0, betas=(hp.x0_beta1, hp.adam_beta2))]
+    return [group for group in groups if group["params"]]
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
     """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
     anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
-    is_scalar = {name: p.ndim < 2 or getattr(p, "scalar_group", False) for name, p in named.items()}
+    is_scalar = {name: (p.ndim < 2 or getattr(p, "scalar_group", False))
+                 and not (hp.gates_muon and scalar_role(name) == "gate") for name, p in named.items()}
     muon_params = [p for name, p in named.items()
                    if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
@@ -1790,8 +1910,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
         raise ConfigError(f"parameters with no optimizer: {', '.join(missing)}")
     adam_groups = [dict(params=embed_params, lr=hp.embed_lr, weight_decay=hp.adam_wd),
                    dict(params=head_params, lr=hp.head_lr, weight_decay=hp.adam_wd)]
-    if scalar_params:
-        adam_groups.append(dict(params=scalar_params, lr=hp.scalar_lr, weight_decay=0.0))
+    adam_groups += scalar_adam_groups({name: p for name, p in named.items() if is_scalar[name]}, hp)
     adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
@@ -1799,7 +1918,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                 normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
                 process_group=dist_info.group,
                 compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
-                gram=hp.muon_gram)
+                gram=hp.muon_gram, wd_scaled=hp.muon_wd_scaled)
     if hp.muon_gram == "triton" and not fused_loss_available(dist_info.device):
         raise ConfigError(f"--muon_gram triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                           f"device {dist_info.device.type}, triton "
@@ -1858,10 +1977,41 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
     return 1.0 - (progress - warmdown_start) / hp.warmdown_frac * (1.0 - hp.final_lr_frac)
 
 
+def final_epoch_cosine(step: int, total_steps: int, factor: float, hp: Hyperparameters) -> float:
+    """The 1h record's final-epoch cosines ("SWA cycles", records #12/#13): over the last lr_epoch_cosine epochs of
+    spe = total_steps / num_epochs steps each, the LR factor falls within every epoch by half a cosine from
+    max(factor, floor) to the floor, so each epoch ends at a low-LR point whose checkpoint the averages use. The
+    public script's arithmetic: a fractional epoch length, and off when the cosines would start before step 0."""
+    floor, steps_per_epoch = hp.lr_epoch_cosine_floor, total_steps / hp.num_epochs
+    start = total_steps - hp.lr_epoch_cosine * steps_per_epoch
+    if start < 0 or step < start:
+        return factor
+    position = (step - start) % steps_per_epoch
+    return floor + (max(factor, floor) - floor) * (1 + math.cos(math.pi * position / steps_per_epoch)) / 2
+
+
+def slowrun_wd_multiplier(epoch_position: float, total_epochs: float, hp: Hyperparameters) -> float:
+    """The 1h record's weight-decay schedule (#20): 1 until wd_hold_frac of training, linearly down to wd_low where
+    the lr_epoch_cosine epochs start, then wd_low -> wd_high linearly within each of those epochs: the decay rises
+    while the LR cosine falls (anti-phase). Epoch positions are the public's step / (total_steps / num_epochs)."""
+    cosine_start = total_epochs - hp.lr_epoch_cosine if hp.lr_epoch_cosine else -1.0
+    if cosine_start >= 0 and epoch_position >= cosine_start:
+        return hp.wd_low + (hp.wd_high - hp.wd_low) * ((epoch_position - cosine_start) % 1.0)
+    progress = epoch_position / total_epochs
+    if progress < hp.wd_hold_frac:
+        return 1.0
+    decay_end = cosine_start / total_epochs if cosine_start > 0 else 1.0
+    decayed = min(max((progress - hp.wd_hold_frac) / max(decay_end - hp.wd_hold_frac, 1e-6), 0.0), 1.0)
+    return 1.0 - (1.0 - hp.wd_low) * decayed
+
+
 def wd_multiplier(epoch_position: float, total_epochs: float, lr_factor: float, hp: Hyperparameters) -> float:
     """Weight-decay schedule, multiplying the groups' weight decay (the step's shrink is lr * wd):
     flat 1; inverse 1 / max(lr multiplier, 0.1), holding lr * wd at its peak through the warmdown; sawtooth over the
-    final wd_sawtooth_epochs epochs, falling 2 -> 0 within each epoch (mean 1), 1 before them."""
+    final wd_sawtooth_epochs epochs, falling 2 -> 0 within each epoch (mean 1), 1 before them; slowrun: the 1h
+    record's (slowrun_wd_multiplier)."""
+    if hp.wd_schedule == "slowrun":
+        return slowrun_wd_multiplier(epoch_position, total_epochs, hp)
     if hp.wd_schedule == "inverse":
         return 1.0 / max(lr_factor, 0.1)
     if hp.wd_schedule == "sawtooth":
@@ -1879,6 +2029,8 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
                     hp: Hyperparameters) -> float:
     """Sets this step's LR (and, when their flags are on, weight decay and Muon momentum); returns the LR factor."""
     factor = lr_multiplier(step, total_steps, hp)
+    if hp.lr_epoch_cosine:
+        factor = final_epoch_cosine(step, total_steps, factor, hp)
     epoch_position, total_epochs = train_data.epoch_position(step), train_data.epoch_position(total_steps)
     if hp.swa_epochs and epoch_position >= total_epochs - hp.swa_epochs:  # SWA: one cosine cycle per final epoch
         epoch, step_in_epoch = train_data.locate(step)
@@ -2682,6 +2834,14 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     return model.for_inference(), saved
 
 
+def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int) -> float:
+    """The first step with looped layers on: the first step of (1-based) epoch loop_start_epoch (the 1h record: 7,
+    after 6 of its 11 epochs), else loop_start_frac of training."""
+    if hp.loop_start_epoch:
+        return train_data.epoch_start(hp.loop_start_epoch - 1)
+    return hp.loop_start_frac * total_steps
+
+
 class MemberSchedule:
     """A member's plan: its data order (a pure function of seed and epoch), its steps, where epochs end, the steps
     whose weights become snapshots, and each step's settings (LR, weight decay, momentum, looped layers, windows)."""
@@ -2713,7 +2873,7 @@ class MemberSchedule:
         hp = self.hp
         factor = apply_schedules(optimizers, step, self.total_steps, self.train_data, hp)
         if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
-            model.loop_active = step >= hp.loop_start_frac * self.total_steps
+            model.loop_active = step >= loop_start_step(hp, self.train_data, self.total_steps)
         if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
             model.set_window_stage(window_stage(step, self.total_steps, hp), hp.window_warmup_stages)
         return factor
@@ -3282,6 +3442,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     log.section("run", [
         f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
         + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
+        *preset_record_lines(hp, n_params),
         f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
         f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
         f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
@@ -3437,6 +3598,52 @@ def build_model_meta(hp: Hyperparameters) -> GPT:
     """The model on the meta device: its shapes and parameter count without memory or work."""
     with torch.device("meta"):
         return GPT(model_config(hp))
+
+
+def mean_attended_keys(seq_len: int, window: int) -> float:
+    """Keys a query attends to on average under a causal window of `window` keys: mean over i of min(i + 1, window)."""
+    width = min(window, seq_len)
+    return (seq_len + 1) / 2 if width >= seq_len else width - width * (width - 1) / (2 * seq_len)
+
+
+def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float:
+    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding
+    and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer; looped=True adds each replayed
+    layer's 6 x its parameters and its attention."""
+    model = build_model_meta(hp)
+    excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
+                                               if scalar_role(name) in ("resid", "x0"))
+    model.loop_active = looped
+    order = model.layer_order()
+    windows = window_sizes(model.config) or [hp.seq_len] * hp.n_layer
+    replayed = sum(sum(p.numel() for p in model.blocks[layer].parameters()) for layer in order[hp.n_layer:]) \
+        if len(order) > hp.n_layer else 0
+    attention = sum(12 * hp.n_embd * mean_attended_keys(hp.seq_len, windows[layer]) for layer in order)
+    return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed) + attention
+
+
+def preset_record(name: str) -> str:
+    """One line: which public record a preset reproduces (run.sh prints it; an unknown preset is a ConfigError)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    track = PRESET_ALIASES.get(name, name)
+    record = PUBLIC_RECORDS.get(track)
+    head = f"preset {name} is {track}" if track != name else f"preset {name}"
+    return head + (f": reproduces the {track} record {record['figure']} ({record['script']})" if record
+                   else ": not a public record")
+
+
+def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
+    """The log's comparison of this run's model with the public record its preset reproduces (none without one)."""
+    record = PUBLIC_RECORDS.get(PRESET_ALIASES.get(hp.preset, hp.preset))
+    if record is None:
+        return []
+    lines = [preset_record(hp.preset)]
+    looped = f"; {training_flops_per_token(hp, True) / 1e9:.2f} G with looped layers on" if hp.loop_repeats else ""
+    lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
+                 f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G "
+                 f"({record['flops_looped'] / 1e9:.2f} G looped) (public estimate_flops formula)")
+    return lines
 
 
 def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:

@@ -217,7 +217,10 @@ def model_flags(dry: bool, folder: str, run_id: str, steps: int, batch_tokens: i
     if dry:
         flags += ["--vocab_size", str(DRY_VOCAB), "--bos_id", str(DRY_VOCAB - 1), "--device", "cpu", "--n_layer", "2",
                   "--n_embd", "64", "--n_head", "2", "--seq_len", str(seq),
-                  "--device_batch_size", "2", "--val_batch_size", "2", "--compile", "off"]
+                  "--device_batch_size", "2", "--val_batch_size", "2", "--compile", "off",
+                  # the 1h preset's full-scale sizes, shrunk with the rest (its windows then seq_len // 2)
+                  "--train_vocab", "0", "--eval_vocab", "0", "--window_short", "0", "--mlp_hidden", "0",
+                  "--loop_range", ""]
     else:
         flags += ["--device", "cuda", "--device_batch_size", "4", "--val_batch_size", "4"]
     return flags + extra
@@ -311,7 +314,8 @@ def part_distill_step(dry: bool):
         steps, batch_tokens = (3, 256) if dry else (6, FULL_BATCH_TOKENS)
         extra = ["--ensemble_size", "2", "--distill_alpha", "0.5", "--distill_temperature", "2"]
         if not dry:
-            extra += ["--n_layer", "8"]  # the preset's width, fewer layers: two compiles fit the time budget
+            # the preset's width, fewer layers (and the default loop range for them): two compiles fit the time budget
+            extra += ["--n_layer", "8", "--loop_range", ""]
         flags = model_flags(dry, folder, "distill_step", steps, batch_tokens, extra)
         rows, log_text = run_train_gpt(flags)
         members = [step_figures([r for r in rows if r.get("member", 0) == m]) for m in (0, 1)]

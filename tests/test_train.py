@@ -30,7 +30,7 @@ def test_presets_and_overrides():
     assert hp.preset == "tiny" and hp.n_embd == 128  # preset applied first, wherever it stands
     assert hp.n_layer == 3 and hp.dropout == 0.25 and hp.save_model is False
     slowrun = train_gpt.parse_args(["--preset", "slowrun"])
-    assert (slowrun.n_layer, slowrun.n_embd, slowrun.n_head, slowrun.seq_len) == (30, 2048, 16, 2048)
+    assert (slowrun.n_layer, slowrun.n_embd, slowrun.n_head, slowrun.seq_len) == (30, 1792, 14, 2048)  # = 1h
     assert slowrun.vocab_size % 128 == 0 and slowrun.vocab_size >= 50257
     assert slowrun.batch_tokens == 524288
     assert train_gpt.parse_args(["--muon_nesterov"]).muon_nesterov is True  # a bare boolean flag means true
