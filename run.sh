@@ -32,7 +32,7 @@ echo "run.sh: $RECORD"
 # the GPUs torch can use (honours CUDA_VISIBLE_DEVICES, unlike nvidia-smi -L)
 NGPU="${NGPU:-$(python -c 'import torch; print(torch.cuda.device_count())')}"
 if [ "${NGPU:-0}" -lt 1 ]; then  # checked before the ~400 MB download: without a GPU there is nothing to fetch for
-  echo "No GPU found (torch.cuda.device_count() is 0). On CPU use: python train_gpt.py --preset tiny" >&2
+  echo "No GPU found (torch.cuda.device_count() is 0). On CPU use: python train_gpt.py --preset mini (or tiny)" >&2
   exit 1
 fi
 # The slowrun preset's 256 sequences per step at 4 per GPU split evenly over 1, 2, 4, 8, 16... GPUs only: on 3, 5, 6
