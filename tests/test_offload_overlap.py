@@ -1,0 +1,210 @@
+"""Frozen models off the training device and gradient sync overlapped with backward (issue 16, phase 2): where the
+members, snapshots and teachers of a K = 3 distillation run live, one at a time on the device; the overlapped
+all-reduce's weights against the plain path's, bit for bit, on 2 and 3 gloo ranks."""
+import dataclasses
+import gc
+import glob
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import MICRO_BOS, MICRO_VOCAB, micro_flags, synthetic_documents
+
+import train_gpt
+
+
+def frozen_models() -> list:
+    """Every frozen GPT alive now (members, snapshots, teachers: for_inference leaves no parameter trainable)."""
+    return [obj for obj in gc.get_objects() if type(obj) is train_gpt.GPT
+            and not any(p.requires_grad for p in obj.parameters())]
+
+
+def on_training_device(model, dist_info) -> bool:
+    """A frozen model occupies the training device unless it is parked on the host and not in use there. On CPU the
+    host is the device, so the placement is read through the abstraction (park_on_host / frozen_on_device); a model
+    that never went through it (253ffad's behaviour: every frozen model stays where it was trained) counts as on the
+    device."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device != dist_info.host for t in tensors):
+        return True
+    return not getattr(model, "parked_on_host", False) or model in getattr(train_gpt, "FROZEN_ON_DEVICE", ())
+
+
+def test_frozen_models_wait_on_the_host_and_come_to_the_device_one_at_a_time(tmp_path, monkeypatch):
+    """K = 3 members, each distilled from the ensemble of the earlier ones, each with an epoch snapshot: after each
+    member, and at the end, no frozen model is on the training device; while training and scoring, at most one
+    frozen model is there at a time. The running ensemble's val loss equals evaluate_ensemble (the all-on-device
+    path) over the saved files."""
+    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(40, seed=1))  # 2 steps an epoch: a few seconds in all
+    train_gpt.write_shard(val_path, synthetic_documents(10, seed=2))
+    flags = micro_flags(train_path, val_path, str(tmp_path), "k3", ensemble_size=3, distill_alpha=0.5,
+                        distill_teacher="ensemble", distill_chunk=8, num_epochs=2, epoch_snapshots=2, log_every=50,
+                        batch_tokens=512, device_batch_size=4)
+    hp = train_gpt.parse_args(flags)
+    dist_info = train_gpt.Dist()
+    seen = dict(members=[], peak=0, uses=0)
+    real_train_member, real_save_json = train_gpt.train_member, train_gpt.RunLog.save_json
+
+    def check(when: str) -> None:
+        frozen = frozen_models()
+        seen["members"].append((when, len(frozen)))
+        on_device = [m for m in frozen if on_training_device(m, dist_info)]
+        assert not on_device, f"{when}: {len(on_device)} of {len(frozen)} frozen models on the training device"
+
+    def train_member(hp, dist_info, data, log, member, teachers):
+        check(f"before member {member}")
+        return real_train_member(hp, dist_info, data, log, member, teachers)
+
+    def save_json(self, name, payload):
+        if name == "result.json":
+            check("at the end")
+        return real_save_json(self, name, payload)
+
+    monkeypatch.setattr(train_gpt, "train_member", train_member)
+    monkeypatch.setattr(train_gpt.RunLog, "save_json", save_json)
+    if hasattr(train_gpt, "frozen_on_device"):
+        real_on_device = train_gpt.frozen_on_device
+
+        def counting_on_device(model, dist_info):
+            context = real_on_device(model, dist_info)
+
+            class Counted:
+                def __enter__(self):
+                    value = context.__enter__()
+                    seen["uses"] += 1
+                    seen["peak"] = max(seen["peak"], len(train_gpt.FROZEN_ON_DEVICE))
+                    return value
+
+                def __exit__(self, *exc):
+                    return context.__exit__(*exc)
+            return Counted()
+        monkeypatch.setattr(train_gpt, "frozen_on_device", counting_on_device)
+    result = train_gpt.train(hp, dist_info, flags)
+    # member 0 has no frozen model before it; member 1: member 0 + its snapshot; member 2: four; the end: six
+    assert [count for _, count in seen["members"]] == [0, 2, 4, 6], seen["members"]
+    assert seen["uses"] > 0 and seen["peak"] == 1, seen  # teachers and candidates came one at a time
+    # the streamed ensemble loss against evaluate_ensemble with every candidate resident (the path of 253ffad)
+    files = sorted(glob.glob(os.path.join(tmp_path, "k3", "members", "*.pt")))
+    order = [f for m in range(3) for f in sorted(x for x in files if f"member_{m:02d}_snapshot" in x)
+             + [x for x in files if x.endswith(f"member_{m:02d}.pt")]]
+    assert len(order) == 6
+    models = [train_gpt.load_member(path, torch.device("cpu"))[0] for path in order]
+    data = train_gpt.load_run_data(hp)
+    reference = train_gpt.evaluate_ensemble(models, [1 / 6] * 6, "prob", data.val_data, dist_info, hp.val_batch_size)
+    assert abs(result["ensemble_val_losses"][-1] - reference) <= 1e-6 * reference, (result, reference)
+    alone = train_gpt.evaluate(models[-1], data.val_data, dist_info, hp.val_batch_size)
+    assert abs(alone - result["member_val_losses"][-1]) < 1e-6  # the member file is the member
+    assert abs(alone - reference) > 1e-3  # and the mixture is not one member's loss
+
+
+def test_streamed_teachers_give_the_resident_teachers_loss():
+    """Two parked teachers streamed through the device (their bodies one at a time, their lm_heads kept) give the
+    distillation objective of the same teachers used directly, bit for bit, with its gradient."""
+    hp = train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=2, n_embd=32, n_head=2,
+                                   seq_len=16, device="cpu", distill_alpha=0.6, distill_temperature=2.0,
+                                   distill_chunk=4, fused_loss="chunked", mtp_weight=0.0)
+    dist_info = train_gpt.Dist()
+    teachers = [train_gpt.build_model(hp, dist_info, seed).for_inference() for seed in (1, 2)]
+    student = train_gpt.build_model(hp, dist_info, 3)
+    idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len + 1), generator=torch.Generator().manual_seed(0))
+    inputs, targets = idx[:, :-1], idx[:, 1:]
+    mix = [(teacher, 0.5) for teacher in teachers]
+    direct = train_gpt.training_loss_sums(student, inputs, targets, 0.0, dict(
+        teacher_rows=train_gpt.teacher_rows(mix, [t.features(inputs) for t in teachers], 2.0), alpha=0.6,
+        temperature=2.0, chunk_rows=8), ("chunked", hp.logit_softcap))[1]
+    direct_grad = torch.autograd.grad(direct, student.lm_head.weight)[0]
+    parked = [(train_gpt.park_on_host(teacher, dist_info), 0.5) for teacher in teachers]
+    objective = train_gpt.MemberObjective(hp, dist_info.device, parked, dist_info)
+    streamed = objective.sums(student, inputs, targets)[1]
+    assert not train_gpt.FROZEN_ON_DEVICE  # both bodies went back to the host
+    assert torch.equal(streamed, direct)
+    assert torch.equal(torch.autograd.grad(streamed, student.lm_head.weight)[0], direct_grad)
+
+
+def test_memory_plan_places_frozen_models_on_the_host():
+    """The README's 8-member ensemble at the slowrun shape now fits 79 GiB: 15 frozen models (7.15 GB each) on the
+    host, at most a teacher and a snapshot being scored on the device; EMA/SWA accumulators that would not fit go to
+    the host by themselves (averaging_on_host auto)."""
+    hp = dataclasses.replace(train_gpt.parse_args(["--preset", "slowrun"]), ensemble_size=8, epoch_snapshots=2,
+                             distill_alpha=0.5)
+    plan = train_gpt.memory_plan(hp, 8, "cuda", 79 * 2**30)
+    assert plan["frozen_host_models"] == 15 and plan["host_bytes"] == 15 * plan["param_bytes"]
+    assert plan["frozen_models"] == 2 and plan["frozen_bytes"] == 2 * plan["param_bytes"]
+    assert train_gpt.memory_plan_refusal(hp, plan) == ""
+    averaged = dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99)  # 4 more fp32 copies: 26.6 GiB
+    plan = train_gpt.memory_plan(averaged, 8, "cuda", 79 * 2**30)
+    assert plan["averaging_on_host"] and plan["average_copies"] == 0
+    assert plan["host_bytes"] == 19 * plan["param_bytes"] and train_gpt.memory_plan_refusal(averaged, plan) == ""
+    forced = train_gpt.memory_plan(dataclasses.replace(averaged, averaging_on_host="off"), 8, "cuda", 79 * 2**30)
+    assert not forced["averaging_on_host"] and "--averaging_on_host on" in train_gpt.memory_plan_refusal(
+        dataclasses.replace(averaged, averaging_on_host="off"), forced)
+
+
+# ------------------------------------------------------------------------------------------- overlapped gradient sync
+
+def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
+    """Each grad_sync mode trains the same micro model 3 steps of 2 micro-steps (rank-specific data) from the same
+    start; rank 0 saves the final weights of each, and the first step's summed gradients beside a float64 sum of
+    every rank's local gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    dist_info = train_gpt.Dist(rank=rank, world_size=world)
+    hp = train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=3, n_embd=32, n_head=2,
+                                   seq_len=16, device="cpu", muon_compile="off", grad_bucket_mb=0.01, dropout=0.0)
+    results = {}
+    for mode in ("after", "overlap", "overlap_flat"):
+        model = train_gpt.build_model(hp, dist_info, seed=0)
+        optimizers = train_gpt.build_optimizers(model, hp, dist_info)
+        sync = train_gpt.GradientSync(dataclasses.replace(hp, grad_sync=mode), model, dist_info)
+        generator = torch.Generator().manual_seed(100 + rank)
+        for step in range(3):
+            for micro_step in range(2):
+                idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len + 1), generator=generator)
+                loss = train_gpt.cross_entropy_sum(model(idx[:, :-1]), idx[:, 1:]) / (2 * 2 * hp.seq_len * world)
+                sync.arm(micro_step == 1)
+                loss.backward()
+            if step == 0 and mode == "after":  # every rank's local gradients, summed in float64: the reference
+                local = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+                gathered = [torch.empty_like(local) for _ in range(world)]
+                torch.distributed.all_gather(gathered, local)
+                results["sum64"] = torch.stack(gathered).sum(0)
+            sync.wait()
+            if step == 0:
+                results[f"grads_{mode}"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+            for optimizer in optimizers:
+                optimizer.step()
+            model.zero_grad(set_to_none=True)
+        sync.remove()
+        results[mode] = [p.detach().clone() for p in model.parameters()]
+        results[f"buckets_{mode}"] = len(sync.buckets)
+    if rank == 0:
+        torch.save(results, out)
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_overlapped_gradient_sync_gives_the_same_weights_bit_for_bit(world, tmp_path):
+    out = str(tmp_path / "results.pt")
+    mp.spawn(_sync_worker, args=(world, free_port(), out), nprocs=world, join=True)
+    results = torch.load(out)
+    assert results["buckets_overlap_flat"] > 3  # several buckets, each launched on its own
+    reference = results["sum64"]
+    for mode in ("after", "overlap", "overlap_flat"):  # the summed gradients are the float64 sum, rounded
+        assert torch.allclose(results[f"grads_{mode}"].double(), reference, rtol=1e-6, atol=1e-9), mode
+    assert all(torch.equal(a, b) for a, b in zip(results["after"], results["overlap"]))  # the same collectives
+    flat_equal = all(torch.equal(a, b) for a, b in zip(results["after"], results["overlap_flat"]))
+    if world == 2:  # a + b == b + a: two ranks sum in one order whatever the buffer
+        assert flat_equal
+    else:  # gloo's ring sums an element in an order set by its position in the buffer: close, not identical
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(results["after"], results["overlap_flat"]))
