@@ -28,7 +28,7 @@ def on_training_device(model, dist_info) -> bool:
     that never went through it (253ffad's behaviour: every frozen model stays where it was trained) counts as on the
     device."""
     tensors = list(model.parameters()) + list(model.buffers())
-    if any(t.device != dist_info.host for t in tensors):
+    if any(t.device != getattr(dist_info, "host", dist_info.device) for t in tensors):
         return True
     return not getattr(model, "parked_on_host", False) or model in getattr(train_gpt, "FROZEN_ON_DEVICE", ())
 
@@ -146,44 +146,53 @@ def test_memory_plan_places_frozen_models_on_the_host():
 
 # ------------------------------------------------------------------------------------------- overlapped gradient sync
 
-def _sync_worker(rank: int, world: int, port: int, out: str) -> None:
-    """Each grad_sync mode trains the same micro model 3 steps of 2 micro-steps (rank-specific data) from the same
-    start; rank 0 saves the final weights of each, and the first step's summed gradients beside a float64 sum of
-    every rank's local gradients."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
+def sync_hp() -> train_gpt.Hyperparameters:
+    """A 3-layer micro model; buckets of 10 KB, so overlap_flat sends several."""
+    return train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=3, n_embd=32, n_head=2,
+                                     seq_len=16, device="cpu", muon_compile="off", grad_bucket_mb=0.01, dropout=0.0)
+
+
+def _sync_worker(rank: int, port: int, out: str) -> None:
+    """Three gloo ranks; ranks 0-1 also form a 2-rank group. On each group, each grad_sync mode trains the same micro
+    model 3 steps of 2 micro-steps (rank-specific data) from the same start; the group's rank 0 saves the final
+    weights of each, and the first step's summed gradients beside a float64 sum of every rank's local gradients."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    dist_info = train_gpt.Dist(rank=rank, world_size=world)
-    hp = train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=3, n_embd=32, n_head=2,
-                                   seq_len=16, device="cpu", muon_compile="off", grad_bucket_mb=0.01, dropout=0.0)
-    results = {}
-    for mode in ("after", "overlap", "overlap_flat"):
-        model = train_gpt.build_model(hp, dist_info, seed=0)
-        optimizers = train_gpt.build_optimizers(model, hp, dist_info)
-        sync = train_gpt.GradientSync(dataclasses.replace(hp, grad_sync=mode), model, dist_info)
-        generator = torch.Generator().manual_seed(100 + rank)
-        for step in range(3):
-            for micro_step in range(2):
-                idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len + 1), generator=generator)
-                loss = train_gpt.cross_entropy_sum(model(idx[:, :-1]), idx[:, 1:]) / (2 * 2 * hp.seq_len * world)
-                sync.arm(micro_step == 1)
-                loss.backward()
-            if step == 0 and mode == "after":  # every rank's local gradients, summed in float64: the reference
-                local = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
-                gathered = [torch.empty_like(local) for _ in range(world)]
-                torch.distributed.all_gather(gathered, local)
-                results["sum64"] = torch.stack(gathered).sum(0)
-            sync.wait()
-            if step == 0:
-                results[f"grads_{mode}"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
-            for optimizer in optimizers:
-                optimizer.step()
-            model.zero_grad(set_to_none=True)
-        sync.remove()
-        results[mode] = [p.detach().clone() for p in model.parameters()]
-        results[f"buckets_{mode}"] = len(sync.buckets)
-    if rank == 0:
-        torch.save(results, out)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=3)
+    pair = torch.distributed.new_group([0, 1])  # every rank makes every group
+    hp = sync_hp()
+    for world, group in ((3, None), (2, pair)):
+        if rank >= world:
+            continue
+        dist_info = train_gpt.Dist(rank=rank, world_size=world, group=group)
+        results = {}
+        for mode in ("after", "overlap", "overlap_flat"):
+            model = train_gpt.build_model(hp, dist_info, seed=0)
+            optimizers = train_gpt.build_optimizers(model, hp, dist_info)
+            sync = train_gpt.GradientSync(dataclasses.replace(hp, grad_sync=mode), model, dist_info)
+            generator = torch.Generator().manual_seed(100 + rank)
+            for step in range(3):
+                for micro_step in range(2):
+                    idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len + 1), generator=generator)
+                    loss = train_gpt.cross_entropy_sum(model(idx[:, :-1]), idx[:, 1:]) / (2 * 2 * hp.seq_len * world)
+                    sync.arm(micro_step == 1)
+                    loss.backward()
+                if step == 0 and mode == "after":  # every rank's local gradients, summed in float64: the reference
+                    local = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).double()
+                    gathered = [torch.empty_like(local) for _ in range(world)]
+                    torch.distributed.all_gather(gathered, local, group=group)
+                    results["sum64"] = torch.stack(gathered).sum(0)
+                sync.wait()
+                if step == 0:
+                    results[f"grads_{mode}"] = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).clone()
+                for optimizer in optimizers:
+                    optimizer.step()
+                model.zero_grad(set_to_none=True)
+            sync.remove()
+            results[mode] = [p.detach().clone() for p in model.parameters()]
+            results[f"buckets_{mode}"] = len(sync.buckets)
+        if rank == 0:
+            torch.save(results, out.format(world=world))
     torch.distributed.destroy_process_group()
 
 
@@ -193,11 +202,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.fixture(scope="module")
+def sync_results(tmp_path_factory):
+    """One run of three forked ranks (fork: no second import of torch) for both world sizes."""
+    out = str(tmp_path_factory.mktemp("sync") / "world{world}.pt")
+    # the first optimizer built imports torch._dynamo (seconds): here, once, so the forked ranks inherit it
+    hp = sync_hp()
+    train_gpt.build_optimizers(train_gpt.build_model(hp, train_gpt.Dist(), seed=0), hp, train_gpt.Dist())
+    mp.start_processes(_sync_worker, args=(free_port(), out), nprocs=3, join=True, start_method="fork")
+    return {world: torch.load(out.format(world=world)) for world in (2, 3)}
+
+
 @pytest.mark.parametrize("world", [2, 3])
-def test_overlapped_gradient_sync_gives_the_same_weights_bit_for_bit(world, tmp_path):
-    out = str(tmp_path / "results.pt")
-    mp.spawn(_sync_worker, args=(world, free_port(), out), nprocs=world, join=True)
-    results = torch.load(out)
+def test_overlapped_gradient_sync_gives_the_same_weights_bit_for_bit(world, sync_results):
+    results = sync_results[world]
     assert results["buckets_overlap_flat"] > 3  # several buckets, each launched on its own
     reference = results["sum64"]
     for mode in ("after", "overlap", "overlap_flat"):  # the summed gradients are the float64 sum, rounded
