@@ -3521,7 +3521,9 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         + f" + {plan['average_copies']} EMA/SWA copies, fp32",
         f"host        {gib(plan['host_bytes']):>11} | {plan['frozen_host_models']} frozen models (earlier members, "
         f"snapshots) in {'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a "
-        f"time" + (" + the EMA/SWA accumulators (averaging_on_host)" if plan["averaging_on_host"] else ""),
+        f"time" + (" + the EMA/SWA accumulators (averaging_on_host)" if plan["averaging_on_host"] else "")
+        + (f"; x{plan['world_size']} ranks = {gib(plan['world_size'] * plan['host_bytes'])} per node"
+           if plan["host_bytes"] and plan["world_size"] > 1 else ""),
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
         f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
         f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
