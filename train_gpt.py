@@ -120,6 +120,7 @@ class Hyperparameters:
     grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
     muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
     muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
+    muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
@@ -1616,7 +1617,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
                  normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False,
-                 gram: str = "torch"):
+                 gram: str = "torch", gather_bf16: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -1625,6 +1626,9 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
                                       normuon_beta2=normuon_beta2, cautious_wd=cautious_wd))
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
+        # gather_bf16: the update rounded to bf16 before the all_gather (on any world size, so that 1 and N ranks
+        # train alike); each rank applies the rounded update, its own included, so the ranks stay identical
+        self.gather_dtype = torch.bfloat16 if gather_bf16 else None
         # compiled: torch.compile fuses each iteration's scale-and-add into the matmuls' epilogues (modded-nanogpt
         # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
         self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize,
@@ -1666,6 +1670,8 @@ class Muon(torch.optim.Optimizer):
                 owned = first + self.rank
                 # Ranks past the end of the group contribute a zero update that nobody applies.
                 update = self._update(params[owned], group) if owned < len(params) else torch.zeros_like(params[first])
+                if self.gather_dtype is not None:
+                    update = update.to(self.gather_dtype)
                 chunk = params[first:first + self.world_size]
                 if self.world_size == 1:
                     pending.append((None, group, chunk, [update]))
@@ -1681,7 +1687,7 @@ class Muon(torch.optim.Optimizer):
                     param.sub_(param * (update * param >= 0), alpha=group["lr"] * group["weight_decay"])
                 else:
                     param.mul_(1 - group["lr"] * group["weight_decay"])
-                param.add_(update, alpha=-group["lr"])
+                param.add_(update.to(param.dtype), alpha=-group["lr"])
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
@@ -1708,7 +1714,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                 normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
                 process_group=dist_info.group,
                 compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
-                gram=hp.muon_gram)
+                gram=hp.muon_gram, gather_bf16=hp.muon_gather_bf16)
     if hp.muon_gram == "triton" and not fused_loss_available(dist_info.device):
         raise ConfigError(f"--muon_gram triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                           f"device {dist_info.device.type}, triton "

@@ -166,10 +166,12 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
             continue
         dist_info = train_gpt.Dist(rank=rank, world_size=world, group=group)
         results = {}
-        for mode in ("after", "overlap", "overlap_flat"):
-            model = train_gpt.build_model(hp, dist_info, seed=0)
-            optimizers = train_gpt.build_optimizers(model, hp, dist_info)
-            sync = train_gpt.GradientSync(dataclasses.replace(hp, grad_sync=mode), model, dist_info)
+        variants = {mode: dataclasses.replace(hp, grad_sync=mode) for mode in ("after", "overlap", "overlap_flat")}
+        variants["bf16"] = dataclasses.replace(hp, muon_gather_bf16=True)
+        for mode, variant in variants.items():
+            model = train_gpt.build_model(variant, dist_info, seed=0)
+            optimizers = train_gpt.build_optimizers(model, variant, dist_info)
+            sync = train_gpt.GradientSync(variant, model, dist_info)
             generator = torch.Generator().manual_seed(100 + rank)
             for step in range(3):
                 for micro_step in range(2):
@@ -191,6 +193,7 @@ def _sync_worker(rank: int, port: int, out: str) -> None:
             sync.remove()
             results[mode] = [p.detach().clone() for p in model.parameters()]
             results[f"buckets_{mode}"] = len(sync.buckets)
+            results[f"agree_{mode}"] = train_gpt.ranks_agree(model, dist_info)
         if rank == 0:
             torch.save(results, out.format(world=world))
     torch.distributed.destroy_process_group()
@@ -218,6 +221,7 @@ def test_overlapped_gradient_sync_gives_the_same_weights_bit_for_bit(world, sync
     results = sync_results[world]
     assert results["buckets_overlap_flat"] > 3  # several buckets, each launched on its own
     reference = results["sum64"]
+    assert all(results[f"agree_{mode}"] for mode in ("after", "overlap", "overlap_flat", "bf16"))
     for mode in ("after", "overlap", "overlap_flat"):  # the summed gradients are the float64 sum, rounded
         assert torch.allclose(results[f"grads_{mode}"].double(), reference, rtol=1e-6, atol=1e-9), mode
     assert all(torch.equal(a, b) for a, b in zip(results["after"], results["overlap"]))  # the same collectives
@@ -226,3 +230,29 @@ def test_overlapped_gradient_sync_gives_the_same_weights_bit_for_bit(world, sync
         assert flat_equal
     else:  # gloo's ring sums an element in an order set by its position in the buffer: close, not identical
         assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(results["after"], results["overlap_flat"]))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_muon_updates_gathered_in_bf16_keep_the_ranks_identical(world, sync_results):
+    """muon_gather_bf16: every rank applies the same bf16-rounded updates (the ranks agree bit for bit), which move
+    the Muon matrices within bf16's rounding (2^-8 of an update of size lr) of the fp32 path's after 3 steps."""
+    results = sync_results[world]
+    muon = [(a, b) for a, b in zip(results["after"], results["bf16"]) if a.ndim == 2 and a.shape[0] == a.shape[1]]
+    assert muon and any(not torch.equal(a, b) for a, b in muon)  # the rounding is real
+    assert max((a - b).abs().max().item() for a, b in muon) < 3 * 0.02 * 2**-8 * 4  # 3 steps, |update| <= ~4
+
+
+def test_muon_bf16_update_matches_a_hand_computed_step():
+    """One Muon step on one matrix with muon_gather_bf16: p (1 - lr wd) - lr * bf16(NS(nesterov momentum) * scale)."""
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(8, 16))
+    param.grad = torch.randn(8, 16)
+    start, grad = param.detach().clone(), param.grad.clone()
+    optimizer = train_gpt.Muon([param], lr=0.02, momentum=0.95, nesterov=True, ns_steps=5, weight_decay=0.1,
+                               gather_bf16=True)
+    optimizer.step()
+    direction = grad.lerp((1 - 0.95) * grad, 0.95)  # momentum buffer from zero: (1 - beta) g
+    update = train_gpt.newton_schulz_orthogonalize(direction, 5) * max(1.0, 8 / 16) ** 0.5
+    expected = start * (1 - 0.02 * 0.1) - 0.02 * update.to(torch.bfloat16).float()
+    assert torch.allclose(param.detach(), expected, rtol=0, atol=1e-7)
+    assert not torch.allclose(param.detach(), start * (1 - 0.02 * 0.1) - 0.02 * update, rtol=0, atol=1e-7)
