@@ -3360,8 +3360,8 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
-    loaded = [load_member(path, dist_info.device) for path in paths]
-    models = [model for model, _ in loaded]
+    loaded = [load_member(path, dist_info.host) for path in paths]  # host memory, one on the device at a time
+    models = [park_on_host(model, dist_info) for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
@@ -3371,14 +3371,14 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
     for path, model in zip(paths, models):
-        loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
+        loss = evaluate_frozen_ensemble([model], [1.0], "prob", data.val_data, dist_info, hp.val_batch_size)
         result["member_val_losses"].append(loss)
         if dist_info.is_main:
             print(f"member {path} | val_loss {loss:.4f}", flush=True)
-    result["val_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
-                                           hp.val_batch_size)
-    result["test_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
-                                            hp.val_batch_size) if data.test_data else None
+    result["val_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
+                                                  hp.val_batch_size)
+    result["test_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
+                                                   hp.val_batch_size) if data.test_data else None
     if dist_info.is_main:
         print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
               (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
