@@ -2059,6 +2059,19 @@ def park_on_host(model: nn.Module, dist_info: Dist) -> nn.Module:
     return model
 
 
+def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
+    """A frozen, parked copy of a model made directly in host memory (a meta-device skeleton filled from the model's
+    weights and buffers: no second copy on the device, no random draws), in the model's schedule state."""
+    with torch.device("meta"):
+        frozen = GPT(model.config)
+    frozen = frozen.to_empty(device=dist_info.host)
+    with torch.no_grad():
+        for mine, theirs in zip([*frozen.parameters(), *frozen.buffers()], [*model.parameters(), *model.buffers()]):
+            mine.copy_(theirs)
+    frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
+    return park_on_host(frozen.for_inference(), dist_info)
+
+
 @contextmanager
 def frozen_on_device(model: nn.Module, dist_info: Dist):
     """with frozen_on_device(model, dist_info): a parked frozen model's weights are on the training device inside,
@@ -2870,12 +2883,15 @@ class Snapshots:
             return
         cycle = steps.index(done)
         with self.progress.paused():
-            snapshot = copy.deepcopy(model).for_inference()
-            loss = evaluate(snapshot, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            # scored as the training model itself on SDPA (what the frozen copy runs, GPT.for_inference), then copied
+            # straight to host memory: no second model on the device
+            attention, model.attention = model.attention, "sdpa"
+            loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            model.attention = attention
+            snapshot = frozen_host_copy(model, self.dist_info)
             if self.dist_info.is_main:
                 save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
                                seed=self.seed, outcome=dict(val_loss=loss))
-            park_on_host(snapshot, self.dist_info)  # frozen from here: host memory until it is used
         self.taken.append((snapshot, loss))
         self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
@@ -3456,11 +3472,11 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
     per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
     # frozen models wait in host memory (park_on_host); on the device while the last member trains: its teacher (held
-    # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead) and a
-    # snapshot being scored before it is parked
+    # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
+    # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
     frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
     teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
-    frozen_training = (1 if teaching else 0) + (1 if per_member > 1 else 0)
+    frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     teacher_heads = (hp.ensemble_size - 1) * head_bytes if teaching and hp.distill_teacher == "ensemble" and \
         hp.ensemble_size > 2 else 0
@@ -3522,7 +3538,7 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"evaluation  {'~' + gib(plan['eval_bytes']):>11} | fp32 logits + log-softmax of {hp.val_batch_size} x "
         f"{hp.seq_len} tokens (not at the same time as the activations)",
         f"frozen      {gib(plan['frozen_bytes']):>11} | on the device while the last member trains: "
-        f"{plan['frozen_models']} frozen model(s) in use (its teacher, a snapshot being scored)"
+        f"{plan['frozen_models']} frozen model(s) in use (its teacher)"
         + (f" + {plan['teacher_head_bytes'] / 2**30:.2f} GiB teacher lm_heads" if plan["teacher_head_bytes"] else "")
         + f" + {plan['average_copies']} EMA/SWA copies, fp32",
         f"host        {gib(plan['host_bytes']):>11} | {plan['frozen_host_models']} frozen models (earlier members, "

@@ -127,13 +127,13 @@ def test_streamed_teachers_give_the_resident_teachers_loss():
 
 def test_memory_plan_places_frozen_models_on_the_host():
     """The README's 8-member ensemble at the slowrun shape now fits 79 GiB: 15 frozen models (7.15 GB each) on the
-    host, at most a teacher and a snapshot being scored on the device; EMA/SWA accumulators that would not fit go to
+    host, one teacher on the device (snapshots go straight to the host); EMA/SWA accumulators that would not fit go to
     the host by themselves (averaging_on_host auto)."""
     hp = dataclasses.replace(train_gpt.parse_args(["--preset", "slowrun"]), ensemble_size=8, epoch_snapshots=2,
                              distill_alpha=0.5)
     plan = train_gpt.memory_plan(hp, 8, "cuda", 79 * 2**30)
     assert plan["frozen_host_models"] == 15 and plan["host_bytes"] == 15 * plan["param_bytes"]
-    assert plan["frozen_models"] == 2 and plan["frozen_bytes"] == 2 * plan["param_bytes"]
+    assert plan["frozen_models"] == 1 and plan["frozen_bytes"] == plan["param_bytes"]  # the teacher alone
     assert train_gpt.memory_plan_refusal(hp, plan) == ""
     averaged = dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99)  # 4 more fp32 copies: 26.6 GiB
     plan = train_gpt.memory_plan(averaged, 8, "cuda", 79 * 2**30)
