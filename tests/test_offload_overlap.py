@@ -256,3 +256,19 @@ def test_muon_bf16_update_matches_a_hand_computed_step():
     expected = start * (1 - 0.02 * 0.1) - 0.02 * update.to(torch.bfloat16).float()
     assert torch.allclose(param.detach(), expected, rtol=0, atol=1e-7)
     assert not torch.allclose(param.detach(), start * (1 - 0.02 * 0.1) - 0.02 * update, rtol=0, atol=1e-7)
+
+
+def test_ema_on_the_host_equals_the_closed_form():
+    """averaging_on_host on: the EMA's averages are copies (not the weights themselves) and after three updates of
+    known weights hold the closed form d^3 w0 + (1-d)(d^2 w1 + d w2 + w3), blended into the model at the end."""
+    hp = train_gpt.Hyperparameters(ema_decay=0.5, averaging_on_host="on")
+    model = torch.nn.Linear(3, 2, bias=False)
+    weights = [torch.full((2, 3), float(value)) for value in (1, 2, 4, 8)]
+    ema = train_gpt.EMAAveraging(hp, total_steps=4)
+    for done, weight in enumerate(weights, start=1):
+        with torch.no_grad():
+            model.weight.copy_(weight)
+        ema.after_step(done, model)
+    assert ema.ema.averages[0].data_ptr() != model.weight.data_ptr()
+    expected = 0.125 * 1 + 0.5 * (0.25 * 2 + 0.5 * 4 + 8)  # the blend (ema_blend 1) puts the EMA into the model
+    assert torch.equal(model.weight.detach(), torch.full((2, 3), expected))
