@@ -1800,11 +1800,17 @@ class GradientSync:
                     self._launch(p.grad, id(p))
         else:
             for index, bucket in enumerate(self.buckets):
-                if index not in self.launched and all(p.grad is not None for p in bucket):
+                present = [p for p in bucket if p.grad is not None]
+                if index in self.launched:
+                    continue
+                if len(present) == len(bucket):
                     self._launch(torch.cat([p.grad.reshape(-1) for p in bucket]), index)
+                else:  # a bucket with gradient-less parameters: its gradients one by one, in place
+                    for p in present:
+                        self._launch(p.grad, None)
         for handle, key, tensor in self.pending:
             handle.wait()
-            if self.mode == "overlap_flat":  # back from the flat bucket into each gradient
+            if self.mode == "overlap_flat" and key is not None:  # back from the flat bucket into each gradient
                 offset = 0
                 for p in self.buckets[key]:
                     p.grad.copy_(tensor[offset:offset + p.numel()].view_as(p.grad))
