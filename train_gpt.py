@@ -3616,9 +3616,32 @@ def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
     if hp.plan_only and dist_info.is_main:
         print("\n".join(["memory plan" + (f" | preset {hp.preset}" if hp.preset else "")] + lines), flush=True)
     refusal = memory_plan_refusal(hp, plan)
+    if not refusal and not hp.plan_only:  # a real run on this machine: its ranks' frozen models in its memory
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+        refusal = host_memory_refusal(plan, ranks_here, physical_memory_bytes())
     if refusal:
         raise ConfigError(refusal)
     return lines
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
+    """"" when the frozen models every rank on this machine keeps in host memory (each rank holds all of them:
+    every rank scores its share of the windows with every candidate) fit 90% of its RAM, else one line. Found before
+    the run, not hours later by the OOM killer."""
+    need = plan["host_bytes"] * ranks_here
+    if not ram_bytes or need <= 0.9 * ram_bytes:
+        return ""
+    return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
+            f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
+            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off)")
 
 
 def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:
