@@ -38,7 +38,8 @@ import threading
 import time
 import types
 import uuid
-from contextlib import contextmanager, nullcontext
+import weakref
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -132,6 +133,7 @@ class Hyperparameters:
     resid_lr_scale: float = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
     x0_beta1: float = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
     gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
+    muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
@@ -168,6 +170,9 @@ class Hyperparameters:
     plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
     # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
+    averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
+    grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
+    grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
     attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
@@ -357,6 +362,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
     require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
+    require(hp.averaging_on_host in ("auto", "on", "off"),
+            f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
+    require(hp.grad_sync in ("after", "overlap", "overlap_flat"),
+            f"grad_sync must be after, overlap or overlap_flat, got {hp.grad_sync!r}")
+    require(hp.grad_bucket_mb > 0, f"grad_bucket_mb must be positive, got {hp.grad_bucket_mb}")
     require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
     require(0.0 <= hp.dropout < 1.0, f"dropout must lie in [0, 1), got {hp.dropout}")
     require(0.0 <= hp.warmdown_frac <= 1.0, f"warmdown_frac must lie in [0, 1], got {hp.warmdown_frac}")
@@ -529,6 +539,12 @@ class Dist:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def host(self) -> torch.device:
+        """Where frozen models (finished members, snapshots, teachers) wait between uses: host memory. On CPU the host
+        IS the training device; frozen_on_device still says which frozen models are in use there."""
+        return torch.device("cpu")
 
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world_size > 1:
@@ -1797,7 +1813,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
                  normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False,
-                 gram: str = "torch", wd_scaled: bool = False):
+                 gram: str = "torch", wd_scaled: bool = False, gather_bf16: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -1807,6 +1823,9 @@ class Muon(torch.optim.Optimizer):
                                       weight_decay=weight_decay, polar_express=polar_express, eq_r=eq_r,
                                       normuon_beta2=normuon_beta2, cautious_wd=cautious_wd, wd_scaled=wd_scaled))
         self.rank, self.world_size, self.process_group = rank, world_size, process_group
+        # gather_bf16: the update rounded to bf16 before the all_gather (on any world size, so that 1 and N ranks
+        # train alike); each rank applies the rounded update, its own included, so the ranks stay identical
+        self.gather_dtype = torch.bfloat16 if gather_bf16 else None
         # compiled: torch.compile fuses each iteration's scale-and-add into the matmuls' epilogues (modded-nanogpt
         # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
         self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize,
@@ -1848,6 +1867,8 @@ class Muon(torch.optim.Optimizer):
                 owned = first + self.rank
                 # Ranks past the end of the group contribute a zero update that nobody applies.
                 update = self._update(params[owned], group) if owned < len(params) else torch.zeros_like(params[first])
+                if self.gather_dtype is not None:
+                    update = update.to(self.gather_dtype)
                 chunk = params[first:first + self.world_size]
                 if self.world_size == 1:
                     pending.append((None, group, chunk, [update]))
@@ -1866,7 +1887,7 @@ class Muon(torch.optim.Optimizer):
                     param.sub_(param * (update * param >= 0), alpha=decay)
                 else:
                     param.mul_(1 - decay)
-                param.add_(update, alpha=-group["lr"])
+                param.add_(update.to(param.dtype), alpha=-group["lr"])
 
 
 # The public 1h record's scalar groups: which scalar parameter plays which part, by its attribute name
@@ -1918,7 +1939,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                 normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
                 process_group=dist_info.group,
                 compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
-                gram=hp.muon_gram, wd_scaled=hp.muon_wd_scaled)
+                gram=hp.muon_gram, wd_scaled=hp.muon_wd_scaled, gather_bf16=hp.muon_gather_bf16)
     if hp.muon_gram == "triton" and not fused_loss_available(dist_info.device):
         raise ConfigError(f"--muon_gram triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                           f"device {dist_info.device.type}, triton "
@@ -1939,6 +1960,92 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
                for p in model.parameters() if p.grad is not None]
     for handle in handles:
         handle.wait()
+
+
+class GradientSync:
+    """The sum of the gradients over ranks, started during the backward (grad_sync overlap/overlap_flat) instead of
+    after it: at the full shape the 7.15 GB fp32 all-reduce otherwise waits for the whole backward (review part B.5).
+    Each parameter's post-accumulate-grad hook fires once its gradient is final; on the step's last micro-step that
+    launches an asynchronous all-reduce (overlap: of that gradient itself, the very collective average_gradients
+    issues, so the update is the same bit for bit; overlap_flat: of a flattened bucket once all its gradients are in,
+    DDP-style). wait() finishes them before clipping and the optimizer step. Every rank runs the same graph, so the
+    hooks fire, and the collectives are issued, in the same order everywhere. Under torch.compile the compiled
+    backward hands over all gradients at its end, so the overlap shrinks to the gradient accumulation itself."""
+
+    def __init__(self, hp: Hyperparameters, model: nn.Module, dist_info: Dist):
+        self.model, self.dist_info, self.armed, self.launched = model, dist_info, False, set()
+        self.mode = hp.grad_sync if dist_info.world_size > 1 else "after"
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.pending, self.hooks = [], []  # (handle, bucket index or None, flat tensor or param)
+        self.buckets, self.bucket_of, self.filled = [], {}, []
+        if self.mode == "overlap_flat":  # backward makes the last layers' gradients first: buckets in reverse order
+            limit, current, size = hp.grad_bucket_mb * 2**20, [], 0
+            for p in reversed(self.params):
+                current.append(p)
+                size += p.numel() * p.element_size()
+                if size >= limit:
+                    self.buckets.append(current)
+                    current, size = [], 0
+            self.buckets += [current] if current else []
+            self.bucket_of = {id(p): index for index, bucket in enumerate(self.buckets) for p in bucket}
+        if self.mode != "after":
+            self.hooks = [p.register_post_accumulate_grad_hook(self._ready) for p in self.params]
+
+    def arm(self, last_micro_step: bool) -> None:
+        """Called before each micro-step's backward: only the last one's gradients are complete sums to send."""
+        self.armed = last_micro_step and self.mode != "after"
+        self.filled = [0] * len(self.buckets)
+        self.launched = set()
+
+    def _launch(self, tensor: torch.Tensor, key) -> None:
+        handle = dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.dist_info.group, async_op=True)
+        self.pending.append((handle, key, tensor))
+        self.launched.add(key)
+
+    def _ready(self, param: torch.Tensor) -> None:
+        if not self.armed:
+            return
+        if self.mode == "overlap":
+            self._launch(param.grad, id(param))
+            return
+        index = self.bucket_of[id(param)]
+        self.filled[index] += 1
+        if self.filled[index] == len(self.buckets[index]):
+            self._launch(torch.cat([p.grad.reshape(-1) for p in self.buckets[index]]), index)
+
+    def wait(self) -> None:
+        """Every gradient summed over the ranks when this returns (as average_gradients leaves them)."""
+        if self.mode == "after":
+            average_gradients(self.model, self.dist_info)
+            return
+        # a gradient whose hook did not fire on the last micro-step (none in this model): sent now, in parameter order
+        if self.mode == "overlap":
+            for p in self.params:
+                if p.grad is not None and id(p) not in self.launched:
+                    self._launch(p.grad, id(p))
+        else:
+            for index, bucket in enumerate(self.buckets):
+                present = [p for p in bucket if p.grad is not None]
+                if index in self.launched:
+                    continue
+                if len(present) == len(bucket):
+                    self._launch(torch.cat([p.grad.reshape(-1) for p in bucket]), index)
+                else:  # a bucket with gradient-less parameters: its gradients one by one, in place
+                    for p in present:
+                        self._launch(p.grad, None)
+        for handle, key, tensor in self.pending:
+            handle.wait()
+            if self.mode == "overlap_flat" and key is not None:  # back from the flat bucket into each gradient
+                offset = 0
+                for p in self.buckets[key]:
+                    p.grad.copy_(tensor[offset:offset + p.numel()].view_as(p.grad))
+                    offset += p.numel()
+        self.pending, self.armed = [], False
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.hooks = []
 
 
 def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
@@ -2153,13 +2260,14 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
         was_training = model.training
         model.eval()
         probs = []
-        for batch in data.batches(0, 1, batch_size):
-            for inputs, targets in eval_pieces(*batch, dist_info.device):
-                with autocast_context(dist_info.device):
-                    logits = model(inputs).float()
-                picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-                probs.append(picked[targets >= 0].double().exp())
-                del logits
+        with frozen_on_device(model, dist_info):  # a parked candidate comes to the device for its rows, then back
+            for batch in data.batches(0, 1, batch_size):
+                for inputs, targets in eval_pieces(*batch, dist_info.device):
+                    with autocast_context(dist_info.device):
+                        logits = model(inputs).float()
+                    picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    probs.append(picked[targets >= 0].double().exp())
+                    del logits
         model.train(was_training)
         rows.append(torch.cat(probs))
     table = torch.stack([row if row is not None else
@@ -2222,6 +2330,110 @@ def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
     """Mean loss in nats per token over the whole set, summed in float64 over every rank: a one-member ensemble."""
     return evaluate_ensemble([model], [1.0], "prob", data, dist_info, batch_size)
+
+
+# Frozen models off the training device: at the full shape one fp32 model is 7.15 GB, and an 8-member ensemble with
+# snapshots kept every finished model on the GPU (review part B.1: out of memory on an 80 GB card). They wait in host
+# memory (pinned on CUDA, so the copy to the GPU is a fast DMA) and come to the device one at a time for a use.
+
+FROZEN_ON_DEVICE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # frozen models in use on the training device now
+
+
+def park_on_host(model: nn.Module, dist_info: Dist) -> nn.Module:
+    """Moves a frozen model's weights and buffers to host memory (pinned on CUDA) and marks it parked; returns it."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            host = tensor.data.to(dist_info.host)
+            if dist_info.device.type == "cuda" and not host.is_pinned():
+                host = host.pin_memory()
+            tensor.data = host
+    model.parked_on_host = True
+    FROZEN_ON_DEVICE.discard(model)
+    return model
+
+
+def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
+    """A frozen, parked copy of a model made directly in host memory (a meta-device skeleton filled from the model's
+    weights and buffers: no second copy on the device, no random draws), in the model's schedule state."""
+    with torch.device("meta"):
+        frozen = GPT(model.config)
+    frozen = frozen.to_empty(device=dist_info.host)
+    with torch.no_grad():
+        for mine, theirs in zip([*frozen.parameters(), *frozen.buffers()], [*model.parameters(), *model.buffers()]):
+            mine.copy_(theirs)
+    frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
+    return park_on_host(frozen.for_inference(), dist_info)
+
+
+@contextmanager
+def frozen_on_device(model: nn.Module, dist_info: Dist):
+    """with frozen_on_device(model, dist_info): a parked frozen model's weights are on the training device inside,
+    back in host memory (the unchanged pinned copy: no copy back) after. A model already in use stays where it is."""
+    if not getattr(model, "parked_on_host", False) or model in FROZEN_ON_DEVICE:
+        yield model
+        return
+    tensors = [*model.parameters(), *model.buffers()]
+    host = [tensor.data for tensor in tensors]
+    with torch.no_grad():
+        for tensor, data in zip(tensors, host):
+            tensor.data = data.to(dist_info.device, non_blocking=True)
+    FROZEN_ON_DEVICE.add(model)
+    try:
+        yield model
+    finally:
+        for tensor, data in zip(tensors, host):
+            tensor.data = data
+        FROZEN_ON_DEVICE.discard(model)
+
+
+@torch.no_grad()
+def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData,
+                             dist_info: Dist, batch_size: int) -> float:
+    """evaluate_ensemble for parked frozen models, one on the device at a time. "prob" needs only each member's
+    log-probability of the correct token: members in turn over all of this rank's windows, the running mixture kept
+    per target (4 bytes each), the same elementwise operations as evaluate_ensemble. "logit" mixes whole logits, so
+    every member comes to the device at once (say --ensemble_mode prob for the one-at-a-time path)."""
+    if mode != "prob":
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(frozen_on_device(model, dist_info))
+            return evaluate_ensemble(models, weights, mode, data, dist_info, batch_size)
+    batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
+
+    def pieces():  # the same pieces in the same order for every member (eval_pieces: CPU memory)
+        return (piece for batch in batches for piece in eval_pieces(*batch, dist_info.device))
+    mixture = []
+    for model, weight in zip(models, weights):
+        was_training = model.training
+        with frozen_on_device(model.eval(), dist_info):
+            for index, (inputs, targets) in enumerate(pieces()):
+                if index == len(mixture):
+                    mixture.append(None)
+                with autocast_context(dist_info.device):
+                    logits = model(inputs).float()
+                picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)) + \
+                    math.log(weight)
+                mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
+        model.train(was_training)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
+    for (_, targets), picked in zip(pieces(), mixture):
+        targets = targets.reshape(-1)
+        totals[0] += F.nll_loss(picked.reshape(-1, 1), torch.where(targets >= 0, 0, -1), ignore_index=-1,
+                                reduction="sum").double()
+        totals[1] += (targets >= 0).sum()
+    dist_info.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+class TeacherHead:
+    """A streamed teacher's lm_head, kept on the device while its body waits on the host: with several teachers
+    (distill_teacher ensemble) each body comes to the device in turn for its features, and the teacher logits are
+    then made chunk by chunk from those features (teacher_rows) by these heads (vocab x width each)."""
+    head = GPT.head
+
+    def __init__(self, teacher: GPT, device: torch.device):
+        self.lm_head = copy.deepcopy(teacher.lm_head).to(device)
+        self.logit_softcap = teacher.logit_softcap
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2645,19 +2857,29 @@ class WeightEMA:
     """Exponential moving average of the parameters (Polyak averaging; modded-nanogpt, the slowrun records):
     ema <- decay * ema + (1 - decay) * w at each update, starting from the weights it was made with."""
 
-    def __init__(self, model: nn.Module, decay: float):
-        self.decay = decay
-        self.averages = [p.detach().clone() for p in model.parameters()]
+    def __init__(self, model: nn.Module, decay: float, host: torch.device | None = None):
+        self.decay, self.host = decay, host  # host: the averages live in host memory (averaging_on_host)
+        self.averages = [host_copy(p, host) for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self.averages, [p.detach() for p in model.parameters()], 1.0 - self.decay)
+        torch._foreach_lerp_(self.averages, [p.detach().to(a.device) for p, a in zip(model.parameters(),
+                                                                                      self.averages)], 1.0 - self.decay)
 
     @torch.no_grad()
     def blend_into(self, model: nn.Module, blend: float) -> None:
         """The model's weights become blend * EMA + (1 - blend) * its current weights."""
         for param, average in zip(model.parameters(), self.averages):
-            param.lerp_(average, blend)
+            param.lerp_(average.to(param.device), blend)
+
+
+def host_copy(tensor: torch.Tensor, host: torch.device | None) -> torch.Tensor:
+    """A detached copy of a tensor: on its own device, or (host given) in host memory, pinned when it comes from CUDA
+    (EMA and SWA accumulators under averaging_on_host: one fp32 model each, 7.15 GB at the full shape)."""
+    if host is None:
+        return tensor.detach().clone()
+    copy_ = tensor.detach().to(host, copy=True)
+    return copy_.pin_memory() if tensor.device.type == "cuda" else copy_
 
 
 def default_run_id() -> str:
@@ -2894,10 +3116,38 @@ class MemberObjective:
     """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
     path or the fused loss (Kernels). training_loss_sums adds multi-token prediction."""
 
-    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]]):
+    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]],
+                 dist_info: Dist | None = None):
         self.hp, self.teachers = hp, teachers
         self.backend = loss_backend(hp, device)
         self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
+        self.dist_info = dist_info or Dist(device=device)
+        self.held, self.holding = None, ExitStack()  # one teacher kept on the device for as long as it teaches
+        self.heads = {}  # id(teacher) -> its TeacherHead, when several teachers stream through the device
+
+    def teacher_features(self, inputs: torch.Tensor) -> tuple[list[tuple[nn.Module, float]], list[torch.Tensor]]:
+        """(teachers as the loss uses them, their features). One teacher comes to the device once and stays until
+        release(); several come one at a time for their features, their lm_heads (TeacherHead) staying."""
+        if len(self.teachers) == 1:
+            teacher = self.teachers[0][0]
+            if self.held is not teacher:
+                self.release()
+                self.holding.enter_context(frozen_on_device(teacher, self.dist_info))
+                self.held = teacher
+            return self.teachers, [teacher.features(inputs)]
+        self.release()
+        features = []
+        for teacher, _ in self.teachers:
+            with frozen_on_device(teacher, self.dist_info):
+                features.append(teacher.features(inputs))
+        heads = [self.heads.setdefault(id(teacher), TeacherHead(teacher, self.dist_info.device))
+                 for teacher, _ in self.teachers]
+        return [(head, weight) for head, (_, weight) in zip(heads, self.teachers)], features
+
+    def release(self) -> None:
+        """The held teacher goes back to the host (a member's end, or the teacher changes)."""
+        self.holding.close()
+        self.held = None
 
     @property
     def distilling(self) -> bool:
@@ -2908,13 +3158,13 @@ class MemberObjective:
         hp, distill = self.hp, None
         if self.distilling:
             with torch.no_grad():
-                features = [teacher.features(inputs) for teacher, _ in self.teachers]
+                teachers, features = self.teacher_features(inputs)
             if self.fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
-                distill = dict(teacher_rows=teacher_rows(self.teachers, features, hp.distill_temperature),
+                distill = dict(teacher_rows=teacher_rows(teachers, features, hp.distill_temperature),
                                alpha=hp.distill_alpha, temperature=hp.distill_temperature,
                                chunk_rows=hp.distill_chunk * inputs.size(0))
             else:
-                distill = functools.partial(distillation_loss_sum, teachers=self.teachers, teacher_features=features,
+                distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
                                             targets=targets, alpha=hp.distill_alpha,
                                             temperature=hp.distill_temperature, chunk=hp.distill_chunk)
         return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
@@ -3023,13 +3273,14 @@ class EMAAveraging:
 
     def __init__(self, hp: Hyperparameters, total_steps: int):
         self.hp, self.total_steps, self.ema = hp, total_steps, None
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
 
     def after_step(self, done: int, model: nn.Module) -> None:
         hp = self.hp
         if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
             return
         if self.ema is None:
-            self.ema = WeightEMA(model, hp.ema_decay)
+            self.ema = WeightEMA(model, hp.ema_decay, self.host)
         elif done % hp.ema_every == 0:
             self.ema.update(model)
         if done == self.total_steps:
@@ -3040,8 +3291,8 @@ class EMAAveraging:
 
     def restore(self, saved: dict, model: nn.Module) -> None:
         if saved.get(self.key) is not None:
-            self.ema = WeightEMA(model, self.hp.ema_decay)
-            self.ema.averages = saved[self.key]
+            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
+            self.ema.averages = [host_copy(a, self.host) if self.host else a for a in saved[self.key]]
 
 
 class SWAAveraging:
@@ -3052,6 +3303,7 @@ class SWAAveraging:
     def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
         self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
         self.swa = None  # (running sum of the weights, count)
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
 
     def after_step(self, done: int, model: nn.Module) -> None:
         schedule, total_steps = self.schedule, self.schedule.total_steps
@@ -3059,7 +3311,7 @@ class SWAAveraging:
                 schedule.train_data.epoch_position(done) <= \
                 schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
             return
-        weights = [p.detach().clone() for p in model.parameters()]
+        weights = [host_copy(p, self.host) for p in model.parameters()]
         swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
                                                                 self.swa[1] + 1)
         if done == total_steps:
@@ -3074,6 +3326,8 @@ class SWAAveraging:
     def restore(self, saved: dict, model: nn.Module) -> None:
         if saved.get(self.key) is not None:
             self.swa = saved[self.key]
+            if self.host is not None:
+                self.swa = ([host_copy(total, self.host) for total in self.swa[0]], self.swa[1])
 
 
 class Snapshots:
@@ -3093,8 +3347,12 @@ class Snapshots:
             return
         cycle = steps.index(done)
         with self.progress.paused():
-            snapshot = copy.deepcopy(model).for_inference()
-            loss = evaluate(snapshot, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            # scored as the training model itself on SDPA (what the frozen copy runs, GPT.for_inference), then copied
+            # straight to host memory: no second model on the device
+            attention, model.attention = model.attention, "sdpa"
+            loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            model.attention = attention
+            snapshot = frozen_host_copy(model, self.dist_info)
             if self.dist_info.is_main:
                 save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
                                seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
@@ -3112,8 +3370,9 @@ class Snapshots:
         """The snapshots taken before the interruption, from their files."""
         for cycle, end in enumerate(self.schedule.snapshot_steps):
             if saved["progress"]["step"] >= end:
-                snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.device)
-                self.taken.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
+                snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.host)
+                self.taken.append((park_on_host(snapshot.requires_grad_(False), self.dist_info),
+                                   info["outcome"]["val_loss"]))
 
 
 class MemberCheckpoint:
@@ -3196,7 +3455,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
     model = compiled_model(raw_model, hp, device)
     optimizers = build_optimizers(raw_model, hp, dist_info)
-    objective = MemberObjective(hp, device, teachers)
+    objective = MemberObjective(hp, device, teachers, dist_info)
+    grad_sync = GradientSync(hp, raw_model, dist_info)
     progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
     averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
@@ -3220,14 +3480,16 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
-        for micro_step in range(train_data.grad_accum_steps(epoch)):
+        accumulation = train_data.grad_accum_steps(epoch)
+        for micro_step in range(accumulation):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
             with autocast_context(device):
                 micro_loss, loss = objective.sums(model, inputs, targets)
+            grad_sync.arm(micro_step == accumulation - 1)  # the last micro-step's gradients are the step's sums
             (loss / step_targets).backward()
             progress.add_loss(micro_loss)
-        average_gradients(raw_model, dist_info)
+        grad_sync.wait()  # every gradient summed over ranks (average_gradients, or the hooks' all-reduces)
         if hp.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
         for optimizer in optimizers:
@@ -3246,6 +3508,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
                       f"--resume {log.folder}")
             raise RunStopped()
+    objective.release()  # the teacher goes back to the host
+    grad_sync.remove()
     state = progress.state
     return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
                 val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
@@ -3420,6 +3684,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         hp = resumed_hyperparameters(hp, argv)
     check_hyperparameters(hp, dist_info.world_size)
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
+    hp = resolve_averaging_on_host(hp, dist_info)
     device = dist_info.device
     wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
@@ -3467,11 +3732,12 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
     member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
 
-    def load_finished(member: int) -> tuple[GPT, list, dict]:
-        model, saved = load_member(member_path(folder, member), device)
-        snapshots = [load_member(snapshot_path(folder, member, cycle), device)
+    def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
+        model, saved = load_member(member_path(folder, member), dist_info.host)
+        snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
                      for cycle in range(saved["outcome"].get("snapshot_count", 0))]
-        return model, [(snapshot, info["outcome"]["val_loss"]) for snapshot, info in snapshots], saved["outcome"]
+        return park_on_host(model, dist_info), [(park_on_host(snapshot, dist_info), info["outcome"]["val_loss"])
+                                                for snapshot, info in snapshots], saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
         round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
@@ -3485,6 +3751,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             trained = train_member(hp, group_dist, data, member_log, mine, teachers)
             model = trained.pop("model").for_inference()
             trained.pop("compiled")
+            park_on_host(model, dist_info)  # frozen from here: host memory, on the device only while in use
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
             if keep_files and group_dist.is_main:
@@ -3513,8 +3780,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             if keep_files:
                 count = len(candidates)
                 mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-                loss = evaluate_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
-                                         hp.val_batch_size)
+                loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
+                                                hp.val_batch_size)
                 ensemble_losses.append(loss)
                 log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
                           f"member {len(members)} alone {outcome['val_loss']:.4f}")
@@ -3538,16 +3805,16 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         learned = learn_mixture_weights(probs, hp.select_steps)
         chosen = select_members(learned, hp.select_top)
         final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
-        val_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data, dist_info,
-                                     hp.val_batch_size)
+        val_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data,
+                                            dist_info, hp.val_batch_size)
         selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
                          val_loss=val_loss)
         log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
                   + " ".join(f"c{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
                   + f" | kept {', '.join(f'c{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
         log.metrics(dict(kind="selection", **selection))
-    test_loss = evaluate_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
-                                  hp.val_batch_size) if data.test_data else None
+    test_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
+                                         hp.val_batch_size) if data.test_data else None
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
@@ -3652,8 +3919,8 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
-    loaded = [load_member(path, dist_info.device) for path in paths]
-    models = [model for model, _ in loaded]
+    loaded = [load_member(path, dist_info.host) for path in paths]  # host memory, one on the device at a time
+    models = [park_on_host(model, dist_info) for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
@@ -3664,14 +3931,14 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
     for path, model in zip(paths, models):
-        loss = evaluate(model, data.val_data, dist_info, hp.val_batch_size)
+        loss = evaluate_frozen_ensemble([model], [1.0], "prob", data.val_data, dist_info, hp.val_batch_size)
         result["member_val_losses"].append(loss)
         if dist_info.is_main:
             print(f"member {path} | val_loss {loss:.4f}", flush=True)
-    result["val_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
-                                           hp.val_batch_size)
-    result["test_loss"] = evaluate_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
-                                            hp.val_batch_size) if data.test_data else None
+    result["val_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
+                                                  hp.val_batch_size)
+    result["test_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
+                                                   hp.val_batch_size) if data.test_data else None
     if dist_info.is_main:
         print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
               (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
@@ -3748,7 +4015,15 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                                            if p.ndim == 2 and not name.startswith("wte."))
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
     per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
-    frozen_training = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    # frozen models wait in host memory (park_on_host); on the device while the last member trains: its teacher (held
+    # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
+    # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
+    frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
+    frozen_training = 1 if teaching else 0
+    head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    teacher_heads = (hp.ensemble_size - 1) * head_bytes if teaching and hp.distill_teacher == "ensemble" and \
+        hp.ensemble_size > 2 else 0
     averages = (1 if hp.ema_decay > 0 else 0) + (3 if hp.swa_epochs else 0)  # EMA copy; SWA sum + weights + new sum
     distill = 0
     if hp.distill_alpha > 0 and hp.ensemble_size > 1:  # teacher features and a chunk of teacher log-probs
@@ -3756,10 +4031,18 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
         distill = tokens * teachers * hp.n_embd * compute_bytes + 3 * 4 * hp.distill_chunk * hp.device_batch_size \
             * hp.vocab_size
     training_state = param_bytes + grad_bytes + adam_bytes + muon_bytes
-    peak_training = training_state + max(activations + distill, eval_logits) + \
-        (frozen_training + averages) * param_bytes
-    # after the last member: every candidate on the device, scored together (mixture, one member's logits, log-softmax)
-    peak_final = candidate_count(hp) * param_bytes + 3 * eval_logits // 2
+    peak_without_averages = training_state + max(activations + distill, eval_logits) + \
+        frozen_training * param_bytes + teacher_heads
+    # averaging_on_host auto: the EMA/SWA accumulators go to host memory only when they would not fit on the device
+    averages_on_host = hp.averaging_on_host == "on" or (
+        hp.averaging_on_host == "auto" and bool(device_bytes) and averages > 0 and
+        peak_without_averages + averages * param_bytes > PLAN_HEADROOM * device_bytes)
+    device_averages = 0 if averages_on_host else averages
+    peak_training = peak_without_averages + device_averages * param_bytes
+    # after the last member the candidates are scored one at a time (evaluate_frozen_ensemble: one model, its logits
+    # and log-softmax, a float per target); ensemble_mode logit mixes whole logits, so all of them at once
+    scored_together = candidate_count(hp) if hp.ensemble_mode == "logit" else 1
+    peak_final = scored_together * param_bytes + 3 * eval_logits // 2
     adam_state = adam_bytes
     checkpoint = param_bytes + adam_state + muon_bytes + (param_bytes if hp.ema_decay > 0 else 0) + \
         (param_bytes if hp.swa_epochs else 0)
@@ -3768,7 +4051,9 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 grad_bytes=grad_bytes, adam_bytes=adam_bytes, muon_bytes=muon_bytes,
                 optimizer_bytes=adam_bytes + muon_bytes, tokens=tokens, activation_bytes=activations,
                 distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
-                average_copies=averages, frozen_bytes=(frozen_training + averages) * param_bytes,
+                average_copies=device_averages, frozen_bytes=frozen_training * param_bytes + teacher_heads +
+                device_averages * param_bytes, teacher_head_bytes=teacher_heads, averaging_on_host=averages_on_host,
+                frozen_host_models=frozen_host, host_bytes=(frozen_host + averages - device_averages) * param_bytes,
                 peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
                 checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
@@ -3796,10 +4081,18 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
     lines += [
         f"evaluation  {'~' + gib(plan['eval_bytes']):>11} | fp32 logits + log-softmax of {hp.val_batch_size} x "
         f"{hp.seq_len} tokens (not at the same time as the activations)",
-        f"frozen      {gib(plan['frozen_bytes']):>11} | {plan['frozen_models']} frozen models (earlier members, "
-        f"snapshots) + {plan['average_copies']} EMA/SWA copies, fp32 on the device, while the last member trains",
+        f"frozen      {gib(plan['frozen_bytes']):>11} | on the device while the last member trains: "
+        f"{plan['frozen_models']} frozen model(s) in use (its teacher)"
+        + (f" + {plan['teacher_head_bytes'] / 2**30:.2f} GiB teacher lm_heads" if plan["teacher_head_bytes"] else "")
+        + f" + {plan['average_copies']} EMA/SWA copies, fp32",
+        f"host        {gib(plan['host_bytes']):>11} | {plan['frozen_host_models']} frozen models (earlier members, "
+        f"snapshots) in {'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a "
+        f"time" + (" + the EMA/SWA accumulators (averaging_on_host)" if plan["averaging_on_host"] else "")
+        + (f"; x{plan['world_size']} ranks = {gib(plan['world_size'] * plan['host_bytes'])} per node"
+           if plan["host_bytes"] and plan["world_size"] > 1 else ""),
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
-        f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored together)",
+        f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
+        f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
         f"checkpoint  {gib(plan['checkpoint_bytes']):>11} | per rank per checkpoint on disk (model + AdamW + its Muon "
         f"shard{' + EMA' if hp.ema_decay > 0 else ''}{' + SWA' if hp.swa_epochs else ''}), x{plan['world_size']} "
         f"ranks; members/: {plan['member_files']} x {gib(plan['member_file_bytes'])} on rank 0",
@@ -3830,9 +4123,10 @@ def memory_plan_refusal(hp: Hyperparameters, plan: dict) -> str:
     frozen = plan["frozen_bytes"] > 0 or candidate_count(hp) > 1
     if frozen and plan["peak_training"] - plan["frozen_bytes"] <= budget:  # it is the frozen models that do not fit
         smaller_batch = f", or --device_batch_size {fitting}" if plan["peak_final"] <= budget and fitting >= 1 else ""
-        return (f"{head}: up to {max(plan['frozen_models'] + plan['average_copies'], candidate_count(hp))} frozen "
+        scored = candidate_count(hp) if hp.ensemble_mode == "logit" else 1
+        return (f"{head}: up to {max(plan['frozen_models'] + plan['average_copies'], scored)} frozen "
                 f"fp32 models stay on the device; lower --ensemble_size, --snapshot_cycles or --epoch_snapshots "
-                f"(or drop --ema_decay/--swa_epochs){smaller_batch}")
+                f"(or --ensemble_mode prob, --averaging_on_host on, or drop --ema_decay/--swa_epochs){smaller_batch}")
     if fitting >= 1:
         return f"{head}: lower --device_batch_size from {hp.device_batch_size} to {fitting} or less"
     return (f"{head}: the model's training state alone needs ~{fixed / 2**30:.1f} GiB; use a smaller model "
@@ -3860,9 +4154,42 @@ def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
     if hp.plan_only and dist_info.is_main:
         print("\n".join(["memory plan" + (f" | preset {hp.preset}" if hp.preset else "")] + lines), flush=True)
     refusal = memory_plan_refusal(hp, plan)
+    if not refusal and not hp.plan_only:  # a real run on this machine: its ranks' frozen models in its memory
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+        refusal = host_memory_refusal(plan, ranks_here, physical_memory_bytes())
     if refusal:
         raise ConfigError(refusal)
     return lines
+
+
+def physical_memory_bytes() -> int:
+    """This machine's RAM (0 where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
+    """"" when the frozen models every rank on this machine keeps in host memory (each rank holds all of them:
+    every rank scores its share of the windows with every candidate) fit 90% of its RAM, else one line. Found before
+    the run, not hours later by the OOM killer."""
+    need = plan["host_bytes"] * ranks_here
+    if not ram_bytes or need <= 0.9 * ram_bytes:
+        return ""
+    return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
+            f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
+            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off)")
+
+
+def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:
+    """averaging_on_host auto becomes on or off as the memory plan decides (on only when the EMA/SWA accumulators
+    would not fit on the device beside the training state); the log and hyperparameters.json record the outcome."""
+    if hp.averaging_on_host != "auto":
+        return hp
+    device_type, device_bytes = plan_device(hp, dist_info)
+    plan = memory_plan(hp, hp.plan_world_size or dist_info.world_size, device_type, device_bytes)
+    return dataclasses.replace(hp, averaging_on_host="on" if plan["averaging_on_host"] else "off")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
