@@ -129,14 +129,15 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_resume_succeeds(micro_data, tmp_path, monkeypatch, capsys):
-    """The second checkpoint write fails with ENOSPC half-way: one line, no .tmp left to keep the disk full, the
+    """The second checkpoint's shared file (the 4th file written: step 2's shard and shared file, step 4's shard)
+    fails with ENOSPC half-way: one line, no .tmp left to keep the disk full, step 4's shard removed with it, the
     first checkpoint intact; with space back, --resume continues from that checkpoint and finishes."""
     train_path, val_path = micro_data
     real_save, calls = torch.save, []
 
     def full_disk_save(obj, path, *args, **kwargs):
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 4:
             with open(path, "wb") as handle:
                 handle.write(b"x" * 1000)  # a partial file, as a real ENOSPC leaves
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -147,8 +148,9 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resume_succeeds(micro_dat
     status, err = run_main(flags, capsys)
     folder = str(tmp_path / "logs" / "full")
     assert_one_line(status, err, os.path.join(folder, "checkpoints"), "No space left on device",
-                    "member_00_rank0.pt")
-    assert not [name for name in tree(folder) if ".tmp" in name]
+                    "member_00_step0000004_shared.pt")
+    assert [name for name in tree(folder) if "checkpoints" in name] == [
+        "checkpoints/member_00_step0000002_rank0.pt", "checkpoints/member_00_step0000002_shared.pt"]
     monkeypatch.setattr(torch, "save", real_save)
     status, err = run_main(["--resume", folder], capsys)
     assert status == 0, err
@@ -249,8 +251,26 @@ def truncate(path, keep):
     open(path, "wb").write(data[:int(len(data) * keep)])
 
 
+def shared_file(folder):
+    return train_gpt.checkpoint_files(folder, 0, 3, 0)[0]
+
+
+def shard_file(folder):
+    return train_gpt.checkpoint_files(folder, 0, 3, 0)[1]
+
+
+def edit_json_and_log(folder):
+    """batch_tokens edited in hyperparameters.json and in log.txt's hyperparameters section alike: only the value
+    stored in the checkpoint itself still tells."""
+    edit_json(folder, lambda s: s.update(batch_tokens=768))
+    path = os.path.join(folder, "log.txt")
+    text = open(path).read()
+    assert text.count("\nbatch_tokens = 384\n") == 1
+    open(path, "w").write(text.replace("\nbatch_tokens = 384\n", "\nbatch_tokens = 768\n"))
+
+
 def other_shape(folder):
-    path = train_gpt.checkpoint_path(folder, 0, 0)
+    path = shared_file(folder)
     saved = torch.load(path, weights_only=False)
     saved["model"]["lm_head.weight"] = torch.zeros(7, 3)
     torch.save(saved, path)
@@ -262,7 +282,10 @@ def other_shape(folder):
     ("unknown key", lambda f: edit_json(f, lambda s: s.update(n_layers=3)), "unknown field(s) n_layers"),
     ("edited batch size", lambda f: edit_json(f, lambda s: s.update(batch_tokens=768)),
      "hyperparameters.json says batch_tokens = 768 but the run started with 384"),
-    ("truncated checkpoint", lambda f: truncate(train_gpt.checkpoint_path(f, 0, 0), 0.6), "member_00_rank0.pt is damaged"),
+    ("edited json and log", edit_json_and_log,
+     "member_00_step0000003_shared.pt was trained with batch_tokens = 384, the run's hyperparameters now say 768"),
+    ("truncated checkpoint", lambda f: truncate(shared_file(f), 0.6), "member_00_step0000003_shared.pt is damaged"),
+    ("truncated shard", lambda f: truncate(shard_file(f), 0.6), "member_00_step0000003_rank0.pt is damaged"),
     ("checkpoint of another shape", other_shape, "lm_head.weight has shape (7, 3) in the checkpoint, (256, 32)"),
 ])
 def test_damaged_resume_folder_is_one_line_and_log_untouched(stopped_run, tmp_path, capsys, case, damage, message):
