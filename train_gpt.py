@@ -2919,6 +2919,17 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 agree=ranks_agree(raw_model, dist_info))
 
 
+def end_cut_line(path: str) -> None:
+    """A kill can cut metrics.jsonl's last row: ending it lets the resumed run's first row start on a line of its own
+    (drop_replayed_metrics drops the cut one)."""
+    with open(path, "a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+
+
 def metrics_row_key(row: dict) -> tuple:
     """What a metrics.jsonl row is about: its kind and where (member, step, snapshot cycle, ensemble size)."""
     return tuple(row.get(name) for name in ("kind", "member", "step", "cycle", "members"))
@@ -3128,6 +3139,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if hp.resume:
         check_resume_checkpoints(hp, dist_info, folder)
     log = open_run_folder(hp, dist_info, folder, argv)
+    if hp.resume and dist_info.is_main:
+        end_cut_line(os.path.join(folder, "metrics.jsonl"))
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
     unigram_oracle = unigram_entropy(data.val_tokens)

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, synthetic_documents
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -323,3 +323,132 @@ def test_live_run_folder_is_locked_and_a_dead_holder_taken_over(stopped_run, tmp
     log = open(os.path.join(folder, "log.txt")).read()
     assert f"removed a partial file of a killed process: {partial}" in log and "at step 3/" in log
     assert not os.path.exists(partial) and os.path.isfile(os.path.join(folder, "result.json"))
+
+
+# ------------------------------------------------------------------------------------------------- killed after training
+# Issue 14, finding 1: the checkpoint went as soon as the member returned, before the test pass, model.pt and
+# result.json, and the last step was never checkpointed. Now a kill at any moment after the last step resumes
+# straight into what was left (the final validation, the test pass, model.pt, result.json), no step retrained.
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+point, argv = sys.argv[1], sys.argv[2:]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "final validation":
+    validate = train_gpt.MemberProgress.validate
+    def hook(self, model, val_data, done):
+        if done == self.schedule.total_steps:
+            die()
+        return validate(self, model, val_data, done)
+    train_gpt.MemberProgress.validate = hook
+elif point == "test evaluation":
+    evaluate_ensemble, load_run_data, test_data = train_gpt.evaluate_ensemble, train_gpt.load_run_data, []
+    def load_hook(*args, **kwargs):
+        data = load_run_data(*args, **kwargs)
+        test_data.append(data.test_data)
+        return data
+    def hook(models, weights, mode, data, *args, **kwargs):
+        if data is test_data[0]:
+            die()
+        return evaluate_ensemble(models, weights, mode, data, *args, **kwargs)
+    train_gpt.load_run_data, train_gpt.evaluate_ensemble = load_hook, hook
+sys.exit(train_gpt.main(argv))
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Shards with a held-out test file, the flags of a 6-step run (checkpoint at step 3, model.pt saved), and that
+    run uninterrupted: the reference every interrupted run must reproduce."""
+    base = tmp_path_factory.mktemp("finished")
+    paths = {name: str(base / f"{name}.bin") for name in ("train", "val", "test")}
+    for seed, (name, count) in enumerate([("train", 120), ("val", 30), ("test", 30)], start=1):
+        train_gpt.write_shard(paths[name], synthetic_documents(count, seed=seed))
+
+    def flags(log_dir, run_id):
+        return micro_flags(paths["train"], paths["val"], str(log_dir), run_id, test_files=paths["test"],
+                           max_steps=6, checkpoint_every=3, val_every=-1, save_model=True)
+    assert train_gpt.main(flags(base / "logs", "ref")) == 0
+    return flags, str(base / "logs" / "ref")
+
+
+def progress_rows(folder):
+    """(kind, step, loss, tokens) of every train and val row: what an interruption must not change."""
+    return [(row["kind"], row["step"], row[f"{row['kind']}_loss"], row["tokens_seen"])
+            for row in read_metrics(folder) if row["kind"] in ("train", "val")]
+
+
+def assert_same_run_without_retraining(folder, reference, resumed_at):
+    """The resumed run: trained nothing after the resume, and ends exactly as the reference (result, model.pt,
+    metrics rows, one each), with no checkpoint or partial file left and wall >= train seconds."""
+    log = open(os.path.join(folder, "log.txt")).read()
+    after_resume = log.split("==================== resume ")[-1].splitlines()
+    assert not [line for line in after_resume if line.startswith("step ")], after_resume  # no step retrained
+    assert f"at step {resumed_at}/6" in log
+    result, expected = (json.load(open(os.path.join(f, "result.json"))) for f in (folder, reference))
+    for key in ("val_loss", "test_loss", "train_loss", "tokens_seen", "steps"):
+        assert result[key] == expected[key], key
+    assert result["wall_seconds"] >= result["train_seconds"] > 0
+    weights, expected_weights = (torch.load(os.path.join(f, "model.pt"))["model"] for f in (folder, reference))
+    assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
+    assert progress_rows(folder) == progress_rows(reference)
+    assert not [name for name in tree(folder) if name.startswith("checkpoints/") or ".tmp" in name], tree(folder)
+
+
+@pytest.mark.parametrize("point", ["final validation", "test evaluation"])
+def test_kill_after_the_last_step_resumes_without_retraining(finished_run, tmp_path, capsys, point):
+    flags, reference = finished_run
+    folder = str(tmp_path / "logs" / "k")
+    killed = subprocess.run([sys.executable, "-c", KILLER.format(root=REPO_ROOT), point, *flags(tmp_path / "logs", "k")],
+                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO_ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not os.path.exists(os.path.join(folder, "result.json"))
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert_same_run_without_retraining(folder, reference, resumed_at=6)
+
+
+def test_disk_full_after_training_is_one_line_and_resume_goes_straight_to_scoring(finished_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """ENOSPC half-way through model.pt: one line, no .tmp, the last step's checkpoint kept; with space back,
+    --resume scores the trained weights and writes model.pt and result.json, training nothing."""
+    flags, reference = finished_run
+    real_save = torch.save
+
+    def full_disk_save(obj, path, *args, **kwargs):
+        if ".pt.tmp" in str(path) and os.path.basename(str(path)).startswith("model.pt"):
+            open(path, "wb").write(b"x" * 1000)  # a partial file, as a real ENOSPC leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    folder = str(tmp_path / "logs" / "full")
+    status, err = run_main(flags(tmp_path / "logs", "full"), capsys)
+    assert_one_line(status, err, f"{folder}: writing model.pt", "No space left on device")
+    assert [name for name in tree(folder) if name.startswith("checkpoints/") or ".tmp" in name] == [
+        "checkpoints/member_00_step0000006_rank0.pt", "checkpoints/member_00_step0000006_shared.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert_same_run_without_retraining(folder, reference, resumed_at=6)
+
+
+def test_replayed_steps_leave_one_metrics_row_each(stopped_run, tmp_path, capsys):
+    """Killed after step 5 with its rows written but its checkpoint at step 3: the resumed run replays steps 4 and 5;
+    metrics.jsonl keeps one row per step (the replayed one), as the uninterrupted run has."""
+    folder = copy_run(stopped_run, tmp_path)
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as handle:  # what the killed process had written
+        for step in (4, 5):
+            handle.write(json.dumps(dict(kind="train", step=step, train_loss=99.0, tokens_seen=0)) + "\n")
+        handle.write('{"kind": "train", "st')  # a row cut by the kill
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    rows = [(row["kind"], row["step"]) for row in read_metrics(folder)]
+    assert rows == [("train", step) for step in range(1, 7)] + [("val", 6)]
+    assert 99.0 not in [row.get("train_loss") for row in read_metrics(folder)]
+    result = json.load(open(os.path.join(folder, "result.json")))
+    assert result["wall_seconds"] >= result["train_seconds"]
