@@ -2,6 +2,7 @@
 damaged resume folders and a second process on a live run each end in one line (exit status 2), leave no partial
 files and no half-made run folder behind."""
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, read_metrics, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -452,3 +453,117 @@ def test_replayed_steps_leave_one_metrics_row_each(stopped_run, tmp_path, capsys
     assert 99.0 not in [row.get("train_loss") for row in read_metrics(folder)]
     result = json.load(open(os.path.join(folder, "result.json")))
     assert result["wall_seconds"] >= result["train_seconds"]
+
+
+# ------------------------------------------------------------------------------------------------- sharded checkpoints
+
+def old_layout_bytes(shared: dict, shard: dict, path: str) -> int:
+    """What the single-file layout wrote on this rank (before issue 14): the whole state, weights and AdamW
+    included, on every rank. Written out to measure it."""
+    merged = dict(model=shared["model"], optimizers=[own if own is not None else common for own, common in
+                                                     zip(shard["optimizers"], shared["optimizers"])],
+                  progress=shard["progress"], rng=shard["rng"], cuda_rng=None, world_size=shard["world_size"])
+    torch.save(merged, path)
+    return os.path.getsize(path)
+
+
+def test_sharded_checkpoint_bytes_per_rank_and_resume_on_two_ranks(micro_data, tmp_path, capsys):
+    """2 gloo ranks stopped at step 3: rank 0 writes the replicated state once, each rank only its own shard (its
+    Muon momentum, RNG); the log line states the bytes. The figures against the old layout (the same state, one
+    whole copy per rank) are printed for the README. Then --resume on 2 ranks ends where a 1-rank run ends."""
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    flags = micro_flags(train_path, val_path, logs, "two", max_steps=6, checkpoint_every=3, val_every=-1)
+    stopped = run_script(flags + ["--stop_at_step", "3"], nproc=2)
+    assert stopped.returncode != 0 and "stopped after step 3" in stopped.stdout, stopped.stderr[-3000:]
+    folder = os.path.join(logs, "two")
+    shared_path, shard0_path = train_gpt.checkpoint_files(folder, 0, 3, 0)
+    shard1_path = train_gpt.checkpoint_files(folder, 0, 3, 1)[1]
+    assert sorted(os.listdir(os.path.join(folder, "checkpoints"))) == sorted(
+        os.path.basename(p) for p in (shared_path, shard0_path, shard1_path))
+    shared, shard0, shard1 = (torch.load(p, weights_only=False) for p in (shared_path, shard0_path, shard1_path))
+    assert shared["optimizers"][1] is None and shard0["optimizers"][0] is None  # AdamW once, Muon per rank
+    momentum = [len(shard["optimizers"][1]["state"]) for shard in (shard0, shard1)]
+    # 12 Muon matrices (2 layers x q, k, v, o, fc, proj), split within each shape: 8 of 32x32, 2 + 2 of the MLP's
+    assert momentum == [6, 6]
+    sizes = {name: os.path.getsize(p) for name, p in [("shared", shared_path), ("shard0", shard0_path),
+                                                      ("shard1", shard1_path)]}
+    new = [sizes["shared"] + sizes["shard0"], sizes["shard1"]]
+    old = [old_layout_bytes(shared, shard, str(tmp_path / f"old{r}.pt")) for r, shard in enumerate((shard0, shard1))]
+    print(f"\ncheckpoint bytes per rank, 2 ranks, micro model: sharded {new} (total {sum(new):,}) | "
+          f"single-file {old} (total {sum(old):,})")
+    assert new[1] < 0.5 * old[1] and sum(new) < 0.75 * sum(old)
+    assert (f"checkpoint | step 3 | {train_gpt.format_bytes(sum(sizes.values()))} on 2 rank(s): "
+            f"{train_gpt.format_bytes(sizes['shared'])} shared (rank 0)") in open(os.path.join(folder, "log.txt")).read()
+    resumed = run_script(["--resume", folder], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 3/6" in resumed.stdout
+    assert train_gpt.main(micro_flags(train_path, val_path, logs, "one", max_steps=6, checkpoint_every=3,
+                                      val_every=-1)) == 0
+    two, one = (json.load(open(os.path.join(logs, run, "result.json"))) for run in ("two", "one"))
+    assert two["ranks_agree"] and two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5, abs=0)
+
+
+def test_old_single_file_checkpoint_is_read(stopped_run, tmp_path, capsys):
+    """A run folder checkpointed by the single-file layout (member_00_rank0.pt holding everything) resumes as the
+    sharded one does, to the same result."""
+    sharded = copy_run(stopped_run, tmp_path / "a")
+    status, err = run_main(["--resume", sharded], capsys)
+    assert status == 0, err
+    folder = copy_run(stopped_run, tmp_path / "b")
+    shared, shard = (torch.load(p, weights_only=False) for p in train_gpt.checkpoint_files(folder, 0, 3, 0))
+    old_layout_bytes(shared, shard, train_gpt.checkpoint_path(folder, 0, 0))
+    for path in train_gpt.checkpoint_files(folder, 0, 3, 0):
+        os.remove(path)
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert f"resumed from {train_gpt.checkpoint_path(folder, 0, 0)} at step 3/6" in open(
+        os.path.join(folder, "log.txt")).read()
+    results = [json.load(open(os.path.join(f, "result.json"))) for f in (sharded, folder)]
+    assert results[0]["val_loss"] == results[1]["val_loss"] and results[0]["train_loss"] == results[1]["train_loss"]
+    assert not os.listdir(os.path.join(folder, "checkpoints"))
+
+
+# ------------------------------------------------------------------------------------------------- data/fineweb.py output
+
+def load_fineweb():
+    spec = importlib.util.spec_from_file_location("fineweb", os.path.join(REPO_ROOT, "data", "fineweb.py"))
+    module = sys.modules["fineweb"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("failure", ["not a folder", "full"])
+def test_fineweb_unwritable_output_is_one_line(tmp_path, monkeypatch, capsys, failure):
+    """data/fineweb.py cutting local shards into an output folder that cannot take them: one line naming it, exit
+    status 2, no partial file left (root ignores chmod, so a path below a plain file stands in for read-only)."""
+    fineweb = load_fineweb()
+    source = tmp_path / "shards"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    stream = np.concatenate([np.concatenate([[50256], rng.integers(0, 50256, n - 1)]) for n in [300] * 16])
+    for index in range(4):
+        train_gpt.write_shard(str(source / fineweb.source_shard_name(index)), stream[1200 * index:1200 * (index + 1)])
+    out_dir = tmp_path / "out"
+    if failure == "not a folder":
+        (tmp_path / "file").write_text("x")
+        out_dir, expected = tmp_path / "file" / "out", "Not a directory"
+    else:
+        write_shard = fineweb.write_shard
+
+        def full_disk(path, tokens):
+            if path.endswith("fineweb_train.bin"):
+                open(f"{path}.tmp{os.getpid()}", "wb").write(b"x" * 100)  # the partial a real ENOSPC leaves
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write_shard(path, tokens)
+        monkeypatch.setattr(fineweb, "write_shard", full_disk)
+        expected = "No space left on device"
+    capsys.readouterr()
+    status = fineweb.main(["--out_dir", str(out_dir), "--source_dir", str(source), "--val_tokens", "1000",
+                           "--train_tokens", "1500", "--test_tokens", "800"])
+    err = capsys.readouterr().err  # progress bars aside (stderr), one error line and no traceback
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "cannot write the output there" in errors[0] and expected in errors[0], errors[0]
+    if failure == "full":
+        assert sorted(os.listdir(out_dir)) == ["fineweb_val.bin"]  # no .tmp, no manifest claiming a finished cut
