@@ -2748,9 +2748,10 @@ class MemberCheckpoint:
                               shard_path)
             sizes[1] = os.path.getsize(shard_path)
             if dist_info.is_main:
+                replicated = [None if own else optimizer.state_dict() for optimizer, own in zip(optimizers, sharded)]
                 atomic_torch_save(dict(step=step, world_size=dist_info.world_size, progress=progress,
                                        model=model.state_dict(), hyperparameters=dataclasses.asdict(self.hp),
-                                       optimizers=[None if own else o.state_dict() for o, own in zip(optimizers, sharded)],
+                                       optimizers=replicated,
                                        run_wall_seconds=run_wall_seconds(),
                                        **{kind.key: kind.state() for kind in averaging if kind.key}), shared_path)
                 sizes[0] = os.path.getsize(shared_path)

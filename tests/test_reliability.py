@@ -326,7 +326,7 @@ def test_live_run_folder_is_locked_and_a_dead_holder_taken_over(stopped_run, tmp
     assert not os.path.exists(partial) and os.path.isfile(os.path.join(folder, "result.json"))
 
 
-# ------------------------------------------------------------------------------------------------- killed after training
+# ----------------------------------------------------------------------------------------------- killed after training
 # Issue 14, finding 1: the checkpoint went as soon as the member returned, before the test pass, model.pt and
 # result.json, and the last step was never checkpointed. Now a kill at any moment after the last step resumes
 # straight into what was left (the final validation, the test pass, model.pt, result.json), no step retrained.
@@ -405,8 +405,9 @@ def assert_same_run_without_retraining(folder, reference, resumed_at):
 def test_kill_after_the_last_step_resumes_without_retraining(finished_run, tmp_path, capsys, point):
     flags, reference = finished_run
     folder = str(tmp_path / "logs" / "k")
-    killed = subprocess.run([sys.executable, "-c", KILLER.format(root=REPO_ROOT), point, *flags(tmp_path / "logs", "k")],
-                            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=REPO_ROOT)
+    killer = [sys.executable, "-c", KILLER.format(root=REPO_ROOT), point, *flags(tmp_path / "logs", "k")]
+    killed = subprocess.run(killer, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=REPO_ROOT)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
     assert not os.path.exists(os.path.join(folder, "result.json"))
     status, err = run_main(["--resume", folder], capsys)
@@ -493,8 +494,9 @@ def test_sharded_checkpoint_bytes_per_rank_and_resume_on_two_ranks(micro_data, t
     print(f"\ncheckpoint bytes per rank, 2 ranks, micro model: sharded {new} (total {sum(new):,}) | "
           f"single-file {old} (total {sum(old):,})")
     assert new[1] < 0.5 * old[1] and sum(new) < 0.75 * sum(old)
+    log = open(os.path.join(folder, "log.txt")).read()
     assert (f"checkpoint | step 3 | {train_gpt.format_bytes(sum(sizes.values()))} on 2 rank(s): "
-            f"{train_gpt.format_bytes(sizes['shared'])} shared (rank 0)") in open(os.path.join(folder, "log.txt")).read()
+            f"{train_gpt.format_bytes(sizes['shared'])} shared (rank 0)") in log
     resumed = run_script(["--resume", folder], nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3/6" in resumed.stdout
@@ -524,7 +526,7 @@ def test_old_single_file_checkpoint_is_read(stopped_run, tmp_path, capsys):
     assert not os.listdir(os.path.join(folder, "checkpoints"))
 
 
-# ------------------------------------------------------------------------------------------------- data/fineweb.py output
+# ----------------------------------------------------------------------------------------------- data/fineweb.py output
 
 def load_fineweb():
     spec = importlib.util.spec_from_file_location("fineweb", os.path.join(REPO_ROOT, "data", "fineweb.py"))
