@@ -3029,8 +3029,49 @@ def perturb_weights(model: nn.Module, scale: float, seed: int) -> None:
 
 
 def checkpoint_path(folder: str, member: int, rank: int) -> str:
-    """Each rank keeps its own checkpoint: Muon's momentum is sharded over ranks."""
+    """The single-file layout of earlier versions (every rank wrote the whole state): read on resume, never written."""
     return os.path.join(folder, "checkpoints", f"member_{member:02d}_rank{rank}.pt")
+
+
+def checkpoint_files(folder: str, member: int, step: int, rank: int) -> tuple[str, str]:
+    """The sharded checkpoint of a member after `step`: (the replicated state, written once by rank 0: weights, AdamW,
+    weight averages; this rank's own shard: the momentum of the Muon matrices it owns, its RNG, its loss sum). At full
+    scale every rank used to write the whole ~9.6 GB; the step in the names lets a new generation be written beside
+    the old, which goes only once every rank has its new shard on disk."""
+    stem = os.path.join(folder, "checkpoints", f"member_{member:02d}_step{step:07d}")
+    return f"{stem}_shared.pt", f"{stem}_rank{rank}.pt"
+
+
+def checkpoint_names(folder: str, member: int) -> list[tuple[int, str, str]]:
+    """(step, part, path) of every sharded checkpoint file of the member; part is 'shared' or 'rank<r>'."""
+    try:
+        names = os.listdir(os.path.join(folder, "checkpoints"))
+    except FileNotFoundError:
+        return []
+    prefix, found = f"member_{member:02d}_step", []
+    for name in names:
+        step, _, part = name[len(prefix):].partition("_")
+        if name.startswith(prefix) and name.endswith(".pt") and step.isdigit():
+            found.append((int(step), part[:-len(".pt")], os.path.join(folder, "checkpoints", name)))
+    return found
+
+
+def checkpoint_steps(folder: str, member: int, rank: int) -> list[int]:
+    """The steps of this member whose shared file and this rank's shard are both on disk, newest first."""
+    files = {(step, part) for step, part, _ in checkpoint_names(folder, member)}
+    return sorted((step for step, part in files if part == "shared" and (step, f"rank{rank}") in files), reverse=True)
+
+
+def remove_checkpoints(folder: str, member: int, dist_info: Dist, keep: int | None = None) -> None:
+    """Deletes this rank's shards of the member (and, on rank 0, the shared files) of every step but `keep`, and the
+    old single-file layout's file: superseded generations, a generation some rank never finished, a saved member."""
+    paths = [path for step, part, path in checkpoint_names(folder, member) if step != keep
+             and (part == f"rank{dist_info.rank}" or (part == "shared" and dist_info.is_main))]
+    for path in paths + [checkpoint_path(folder, member, dist_info.rank)]:
+        try:
+            os.remove(path)
+        except FileNotFoundError:
+            pass
 
 
 def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
@@ -3375,52 +3416,125 @@ class Snapshots:
                                    info["outcome"]["val_loss"]))
 
 
-class MemberCheckpoint:
-    """A member's checkpoint and resume: one file per rank (Muon's momentum is sharded over ranks) holding the weights,
-    the optimizer states, the progress, the weight averages and the RNG states, written atomically."""
+RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
 
-    def __init__(self, folder: str, member: int, dist_info: Dist, hp: Hyperparameters):
-        self.path = checkpoint_path(folder, member, dist_info.rank)
-        self.dist_info, self.every = dist_info, hp.checkpoint_every
+
+def run_wall_seconds() -> float:
+    """The run's wall-clock seconds: this process's since train() began, plus those of the sessions before a
+    --resume up to their last checkpoint or member file (each stores this figure), so wall >= train seconds."""
+    return RUN_CLOCK["before"] + time.time() - RUN_CLOCK["start"]
+
+
+def carry_wall_seconds(earlier: float) -> None:
+    """A checkpoint or member file of an earlier session says that session had run `earlier` seconds."""
+    RUN_CLOCK["before"] = max(RUN_CLOCK["before"], float(earlier or 0.0))
+
+
+class MemberCheckpoint:
+    """A member's checkpoint and resume, sharded (checkpoint_files): rank 0 writes the replicated state once, each rank
+    its own shard; every file written atomically after a free-space check, the bytes logged. The last step is saved
+    too, before the final validation, so a kill at any moment loses at most the step in flight."""
+
+    def __init__(self, folder: str, member: int, dist_info: Dist, hp: Hyperparameters, log: RunLog | None = None):
+        self.folder, self.member, self.dist_info, self.hp, self.log = folder, member, dist_info, hp, log
+        self.every, self.path = hp.checkpoint_every, checkpoint_path(folder, member, dist_info.rank)
 
     def due_after(self, done: int, schedule: MemberSchedule) -> bool:
         """After each epoch (checkpoint_every 0), every N steps (N > 0) or never (-1), and before a --stop_at_step
-        stop; not after the last step: the member file is then written."""
+        stop; the last step is saved by save_last, before the final validation."""
         every = self.every
         return done < schedule.total_steps and (schedule.stop_after(done) or (schedule.epoch_end(done) and every >= 0)
                                                 or (every > 0 and done % every == 0))
 
     def save(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict, averaging: list) -> None:
-        device = self.dist_info.device
-        self.dist_info.barrier()
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        atomic_torch_save(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers],
-                               progress=progress, rng=torch.get_rng_state(),
-                               **{kind.key: kind.state() for kind in averaging if kind.key},
-                               cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                               world_size=self.dist_info.world_size), self.path)
+        dist_info, device, step = self.dist_info, self.dist_info.device, progress["step"]
+        shared_path, shard_path = checkpoint_files(self.folder, self.member, step, dist_info.rank)
+        sharded = [isinstance(optimizer, Muon) for optimizer in optimizers]  # Muon: each rank its own matrices
+        dist_info.barrier()
+        sizes, failure = torch.zeros(2, dtype=torch.float64, device=device), None
+        try:
+            os.makedirs(os.path.dirname(shard_path), exist_ok=True)
+            atomic_torch_save(dict(step=step, rank=dist_info.rank, world_size=dist_info.world_size, progress=progress,
+                                   optimizers=[o.state_dict() if own else None for o, own in zip(optimizers, sharded)],
+                                   rng=torch.get_rng_state(),
+                                   cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None),
+                              shard_path)
+            sizes[1] = os.path.getsize(shard_path)
+            if dist_info.is_main:
+                replicated = [None if own else optimizer.state_dict() for optimizer, own in zip(optimizers, sharded)]
+                atomic_torch_save(dict(step=step, world_size=dist_info.world_size, progress=progress,
+                                       model=model.state_dict(), hyperparameters=dataclasses.asdict(self.hp),
+                                       optimizers=replicated,
+                                       run_wall_seconds=run_wall_seconds(),
+                                       **{kind.key: kind.state() for kind in averaging if kind.key}), shared_path)
+                sizes[0] = os.path.getsize(shared_path)
+        except (StorageError, OSError) as exc:
+            failure = exc if isinstance(exc, StorageError) else StorageError(
+                f"{os.path.dirname(shard_path)}: cannot write the checkpoint there ({exc.strerror or exc})")
+        failed = torch.tensor([float(failure is not None)], device=device)
+        if dist_info.all_reduce_sum(failed).item():  # every rank stops, none waits at the next collective
+            for path in [shard_path] + ([shared_path] if dist_info.is_main else []):
+                if os.path.exists(path):  # this generation is incomplete: the previous one stays the one to resume
+                    os.remove(path)
+            raise failure or StorageError(f"{os.path.dirname(shard_path)}: another rank could not write its "
+                                          f"checkpoint shard (its error line says why)")
+        # the new generation is complete on every rank before any rank drops the previous one
+        remove_checkpoints(self.folder, self.member, dist_info, keep=step)
+        dist_info.all_reduce_sum(sizes)
+        if self.log is not None:
+            self.log.write(f"{member_tag(self.hp, self.member)}checkpoint | step {step} | "
+                           f"{format_bytes(int(sizes.sum().item()))} on {dist_info.world_size} rank(s): "
+                           f"{format_bytes(int(sizes[0].item()))} shared (rank 0) + "
+                           f"{format_bytes(int(sizes[1].item() / dist_info.world_size))} per rank shard")
+
+    def find(self) -> int | None:
+        """The step every rank can resume from: the newest generation whose shared file and shards are all on disk
+        (a kill between two ranks' writes leaves the previous generation complete); None: start afresh."""
+        dist_info = self.dist_info
+        steps = checkpoint_steps(self.folder, self.member, dist_info.rank)
+        newest = torch.tensor([float(steps[0] if steps else -1)], dtype=torch.float64, device=dist_info.device)
+        if not steps and os.path.isfile(self.path):  # the single-file layout of earlier versions
+            newest[0] = torch.load(self.path, map_location="cpu", weights_only=False, mmap=True)["progress"]["step"]
+        if dist_info.world_size > 1:
+            dist.all_reduce(newest, op=dist.ReduceOp.MIN, group=dist_info.group)
+        step = int(newest.item())
+        if step >= 0 and steps and step not in steps:
+            raise ConfigError(f"--resume: {os.path.dirname(self.path)} holds no complete checkpoint of step {step} "
+                              f"for rank {dist_info.rank}: delete it to restart member {self.member}")
+        return step if step >= 0 else None
 
     def resume(self, model: nn.Module, optimizers: list[torch.optim.Optimizer], progress: dict,
                averaging: list) -> bool:
-        """Loads this rank's checkpoint, if there is one, into the model, optimizers, progress and averages."""
-        if not os.path.isfile(self.path):
-            return False
+        """Loads the newest complete checkpoint, if there is one, into the model, optimizers, progress and averages;
+        the files of any other generation (an unfinished newer one, a superseded older one) are removed."""
+        step = self.find()
         device, world_size = self.dist_info.device, self.dist_info.world_size
-        saved = torch.load(self.path, map_location=device, weights_only=False)
-        model.load_state_dict(saved["model"])
-        for optimizer, state in zip(optimizers, saved["optimizers"]):
-            optimizer.load_state_dict(state)
-        if saved.get("world_size", world_size) != world_size:
-            raise ConfigError(f"{self.path} was written by {saved['world_size']} ranks per member, this run has "
+        if step is None:
+            remove_checkpoints(self.folder, self.member, self.dist_info)
+            return False
+        if checkpoint_steps(self.folder, self.member, self.dist_info.rank):
+            shared_path, self.path = checkpoint_files(self.folder, self.member, step, self.dist_info.rank)
+            shared = torch.load(shared_path, map_location=device, weights_only=False)
+            shard = torch.load(self.path, map_location=device, weights_only=False)
+        else:  # the old single file holds both parts
+            shared = shard = torch.load(self.path, map_location=device, weights_only=False)
+        if shard.get("world_size", world_size) != world_size:
+            raise ConfigError(f"{self.path} was written by {shard['world_size']} ranks per member, this run has "
                               f"{world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
-        progress.update(saved["progress"])
+        model.load_state_dict(shared["model"])
+        for optimizer, own, common in zip(optimizers, shard["optimizers"], shared["optimizers"]):
+            optimizer.load_state_dict(own if own is not None else common)
+        progress.update(shard["progress"])
+        carry_wall_seconds(shared.get("run_wall_seconds"))
         for kind in averaging:
-            kind.restore(saved, model)
+            kind.restore(dict(shared, progress=shard["progress"]), model)
         # the RNG last: rebuilding snapshots draws initialisations, and the dropout masks from here on must be the
         # uninterrupted run's; RNG states are CPU byte tensors even when map_location moved them to the GPU
-        torch.set_rng_state(saved["rng"].cpu())
-        if saved.get("cuda_rng") is not None and device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"].cpu(), device)
+        torch.set_rng_state(shard["rng"].cpu())
+        if shard.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(shard["cuda_rng"].cpu(), device)
+        if "step" in shard:  # the new layout: drop every other generation (the old file stays until the next save)
+            remove_checkpoints(self.folder, self.member, self.dist_info, keep=step)
         return True
 
     def check_ranks_agree(self, step: int, tag: str) -> None:
@@ -3468,8 +3582,10 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                   f"{objective.backend} | attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
                    f"T {hp.distill_temperature}" if objective.distilling else ""))
-    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp)
-    if checkpoint.resume(raw_model, optimizers, progress.state, averaging):
+    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp, log=log)
+    resumed = checkpoint.resume(raw_model, optimizers, progress.state, averaging)
+    validate_again = resumed and progress.state["step"] == total_steps  # killed after the last step
+    if resumed:
         log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
     checkpoint.check_ranks_agree(progress.state["step"], tag)
     progress.begin()
@@ -3500,6 +3616,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         for kind in averaging:
             kind.after_step(done, raw_model)
         with progress.paused():  # evaluation and checkpoints do not count as training time
+            if done == total_steps:  # the last step on disk before the final validation: a kill there loses nothing
+                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
             if schedule.validate_after(done):
                 progress.validate(model, data.val_data, done)
             if checkpoint.due_after(done, schedule):
@@ -3508,6 +3626,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
                       f"--resume {log.folder}")
             raise RunStopped()
+    if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
+        with progress.paused():
+            progress.validate(model, data.val_data, total_steps)
     objective.release()  # the teacher goes back to the host
     grad_sync.remove()
     state = progress.state
@@ -3517,12 +3638,52 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                 agree=ranks_agree(raw_model, dist_info))
 
 
+def end_cut_line(path: str) -> None:
+    """A kill can cut metrics.jsonl's last row: ending it lets the resumed run's first row start on a line of its own
+    (drop_replayed_metrics drops the cut one)."""
+    with open(path, "a+b") as handle:
+        size = handle.seek(0, os.SEEK_END)
+        if size:
+            handle.seek(size - 1)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+
+
+def metrics_row_key(row: dict) -> tuple:
+    """What a metrics.jsonl row is about: its kind and where (member, step, snapshot cycle, ensemble size)."""
+    return tuple(row.get(name) for name in ("kind", "member", "step", "cycle", "members"))
+
+
+def drop_replayed_metrics(path: str) -> int:
+    """After a --resume: the steps between the last checkpoint and the kill were logged twice (once before the kill,
+    once replayed); keeps the replayed row of each, in the order written, and returns how many rows went."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.read().splitlines()
+    except FileNotFoundError:
+        return 0
+    keys = []
+    for line in lines:
+        try:
+            keys.append(metrics_row_key(json.loads(line)))
+        except ValueError:  # a line cut by the kill: dropped with the rest of the interrupted session's tail
+            keys.append(None)
+    last = {key: index for index, key in enumerate(keys)}
+    kept = [line for index, (line, key) in enumerate(zip(lines, keys)) if key is not None and last[key] == index]
+    if len(kept) < len(lines):
+        atomic_write_bytes(path, "".join(line + "\n" for line in kept).encode())
+    return len(lines) - len(kept)
+
+
+RESUME_MAY_CHANGE = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset",
+                     "fused_loss", "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout",
+                     "low_memory", "sample_tokens", "wandb"}
+
+
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
     """--resume FOLDER continues a run with the hyperparameters it was started with; only flags that do not change
     the result (where and how to run) may be given again."""
-    allowed = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset", "fused_loss",
-               "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout", "low_memory",
-               "sample_tokens", "wandb"}
+    allowed = set(RESUME_MAY_CHANGE)
     given = {arg[2:].split("=", 1)[0] for arg in argv if arg.startswith("--")}
     allowed |= {"train_files", "val_files", "test_files"}  # checked against the saved values below
     if given - allowed:
@@ -3586,32 +3747,45 @@ def saved_hyperparameters(folder: str, may_change: set[str]) -> dict:
 
 
 def check_resume_checkpoints(hp: Hyperparameters, dist_info: Dist, folder: str) -> None:
-    """Before a resume touches the run folder: every checkpoint this rank will load must be readable and match the
-    model the saved hyperparameters build (tensor names and shapes) and the world size; the first mismatch is named,
-    one line. mmap=True reads the structure without reading the tensors (a full-scale checkpoint is ~9.6 GB)."""
+    """Before a resume touches the run folder: every checkpoint file this rank may load (the shared files, its own
+    shards, an old single-layout file) must be readable and match the model the saved hyperparameters build (tensor
+    names and shapes), the world size and the hyperparameters stored in it; the first mismatch is named, one line.
+    mmap=True reads the structure without reading the tensors."""
     expected = {name: tuple(t.shape) for name, t in build_model_meta(hp).state_dict().items()}
     group_size = dist_info.world_size // hp.parallel_members
+    rank = dist_info.rank % group_size
     for member in range(hp.ensemble_size):
-        path = checkpoint_path(folder, member, dist_info.rank % group_size)
-        if not os.path.isfile(path):
-            continue
-        try:
-            saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-            state, progress = saved["model"], saved["progress"]
-            shapes = {name: tuple(t.shape) for name, t in state.items()}
-        except Exception as exc:  # noqa: BLE001 - truncated zip, another pickle, missing keys: all one complaint
-            raise ConfigError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                              f"delete it to restart member {member} from its start") from None
-        for name in sorted(set(expected) | set(shapes)):
-            if expected.get(name) != shapes.get(name):
-                raise ConfigError(f"--resume: {path} does not fit the run's hyperparameters: {name} has shape "
-                                  f"{shapes.get(name, 'missing')} in the checkpoint, {expected.get(name, 'missing')} "
-                                  f"in the model")
-        if saved.get("world_size", group_size) != group_size:
-            raise ConfigError(f"--resume: {path} was written by {saved['world_size']} ranks per member, this run has "
-                              f"{group_size}: resume on the same number of ranks (Muon's momentum is sharded)")
-        if not isinstance(progress.get("step"), int) or progress["step"] < 0:
-            raise ConfigError(f"--resume: {path} holds no valid step ({progress.get('step')!r})")
+        paths = sorted(path for _, part, path in checkpoint_names(folder, member) if part in ("shared", f"rank{rank}"))
+        legacy = checkpoint_path(folder, member, rank)
+        for path in paths + ([legacy] if os.path.isfile(legacy) else []):
+            check_checkpoint_file(hp, path, member, group_size, expected)
+
+
+def check_checkpoint_file(hp: Hyperparameters, path: str, member: int, group_size: int, expected: dict) -> None:
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        progress = saved["progress"]
+        shapes = {name: tuple(t.shape) for name, t in saved["model"].items()} if "model" in saved else expected
+    except Exception as exc:  # noqa: BLE001 - truncated zip, another pickle, missing keys: all one complaint
+        raise ConfigError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                          f"delete it to restart member {member} from its start") from None
+    for name in sorted(set(expected) | set(shapes)):
+        if expected.get(name) != shapes.get(name):
+            raise ConfigError(f"--resume: {path} does not fit the run's hyperparameters: {name} has shape "
+                              f"{shapes.get(name, 'missing')} in the checkpoint, {expected.get(name, 'missing')} "
+                              f"in the model")
+    if saved.get("world_size", group_size) != group_size:
+        raise ConfigError(f"--resume: {path} was written by {saved['world_size']} ranks per member, this run has "
+                          f"{group_size}: resume on the same number of ranks (Muon's momentum is sharded)")
+    if not isinstance(progress.get("step"), int) or progress["step"] < 0:
+        raise ConfigError(f"--resume: {path} holds no valid step ({progress.get('step')!r})")
+    # the hyperparameters the checkpoint was trained under: an edit of both hyperparameters.json and log.txt is
+    # still caught (fields that do not change the result, and fields of a newer script, are not compared)
+    now, ignored = dataclasses.asdict(hp), RESUME_MAY_CHANGE | {"resume", "run_id", "log_dir"}
+    for name, value in (saved.get("hyperparameters") or {}).items():
+        if name in now and name not in ignored and now[name] != value:
+            raise ConfigError(f"--resume: {path} was trained with {name} = {value!r}, the run's hyperparameters now "
+                              f"say {now[name]!r} (hyperparameters.json edited?)")
 
 
 def non_default_hyperparameters(hp: Hyperparameters) -> dict:
@@ -3680,6 +3854,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     """A run: ensemble_size members one after another (member k distilled from earlier ones when distill_alpha > 0),
     the running ensemble scored after each, the held-out test once at the end; returns what result.json holds."""
     wall_start = time.time()
+    RUN_CLOCK.update(start=wall_start, before=0.0)
     if hp.resume:
         hp = resumed_hyperparameters(hp, argv)
     check_hyperparameters(hp, dist_info.world_size)
@@ -3698,6 +3873,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     log = open_run_folder(hp, dist_info, folder, argv)
     if wandb is not None and dist_info.is_main:
         log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
+    if hp.resume and dist_info.is_main:
+        end_cut_line(os.path.join(folder, "metrics.jsonl"))
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
     unigram_oracle = unigram_entropy(data.val_tokens)
@@ -3734,6 +3911,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
 
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
+        carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
         snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
                      for cycle in range(saved["outcome"].get("snapshot_count", 0))]
         return park_on_host(model, dist_info), [(park_on_host(snapshot, dist_info), info["outcome"]["val_loss"])
@@ -3754,13 +3932,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             park_on_host(model, dist_info)  # frozen from here: host memory, on the device only while in use
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
+            trained["run_wall_seconds"] = run_wall_seconds()
             if keep_files and group_dist.is_main:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained, tokenizer=hp.tokenizer)
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
-            stale = checkpoint_path(folder, mine, group_dist.rank)
-            if os.path.isfile(stale):
-                os.remove(stale)
+            if keep_files:  # a single model's last checkpoint is its weights until result.json is written
+                remove_checkpoints(folder, mine, group_dist)
         dist_info.barrier()  # every member of the round is on disk
         for member in round_members:
             if member in trained_here:
@@ -3832,7 +4010,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
         epochs=member_results[-1]["epochs"],
         steps=sum(r["steps"] for r in member_results), parameters=n_params,
-        wall_seconds=round(time.time() - wall_start, 2),
+        wall_seconds=round(run_wall_seconds(), 2),  # earlier sessions' too, after a --resume
         train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),
         world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
@@ -3846,7 +4024,12 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
                     sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
     result["peak_memory_bytes"] = peak_memory_bytes(device)
+    if hp.resume and dist_info.is_main:
+        drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
     log.save_json("result.json", result)
+    dist_info.barrier()  # result.json is on disk before the last checkpoint goes
+    if not keep_files:
+        remove_checkpoints(folder, 0, dist_info)
     if dist_info.is_main:
         write_loss_plot(folder, f"{run_id} | preset {hp.preset or 'none'} | val {val_loss:.4f}", unigram)
         try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import errno
 import hashlib
 import json
 import os
@@ -560,12 +561,36 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+# what an output folder that cannot take the files says (read-only, full, over quota, not a folder, no permission)
+WRITE_FAILURES = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.ENOTDIR, errno.EEXIST,
+                  errno.EFBIG}
+
+
+def remove_own_temporaries(out_dir: str) -> None:
+    """The `.tmp<pid>` partials this process left in out_dir when a write failed: a full disk must not stay full."""
+    suffix = f".tmp{os.getpid()}"
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if name.endswith(suffix):
+            path = os.path.join(out_dir, name)
+            if os.path.isdir(path):  # save_slowrun_pt's folder
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
     except DataError as error:
         print(f"error: {one_line(error, 1000)}", file=sys.stderr)
+        return 2
+    except OSError as error:
+        if error.errno not in WRITE_FAILURES:
+            raise
+        remove_own_temporaries(args.out_dir)
+        print(f"error: {error.filename or args.out_dir}: cannot write the output there "
+              f"({error.strerror or one_line(error)})", file=sys.stderr)
         return 2
 
 

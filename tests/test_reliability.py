@@ -2,6 +2,7 @@
 damaged resume folders and a second process on a live run each end in one line (exit status 2), leave no partial
 files and no half-made run folder behind."""
 import errno
+import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -129,14 +130,15 @@ def test_free_space_is_checked_before_writing(tmp_path, monkeypatch):
 
 
 def test_disk_full_during_a_checkpoint_is_one_line_and_resume_succeeds(micro_data, tmp_path, monkeypatch, capsys):
-    """The second checkpoint write fails with ENOSPC half-way: one line, no .tmp left to keep the disk full, the
+    """The second checkpoint's shared file (the 4th file written: step 2's shard and shared file, step 4's shard)
+    fails with ENOSPC half-way: one line, no .tmp left to keep the disk full, step 4's shard removed with it, the
     first checkpoint intact; with space back, --resume continues from that checkpoint and finishes."""
     train_path, val_path = micro_data
     real_save, calls = torch.save, []
 
     def full_disk_save(obj, path, *args, **kwargs):
         calls.append(path)
-        if len(calls) == 2:
+        if len(calls) == 4:
             with open(path, "wb") as handle:
                 handle.write(b"x" * 1000)  # a partial file, as a real ENOSPC leaves
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -147,8 +149,9 @@ def test_disk_full_during_a_checkpoint_is_one_line_and_resume_succeeds(micro_dat
     status, err = run_main(flags, capsys)
     folder = str(tmp_path / "logs" / "full")
     assert_one_line(status, err, os.path.join(folder, "checkpoints"), "No space left on device",
-                    "member_00_rank0.pt")
-    assert not [name for name in tree(folder) if ".tmp" in name]
+                    "member_00_step0000004_shared.pt")
+    assert [name for name in tree(folder) if "checkpoints" in name] == [
+        "checkpoints/member_00_step0000002_rank0.pt", "checkpoints/member_00_step0000002_shared.pt"]
     monkeypatch.setattr(torch, "save", real_save)
     status, err = run_main(["--resume", folder], capsys)
     assert status == 0, err
@@ -249,8 +252,26 @@ def truncate(path, keep):
     open(path, "wb").write(data[:int(len(data) * keep)])
 
 
+def shared_file(folder):
+    return train_gpt.checkpoint_files(folder, 0, 3, 0)[0]
+
+
+def shard_file(folder):
+    return train_gpt.checkpoint_files(folder, 0, 3, 0)[1]
+
+
+def edit_json_and_log(folder):
+    """batch_tokens edited in hyperparameters.json and in log.txt's hyperparameters section alike: only the value
+    stored in the checkpoint itself still tells."""
+    edit_json(folder, lambda s: s.update(batch_tokens=768))
+    path = os.path.join(folder, "log.txt")
+    text = open(path).read()
+    assert text.count("\nbatch_tokens = 384\n") == 1
+    open(path, "w").write(text.replace("\nbatch_tokens = 384\n", "\nbatch_tokens = 768\n"))
+
+
 def other_shape(folder):
-    path = train_gpt.checkpoint_path(folder, 0, 0)
+    path = shared_file(folder)
     saved = torch.load(path, weights_only=False)
     saved["model"]["lm_head.weight"] = torch.zeros(7, 3)
     torch.save(saved, path)
@@ -262,7 +283,10 @@ def other_shape(folder):
     ("unknown key", lambda f: edit_json(f, lambda s: s.update(n_layers=3)), "unknown field(s) n_layers"),
     ("edited batch size", lambda f: edit_json(f, lambda s: s.update(batch_tokens=768)),
      "hyperparameters.json says batch_tokens = 768 but the run started with 384"),
-    ("truncated checkpoint", lambda f: truncate(train_gpt.checkpoint_path(f, 0, 0), 0.6), "member_00_rank0.pt is damaged"),
+    ("edited json and log", edit_json_and_log,
+     "member_00_step0000003_shared.pt was trained with batch_tokens = 384, the run's hyperparameters now say 768"),
+    ("truncated checkpoint", lambda f: truncate(shared_file(f), 0.6), "member_00_step0000003_shared.pt is damaged"),
+    ("truncated shard", lambda f: truncate(shard_file(f), 0.6), "member_00_step0000003_rank0.pt is damaged"),
     ("checkpoint of another shape", other_shape, "lm_head.weight has shape (7, 3) in the checkpoint, (256, 32)"),
 ])
 def test_damaged_resume_folder_is_one_line_and_log_untouched(stopped_run, tmp_path, capsys, case, damage, message):
@@ -300,3 +324,248 @@ def test_live_run_folder_is_locked_and_a_dead_holder_taken_over(stopped_run, tmp
     log = open(os.path.join(folder, "log.txt")).read()
     assert f"removed a partial file of a killed process: {partial}" in log and "at step 3/" in log
     assert not os.path.exists(partial) and os.path.isfile(os.path.join(folder, "result.json"))
+
+
+# ----------------------------------------------------------------------------------------------- killed after training
+# Issue 14, finding 1: the checkpoint went as soon as the member returned, before the test pass, model.pt and
+# result.json, and the last step was never checkpointed. Now a kill at any moment after the last step resumes
+# straight into what was left (the final validation, the test pass, model.pt, result.json), no step retrained.
+
+KILLER = """
+import os, signal, sys
+sys.path.insert(0, {root!r})
+import train_gpt
+point, argv = sys.argv[1], sys.argv[2:]
+
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+if point == "final validation":
+    validate = train_gpt.MemberProgress.validate
+    def hook(self, model, val_data, done):
+        if done == self.schedule.total_steps:
+            die()
+        return validate(self, model, val_data, done)
+    train_gpt.MemberProgress.validate = hook
+elif point == "test evaluation":
+    evaluate_ensemble, load_run_data, test_data = train_gpt.evaluate_ensemble, train_gpt.load_run_data, []
+    def load_hook(*args, **kwargs):
+        data = load_run_data(*args, **kwargs)
+        test_data.append(data.test_data)
+        return data
+    def hook(models, weights, mode, data, *args, **kwargs):
+        if data is test_data[0]:
+            die()
+        return evaluate_ensemble(models, weights, mode, data, *args, **kwargs)
+    train_gpt.load_run_data, train_gpt.evaluate_ensemble = load_hook, hook
+sys.exit(train_gpt.main(argv))
+"""
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """Shards with a held-out test file, the flags of a 6-step run (checkpoint at step 3, model.pt saved), and that
+    run uninterrupted: the reference every interrupted run must reproduce."""
+    base = tmp_path_factory.mktemp("finished")
+    paths = {name: str(base / f"{name}.bin") for name in ("train", "val", "test")}
+    for seed, (name, count) in enumerate([("train", 120), ("val", 30), ("test", 30)], start=1):
+        train_gpt.write_shard(paths[name], synthetic_documents(count, seed=seed))
+
+    def flags(log_dir, run_id):
+        return micro_flags(paths["train"], paths["val"], str(log_dir), run_id, test_files=paths["test"],
+                           max_steps=6, checkpoint_every=3, val_every=-1, save_model=True)
+    assert train_gpt.main(flags(base / "logs", "ref")) == 0
+    return flags, str(base / "logs" / "ref")
+
+
+def progress_rows(folder):
+    """(kind, step, loss, tokens) of every train and val row: what an interruption must not change."""
+    return [(row["kind"], row["step"], row[f"{row['kind']}_loss"], row["tokens_seen"])
+            for row in read_metrics(folder) if row["kind"] in ("train", "val")]
+
+
+def assert_same_run_without_retraining(folder, reference, resumed_at):
+    """The resumed run: trained nothing after the resume, and ends exactly as the reference (result, model.pt,
+    metrics rows, one each), with no checkpoint or partial file left and wall >= train seconds."""
+    log = open(os.path.join(folder, "log.txt")).read()
+    after_resume = log.split("==================== resume ")[-1].splitlines()
+    assert not [line for line in after_resume if line.startswith("step ")], after_resume  # no step retrained
+    assert f"at step {resumed_at}/6" in log
+    result, expected = (json.load(open(os.path.join(f, "result.json"))) for f in (folder, reference))
+    for key in ("val_loss", "test_loss", "train_loss", "tokens_seen", "steps"):
+        assert result[key] == expected[key], key
+    assert result["wall_seconds"] >= result["train_seconds"] > 0
+    weights, expected_weights = (torch.load(os.path.join(f, "model.pt"))["model"] for f in (folder, reference))
+    assert all(torch.equal(weights[name], expected_weights[name]) for name in expected_weights)
+    assert progress_rows(folder) == progress_rows(reference)
+    assert not [name for name in tree(folder) if name.startswith("checkpoints/") or ".tmp" in name], tree(folder)
+
+
+@pytest.mark.parametrize("point", ["final validation", "test evaluation"])
+def test_kill_after_the_last_step_resumes_without_retraining(finished_run, tmp_path, capsys, point):
+    flags, reference = finished_run
+    folder = str(tmp_path / "logs" / "k")
+    killer = [sys.executable, "-c", KILLER.format(root=REPO_ROOT), point, *flags(tmp_path / "logs", "k")]
+    killed = subprocess.run(killer, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            cwd=REPO_ROOT)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert not os.path.exists(os.path.join(folder, "result.json"))
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert_same_run_without_retraining(folder, reference, resumed_at=6)
+
+
+def test_disk_full_after_training_is_one_line_and_resume_goes_straight_to_scoring(finished_run, tmp_path, monkeypatch,
+                                                                                   capsys):
+    """ENOSPC half-way through model.pt: one line, no .tmp, the last step's checkpoint kept; with space back,
+    --resume scores the trained weights and writes model.pt and result.json, training nothing."""
+    flags, reference = finished_run
+    real_save = torch.save
+
+    def full_disk_save(obj, path, *args, **kwargs):
+        if ".pt.tmp" in str(path) and os.path.basename(str(path)).startswith("model.pt"):
+            open(path, "wb").write(b"x" * 1000)  # a partial file, as a real ENOSPC leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+    monkeypatch.setattr(torch, "save", full_disk_save)
+    folder = str(tmp_path / "logs" / "full")
+    status, err = run_main(flags(tmp_path / "logs", "full"), capsys)
+    assert_one_line(status, err, f"{folder}: writing model.pt", "No space left on device")
+    assert [name for name in tree(folder) if name.startswith("checkpoints/") or ".tmp" in name] == [
+        "checkpoints/member_00_step0000006_rank0.pt", "checkpoints/member_00_step0000006_shared.pt"]
+    monkeypatch.setattr(torch, "save", real_save)
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert_same_run_without_retraining(folder, reference, resumed_at=6)
+
+
+def test_replayed_steps_leave_one_metrics_row_each(stopped_run, tmp_path, capsys):
+    """Killed after step 5 with its rows written but its checkpoint at step 3: the resumed run replays steps 4 and 5;
+    metrics.jsonl keeps one row per step (the replayed one), as the uninterrupted run has."""
+    folder = copy_run(stopped_run, tmp_path)
+    with open(os.path.join(folder, "metrics.jsonl"), "a") as handle:  # what the killed process had written
+        for step in (4, 5):
+            handle.write(json.dumps(dict(kind="train", step=step, train_loss=99.0, tokens_seen=0)) + "\n")
+        handle.write('{"kind": "train", "st')  # a row cut by the kill
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    rows = [(row["kind"], row["step"]) for row in read_metrics(folder)]
+    assert rows == [("train", step) for step in range(1, 7)] + [("val", 6)]
+    assert 99.0 not in [row.get("train_loss") for row in read_metrics(folder)]
+    result = json.load(open(os.path.join(folder, "result.json")))
+    assert result["wall_seconds"] >= result["train_seconds"]
+
+
+# ------------------------------------------------------------------------------------------------- sharded checkpoints
+
+def old_layout_bytes(shared: dict, shard: dict, path: str) -> int:
+    """What the single-file layout wrote on this rank (before issue 14): the whole state, weights and AdamW
+    included, on every rank. Written out to measure it."""
+    merged = dict(model=shared["model"], optimizers=[own if own is not None else common for own, common in
+                                                     zip(shard["optimizers"], shared["optimizers"])],
+                  progress=shard["progress"], rng=shard["rng"], cuda_rng=None, world_size=shard["world_size"])
+    torch.save(merged, path)
+    return os.path.getsize(path)
+
+
+def test_sharded_checkpoint_bytes_per_rank_and_resume_on_two_ranks(micro_data, tmp_path, capsys):
+    """2 gloo ranks stopped at step 3: rank 0 writes the replicated state once, each rank only its own shard (its
+    Muon momentum, RNG); the log line states the bytes. The figures against the old layout (the same state, one
+    whole copy per rank) are printed for the README. Then --resume on 2 ranks ends where a 1-rank run ends."""
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    flags = micro_flags(train_path, val_path, logs, "two", max_steps=6, checkpoint_every=3, val_every=-1)
+    stopped = run_script(flags + ["--stop_at_step", "3"], nproc=2)
+    assert stopped.returncode != 0 and "stopped after step 3" in stopped.stdout, stopped.stderr[-3000:]
+    folder = os.path.join(logs, "two")
+    shared_path, shard0_path = train_gpt.checkpoint_files(folder, 0, 3, 0)
+    shard1_path = train_gpt.checkpoint_files(folder, 0, 3, 1)[1]
+    assert sorted(os.listdir(os.path.join(folder, "checkpoints"))) == sorted(
+        os.path.basename(p) for p in (shared_path, shard0_path, shard1_path))
+    shared, shard0, shard1 = (torch.load(p, weights_only=False) for p in (shared_path, shard0_path, shard1_path))
+    assert shared["optimizers"][1] is None and shard0["optimizers"][0] is None  # AdamW once, Muon per rank
+    momentum = [len(shard["optimizers"][1]["state"]) for shard in (shard0, shard1)]
+    # 12 Muon matrices (2 layers x q, k, v, o, fc, proj), split within each shape: 8 of 32x32, 2 + 2 of the MLP's
+    assert momentum == [6, 6]
+    sizes = {name: os.path.getsize(p) for name, p in [("shared", shared_path), ("shard0", shard0_path),
+                                                      ("shard1", shard1_path)]}
+    new = [sizes["shared"] + sizes["shard0"], sizes["shard1"]]
+    old = [old_layout_bytes(shared, shard, str(tmp_path / f"old{r}.pt")) for r, shard in enumerate((shard0, shard1))]
+    print(f"\ncheckpoint bytes per rank, 2 ranks, micro model: sharded {new} (total {sum(new):,}) | "
+          f"single-file {old} (total {sum(old):,})")
+    assert new[1] < 0.5 * old[1] and sum(new) < 0.75 * sum(old)
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert (f"checkpoint | step 3 | {train_gpt.format_bytes(sum(sizes.values()))} on 2 rank(s): "
+            f"{train_gpt.format_bytes(sizes['shared'])} shared (rank 0)") in log
+    resumed = run_script(["--resume", folder], nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 3/6" in resumed.stdout
+    assert train_gpt.main(micro_flags(train_path, val_path, logs, "one", max_steps=6, checkpoint_every=3,
+                                      val_every=-1)) == 0
+    two, one = (json.load(open(os.path.join(logs, run, "result.json"))) for run in ("two", "one"))
+    assert two["ranks_agree"] and two["val_loss"] == pytest.approx(one["val_loss"], rel=1e-5, abs=0)
+
+
+def test_old_single_file_checkpoint_is_read(stopped_run, tmp_path, capsys):
+    """A run folder checkpointed by the single-file layout (member_00_rank0.pt holding everything) resumes as the
+    sharded one does, to the same result."""
+    sharded = copy_run(stopped_run, tmp_path / "a")
+    status, err = run_main(["--resume", sharded], capsys)
+    assert status == 0, err
+    folder = copy_run(stopped_run, tmp_path / "b")
+    shared, shard = (torch.load(p, weights_only=False) for p in train_gpt.checkpoint_files(folder, 0, 3, 0))
+    old_layout_bytes(shared, shard, train_gpt.checkpoint_path(folder, 0, 0))
+    for path in train_gpt.checkpoint_files(folder, 0, 3, 0):
+        os.remove(path)
+    status, err = run_main(["--resume", folder], capsys)
+    assert status == 0, err
+    assert f"resumed from {train_gpt.checkpoint_path(folder, 0, 0)} at step 3/6" in open(
+        os.path.join(folder, "log.txt")).read()
+    results = [json.load(open(os.path.join(f, "result.json"))) for f in (sharded, folder)]
+    assert results[0]["val_loss"] == results[1]["val_loss"] and results[0]["train_loss"] == results[1]["train_loss"]
+    assert not os.listdir(os.path.join(folder, "checkpoints"))
+
+
+# ----------------------------------------------------------------------------------------------- data/fineweb.py output
+
+def load_fineweb():
+    spec = importlib.util.spec_from_file_location("fineweb", os.path.join(REPO_ROOT, "data", "fineweb.py"))
+    module = sys.modules["fineweb"] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("failure", ["not a folder", "full"])
+def test_fineweb_unwritable_output_is_one_line(tmp_path, monkeypatch, capsys, failure):
+    """data/fineweb.py cutting local shards into an output folder that cannot take them: one line naming it, exit
+    status 2, no partial file left (root ignores chmod, so a path below a plain file stands in for read-only)."""
+    fineweb = load_fineweb()
+    source = tmp_path / "shards"
+    source.mkdir()
+    rng = np.random.default_rng(0)
+    stream = np.concatenate([np.concatenate([[50256], rng.integers(0, 50256, n - 1)]) for n in [300] * 16])
+    for index in range(4):
+        train_gpt.write_shard(str(source / fineweb.source_shard_name(index)), stream[1200 * index:1200 * (index + 1)])
+    out_dir = tmp_path / "out"
+    if failure == "not a folder":
+        (tmp_path / "file").write_text("x")
+        out_dir, expected = tmp_path / "file" / "out", "Not a directory"
+    else:
+        write_shard = fineweb.write_shard
+
+        def full_disk(path, tokens):
+            if path.endswith("fineweb_train.bin"):
+                open(f"{path}.tmp{os.getpid()}", "wb").write(b"x" * 100)  # the partial a real ENOSPC leaves
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return write_shard(path, tokens)
+        monkeypatch.setattr(fineweb, "write_shard", full_disk)
+        expected = "No space left on device"
+    capsys.readouterr()
+    status = fineweb.main(["--out_dir", str(out_dir), "--source_dir", str(source), "--val_tokens", "1000",
+                           "--train_tokens", "1500", "--test_tokens", "800"])
+    err = capsys.readouterr().err  # progress bars aside (stderr), one error line and no traceback
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and "Traceback" not in err, err
+    assert "cannot write the output there" in errors[0] and expected in errors[0], errors[0]
+    if failure == "full":
+        assert sorted(os.listdir(out_dir)) == ["fineweb_val.bin"]  # no .tmp, no manifest claiming a finished cut
