@@ -2434,6 +2434,8 @@ class TeacherHead:
     def __init__(self, teacher: GPT, device: torch.device):
         self.lm_head = copy.deepcopy(teacher.lm_head).to(device)
         self.logit_softcap = teacher.logit_softcap
+        # what GPT.head reads besides the weights: the teacher's mode and its vocabulary slices (train_vocab/eval_vocab)
+        self.training, self.train_vocab, self.eval_vocab = teacher.training, teacher.train_vocab, teacher.eval_vocab
 
 
 # ----------------------------------------------------------------------------------------------------------------------
