@@ -2412,10 +2412,6 @@ class MemberSchedule:
                                     member_seed(hp, member), batch_schedule(hp))
         full_steps = self.train_data.epoch_start(hp.num_epochs)
         self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-        # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
-        # steps differ in cost, so steps left x ms/step would be wrong)
-        self.run_targets = sum(self.train_data.step_target_count(*self.train_data.locate(step))
-                               for step in range(total_steps))
         # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
         # the last step's weights are the member itself
         final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
