@@ -746,6 +746,7 @@ def live_micro_steps(train_data: TrainData, epoch: int, step_in_epoch: int, rank
             - rank * train_data.device_batch_size)  # windows from this rank's first one of the step to the epoch's end
     return min(train_data.grad_accum_steps(epoch), max(1, -(-left // per_micro_step)))
 
+
 class EvalData:
     """A validation or test set scored whole: consecutive seq_len windows (each target predicted once), split
     round-robin over ranks. The summed loss and token count are the same on any world size."""
@@ -2546,6 +2547,7 @@ class RunWork:
         eval_rate = (self.eval_units / self.eval_seconds if self.eval_seconds > 0
                      else self.EVAL_SPEEDUP * train_rate)
         return compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
+
 
 class MemberProgress:
     """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
