@@ -2482,13 +2482,14 @@ class RunWork:
     both per rank:
     - training: tokens computed, padding included (live_micro_steps x device_batch_size x seq_len per step), what a
       step costs; the targets trained on undercount an epoch's short last step;
-    - evaluation: targets scored x models scoring them: validations and snapshots, the running ensemble after each
-      member, selection on the fitness slice, the test pass.
+    - evaluation: targets scored x models scoring them: validations, the running ensemble after each member,
+      selection on the fitness slice, the test pass.
     Each rate is cumulative over this process (every timed training interval, every timed evaluation), so one slow
     interval moves the ETA little; before any evaluation is timed, evaluation runs at EVAL_SPEEDUP x training's
-    rate. Members in later rounds (parallel_members trains one per group per round) cost what this one costs; not
-    counted: saving and loading files, and the teachers' forward passes of distillation until a distilled member
-    is timed."""
+    rate. The rest (checkpoints, snapshots, saving members, starting each member, logging: 10% of a micro run) is
+    charged to training: the time left for training is scaled by the wall time so far that was neither timed
+    evaluation nor compilation, over the training time so far. Members in later rounds (parallel_members trains one
+    per group per round) cost what this one costs, distillation's teacher passes included only as they are timed."""
     EVAL_SPEEDUP = 2.5  # forward only: the tiny preset scores val at 2.5x its training tokens/s (2 cores, bench log)
 
     def __init__(self, hp: Hyperparameters, dist_info: Dist, group_dist: Dist, data: RunData,
@@ -2498,8 +2499,7 @@ class RunWork:
         tokens_per_micro_step = train_data.device_batch_size * train_data.seq_len
         compute = [live_micro_steps(train_data, *train_data.locate(step), 0) * tokens_per_micro_step
                    for step in range(total_steps)]  # rank 0 of a group has the most windows of any rank
-        passes = [int(schedule.validate_after(done)) + int(done in schedule.snapshot_steps)
-                  for done in range(1, total_steps + 1)]
+        passes = [int(schedule.validate_after(done)) for done in range(1, total_steps + 1)]
         # once `done` steps are trained: compute_from[done], the compute of steps done..total-1 (step s makes done
         # s + 1); passes_from[done], the val passes after steps done..total (the one after `done` not yet made)
         self.compute_from = list(itertools.accumulate(reversed(compute), initial=0))[::-1]
@@ -2519,7 +2519,12 @@ class RunWork:
             final += candidates * data.test_data.num_targets / dist_info.world_size
         self.final_eval = final
         self.keep_files = candidate_count(hp) > 1
-        self.train_compute = self.train_seconds = self.eval_units = self.eval_seconds = 0.0
+        self.train_compute = self.train_seconds = self.eval_units = self.eval_seconds = self.excluded = 0.0
+        self.started = None  # when the first member began training (MemberProgress.begin)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.time()
 
     def add_train(self, compute: float, seconds: float) -> None:
         self.train_compute, self.train_seconds = self.train_compute + compute, self.train_seconds + seconds
@@ -2546,7 +2551,11 @@ class RunWork:
         train_rate = train_rate or self.train_compute / max(self.train_seconds, 1e-9)
         eval_rate = (self.eval_units / self.eval_seconds if self.eval_seconds > 0
                      else self.EVAL_SPEEDUP * train_rate)
-        return compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
+        overhead = 1.0  # wall time per second of training, evaluation and compilation left out
+        if self.started is not None and self.train_seconds > 0:
+            elapsed = time.time() - self.started - self.eval_seconds - self.excluded
+            overhead = max(1.0, elapsed / self.train_seconds)
+        return overhead * compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
 
 
 class MemberProgress:
@@ -2568,6 +2577,7 @@ class MemberProgress:
         """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
         self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
         self.interval_compute = 0  # tokens computed, padding included (RunWork)
+        self.work.start()
         self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
         self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
 
@@ -2599,6 +2609,7 @@ class MemberProgress:
         if self.compiled and self.compile_seconds is None:
             self._synchronize()
             self.compile_seconds = time.time() - self.interval_start
+            self.work.excluded += self.compile_seconds
             log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
                       f"exclude it")
             log.metrics(dict(kind="compile", **self.member_field, step=done,
