@@ -25,6 +25,7 @@ import glob
 import hashlib
 import importlib.util
 import inspect
+import itertools
 import json
 import math
 import os
@@ -868,6 +869,18 @@ class TrainData:
         ids = np.arange(first, min(first + self.batch_seqs(epoch), self.windows_per_epoch))
         lengths = np.clip(self.tokens.size - ids * self.window, 0, self.window)
         return int(np.clip(lengths - 1, 0, None).sum())
+
+
+def live_micro_steps(train_data: TrainData, epoch: int, step_in_epoch: int, rank: int) -> int:
+    """How many of the step's micro-steps hold at least one real window on this rank (at least 1, so that every rank
+    has gradients to sum); the rest are all padding, skipped. An epoch's last step is usually short: on the tiny
+    preset it has 2 of its 32 windows, and running all 8 micro-steps made it cost a full step for 301 targets, the
+    "~30% lower tok/s after each epoch end" of the newcomer review. A skipped micro-step's targets are all -1: its
+    gradient (cross-entropy, MTP, distillation, all masked by target) is exactly zero, so nothing else changes."""
+    per_micro_step = train_data.world_size * train_data.device_batch_size
+    left = (train_data.windows_per_epoch - step_in_epoch * train_data.batch_seqs(epoch)
+            - rank * train_data.device_batch_size)  # windows from this rank's first one of the step to the epoch's end
+    return min(train_data.grad_accum_steps(epoch), max(1, -(-left // per_micro_step)))
 
 
 class EvalData:
@@ -2988,8 +3001,9 @@ def member_seed(hp: Hyperparameters, member: int) -> int:
 
 
 def member_tag(hp: Hyperparameters, member: int) -> str:
-    """'member 2/4 | ' before a member's progress lines when there are several, nothing for a single model."""
-    return f"member {member + 1}/{hp.ensemble_size} | " if hp.ensemble_size > 1 else ""
+    """'member 2 of 4 | ' before a member's progress lines when there are several, nothing for a single model. Members
+    count from 0, as in the file names (member_02.pt), the metrics rows and the README."""
+    return f"member {member} of {hp.ensemble_size} | " if hp.ensemble_size > 1 else ""
 
 
 def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
@@ -3118,10 +3132,6 @@ class MemberSchedule:
                                     member_seed(hp, member), batch_schedule(hp))
         full_steps = self.train_data.epoch_start(hp.num_epochs)
         self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-        # every target this member trains on: the ETA divides what is left by tokens/s (with a batch-size schedule,
-        # steps differ in cost, so steps left x ms/step would be wrong)
-        self.run_targets = sum(self.train_data.step_target_count(*self.train_data.locate(step))
-                               for step in range(total_steps))
         # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
         # the last step's weights are the member itself
         final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
@@ -3213,14 +3223,98 @@ class MemberObjective:
         return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
 
 
+class RunWork:
+    """The whole run's ETA: the work left after a step of a member, over the rates measured so far. The newcomer
+    review saw `eta 0m07s` with a whole member still to train, and the ETA swing 4x around epoch ends. Two units,
+    both per rank:
+    - training: tokens computed, padding included (live_micro_steps x device_batch_size x seq_len per step), what a
+      step costs; the targets trained on undercount an epoch's short last step;
+    - evaluation: targets scored x models scoring them: validations, the running ensemble after each member,
+      selection on the fitness slice, the test pass.
+    Each rate is cumulative over this process (every timed training interval, every timed evaluation), so one slow
+    interval moves the ETA little; before any evaluation is timed, evaluation runs at EVAL_SPEEDUP x training's
+    rate. The rest (checkpoints, snapshots, saving members, starting each member, logging: 10% of a micro run) is
+    charged to training: the time left for training is scaled by the wall time so far that was neither timed
+    evaluation nor compilation, over the training time so far. Members in later rounds (parallel_members trains one
+    per group per round) cost what this one costs, distillation's teacher passes included only as they are timed."""
+    EVAL_SPEEDUP = 2.5  # forward only: the tiny preset scores val at 2.5x its training tokens/s (2 cores, bench log)
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, group_dist: Dist, data: RunData,
+                 schedule: MemberSchedule):
+        self.hp, self.group_size = hp, hp.parallel_members
+        train_data, total_steps = schedule.train_data, schedule.total_steps
+        tokens_per_micro_step = train_data.device_batch_size * train_data.seq_len
+        compute = [live_micro_steps(train_data, *train_data.locate(step), 0) * tokens_per_micro_step
+                   for step in range(total_steps)]  # rank 0 of a group has the most windows of any rank
+        passes = [int(schedule.validate_after(done)) for done in range(1, total_steps + 1)]
+        # once `done` steps are trained: compute_from[done], the compute of steps done..total-1 (step s makes done
+        # s + 1); passes_from[done], the val passes after steps done..total (the one after `done` not yet made)
+        self.compute_from = list(itertools.accumulate(reversed(compute), initial=0))[::-1]
+        passes_after = list(itertools.accumulate(reversed(passes), initial=0))[::-1]  # [i]: after steps i+1..total
+        self.passes_from = [passes_after[max(done - 1, 0)] for done in range(total_steps + 1)]
+        self.step_compute = [0] + compute  # [done]: the compute of the step that made `done`
+        self.val_per_group_rank = data.val_data.num_targets / group_dist.world_size
+        self.val_per_rank = data.val_data.num_targets / dist_info.world_size
+        self.candidates_per_member = len(schedule.snapshot_steps) + 1
+        final = 0.0  # after the last member: selection (every candidate on the fitness slice, the chosen on val), test
+        candidates = self.candidates_per_member * hp.ensemble_size
+        if data.fitness_data is not None:
+            final += (candidates * data.fitness_data.num_targets / dist_info.world_size
+                      + min(candidates, hp.select_top or candidates) * self.val_per_rank)
+            candidates = min(candidates, hp.select_top or candidates)
+        if data.test_data is not None:
+            final += candidates * data.test_data.num_targets / dist_info.world_size
+        self.final_eval = final
+        self.keep_files = candidate_count(hp) > 1
+        self.train_compute = self.train_seconds = self.eval_units = self.eval_seconds = self.excluded = 0.0
+        self.started = None  # when the first member began training (MemberProgress.begin)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.time()
+
+    def add_train(self, compute: float, seconds: float) -> None:
+        self.train_compute, self.train_seconds = self.train_compute + compute, self.train_seconds + seconds
+
+    def add_eval(self, units: float, seconds: float) -> None:
+        self.eval_units, self.eval_seconds = self.eval_units + units, self.eval_seconds + seconds
+
+    def left_after(self, member: int, done: int) -> tuple[float, float]:
+        """(training compute, evaluation units) left once `member` has trained `done` steps (its validation and
+        snapshot at `done` not yet made)."""
+        rounds = -(-self.hp.ensemble_size // self.group_size)
+        this_round = member // self.group_size
+        later_rounds = rounds - this_round - 1
+        compute = self.compute_from[done] + later_rounds * self.compute_from[0]
+        evals = (self.passes_from[done] + later_rounds * self.passes_from[0]) * self.val_per_group_rank
+        if self.keep_files:  # the running ensemble, scored after each member of this round and the later ones
+            evals += sum((k + 1) * self.candidates_per_member * self.val_per_rank
+                         for k in range(this_round * self.group_size, self.hp.ensemble_size))
+        return compute, evals + self.final_eval
+
+    def seconds_left(self, member: int, done: int, train_rate: float | None = None) -> float:
+        """The ETA in seconds; train_rate: a provisional training rate while none is measured."""
+        compute, evals = self.left_after(member, done)
+        train_rate = train_rate or self.train_compute / max(self.train_seconds, 1e-9)
+        eval_rate = (self.eval_units / self.eval_seconds if self.eval_seconds > 0
+                     else self.EVAL_SPEEDUP * train_rate)
+        overhead = 1.0  # wall time per second of training, evaluation and compilation left out
+        if self.started is not None and self.train_seconds > 0:
+            elapsed = time.time() - self.started - self.eval_seconds - self.excluded
+            overhead = max(1.0, elapsed / self.train_seconds)
+        return overhead * compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
+
+
 class MemberProgress:
     """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
-    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA, and the
-    paused time (evaluation, snapshots, checkpoints) kept out of the training time."""
+    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA of the
+    whole run (RunWork: this member's rest, the later members, every evaluation), and the paused time (evaluation,
+    snapshots, checkpoints) kept out of the training time."""
 
     def __init__(self, hp: Hyperparameters, dist_info: Dist, log: RunLog, member: int, schedule: MemberSchedule,
-                 compiled: bool):
+                 compiled: bool, work: RunWork):
         self.hp, self.dist_info, self.log, self.schedule, self.compiled = hp, dist_info, log, schedule, compiled
+        self.member, self.work = member, work
         self.tag, self.member_field = member_tag(hp, member), {"member": member} if hp.ensemble_size > 1 else {}
         # the data order is a pure function of (seed, epoch), so the step alone says where the data stands
         self.state = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
@@ -3229,6 +3323,8 @@ class MemberProgress:
     def begin(self) -> None:
         """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
         self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.interval_compute = 0  # tokens computed, padding included (RunWork)
+        self.work.start()
         self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
         self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
 
@@ -3256,14 +3352,17 @@ class MemberProgress:
         state["loss_count"] += step_targets
         state["tokens_seen"] += step_targets
         self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + step_targets
+        self.interval_compute += self.work.step_compute[done]
         if self.compiled and self.compile_seconds is None:
             self._synchronize()
             self.compile_seconds = time.time() - self.interval_start
+            self.work.excluded += self.compile_seconds
             log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
                       f"exclude it")
             log.metrics(dict(kind="compile", **self.member_field, step=done,
                              compile_seconds=round(self.compile_seconds, 3)))
             self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+            self.interval_compute = 0
         state["step"] = done
         total_steps = self.schedule.total_steps
         if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
@@ -3274,12 +3373,16 @@ class MemberProgress:
         self._synchronize()
         interval_seconds = time.time() - self.interval_start
         interval_steps, interval_tokens = self.interval_steps, self.interval_tokens
+        provisional_rate = None  # the compiled first step's rate, until a step without compilation is timed
         if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
             interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
+            provisional_rate = self.work.step_compute[done] / max(interval_seconds, 1e-9)
+        else:
+            self.work.add_train(self.interval_compute, interval_seconds)
         state["train_seconds"] += interval_seconds
         ms_per_step = 1000 * interval_seconds / interval_steps
         tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
-        eta = (self.schedule.run_targets - state["tokens_seen"]) / max(tokens_per_second, 1e-9)
+        eta = self.work.seconds_left(self.member, done, provisional_rate if self.work.train_seconds == 0 else None)
         memory = peak_memory_bytes(self.dist_info.device)
         epoch_progress = self.schedule.train_data.epoch_position(done)
         log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
@@ -3290,14 +3393,17 @@ class MemberProgress:
                          epoch=round(epoch_progress, 4), train_loss=state["train_loss"],
                          tokens_seen=state["tokens_seen"], ms_per_step=round(ms_per_step, 2),
                          tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
-                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3)))
+                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3),
+                         eta_seconds=round(eta, 2)))
         self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.interval_compute = 0
 
     def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
         """Scores val; the validation line."""
         start = time.time()
         val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
         seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
+        self.work.add_eval(self.work.val_per_group_rank, seconds)
         self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
                        f"val_loss {val_loss:.4f} | tokens {format_count(self.state['tokens_seen'])} | "
                        f"eval {seconds:.1f}s")
@@ -3561,7 +3667,7 @@ def compiled_model(raw_model: GPT, hp: Hyperparameters, device: torch.device) ->
 
 
 def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
-                 teachers: list[tuple[GPT, float]]) -> dict:
+                 teachers: list[tuple[GPT, float]], work: RunWork | None = None) -> dict:
     """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
     and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
     device, tag, seed = dist_info.device, member_tag(hp, member), member_seed(hp, member)
@@ -3573,7 +3679,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     optimizers = build_optimizers(raw_model, hp, dist_info)
     objective = MemberObjective(hp, device, teachers, dist_info)
     grad_sync = GradientSync(hp, raw_model, dist_info)
-    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model)
+    work = work or RunWork(hp, dist_info, dist_info, data, schedule)  # train() passes the whole run's
+    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
     averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
     if member == 0 or hp.ensemble_size > 1:
@@ -3598,7 +3705,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
-        accumulation = train_data.grad_accum_steps(epoch)
+        accumulation = live_micro_steps(train_data, epoch, step_in_epoch, dist_info.rank)  # all-padding ones skipped
         for micro_step in range(accumulation):
             inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -3910,6 +4017,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     group_dist, group_index = split_world(dist_info, hp.parallel_members)
     # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
     member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
+    # the whole run's ETA (every member has member 0's steps, validations and snapshots)
+    work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
 
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
@@ -3928,7 +4037,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
-            trained = train_member(hp, group_dist, data, member_log, mine, teachers)
+            trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
             model = trained.pop("model").for_inference()
             trained.pop("compiled")
             park_on_host(model, dist_info)  # frozen from here: host memory, on the device only while in use
@@ -3960,11 +4069,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             if keep_files:
                 count = len(candidates)
                 mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+                start = time.time()
                 loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
                                                 hp.val_batch_size)
+                work.add_eval(count * work.val_per_rank, time.time() - start)
                 ensemble_losses.append(loss)
                 log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
-                          f"member {len(members)} alone {outcome['val_loss']:.4f}")
+                          f"member {member} alone {outcome['val_loss']:.4f}")
                 log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
                                  member_val_loss=outcome["val_loss"],
                                  tokens_seen=sum(r["tokens_seen"] for r in member_results)))

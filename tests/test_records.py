@@ -479,7 +479,7 @@ def test_reference_plan_prints_the_baseline_commands(capsys):
 
 @pytest.fixture(scope="module")
 def ensemble_runs(tmp_path_factory):
-    """Two seeds of a 2-member micro ensemble (member lines carry a `member k/K |` prefix; the ranked loss is the
+    """Two seeds of a 2-member micro ensemble (member lines carry a `member k of K |` prefix; the ranked loss is the
     ensemble's, on the done line, not any member's last val line)."""
     root = tmp_path_factory.mktemp("ensemble_runs")
     train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
@@ -510,9 +510,9 @@ def test_ensemble_runs_make_a_checkable_record(ensemble_runs, tmp_path, capsys):
     plt.close(figure)
     result = json.load(open(os.path.join(ensemble_runs[0], "result.json")))
     assert result["steps"] == 6 and len(result["member_val_losses"]) == 2
-    # an edited member-2 loss line is caught (metrics.jsonl disagrees), even with record.json resealed
+    # an edited member-1 loss line is caught (metrics.jsonl disagrees), even with record.json resealed
     forged = copy_record(record, tmp_path / "forged")
-    line = log_line(os.path.join(forged, "e0"), "member 2/2 | step 3/3")
+    line = log_line(os.path.join(forged, "e0"), "member 1 of 2 | step 3/3")
     loss = line.split("train_loss ")[1].split(" ")[0]
     edit_file(os.path.join(forged, "e0", "log.txt"), line, line.replace(loss, f"{float(loss) - 0.5:.4f}"))
     reseal(forged)
