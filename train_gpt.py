@@ -90,6 +90,8 @@ class Hyperparameters:
     window_warmup_frac: float = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
     window_warmup_stages: int = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
     head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
+    stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
+    mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -109,6 +111,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-10  # AdamW epsilon
     adam_wd: float = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    head_mix_lr: float = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
     # --- optimizer variants (each off by default) -----------------------------------------------------------------
     muon_polar_express: bool = False  # Polar Express per-iteration coefficients instead of the fixed quintic (Amsel et al. 2025; slowrun)
     muon_eq_r: bool = False  # MuonEq-R: scale each row of the momentum to unit norm before orthogonalising (MuonEq, 2025)
@@ -140,6 +143,13 @@ class Hyperparameters:
     # weights join a uniform average that replaces the weights at the end (Izmailov et al. 2018; slowrun records). 0 = off
     epoch_snapshots: int = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
     # candidates: probability averaging of the last epochs' checkpoints (slowrun unlimited records). 0 = off
+    epoch_snapshot_weights: str = "equal"  # the epoch snapshots' mixture: equal (1/n) | recency (i / sum i, oldest
+    # first) | both (equal is val_loss, recency is scored and reported beside it; slowrun 1h record #12, --logit-avg-mode)
+    # --- evaluation as the public records score it (records/TRACKS.md F22) -----------------------------------------
+    val_public_windows: int = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
+    # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
+    # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
+    val_window_seed: int = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -336,6 +346,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(not (hp.fitness_tokens and hp.ensemble_mode == "logit"),
             "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
+    check_tracks_eval(hp)
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
     require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
@@ -373,6 +384,21 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         require(abs(scheduled - round(scheduled)) < 1e-6 and round(scheduled) % per_micro_step == 0 and scheduled > 0,
                 f"batch_schedule multiplier {multiplier:g} gives {scheduled:g} sequences per step, not a positive "
                 f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
+
+
+def check_tracks_eval(hp: Hyperparameters) -> None:
+    """The flags of the 1h record's evaluation and MTP block (records/TRACKS.md F9, F12, F13, F22)."""
+    checks = [(hp.stochastic_depth_style in ("sequence", "batch"),
+               f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}"),
+              (hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}"),
+              (hp.epoch_snapshot_weights in ("equal", "recency", "both"),
+               f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}"),
+              (hp.epoch_snapshot_weights == "equal" or (hp.epoch_snapshots and hp.ensemble_size == 1),
+               "epoch_snapshot_weights weighs one model's epoch snapshots: set epoch_snapshots and ensemble_size 1"),
+              (hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -1125,6 +1151,9 @@ class GPTConfig:
     window_warmup_stages: int
     head_mix: bool
     doc_mask: bool
+    # --- added after member files were first written: defaults keep those files loading ---
+    stochastic_depth_style: str = "sequence"
+    mtp_style: str = "linear"
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1256,9 +1285,20 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
         self.drop_prob = config.stochastic_depth * (layer + 1) / config.n_layer
+        self.drop_whole_batch = config.stochastic_depth_style == "batch"
+        if self.drop_whole_batch:  # slowrun 1h: p l / (L - 1), layer 0 never dropped, the MTP block (l = L) above p
+            self.drop_prob = config.stochastic_depth * layer / max(config.n_layer - 1, 1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.drop_whole_batch and self.drop_prob > 0 and self.training:
+            # one draw for the whole micro-batch, no 1/(1-p) rescale: x_in + keep (block(x_in) - x_in), as the 1h
+            # record computes it (a blend, not a branch, so torch.compile sees one graph)
+            keep = (torch.rand((), device=x.device) >= self.drop_prob).to(x.dtype)
+            x_in = x
+            x = x + self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
+            x = x + self.dropout(self.mlp(rms_norm(x)))
+            return x_in + keep * (x - x_in)
         if self.drop_prob > 0 and self.training:  # keep the whole block for a sequence or drop it; rescale kept ones
             keep = (torch.rand(x.size(0), 1, 1, device=x.device) >= self.drop_prob).to(x.dtype) / (1 - self.drop_prob)
             x = x + keep * self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
@@ -1345,8 +1385,12 @@ class GPT(nn.Module):
             self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
         if config.unet_skips:
             self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
-        self.mtp_weight = config.mtp_weight
-        if config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
+        self.mtp_weight, self.mtp_block = config.mtp_weight, None
+        if config.mtp_weight > 0 and config.mtp_style == "block":  # the 1h record's MTP (#16): y_{t+1} from an extra
+            # Block (layer index n_layer: full window, no value projection) on W [h_t ; rms_norm(wte(y_t))]
+            self.mtp_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+            self.mtp_block = Block(config, config.n_layer)
+        elif config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
             self.mtp_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.reset_parameters()
 
@@ -1357,7 +1401,7 @@ class GPT(nn.Module):
         tricks' gates and lambdas take their initial values where they are made (scalar_parameter)."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
-        for block in self.blocks:
+        for block in [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc, block.mlp.c_gate,
                            block.attn.c_x0v):
                 if linear is not None:
@@ -1365,7 +1409,10 @@ class GPT(nn.Module):
                     nn.init.uniform_(linear.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
-        if self.mtp_weight > 0:
+        if self.mtp_block is not None:  # the 1h record's bound: sqrt(3) n_embd^-0.5, not the fan-in 2 n_embd
+            bound = 3**0.5 * self.config.n_embd**-0.5
+            nn.init.uniform_(self.mtp_proj.weight, -bound, bound)
+        elif self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
 
     def layer_order(self) -> list[int]:
@@ -1446,10 +1493,25 @@ class GPT(nn.Module):
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
-    def forward(self, idx: torch.Tensor, raw_logits: bool = False):
+    def mtp_block_logits(self, x: torch.Tensor, targets: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """The block MTP's logits for y_{t+1}, (B, T-1, vocab): the final features h_t and the next token's normed
+        embedding, concatenated, projected to n_embd and run through the MTP block (RoPE positions 0..T-2, causal),
+        then the shared final norm and lm_head (slowrun 1h train.py GPT.forward). Targets of -1 embed token 0."""
+        combined = self.mtp_proj(torch.cat([rms_norm(x)[:, :-1], rms_norm(self.wte(targets[:, :-1].clamp(min=0)))],
+                                           dim=-1))
+        time_steps = combined.size(1)
+        out = self.mtp_block(combined, self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps])
+        return self.logits(out, raw)
+
+    def forward(self, idx: torch.Tensor, raw_logits: bool = False, targets: torch.Tensor | None = None):
         """Token ids (B, T) -> float32 logits (B, T, vocab_size); in training with mtp_weight > 0, the pair
-        (logits, logits for token t+2). raw_logits: the lm_head's uncapped output instead, for the fused loss."""
+        (logits, logits for token t+2), or with mtp_style block and targets given, (logits, (B, T-1, vocab) logits
+        for y_{t+1}). raw_logits: the lm_head's uncapped output instead, for the fused loss."""
         x = self.residual_stream(idx)
+        if self.mtp_block is not None and self.training:
+            if targets is None:  # the block needs the next tokens: without them, the plain logits
+                return self.logits(x, raw_logits)
+            return self.logits(x, raw_logits), self.mtp_block_logits(x, targets, raw_logits)
         if self.mtp_weight > 0 and self.training:
             return self.logits(x, raw_logits), self.logits(x + self.mtp_proj(rms_norm(x)), raw_logits)
         return self.logits(x, raw_logits)
@@ -1674,11 +1736,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
     is_scalar = {name: p.ndim < 2 or getattr(p, "scalar_group", False) for name, p in named.items()}
-    muon_params = [p for name, p in named.items()
-                   if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
+    muon_params = [p for name, p in named.items() if name.split(".")[0] in ("blocks", "mtp_proj", "mtp_block")
+                   and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
-    scalar_params = [p for name, p in named.items() if is_scalar[name]]
-    assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params}
+    head_mix_params = head_mix_group(named, hp)
+    own_group = {id(p) for p in head_mix_params}
+    scalar_params = [p for name, p in named.items() if is_scalar[name] and id(p) not in own_group]
+    assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params + head_mix_params}
     missing = [name for name, p in named.items() if id(p) not in assigned]
     if missing:  # a new parameter must be given an optimizer on purpose, never silently left untrained
         raise ConfigError(f"parameters with no optimizer: {', '.join(missing)}")
@@ -1686,6 +1750,8 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
                    dict(params=head_params, lr=hp.head_lr, weight_decay=hp.adam_wd)]
     if scalar_params:
         adam_groups.append(dict(params=scalar_params, lr=hp.scalar_lr, weight_decay=0.0))
+    if head_mix_params:
+        adam_groups.append(dict(params=head_mix_params, lr=hp.head_mix_lr, weight_decay=0.0))
     adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
@@ -1704,6 +1770,12 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
             group["initial_lr"] = group["lr"]
             group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
+
+
+def head_mix_group(named: dict, hp: Hyperparameters) -> list[nn.Parameter]:
+    """With head_mix_lr > 0, the head-mixing matrices (trunk and MTP block) train in their own AdamW group at that
+    LR, WD 0: the 1h record's IHA group (lr 0.02, not multiplied by its 0.25 LR multiplier; train.py --iha-lr)."""
+    return [p for name, p in named.items() if hp.head_mix_lr > 0 and name.endswith("attn.head_mix")]
 
 
 def average_gradients(model: nn.Module, dist_info: Dist) -> None:
@@ -1908,28 +1980,41 @@ def teacher_rows(teachers: list[tuple[nn.Module, float]], features: list[torch.T
 
 
 def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
-                       distill=None, fused: tuple[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       distill=None, fused: tuple[str, float] | None = None,
+                       mtp_style: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss, summed objective to minimise). The objective is the next-token loss, or with a
     teacher `distill(logits)` (the distillation mix), plus mtp_weight times the summed loss of predicting token
     t+2 (targets shifted by one) when multi-token prediction is on. The logged train loss is always plain CE.
     fused = (backend, softcap) takes the fused loss path (Kernels) from the raw lm_head output; distill is then
     fused_loss_sums' teacher keywords (teacher_rows, alpha, temperature, chunk_rows) or None."""
+    block = mtp_style == "block" and mtp_weight > 0  # the MTP block reads the targets (next-token embeddings)
     if fused is not None:
         backend, softcap = fused
-        output = model(inputs, raw_logits=True)
+        output = model(inputs, raw_logits=True, **(dict(targets=targets) if block else {}))
         raw, mtp_raw = output if isinstance(output, tuple) else (output, None)
         objective, loss = fused_loss_sums(raw, targets, softcap, backend, **(distill or {}))
+        if block:
+            mtp_sum = fused_loss_sums(mtp_raw, targets[:, 1:], softcap, backend)[0]
+            return loss, objective + mtp_weight * block_mtp_scale(targets) * mtp_sum
         if mtp_raw is not None and mtp_weight > 0:  # token t+2: targets shifted by one, the last position has none
             later = F.pad(targets[:, 1:], (0, 1), value=-1)
             objective = objective + mtp_weight * fused_loss_sums(mtp_raw, later, softcap, backend)[0]
         return loss, objective
-    output = model(inputs)
+    output = model(inputs, **(dict(targets=targets) if block else {}))
     logits, mtp_logits = output if isinstance(output, tuple) else (output, None)
     loss = cross_entropy_sum(logits, targets)
     objective = distill(logits) if distill is not None else loss
+    if block:
+        return loss, objective + mtp_weight * block_mtp_scale(targets) * cross_entropy_sum(mtp_logits, targets[:, 1:])
     if mtp_logits is not None and mtp_weight > 0:
         objective = objective + mtp_weight * cross_entropy_sum(mtp_logits[:, :-1], targets[:, 1:])
     return loss, objective
+
+
+def block_mtp_scale(targets: torch.Tensor) -> torch.Tensor:
+    """The 1h record adds the MTP loss as a mean over its own valid targets (T - 1 per row) to the next-token mean:
+    our losses are sums over the micro-batch's next-token targets, so the MTP sum is scaled by their ratio."""
+    return (targets >= 0).sum() / (targets[:, 1:] >= 0).sum().clamp(min=1)
 
 
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
@@ -2463,7 +2548,7 @@ class MemberObjective:
                 distill = functools.partial(distillation_loss_sum, teachers=self.teachers, teacher_features=features,
                                             targets=targets, alpha=hp.distill_alpha,
                                             temperature=hp.distill_temperature, chunk=hp.distill_chunk)
-        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
+        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused, hp.mtp_style)
 
 
 class MemberProgress:
