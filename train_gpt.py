@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import difflib
 import ast
+import base64
 import bisect
 import functools
 import glob
@@ -779,6 +780,73 @@ class EvalData:
             rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
             rows = torch.from_numpy(rows)
             yield rows[:, :-1], rows[:, 1:]
+
+
+class PublicWindows(EvalData):
+    """The val windows the public slowrun records score (records/TRACKS.md F22): disjoint (seq_len + 1)-token windows
+    [k (T+1), (k+1) (T+1)), k the first `count` entries of numpy RandomState(seed).permutation(n // (T+1)) (their
+    DataLoader without document shuffling, prepare_data.py's val seed 42; 152 eval steps x 8 ranks x 4 = 4,864 of the
+    4,880 windows). Targets are the last T tokens of each window; split round-robin over ranks like EvalData."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str, count: int, seed: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        available = tokens.size // (seq_len + 1)
+        if not 1 <= count <= available:
+            raise DataError(f"{name}: val_public_windows {count:,} needs that many disjoint windows of seq_len + 1 = "
+                            f"{seq_len + 1} tokens; {tokens.size:,} tokens hold {available:,}")
+        self.window_ids = np.random.RandomState(seed).permutation(available)[:count]
+        self.num_windows, self.num_targets = count, count * seq_len
+
+    def batches(self, rank: int, world_size: int, batch_size: int):
+        mine = self.window_ids[rank::world_size]
+        for first in range(0, mine.size, batch_size):
+            rows = [self.tokens[k * (self.seq_len + 1):(k + 1) * (self.seq_len + 1)] for k in mine[first:first + batch_size]]
+            rows = torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def token_byte_counts(vocab_size: int) -> np.ndarray | None:
+    """Bytes of every GPT-2 token id (the bundled data/gpt2.tiktoken), 0 for <|endoftext|> (50256) and the padding
+    ids: the denominator of bits per byte as the public records count it (train.py token_bytes). None without it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")
+    if not os.path.isfile(path):
+        return None
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    with open(path, encoding="ascii") as handle:
+        for line in handle:
+            token, rank = line.split()
+            if int(rank) < vocab_size:
+                counts[int(rank)] = len(base64.b64decode(token))
+    return counts
+
+
+def public_val_status(hp: Hyperparameters) -> str:
+    """Whether this run's val tokens are the public records' (records/TRACKS.md F23), from data/fineweb.py's
+    manifest.json beside the val file: the val .bin must still hash as the manifest says, and the manifest's slowrun
+    export must have equalled slowrun's published fineweb_val.pt sha256."""
+    paths = sorted(glob.glob(hp.val_files))
+    manifest_path = os.path.join(os.path.dirname(paths[0]), "manifest.json") if len(paths) == 1 else ""
+    if not os.path.isfile(manifest_path):
+        return "val = public: unknown (no manifest.json of data/fineweb.py beside the val file)"
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        recorded = manifest["splits"]["val"]["sha256"]
+        export = manifest.get("export", {}).get("slowrun", {}).get("val")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"val = public: unknown ({manifest_path} unreadable: {type(exc).__name__})"
+    digest = hashlib.sha256()
+    with open(paths[0], "rb") as handle:
+        handle.seek(SHARD_HEADER_BYTES)
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        return f"val = public: no ({paths[0]} no longer hashes as {manifest_path} records)"
+    if not isinstance(export, dict) or "matches_published" not in export:
+        return "val = public: unknown (run python data/fineweb.py --export slowrun to compare with the public hash)"
+    if export["matches_published"]:
+        return "val = public: yes (the slowrun export equals the published fineweb_val.pt sha256 6868ed37...8573b1)"
+    return "val = public: NO (the slowrun export differs from the published fineweb_val.pt sha256 6868ed37...8573b1)"
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -1928,6 +1996,58 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
 
 
 @torch.no_grad()
+def evaluate_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                        batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
+    """(loss, bits per byte) of the probability-averaged models, as the public records score both (train.py
+    evaluate_bpb, evaluate_bpb_logit_avg): loss = mean nats over the valid targets; bpb = the nats of the targets
+    that have bytes / (ln 2 x their bytes), <|endoftext|> counting 0 bytes (nan without token_bytes)."""
+    states = [model.training for model in models]
+    for model in models:
+        model.eval()
+    byte_table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64),
+                                 device=dist_info.device)
+    totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # nats, targets, nats with bytes, bytes
+    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
+        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
+        with autocast_context(dist_info.device):
+            log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, "prob")
+        valid, picked = targets >= 0, targets.clamp(min=0)
+        nats = -log_probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1).double() * valid
+        counted = byte_table[picked] * valid if token_bytes is not None else torch.zeros_like(picked)
+        totals += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(totals)
+    for model, state in zip(models, states):
+        model.train(state)
+    bpb = (totals[2] / (math.log(2) * totals[3])).item() if token_bytes is not None else float("nan")
+    return (totals[0] / totals[1]).item(), bpb
+
+
+def snapshot_mixtures(hp: Hyperparameters, count: int) -> dict[str, list[float]]:
+    """The epoch snapshots' mixture weights by epoch_snapshot_weights, candidates oldest first: equal 1/n and recency
+    i / sum(1..n) (the 1h record's "equal" and "weighted" logit-avg modes; "both" scores both)."""
+    mixtures = dict(equal=[1.0 / count] * count, recency=[i / (count * (count + 1) / 2) for i in range(1, count + 1)])
+    return mixtures if hp.epoch_snapshot_weights == "both" else {hp.epoch_snapshot_weights: mixtures[hp.epoch_snapshot_weights]}
+
+
+def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", epoch_rows: list[dict],
+                       averages: dict[str, tuple[list, list[float]]]) -> dict:
+    """The figure the public leaderboard reports ("Min val Loss", 1h train.py): the epoch-end evaluation with the
+    lowest bits per byte (its loss), replaced by an average (probability averaging of checkpoints or the ensemble)
+    scored on the same windows whenever that average's loss is lower."""
+    rows = [dict(row, label=f"epoch end, step {row['step']}") for row in epoch_rows]
+    best = min(rows, key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"],
+               default=None)
+    for label, (models, weights) in averages.items():
+        loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                        data.token_bytes)
+        rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
+        if best is None or loss < best["val_loss"]:
+            best = rows[-1]
+    return dict(val_loss_public=best["val_loss"], val_bpb_public=best["val_bpb"], chosen=best["label"],
+                evaluations=rows, windows=data.public_data.num_windows)
+
+
+@torch.no_grad()
 def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dist, batch_size: int) -> torch.Tensor:
     """(candidates, targets) float64: each candidate's probability of every correct next token of the set. The
     candidates are spread over the ranks (rank r scores r, r + world, ...) and the rows summed over ranks."""
@@ -2318,6 +2438,8 @@ class RunData:
     val_data: EvalData
     test_data: EvalData | None
     fitness_data: EvalData | None = None  # carved from the front of train for member selection, never trained on
+    public_data: EvalData | None = None  # val_public_windows: the public records' val windows (PublicWindows)
+    token_bytes: np.ndarray | None = None  # bytes per token id, for bits per byte on public_data
 
 
 def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -2747,6 +2869,41 @@ class Snapshots:
                 self.taken.append((snapshot.requires_grad_(False), info["outcome"]["val_loss"]))
 
 
+class PublicEvaluation:
+    """val_public_windows: at every epoch end (and the last step) the model is also scored on the public records' val
+    windows, loss and bits per byte, logged beside val_loss; the rows give the public figure (public_figure_rows)."""
+    key = "public_evals"
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, schedule: MemberSchedule,
+                 progress: MemberProgress, tag: str):
+        self.hp, self.dist_info, self.data, self.log, self.tag = hp, dist_info, data, log, tag
+        self.schedule, self.progress, self.rows = schedule, progress, []
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule = self.schedule
+        if self.data.public_data is None or not (schedule.epoch_end(done) or done == schedule.total_steps):
+            return
+        with self.progress.paused():
+            attention, model.attention = model.attention, "sdpa"  # eager: SDPA's dense mask beats eager Flex
+            try:
+                loss, bpb = evaluate_with_bytes([model], [1.0], self.data.public_data, self.dist_info,
+                                                self.hp.val_batch_size, self.data.token_bytes)
+            finally:
+                model.attention = attention
+        epoch = round(schedule.train_data.epoch_position(done), 4)
+        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb))
+        self.log.write(f"{self.tag}val_public step {done}/{schedule.total_steps} | epoch {epoch:.2f} | "
+                       f"val_loss_public {loss:.4f} | val_bpb_public {bpb:.4f} | "
+                       f"{self.data.public_data.num_windows} public windows")
+        self.log.metrics(dict(kind="val_public", step=done, epoch=epoch, val_loss_public=loss, val_bpb_public=bpb))
+
+    def state(self):
+        return self.rows
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        self.rows = list(saved.get(self.key) or [])
+
+
 class MemberCheckpoint:
     """A member's checkpoint and resume: one file per rank (Muon's momentum is sharded over ranks) holding the weights,
     the optimizer states, the progress, the weight averages and the RNG states, written atomically."""
@@ -2830,7 +2987,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     objective = MemberObjective(hp, device, teachers)
     progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
-    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
+    public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
@@ -2881,7 +3039,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
                 val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
                 steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
-                agree=ranks_agree(raw_model, dist_info))
+                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows)
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
@@ -3042,6 +3200,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     device = dist_info.device
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
+    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
+        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
+                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
+        data.token_bytes = token_byte_counts(hp.vocab_size)
 
     run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
     folder = os.path.join(hp.log_dir, run_id)
@@ -3071,6 +3233,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     ])
     for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
         log.write(f"memory | {line}")
+    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
 
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
@@ -3146,6 +3309,20 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     else:
         val_loss = member_results[0]["val_loss"]
     final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
+    averages = {}  # label -> (models, weights): the averages the public figure may take
+    if hp.epoch_snapshot_weights != "equal" and len(candidates) > 1:  # 1h record: both weightings scored
+        losses = {}
+        for label, mix in snapshot_mixtures(hp, len(candidates)).items():
+            averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
+            losses[label] = evaluate_ensemble(candidates, mix, "prob", data.val_data, dist_info, hp.val_batch_size)
+        log.write(f"epoch snapshots | {len(candidates)} candidates | " +
+                  " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
+        log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
+                                                                                for k, v in losses.items()}))
+        if hp.epoch_snapshot_weights == "recency":
+            final_weights, val_loss = snapshot_mixtures(hp, len(candidates))["recency"], losses["recency"]
+    elif len(candidates) > 1:
+        averages["ensemble"] = (final_members, final_weights)
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
         probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
@@ -3185,6 +3362,15 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         candidate_val_losses=candidate_losses,
         selection=selection,
     )
+    if data.public_data is not None:
+        if data.fitness_data is not None:
+            averages = {"selected ensemble": (final_members, final_weights)}
+        epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
+        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages)
+        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
+                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
+                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
+                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
     log.save_json("result.json", result)
     log.write(f"done | val_loss {val_loss:.4f} | tokens trained on {format_count(tokens_seen)} | "
               f"wall {format_duration(result['wall_seconds'])} | ranks agree: {'yes' if agree else 'NO'} | {folder}")
