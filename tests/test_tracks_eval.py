@@ -227,7 +227,8 @@ def mtp_term_float64(model, h, targets, cap):
     return (torch.logsumexp(z, -1) - z.gather(-1, y_next.clamp(min=0)[:, None]).squeeze(-1))[valid].mean().item()
 
 
-def test_block_mtp_term_matches_float64_reference():
+@pytest.mark.parametrize("fused", [None, ("chunked", 10.0)])
+def test_block_mtp_term_matches_float64_reference(fused):
     hp = micro_hp(mtp_weight=0.3, mtp_style="block")
     torch.manual_seed(0)
     model = train_gpt.GPT(hp)
@@ -243,7 +244,7 @@ def test_block_mtp_term_matches_float64_reference():
     targets = torch.randint(0, 16, (2, 6), generator=torch.Generator().manual_seed(2))
     targets[1, 4:] = -1  # padding: embedded as token 0, not scored
     model.train()
-    loss, objective = train_gpt.training_loss_sums(model, inputs, targets, 0.3, mtp_style="block")
+    loss, objective = train_gpt.training_loss_sums(model, inputs, targets, 0.3, fused=fused, mtp_style="block")
     with torch.no_grad():
         h = model.residual_stream(inputs).double()
     n_lm = (targets >= 0).sum().item()
