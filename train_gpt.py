@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import difflib
 import ast
+import base64
 import bisect
 import functools
 import glob
@@ -100,6 +101,8 @@ class Hyperparameters:
     train_vocab: int = 0  # softmax over the first N logits in training (0 = all vocab_size): the records pad the vocabulary
     eval_vocab: int = 0  # to 50,304 rows but score only the 50,257 real tokens (0 = all vocab_size), in evaluation
     loop_start_epoch: int = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
+    stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
+    mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -119,6 +122,7 @@ class Hyperparameters:
     adam_beta2: float = 0.95  # AdamW beta2
     adam_eps: float = 1e-10  # AdamW epsilon
     adam_wd: float = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    head_mix_lr: float = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
     # --- optimizer variants (each off by default) -----------------------------------------------------------------
     muon_polar_express: bool = False  # Polar Express per-iteration coefficients instead of the fixed quintic (Amsel et al. 2025; slowrun)
     muon_eq_r: bool = False  # MuonEq-R: scale each row of the momentum to unit norm before orthogonalising (MuonEq, 2025)
@@ -161,6 +165,13 @@ class Hyperparameters:
     # weights join a uniform average that replaces the weights at the end (Izmailov et al. 2018; slowrun records). 0 = off
     epoch_snapshots: int = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
     # candidates: probability averaging of the last epochs' checkpoints (slowrun unlimited records). 0 = off
+    epoch_snapshot_weights: str = "equal"  # the epoch snapshots' mixture: equal (1/n) | recency (i / sum i, oldest
+    # first) | both (equal is val_loss, recency is scored and reported beside it; slowrun 1h record #12, --logit-avg-mode)
+    # --- evaluation as the public records score it (records/TRACKS.md F22) -----------------------------------------
+    val_public_windows: int = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
+    # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
+    # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
+    val_window_seed: int = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -241,9 +252,7 @@ PRESETS: dict[str, dict] = {
     # Each track's preset is its public record, setting by setting (records/TRACKS.md has the table: setting | public
     # script:line | our flag | same?). "1h": the 1-hour track's record, 3.195 (qlabs-eng/slowrun train.py at fd342f0,
     # 30 x 1792, 14 heads, SwiGLU 4864). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
-    # Not yet in it (their flags come with the evaluation/MTP work of issue 15): probability averaging of the last 3
-    # epochs' checkpoints, the MTP block, batch stochastic depth, the IHA learning rate (0.02; here scalar_lr), the
-    # public evaluation windows. Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics),
+    # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics),
     # fp32 master weights of wte/lm_head, our RNG streams (document order, dropout masks).
     "1h": dict(
         train_files="data/fineweb/fineweb_train.bin",
@@ -268,6 +277,11 @@ PRESETS: dict[str, dict] = {
         # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
         warmdown_frac=0.2, warmdown_shape=0.5, lr_epoch_cosine=3, lr_epoch_cosine_floor=0.05,
         wd_schedule="slowrun", wd_hold_frac=0.4, wd_low=0.65, wd_high=1.5,
+        # the rest of the model and the evaluation: stochastic depth drawn once per block call (0.05 l/29), the MTP
+        # block (weight 0.3), IHA at lr 0.02, the last 3 epochs' checkpoints probability-averaged (both weightings
+        # reported), and the record's 4,864 val windows scored beside our full val
+        stochastic_depth=0.05, stochastic_depth_style="batch", mtp_weight=0.3, mtp_style="block", head_mix_lr=0.02,
+        epoch_snapshots=3, epoch_snapshot_weights="both", val_public_windows=4864,
     ),
 }
 
@@ -410,6 +424,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(not (hp.fitness_tokens and hp.ensemble_mode == "logit"),
             "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
+    check_tracks_eval(hp)
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
     require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
@@ -475,6 +490,21 @@ def check_record_settings(hp: Hyperparameters) -> None:
     require(hp.loop_start_epoch >= 0, f"loop_start_epoch must be >= 0, got {hp.loop_start_epoch}")
     require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
             "looping starts: set one")
+
+
+def check_tracks_eval(hp: Hyperparameters) -> None:
+    """The flags of the 1h record's evaluation and MTP block (records/TRACKS.md F9, F12, F13, F22)."""
+    checks = [(hp.stochastic_depth_style in ("sequence", "batch"),
+               f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}"),
+              (hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}"),
+              (hp.epoch_snapshot_weights in ("equal", "recency", "both"),
+               f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}"),
+              (hp.epoch_snapshot_weights == "equal" or (hp.epoch_snapshots and hp.ensemble_size == 1),
+               "epoch_snapshot_weights weighs one model's epoch snapshots: set epoch_snapshots and ensemble_size 1"),
+              (hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -902,6 +932,73 @@ class EvalData:
             rows = np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int64)
             rows = torch.from_numpy(rows)
             yield rows[:, :-1], rows[:, 1:]
+
+
+class PublicWindows(EvalData):
+    """The val windows the public slowrun records score (records/TRACKS.md F22): disjoint (seq_len + 1)-token windows
+    [k (T+1), (k+1) (T+1)), k the first `count` entries of numpy RandomState(seed).permutation(n // (T+1)) (their
+    DataLoader without document shuffling, prepare_data.py's val seed 42; 152 eval steps x 8 ranks x 4 = 4,864 of the
+    4,880 windows). Targets are the last T tokens of each window; split round-robin over ranks like EvalData."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, name: str, count: int, seed: int):
+        self.tokens, self.seq_len = tokens, seq_len
+        available = tokens.size // (seq_len + 1)
+        if not 1 <= count <= available:
+            raise DataError(f"{name}: val_public_windows {count:,} needs that many disjoint windows of seq_len + 1 = "
+                            f"{seq_len + 1} tokens; {tokens.size:,} tokens hold {available:,}")
+        self.window_ids = np.random.RandomState(seed).permutation(available)[:count]
+        self.num_windows, self.num_targets = count, count * seq_len
+
+    def batches(self, rank: int, world_size: int, batch_size: int):
+        mine = self.window_ids[rank::world_size]
+        for first in range(0, mine.size, batch_size):
+            rows = [self.tokens[k * (self.seq_len + 1):(k + 1) * (self.seq_len + 1)] for k in mine[first:first + batch_size]]
+            rows = torch.from_numpy(np.stack(rows).astype(np.int64))
+            yield rows[:, :-1], rows[:, 1:]
+
+
+def token_byte_counts(vocab_size: int) -> np.ndarray | None:
+    """Bytes of every GPT-2 token id (the bundled data/gpt2.tiktoken), 0 for <|endoftext|> (50256) and the padding
+    ids: the denominator of bits per byte as the public records count it (train.py token_bytes). None without it."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")
+    if not os.path.isfile(path):
+        return None
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    with open(path, encoding="ascii") as handle:
+        for line in handle:
+            token, rank = line.split()
+            if int(rank) < vocab_size:
+                counts[int(rank)] = len(base64.b64decode(token))
+    return counts
+
+
+def public_val_status(hp: Hyperparameters) -> str:
+    """Whether this run's val tokens are the public records' (records/TRACKS.md F23), from data/fineweb.py's
+    manifest.json beside the val file: the val .bin must still hash as the manifest says, and the manifest's slowrun
+    export must have equalled slowrun's published fineweb_val.pt sha256."""
+    paths = sorted(glob.glob(hp.val_files))
+    manifest_path = os.path.join(os.path.dirname(paths[0]), "manifest.json") if len(paths) == 1 else ""
+    if not os.path.isfile(manifest_path):
+        return "val = public: unknown (no manifest.json of data/fineweb.py beside the val file)"
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        recorded = manifest["splits"]["val"]["sha256"]
+        export = manifest.get("export", {}).get("slowrun", {}).get("val")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"val = public: unknown ({manifest_path} unreadable: {type(exc).__name__})"
+    digest = hashlib.sha256()
+    with open(paths[0], "rb") as handle:
+        handle.seek(SHARD_HEADER_BYTES)
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        return f"val = public: no ({paths[0]} no longer hashes as {manifest_path} records)"
+    if not isinstance(export, dict) or "matches_published" not in export:
+        return "val = public: unknown (run python data/fineweb.py --export slowrun to compare with the public hash)"
+    if export["matches_published"]:
+        return "val = public: yes (the slowrun export equals the published fineweb_val.pt sha256 6868ed37...8573b1)"
+    return "val = public: NO (the slowrun export differs from the published fineweb_val.pt sha256 6868ed37...8573b1)"
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -1334,6 +1431,9 @@ class GPTConfig:
     out_gate_channels: int = 32
     train_vocab: int = 0
     eval_vocab: int = 0
+    # --- added after member files were first written: defaults keep those files loading ---
+    stochastic_depth_style: str = "sequence"
+    mtp_style: str = "linear"
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1469,9 +1569,20 @@ class Block(nn.Module):
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
         self.drop_prob = config.stochastic_depth * (layer + 1) / config.n_layer
+        self.drop_whole_batch = config.stochastic_depth_style == "batch"
+        if self.drop_whole_batch:  # slowrun 1h: p l / (L - 1), layer 0 never dropped, the MTP block (l = L) above p
+            self.drop_prob = config.stochastic_depth * layer / max(config.n_layer - 1, 1)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.drop_whole_batch and self.drop_prob > 0 and self.training:
+            # one draw for the whole micro-batch, no 1/(1-p) rescale: x_in + keep (block(x_in) - x_in), as the 1h
+            # record computes it (a blend, not a branch, so torch.compile sees one graph)
+            keep = (torch.rand((), device=x.device) >= self.drop_prob).to(x.dtype)
+            x_in = x
+            x = x + self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
+            x = x + self.dropout(self.mlp(rms_norm(x)))
+            return x_in + keep * (x - x_in)
         if self.drop_prob > 0 and self.training:  # keep the whole block for a sequence or drop it; rescale kept ones
             keep = (torch.rand(x.size(0), 1, 1, device=x.device) >= self.drop_prob).to(x.dtype) / (1 - self.drop_prob)
             x = x + keep * self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
@@ -1561,8 +1672,12 @@ class GPT(nn.Module):
             self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
         if config.unet_skips:
             self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
-        self.mtp_weight = config.mtp_weight
-        if config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
+        self.mtp_weight, self.mtp_block = config.mtp_weight, None
+        if config.mtp_weight > 0 and config.mtp_style == "block":  # the 1h record's MTP (#16): y_{t+1} from an extra
+            # Block (layer index n_layer: full window, no value projection) on W [h_t ; rms_norm(wte(y_t))]
+            self.mtp_proj = nn.Linear(2 * config.n_embd, config.n_embd, bias=False)
+            self.mtp_block = Block(config, config.n_layer)
+        elif config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
             self.mtp_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
         self.reset_parameters()
 
@@ -1573,7 +1688,7 @@ class GPT(nn.Module):
         tricks' gates and lambdas take their initial values where they are made (scalar_parameter)."""
         nn.init.normal_(self.wte.weight, std=1.0)
         nn.init.normal_(self.lm_head.weight, std=0.001)
-        for block in self.blocks:
+        for block in [*self.blocks, *([self.mtp_block] if self.mtp_block is not None else [])]:
             for linear in (block.attn.c_q, block.attn.c_k, block.attn.c_v, block.mlp.c_fc, block.mlp.c_gate,
                            block.attn.c_x0v):
                 if linear is not None:
@@ -1585,7 +1700,10 @@ class GPT(nn.Module):
             else:
                 nn.init.zeros_(block.attn.c_proj.weight)
                 nn.init.zeros_(block.mlp.c_proj.weight)
-        if self.mtp_weight > 0:
+        if self.mtp_block is not None:  # the 1h record's bound: sqrt(3) n_embd^-0.5, not the fan-in 2 n_embd
+            bound = 3**0.5 * self.config.n_embd**-0.5
+            nn.init.uniform_(self.mtp_proj.weight, -bound, bound)
+        elif self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
 
     def layer_order(self) -> list[int]:
@@ -1671,10 +1789,25 @@ class GPT(nn.Module):
             logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
         return logits
 
-    def forward(self, idx: torch.Tensor, raw_logits: bool = False):
+    def mtp_block_logits(self, x: torch.Tensor, targets: torch.Tensor, raw: bool = False) -> torch.Tensor:
+        """The block MTP's logits for y_{t+1}, (B, T-1, vocab): the final features h_t and the next token's normed
+        embedding, concatenated, projected to n_embd and run through the MTP block (RoPE positions 0..T-2, causal),
+        then the shared final norm and lm_head (slowrun 1h train.py GPT.forward). Targets of -1 embed token 0."""
+        combined = self.mtp_proj(torch.cat([rms_norm(x)[:, :-1], rms_norm(self.wte(targets[:, :-1].clamp(min=0)))],
+                                           dim=-1))
+        time_steps = combined.size(1)
+        out = self.mtp_block(combined, self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps])
+        return self.logits(out, raw)
+
+    def forward(self, idx: torch.Tensor, raw_logits: bool = False, targets: torch.Tensor | None = None):
         """Token ids (B, T) -> float32 logits (B, T, vocab_size); in training with mtp_weight > 0, the pair
-        (logits, logits for token t+2). raw_logits: the lm_head's uncapped output instead, for the fused loss."""
+        (logits, logits for token t+2), or with mtp_style block and targets given, (logits, (B, T-1, vocab) logits
+        for y_{t+1}). raw_logits: the lm_head's uncapped output instead, for the fused loss."""
         x = self.residual_stream(idx)
+        if self.mtp_block is not None and self.training:
+            if targets is None:  # the block needs the next tokens: without them, the plain logits
+                return self.logits(x, raw_logits)
+            return self.logits(x, raw_logits), self.mtp_block_logits(x, targets, raw_logits)
         if self.mtp_weight > 0 and self.training:
             return self.logits(x, raw_logits), self.logits(x + self.mtp_proj(rms_norm(x)), raw_logits)
         return self.logits(x, raw_logits)
@@ -1934,17 +2067,22 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     named = dict(model.named_parameters())
     is_scalar = {name: (p.ndim < 2 or getattr(p, "scalar_group", False))
                  and not (hp.gates_muon and scalar_role(name) == "gate") for name, p in named.items()}
-    muon_params = [p for name, p in named.items()
-                   if (name.startswith("blocks.") or name.startswith("mtp_proj.")) and p.ndim == 2 and not is_scalar[name]]
+    muon_params = [p for name, p in named.items() if name.split(".")[0] in ("blocks", "mtp_proj", "mtp_block")
+                   and p.ndim == 2 and not is_scalar[name]]
     embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
-    scalar_params = [p for name, p in named.items() if is_scalar[name]]
-    assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params}
+    head_mix_params = head_mix_group(named, hp)
+    own_group = {id(p) for p in head_mix_params}
+    scalar_params = [p for name, p in named.items() if is_scalar[name] and id(p) not in own_group]
+    assigned = {id(p) for p in muon_params + embed_params + head_params + scalar_params + head_mix_params}
     missing = [name for name, p in named.items() if id(p) not in assigned]
     if missing:  # a new parameter must be given an optimizer on purpose, never silently left untrained
         raise ConfigError(f"parameters with no optimizer: {', '.join(missing)}")
     adam_groups = [dict(params=embed_params, lr=hp.embed_lr, weight_decay=hp.adam_wd),
                    dict(params=head_params, lr=hp.head_lr, weight_decay=hp.adam_wd)]
-    adam_groups += scalar_adam_groups({name: p for name, p in named.items() if is_scalar[name]}, hp)
+    adam_groups += scalar_adam_groups({name: p for name, p in named.items()
+                                       if is_scalar[name] and id(p) not in own_group}, hp)
+    if head_mix_params:
+        adam_groups.append(dict(params=head_mix_params, lr=hp.head_mix_lr, weight_decay=0.0))
     adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
     muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
                 ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
@@ -1963,6 +2101,12 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
             group["initial_lr"] = group["lr"]
             group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
+
+
+def head_mix_group(named: dict, hp: Hyperparameters) -> list[nn.Parameter]:
+    """With head_mix_lr > 0, the head-mixing matrices (trunk and MTP block) train in their own AdamW group at that
+    LR, WD 0: the 1h record's IHA group (lr 0.02, not multiplied by its 0.25 LR multiplier; train.py --iha-lr)."""
+    return [p for name, p in named.items() if hp.head_mix_lr > 0 and name.endswith("attn.head_mix")]
 
 
 def average_gradients(model: nn.Module, dist_info: Dist) -> None:
@@ -2262,6 +2406,58 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
 
 
 @torch.no_grad()
+def evaluate_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                        batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
+    """(loss, bits per byte) of the probability-averaged models, as the public records score both (train.py
+    evaluate_bpb, evaluate_bpb_logit_avg): loss = mean nats over the valid targets; bpb = the nats of the targets
+    that have bytes / (ln 2 x their bytes), <|endoftext|> counting 0 bytes (nan without token_bytes)."""
+    states = [model.training for model in models]
+    for model in models:
+        model.eval()
+    byte_table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64),
+                                 device=dist_info.device)
+    totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # nats, targets, nats with bytes, bytes
+    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
+        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
+        with autocast_context(dist_info.device):
+            log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, "prob")
+        valid, picked = targets >= 0, targets.clamp(min=0)
+        nats = -log_probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1).double() * valid
+        counted = byte_table[picked] * valid if token_bytes is not None else torch.zeros_like(picked)
+        totals += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(totals)
+    for model, state in zip(models, states):
+        model.train(state)
+    bpb = (totals[2] / (math.log(2) * totals[3])).item() if token_bytes is not None else float("nan")
+    return (totals[0] / totals[1]).item(), bpb
+
+
+def snapshot_mixtures(hp: Hyperparameters, count: int) -> dict[str, list[float]]:
+    """The epoch snapshots' mixture weights by epoch_snapshot_weights, candidates oldest first: equal 1/n and recency
+    i / sum(1..n) (the 1h record's "equal" and "weighted" logit-avg modes; "both" scores both)."""
+    mixtures = dict(equal=[1.0 / count] * count, recency=[i / (count * (count + 1) / 2) for i in range(1, count + 1)])
+    return mixtures if hp.epoch_snapshot_weights == "both" else {hp.epoch_snapshot_weights: mixtures[hp.epoch_snapshot_weights]}
+
+
+def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", epoch_rows: list[dict],
+                       averages: dict[str, tuple[list, list[float]]]) -> dict:
+    """The figure the public leaderboard reports ("Min val Loss", 1h train.py): the epoch-end evaluation with the
+    lowest bits per byte (its loss), replaced by an average (probability averaging of checkpoints or the ensemble)
+    scored on the same windows whenever that average's loss is lower."""
+    rows = [dict(row, label=f"epoch end, step {row['step']}") for row in epoch_rows]
+    best = min(rows, key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"],
+               default=None)
+    for label, (models, weights) in averages.items():
+        loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                        data.token_bytes)
+        rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
+        if best is None or loss < best["val_loss"]:
+            best = rows[-1]
+    return dict(val_loss_public=best["val_loss"], val_bpb_public=best["val_bpb"], chosen=best["label"],
+                evaluations=rows, windows=data.public_data.num_windows)
+
+
+@torch.no_grad()
 def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dist, batch_size: int) -> torch.Tensor:
     """(candidates, targets) float64: each candidate's probability of every correct next token of the set. The
     candidates are spread over the ranks (rank r scores r, r + world, ...) and the rows summed over ranks."""
@@ -2316,28 +2512,41 @@ def teacher_rows(teachers: list[tuple[nn.Module, float]], features: list[torch.T
 
 
 def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, mtp_weight: float,
-                       distill=None, fused: tuple[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                       distill=None, fused: tuple[str, float] | None = None,
+                       mtp_style: str = "linear") -> tuple[torch.Tensor, torch.Tensor]:
     """(summed next-token loss, summed objective to minimise). The objective is the next-token loss, or with a
     teacher `distill(logits)` (the distillation mix), plus mtp_weight times the summed loss of predicting token
     t+2 (targets shifted by one) when multi-token prediction is on. The logged train loss is always plain CE.
     fused = (backend, softcap) takes the fused loss path (Kernels) from the raw lm_head output; distill is then
     fused_loss_sums' teacher keywords (teacher_rows, alpha, temperature, chunk_rows) or None."""
+    block = mtp_style == "block" and mtp_weight > 0  # the MTP block reads the targets (next-token embeddings)
     if fused is not None:
         backend, softcap = fused
-        output = model(inputs, raw_logits=True)
+        output = model(inputs, raw_logits=True, **(dict(targets=targets) if block else {}))
         raw, mtp_raw = output if isinstance(output, tuple) else (output, None)
         objective, loss = fused_loss_sums(raw, targets, softcap, backend, **(distill or {}))
+        if block:
+            mtp_sum = fused_loss_sums(mtp_raw, targets[:, 1:], softcap, backend)[0]
+            return loss, objective + mtp_weight * block_mtp_scale(targets) * mtp_sum
         if mtp_raw is not None and mtp_weight > 0:  # token t+2: targets shifted by one, the last position has none
             later = F.pad(targets[:, 1:], (0, 1), value=-1)
             objective = objective + mtp_weight * fused_loss_sums(mtp_raw, later, softcap, backend)[0]
         return loss, objective
-    output = model(inputs)
+    output = model(inputs, **(dict(targets=targets) if block else {}))
     logits, mtp_logits = output if isinstance(output, tuple) else (output, None)
     loss = cross_entropy_sum(logits, targets)
     objective = distill(logits) if distill is not None else loss
+    if block:
+        return loss, objective + mtp_weight * block_mtp_scale(targets) * cross_entropy_sum(mtp_logits, targets[:, 1:])
     if mtp_logits is not None and mtp_weight > 0:
         objective = objective + mtp_weight * cross_entropy_sum(mtp_logits[:, :-1], targets[:, 1:])
     return loss, objective
+
+
+def block_mtp_scale(targets: torch.Tensor) -> torch.Tensor:
+    """The 1h record adds the MTP loss as a mean over its own valid targets (T - 1 per row) to the next-token mean:
+    our losses are sums over the micro-batch's next-token targets, so the MTP sum is scaled by their ratio."""
+    return (targets >= 0).sum() / (targets[:, 1:] >= 0).sum().clamp(min=1)
 
 
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
@@ -2913,6 +3122,8 @@ class RunData:
     val_data: EvalData
     test_data: EvalData | None
     fitness_data: EvalData | None = None  # carved from the front of train for member selection, never trained on
+    public_data: EvalData | None = None  # val_public_windows: the public records' val windows (PublicWindows)
+    token_bytes: np.ndarray | None = None  # bytes per token id, for bits per byte on public_data
 
 
 def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -3220,7 +3431,7 @@ class MemberObjective:
                 distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
                                             targets=targets, alpha=hp.distill_alpha,
                                             temperature=hp.distill_temperature, chunk=hp.distill_chunk)
-        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused)
+        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused, hp.mtp_style)
 
 
 class RunWork:
@@ -3538,6 +3749,41 @@ def carry_wall_seconds(earlier: float) -> None:
     RUN_CLOCK["before"] = max(RUN_CLOCK["before"], float(earlier or 0.0))
 
 
+class PublicEvaluation:
+    """val_public_windows: at every epoch end (and the last step) the model is also scored on the public records' val
+    windows, loss and bits per byte, logged beside val_loss; the rows give the public figure (public_figure_rows)."""
+    key = "public_evals"
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, schedule: MemberSchedule,
+                 progress: MemberProgress, tag: str):
+        self.hp, self.dist_info, self.data, self.log, self.tag = hp, dist_info, data, log, tag
+        self.schedule, self.progress, self.rows = schedule, progress, []
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule = self.schedule
+        if self.data.public_data is None or not (schedule.epoch_end(done) or done == schedule.total_steps):
+            return
+        with self.progress.paused():
+            attention, model.attention = model.attention, "sdpa"  # eager: SDPA's dense mask beats eager Flex
+            try:
+                loss, bpb = evaluate_with_bytes([model], [1.0], self.data.public_data, self.dist_info,
+                                                self.hp.val_batch_size, self.data.token_bytes)
+            finally:
+                model.attention = attention
+        epoch = round(schedule.train_data.epoch_position(done), 4)
+        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb))
+        self.log.write(f"{self.tag}val_public step {done}/{schedule.total_steps} | epoch {epoch:.2f} | "
+                       f"val_loss_public {loss:.4f} | val_bpb_public {bpb:.4f} | "
+                       f"{self.data.public_data.num_windows} public windows")
+        self.log.metrics(dict(kind="val_public", step=done, epoch=epoch, val_loss_public=loss, val_bpb_public=bpb))
+
+    def state(self):
+        return self.rows
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        self.rows = list(saved.get(self.key) or [])
+
+
 class MemberCheckpoint:
     """A member's checkpoint and resume, sharded (checkpoint_files): rank 0 writes the replicated state once, each rank
     its own shard; every file written atomically after a free-space check, the bytes logged. The last step is saved
@@ -3682,7 +3928,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     work = work or RunWork(hp, dist_info, dist_info, data, schedule)  # train() passes the whole run's
     progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
-    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots]
+    public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
@@ -3744,7 +3991,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
                 val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
                 steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
-                agree=ranks_agree(raw_model, dist_info))
+                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows)
 
 
 def end_cut_line(path: str) -> None:
@@ -3972,6 +4219,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     device = dist_info.device
     wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
+    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
+        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
+                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
+        data.token_bytes = token_byte_counts(hp.vocab_size)
 
     run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
     folder = os.path.join(hp.log_dir, run_id)
@@ -4008,6 +4259,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         log.write(f"memory | {line}")
     for warning in data_size_warnings(hp, data.train_tokens.size):
         log.write(warning)
+    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
 
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
     keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
@@ -4090,6 +4342,20 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     else:
         val_loss = member_results[0]["val_loss"]
     final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
+    averages = {}  # label -> (models, weights): the averages the public figure may take
+    if hp.epoch_snapshot_weights != "equal" and len(candidates) > 1:  # 1h record: both weightings scored
+        losses = {}
+        for label, mix in snapshot_mixtures(hp, len(candidates)).items():
+            averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
+            losses[label] = evaluate_ensemble(candidates, mix, "prob", data.val_data, dist_info, hp.val_batch_size)
+        log.write(f"epoch snapshots | {len(candidates)} candidates | " +
+                  " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
+        log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
+                                                                                for k, v in losses.items()}))
+        if hp.epoch_snapshot_weights == "recency":
+            final_weights, val_loss = snapshot_mixtures(hp, len(candidates))["recency"], losses["recency"]
+    elif len(candidates) > 1:
+        averages["ensemble"] = (final_members, final_weights)
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
         probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
@@ -4131,6 +4397,15 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         candidate_val_losses=candidate_losses,
         selection=selection, **bpb,
     )
+    if data.public_data is not None:
+        if data.fitness_data is not None:
+            averages = {"selected ensemble": (final_members, final_weights)}
+        epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
+        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages)
+        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
+                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
+                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
+                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
     if hp.sample_tokens and dist_info.is_main:  # after the final evaluation; no collectives, so rank 0 alone
         result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
                                                  device)

@@ -58,14 +58,14 @@ def test_memory_plan_counts_exactly_what_one_step_allocates():
 
 
 def test_memory_plan_full_scale_figures_and_refusals():
-    """At the slowrun (= 1h) preset's shape: its parameter count (1,398,305,571: the 1h record's 1,443,722,775 less
-    its MTP block); the plain run fits 8 x 79 GiB; so does the README's 8-member ensemble (frozen members wait on the
+    """At the slowrun (= 1h) preset's shape: its parameter count (the 1h record's 1,443,722,775, MTP block
+    included); the plain run fits 8 x 79 GiB; so does the README's 8-member ensemble (frozen members wait on the
     host); 24 candidates mixed by logits all at once do not and are refused naming --ensemble_size; a 30 GiB card is
     refused naming --device_batch_size; 10 GiB names the model itself."""
     hp = train_gpt.parse_args(["--preset", "slowrun"])
     plan = train_gpt.memory_plan(hp, 8, "cuda", 79 * 2**30)
-    assert plan["parameters"] == 1_398_305_571
-    assert plan["param_bytes"] == plan["grad_bytes"] == 4 * 1_398_305_571
+    assert plan["parameters"] == 1_443_722_775
+    assert plan["param_bytes"] == plan["grad_bytes"] == 4 * 1_443_722_775
     assert train_gpt.memory_plan_refusal(hp, plan) == ""
     ensemble = dataclasses.replace(hp, ensemble_size=8)  # frozen members wait on the host: it fits (phase 2)
     assert train_gpt.memory_plan_refusal(ensemble, train_gpt.memory_plan(ensemble, 8, "cuda", 79 * 2**30)) == ""
@@ -83,7 +83,7 @@ def test_plan_only_prints_and_a_plan_that_cannot_fit_is_refused_before_any_work(
              "--train_files", str(tmp_path / "missing.bin")]
     assert train_gpt.main(flags) == 0
     out = capsys.readouterr().out
-    assert "parameters" in out and "1,398,305,571" in out and "fits" in out
+    assert "parameters" in out and "1,443,722,775" in out and "fits" in out
     assert train_gpt.main(flags + ["--ensemble_size", "8", "--ensemble_mode", "logit", "--epoch_snapshots", "3"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--ensemble_size" in err[0]

@@ -357,16 +357,17 @@ MICRO_1H = dict(vocab_size=320, bos_id=255, train_vocab=256, eval_vocab=256, n_l
 
 def test_1h_preset_states_the_record_and_its_flags():
     """The preset (and its alias slowrun) is the 1h record's shape and recipe; its full-scale model has the public
-    1,443,722,775 parameters less the MTP block (45,417,204 = 2 d^2 + 4 d^2 + 3 d 4864 + 12 H + 3 H^2, d 1792, H 14)."""
+    1,443,722,775 parameters: the trunk's 1,398,305,571 plus the MTP block (45,417,204 = 2 d^2 + 4 d^2 + 3 d 4864 +
+    12 H + 3 H^2, d 1792, H 14)."""
     hp = train_gpt.parse_args(["--preset", "1h"])
     assert train_gpt.parse_args(["--preset", "slowrun"]) == dataclasses.replace(hp, preset="slowrun")
     train_gpt.check_hyperparameters(hp, 8)
     assert (hp.n_layer, hp.n_embd, hp.n_head, hp.mlp_hidden, hp.window_short) == (30, 1792, 14, 4864, 1025)
     n_params = sum(p.numel() for p in train_gpt.build_model_meta(hp).parameters())
     mtp = 2 * 1792**2 + 4 * 1792**2 + 3 * 1792 * 4864 + 12 * 14 + 3 * 14**2
-    assert n_params == 1_443_722_775 - mtp == 1_398_305_571
+    assert n_params == 1_398_305_571 + mtp == 1_443_722_775
     lines = train_gpt.preset_record_lines(hp, n_params)
-    assert "reproduces the 1h record 3.195" in lines[0] and "1,398,305,571 vs 1,443,722,775" in lines[1]
+    assert "reproduces the 1h record 3.195" in lines[0] and "1,443,722,775 vs 1,443,722,775" in lines[1]
     # FLOPs by the public formula, by hand: 6 (N - wte - 75 scalars) + 12 d (22 x 768.75 + 8 x 1024.5) keys
     flops = 6 * (n_params - 50304 * 1792 - 75) + 12 * 1792 * (22 * 768.75 + 8 * 1024.5)
     assert train_gpt.training_flops_per_token(hp) == pytest.approx(flops, rel=1e-12)
