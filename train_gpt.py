@@ -4381,7 +4381,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
-    log.metrics(dict(kind="bits_per_byte", **bpb))
+    log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in member_results), tokens_seen=tokens_seen,
+                     **bpb))  # step and tokens_seen as every row has them (the run's totals)
     result = dict(
         run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
         unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
