@@ -4665,9 +4665,10 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
         f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
         f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
-        f"checkpoint  {gib(plan['checkpoint_bytes']):>11} | per rank per checkpoint on disk (model + AdamW + its Muon "
-        f"shard{' + EMA' if hp.ema_decay > 0 else ''}{' + SWA' if hp.swa_epochs else ''}), x{plan['world_size']} "
-        f"ranks; members/: {plan['member_files']} x {gib(plan['member_file_bytes'])} on rank 0",
+        f"checkpoint  {gib(plan['checkpoint_bytes']):>11} | on disk per checkpoint, rank 0 (model + AdamW"
+        f"{' + EMA' if hp.ema_decay > 0 else ''}{' + SWA' if hp.swa_epochs else ''} + its Muon shard); each other of "
+        f"the {plan['world_size']} ranks writes only its own Muon shard, {gib(plan['muon_bytes'])}; members/: "
+        f"{plan['member_files']} x {gib(plan['member_file_bytes'])} on rank 0",
     ]
     if plan["device_bytes"]:
         share = plan["peak"] / plan["device_bytes"]
