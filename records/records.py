@@ -1,10 +1,6 @@
 """
-records: make, check, tabulate and plot slowrun records, and place them on a data-efficiency reference curve.
-
-A record is a folder records/<track>/<YYYY-MM-DD>_<slug>/ holding one sub-folder per seed (the run's log.txt with
-the training script's full source inside, metrics.jsonl, result.json), plot.png, README.md and record.json (summary
-plus the sha256 of every file). Anyone can check a record: `verify` re-derives every number from the logs, and
-`verify --rerun` runs the embedded script again and compares the loss lines step by step.
+records: make, check, tabulate and plot slowrun records, and place them on a data-efficiency reference curve
+(records/README.md describes the layout, the tracks and the checks).
 
     python records/records.py new logs/run_s0 logs/run_s1 logs/run_s2 --track tiny --slug my-trick --title "..."
     python records/records.py verify records/tiny/2025-01-01_my-trick [--rerun --steps 10]
@@ -13,14 +9,11 @@ plus the sha256 of every file). Anyone can check a record: `verify` re-derives e
     python records/records.py reference plan --track tiny  # prints the baseline runs of the reference curve
     python records/records.py reference build logs/ref_tiny_* --track tiny
     python records/records.py efficiency records/tiny/2025-01-01_my-trick
-
-Every number comes from metrics.jsonl and result.json; log.txt supplies the source and the command and is checked
-against them. Imports train_gpt (its formats and file helpers, and for `reference plan` its data loader); matplotlib
-for plots.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -105,24 +98,21 @@ def get_track(name: str) -> Track:
 
 def track_violations(track: Track, result: dict) -> list[str]:
     """Why a finished run does not qualify for the track ([] when it does)."""
-    hp, problems = result["hyperparameters"], []
-    if not str(result.get("device", "")).startswith(track.device):
-        problems.append(f"ran on {result.get('device')}, track {track.name} is {track.device}")
-    if track.world_size is not None and result.get("world_size") != track.world_size:
-        problems.append(f"ran on {result.get('world_size')} ranks, track {track.name} needs {track.world_size}")
-    if track.train_seconds is not None and result.get("train_seconds", math.inf) > track.train_seconds:
-        problems.append(f"trained {result.get('train_seconds')} s, over the track's {track.train_seconds:.0f} s")
-    if os.path.basename(hp.get("train_files", "")) != track.train_file:
-        problems.append(f"train_files {hp.get('train_files')!r} is not the track's {track.train_file}")
-    if os.path.basename(hp.get("val_files", "")) != track.val_file:
-        problems.append(f"val_files {hp.get('val_files')!r} is not the track's {track.val_file}")
-    if hp.get("val_tokens", 0) != 0:
-        problems.append(f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation set")
-    if hp.get("train_tokens", 0) != track.train_tokens:
-        problems.append(f"train_tokens = {hp.get('train_tokens')}, the track's budget is {track.train_tokens}")
-    if result.get("ranks_agree") is False:
-        problems.append("ranks ended with different weights (ranks agree: NO)")
-    return problems
+    hp, get, limit = result["hyperparameters"], result.get, track.train_seconds
+    return [message for broken, message in [
+        (not str(get("device", "")).startswith(track.device), f"ran on {get('device')}, track {track.name} is "
+                                                               f"{track.device}"),
+        (track.world_size not in (None, get("world_size")), f"ran on {get('world_size')} ranks, track {track.name} "
+                                                             f"needs {track.world_size}"),
+        (limit is not None and get("train_seconds", math.inf) > limit,
+         f"trained {get('train_seconds')} s, over the track's {limit or 0:.0f} s"),
+        *[(os.path.basename(hp.get(f"{kind}_files", "")) != name,
+           f"{kind}_files {hp.get(f'{kind}_files')!r} is not the track's {name}")
+          for kind, name in (("train", track.train_file), ("val", track.val_file))],
+        (hp.get("val_tokens", 0) != 0, f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation set"),
+        (hp.get("train_tokens", 0) != track.train_tokens,
+         f"train_tokens = {hp.get('train_tokens')}, the track's budget is {track.train_tokens}"),
+        (get("ranks_agree") is False, "ranks ended with different weights (ranks agree: NO)")] if broken]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -224,13 +214,25 @@ def run_folder_of(path: str) -> str:
     return folder
 
 
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def sha256_text(text: str, from_file: bool = False) -> str:
+    """sha256 of the text, or of the bytes of the file it names (from_file)."""
+    with open(text, "rb") if from_file else contextlib.nullcontext() as handle:
+        return hashlib.sha256(handle.read() if from_file else text.encode("utf-8")).hexdigest()
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def write_json(path: str, payload: dict) -> None:
+    train_gpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+def copy_run(folder: str, target: str, exist_ok: bool) -> None:
+    os.makedirs(target, exist_ok=exist_ok)
+    for name in RUN_FILES:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+
+
+def same_val_set(a: dict, b: dict) -> bool:
+    """Whether two runs (or a run and a reference curve) scored the same validation set: its unigram entropy."""
+    return abs(a.get("unigram_val_entropy", 0.0) - b.get("unigram_val_entropy", 0.0)) <= 1e-6
 
 
 def loss_text(value) -> str:
@@ -373,23 +375,19 @@ def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     return h
 
 
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side; else use symmetry
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
 def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom (df need not be an integer: Welch)."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t > 0 else 1.0 - tail
+    """P(T > t) for Student's t with df degrees of freedom (df need not be an integer: Welch): half the regularised
+    incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
+    a, b, x = df / 2.0, 0.5, (df / (df + t * t) if math.isfinite(t) else 0.0)
+    if x <= 0.0 or x >= 1.0:
+        beta = x
+    else:
+        log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+        if x < (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side; else use symmetry
+            beta = math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+        else:
+            beta = 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+    return 0.5 * beta if t > 0 else 1.0 - 0.5 * beta
 
 
 def improvement_p_value(new: list[float], old: list[float]) -> float | None:
@@ -552,12 +550,10 @@ def efficiency_cell(curve: dict | None, loss: float, train_tokens: int) -> str:
     """The leaderboard's data-efficiency column: the multiple, or a bound when the loss lies off the curve."""
     if curve is None:
         return "—"
-    points = curve["points"]
-    if loss < points[-1]["val_loss"]:
-        return f"> {points[-1]['train_tokens'] / train_tokens:.2f}x"
-    if loss > points[0]["val_loss"]:
-        return f"< {points[0]['train_tokens'] / train_tokens:.2f}x"
-    return f"{matching_budget(points, loss) / train_tokens:.2f}x"
+    best, worst = curve["points"][-1], curve["points"][0]
+    bound = "> " if loss < best["val_loss"] else "< " if loss > worst["val_loss"] else ""
+    budget = (best if bound == "> " else worst)["train_tokens"] if bound else matching_budget(curve["points"], loss)
+    return f"{bound}{budget / train_tokens:.2f}x"
 
 
 def track_curve(records_dir: str, track: str) -> dict | None:
@@ -683,9 +679,9 @@ def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[
     seeds = [log.hyperparameters.get("seed") for log in logs]
     if len(set(seeds)) != len(seeds):
         problems.append(f"two runs share a seed ({seeds}): seeds of a record must differ")
-    entropies = {round(r.get("unigram_val_entropy", 0.0), 6) for r in results}
-    if len(entropies) > 1:
-        problems.append(f"the runs scored different validation sets (unigram entropies {sorted(entropies)})")
+    if not all(same_val_set(r, results[0]) for r in results):
+        problems.append(f"the runs scored different validation sets (unigram entropies "
+                        f"{sorted({r.get('unigram_val_entropy') for r in results})})")
     return problems, logs, results
 
 
@@ -743,9 +739,7 @@ def command_new(args) -> int:
     os.makedirs(record)
     try:
         for folder, result in zip(folders, results):
-            os.makedirs(os.path.join(record, result["run_id"]))
-            for name in RUN_FILES:
-                shutil.copyfile(os.path.join(folder, name), os.path.join(record, result["run_id"], name))
+            copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
         losses = [r["val_loss"] for r in results]
         curve = track_curve(args.records_dir, track.name)
@@ -759,8 +753,7 @@ def command_new(args) -> int:
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
                                      record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
         summary["files"] = manifest(record)
-        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"),
-                                     (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+        write_json(os.path.join(record, "record.json"), summary)
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
@@ -774,14 +767,9 @@ def command_new(args) -> int:
 
 def manifest(record: str) -> dict[str, str]:
     """sha256 of every file of the record but record.json itself: any later edit shows."""
-    files = {}
-    for root, _, names in os.walk(record):
-        for name in names:
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, record)
-            if relative != "record.json":
-                files[relative] = sha256_file(path)
-    return dict(sorted(files.items()))
+    paths = (os.path.join(root, name) for root, _, names in os.walk(record) for name in names)
+    return dict(sorted((os.path.relpath(path, record), sha256_text(path, from_file=True)) for path in paths
+                       if os.path.relpath(path, record) != "record.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -905,11 +893,10 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
         if summary.get("val_loss_mean") is None or abs(summary["val_loss_mean"] - mean) > 1e-9:
             problems.append(f"record.json val_loss_mean {summary.get('val_loss_mean')} != the runs' mean {mean}")
         previous = previous_record(record, records_dir, track.name)
-        if previous is not None:
-            theirs = round(record_results(previous)[0].get("unigram_val_entropy", 0.0), 6)
-            if theirs != round(results[0].get("unigram_val_entropy", 0.0), 6):
-                problems.append(f"scored a different validation set than {os.path.basename(previous)} "
-                                f"(unigram entropy {results[0].get('unigram_val_entropy')} vs {theirs})")
+        theirs = record_results(previous)[0] if previous else results[0]
+        if not same_val_set(theirs, results[0]):
+            problems.append(f"scored a different validation set than {os.path.basename(previous)} (unigram entropy "
+                            f"{results[0].get('unigram_val_entropy')} vs {theirs.get('unigram_val_entropy')})")
     print(f"{record}: {len(folders)} run(s), track {track.name}, logs {'consistent' if not problems else 'INCONSISTENT'}")
     if results and not found:
         for line in significance_lines(record, records_dir, track.name):
@@ -1047,10 +1034,10 @@ def command_reference_build(args) -> int:
         # One recipe for every point: only the budget, the seed and the names may differ.
         settings = {k: v for k, v in log.hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}}
         if recipe is None:
-            recipe, source, entropy = settings, log.source, result["unigram_val_entropy"]
+            recipe, source, first = settings, log.source, result
         elif settings != recipe or log.source != source:
             problems.append(f"{folder}: not the same baseline recipe and script as the first run")
-        elif abs(result["unigram_val_entropy"] - entropy) > 1e-6:
+        elif not same_val_set(result, first):
             problems.append(f"{folder}: scored a different validation set")
         by_budget.setdefault(result["train_tokens"], []).append(result)
     if problems:
@@ -1062,18 +1049,16 @@ def command_reference_build(args) -> int:
                            runs=[r["run_id"] for r in results]))
     curve = dict(track=track.name, what="val loss of the track's single-model baseline against its train-token "
                                         "budget (--train_tokens); mean over seeds",
-                 baseline=" ".join(track.baseline), source_sha256=sha256_text(source), unigram_val_entropy=entropy,
+                 baseline=" ".join(track.baseline), source_sha256=sha256_text(source),
+                 unigram_val_entropy=first["unigram_val_entropy"],
                  recipe=recipe, points=points)
     out = os.path.join(args.records_dir, track.name, "reference_curve.json")
     check_curve(dict(curve), out)  # refuses a curve whose losses do not fall with the budget
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    train_gpt.atomic_write_bytes(out, (json.dumps(curve, indent=2) + "\n").encode("utf-8"))
+    write_json(out, curve)
     # The runs themselves stay checkable: their logs go next to the curve.
     for folder, result in ((f, read_json(os.path.join(f, "result.json"))) for f in folders):
-        target = os.path.join(args.records_dir, track.name, "reference", result["run_id"])
-        os.makedirs(target, exist_ok=True)
-        for name in RUN_FILES:
-            shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+        copy_run(folder, os.path.join(args.records_dir, track.name, "reference", result["run_id"]), exist_ok=True)
     print(f"wrote {out} ({len(points)} points) and the runs' logs under {os.path.dirname(out)}/reference/")
     for point in points:
         print(f"  {point['train_tokens']:>12,} tokens -> val loss {point['val_loss']:.4f} ({point['seeds']} seed(s))")
@@ -1099,7 +1084,7 @@ def command_efficiency(args) -> int:
             raise RecordError(f"{curve_path}: no reference curve yet; see `python records/records.py reference plan "
                               f"--track {track}`")
         curve = load_curve(curve_path)
-        if abs(curve.get("unigram_val_entropy", results[0]["unigram_val_entropy"]) - results[0]["unigram_val_entropy"]) > 1e-6:
+        if "unigram_val_entropy" in curve and not same_val_set(curve, results[0]):
             raise RecordError(f"{path}: scored a different validation set than the reference curve")
         loss = mean_std([r["val_loss"] for r in results])[0]
         line, multiple = efficiency_summary(curve, loss, results[0]["train_tokens"])
