@@ -109,7 +109,8 @@ def track_violations(track: Track, result: dict) -> list[str]:
         *[(os.path.basename(hp.get(f"{kind}_files", "")) != name,
            f"{kind}_files {hp.get(f'{kind}_files')!r} is not the track's {name}")
           for kind, name in (("train", track.train_file), ("val", track.val_file))],
-        (hp.get("val_tokens", 0) != 0, f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation set"),
+        (hp.get("val_tokens", 0) != 0, f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation "
+                                       f"set"),
         (hp.get("train_tokens", 0) != track.train_tokens,
          f"train_tokens = {hp.get('train_tokens')}, the track's budget is {track.train_tokens}"),
         (get("ranks_agree") is False, "ranks ended with different weights (ranks agree: NO)")] if broken]
@@ -777,13 +778,9 @@ def manifest(record: str) -> dict[str, str]:
 
 def rerun_flags(hyperparameters: dict, overrides: dict[str, str]) -> list[str]:
     """Every logged hyperparameter as a flag (so the embedded script's presets do not matter), then overrides."""
-    settings = {k: v for k, v in hyperparameters.items() if k != "preset"}
-    settings.update(overrides)
-    flags = []
-    for name, value in settings.items():
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        flags += [f"--{name}", text]
-    return flags
+    settings = {**{k: v for k, v in hyperparameters.items() if k != "preset"}, **overrides}
+    return [word for name, value in settings.items()
+            for word in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
 
 
 def losses_by_place(rows: list[dict]) -> dict[tuple, float]:
@@ -802,20 +799,18 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
     each loss row as it comes beside the logged one, and stops it once it reaches `steps` (and that step's
     validation, if the original validated there). Returns the re-run's metrics.jsonl rows."""
     script = os.path.join(workdir, "train_gpt.py")
-    with open(script, "w", encoding="utf-8") as handle:
-        handle.write(run.source)
+    train_gpt.atomic_write_bytes(script, run.source.encode("utf-8"))
     # Stop at a step the original logged: the first logged step at or past `steps`.
     target = next((row["step"] for row in run.train if row["step"] >= steps), run.train[-1]["step"])
     wait_for_val = any(row["step"] == target for row in run.val)
     settings = dict(run_id="rerun", log_dir=os.path.join(workdir, "logs"), save_model=False, **overrides)
     launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
                                                      f"--nproc_per_node={nproc}"]
-    command = [*launcher, script, *rerun_flags(run.hyperparameters, settings)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
     metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
-    logged, start = losses_by_place(run.metrics), time.time()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output, rows = [], []
+    logged, start, output, rows = losses_by_place(run.metrics), time.time(), [], []
+    process = subprocess.Popen([*launcher, script, *rerun_flags(run.hyperparameters, settings)], cwd=cwd, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
     watchdog = threading.Timer(timeout, process.terminate)
     watchdog.start()
@@ -828,8 +823,8 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
                     f"(logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f})" if key in logged else
                     "(not logged)"), flush=True)
             rows += new
-            wanted = "val" if wait_for_val else "train"
-            if any(row["step"] >= target for row in rows if row.get("kind") == wanted) or time.time() - start > timeout:
+            if any(row["step"] >= target for row in rows if row.get("kind") == ("val" if wait_for_val else "train")) \
+                    or time.time() - start > timeout:
                 break
     finally:
         watchdog.cancel()
@@ -851,8 +846,7 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
 def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
     """Loss values at every (member, step) both runs logged: (a problem per difference over tolerance, a summary
     line with the largest difference)."""
-    mine, theirs = losses_by_place(run.metrics), losses_by_place(rerun_rows)
-    problems, largest = [], (0.0, None)
+    mine, theirs, problems, largest = losses_by_place(run.metrics), losses_by_place(rerun_rows), [], (0.0, None)
     shared = [key for key in mine if key in theirs]
     for key in shared:
         difference = abs(mine[key] - theirs[key])
@@ -872,20 +866,16 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
     """Every problem of the record ([] when it passes); prints what it checks."""
     summary = read_json(os.path.join(record, "record.json"))
     folder_track = os.path.basename(os.path.dirname(os.path.normpath(record)))
-    track = get_track(summary.get("track", folder_track))
-    problems = []
-    if track.name != folder_track:  # the leaderboard groups by folder: a record must follow its folder's rules
-        problems.append(f"record.json says track {track.name}, but the record sits in records/{folder_track}/")
-    recorded, actual = summary.get("files", {}), manifest(record)
-    for name in sorted(set(recorded) | set(actual)):
-        if recorded.get(name) != actual.get(name):
-            state = "missing" if name not in actual else "added" if name not in recorded else "edited"
-            problems.append(f"{name}: {state} since the record was made (sha256 differs from record.json)")
+    track, recorded, actual = get_track(summary.get("track", folder_track)), summary.get("files", {}), manifest(record)
+    # the leaderboard groups by folder: a record must follow its folder's rules
+    problems = [f"record.json says track {track.name}, but the record sits in records/{folder_track}/"
+                ] if track.name != folder_track else []
+    problems += [f"{name}: {'missing' if name not in actual else 'added' if name not in recorded else 'edited'} since "
+                 f"the record was made (sha256 differs from record.json)"
+                 for name in sorted(set(recorded) | set(actual)) if recorded.get(name) != actual.get(name)]
     folders = record_runs(record)
     found, runs, results = check_runs_together(folders)
-    problems += found
-    for result in results:
-        problems += [f"{result['run_id']}: {p}" for p in track_violations(track, result)]
+    problems += found + [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
     if runs and summary.get("source_sha256") != sha256_text(runs[0].source):
         problems.append("the embedded source's sha256 differs from record.json's source_sha256")
     if results:
@@ -917,18 +907,13 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        name, equals, value = pair.partition("=")
-        if not equals:
-            raise RecordError(f"--set expects name=value, got {pair!r}")
-        overrides[name] = value
-    return overrides
+    if bad := [pair for pair in pairs if "=" not in pair]:
+        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
 
 
 def command_verify(args) -> int:
-    overrides = parse_overrides(args.set)
-    failed = False
+    overrides, failed = parse_overrides(args.set), False
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
@@ -997,10 +982,8 @@ def command_table(args) -> int:
 
 def command_reference_plan(args) -> int:
     track = get_track(args.track)
-    if args.budgets:
-        budgets = [int(float(b)) for b in args.budgets.split(",")]
-        available = None
-    else:
+    budgets, available = [int(float(b)) for b in args.budgets.split(",")] if args.budgets else [], None
+    if not budgets:
         hp = train_gpt.parse_args(list(track.baseline[track.baseline.index("--preset"):]) + list(args.extra))
         available = int(train_gpt.load_tokens(hp.train_files, hp.vocab_size, "train").size)
         budgets = [available // 2 ** k for k in reversed(range(args.halvings + 1))]
@@ -1010,14 +993,11 @@ def command_reference_plan(args) -> int:
     print("# A run on D train tokens gets an efficiency X = B / D, where B is the budget at which this curve reaches "
           "the run's loss;\n# so X > 1 needs reference budgets above D (more data than the record uses).")
     print(f"# Run these ({args.seeds} seed(s) per budget), then build the curve from their run folders:")
-    run_ids = []
-    for budget in budgets:
-        for seed in range(args.seeds):
-            run_id = f"ref_{track.name}_{budget}_s{seed}"
-            run_ids.append(run_id)
-            words = [*track.baseline, *args.extra, "--train_tokens", str(budget), "--seed", str(seed),
-                     "--run_id", run_id, "--save_model", "false"]
-            print(" ".join(shlex.quote(w) for w in words))
+    plan = [(budget, seed) for budget in budgets for seed in range(args.seeds)]
+    run_ids = [f"ref_{track.name}_{budget}_s{seed}" for budget, seed in plan]
+    for (budget, seed), run_id in zip(plan, run_ids):
+        print(shlex.join([*track.baseline, *args.extra, "--train_tokens", str(budget), "--seed", str(seed),
+                          "--run_id", run_id, "--save_model", "false"]))
     print(f"python records/records.py reference build {' '.join('logs/' + r for r in run_ids)} --track {track.name}")
     return 0
 
@@ -1042,11 +1022,9 @@ def command_reference_build(args) -> int:
         by_budget.setdefault(result["train_tokens"], []).append(result)
     if problems:
         raise RecordError("the runs cannot make a reference curve:\n  " + "\n  ".join(problems))
-    points = []
-    for budget, results in sorted(by_budget.items()):
-        mean, std = mean_std([r["val_loss"] for r in results])
-        points.append(dict(train_tokens=budget, val_loss=mean, val_loss_std=std, seeds=len(results),
-                           runs=[r["run_id"] for r in results]))
+    points = [dict(zip(("train_tokens", "val_loss", "val_loss_std", "seeds", "runs"), (
+        budget, *mean_std([r["val_loss"] for r in results]), len(results), [r["run_id"] for r in results])))
+        for budget, results in sorted(by_budget.items())]
     curve = dict(track=track.name, what="val loss of the track's single-model baseline against its train-token "
                                         "budget (--train_tokens); mean over seeds",
                  baseline=" ".join(track.baseline), source_sha256=sha256_text(source),
@@ -1065,11 +1043,8 @@ def command_reference_build(args) -> int:
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# efficiency: the report for records or runs
-
 def command_efficiency(args) -> int:
-    failed = False
+    failed = False  # the report for records or runs
     for path in args.paths:
         if os.path.isfile(os.path.join(path, "record.json")):
             results = record_results(path)
