@@ -447,6 +447,10 @@ def previous_record(record: str, records_dir: str, track: str) -> str | None:
     return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0])
 
 
+def losses_of(results: list[dict], key: str = "val_loss") -> list[float]:
+    return [result[key] for result in results if result.get(key) is not None]
+
+
 def format_mean_std(values: list[float]) -> str:
     mean, std = mean_std(values)
     return f"{mean:.4f}" if std is None else f"{mean:.4f} ± {std:.4f}"
@@ -688,9 +692,7 @@ def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[
 
 def record_readme(summary: dict, logs: list[Run], results: list[dict], significance: list[str],
                   efficiency: str) -> str:
-    losses = [r["val_loss"] for r in results]
-    tests = [r["test_loss"] for r in results if r.get("test_loss") is not None]
-    first = results[0]
+    losses, tests, first = losses_of(results), losses_of(results, "test_loss"), results[0]
     lines = [
         f"# {summary['title']}", "",
         f"Track `{summary['track']}` · {summary['date']} · {len(results)} seed(s)", "",
@@ -707,16 +709,14 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
         f"- script: sha256 {summary['source_sha256']} (inside every log.txt)", "",
         "| run | seed | val loss | test loss | steps | train time | wall time |",
         "|---|---|---|---|---|---|---|",
-    ]
-    for log, result in zip(logs, results):
-        lines.append(f"| {result['run_id']} | {log.hyperparameters.get('seed')} | {result['val_loss']:.4f} | "
-                     f"{loss_text(result.get('test_loss')) if result.get('test_loss') is not None else '—'} | "
-                     f"{result['steps']} | {result['train_seconds']:.0f} s | {result['wall_seconds']:.0f} s |")
-    lines += ["", "## Commands", "", "```"]
-    lines += [short_command(log, result["world_size"]) for log, result in zip(logs, results)]
-    lines += ["```", "", "![val loss against tokens seen](plot.png)", "",
-              "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the "
-              "embedded script and compare its loss lines).", ""]
+        *[f"| {result['run_id']} | {log.hyperparameters.get('seed')} | {result['val_loss']:.4f} | "
+          f"{loss_text(result.get('test_loss')) if result.get('test_loss') is not None else '—'} | "
+          f"{result['steps']} | {result['train_seconds']:.0f} s | {result['wall_seconds']:.0f} s |"
+          for log, result in zip(logs, results)],
+        "", "## Commands", "", "```", *[short_command(log, result["world_size"]) for log, result in zip(logs, results)],
+        "```", "", "![val loss against tokens seen](plot.png)", "",
+        "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the embedded "
+        "script and compare its loss lines).", ""]
     return "\n".join(lines)
 
 
@@ -742,14 +742,13 @@ def command_new(args) -> int:
         for folder, result in zip(folders, results):
             copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
-        losses = [r["val_loss"] for r in results]
+        mean, std = mean_std([r["val_loss"] for r in results])
         curve = track_curve(args.records_dir, track.name)
-        efficiency = (efficiency_summary(curve, mean_std(losses)[0], results[0]["train_tokens"])[0] if curve else
+        efficiency = (efficiency_summary(curve, mean, results[0]["train_tokens"])[0] if curve else
                       f"no reference curve for this track yet (records/{track.name}/reference_curve.json)")
         summary = dict(track=track.name, date=date, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
-                       runs=[r["run_id"] for r in results], val_loss_mean=mean_std(losses)[0],
-                       val_loss_std=mean_std(losses)[1])
+                       runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std)
         significance = significance_lines(record, args.records_dir, track.name)
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
                                      record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
@@ -758,11 +757,8 @@ def command_new(args) -> int:
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
-    print(f"made {record}")
-    for line in significance:
-        print(line)
-    print(f"data efficiency: {efficiency}")
-    print(f"next: python records/records.py verify {record} && python records/records.py table")
+    print("\n".join([f"made {record}", *significance, f"data efficiency: {efficiency}",
+                     f"next: python records/records.py verify {record} && python records/records.py table"]))
     return 0
 
 
@@ -917,9 +913,7 @@ def command_verify(args) -> int:
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
-        for problem in problems:
-            print(f"  FAIL {problem}")
-        print(f"  {'REJECTED' if problems else 'OK'}")
+        print("".join(f"  FAIL {problem}\n" for problem in problems) + f"  {'REJECTED' if problems else 'OK'}")
         failed |= bool(problems)
     return 1 if failed else 0
 
@@ -936,8 +930,7 @@ def leaderboard(records_dir: str) -> str:
         for record in track_records(records_dir, track.name):
             summary = read_json(os.path.join(record, "record.json"))
             results = record_results(record)
-            losses = [r["val_loss"] for r in results]
-            tests = [r["test_loss"] for r in results if r.get("test_loss") is not None]
+            losses, tests = losses_of(results), losses_of(results, "test_loss")
             link = os.path.relpath(record, os.path.dirname(records_dir)).replace(os.sep, "/")
             rows.append((mean_std(losses)[0], os.path.basename(record), [
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
@@ -966,11 +959,9 @@ def command_table(args) -> int:
         raise RecordError(f"{args.readme}: {error}; the table goes between them (nothing else in the file is "
                           f"touched)") from None
     if args.check:
-        if updated != text:
-            print(f"{args.readme}: the leaderboard is out of date; run python records/records.py table")
-            return 1
-        print(f"{args.readme}: the leaderboard is up to date")
-        return 0
+        print(f"{args.readme}: the leaderboard is " + ("up to date" if updated == text else
+                                                        "out of date; run python records/records.py table"))
+        return int(updated != text)
     if updated != text:
         train_gpt.atomic_write_bytes(args.readme, updated.encode("utf-8"))
     print(f"{args.readme}: leaderboard {'updated' if updated != text else 'already up to date'}")
@@ -1075,63 +1066,57 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="records.py", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records_dir", default=RECORDS_DIR, help="the records/ folder (default: next to this file)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    new = commands.add_parser("new", help="make a record folder from finished runs (one per seed)")
-    new.add_argument("runs", nargs="+", help="run folders (logs/<run_id>) or their log.txt")
-    new.add_argument("--track", help=f"one of {', '.join(TRACKS)} (default: tiny for --preset tiny runs)")
-    new.add_argument("--slug", required=True, help="short name: lowercase letters, digits, dashes")
-    new.add_argument("--title", required=True, help="one line for the leaderboard: what changed")
-    new.add_argument("--description", default="", help="what changed and why (markdown; default: the title)")
-    new.add_argument("--date", help="YYYY-MM-DD (default: today)")
-    new.set_defaults(handler=command_new)
-
-    verify = commands.add_parser("verify", help="check records: logs consistent, one source, optionally re-run")
-    verify.add_argument("records", nargs="+", help="record folders")
-    verify.add_argument("--rerun", action="store_true", help="re-run each log's embedded script and compare losses")
-    verify.add_argument("--steps", type=int, default=10, help="re-run this many optimizer steps (default 10)")
-    verify.add_argument("--tolerance", type=float, default=0.01,
-                        help="largest |logged - re-run| difference of a loss line, in nats (default 0.01)")
-    verify.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a logged hyperparameter in the re-run (e.g. device=cpu, train_files=...)")
-    verify.add_argument("--nproc", type=int, default=1, help="ranks of the re-run (torchrun when > 1)")
-    verify.add_argument("--cwd", default=REPO_ROOT, help="folder the re-run starts in (relative data paths)")
-    verify.add_argument("--timeout", type=float, default=3600, help="seconds before a re-run is abandoned")
-    verify.set_defaults(handler=command_verify)
-
-    table = commands.add_parser("table", help="rewrite the leaderboard in README.md between its markers")
-    table.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
-    table.add_argument("--check", action="store_true", help="only report whether it is up to date (exit 1 if not)")
-    table.set_defaults(handler=command_table)
-
-    plot = commands.add_parser("plot", help="PNG of val loss against tokens seen for runs or records")
-    plot.add_argument("paths", nargs="+", help="run folders, log.txt files or record folders")
-    plot.add_argument("--out", required=True, help="the PNG to write")
-    plot.add_argument("--width", type=int, default=960, help="pixels")
-    plot.add_argument("--height", type=int, default=600, help="pixels")
-    plot.add_argument("--title", default="")
-    plot.set_defaults(handler=command_plot)
-
-    reference = commands.add_parser("reference", help="the data-efficiency reference curve: plan its runs, build it")
-    steps = reference.add_subparsers(dest="action", required=True)
-    plan = steps.add_parser("plan", help="print the baseline commands, one per token budget and seed")
-    plan.add_argument("--track", required=True)
-    plan.add_argument("--budgets", help="comma-separated train-token budgets (default: the whole train set and "
-                                        "--halvings successive halves)")
-    plan.add_argument("--halvings", type=int, default=3)
-    plan.add_argument("--seeds", type=int, default=1)
-    plan.add_argument("extra", nargs="*", help="extra train_gpt.py flags after --, e.g. -- --train_files BIG.bin")
-    plan.set_defaults(handler=command_reference_plan)
-    build = steps.add_parser("build", help="write records/<track>/reference_curve.json from finished baseline runs")
-    build.add_argument("runs", nargs="+")
-    build.add_argument("--track", required=True)
-    build.set_defaults(handler=command_reference_build)
-
-    efficiency = commands.add_parser("efficiency", help="X: the baseline matches this loss on X times the tokens")
-    efficiency.add_argument("paths", nargs="+", help="record folders or run folders")
-    efficiency.add_argument("--track", help="track of run folders (records know theirs)")
-    efficiency.add_argument("--curve", help="a reference_curve.json (default: records/<track>/reference_curve.json)")
-    efficiency.set_defaults(handler=command_efficiency)
+    groups = {"": parser.add_subparsers(dest="command", required=True)}
+    for group, name, handler, summary, arguments in [
+        ("", "new", command_new, "make a record folder from finished runs (one per seed)", [
+            ("runs", dict(nargs="+", help="run folders (logs/<run_id>) or their log.txt")),
+            ("--track", dict(help=f"one of {', '.join(TRACKS)} (default: tiny for --preset tiny runs)")),
+            ("--slug", dict(required=True, help="short name: lowercase letters, digits, dashes")),
+            ("--title", dict(required=True, help="one line for the leaderboard: what changed")),
+            ("--description", dict(default="", help="what changed and why (markdown; default: the title)")),
+            ("--date", dict(help="YYYY-MM-DD (default: today)"))]),
+        ("", "verify", command_verify, "check records: logs consistent, one source, optionally re-run", [
+            ("records", dict(nargs="+", help="record folders")),
+            ("--rerun", dict(action="store_true", help="re-run each log's embedded script and compare losses")),
+            ("--steps", dict(type=int, default=10, help="re-run this many optimizer steps (default 10)")),
+            ("--tolerance", dict(type=float, default=0.01,
+                                 help="largest |logged - re-run| difference of a loss line, in nats (default 0.01)")),
+            ("--set", dict(action="append", default=[], metavar="NAME=VALUE",
+                           help="override a logged hyperparameter in the re-run (e.g. device=cpu, train_files=...)")),
+            ("--nproc", dict(type=int, default=1, help="ranks of the re-run (torchrun when > 1)")),
+            ("--cwd", dict(default=REPO_ROOT, help="folder the re-run starts in (relative data paths)")),
+            ("--timeout", dict(type=float, default=3600, help="seconds before a re-run is abandoned"))]),
+        ("", "table", command_table, "rewrite the leaderboard in README.md between its markers", [
+            ("--readme", dict(default=os.path.join(REPO_ROOT, "README.md"))),
+            ("--check", dict(action="store_true", help="only report whether it is up to date (exit 1 if not)"))]),
+        ("", "plot", command_plot, "PNG of val loss against tokens seen for runs or records", [
+            ("paths", dict(nargs="+", help="run folders, log.txt files or record folders")),
+            ("--out", dict(required=True, help="the PNG to write")),
+            ("--width", dict(type=int, default=960, help="pixels")),
+            ("--height", dict(type=int, default=600, help="pixels")),
+            ("--title", dict(default=""))]),
+        ("", "reference", None, "the data-efficiency reference curve: plan its runs, build it", []),
+        ("reference", "plan", command_reference_plan, "print the baseline commands, one per token budget and seed", [
+            ("--track", dict(required=True)),
+            ("--budgets", dict(help="comma-separated train-token budgets (default: the whole train set and "
+                                    "--halvings successive halves)")),
+            ("--halvings", dict(type=int, default=3)),
+            ("--seeds", dict(type=int, default=1)),
+            ("extra", dict(nargs="*", help="extra train_gpt.py flags after --, e.g. -- --train_files BIG.bin"))]),
+        ("reference", "build", command_reference_build,
+         "write records/<track>/reference_curve.json from finished baseline runs", [
+             ("runs", dict(nargs="+")), ("--track", dict(required=True))]),
+        ("", "efficiency", command_efficiency, "X: the baseline matches this loss on X times the tokens", [
+            ("paths", dict(nargs="+", help="record folders or run folders")),
+            ("--track", dict(help="track of run folders (records know theirs)")),
+            ("--curve", dict(help="a reference_curve.json (default: records/<track>/reference_curve.json)"))])]:
+        command = groups[group].add_parser(name, help=summary)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        if handler is None:  # a command with sub-commands of its own
+            groups[name] = command.add_subparsers(dest="action", required=True)
+        else:
+            command.set_defaults(handler=handler)
     return parser
 
 
