@@ -329,19 +329,19 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
          f"metrics.jsonl shows {len(totals)} member(s), result.json's ensemble_size is {hp.get('ensemble_size')}")
     # result.json against the last rows: a single model's ranked loss is its last val (not so for ensembles and
     # snapshots), the train loss the last member's; tokens and training time add up over the members
-    if list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots"):
-        need(loss_text(run.val[-1]["val_loss"]) == loss_text(result.get("val_loss")),
-             f"result.json val_loss {result.get('val_loss')} != the last val row's {run.val[-1]['val_loss']}")
+    single = list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots")
     final_train = last[max(last, key=lambda member: member or 0)]["train_loss"]
-    need(loss_text(final_train) == loss_text(result.get("train_loss")),
-         f"result.json train_loss {result.get('train_loss')} != the last train row's {final_train}")
     tokens = sum(row["tokens_seen"] for row in last.values())
-    need(tokens == result.get("tokens_seen"), f"result.json tokens_seen {result.get('tokens_seen')} != {tokens}, "
-                                              f"metrics.jsonl's")
     trained = sum(row.get("train_seconds", math.nan) for row in last.values())
-    # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
-    need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last),
-         f"result.json train_seconds {result.get('train_seconds')} != {trained:.2f} in metrics.jsonl")
+    for field, theirs, agree in [
+            ("val_loss", run.val[-1]["val_loss"], not single or loss_text(run.val[-1]["val_loss"]) == loss_text(
+                result.get("val_loss"))),
+            ("train_loss", final_train, loss_text(final_train) == loss_text(result.get("train_loss"))),
+            ("tokens_seen", tokens, tokens == result.get("tokens_seen")),
+            # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
+            ("train_seconds", f"{trained:.2f}",
+             abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last))]:
+        need(agree, f"result.json {field} {result.get(field)} != {theirs}, metrics.jsonl's")
     problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + log_problems(run)]
     return problems, run, result
 
@@ -398,17 +398,12 @@ def improvement_p_value(new: list[float], old: list[float]) -> float | None:
         return None
     new_mean, new_std = mean_std(new)
     old_mean, old_std = mean_std(old)
-    new_var = new_std ** 2 / len(new)
-    old_var = (old_std ** 2 / len(old)) if old_std is not None else 0.0
-    spread = new_var + old_var
-    if spread == 0.0:
+    new_var, old_var = new_std ** 2 / len(new), (old_std ** 2 / len(old)) if old_std is not None else 0.0
+    if (spread := new_var + old_var) == 0.0:
         return 0.0 if new_mean < old_mean else 1.0
-    t = (old_mean - new_mean) / math.sqrt(spread)
-    if old_std is None:
-        df = len(new) - 1
-    else:  # Welch-Satterthwaite
-        df = spread ** 2 / (new_var ** 2 / (len(new) - 1) + old_var ** 2 / (len(old) - 1))
-    return student_t_sf(t, df)
+    df = len(new) - 1 if old_std is None else (  # Welch-Satterthwaite
+        spread ** 2 / (new_var ** 2 / (len(new) - 1) + old_var ** 2 / (len(old) - 1)))
+    return student_t_sf((old_mean - new_mean) / math.sqrt(spread), df)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -418,9 +413,7 @@ def record_runs(record: str) -> list[str]:
     """The run folders of a record (sub-folders holding a log.txt), in name order."""
     if not os.path.isdir(record):
         raise RecordError(f"{record}: not a folder")
-    runs = sorted(os.path.join(record, entry) for entry in os.listdir(record)
-                  if os.path.isfile(os.path.join(record, entry, "log.txt")))
-    if not runs:
+    if not (runs := subfolders(record, "log.txt")):
         raise RecordError(f"{record}: holds no run folders (<run_id>/log.txt)")
     return runs
 
@@ -429,22 +422,21 @@ def record_results(record: str) -> list[dict]:
     return [read_json(os.path.join(run, "result.json")) for run in record_runs(record)]
 
 
-def track_records(records_dir: str, track: str) -> list[str]:
-    """Record folders of a track, oldest first (folder names begin with the date)."""
-    folder = os.path.join(records_dir, track)
-    if not os.path.isdir(folder):
-        return []
+def subfolders(folder: str, holding: str) -> list[str]:
+    """The sub-folders of folder that hold the file `holding`, in name order (records: oldest first, by date)."""
     return sorted(os.path.join(folder, entry) for entry in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, entry, "record.json")))
+                  if os.path.isfile(os.path.join(folder, entry, holding))) if os.path.isdir(folder) else []
+
+
+def track_records(records_dir: str, track: str) -> list[str]:
+    return subfolders(os.path.join(records_dir, track), "record.json")
 
 
 def previous_record(record: str, records_dir: str, track: str) -> str | None:
     """The track's standing record just before this one: the lowest mean val loss among the older records."""
     name = os.path.basename(os.path.normpath(record))
     older = [r for r in track_records(records_dir, track) if os.path.basename(r) < name]
-    if not older:
-        return None
-    return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0])
+    return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0], default=None)
 
 
 def losses_of(results: list[dict], key: str = "val_loss") -> list[float]:
@@ -471,9 +463,8 @@ def device_hours(result: dict) -> float:
 def short_command(log: Run, world_size: int) -> str:
     """The logged command with the interpreter and absolute script path replaced by the portable form."""
     words = shlex.split(log.command)
-    flags = words[2:] if len(words) >= 2 else words
     launcher = ["python"] if world_size == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world_size}"]
-    return " ".join(shlex.quote(word) for word in [*launcher, "train_gpt.py", *flags])
+    return shlex.join([*launcher, "train_gpt.py", *(words[2:] if len(words) >= 2 else words)])
 
 
 def significance_lines(record: str, records_dir: str, track: str) -> list[str]:
@@ -522,21 +513,18 @@ def matching_budget(points: list[dict], loss: float) -> float:
     """The token budget at which the baseline reaches `loss`: piecewise-linear in (log tokens, loss) between the
     reference points, which must be sorted by budget with falling losses. Refuses to extrapolate."""
     best, worst = points[-1], points[0]
-    if loss < best["val_loss"]:
-        raise ExtrapolationError(
-            f"val loss {loss:.4f} is below every reference point (the largest budget, {best['train_tokens']:,} tokens, "
-            f"reaches {best['val_loss']:.4f}): it beats a baseline on {best['train_tokens']:,} tokens; add reference "
-            f"runs with larger budgets to measure how much further")
-    if loss > worst["val_loss"]:
-        raise ExtrapolationError(
-            f"val loss {loss:.4f} is above every reference point (the smallest budget, {worst['train_tokens']:,} "
-            f"tokens, reaches {worst['val_loss']:.4f}): it is worse than a baseline on {worst['train_tokens']:,} "
-            f"tokens; add reference runs with smaller budgets to place it")
+    for end, off, side, which, verdict, advice in (
+            (best, loss < best["val_loss"], "below", "largest", "it beats", "larger budgets to measure how much further"),
+            (worst, loss > worst["val_loss"], "above", "smallest", "it is worse than", "smaller budgets to place it")):
+        if off:
+            raise ExtrapolationError(f"val loss {loss:.4f} is {side} every reference point (the {which} budget, "
+                                     f"{end['train_tokens']:,} tokens, reaches {end['val_loss']:.4f}): {verdict} a "
+                                     f"baseline on {end['train_tokens']:,} tokens; add reference runs with {advice}")
     for a, b in zip(points, points[1:]):
         if b["val_loss"] <= loss <= a["val_loss"]:
             fraction = (a["val_loss"] - loss) / (a["val_loss"] - b["val_loss"])
-            log_tokens = math.log(a["train_tokens"]) + fraction * (math.log(b["train_tokens"]) - math.log(a["train_tokens"]))
-            return math.exp(log_tokens)
+            return math.exp(math.log(a["train_tokens"]) + fraction * (math.log(b["train_tokens"]) -
+                                                                      math.log(a["train_tokens"])))
     raise AssertionError("unreachable: the loss lies between the first and the last point")
 
 
