@@ -472,17 +472,14 @@ def significance_lines(record: str, records_dir: str, track: str) -> list[str]:
     losses = [r["val_loss"] for r in record_results(record)]
     mean, std = mean_std(losses)
     lines = [f"val loss over {len(losses)} seed(s): mean {mean:.4f}, std " + ("n/a" if std is None else f"{std:.4f}")]
-    previous = previous_record(record, records_dir, track)
-    if previous is None:
-        lines.append("previous record: none in this track (first record)")
-        return lines
+    if (previous := previous_record(record, records_dir, track)) is None:
+        return lines + ["previous record: none in this track (first record)"]
     old = [r["val_loss"] for r in record_results(previous)]
     p_value = improvement_p_value(losses, old)
     verdict = ("n/a (one seed: run at least 2, better 3+)" if p_value is None else
                f"{p_value:.2g} ({'significant' if p_value < 0.01 else 'NOT significant'} at p < 0.01)")
-    lines.append(f"previous record: {os.path.basename(previous)} ({format_mean_std(old)}, {len(old)} seed(s)); "
-                 f"one-sided Welch t-test p = {verdict}")
-    return lines
+    return lines + [f"previous record: {os.path.basename(previous)} ({format_mean_std(old)}, {len(old)} seed(s)); "
+                    f"one-sided Welch t-test p = {verdict}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -534,9 +531,8 @@ def efficiency_summary(curve: dict, loss: float, train_tokens: int) -> tuple[str
         budget = matching_budget(curve["points"], loss)
     except ExtrapolationError as error:
         return str(error), None
-    multiple = budget / train_tokens
     return (f"val loss {loss:.4f} on {train_tokens:,} train tokens matches a baseline trained on {budget:,.0f} tokens: "
-            f"{multiple:.2f}x the tokens"), multiple
+            f"{budget / train_tokens:.2f}x the tokens"), budget / train_tokens
 
 
 def efficiency_cell(curve: dict | None, loss: float, train_tokens: int) -> str:
@@ -649,8 +645,10 @@ def command_plot(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # new: a record folder from finished runs
 
-def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
-    """Checks each run and that the runs are seeds of one experiment: same source, same settings but the seed."""
+def check_runs_together(folders: list[str], free: set = PER_SEED_FIELDS, recipe: str = "recipe",
+                        seeds_differ: bool = True) -> tuple[list[str], list[Run], list[dict]]:
+    """Checks each run and that the runs are one experiment: the same source, validation set and settings but the
+    `free` ones; the seeds of a record also differ (the points of a reference curve may share one)."""
     problems, logs, results = [], [], []
     for folder in folders:
         found, log, result = run_problems(folder)
@@ -666,11 +664,12 @@ def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[
             problems.append(f"{log.path}: embedded source differs from {reference.path} (sha256 "
                             f"{sha256_text(log.source)[:12]} vs {sha256_text(reference.source)[:12]})")
         differing = sorted(k for k in set(log.hyperparameters) | set(reference.hyperparameters)
-                           if k not in PER_SEED_FIELDS and log.hyperparameters.get(k) != reference.hyperparameters.get(k))
+                           if k not in free and log.hyperparameters.get(k) != reference.hyperparameters.get(k))
         if differing:
-            problems.append(f"{log.path}: hyperparameters differ from {reference.path}: {', '.join(differing)}")
+            problems.append(f"{log.path}: hyperparameters differ from {reference.path} (not the same {recipe}): "
+                            f"{', '.join(differing)}")
     seeds = [log.hyperparameters.get("seed") for log in logs]
-    if len(set(seeds)) != len(seeds):
+    if seeds_differ and len(set(seeds)) != len(seeds):
         problems.append(f"two runs share a seed ({seeds}): seeds of a record must differ")
     if not all(same_val_set(r, results[0]) for r in results):
         problems.append(f"the runs scored different validation sets (unigram entropies "
@@ -984,37 +983,29 @@ def command_reference_plan(args) -> int:
 def command_reference_build(args) -> int:
     track = get_track(args.track)
     folders = [run_folder_of(path) for path in args.runs]
-    problems, by_budget, recipe, source = [], {}, None, None
-    for folder in folders:
-        found, log, result = run_problems(folder)
-        problems += found
-        if log is None or result is None or found:
-            continue
-        # One recipe for every point: only the budget, the seed and the names may differ.
-        settings = {k: v for k, v in log.hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}}
-        if recipe is None:
-            recipe, source, first = settings, log.source, result
-        elif settings != recipe or log.source != source:
-            problems.append(f"{folder}: not the same baseline recipe and script as the first run")
-        elif not same_val_set(result, first):
-            problems.append(f"{folder}: scored a different validation set")
-        by_budget.setdefault(result["train_tokens"], []).append(result)
+    # One recipe for every point: only the budget, the seed and the names may differ.
+    problems, logs, results = check_runs_together(folders, PER_SEED_FIELDS | {"train_tokens"}, "baseline recipe",
+                                                  seeds_differ=False)
     if problems:
         raise RecordError("the runs cannot make a reference curve:\n  " + "\n  ".join(problems))
+    by_budget = {}
+    for result in results:
+        by_budget.setdefault(result["train_tokens"], []).append(result)
     points = [dict(zip(("train_tokens", "val_loss", "val_loss_std", "seeds", "runs"), (
-        budget, *mean_std([r["val_loss"] for r in results]), len(results), [r["run_id"] for r in results])))
-        for budget, results in sorted(by_budget.items())]
+        budget, *mean_std([r["val_loss"] for r in group]), len(group), [r["run_id"] for r in group])))
+        for budget, group in sorted(by_budget.items())]
     curve = dict(track=track.name, what="val loss of the track's single-model baseline against its train-token "
                                         "budget (--train_tokens); mean over seeds",
-                 baseline=" ".join(track.baseline), source_sha256=sha256_text(source),
-                 unigram_val_entropy=first["unigram_val_entropy"],
-                 recipe=recipe, points=points)
+                 baseline=" ".join(track.baseline), source_sha256=sha256_text(logs[0].source),
+                 unigram_val_entropy=results[0]["unigram_val_entropy"], recipe={
+                     k: v for k, v in logs[0].hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}},
+                 points=points)
     out = os.path.join(args.records_dir, track.name, "reference_curve.json")
     check_curve(dict(curve), out)  # refuses a curve whose losses do not fall with the budget
     os.makedirs(os.path.dirname(out), exist_ok=True)
     write_json(out, curve)
     # The runs themselves stay checkable: their logs go next to the curve.
-    for folder, result in ((f, read_json(os.path.join(f, "result.json"))) for f in folders):
+    for folder, result in zip(folders, results):
         copy_run(folder, os.path.join(args.records_dir, track.name, "reference", result["run_id"]), exist_ok=True)
     print(f"wrote {out} ({len(points)} points) and the runs' logs under {os.path.dirname(out)}/reference/")
     for point in points:
