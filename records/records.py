@@ -156,13 +156,11 @@ def read_log(path: str) -> tuple[str, dict[str, list[str]], bool]:
     if command_at is None:
         raise RecordError(f"{path}: no command section after the source")
     sections: dict[str, list[str]] = {}
-    current = None
     for line, title in zip(lines[command_at:], titles[command_at:]):
-        if title is None:
-            sections[current].append(line)
+        if title is not None:
+            current = sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
         else:
-            current = title
-            sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
+            current.append(line)
     return "\n".join(lines[1:command_at]) + "\n", sections, titles.count("run") > 1
 
 
@@ -268,25 +266,23 @@ def progress_line_problems(run: Run, totals: dict) -> list[str]:
 
 def log_problems(run: Run) -> list[str]:
     """log.txt against result.json: the hyperparameters section, where it ran, the test line and the done line."""
-    result, problems = run.result, []
-    if run.sections["hyperparameters"] != [f"{key} = {value!r}" for key, value in run.hyperparameters.items()]:
-        problems.append("result.json hyperparameters differ from the log's hyperparameters section")
-    if not any(line.startswith(f"world_size {result.get('world_size')} | device {result.get('device')} | ")
-               for line in run.sections.get("environment", [])):
-        problems.append(f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ "
-                        f"from the log's environment section")
+    result, get = run.result, run.result.get
     test_line = next((line + " |" for line in reversed(run.lines) if line.startswith("test ")), None)
-    test_loss = result.get("test_loss")
-    if (test_line is None) != (test_loss is None) or (test_loss is not None and
-                                                       f"| test_loss {loss_text(test_loss)} |" not in test_line):
-        problems.append(f"result.json test_loss {test_loss} != the log's test line ({test_line})")
     done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
-    for field, text in [("val_loss", f"done | val_loss {loss_text(result.get('val_loss'))}"),
-                        ("tokens_seen", f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
-                        ("ranks_agree", f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
-        if text not in done:
-            problems.append(f"result.json {field} {result.get(field)} disagrees with the done line ({done})")
-    return problems
+    return [message for agrees, message in [
+        (run.sections["hyperparameters"] == [f"{key} = {value!r}" for key, value in run.hyperparameters.items()],
+         "result.json hyperparameters differ from the log's hyperparameters section"),
+        (any(line.startswith(f"world_size {get('world_size')} | device {get('device')} | ")
+             for line in run.sections.get("environment", [])),
+         f"result.json world_size {get('world_size')} / device {get('device')} differ from the log's environment "
+         f"section"),
+        ((test_line is None) == (get("test_loss") is None) and (
+            test_line is None or f"| test_loss {loss_text(get('test_loss'))} |" in test_line),
+         f"result.json test_loss {get('test_loss')} != the log's test line ({test_line})"),
+        *[(text in done, f"result.json {field} {get(field)} disagrees with the done line ({done})") for field, text in [
+            ("val_loss", f"done | val_loss {loss_text(get('val_loss'))}"),
+            ("tokens_seen", f" tokens trained on {train_gpt.format_count(get('tokens_seen', -1))} "),
+            ("ranks_agree", f" ranks agree: {'yes' if get('ranks_agree') else 'NO'}")]]] if not agrees]
 
 
 def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
@@ -619,21 +615,15 @@ def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int 
 
 def plot_folders(paths: list[str]) -> list[str]:
     """Run folders of the given run folders, log.txt files and record folders."""
-    folders = []
-    for path in paths:
-        if os.path.isfile(os.path.join(path, "record.json")):
-            folders += record_runs(path)
-        else:
-            folders.append(run_folder_of(path))
-    return folders
+    return [folder for path in paths for folder in (
+        record_runs(path) if os.path.isfile(os.path.join(path, "record.json")) else [run_folder_of(path)])]
 
 
 def record_title(paths: list[str]) -> str:
     """One record's plot is titled as `new` titles it; anything else by its runs' names (loss_figure)."""
-    if len(paths) != 1 or not os.path.isfile(os.path.join(paths[0], "record.json")):
-        return ""
-    summary = read_json(os.path.join(paths[0], "record.json"))
-    return f"{summary.get('track')}: {summary.get('title')}"
+    summary = read_json(os.path.join(paths[0], "record.json")) if len(paths) == 1 and os.path.isfile(
+        os.path.join(paths[0], "record.json")) else None
+    return f"{summary.get('track')}: {summary.get('title')}" if summary else ""
 
 
 def command_plot(args) -> int:
@@ -785,10 +775,10 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
     train_gpt.atomic_write_bytes(script, run.source.encode("utf-8"))
     # Stop at a step the original logged: the first logged step at or past `steps`.
     target = next((row["step"] for row in run.train if row["step"] >= steps), run.train[-1]["step"])
-    wait_for_val = any(row["step"] == target for row in run.val)
+    wanted = "val" if any(row["step"] == target for row in run.val) else "train"  # and that step's validation
     settings = dict(run_id="rerun", log_dir=os.path.join(workdir, "logs"), save_model=False, **overrides)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
+    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                  if nproc > 1 else [])]
     metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
     logged, start, output, rows = losses_by_place(run.metrics), time.time(), [], []
     process = subprocess.Popen([*launcher, script, *rerun_flags(run.hyperparameters, settings)], cwd=cwd, text=True,
@@ -806,8 +796,7 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
                     f"(logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f})" if key in logged else
                     "(not logged)"), flush=True)
             rows += new
-            if any(row["step"] >= target for row in rows if row.get("kind") == ("val" if wait_for_val else "train")) \
-                    or time.time() - start > timeout:
+            if any(row["step"] >= target for row in rows if row.get("kind") == wanted) or time.time() - start > timeout:
                 break
     finally:
         watchdog.cancel()
