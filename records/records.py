@@ -125,8 +125,7 @@ PROGRESS_KINDS = (("train", "step "), ("val", "val  step "))  # metrics.jsonl ki
 
 @dataclass
 class Run:
-    """One run folder. Every number comes from metrics.jsonl and result.json; log.txt gives the source and the
-    command, and run_problems checks that it says what the numbers say."""
+    """One run folder: the numbers from metrics.jsonl and result.json, the source and the command from log.txt."""
     folder: str
     source: str  # the training script exactly as it ran (log.txt's first section)
     sections: dict[str, list[str]]  # log.txt's sections after the source, by title (a title repeated: one list)
@@ -180,10 +179,8 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
         raise RecordError(f"{path}: missing")
     with open(path, encoding="utf-8") as handle:
         lines = handle.readlines()
-    if whole_lines_only and lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    rows = []
-    for number, line in [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]:
+    rows, cut = [], whole_lines_only and lines and not lines[-1].endswith("\n")  # the last line is still being written
+    for number, line in [(number, line) for number, line in enumerate(lines[:-1] if cut else lines, 1) if line.strip()]:
         try:
             rows.append(json.loads(line))
             kind = rows[-1].get("kind")  # the rows every check reads: their step, loss and tokens are numbers
@@ -242,9 +239,8 @@ def loss_text(value) -> str:
 # Consistency: metrics.jsonl and result.json agree with each other, and log.txt says what they say
 
 def progress_line_problems(run: Run, totals: dict) -> list[str]:
-    """Every train and val line of log.txt against its metrics.jsonl row, member by member in the order written
-    (with --parallel_members the members' lines interleave): the step of the member's total, the loss and the
-    tokens; no line without a row, no row without a line."""
+    """Each train and val line of log.txt against its metrics.jsonl row (step/total, loss, tokens), member by member
+    (with --parallel_members their lines interleave); no line without a row, no row without a line."""
     size, problems, count = run.hyperparameters.get("ensemble_size", 1), [], train_gpt.format_count
     tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m)
                          for m in range(size if size > 1 else 0)}}
@@ -357,8 +353,7 @@ def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     """Lentz's method for the continued fraction of I_x(a, b) (Numerical Recipes, betacf)."""
     tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
     c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
+    h = d = 1.0 / (d if abs(d) > tiny else tiny)
     for m in range(1, 1000):
         m2 = 2 * m
         for numerator in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
@@ -551,23 +546,21 @@ def track_curve(records_dir: str, track: str) -> dict | None:
 # `ensemble` rows)
 
 def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, title: str = ""):
-    """The figure of plot_runs (tests read its lines back): each run's (and member's) val curve, solid with markers,
-    its train curve dashed in the same colour, a dotted line per unigram baseline; a second panel of loss against
-    ensemble size when runs log `ensemble` rows."""
+    """plot_runs' figure: per run (and member) val solid with markers, train dashed in the same colour, a dotted
+    unigram baseline; a second panel of loss against ensemble size when runs log `ensemble` rows."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     # a run still going (no result.json yet) may be writing its last metrics line: that one is skipped
-    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"), not
-             os.path.isfile(os.path.join(folder, "result.json"))), os.path.join(folder, "result.json"))
-            for folder in folders]
+    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"),
+             not os.path.isfile(result)), result) for folder in folders
+            for result in [os.path.join(folder, "result.json")]]
     ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"])
                  for name, rows, _ in runs]
-    dpi, markers = 100, itertools.cycle("os^Dv<>p")
-    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=dpi,
-                                figsize=(width_px / dpi, height_px / dpi))
-    losses, colours = axes[0][0], {}
+    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=100,
+                                figsize=(width_px / 100, height_px / 100))
+    losses, colours, markers = axes[0][0], {}, itertools.cycle("os^Dv<>p")
     for name, rows, _ in runs:
         for member in dict.fromkeys(row.get("member") for row in rows if row.get("kind") in ("train", "val")):
             label = name if member is None else f"{name} member {member}"
@@ -591,10 +584,9 @@ def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, t
         losses.axhline(unigram, color="gray" if shared else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
                        label=("" if shared else f"{name} ") + f"unigram baseline {unigram:.4f}")
     losses.set(xlabel="tokens seen", ylabel="loss (nats/token)")
-    for name, rows in ensembles:
-        if rows:
-            axes[0][1].plot(*zip(*rows), marker="o", label=name)
-            axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
+    for name, rows in filter(lambda ensemble: ensemble[1], ensembles):
+        axes[0][1].plot(*zip(*rows), marker="o", label=name)
+        axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
     for panel in axes[0]:
         panel.grid(alpha=0.3)
     losses.legend(fontsize=8)
@@ -768,9 +760,8 @@ def place_text(member, kind: str, step: int) -> str:
 
 def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
                   timeout: float) -> list[dict]:
-    """Runs the embedded source with the logged hyperparameters (its full LR schedule: same total steps), prints
-    each loss row as it comes beside the logged one, and stops it once it reaches `steps` (and that step's
-    validation, if the original validated there). Returns the re-run's metrics.jsonl rows."""
+    """The metrics.jsonl rows of the embedded source re-run with the logged hyperparameters (its full LR schedule),
+    each loss printed beside the logged one as it comes, stopped once it reaches `steps`."""
     script = os.path.join(workdir, "train_gpt.py")
     train_gpt.atomic_write_bytes(script, run.source.encode("utf-8"))
     # Stop at a step the original logged: the first logged step at or past `steps`.
@@ -816,8 +807,7 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
 
 
 def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
-    """Loss values at every (member, step) both runs logged: (a problem per difference over tolerance, a summary
-    line with the largest difference)."""
+    """(a problem per loss both runs logged that differs by more than tolerance, a summary with the largest)."""
     mine, theirs, problems, largest = losses_by_place(run.metrics), losses_by_place(rerun_rows), [], (0.0, None)
     shared = [key for key in mine if key in theirs]
     for key in shared:
@@ -860,21 +850,18 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
             problems.append(f"scored a different validation set than {os.path.basename(previous)} (unigram entropy "
                             f"{results[0].get('unigram_val_entropy')} vs {theirs.get('unigram_val_entropy')})")
     print(f"{record}: {len(folders)} run(s), track {track.name}, logs {'consistent' if not problems else 'INCONSISTENT'}")
-    if results and not found:
-        for line in significance_lines(record, records_dir, track.name):
-            print("  " + line)
-    if rerun and runs:
-        for run in runs:
-            with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
-                print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
-                      flush=True)
-                try:
-                    differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc,
-                                                                              cwd, timeout), tolerance)
-                except RecordError as error:
-                    differences, compared = [str(error)], "nothing compared"
-                problems += [f"{run.name} re-run: {d}" for d in differences]
-                print(f"  re-run {'agrees' if not differences else 'DIVERGES'}: {compared}")
+    for line in significance_lines(record, records_dir, track.name) if results and not found else []:
+        print("  " + line)
+    for run in runs if rerun else []:
+        with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
+            print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...", flush=True)
+            try:
+                differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc, cwd,
+                                                                          timeout), tolerance)
+            except RecordError as error:
+                differences, compared = [str(error)], "nothing compared"
+            problems += [f"{run.name} re-run: {d}" for d in differences]
+            print(f"  re-run {'agrees' if not differences else 'DIVERGES'}: {compared}")
     return problems
 
 
@@ -901,8 +888,7 @@ def leaderboard(records_dir: str) -> str:
     """The markdown of every track's table, records ordered by mean val loss (lowest first)."""
     blocks = ["<!-- made by `python records/records.py table` from records/*/*/*/result.json; do not edit by hand -->"]
     for track in TRACKS.values():
-        rows = []
-        curve = track_curve(records_dir, track.name)
+        rows, curve = [], track_curve(records_dir, track.name)
         for record in track_records(records_dir, track.name):
             summary = read_json(os.path.join(record, "record.json"))
             results = record_results(record)
@@ -914,14 +900,11 @@ def leaderboard(records_dir: str) -> str:
                 efficiency_cell(curve, mean_std(losses)[0], results[0]["train_tokens"]),
                 f"{sum(device_hours(r) for r in results):.2f}", summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
-        blocks.append(f"\n### `{track.name}`: {track.summary}\n")
-        if not rows:
-            blocks.append("No record yet.")
-            continue
-        blocks.append("| # | val loss | test loss | seeds | train tokens | data efficiency | device-hours | date | record |")
-        blocks.append("|---|---|---|---|---|---|---|---|---|")
-        for rank, (_, _, cells) in enumerate(sorted(rows, key=lambda row: (row[0], row[1])), start=1):
-            blocks.append(f"| {rank} | " + " | ".join(cells) + " |")
+        blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
+            "| # | val loss | test loss | seeds | train tokens | data efficiency | device-hours | date | record |",
+            "|---|---|---|---|---|---|---|---|---|", *[f"| {rank} | " + " | ".join(cells) + " |" for rank, (_, _, cells)
+                                                       in enumerate(sorted(rows, key=lambda row: row[:2]), start=1)]]
+            if rows else ["No record yet."])]
     return "\n".join(blocks) + "\n"
 
 
