@@ -23,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -75,10 +76,8 @@ def _gpu_track(name: str, seconds: float | None, label: str) -> Track:
 
 
 TRACKS: dict[str, Track] = {
-    # tiny: records train on the first quarter of the bundled sample (--train_tokens 35027), so the reference
-    # baselines can go up to 4x more data (the whole sample) and the data-efficiency multiple can be measured. The
-    # baseline recipe gives every budget the same compute (54 steps of 8,192 tokens, the tiny preset's on the whole
-    # sample): compute is nearly free, data is the constraint, as in the slowrun.
+    # tiny: records train on a quarter of the bundled sample, so the reference baselines (same compute at every
+    # budget: compute is nearly free, data is the constraint) go up to 4x more data (records/README.md).
     "tiny": Track("tiny", "CPU, the first quarter (35k tokens) of the bundled FineWeb-Edu sample, any wall time",
                   "cpu", None, None, "fineweb_edu_train.bin", "fineweb_edu_val.bin", 35027,
                   ("python", "train_gpt.py", "--preset", "tiny", "--num_epochs", "1000", "--max_steps", "54",
@@ -343,10 +342,7 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
@@ -480,11 +476,9 @@ class ExtrapolationError(RecordError):
     """The loss lies outside the reference points: we bound the answer rather than invent one."""
 
 
-def load_curve(path: str) -> dict:
-    return check_curve(read_json(path), path)
-
-
-def check_curve(curve: dict, path: str) -> dict:
+def load_curve(path: str, curve: dict | None = None) -> dict:
+    """The reference curve at path (or the given one, about to be written there), its points sorted and checked."""
+    curve = read_json(path) if curve is None else curve
     points = sorted(curve.get("points", []), key=lambda p: p["train_tokens"])
     if len(points) < 2:
         raise RecordError(f"{path}: a reference curve needs at least 2 points, it has {len(points)}")
@@ -693,18 +687,16 @@ def command_new(args) -> int:
     folders = [run_folder_of(path) for path in args.runs]
     problems, logs, results = check_runs_together(folders)
     if not problems:
-        track_name = args.track or ("tiny" if logs[0].hyperparameters.get("preset") == "tiny" else None)
-        if track_name is None:
+        if not (args.track or logs[0].hyperparameters.get("preset") == "tiny"):
             raise RecordError("say which track the runs are for: --track " + " | ".join(TRACKS))
-        track = get_track(track_name)
+        track = get_track(args.track or "tiny")
         problems += [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
     if problems:
         raise RecordError("the runs cannot make a record:\n  " + "\n  ".join(problems))
     date = args.date or datetime.date.today().isoformat()
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.slug):
         raise RecordError("--date must be YYYY-MM-DD and --slug lowercase letters, digits and dashes")
-    record = os.path.join(args.records_dir, track.name, f"{date}_{args.slug}")
-    if os.path.exists(record):
+    if os.path.exists(record := os.path.join(args.records_dir, track.name, f"{date}_{args.slug}")):
         raise RecordError(f"{record} already exists")
     os.makedirs(record)
     try:
@@ -808,19 +800,15 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
 
 def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
     """(a problem per loss both runs logged that differs by more than tolerance, a summary with the largest)."""
-    mine, theirs, problems, largest = losses_by_place(run.metrics), losses_by_place(rerun_rows), [], (0.0, None)
-    shared = [key for key in mine if key in theirs]
-    for key in shared:
-        difference = abs(mine[key] - theirs[key])
-        if not difference <= tolerance:  # NaN fails too
-            problems.append(f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| "
-                            f"{difference:.4f} > tolerance {tolerance})")
-        if not difference <= largest[0]:
-            largest = (difference, place_text(*key))
-    if not shared:
-        problems.append("no loss line to compare (raise --steps)")
-    return problems, (f"{len(shared)} loss values compared, max |diff| {largest[0]:.4f} nats"
-                      + (f" at {largest[1]}" if largest[1] else "") + f" (tolerance {tolerance})")
+    mine, theirs = losses_by_place(run.metrics), losses_by_place(rerun_rows)
+    gaps = {key: abs(mine[key] - theirs[key]) for key in mine if key in theirs}
+    problems = [f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| {gap:.4f} > "
+                f"tolerance {tolerance})" for key, gap in gaps.items() if not gap <= tolerance]  # NaN fails too
+    worst = max(gaps, key=lambda key: math.inf if math.isnan(gaps[key]) else gaps[key], default=None)
+    worst = worst if worst is not None and not gaps[worst] <= 0.0 else None  # named only when there is a gap
+    return problems + ([] if gaps else ["no loss line to compare (raise --steps)"]), (
+        f"{len(gaps)} loss values compared, max |diff| {gaps[worst] if worst else 0.0:.4f} nats"
+        + (f" at {place_text(*worst)}" if worst else "") + f" (tolerance {tolerance})")
 
 
 def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolerance: float,
@@ -854,7 +842,8 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
         print("  " + line)
     for run in runs if rerun else []:
         with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
-            print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...", flush=True)
+            print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
+                  flush=True)
             try:
                 differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc, cwd,
                                                                           timeout), tolerance)
@@ -865,14 +854,10 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
     return problems
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    if bad := [pair for pair in pairs if "=" not in pair]:
-        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
-    return dict(pair.split("=", 1) for pair in pairs)
-
-
 def command_verify(args) -> int:
-    overrides, failed = parse_overrides(args.set), False
+    if bad := [pair for pair in args.set if "=" not in pair]:
+        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    overrides, failed = dict(pair.split("=", 1) for pair in args.set), False
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
@@ -973,7 +958,7 @@ def command_reference_build(args) -> int:
                      k: v for k, v in logs[0].hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}},
                  points=points)
     out = os.path.join(args.records_dir, track.name, "reference_curve.json")
-    check_curve(dict(curve), out)  # refuses a curve whose losses do not fall with the budget
+    load_curve(out, dict(curve))  # refuses a curve whose losses do not fall with the budget
     os.makedirs(os.path.dirname(out), exist_ok=True)
     write_json(out, curve)
     # The runs themselves stay checkable: their logs go next to the curve.
@@ -988,12 +973,9 @@ def command_reference_build(args) -> int:
 def command_efficiency(args) -> int:
     failed = False  # the report for records or runs
     for path in args.paths:
-        if os.path.isfile(os.path.join(path, "record.json")):
-            results = record_results(path)
-            track = read_json(os.path.join(path, "record.json"))["track"]
-        else:
-            results = [read_json(os.path.join(run_folder_of(path), "result.json"))]
-            track = args.track
+        is_record = os.path.isfile(os.path.join(path, "record.json"))
+        results = record_results(path) if is_record else [read_json(os.path.join(run_folder_of(path), "result.json"))]
+        track = read_json(os.path.join(path, "record.json"))["track"] if is_record else args.track
         curve_path = args.curve or (os.path.join(args.records_dir, track, "reference_curve.json") if track else None)
         if curve_path is None:
             raise RecordError(f"{path}: a run folder needs --track or --curve to find its reference curve")
@@ -1003,8 +985,8 @@ def command_efficiency(args) -> int:
         curve = load_curve(curve_path)
         if "unigram_val_entropy" in curve and not same_val_set(curve, results[0]):
             raise RecordError(f"{path}: scored a different validation set than the reference curve")
-        loss = mean_std([r["val_loss"] for r in results])[0]
-        line, multiple = efficiency_summary(curve, loss, results[0]["train_tokens"])
+        line, multiple = efficiency_summary(curve, mean_std([r["val_loss"] for r in results])[0],
+                                            results[0]["train_tokens"])
         print(f"{path}: {line}" if multiple is not None else f"{path}: cannot place it: {line}")
         failed |= multiple is None
     return 1 if failed else 0
@@ -1043,16 +1025,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("", "plot", command_plot, "PNG of val loss against tokens seen for runs or records", [
             ("paths", dict(nargs="+", help="run folders, log.txt files or record folders")),
             ("--out", dict(required=True, help="the PNG to write")),
-            ("--width", dict(type=int, default=960, help="pixels")),
-            ("--height", dict(type=int, default=600, help="pixels")),
-            ("--title", dict(default=""))]),
+            ("--width", dict(type=int, default=960, help="pixels")), ("--title", dict(default="")),
+            ("--height", dict(type=int, default=600, help="pixels"))]),
         ("", "reference", None, "the data-efficiency reference curve: plan its runs, build it", []),
         ("reference", "plan", command_reference_plan, "print the baseline commands, one per token budget and seed", [
             ("--track", dict(required=True)),
             ("--budgets", dict(help="comma-separated train-token budgets (default: the whole train set and "
                                     "--halvings successive halves)")),
-            ("--halvings", dict(type=int, default=3)),
-            ("--seeds", dict(type=int, default=1)),
+            ("--halvings", dict(type=int, default=3)), ("--seeds", dict(type=int, default=1)),
             ("extra", dict(nargs="*", help="extra train_gpt.py flags after --, e.g. -- --train_files BIG.bin"))]),
         ("reference", "build", command_reference_build,
          "write records/<track>/reference_curve.json from finished baseline runs", [
