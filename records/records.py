@@ -82,10 +82,9 @@ TRACKS: dict[str, Track] = {
                   "cpu", None, None, "fineweb_edu_train.bin", "fineweb_edu_val.bin", 35027,
                   ("python", "train_gpt.py", "--preset", "tiny", "--num_epochs", "1000", "--max_steps", "54",
                    "--val_every", "-1")),
-    "8gpu-15min": _gpu_track("8gpu-15min", 15 * 60, "15 minutes of training"),
-    "8gpu-1h": _gpu_track("8gpu-1h", 3600, "1 hour of training"),
-    "8gpu-2h": _gpu_track("8gpu-2h", 7200, "2 hours of training"),
-    "8gpu-unlimited": _gpu_track("8gpu-unlimited", None, "no time limit"),
+    **{name: _gpu_track(name, seconds, label) for name, seconds, label in (
+        ("8gpu-15min", 15 * 60, "15 minutes of training"), ("8gpu-1h", 3600, "1 hour of training"),
+        ("8gpu-2h", 7200, "2 hours of training"), ("8gpu-unlimited", None, "no time limit"))},
 }
 
 
@@ -194,9 +193,8 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
 
 def read_run(folder: str) -> Run:
     source, sections, resumed = read_log(os.path.join(folder, "log.txt"))
-    for needed in ("hyperparameters", "run"):
-        if needed not in sections:
-            raise RecordError(f"{os.path.join(folder, 'log.txt')}: no {needed} section (the run did not start)")
+    if missing := [title for title in ("hyperparameters", "run") if title not in sections]:
+        raise RecordError(f"{os.path.join(folder, 'log.txt')}: no {missing[0]} section (the run did not start)")
     return Run(folder, source, sections, resumed, read_metrics(os.path.join(folder, "metrics.jsonl")),
                read_json(os.path.join(folder, "result.json")))
 
@@ -991,9 +989,6 @@ def command_efficiency(args) -> int:
         failed |= multiple is None
     return 1 if failed else 0
 
-
-# ----------------------------------------------------------------------------------------------------------------------
-# main
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="records.py", description=__doc__.split("\n\n")[1],
