@@ -494,7 +494,8 @@ def matching_budget(points: list[dict], loss: float) -> float:
     reference points, which must be sorted by budget with falling losses. Refuses to extrapolate."""
     best, worst = points[-1], points[0]
     for end, off, side, which, verdict, advice in (
-            (best, loss < best["val_loss"], "below", "largest", "it beats", "larger budgets to measure how much further"),
+            (best, loss < best["val_loss"], "below", "largest", "it beats",
+             "larger budgets to measure how much further"),
             (worst, loss > worst["val_loss"], "above", "smallest", "it is worse than", "smaller budgets to place it")):
         if off:
             raise ExtrapolationError(f"val loss {loss:.4f} is {side} every reference point (the {which} budget, "
