@@ -1,10 +1,6 @@
 """
-records: make, check, tabulate and plot slowrun records, and place them on a data-efficiency reference curve.
-
-A record is a folder records/<track>/<YYYY-MM-DD>_<slug>/ holding one sub-folder per seed (the run's log.txt with
-the training script's full source inside, metrics.jsonl, result.json), plot.png, README.md and record.json (summary
-plus the sha256 of every file). Anyone can check a record: `verify` re-derives every number from the logs, and
-`verify --rerun` runs the embedded script again and compares the loss lines step by step.
+records: make, check, tabulate and plot slowrun records, and place them on a data-efficiency reference curve
+(records/README.md describes the layout, the tracks and the checks).
 
     python records/records.py new logs/run_s0 logs/run_s1 logs/run_s2 --track tiny --slug my-trick --title "..."
     python records/records.py verify records/tiny/2025-01-01_my-trick [--rerun --steps 10]
@@ -13,14 +9,11 @@ plus the sha256 of every file). Anyone can check a record: `verify` re-derives e
     python records/records.py reference plan --track tiny  # prints the baseline runs of the reference curve
     python records/records.py reference build logs/ref_tiny_* --track tiny
     python records/records.py efficiency records/tiny/2025-01-01_my-trick
-
-Every number comes from metrics.jsonl and result.json; log.txt supplies the source and the command and is checked
-against them. Imports train_gpt (its formats and file helpers, and for `reference plan` its data loader); matplotlib
-for plots.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import hashlib
 import itertools
@@ -30,6 +23,7 @@ import os
 import re
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -82,18 +76,15 @@ def _gpu_track(name: str, seconds: float | None, label: str) -> Track:
 
 
 TRACKS: dict[str, Track] = {
-    # tiny: records train on the first quarter of the bundled sample (--train_tokens 35027), so the reference
-    # baselines can go up to 4x more data (the whole sample) and the data-efficiency multiple can be measured. The
-    # baseline recipe gives every budget the same compute (54 steps of 8,192 tokens, the tiny preset's on the whole
-    # sample): compute is nearly free, data is the constraint, as in the slowrun.
+    # tiny: records train on a quarter of the bundled sample, so the reference baselines (same compute at every
+    # budget: compute is nearly free, data is the constraint) go up to 4x more data (records/README.md).
     "tiny": Track("tiny", "CPU, the first quarter (35k tokens) of the bundled FineWeb-Edu sample, any wall time",
                   "cpu", None, None, "fineweb_edu_train.bin", "fineweb_edu_val.bin", 35027,
                   ("python", "train_gpt.py", "--preset", "tiny", "--num_epochs", "1000", "--max_steps", "54",
                    "--val_every", "-1")),
-    "8gpu-15min": _gpu_track("8gpu-15min", 15 * 60, "15 minutes of training"),
-    "8gpu-1h": _gpu_track("8gpu-1h", 3600, "1 hour of training"),
-    "8gpu-2h": _gpu_track("8gpu-2h", 7200, "2 hours of training"),
-    "8gpu-unlimited": _gpu_track("8gpu-unlimited", None, "no time limit"),
+    **{name: _gpu_track(name, seconds, label) for name, seconds, label in (
+        ("8gpu-15min", 15 * 60, "15 minutes of training"), ("8gpu-1h", 3600, "1 hour of training"),
+        ("8gpu-2h", 7200, "2 hours of training"), ("8gpu-unlimited", None, "no time limit"))},
 }
 
 
@@ -105,24 +96,22 @@ def get_track(name: str) -> Track:
 
 def track_violations(track: Track, result: dict) -> list[str]:
     """Why a finished run does not qualify for the track ([] when it does)."""
-    hp, problems = result["hyperparameters"], []
-    if not str(result.get("device", "")).startswith(track.device):
-        problems.append(f"ran on {result.get('device')}, track {track.name} is {track.device}")
-    if track.world_size is not None and result.get("world_size") != track.world_size:
-        problems.append(f"ran on {result.get('world_size')} ranks, track {track.name} needs {track.world_size}")
-    if track.train_seconds is not None and result.get("train_seconds", math.inf) > track.train_seconds:
-        problems.append(f"trained {result.get('train_seconds')} s, over the track's {track.train_seconds:.0f} s")
-    if os.path.basename(hp.get("train_files", "")) != track.train_file:
-        problems.append(f"train_files {hp.get('train_files')!r} is not the track's {track.train_file}")
-    if os.path.basename(hp.get("val_files", "")) != track.val_file:
-        problems.append(f"val_files {hp.get('val_files')!r} is not the track's {track.val_file}")
-    if hp.get("val_tokens", 0) != 0:
-        problems.append(f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation set")
-    if hp.get("train_tokens", 0) != track.train_tokens:
-        problems.append(f"train_tokens = {hp.get('train_tokens')}, the track's budget is {track.train_tokens}")
-    if result.get("ranks_agree") is False:
-        problems.append("ranks ended with different weights (ranks agree: NO)")
-    return problems
+    hp, get, limit = result["hyperparameters"], result.get, track.train_seconds
+    return [message for broken, message in [
+        (not str(get("device", "")).startswith(track.device), f"ran on {get('device')}, track {track.name} is "
+                                                               f"{track.device}"),
+        (track.world_size not in (None, get("world_size")), f"ran on {get('world_size')} ranks, track {track.name} "
+                                                             f"needs {track.world_size}"),
+        (limit is not None and get("train_seconds", math.inf) > limit,
+         f"trained {get('train_seconds')} s, over the track's {limit or 0:.0f} s"),
+        *[(os.path.basename(hp.get(f"{kind}_files", "")) != name,
+           f"{kind}_files {hp.get(f'{kind}_files')!r} is not the track's {name}")
+          for kind, name in (("train", track.train_file), ("val", track.val_file))],
+        (hp.get("val_tokens", 0) != 0, f"val_tokens = {hp.get('val_tokens')}: a record scores the whole validation "
+                                       f"set"),
+        (hp.get("train_tokens", 0) != track.train_tokens,
+         f"train_tokens = {hp.get('train_tokens')}, the track's budget is {track.train_tokens}"),
+        (get("ranks_agree") is False, "ranks ended with different weights (ranks agree: NO)")] if broken]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -134,8 +123,7 @@ PROGRESS_KINDS = (("train", "step "), ("val", "val  step "))  # metrics.jsonl ki
 
 @dataclass
 class Run:
-    """One run folder. Every number comes from metrics.jsonl and result.json; log.txt gives the source and the
-    command, and run_problems checks that it says what the numbers say."""
+    """One run folder: the numbers from metrics.jsonl and result.json, the source and the command from log.txt."""
     folder: str
     source: str  # the training script exactly as it ran (log.txt's first section)
     sections: dict[str, list[str]]  # log.txt's sections after the source, by title (a title repeated: one list)
@@ -165,13 +153,11 @@ def read_log(path: str) -> tuple[str, dict[str, list[str]], bool]:
     if command_at is None:
         raise RecordError(f"{path}: no command section after the source")
     sections: dict[str, list[str]] = {}
-    current = None
     for line, title in zip(lines[command_at:], titles[command_at:]):
-        if title is None:
-            sections[current].append(line)
+        if title is not None:
+            current = sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
         else:
-            current = title
-            sections.setdefault(title, [])  # a resumed run repeats its headers: one list per title
+            current.append(line)
     return "\n".join(lines[1:command_at]) + "\n", sections, titles.count("run") > 1
 
 
@@ -191,10 +177,8 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
         raise RecordError(f"{path}: missing")
     with open(path, encoding="utf-8") as handle:
         lines = handle.readlines()
-    if whole_lines_only and lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    rows = []
-    for number, line in [(number, line) for number, line in enumerate(lines, start=1) if line.strip()]:
+    rows, cut = [], whole_lines_only and lines and not lines[-1].endswith("\n")  # the last line is still being written
+    for number, line in [(number, line) for number, line in enumerate(lines[:-1] if cut else lines, 1) if line.strip()]:
         try:
             rows.append(json.loads(line))
             kind = rows[-1].get("kind")  # the rows every check reads: their step, loss and tokens are numbers
@@ -209,9 +193,8 @@ def read_metrics(path: str, whole_lines_only: bool = False) -> list[dict]:
 
 def read_run(folder: str) -> Run:
     source, sections, resumed = read_log(os.path.join(folder, "log.txt"))
-    for needed in ("hyperparameters", "run"):
-        if needed not in sections:
-            raise RecordError(f"{os.path.join(folder, 'log.txt')}: no {needed} section (the run did not start)")
+    if missing := [title for title in ("hyperparameters", "run") if title not in sections]:
+        raise RecordError(f"{os.path.join(folder, 'log.txt')}: no {missing[0]} section (the run did not start)")
     return Run(folder, source, sections, resumed, read_metrics(os.path.join(folder, "metrics.jsonl")),
                read_json(os.path.join(folder, "result.json")))
 
@@ -224,13 +207,25 @@ def run_folder_of(path: str) -> str:
     return folder
 
 
-def sha256_file(path: str) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
+def sha256_text(text: str, from_file: bool = False) -> str:
+    """sha256 of the text, or of the bytes of the file it names (from_file)."""
+    with open(text, "rb") if from_file else contextlib.nullcontext() as handle:
+        return hashlib.sha256(handle.read() if from_file else text.encode("utf-8")).hexdigest()
 
 
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+def write_json(path: str, payload: dict) -> None:
+    train_gpt.atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode("utf-8"))
+
+
+def copy_run(folder: str, target: str, exist_ok: bool) -> None:
+    os.makedirs(target, exist_ok=exist_ok)
+    for name in RUN_FILES:
+        shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+
+
+def same_val_set(a: dict, b: dict) -> bool:
+    """Whether two runs (or a run and a reference curve) scored the same validation set: its unigram entropy."""
+    return abs(a.get("unigram_val_entropy", 0.0) - b.get("unigram_val_entropy", 0.0)) <= 1e-6
 
 
 def loss_text(value) -> str:
@@ -241,9 +236,8 @@ def loss_text(value) -> str:
 # Consistency: metrics.jsonl and result.json agree with each other, and log.txt says what they say
 
 def progress_line_problems(run: Run, totals: dict) -> list[str]:
-    """Every train and val line of log.txt against its metrics.jsonl row, member by member in the order written
-    (with --parallel_members the members' lines interleave): the step of the member's total, the loss and the
-    tokens; no line without a row, no row without a line."""
+    """Each train and val line of log.txt against its metrics.jsonl row (step/total, loss, tokens), member by member
+    (with --parallel_members their lines interleave); no line without a row, no row without a line."""
     size, problems, count = run.hyperparameters.get("ensemble_size", 1), [], train_gpt.format_count
     tags = {None: "", **{m: train_gpt.member_tag(SimpleNamespace(ensemble_size=size), m)
                          for m in range(size if size > 1 else 0)}}
@@ -265,25 +259,23 @@ def progress_line_problems(run: Run, totals: dict) -> list[str]:
 
 def log_problems(run: Run) -> list[str]:
     """log.txt against result.json: the hyperparameters section, where it ran, the test line and the done line."""
-    result, problems = run.result, []
-    if run.sections["hyperparameters"] != [f"{key} = {value!r}" for key, value in run.hyperparameters.items()]:
-        problems.append("result.json hyperparameters differ from the log's hyperparameters section")
-    if not any(line.startswith(f"world_size {result.get('world_size')} | device {result.get('device')} | ")
-               for line in run.sections.get("environment", [])):
-        problems.append(f"result.json world_size {result.get('world_size')} / device {result.get('device')} differ "
-                        f"from the log's environment section")
+    result, get = run.result, run.result.get
     test_line = next((line + " |" for line in reversed(run.lines) if line.startswith("test ")), None)
-    test_loss = result.get("test_loss")
-    if (test_line is None) != (test_loss is None) or (test_loss is not None and
-                                                       f"| test_loss {loss_text(test_loss)} |" not in test_line):
-        problems.append(f"result.json test_loss {test_loss} != the log's test line ({test_line})")
     done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
-    for field, text in [("val_loss", f"done | val_loss {loss_text(result.get('val_loss'))}"),
-                        ("tokens_seen", f" tokens trained on {train_gpt.format_count(result.get('tokens_seen', -1))} "),
-                        ("ranks_agree", f" ranks agree: {'yes' if result.get('ranks_agree') else 'NO'}")]:
-        if text not in done:
-            problems.append(f"result.json {field} {result.get(field)} disagrees with the done line ({done})")
-    return problems
+    return [message for agrees, message in [
+        (run.sections["hyperparameters"] == [f"{key} = {value!r}" for key, value in run.hyperparameters.items()],
+         "result.json hyperparameters differ from the log's hyperparameters section"),
+        (any(line.startswith(f"world_size {get('world_size')} | device {get('device')} | ")
+             for line in run.sections.get("environment", [])),
+         f"result.json world_size {get('world_size')} / device {get('device')} differ from the log's environment "
+         f"section"),
+        ((test_line is None) == (get("test_loss") is None) and (
+            test_line is None or f"| test_loss {loss_text(get('test_loss'))} |" in test_line),
+         f"result.json test_loss {get('test_loss')} != the log's test line ({test_line})"),
+        *[(text in done, f"result.json {field} {get(field)} disagrees with the done line ({done})") for field, text in [
+            ("val_loss", f"done | val_loss {loss_text(get('val_loss'))}"),
+            ("tokens_seen", f" tokens trained on {train_gpt.format_count(get('tokens_seen', -1))} "),
+            ("ranks_agree", f" ranks agree: {'yes' if get('ranks_agree') else 'NO'}")]]] if not agrees]
 
 
 def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
@@ -326,19 +318,19 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
          f"metrics.jsonl shows {len(totals)} member(s), result.json's ensemble_size is {hp.get('ensemble_size')}")
     # result.json against the last rows: a single model's ranked loss is its last val (not so for ensembles and
     # snapshots), the train loss the last member's; tokens and training time add up over the members
-    if list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots"):
-        need(loss_text(run.val[-1]["val_loss"]) == loss_text(result.get("val_loss")),
-             f"result.json val_loss {result.get('val_loss')} != the last val row's {run.val[-1]['val_loss']}")
+    single = list(totals) == [None] and not hp.get("snapshot_cycles") and not hp.get("epoch_snapshots")
     final_train = last[max(last, key=lambda member: member or 0)]["train_loss"]
-    need(loss_text(final_train) == loss_text(result.get("train_loss")),
-         f"result.json train_loss {result.get('train_loss')} != the last train row's {final_train}")
     tokens = sum(row["tokens_seen"] for row in last.values())
-    need(tokens == result.get("tokens_seen"), f"result.json tokens_seen {result.get('tokens_seen')} != {tokens}, "
-                                              f"metrics.jsonl's")
     trained = sum(row.get("train_seconds", math.nan) for row in last.values())
-    # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
-    need(abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last),
-         f"result.json train_seconds {result.get('train_seconds')} != {trained:.2f} in metrics.jsonl")
+    for field, theirs, agree in [
+            ("val_loss", run.val[-1]["val_loss"], not single or loss_text(run.val[-1]["val_loss"]) == loss_text(
+                result.get("val_loss"))),
+            ("train_loss", final_train, loss_text(final_train) == loss_text(result.get("train_loss"))),
+            ("tokens_seen", tokens, tokens == result.get("tokens_seen")),
+            # result.json rounds the sum to 0.01 s, each metrics row its own time to 0.001 s
+            ("train_seconds", f"{trained:.2f}",
+             abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last))]:
+        need(agree, f"result.json {field} {result.get(field)} != {theirs}, metrics.jsonl's")
     problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + log_problems(run)]
     return problems, run, result
 
@@ -348,18 +340,14 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
 
 def mean_std(values: list[float]) -> tuple[float, float | None]:
     """Mean and sample standard deviation (None for a single value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     """Lentz's method for the continued fraction of I_x(a, b) (Numerical Recipes, betacf)."""
     tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
     c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
+    h = d = 1.0 / (d if abs(d) > tiny else tiny)
     for m in range(1, 1000):
         m2 = 2 * m
         for numerator in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
@@ -373,23 +361,19 @@ def _beta_continued_fraction(a: float, b: float, x: float) -> float:
     return h
 
 
-def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
-    if x <= 0.0:
-        return 0.0
-    if x >= 1.0:
-        return 1.0
-    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
-    if x < (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side; else use symmetry
-        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
-    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
-
-
 def student_t_sf(t: float, df: float) -> float:
-    """P(T > t) for Student's t with df degrees of freedom (df need not be an integer: Welch)."""
-    if math.isinf(t):
-        return 0.0 if t > 0 else 1.0
-    tail = 0.5 * regularized_incomplete_beta(df / 2.0, 0.5, df / (df + t * t))
-    return tail if t > 0 else 1.0 - tail
+    """P(T > t) for Student's t with df degrees of freedom (df need not be an integer: Welch): half the regularised
+    incomplete beta I_x(df/2, 1/2) at x = df / (df + t^2)."""
+    a, b, x = df / 2.0, 0.5, (df / (df + t * t) if math.isfinite(t) else 0.0)
+    if x <= 0.0 or x >= 1.0:
+        beta = x
+    else:
+        log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+        if x < (a + 1.0) / (a + b + 2.0):  # the continued fraction converges fast on this side; else use symmetry
+            beta = math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+        else:
+            beta = 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, 1.0 - x) / b
+    return 0.5 * beta if t > 0 else 1.0 - 0.5 * beta
 
 
 def improvement_p_value(new: list[float], old: list[float]) -> float | None:
@@ -399,17 +383,12 @@ def improvement_p_value(new: list[float], old: list[float]) -> float | None:
         return None
     new_mean, new_std = mean_std(new)
     old_mean, old_std = mean_std(old)
-    new_var = new_std ** 2 / len(new)
-    old_var = (old_std ** 2 / len(old)) if old_std is not None else 0.0
-    spread = new_var + old_var
-    if spread == 0.0:
+    new_var, old_var = new_std ** 2 / len(new), (old_std ** 2 / len(old)) if old_std is not None else 0.0
+    if (spread := new_var + old_var) == 0.0:
         return 0.0 if new_mean < old_mean else 1.0
-    t = (old_mean - new_mean) / math.sqrt(spread)
-    if old_std is None:
-        df = len(new) - 1
-    else:  # Welch-Satterthwaite
-        df = spread ** 2 / (new_var ** 2 / (len(new) - 1) + old_var ** 2 / (len(old) - 1))
-    return student_t_sf(t, df)
+    df = len(new) - 1 if old_std is None else (  # Welch-Satterthwaite
+        spread ** 2 / (new_var ** 2 / (len(new) - 1) + old_var ** 2 / (len(old) - 1)))
+    return student_t_sf((old_mean - new_mean) / math.sqrt(spread), df)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -419,9 +398,7 @@ def record_runs(record: str) -> list[str]:
     """The run folders of a record (sub-folders holding a log.txt), in name order."""
     if not os.path.isdir(record):
         raise RecordError(f"{record}: not a folder")
-    runs = sorted(os.path.join(record, entry) for entry in os.listdir(record)
-                  if os.path.isfile(os.path.join(record, entry, "log.txt")))
-    if not runs:
+    if not (runs := subfolders(record, "log.txt")):
         raise RecordError(f"{record}: holds no run folders (<run_id>/log.txt)")
     return runs
 
@@ -430,22 +407,25 @@ def record_results(record: str) -> list[dict]:
     return [read_json(os.path.join(run, "result.json")) for run in record_runs(record)]
 
 
-def track_records(records_dir: str, track: str) -> list[str]:
-    """Record folders of a track, oldest first (folder names begin with the date)."""
-    folder = os.path.join(records_dir, track)
-    if not os.path.isdir(folder):
-        return []
+def subfolders(folder: str, holding: str) -> list[str]:
+    """The sub-folders of folder that hold the file `holding`, in name order (records: oldest first, by date)."""
     return sorted(os.path.join(folder, entry) for entry in os.listdir(folder)
-                  if os.path.isfile(os.path.join(folder, entry, "record.json")))
+                  if os.path.isfile(os.path.join(folder, entry, holding))) if os.path.isdir(folder) else []
+
+
+def track_records(records_dir: str, track: str) -> list[str]:
+    return subfolders(os.path.join(records_dir, track), "record.json")
 
 
 def previous_record(record: str, records_dir: str, track: str) -> str | None:
     """The track's standing record just before this one: the lowest mean val loss among the older records."""
     name = os.path.basename(os.path.normpath(record))
     older = [r for r in track_records(records_dir, track) if os.path.basename(r) < name]
-    if not older:
-        return None
-    return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0])
+    return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0], default=None)
+
+
+def losses_of(results: list[dict], key: str = "val_loss") -> list[float]:
+    return [result[key] for result in results if result.get(key) is not None]
 
 
 def format_mean_std(values: list[float]) -> str:
@@ -468,9 +448,8 @@ def device_hours(result: dict) -> float:
 def short_command(log: Run, world_size: int) -> str:
     """The logged command with the interpreter and absolute script path replaced by the portable form."""
     words = shlex.split(log.command)
-    flags = words[2:] if len(words) >= 2 else words
     launcher = ["python"] if world_size == 1 else ["torchrun", "--standalone", f"--nproc_per_node={world_size}"]
-    return " ".join(shlex.quote(word) for word in [*launcher, "train_gpt.py", *flags])
+    return shlex.join([*launcher, "train_gpt.py", *(words[2:] if len(words) >= 2 else words)])
 
 
 def significance_lines(record: str, records_dir: str, track: str) -> list[str]:
@@ -478,17 +457,14 @@ def significance_lines(record: str, records_dir: str, track: str) -> list[str]:
     losses = [r["val_loss"] for r in record_results(record)]
     mean, std = mean_std(losses)
     lines = [f"val loss over {len(losses)} seed(s): mean {mean:.4f}, std " + ("n/a" if std is None else f"{std:.4f}")]
-    previous = previous_record(record, records_dir, track)
-    if previous is None:
-        lines.append("previous record: none in this track (first record)")
-        return lines
+    if (previous := previous_record(record, records_dir, track)) is None:
+        return lines + ["previous record: none in this track (first record)"]
     old = [r["val_loss"] for r in record_results(previous)]
     p_value = improvement_p_value(losses, old)
     verdict = ("n/a (one seed: run at least 2, better 3+)" if p_value is None else
                f"{p_value:.2g} ({'significant' if p_value < 0.01 else 'NOT significant'} at p < 0.01)")
-    lines.append(f"previous record: {os.path.basename(previous)} ({format_mean_std(old)}, {len(old)} seed(s)); "
-                 f"one-sided Welch t-test p = {verdict}")
-    return lines
+    return lines + [f"previous record: {os.path.basename(previous)} ({format_mean_std(old)}, {len(old)} seed(s)); "
+                    f"one-sided Welch t-test p = {verdict}"]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -498,11 +474,9 @@ class ExtrapolationError(RecordError):
     """The loss lies outside the reference points: we bound the answer rather than invent one."""
 
 
-def load_curve(path: str) -> dict:
-    return check_curve(read_json(path), path)
-
-
-def check_curve(curve: dict, path: str) -> dict:
+def load_curve(path: str, curve: dict | None = None) -> dict:
+    """The reference curve at path (or the given one, about to be written there), its points sorted and checked."""
+    curve = read_json(path) if curve is None else curve
     points = sorted(curve.get("points", []), key=lambda p: p["train_tokens"])
     if len(points) < 2:
         raise RecordError(f"{path}: a reference curve needs at least 2 points, it has {len(points)}")
@@ -519,21 +493,19 @@ def matching_budget(points: list[dict], loss: float) -> float:
     """The token budget at which the baseline reaches `loss`: piecewise-linear in (log tokens, loss) between the
     reference points, which must be sorted by budget with falling losses. Refuses to extrapolate."""
     best, worst = points[-1], points[0]
-    if loss < best["val_loss"]:
-        raise ExtrapolationError(
-            f"val loss {loss:.4f} is below every reference point (the largest budget, {best['train_tokens']:,} tokens, "
-            f"reaches {best['val_loss']:.4f}): it beats a baseline on {best['train_tokens']:,} tokens; add reference "
-            f"runs with larger budgets to measure how much further")
-    if loss > worst["val_loss"]:
-        raise ExtrapolationError(
-            f"val loss {loss:.4f} is above every reference point (the smallest budget, {worst['train_tokens']:,} "
-            f"tokens, reaches {worst['val_loss']:.4f}): it is worse than a baseline on {worst['train_tokens']:,} "
-            f"tokens; add reference runs with smaller budgets to place it")
+    for end, off, side, which, verdict, advice in (
+            (best, loss < best["val_loss"], "below", "largest", "it beats",
+             "larger budgets to measure how much further"),
+            (worst, loss > worst["val_loss"], "above", "smallest", "it is worse than", "smaller budgets to place it")):
+        if off:
+            raise ExtrapolationError(f"val loss {loss:.4f} is {side} every reference point (the {which} budget, "
+                                     f"{end['train_tokens']:,} tokens, reaches {end['val_loss']:.4f}): {verdict} a "
+                                     f"baseline on {end['train_tokens']:,} tokens; add reference runs with {advice}")
     for a, b in zip(points, points[1:]):
         if b["val_loss"] <= loss <= a["val_loss"]:
             fraction = (a["val_loss"] - loss) / (a["val_loss"] - b["val_loss"])
-            log_tokens = math.log(a["train_tokens"]) + fraction * (math.log(b["train_tokens"]) - math.log(a["train_tokens"]))
-            return math.exp(log_tokens)
+            return math.exp(math.log(a["train_tokens"]) + fraction * (math.log(b["train_tokens"]) -
+                                                                      math.log(a["train_tokens"])))
     raise AssertionError("unreachable: the loss lies between the first and the last point")
 
 
@@ -543,21 +515,18 @@ def efficiency_summary(curve: dict, loss: float, train_tokens: int) -> tuple[str
         budget = matching_budget(curve["points"], loss)
     except ExtrapolationError as error:
         return str(error), None
-    multiple = budget / train_tokens
     return (f"val loss {loss:.4f} on {train_tokens:,} train tokens matches a baseline trained on {budget:,.0f} tokens: "
-            f"{multiple:.2f}x the tokens"), multiple
+            f"{budget / train_tokens:.2f}x the tokens"), budget / train_tokens
 
 
 def efficiency_cell(curve: dict | None, loss: float, train_tokens: int) -> str:
     """The leaderboard's data-efficiency column: the multiple, or a bound when the loss lies off the curve."""
     if curve is None:
         return "—"
-    points = curve["points"]
-    if loss < points[-1]["val_loss"]:
-        return f"> {points[-1]['train_tokens'] / train_tokens:.2f}x"
-    if loss > points[0]["val_loss"]:
-        return f"< {points[0]['train_tokens'] / train_tokens:.2f}x"
-    return f"{matching_budget(points, loss) / train_tokens:.2f}x"
+    best, worst = curve["points"][-1], curve["points"][0]
+    bound = "> " if loss < best["val_loss"] else "< " if loss > worst["val_loss"] else ""
+    budget = (best if bound == "> " else worst)["train_tokens"] if bound else matching_budget(curve["points"], loss)
+    return f"{bound}{budget / train_tokens:.2f}x"
 
 
 def track_curve(records_dir: str, track: str) -> dict | None:
@@ -570,23 +539,21 @@ def track_curve(records_dir: str, track: str) -> dict | None:
 # `ensemble` rows)
 
 def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, title: str = ""):
-    """The figure of plot_runs (tests read its lines back): each run's (and member's) val curve, solid with markers,
-    its train curve dashed in the same colour, a dotted line per unigram baseline; a second panel of loss against
-    ensemble size when runs log `ensemble` rows."""
+    """plot_runs' figure: per run (and member) val solid with markers, train dashed in the same colour, a dotted
+    unigram baseline; a second panel of loss against ensemble size when runs log `ensemble` rows."""
     import matplotlib
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
     # a run still going (no result.json yet) may be writing its last metrics line: that one is skipped
-    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"), not
-             os.path.isfile(os.path.join(folder, "result.json"))), os.path.join(folder, "result.json"))
-            for folder in folders]
+    runs = [(os.path.basename(os.path.normpath(folder)), read_metrics(os.path.join(folder, "metrics.jsonl"),
+             not os.path.isfile(result)), result) for folder in folders
+            for result in [os.path.join(folder, "result.json")]]
     ensembles = [(name, [(r["members"], r["val_loss"]) for r in rows if r.get("kind") == "ensemble"])
                  for name, rows, _ in runs]
-    dpi, markers = 100, itertools.cycle("os^Dv<>p")
-    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=dpi,
-                                figsize=(width_px / dpi, height_px / dpi))
-    losses, colours = axes[0][0], {}
+    figure, axes = plt.subplots(1, 2 if any(rows for _, rows in ensembles) else 1, squeeze=False, dpi=100,
+                                figsize=(width_px / 100, height_px / 100))
+    losses, colours, markers = axes[0][0], {}, itertools.cycle("os^Dv<>p")
     for name, rows, _ in runs:
         for member in dict.fromkeys(row.get("member") for row in rows if row.get("kind") in ("train", "val")):
             label = name if member is None else f"{name} member {member}"
@@ -610,10 +577,9 @@ def loss_figure(folders: list[str], width_px: int = 960, height_px: int = 600, t
         losses.axhline(unigram, color="gray" if shared else colours.get(name, "gray"), linestyle=":", linewidth=1.5,
                        label=("" if shared else f"{name} ") + f"unigram baseline {unigram:.4f}")
     losses.set(xlabel="tokens seen", ylabel="loss (nats/token)")
-    for name, rows in ensembles:
-        if rows:
-            axes[0][1].plot(*zip(*rows), marker="o", label=name)
-            axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
+    for name, rows in filter(lambda ensemble: ensemble[1], ensembles):
+        axes[0][1].plot(*zip(*rows), marker="o", label=name)
+        axes[0][1].set(xlabel="ensemble size", ylabel="val loss (nats/token)")
     for panel in axes[0]:
         panel.grid(alpha=0.3)
     losses.legend(fontsize=8)
@@ -634,21 +600,15 @@ def plot_runs(folders: list[str], out: str, width_px: int = 960, height_px: int 
 
 def plot_folders(paths: list[str]) -> list[str]:
     """Run folders of the given run folders, log.txt files and record folders."""
-    folders = []
-    for path in paths:
-        if os.path.isfile(os.path.join(path, "record.json")):
-            folders += record_runs(path)
-        else:
-            folders.append(run_folder_of(path))
-    return folders
+    return [folder for path in paths for folder in (
+        record_runs(path) if os.path.isfile(os.path.join(path, "record.json")) else [run_folder_of(path)])]
 
 
 def record_title(paths: list[str]) -> str:
     """One record's plot is titled as `new` titles it; anything else by its runs' names (loss_figure)."""
-    if len(paths) != 1 or not os.path.isfile(os.path.join(paths[0], "record.json")):
-        return ""
-    summary = read_json(os.path.join(paths[0], "record.json"))
-    return f"{summary.get('track')}: {summary.get('title')}"
+    summary = read_json(os.path.join(paths[0], "record.json")) if len(paths) == 1 and os.path.isfile(
+        os.path.join(paths[0], "record.json")) else None
+    return f"{summary.get('track')}: {summary.get('title')}" if summary else ""
 
 
 def command_plot(args) -> int:
@@ -660,8 +620,10 @@ def command_plot(args) -> int:
 # ----------------------------------------------------------------------------------------------------------------------
 # new: a record folder from finished runs
 
-def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
-    """Checks each run and that the runs are seeds of one experiment: same source, same settings but the seed."""
+def check_runs_together(folders: list[str], free: set = PER_SEED_FIELDS, recipe: str = "recipe",
+                        seeds_differ: bool = True) -> tuple[list[str], list[Run], list[dict]]:
+    """Checks each run and that the runs are one experiment: the same source, validation set and settings but the
+    `free` ones; the seeds of a record also differ (the points of a reference curve may share one)."""
     problems, logs, results = [], [], []
     for folder in folders:
         found, log, result = run_problems(folder)
@@ -677,23 +639,22 @@ def check_runs_together(folders: list[str]) -> tuple[list[str], list[Run], list[
             problems.append(f"{log.path}: embedded source differs from {reference.path} (sha256 "
                             f"{sha256_text(log.source)[:12]} vs {sha256_text(reference.source)[:12]})")
         differing = sorted(k for k in set(log.hyperparameters) | set(reference.hyperparameters)
-                           if k not in PER_SEED_FIELDS and log.hyperparameters.get(k) != reference.hyperparameters.get(k))
+                           if k not in free and log.hyperparameters.get(k) != reference.hyperparameters.get(k))
         if differing:
-            problems.append(f"{log.path}: hyperparameters differ from {reference.path}: {', '.join(differing)}")
+            problems.append(f"{log.path}: hyperparameters differ from {reference.path} (not the same {recipe}): "
+                            f"{', '.join(differing)}")
     seeds = [log.hyperparameters.get("seed") for log in logs]
-    if len(set(seeds)) != len(seeds):
+    if seeds_differ and len(set(seeds)) != len(seeds):
         problems.append(f"two runs share a seed ({seeds}): seeds of a record must differ")
-    entropies = {round(r.get("unigram_val_entropy", 0.0), 6) for r in results}
-    if len(entropies) > 1:
-        problems.append(f"the runs scored different validation sets (unigram entropies {sorted(entropies)})")
+    if not all(same_val_set(r, results[0]) for r in results):
+        problems.append(f"the runs scored different validation sets (unigram entropies "
+                        f"{sorted({r.get('unigram_val_entropy') for r in results})})")
     return problems, logs, results
 
 
 def record_readme(summary: dict, logs: list[Run], results: list[dict], significance: list[str],
                   efficiency: str) -> str:
-    losses = [r["val_loss"] for r in results]
-    tests = [r["test_loss"] for r in results if r.get("test_loss") is not None]
-    first = results[0]
+    losses, tests, first = losses_of(results), losses_of(results, "test_loss"), results[0]
     lines = [
         f"# {summary['title']}", "",
         f"Track `{summary['track']}` · {summary['date']} · {len(results)} seed(s)", "",
@@ -710,16 +671,14 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
         f"- script: sha256 {summary['source_sha256']} (inside every log.txt)", "",
         "| run | seed | val loss | test loss | steps | train time | wall time |",
         "|---|---|---|---|---|---|---|",
-    ]
-    for log, result in zip(logs, results):
-        lines.append(f"| {result['run_id']} | {log.hyperparameters.get('seed')} | {result['val_loss']:.4f} | "
-                     f"{loss_text(result.get('test_loss')) if result.get('test_loss') is not None else '—'} | "
-                     f"{result['steps']} | {result['train_seconds']:.0f} s | {result['wall_seconds']:.0f} s |")
-    lines += ["", "## Commands", "", "```"]
-    lines += [short_command(log, result["world_size"]) for log, result in zip(logs, results)]
-    lines += ["```", "", "![val loss against tokens seen](plot.png)", "",
-              "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the "
-              "embedded script and compare its loss lines).", ""]
+        *[f"| {result['run_id']} | {log.hyperparameters.get('seed')} | {result['val_loss']:.4f} | "
+          f"{loss_text(result.get('test_loss')) if result.get('test_loss') is not None else '—'} | "
+          f"{result['steps']} | {result['train_seconds']:.0f} s | {result['wall_seconds']:.0f} s |"
+          for log, result in zip(logs, results)],
+        "", "## Commands", "", "```", *[short_command(log, result["world_size"]) for log, result in zip(logs, results)],
+        "```", "", "![val loss against tokens seen](plot.png)", "",
+        "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the embedded "
+        "script and compare its loss lines).", ""]
     return "\n".join(lines)
 
 
@@ -727,61 +686,47 @@ def command_new(args) -> int:
     folders = [run_folder_of(path) for path in args.runs]
     problems, logs, results = check_runs_together(folders)
     if not problems:
-        track_name = args.track or ("tiny" if logs[0].hyperparameters.get("preset") == "tiny" else None)
-        if track_name is None:
+        if not (args.track or logs[0].hyperparameters.get("preset") == "tiny"):
             raise RecordError("say which track the runs are for: --track " + " | ".join(TRACKS))
-        track = get_track(track_name)
+        track = get_track(args.track or "tiny")
         problems += [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
     if problems:
         raise RecordError("the runs cannot make a record:\n  " + "\n  ".join(problems))
     date = args.date or datetime.date.today().isoformat()
     if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", date) or not re.fullmatch(r"[a-z0-9][a-z0-9-]*", args.slug):
         raise RecordError("--date must be YYYY-MM-DD and --slug lowercase letters, digits and dashes")
-    record = os.path.join(args.records_dir, track.name, f"{date}_{args.slug}")
-    if os.path.exists(record):
+    if os.path.exists(record := os.path.join(args.records_dir, track.name, f"{date}_{args.slug}")):
         raise RecordError(f"{record} already exists")
     os.makedirs(record)
     try:
         for folder, result in zip(folders, results):
-            os.makedirs(os.path.join(record, result["run_id"]))
-            for name in RUN_FILES:
-                shutil.copyfile(os.path.join(folder, name), os.path.join(record, result["run_id"], name))
+            copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
-        losses = [r["val_loss"] for r in results]
+        mean, std = mean_std([r["val_loss"] for r in results])
         curve = track_curve(args.records_dir, track.name)
-        efficiency = (efficiency_summary(curve, mean_std(losses)[0], results[0]["train_tokens"])[0] if curve else
+        efficiency = (efficiency_summary(curve, mean, results[0]["train_tokens"])[0] if curve else
                       f"no reference curve for this track yet (records/{track.name}/reference_curve.json)")
         summary = dict(track=track.name, date=date, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
-                       runs=[r["run_id"] for r in results], val_loss_mean=mean_std(losses)[0],
-                       val_loss_std=mean_std(losses)[1])
+                       runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std)
         significance = significance_lines(record, args.records_dir, track.name)
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
                                      record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
         summary["files"] = manifest(record)
-        train_gpt.atomic_write_bytes(os.path.join(record, "record.json"),
-                                     (json.dumps(summary, indent=2) + "\n").encode("utf-8"))
+        write_json(os.path.join(record, "record.json"), summary)
     except BaseException:
         shutil.rmtree(record, ignore_errors=True)  # no half-made record
         raise
-    print(f"made {record}")
-    for line in significance:
-        print(line)
-    print(f"data efficiency: {efficiency}")
-    print(f"next: python records/records.py verify {record} && python records/records.py table")
+    print("\n".join([f"made {record}", *significance, f"data efficiency: {efficiency}",
+                     f"next: python records/records.py verify {record} && python records/records.py table"]))
     return 0
 
 
 def manifest(record: str) -> dict[str, str]:
     """sha256 of every file of the record but record.json itself: any later edit shows."""
-    files = {}
-    for root, _, names in os.walk(record):
-        for name in names:
-            path = os.path.join(root, name)
-            relative = os.path.relpath(path, record)
-            if relative != "record.json":
-                files[relative] = sha256_file(path)
-    return dict(sorted(files.items()))
+    paths = (os.path.join(root, name) for root, _, names in os.walk(record) for name in names)
+    return dict(sorted((os.path.relpath(path, record), sha256_text(path, from_file=True)) for path in paths
+                       if os.path.relpath(path, record) != "record.json"))
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -789,13 +734,9 @@ def manifest(record: str) -> dict[str, str]:
 
 def rerun_flags(hyperparameters: dict, overrides: dict[str, str]) -> list[str]:
     """Every logged hyperparameter as a flag (so the embedded script's presets do not matter), then overrides."""
-    settings = {k: v for k, v in hyperparameters.items() if k != "preset"}
-    settings.update(overrides)
-    flags = []
-    for name, value in settings.items():
-        text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-        flags += [f"--{name}", text]
-    return flags
+    settings = {**{k: v for k, v in hyperparameters.items() if k != "preset"}, **overrides}
+    return [word for name, value in settings.items()
+            for word in (f"--{name}", str(value).lower() if isinstance(value, bool) else str(value))]
 
 
 def losses_by_place(rows: list[dict]) -> dict[tuple, float]:
@@ -810,24 +751,21 @@ def place_text(member, kind: str, step: int) -> str:
 
 def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
                   timeout: float) -> list[dict]:
-    """Runs the embedded source with the logged hyperparameters (its full LR schedule: same total steps), prints
-    each loss row as it comes beside the logged one, and stops it once it reaches `steps` (and that step's
-    validation, if the original validated there). Returns the re-run's metrics.jsonl rows."""
+    """The metrics.jsonl rows of the embedded source re-run with the logged hyperparameters (its full LR schedule),
+    each loss printed beside the logged one as it comes, stopped once it reaches `steps`."""
     script = os.path.join(workdir, "train_gpt.py")
-    with open(script, "w", encoding="utf-8") as handle:
-        handle.write(run.source)
+    train_gpt.atomic_write_bytes(script, run.source.encode("utf-8"))
     # Stop at a step the original logged: the first logged step at or past `steps`.
     target = next((row["step"] for row in run.train if row["step"] >= steps), run.train[-1]["step"])
-    wait_for_val = any(row["step"] == target for row in run.val)
+    wanted = "val" if any(row["step"] == target for row in run.val) else "train"  # and that step's validation
     settings = dict(run_id="rerun", log_dir=os.path.join(workdir, "logs"), save_model=False, **overrides)
-    launcher = [sys.executable] if nproc == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                                                     f"--nproc_per_node={nproc}"]
-    command = [*launcher, script, *rerun_flags(run.hyperparameters, settings)]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                  if nproc > 1 else [])]
     metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
-    logged, start = losses_by_place(run.metrics), time.time()
-    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    output, rows = [], []
+    logged, start, output, rows = losses_by_place(run.metrics), time.time(), [], []
+    process = subprocess.Popen([*launcher, script, *rerun_flags(run.hyperparameters, settings)], cwd=cwd, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT)
     # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
     watchdog = threading.Timer(timeout, process.terminate)
     watchdog.start()
@@ -840,7 +778,6 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
                     f"(logged {logged[key]:.4f}, |diff| {abs(again - logged[key]):.4f})" if key in logged else
                     "(not logged)"), flush=True)
             rows += new
-            wanted = "val" if wait_for_val else "train"
             if any(row["step"] >= target for row in rows if row.get("kind") == wanted) or time.time() - start > timeout:
                 break
     finally:
@@ -861,22 +798,16 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
 
 
 def compare_losses(run: Run, rerun_rows: list[dict], tolerance: float) -> tuple[list[str], str]:
-    """Loss values at every (member, step) both runs logged: (a problem per difference over tolerance, a summary
-    line with the largest difference)."""
+    """(a problem per loss both runs logged that differs by more than tolerance, a summary with the largest)."""
     mine, theirs = losses_by_place(run.metrics), losses_by_place(rerun_rows)
-    problems, largest = [], (0.0, None)
-    shared = [key for key in mine if key in theirs]
-    for key in shared:
-        difference = abs(mine[key] - theirs[key])
-        if not difference <= tolerance:  # NaN fails too
-            problems.append(f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| "
-                            f"{difference:.4f} > tolerance {tolerance})")
-        if not difference <= largest[0]:
-            largest = (difference, place_text(*key))
-    if not shared:
-        problems.append("no loss line to compare (raise --steps)")
-    return problems, (f"{len(shared)} loss values compared, max |diff| {largest[0]:.4f} nats"
-                      + (f" at {largest[1]}" if largest[1] else "") + f" (tolerance {tolerance})")
+    gaps = {key: abs(mine[key] - theirs[key]) for key in mine if key in theirs}
+    problems = [f"{place_text(*key)}: logged {loss_text(mine[key])}, re-run {theirs[key]:.4f} (|diff| {gap:.4f} > "
+                f"tolerance {tolerance})" for key, gap in gaps.items() if not gap <= tolerance]  # NaN fails too
+    worst = max(gaps, key=lambda key: math.inf if math.isnan(gaps[key]) else gaps[key], default=None)
+    worst = worst if worst is not None and not gaps[worst] <= 0.0 else None  # named only when there is a gap
+    return problems + ([] if gaps else ["no loss line to compare (raise --steps)"]), (
+        f"{len(gaps)} loss values compared, max |diff| {gaps[worst] if worst else 0.0:.4f} nats"
+        + (f" at {place_text(*worst)}" if worst else "") + f" (tolerance {tolerance})")
 
 
 def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolerance: float,
@@ -884,20 +815,16 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
     """Every problem of the record ([] when it passes); prints what it checks."""
     summary = read_json(os.path.join(record, "record.json"))
     folder_track = os.path.basename(os.path.dirname(os.path.normpath(record)))
-    track = get_track(summary.get("track", folder_track))
-    problems = []
-    if track.name != folder_track:  # the leaderboard groups by folder: a record must follow its folder's rules
-        problems.append(f"record.json says track {track.name}, but the record sits in records/{folder_track}/")
-    recorded, actual = summary.get("files", {}), manifest(record)
-    for name in sorted(set(recorded) | set(actual)):
-        if recorded.get(name) != actual.get(name):
-            state = "missing" if name not in actual else "added" if name not in recorded else "edited"
-            problems.append(f"{name}: {state} since the record was made (sha256 differs from record.json)")
+    track, recorded, actual = get_track(summary.get("track", folder_track)), summary.get("files", {}), manifest(record)
+    # the leaderboard groups by folder: a record must follow its folder's rules
+    problems = [f"record.json says track {track.name}, but the record sits in records/{folder_track}/"
+                ] if track.name != folder_track else []
+    problems += [f"{name}: {'missing' if name not in actual else 'added' if name not in recorded else 'edited'} since "
+                 f"the record was made (sha256 differs from record.json)"
+                 for name in sorted(set(recorded) | set(actual)) if recorded.get(name) != actual.get(name)]
     folders = record_runs(record)
     found, runs, results = check_runs_together(folders)
-    problems += found
-    for result in results:
-        problems += [f"{result['run_id']}: {p}" for p in track_violations(track, result)]
+    problems += found + [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
     if runs and summary.get("source_sha256") != sha256_text(runs[0].source):
         problems.append("the embedded source's sha256 differs from record.json's source_sha256")
     if results:
@@ -905,49 +832,35 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
         if summary.get("val_loss_mean") is None or abs(summary["val_loss_mean"] - mean) > 1e-9:
             problems.append(f"record.json val_loss_mean {summary.get('val_loss_mean')} != the runs' mean {mean}")
         previous = previous_record(record, records_dir, track.name)
-        if previous is not None:
-            theirs = round(record_results(previous)[0].get("unigram_val_entropy", 0.0), 6)
-            if theirs != round(results[0].get("unigram_val_entropy", 0.0), 6):
-                problems.append(f"scored a different validation set than {os.path.basename(previous)} "
-                                f"(unigram entropy {results[0].get('unigram_val_entropy')} vs {theirs})")
+        theirs = record_results(previous)[0] if previous else results[0]
+        if not same_val_set(theirs, results[0]):
+            problems.append(f"scored a different validation set than {os.path.basename(previous)} (unigram entropy "
+                            f"{results[0].get('unigram_val_entropy')} vs {theirs.get('unigram_val_entropy')})")
     print(f"{record}: {len(folders)} run(s), track {track.name}, logs {'consistent' if not problems else 'INCONSISTENT'}")
-    if results and not found:
-        for line in significance_lines(record, records_dir, track.name):
-            print("  " + line)
-    if rerun and runs:
-        for run in runs:
-            with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
-                print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
-                      flush=True)
-                try:
-                    differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc,
-                                                                              cwd, timeout), tolerance)
-                except RecordError as error:
-                    differences, compared = [str(error)], "nothing compared"
-                problems += [f"{run.name} re-run: {d}" for d in differences]
-                print(f"  re-run {'agrees' if not differences else 'DIVERGES'}: {compared}")
+    for line in significance_lines(record, records_dir, track.name) if results and not found else []:
+        print("  " + line)
+    for run in runs if rerun else []:
+        with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
+            print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
+                  flush=True)
+            try:
+                differences, compared = compare_losses(run, rerun_metrics(run, steps, workdir, overrides, nproc, cwd,
+                                                                          timeout), tolerance)
+            except RecordError as error:
+                differences, compared = [str(error)], "nothing compared"
+            problems += [f"{run.name} re-run: {d}" for d in differences]
+            print(f"  re-run {'agrees' if not differences else 'DIVERGES'}: {compared}")
     return problems
 
 
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    overrides = {}
-    for pair in pairs:
-        name, equals, value = pair.partition("=")
-        if not equals:
-            raise RecordError(f"--set expects name=value, got {pair!r}")
-        overrides[name] = value
-    return overrides
-
-
 def command_verify(args) -> int:
-    overrides = parse_overrides(args.set)
-    failed = False
+    if bad := [pair for pair in args.set if "=" not in pair]:
+        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    overrides, failed = dict(pair.split("=", 1) for pair in args.set), False
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
-        for problem in problems:
-            print(f"  FAIL {problem}")
-        print(f"  {'REJECTED' if problems else 'OK'}")
+        print("".join(f"  FAIL {problem}\n" for problem in problems) + f"  {'REJECTED' if problems else 'OK'}")
         failed |= bool(problems)
     return 1 if failed else 0
 
@@ -959,13 +872,11 @@ def leaderboard(records_dir: str) -> str:
     """The markdown of every track's table, records ordered by mean val loss (lowest first)."""
     blocks = ["<!-- made by `python records/records.py table` from records/*/*/*/result.json; do not edit by hand -->"]
     for track in TRACKS.values():
-        rows = []
-        curve = track_curve(records_dir, track.name)
+        rows, curve = [], track_curve(records_dir, track.name)
         for record in track_records(records_dir, track.name):
             summary = read_json(os.path.join(record, "record.json"))
             results = record_results(record)
-            losses = [r["val_loss"] for r in results]
-            tests = [r["test_loss"] for r in results if r.get("test_loss") is not None]
+            losses, tests = losses_of(results), losses_of(results, "test_loss")
             link = os.path.relpath(record, os.path.dirname(records_dir)).replace(os.sep, "/")
             rows.append((mean_std(losses)[0], os.path.basename(record), [
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
@@ -973,14 +884,11 @@ def leaderboard(records_dir: str) -> str:
                 efficiency_cell(curve, mean_std(losses)[0], results[0]["train_tokens"]),
                 f"{sum(device_hours(r) for r in results):.2f}", summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
-        blocks.append(f"\n### `{track.name}`: {track.summary}\n")
-        if not rows:
-            blocks.append("No record yet.")
-            continue
-        blocks.append("| # | val loss | test loss | seeds | train tokens | data efficiency | device-hours | date | record |")
-        blocks.append("|---|---|---|---|---|---|---|---|---|")
-        for rank, (_, _, cells) in enumerate(sorted(rows, key=lambda row: (row[0], row[1])), start=1):
-            blocks.append(f"| {rank} | " + " | ".join(cells) + " |")
+        blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
+            "| # | val loss | test loss | seeds | train tokens | data efficiency | device-hours | date | record |",
+            "|---|---|---|---|---|---|---|---|---|", *[f"| {rank} | " + " | ".join(cells) + " |" for rank, (_, _, cells)
+                                                       in enumerate(sorted(rows, key=lambda row: row[:2]), start=1)]]
+            if rows else ["No record yet."])]
     return "\n".join(blocks) + "\n"
 
 
@@ -994,11 +902,9 @@ def command_table(args) -> int:
         raise RecordError(f"{args.readme}: {error}; the table goes between them (nothing else in the file is "
                           f"touched)") from None
     if args.check:
-        if updated != text:
-            print(f"{args.readme}: the leaderboard is out of date; run python records/records.py table")
-            return 1
-        print(f"{args.readme}: the leaderboard is up to date")
-        return 0
+        print(f"{args.readme}: the leaderboard is " + ("up to date" if updated == text else
+                                                        "out of date; run python records/records.py table"))
+        return int(updated != text)
     if updated != text:
         train_gpt.atomic_write_bytes(args.readme, updated.encode("utf-8"))
     print(f"{args.readme}: leaderboard {'updated' if updated != text else 'already up to date'}")
@@ -1010,10 +916,8 @@ def command_table(args) -> int:
 
 def command_reference_plan(args) -> int:
     track = get_track(args.track)
-    if args.budgets:
-        budgets = [int(float(b)) for b in args.budgets.split(",")]
-        available = None
-    else:
+    budgets, available = [int(float(b)) for b in args.budgets.split(",")] if args.budgets else [], None
+    if not budgets:
         hp = train_gpt.parse_args(list(track.baseline[track.baseline.index("--preset"):]) + list(args.extra))
         available = int(train_gpt.load_tokens(hp.train_files, hp.vocab_size, "train").size)
         budgets = [available // 2 ** k for k in reversed(range(args.halvings + 1))]
@@ -1023,14 +927,11 @@ def command_reference_plan(args) -> int:
     print("# A run on D train tokens gets an efficiency X = B / D, where B is the budget at which this curve reaches "
           "the run's loss;\n# so X > 1 needs reference budgets above D (more data than the record uses).")
     print(f"# Run these ({args.seeds} seed(s) per budget), then build the curve from their run folders:")
-    run_ids = []
-    for budget in budgets:
-        for seed in range(args.seeds):
-            run_id = f"ref_{track.name}_{budget}_s{seed}"
-            run_ids.append(run_id)
-            words = [*track.baseline, *args.extra, "--train_tokens", str(budget), "--seed", str(seed),
-                     "--run_id", run_id, "--save_model", "false"]
-            print(" ".join(shlex.quote(w) for w in words))
+    plan = [(budget, seed) for budget in budgets for seed in range(args.seeds)]
+    run_ids = [f"ref_{track.name}_{budget}_s{seed}" for budget, seed in plan]
+    for (budget, seed), run_id in zip(plan, run_ids):
+        print(shlex.join([*track.baseline, *args.extra, "--train_tokens", str(budget), "--seed", str(seed),
+                          "--run_id", run_id, "--save_model", "false"]))
     print(f"python records/records.py reference build {' '.join('logs/' + r for r in run_ids)} --track {track.name}")
     return 0
 
@@ -1038,60 +939,42 @@ def command_reference_plan(args) -> int:
 def command_reference_build(args) -> int:
     track = get_track(args.track)
     folders = [run_folder_of(path) for path in args.runs]
-    problems, by_budget, recipe, source = [], {}, None, None
-    for folder in folders:
-        found, log, result = run_problems(folder)
-        problems += found
-        if log is None or result is None or found:
-            continue
-        # One recipe for every point: only the budget, the seed and the names may differ.
-        settings = {k: v for k, v in log.hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}}
-        if recipe is None:
-            recipe, source, entropy = settings, log.source, result["unigram_val_entropy"]
-        elif settings != recipe or log.source != source:
-            problems.append(f"{folder}: not the same baseline recipe and script as the first run")
-        elif abs(result["unigram_val_entropy"] - entropy) > 1e-6:
-            problems.append(f"{folder}: scored a different validation set")
-        by_budget.setdefault(result["train_tokens"], []).append(result)
+    # One recipe for every point: only the budget, the seed and the names may differ.
+    problems, logs, results = check_runs_together(folders, PER_SEED_FIELDS | {"train_tokens"}, "baseline recipe",
+                                                  seeds_differ=False)
     if problems:
         raise RecordError("the runs cannot make a reference curve:\n  " + "\n  ".join(problems))
-    points = []
-    for budget, results in sorted(by_budget.items()):
-        mean, std = mean_std([r["val_loss"] for r in results])
-        points.append(dict(train_tokens=budget, val_loss=mean, val_loss_std=std, seeds=len(results),
-                           runs=[r["run_id"] for r in results]))
+    by_budget = {}
+    for result in results:
+        by_budget.setdefault(result["train_tokens"], []).append(result)
+    points = [dict(zip(("train_tokens", "val_loss", "val_loss_std", "seeds", "runs"), (
+        budget, *mean_std([r["val_loss"] for r in group]), len(group), [r["run_id"] for r in group])))
+        for budget, group in sorted(by_budget.items())]
     curve = dict(track=track.name, what="val loss of the track's single-model baseline against its train-token "
                                         "budget (--train_tokens); mean over seeds",
-                 baseline=" ".join(track.baseline), source_sha256=sha256_text(source), unigram_val_entropy=entropy,
-                 recipe=recipe, points=points)
+                 baseline=" ".join(track.baseline), source_sha256=sha256_text(logs[0].source),
+                 unigram_val_entropy=results[0]["unigram_val_entropy"], recipe={
+                     k: v for k, v in logs[0].hyperparameters.items() if k not in PER_SEED_FIELDS | {"train_tokens"}},
+                 points=points)
     out = os.path.join(args.records_dir, track.name, "reference_curve.json")
-    check_curve(dict(curve), out)  # refuses a curve whose losses do not fall with the budget
+    load_curve(out, dict(curve))  # refuses a curve whose losses do not fall with the budget
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    train_gpt.atomic_write_bytes(out, (json.dumps(curve, indent=2) + "\n").encode("utf-8"))
+    write_json(out, curve)
     # The runs themselves stay checkable: their logs go next to the curve.
-    for folder, result in ((f, read_json(os.path.join(f, "result.json"))) for f in folders):
-        target = os.path.join(args.records_dir, track.name, "reference", result["run_id"])
-        os.makedirs(target, exist_ok=True)
-        for name in RUN_FILES:
-            shutil.copyfile(os.path.join(folder, name), os.path.join(target, name))
+    for folder, result in zip(folders, results):
+        copy_run(folder, os.path.join(args.records_dir, track.name, "reference", result["run_id"]), exist_ok=True)
     print(f"wrote {out} ({len(points)} points) and the runs' logs under {os.path.dirname(out)}/reference/")
     for point in points:
         print(f"  {point['train_tokens']:>12,} tokens -> val loss {point['val_loss']:.4f} ({point['seeds']} seed(s))")
     return 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# efficiency: the report for records or runs
-
 def command_efficiency(args) -> int:
-    failed = False
+    failed = False  # the report for records or runs
     for path in args.paths:
-        if os.path.isfile(os.path.join(path, "record.json")):
-            results = record_results(path)
-            track = read_json(os.path.join(path, "record.json"))["track"]
-        else:
-            results = [read_json(os.path.join(run_folder_of(path), "result.json"))]
-            track = args.track
+        is_record = os.path.isfile(os.path.join(path, "record.json"))
+        results = record_results(path) if is_record else [read_json(os.path.join(run_folder_of(path), "result.json"))]
+        track = read_json(os.path.join(path, "record.json"))["track"] if is_record else args.track
         curve_path = args.curve or (os.path.join(args.records_dir, track, "reference_curve.json") if track else None)
         if curve_path is None:
             raise RecordError(f"{path}: a run folder needs --track or --curve to find its reference curve")
@@ -1099,79 +982,68 @@ def command_efficiency(args) -> int:
             raise RecordError(f"{curve_path}: no reference curve yet; see `python records/records.py reference plan "
                               f"--track {track}`")
         curve = load_curve(curve_path)
-        if abs(curve.get("unigram_val_entropy", results[0]["unigram_val_entropy"]) - results[0]["unigram_val_entropy"]) > 1e-6:
+        if "unigram_val_entropy" in curve and not same_val_set(curve, results[0]):
             raise RecordError(f"{path}: scored a different validation set than the reference curve")
-        loss = mean_std([r["val_loss"] for r in results])[0]
-        line, multiple = efficiency_summary(curve, loss, results[0]["train_tokens"])
+        line, multiple = efficiency_summary(curve, mean_std([r["val_loss"] for r in results])[0],
+                                            results[0]["train_tokens"])
         print(f"{path}: {line}" if multiple is not None else f"{path}: cannot place it: {line}")
         failed |= multiple is None
     return 1 if failed else 0
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# main
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="records.py", description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records_dir", default=RECORDS_DIR, help="the records/ folder (default: next to this file)")
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    new = commands.add_parser("new", help="make a record folder from finished runs (one per seed)")
-    new.add_argument("runs", nargs="+", help="run folders (logs/<run_id>) or their log.txt")
-    new.add_argument("--track", help=f"one of {', '.join(TRACKS)} (default: tiny for --preset tiny runs)")
-    new.add_argument("--slug", required=True, help="short name: lowercase letters, digits, dashes")
-    new.add_argument("--title", required=True, help="one line for the leaderboard: what changed")
-    new.add_argument("--description", default="", help="what changed and why (markdown; default: the title)")
-    new.add_argument("--date", help="YYYY-MM-DD (default: today)")
-    new.set_defaults(handler=command_new)
-
-    verify = commands.add_parser("verify", help="check records: logs consistent, one source, optionally re-run")
-    verify.add_argument("records", nargs="+", help="record folders")
-    verify.add_argument("--rerun", action="store_true", help="re-run each log's embedded script and compare losses")
-    verify.add_argument("--steps", type=int, default=10, help="re-run this many optimizer steps (default 10)")
-    verify.add_argument("--tolerance", type=float, default=0.01,
-                        help="largest |logged - re-run| difference of a loss line, in nats (default 0.01)")
-    verify.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
-                        help="override a logged hyperparameter in the re-run (e.g. device=cpu, train_files=...)")
-    verify.add_argument("--nproc", type=int, default=1, help="ranks of the re-run (torchrun when > 1)")
-    verify.add_argument("--cwd", default=REPO_ROOT, help="folder the re-run starts in (relative data paths)")
-    verify.add_argument("--timeout", type=float, default=3600, help="seconds before a re-run is abandoned")
-    verify.set_defaults(handler=command_verify)
-
-    table = commands.add_parser("table", help="rewrite the leaderboard in README.md between its markers")
-    table.add_argument("--readme", default=os.path.join(REPO_ROOT, "README.md"))
-    table.add_argument("--check", action="store_true", help="only report whether it is up to date (exit 1 if not)")
-    table.set_defaults(handler=command_table)
-
-    plot = commands.add_parser("plot", help="PNG of val loss against tokens seen for runs or records")
-    plot.add_argument("paths", nargs="+", help="run folders, log.txt files or record folders")
-    plot.add_argument("--out", required=True, help="the PNG to write")
-    plot.add_argument("--width", type=int, default=960, help="pixels")
-    plot.add_argument("--height", type=int, default=600, help="pixels")
-    plot.add_argument("--title", default="")
-    plot.set_defaults(handler=command_plot)
-
-    reference = commands.add_parser("reference", help="the data-efficiency reference curve: plan its runs, build it")
-    steps = reference.add_subparsers(dest="action", required=True)
-    plan = steps.add_parser("plan", help="print the baseline commands, one per token budget and seed")
-    plan.add_argument("--track", required=True)
-    plan.add_argument("--budgets", help="comma-separated train-token budgets (default: the whole train set and "
-                                        "--halvings successive halves)")
-    plan.add_argument("--halvings", type=int, default=3)
-    plan.add_argument("--seeds", type=int, default=1)
-    plan.add_argument("extra", nargs="*", help="extra train_gpt.py flags after --, e.g. -- --train_files BIG.bin")
-    plan.set_defaults(handler=command_reference_plan)
-    build = steps.add_parser("build", help="write records/<track>/reference_curve.json from finished baseline runs")
-    build.add_argument("runs", nargs="+")
-    build.add_argument("--track", required=True)
-    build.set_defaults(handler=command_reference_build)
-
-    efficiency = commands.add_parser("efficiency", help="X: the baseline matches this loss on X times the tokens")
-    efficiency.add_argument("paths", nargs="+", help="record folders or run folders")
-    efficiency.add_argument("--track", help="track of run folders (records know theirs)")
-    efficiency.add_argument("--curve", help="a reference_curve.json (default: records/<track>/reference_curve.json)")
-    efficiency.set_defaults(handler=command_efficiency)
+    groups = {"": parser.add_subparsers(dest="command", required=True)}
+    for group, name, handler, summary, arguments in [
+        ("", "new", command_new, "make a record folder from finished runs (one per seed)", [
+            ("runs", dict(nargs="+", help="run folders (logs/<run_id>) or their log.txt")),
+            ("--track", dict(help=f"one of {', '.join(TRACKS)} (default: tiny for --preset tiny runs)")),
+            ("--slug", dict(required=True, help="short name: lowercase letters, digits, dashes")),
+            ("--title", dict(required=True, help="one line for the leaderboard: what changed")),
+            ("--description", dict(default="", help="what changed and why (markdown; default: the title)")),
+            ("--date", dict(help="YYYY-MM-DD (default: today)"))]),
+        ("", "verify", command_verify, "check records: logs consistent, one source, optionally re-run", [
+            ("records", dict(nargs="+", help="record folders")),
+            ("--rerun", dict(action="store_true", help="re-run each log's embedded script and compare losses")),
+            ("--steps", dict(type=int, default=10, help="re-run this many optimizer steps (default 10)")),
+            ("--tolerance", dict(type=float, default=0.01,
+                                 help="largest |logged - re-run| difference of a loss line, in nats (default 0.01)")),
+            ("--set", dict(action="append", default=[], metavar="NAME=VALUE",
+                           help="override a logged hyperparameter in the re-run (e.g. device=cpu, train_files=...)")),
+            ("--nproc", dict(type=int, default=1, help="ranks of the re-run (torchrun when > 1)")),
+            ("--cwd", dict(default=REPO_ROOT, help="folder the re-run starts in (relative data paths)")),
+            ("--timeout", dict(type=float, default=3600, help="seconds before a re-run is abandoned"))]),
+        ("", "table", command_table, "rewrite the leaderboard in README.md between its markers", [
+            ("--readme", dict(default=os.path.join(REPO_ROOT, "README.md"))),
+            ("--check", dict(action="store_true", help="only report whether it is up to date (exit 1 if not)"))]),
+        ("", "plot", command_plot, "PNG of val loss against tokens seen for runs or records", [
+            ("paths", dict(nargs="+", help="run folders, log.txt files or record folders")),
+            ("--out", dict(required=True, help="the PNG to write")),
+            ("--width", dict(type=int, default=960, help="pixels")), ("--title", dict(default="")),
+            ("--height", dict(type=int, default=600, help="pixels"))]),
+        ("", "reference", None, "the data-efficiency reference curve: plan its runs, build it", []),
+        ("reference", "plan", command_reference_plan, "print the baseline commands, one per token budget and seed", [
+            ("--track", dict(required=True)),
+            ("--budgets", dict(help="comma-separated train-token budgets (default: the whole train set and "
+                                    "--halvings successive halves)")),
+            ("--halvings", dict(type=int, default=3)), ("--seeds", dict(type=int, default=1)),
+            ("extra", dict(nargs="*", help="extra train_gpt.py flags after --, e.g. -- --train_files BIG.bin"))]),
+        ("reference", "build", command_reference_build,
+         "write records/<track>/reference_curve.json from finished baseline runs", [
+             ("runs", dict(nargs="+")), ("--track", dict(required=True))]),
+        ("", "efficiency", command_efficiency, "X: the baseline matches this loss on X times the tokens", [
+            ("paths", dict(nargs="+", help="record folders or run folders")),
+            ("--track", dict(help="track of run folders (records know theirs)")),
+            ("--curve", dict(help="a reference_curve.json (default: records/<track>/reference_curve.json)"))])]:
+        command = groups[group].add_parser(name, help=summary)
+        for flag, options in arguments:
+            command.add_argument(flag, **options)
+        if handler is None:  # a command with sub-commands of its own
+            groups[name] = command.add_subparsers(dest="action", required=True)
+        else:
+            command.set_defaults(handler=handler)
     return parser
 
 
