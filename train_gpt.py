@@ -499,8 +499,8 @@ def check_tracks_eval(hp: Hyperparameters) -> None:
               (hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}"),
               (hp.epoch_snapshot_weights in ("equal", "recency", "both"),
                f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}"),
-              (hp.epoch_snapshot_weights == "equal" or (hp.epoch_snapshots and hp.ensemble_size == 1),
-               "epoch_snapshot_weights weighs one model's epoch snapshots: set epoch_snapshots and ensemble_size 1"),
+              (hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
+               "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots"),
               (hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")]
     for ok, message in checks:
         if not ok:
@@ -4343,11 +4343,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         val_loss = member_results[0]["val_loss"]
     final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
     averages = {}  # label -> (models, weights): the averages the public figure may take
-    if hp.epoch_snapshot_weights != "equal" and len(candidates) > 1:  # 1h record: both weightings scored
+    # 1h record: both weightings of one model's epoch snapshots scored (an ensemble's candidates mix uniformly)
+    if hp.epoch_snapshot_weights != "equal" and hp.ensemble_size == 1 and len(candidates) > 1:
         losses = {}
         for label, mix in snapshot_mixtures(hp, len(candidates)).items():
             averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
-            losses[label] = evaluate_ensemble(candidates, mix, "prob", data.val_data, dist_info, hp.val_batch_size)
+            losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info,
+                                                     hp.val_batch_size)
         log.write(f"epoch snapshots | {len(candidates)} candidates | " +
                   " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
         log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
@@ -4382,7 +4384,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
     log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in member_results), tokens_seen=tokens_seen,
-                     **bpb))  # step and tokens_seen as every row has them (the run's totals)
+                     val_loss=val_loss, **bpb))  # step, tokens_seen and the loss it converts, as every row has them
     result = dict(
         run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
         unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,

@@ -180,9 +180,11 @@ def test_parallel_members_that_would_leave_a_group_idle_are_refused(ensemble_siz
 
 def training_step(model, idx):
     """Forward + backward of the next-token loss: what train_member compiles (the model), plus its loss."""
-    output = model(idx)
+    output = model(idx[:, :-1], targets=idx[:, 1:])  # targets: the MTP block (1h) reads the next tokens
     logits = output[0] if isinstance(output, tuple) else output
-    loss = train_gpt.cross_entropy_sum(logits[:, :-1], idx[:, 1:])
+    loss = train_gpt.cross_entropy_sum(logits, idx[:, 1:])
+    if isinstance(output, tuple):  # the multi-token head's output too, so its parameters get gradients
+        loss = loss + 1e-3 * output[1].float().logsumexp(-1).sum()
     loss.backward()
     return loss
 

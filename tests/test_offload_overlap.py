@@ -55,9 +55,9 @@ def test_frozen_models_wait_on_the_host_and_come_to_the_device_one_at_a_time(tmp
         on_device = [m for m in frozen if on_training_device(m, dist_info)]
         assert not on_device, f"{when}: {len(on_device)} of {len(frozen)} frozen models on the training device"
 
-    def train_member(hp, dist_info, data, log, member, teachers):
+    def train_member(hp, dist_info, data, log, member, teachers, *rest):
         check(f"before member {member}")
-        return real_train_member(hp, dist_info, data, log, member, teachers)
+        return real_train_member(hp, dist_info, data, log, member, teachers, *rest)
 
     def save_json(self, name, payload):
         if name == "result.json":

@@ -106,7 +106,8 @@ def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "rank 1 stopped answering" in lines[0] and "line " in lines[0], err
     assert f"pid {ranks[1].pid}" in lines[0]
-    assert 3 <= waited < 3 + 10, waited  # the timeout, plus a beat interval and a loaded machine's slack
+    # the timeout, less the beat interval (timeout / 5: the last beat may precede the stop), plus a loaded machine's slack
+    assert 3 - 3 / 5 <= waited < 3 + 10, waited
 
 
 # ------------------------------------------------------------------------------------------------- a full disk
@@ -348,16 +349,20 @@ if point == "final validation":
         return validate(self, model, val_data, done)
     train_gpt.MemberProgress.validate = hook
 elif point == "test evaluation":
-    evaluate_ensemble, load_run_data, test_data = train_gpt.evaluate_ensemble, train_gpt.load_run_data, []
+    load_run_data, test_data = train_gpt.load_run_data, []
     def load_hook(*args, **kwargs):
         data = load_run_data(*args, **kwargs)
         test_data.append(data.test_data)
         return data
-    def hook(models, weights, mode, data, *args, **kwargs):
-        if data is test_data[0]:
-            die()
-        return evaluate_ensemble(models, weights, mode, data, *args, **kwargs)
-    train_gpt.load_run_data, train_gpt.evaluate_ensemble = load_hook, hook
+    def killing(evaluate):  # the test pass, whichever scorer runs it (resident or host-parked models)
+        def hook(models, weights, mode, data, *args, **kwargs):
+            if data is test_data[0]:
+                die()
+            return evaluate(models, weights, mode, data, *args, **kwargs)
+        return hook
+    train_gpt.load_run_data = load_hook
+    for name in ("evaluate_ensemble", "evaluate_frozen_ensemble"):
+        setattr(train_gpt, name, killing(getattr(train_gpt, name)))
 sys.exit(train_gpt.main(argv))
 """
 
@@ -450,7 +455,7 @@ def test_replayed_steps_leave_one_metrics_row_each(stopped_run, tmp_path, capsys
     status, err = run_main(["--resume", folder], capsys)
     assert status == 0, err
     rows = [(row["kind"], row["step"]) for row in read_metrics(folder)]
-    assert rows == [("train", step) for step in range(1, 7)] + [("val", 6)]
+    assert rows == [("train", step) for step in range(1, 7)] + [("val", 6), ("bits_per_byte", 6)]
     assert 99.0 not in [row.get("train_loss") for row in read_metrics(folder)]
     result = json.load(open(os.path.join(folder, "result.json")))
     assert result["wall_seconds"] >= result["train_seconds"]
@@ -523,7 +528,7 @@ def test_old_single_file_checkpoint_is_read(stopped_run, tmp_path, capsys):
         os.path.join(folder, "log.txt")).read()
     results = [json.load(open(os.path.join(f, "result.json"))) for f in (sharded, folder)]
     assert results[0]["val_loss"] == results[1]["val_loss"] and results[0]["train_loss"] == results[1]["train_loss"]
-    assert not os.listdir(os.path.join(folder, "checkpoints"))
+    assert not os.path.exists(os.path.join(folder, "checkpoints"))  # emptied, and the empty folder removed
 
 
 # ----------------------------------------------------------------------------------------------- data/fineweb.py output

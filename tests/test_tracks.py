@@ -387,8 +387,11 @@ def test_1h_preset_trains_three_steps_at_micro_width_with_every_flag_on():
         train_gpt.apply_schedules(optimizers, step, N, data, hp)
         model.loop_active = step >= train_gpt.loop_start_step(hp, data, N)
         assert model.loop_active and len(model.layer_order()) == 4 + 2
-        loss = train_gpt.cross_entropy_sum(model(idx[:, :-1]), idx[:, 1:]) / idx[:, 1:].numel()
-        loss.backward()
+        # the training objective: next-token CE plus the MTP block's term (its parameters learn too)
+        ce, objective = train_gpt.training_loss_sums(model, idx[:, :-1], idx[:, 1:], hp.mtp_weight,
+                                                     mtp_style=hp.mtp_style)
+        loss = ce / idx[:, 1:].numel()
+        (objective / idx[:, 1:].numel()).backward()
         for optimizer in optimizers:
             optimizer.step()
         model.zero_grad(set_to_none=True)
