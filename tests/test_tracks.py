@@ -407,7 +407,7 @@ def test_1h_preset_run_logs_the_record_comparison(micro_data, tmp_path):
     flags = ["--preset", "1h"] + micro_flags(train_path, val_path, str(tmp_path), "micro1h", vocab_size=320,
                                              train_vocab=256, eval_vocab=256, mlp_hidden=64, window_short=9,
                                              loop_range="1:2", max_steps=3, val_every=-1, checkpoint_every=-1,
-                                             test_files="", val_tokens=256)
+                                             test_files="", val_tokens=256, val_public_windows=16)
     assert train_gpt.main(flags) == 0
     log = open(tmp_path / "micro1h" / "log.txt").read()
     assert "preset 1h: reproduces the 1h record 3.195 (qlabs-eng/slowrun train.py@fd342f0)" in log
