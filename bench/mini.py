@@ -122,7 +122,7 @@ def build_curve(results: dict, command: str) -> dict:
     used, dropped = [], []
     for point in points:
         (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
-    unigram = next(iter(results.values()))[3]
+    unigram = results[used[-1]["run"]][3]  # train's byte frequencies at the largest budget, scored on val
     curve = dict(track="mini", what="best val loss of plain `--preset mini` training over model sizes and epoch "
                  "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
                  "the curve reaches a loss (piecewise linear in tokens, slowrun data_eff) / the run's own budget",
