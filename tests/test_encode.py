@@ -151,3 +151,15 @@ def test_bundled_sample_is_reproducible(tmp_path):
             bundled = hashlib.sha256(open(os.path.join(REPO_ROOT, "data", "sample", f"{name}_{split}.bin"), "rb")
                                      .read()).hexdigest()
             assert made == bundled, f"{name}_{split}.bin differs from data/sample"
+
+
+def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
+    """An --out_dir below a plain file (what a read-only or full disk also gives: an OSError while writing) stops
+    with one `error:` line naming the folder and exit status 2, not a traceback."""
+    text = tmp_path / "t.txt"
+    text.write_text("first document\n\nsecond document\n\nthird document\n")
+    (tmp_path / "plain").write_text("a file, not a folder")
+    out_dir = str(tmp_path / "plain" / "out")
+    status = tok.main([str(text), "--out_dir", out_dir, "--name", "x", "--tokenizer", "bytes", "--val_tokens", "5"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(err) == 1 and err[0].startswith(f"error: {out_dir}: cannot write"), err
