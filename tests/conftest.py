@@ -32,13 +32,18 @@ def synthetic_documents(num_docs: int, seed: int, vocab: int = MICRO_VOCAB, bos:
     return tokens
 
 
-@pytest.fixture
-def micro_data(tmp_path):
-    """Train and val shards of the toy language; returns their paths."""
-    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+def write_micro_shards(folder) -> tuple[str, str]:
+    """Train (120 documents) and val (30) shards of the toy language in folder; returns their paths."""
+    train_path, val_path = str(folder / "train.bin"), str(folder / "val.bin")
     train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
     train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
     return train_path, val_path
+
+
+@pytest.fixture
+def micro_data(tmp_path):
+    """Train and val shards of the toy language; returns their paths."""
+    return write_micro_shards(tmp_path)
 
 
 def micro_flags(train_path: str, val_path: str, log_dir: str, run_id: str, **overrides) -> list[str]:

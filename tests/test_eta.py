@@ -11,7 +11,7 @@ import time
 import pytest
 
 import train_gpt
-from conftest import micro_flags, read_metrics, synthetic_documents
+from conftest import micro_flags, read_metrics, synthetic_documents, write_micro_shards
 
 TRAIN_COST, EVAL_COST = 0.03, 0.01  # fake seconds per token forwarded in training / in evaluation
 
@@ -31,9 +31,8 @@ class FakeClock:
 def fake_clock_run(tmp_path_factory):
     """A 2-member micro run (2 epochs of 11 steps, each epoch's last step half padding) on the fake clock."""
     tmp = tmp_path_factory.mktemp("eta")
-    train_path, val_path, logs = str(tmp / "train.bin"), str(tmp / "val.bin"), str(tmp / "logs")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(tmp)
+    logs = str(tmp / "logs")
     clock = FakeClock()
     forward, metrics = train_gpt.GPT.forward, train_gpt.RunLog.metrics
 
@@ -134,9 +133,7 @@ def test_live_micro_steps_against_the_window_ids():
 def test_skipping_padding_changes_no_weight(tmp_path, monkeypatch):
     """Training through an epoch's short last step (with MTP) with its padding micro-steps run, or skipped: the same
     losses to the last bit."""
-    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(tmp_path)
     losses = {}
     for name in ("skip", "all"):
         if name == "all":  # every micro-step, as before live_micro_steps

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import MICRO_BOS, MICRO_VOCAB, REPO_ROOT, micro_flags, read_metrics, synthetic_documents, train_gpt
+from conftest import MICRO_BOS, MICRO_VOCAB, REPO_ROOT, micro_flags, read_metrics, synthetic_documents, train_gpt, write_micro_shards
 
 FAKE_WANDB = '''
 import json, os
@@ -42,9 +42,7 @@ def run_train(args: list[str], pythonpath: str = "", **env_extra) -> subprocess.
 def small_run(tmp_path_factory):
     """One micro run on a train set smaller than its batch, with samples and a fake wandb module on PYTHONPATH."""
     root = tmp_path_factory.mktemp("newcomer")
-    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(root)
     fake = root / "fake"
     fake.mkdir()
     (fake / "wandb.py").write_text(FAKE_WANDB)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, read_metrics, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, write_micro_shards
 
 spec = importlib.util.spec_from_file_location("records_tool", os.path.join(REPO_ROOT, "records", "records.py"))
 records = importlib.util.module_from_spec(spec)
@@ -37,9 +37,7 @@ def micro_track():
 def runs(tmp_path_factory):
     """Three seeds of a 4-step micro run (validating at steps 2 and 4), run side by side; {seed: run folder}."""
     root = tmp_path_factory.mktemp("runs")
-    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(root)
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     processes = []
     for seed in range(3):
@@ -482,9 +480,7 @@ def ensemble_runs(tmp_path_factory):
     """Two seeds of a 2-member micro ensemble (member lines carry a `member k of K |` prefix; the ranked loss is the
     ensemble's, on the done line, not any member's last val line)."""
     root = tmp_path_factory.mktemp("ensemble_runs")
-    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(root)
     folders = {}
     for seed in range(2):
         flags = micro_flags(train_path, val_path, str(root / "logs"), f"e{seed}", n_layer=1, batch_tokens=128,
@@ -522,9 +518,7 @@ def test_ensemble_runs_make_a_checkable_record(ensemble_runs, tmp_path, capsys):
 
 
 def test_a_resumed_run_is_not_a_record(tmp_path):
-    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(tmp_path)
     flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "r", n_layer=1, batch_tokens=128,
                         device_batch_size=4, max_steps=4, stop_at_step=2)
     assert train_gpt.main(flags) == 3

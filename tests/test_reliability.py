@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents, write_micro_shards
 
 
 def run_main(argv, capsys) -> tuple[int, str]:
@@ -45,9 +45,7 @@ def tree(folder: str) -> list[str]:
 def stopped_run(tmp_path_factory):
     """A micro run stopped after step 3 of 6 (its step-3 checkpoint on disk): the folder --resume continues."""
     base = tmp_path_factory.mktemp("stopped")
-    train_path, val_path = str(base / "train.bin"), str(base / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(base)
     status = train_gpt.main(micro_flags(train_path, val_path, str(base / "logs"), "run", stop_at_step=3,
                                         max_steps=6, val_every=-1))
     assert status == 3

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, read_metrics, run_script, write_micro_shards
 
 
 # ------------------------------------------------------------------------------------------------- command line
@@ -83,9 +83,7 @@ def test_help_lists_every_hyperparameter():
 def micro_run(tmp_path_factory):
     """One micro run (in this process), shared by the assertions below."""
     root = tmp_path_factory.mktemp("micro")
-    train_path, val_path = str(root / "train.bin"), str(root / "val.bin")
-    train_gpt.write_shard(train_path, synthetic_documents(120, seed=1))
-    train_gpt.write_shard(val_path, synthetic_documents(30, seed=2))
+    train_path, val_path = write_micro_shards(root)
     flags = micro_flags(train_path, val_path, str(root / "logs"), "micro", num_epochs=4, save_model=True)
     assert train_gpt.main(flags) == 0
     return os.path.join(root, "logs", "micro")
