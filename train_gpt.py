@@ -357,12 +357,14 @@ def parse_args(argv: list[str]) -> Hyperparameters:
     return Hyperparameters(**settings)
 
 
+def require(condition: bool, message: str) -> None:
+    """A setting check: the one-line ConfigError when the condition fails."""
+    if not condition:
+        raise ConfigError(message)
+
+
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     """Catches inconsistent settings before any work, each with a one-line reason."""
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(message)
-
     require(hp.n_layer >= 1 and hp.n_embd >= 1 and hp.n_head >= 1, "n_layer, n_embd and n_head must be positive")
     check_sizes(hp)
     require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
@@ -467,10 +469,6 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 
 def check_record_settings(hp: Hyperparameters) -> None:
     """The public records' flags (records/TRACKS.md F1-F10), each with a one-line reason."""
-    def require(condition: bool, message: str) -> None:
-        if not condition:
-            raise ConfigError(message)
-
     require(hp.proj_init in ("zero", "normal"), f"proj_init must be zero or normal, got {hp.proj_init!r}")
     require(hp.mlp_hidden >= 0 and hp.out_gate_channels >= 1, "mlp_hidden must be >= 0 and out_gate_channels >= 1")
     for name in ("train_vocab", "eval_vocab"):
@@ -494,17 +492,14 @@ def check_record_settings(hp: Hyperparameters) -> None:
 
 def check_tracks_eval(hp: Hyperparameters) -> None:
     """The flags of the 1h record's evaluation and MTP block (records/TRACKS.md F9, F12, F13, F22)."""
-    checks = [(hp.stochastic_depth_style in ("sequence", "batch"),
-               f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}"),
-              (hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}"),
-              (hp.epoch_snapshot_weights in ("equal", "recency", "both"),
-               f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}"),
-              (hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
-               "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots"),
-              (hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")]
-    for ok, message in checks:
-        if not ok:
-            raise ConfigError(message)
+    require(hp.stochastic_depth_style in ("sequence", "batch"),
+            f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}")
+    require(hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}")
+    require(hp.epoch_snapshot_weights in ("equal", "recency", "both"),
+            f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
+    require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
+            "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
+    require(hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")
 
 
 def check_sizes(hp: Hyperparameters) -> None:
