@@ -2511,7 +2511,7 @@ def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", ep
     """The figure the public leaderboard reports ("Min val Loss", 1h train.py): the epoch-end evaluation with the
     lowest bits per byte (its loss), replaced by an average (probability averaging of checkpoints or the ensemble)
     scored on the same windows whenever that average's loss is lower. Epoch rows with full_depth False (fewer
-    recurrent passes than the model's full count) are listed but never chosen (15min: tiny/train.py 1505). scored:
+    recurrent passes than the model's full count) are listed but never chosen (15min: tiny/train.py 1519). scored:
     candidates already scored (the 15min record's EMA and checkpoint average, score_weight_candidates), taken in
     order before the averages, each replacing the best when its val_bpb (rule "bpb": the EMA, tiny/train.py
     1562-1564) or its val_loss (rule "loss": the checkpoint average, 1591-1592) is lower."""
