@@ -182,6 +182,23 @@ def test_recency_weight_average_of_two_state_dicts():
     assert all(torch.allclose(got, (a + b) / 2, rtol=1e-15) for got, a, b in zip(equal.average(), first, second))
 
 
+def test_checkpoint_average_survives_a_checkpoint(tmp_path):
+    """state() through torch.save and restore(): the resumed average equals the uninterrupted one."""
+    hp = train_gpt.Hyperparameters(ckpt_avg_epochs=3)
+    thetas = [[torch.full((2, 2), float(i)), torch.full((3,), -float(i))] for i in (1, 2, 3)]
+    whole, resumed = train_gpt.CheckpointAverage(hp), train_gpt.CheckpointAverage(hp)
+    for theta in thetas:
+        whole.add(theta)
+    resumed.add(thetas[0])
+    torch.save({"ckpt_avg": resumed.state()}, tmp_path / "c.pt")
+    resumed = train_gpt.CheckpointAverage(hp)
+    resumed.restore(torch.load(tmp_path / "c.pt", weights_only=False), None)
+    for theta in thetas[1:]:
+        resumed.add(theta)
+    for got, want, sign in zip(resumed.average(), whole.average(), (1, -1)):  # recency: (1 + 2 x 2 + 3 x 3) / 6
+        assert torch.equal(got, want) and torch.allclose(got, torch.full_like(got, sign * 14 / 6))
+
+
 def test_ema_candidate_from_zero_bias_corrected_and_never_blended():
     """decay 0.5, every 2 steps over 5 steps: updates after steps 0, 2, 4 (weights 1, 3, 5):
     e = 0.5 (0.25 x 1 + 0.5 x 3 + 5) = 3.375, corrected by 1 / (1 - 0.5^3): 3.857142857..."""
