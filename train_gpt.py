@@ -526,6 +526,9 @@ def check_tracks_15min(hp: Hyperparameters) -> None:
             "does: set train_vocab 0")
     require(not hp.fp8_head or (hp.device != "cpu" and torch.cuda.is_available()),
             "fp8_head needs a CUDA device (fp8 matmuls): drop it on CPU (the bf16 path computes the same loss)")
+    require(not hp.fp8_head or (hp.vocab_size % 16 == 0 and hp.n_embd % 16 == 0 and
+                                (hp.device_batch_size * hp.seq_len) % 16 == 0),
+            "fp8_head: torch._scaled_mm needs vocab_size, n_embd and device_batch_size x seq_len divisible by 16")
     knots = wd_point_knots(hp)
     require(hp.wd_schedule == "points" or not knots, "wd_points are the knots of wd_schedule points: set it")
     require(hp.wd_schedule != "points" or knots, "wd_schedule points needs wd_points, e.g. 0:1,2:1,8:0.125,15:1.1625")
