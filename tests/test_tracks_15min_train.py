@@ -302,15 +302,17 @@ def test_bad_values_are_one_line_errors(flags):
 
 def test_micro_run_with_every_15min_training_flag(micro_data, tmp_path):
     """train_gpt.main with the multi-offset loss, the weight-decay knots, the EMA candidate and the checkpoint
-    average on: the log and metrics show both candidates, result.json's public figure lists them, the train loss
-    is finite and falls."""
+    average on, stopped after step 15 (the average holds the first epoch end, the EMA is mid-way) and resumed: the
+    log and metrics show both candidates, result.json's public figure lists them, the train loss is finite and
+    falls."""
     train_path, val_path = micro_data
     flags = micro_flags(train_path, val_path, str(tmp_path), "m15", mtp_offsets="1,0.5,0.25", mtp_anneal_frac=0.66,
                         wd_schedule="points", wd_points="0:1,0.5:1,1:0.5,2:1.2", muon_wd=0.1, adam_wd=0.1,
                         ema_decay=0.8, ema_every=3, ema_candidate=True, ckpt_avg_epochs=2, val_public_windows=8,
                         val_every=-1, checkpoint_every=-1)
-    assert train_gpt.main(flags) == 0
     folder = tmp_path / "m15"
+    assert train_gpt.main(flags + ["--stop_at_step", "15"]) == 3  # stopped as asked, its checkpoint written
+    assert train_gpt.main(["--resume", str(folder)]) == 0
     log = open(folder / "log.txt").read()
     assert "loss multi-offset (chunked PyTorch)" in log
     assert "candidate | EMA | val_loss" in log and "candidate | checkpoint average of the last 2 epoch ends" in log
