@@ -172,6 +172,17 @@ class Hyperparameters:
     # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
     # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
     val_window_seed: int = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
+    # --- the 15min record's loss, weight decay and averages (records/TRACKS.md F8b, F9, F14f) ---------------------
+    mtp_offsets: str = ""  # multi-offset loss: the one lm_head's logits at t scored against targets t, t+1, ... with
+    # these weights, offsets running on across sequence ends of the flattened micro-batch (15min record: "1,0.5,0.25"); "" = off
+    mtp_anneal_frac: float = 0.66  # offset k >= 1 fades linearly to 0 over its own slice of the first fraction of training, the furthest first
+    fp8_head: bool = False  # CUDA, with mtp_offsets: the loss's lm_head matmul in fp8 e4m3 (x / (100/448), W / (1.6/448)), bf16
+    # logits, logit gradients in e5m2 scaled by 448/0.75 (15min record's fused kernel); the bf16 path is the reference
+    wd_points: str = ""  # wd_schedule points: "epoch:multiplier,..." knots at round(epoch / num_epochs x steps), linear between (numpy.interp; 15min: "0:1,2:1,8:0.125,15:1.1625")
+    ckpt_avg_epochs: int = 0  # weight-space average of the last N epoch-end weights (every parameter), scored as its own candidate (15min record: 4); 0 = off
+    ckpt_avg_weights: str = "recency"  # that average's weights, oldest first: recency (i / sum i) | equal (1 / N)
+    ema_candidate: bool = False  # the EMA kept as the 15min record keeps it: from zero, updated after steps 0, k, 2k, ... (k = ema_every),
+    # bias-corrected, scored as its own candidate; the final weights stay the last step's (nothing blended)
     # --- run ------------------------------------------------------------------------------------------------------
     seed: int = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
@@ -427,6 +438,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
     check_tracks_eval(hp)
+    check_tracks_15min(hp)
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
     require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
@@ -439,8 +451,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
     require(not hp.window_warmup_frac or hp.window_pattern,
             "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
-    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun"),
-            f"wd_schedule must be flat, inverse, sawtooth or slowrun, got {hp.wd_schedule!r}")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points"),
+            f"wd_schedule must be flat, inverse, sawtooth, slowrun or points, got {hp.wd_schedule!r}")
     check_record_settings(hp)
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
@@ -500,6 +512,56 @@ def check_tracks_eval(hp: Hyperparameters) -> None:
     require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
             "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
     require(hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")
+
+
+def check_tracks_15min(hp: Hyperparameters) -> None:
+    """The flags of the 15min record's loss, weight decay and averages (records/TRACKS.md F8b, F9, F14f)."""
+    weights = mtp_offset_start_weights(hp)
+    require(not weights or weights[0] > 0, f"mtp_offsets {hp.mtp_offsets!r}: the first weight (the next token) must be > 0")
+    require(not weights or not (hp.mtp_weight or hp.distill_alpha or hp.snapshot_distill),
+            "mtp_offsets is the 15min record's multi-token loss: drop mtp_weight and distillation")
+    require(0.0 < hp.mtp_anneal_frac <= 1.0, f"mtp_anneal_frac must lie in (0, 1], got {hp.mtp_anneal_frac}")
+    require(not hp.fp8_head or weights, "fp8_head is the matmul of the mtp_offsets loss: set mtp_offsets")
+    require(not hp.fp8_head or hp.train_vocab == 0, "fp8_head scores all vocab_size columns, as the 15min record "
+            "does: set train_vocab 0")
+    require(not hp.fp8_head or (hp.device != "cpu" and torch.cuda.is_available()),
+            "fp8_head needs a CUDA device (fp8 matmuls): drop it on CPU (the bf16 path computes the same loss)")
+    require(not hp.fp8_head or (hp.vocab_size % 16 == 0 and hp.n_embd % 16 == 0 and
+                                (hp.device_batch_size * hp.seq_len) % 16 == 0),
+            "fp8_head: torch._scaled_mm needs vocab_size, n_embd and device_batch_size x seq_len divisible by 16")
+    knots = wd_point_knots(hp)
+    require(hp.wd_schedule == "points" or not knots, "wd_points are the knots of wd_schedule points: set it")
+    require(hp.wd_schedule != "points" or knots, "wd_schedule points needs wd_points, e.g. 0:1,2:1,8:0.125,15:1.1625")
+    require(hp.ckpt_avg_epochs >= 0, f"ckpt_avg_epochs must be >= 0, got {hp.ckpt_avg_epochs}")
+    require(hp.ckpt_avg_weights in ("recency", "equal"),
+            f"ckpt_avg_weights must be recency or equal, got {hp.ckpt_avg_weights!r}")
+    require(not hp.ema_candidate or hp.ema_decay > 0, "ema_candidate scores the EMA: set ema_decay")
+    require(not hp.ema_candidate or hp.ema_start_frac == 0, "ema_candidate's EMA starts at step 0: drop ema_start_frac")
+
+
+def mtp_offset_start_weights(hp: Hyperparameters) -> list[float]:
+    """--mtp_offsets "1,0.5,0.25" -> [1.0, 0.5, 0.25] (the weights of targets t, t+1, t+2); [] when off."""
+    try:
+        weights = [float(part) for part in hp.mtp_offsets.split(",") if part.strip()]
+    except ValueError:
+        raise ConfigError(f"mtp_offsets must be comma-separated weights like 1,0.5,0.25, got {hp.mtp_offsets!r}") \
+            from None
+    if any(not (w >= 0 and math.isfinite(w)) for w in weights):
+        raise ConfigError(f"mtp_offsets weights must be finite and >= 0, got {hp.mtp_offsets!r}")
+    return weights
+
+
+def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
+    """--wd_points "0:1,2:1,8:0.125,15:1.1625" -> [(epoch, multiplier), ...], epochs increasing; [] when empty."""
+    try:
+        knots = [tuple(float(x) for x in part.split(":")) for part in hp.wd_points.split(",") if part.strip()]
+    except ValueError:
+        knots = [()]
+    if any(len(knot) != 2 or not knot[1] >= 0 for knot in knots) or \
+            any(b[0] <= a[0] for a, b in zip(knots, knots[1:])):
+        raise ConfigError(f"wd_points must be epoch:multiplier knots, epochs increasing, multipliers >= 0, like "
+                          f"0:1,2:1,8:0.125,15:1.1625; got {hp.wd_points!r}")
+    return knots
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -1773,6 +1835,8 @@ class GPT(nn.Module):
         """Features (..., C) -> float32 logits (..., vocab_size), soft-capped; raw=True returns the lm_head's output
         in its own dtype (bf16 under autocast), uncapped: the fused loss caps it tile by tile (Kernels). With
         train_vocab / eval_vocab only the first that many columns (a view: rows keep the full stride)."""
+        if raw == "features":  # the lm_head's input itself: the fp8 loss (fp8_head) multiplies it by the head
+            return features
         output = self.lm_head(features)
         columns = self.train_vocab if self.training else self.eval_vocab
         if columns:
@@ -2279,6 +2343,15 @@ def wd_multiplier(epoch_position: float, total_epochs: float, lr_factor: float, 
     return 1.0
 
 
+def points_wd_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
+    """The 15min record's weight-decay schedule (#7): piecewise linear in steps through the wd_points knots, the knot
+    of epoch e at step round(e / num_epochs x total_steps), held beyond the ends (numpy.interp; tiny/train.py 1275-1276,
+    1433-1443: 0.8 held to epoch 2, down to 0.1 at epoch 8, up to 0.93 at the end, i.e. multipliers of 0.8)."""
+    knots = wd_point_knots(hp)
+    steps = [round(epoch / hp.num_epochs * total_steps) for epoch, _ in knots]
+    return float(np.interp(step, steps, [multiplier for _, multiplier in knots]))
+
+
 def muon_momentum(step: int, hp: Hyperparameters) -> float:
     """Muon momentum warmup: linear 0.85 -> muon_momentum over muon_momentum_warmup steps (modded-nanogpt)."""
     return 0.85 + (hp.muon_momentum - 0.85) * min(1.0, step / hp.muon_momentum_warmup)
@@ -2296,6 +2369,8 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
         phase = (step_in_epoch + 1) / train_data.steps_in(epoch)  # the epoch's last step at the floor
         factor = cosine_to_floor(phase, hp.lr_cycle_floor)
     wd_factor = wd_multiplier(epoch_position, total_epochs, factor, hp) if hp.wd_schedule != "flat" else None
+    if hp.wd_schedule == "points":
+        wd_factor = points_wd_multiplier(step, total_steps, hp)
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = group["initial_lr"] * factor
@@ -2435,16 +2510,28 @@ def snapshot_mixtures(hp: Hyperparameters, count: int) -> dict[str, list[float]]
 
 
 def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", epoch_rows: list[dict],
-                       averages: dict[str, tuple[list, list[float]]]) -> dict:
+                       averages: dict[str, tuple[list, list[float]]], scored: list[dict] = ()) -> dict:
     """The figure the public leaderboard reports ("Min val Loss", 1h train.py): the epoch-end evaluation with the
     lowest bits per byte (its loss), replaced by an average (probability averaging of checkpoints or the ensemble)
-    scored on the same windows whenever that average's loss is lower."""
+    scored on the same windows whenever that average's loss is lower. Epoch rows with full_depth False (fewer
+    recurrent passes than the model's full count) are listed but never chosen (15min: tiny/train.py 1519). scored:
+    candidates already scored (the 15min record's EMA and checkpoint average, score_weight_candidates), taken in
+    order before the averages, each replacing the best when its val_bpb (rule "bpb": the EMA, tiny/train.py
+    1562-1564) or its val_loss (rule "loss": the checkpoint average, 1591-1592) is lower."""
     rows = [dict(row, label=f"epoch end, step {row['step']}") for row in epoch_rows]
-    best = min(rows, key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"],
-               default=None)
+    best = min((row for row in rows if row.get("full_depth", True)),
+               key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"], default=None)
+    for row in scored:
+        rows.append(dict(row))
+        key = "val_bpb" if row["rule"] == "bpb" and row["val_bpb"] == row["val_bpb"] else "val_loss"
+        if best is None or row[key] < best[key]:
+            best = rows[-1]
     for label, (models, weights) in averages.items():
-        loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
-                                        data.token_bytes)
+        with ExitStack() as stack:  # parked frozen candidates come to the device for the scoring
+            for model in models:
+                stack.enter_context(frozen_on_device(model, dist_info))
+            loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                            data.token_bytes)
         rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
         if best is None or loss < best["val_loss"]:
             best = rows[-1]
@@ -2542,6 +2629,131 @@ def block_mtp_scale(targets: torch.Tensor) -> torch.Tensor:
     """The 1h record adds the MTP loss as a mean over its own valid targets (T - 1 per row) to the next-token mean:
     our losses are sums over the micro-batch's next-token targets, so the MTP sum is scaled by their ratio."""
     return (targets >= 0).sum() / (targets[:, 1:] >= 0).sum().clamp(min=1)
+
+
+# The 15min record's multi-token loss (tiny/train.py get_mtp_weights, GPT._mtp_loss; tiny/cuda_kernels.py
+# ce_fwd_bwd_kernel, records/TRACKS.md F14f): one lm_head, its soft-capped logits at row r of the flattened micro-batch
+# scored against the targets of rows r, r + 1, r + 2 (across sequence ends, as the public kernel reads them), the
+# extra offsets fading to zero by mtp_anneal_frac of training (records #13: -0.009 with XSA on every layer).
+
+FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE = 100 / 448, 1.6 / 448, 0.75 / 448  # tiny/train.py 187-189
+
+
+def mtp_offset_weights(step: int, total_steps: int, hp: Hyperparameters) -> list[float]:
+    """The weights of the targets t, t+1, .. at a step: offset k >= 1 keeps its start weight until its slice
+    [(n-1-k)/(n-1) A, (n-k)/(n-1) A] of training (A = mtp_anneal_frac, n offsets) begins, falls linearly to 0 over it
+    and stays 0: the furthest offset goes first, training ends on next-token prediction (tiny/train.py 1303-1326)."""
+    start = mtp_offset_start_weights(hp)
+    count, fraction, anneal = len(start), min(1.0, step / max(1, total_steps)), hp.mtp_anneal_frac
+    weights = start[:1]
+    for k in range(1, count):
+        low, high = (count - 1 - k) / (count - 1) * anneal, (count - k) / (count - 1) * anneal
+        fade = 1.0 if fraction <= low else 0.0 if fraction >= high else 1.0 - (fraction - low) / (high - low)
+        weights.append(start[k] * fade)
+    return weights
+
+
+def multi_offset_rows(logits: torch.Tensor, shifted: torch.Tensor, weights: tuple[float, ...],
+                      softcap: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows (n, V) of raw logits and their targets at each offset (offsets, n) (-1: none) -> float32 (objective per
+    row = sum_k w_k (lse - z[y_k]) over the offsets with a target, next-token CE per row, d objective / d logits),
+    z = softcap tanh(logits / softcap) over every column; the gradient written out by hand."""
+    z = logits.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    log_p = F.log_softmax(z, dim=-1)
+    probabilities = log_p.exp()
+    objective, grad, ce = torch.zeros_like(z[:, 0]), torch.zeros_like(z), None
+    for offset, weight in enumerate(weights):
+        valid = shifted[offset] >= 0
+        safe = shifted[offset].clamp(min=0).unsqueeze(-1)
+        nll = -log_p.gather(-1, safe).squeeze(-1) * valid
+        ce = nll if ce is None else ce
+        if weight == 0:
+            continue
+        objective += weight * nll
+        scale = (weight * valid).unsqueeze(-1).float()
+        grad += scale * probabilities
+        grad.scatter_add_(-1, safe, -scale)
+    if softcap > 0:
+        grad *= 1 - (z / softcap).square()
+    return objective, ce, grad
+
+
+def fp8_matmul(a: torch.Tensor, b: torch.Tensor, scale_a: float, scale_b: float, out_dtype: torch.dtype,
+               fast_accum: bool) -> torch.Tensor:
+    """(a scale_a) @ (b scale_b) of fp8 tensors: torch._scaled_mm on CUDA (a row-major, b column-major, as the 15min
+    record calls it); elsewhere the same product of the dequantised values in float32 (a simulation: CPU tests)."""
+    if a.is_cuda:
+        return torch._scaled_mm(a, b, scale_a=a.new_tensor(scale_a, dtype=torch.float32),
+                                scale_b=a.new_tensor(scale_b, dtype=torch.float32), out_dtype=out_dtype,
+                                use_fast_accum=fast_accum)
+    return ((a.float() @ b.float()) * (scale_a * scale_b)).to(out_dtype)
+
+
+class MultiOffsetLoss(torch.autograd.Function):
+    """(summed multi-offset objective, summed next-token CE) of rows (N, V) of raw logits (weight None), or with
+    weight (V, C) of features (N, C) whose logits are made by the fp8 matmul: x / FP8_X_SCALE and W / FP8_W_SCALE in
+    e4m3, bf16 logits; the logit gradient then kept in e5m2 scaled by 1 / FP8_GRAD_SCALE and the input and weight
+    gradients made by fp8 matmuls from it (tiny/cuda_kernels.py FusedSoftcappedCrossEntropy). The gradient is made
+    in the forward, chunk_rows rows at a time (float32 only for those rows); backward scales it."""
+
+    @staticmethod
+    def forward(ctx, rows, weight, shifted, weights, softcap, chunk_rows):
+        ctx.fp8 = weight is not None
+        if ctx.fp8:
+            x8 = (rows / FP8_X_SCALE).to(torch.float8_e4m3fn)
+            w8 = (weight / FP8_W_SCALE).to(torch.float8_e4m3fn)
+            logits = fp8_matmul(x8, w8.t(), FP8_X_SCALE, FP8_W_SCALE, torch.bfloat16, fast_accum=True)
+            grad = torch.empty(logits.shape, dtype=torch.float8_e5m2, device=logits.device)
+        else:
+            logits = rows
+            grad = torch.empty_like(logits)
+        objective = torch.zeros((), dtype=torch.float32, device=logits.device)
+        ce = torch.zeros_like(objective)
+        for start in range(0, logits.size(0), chunk_rows):
+            end = min(start + chunk_rows, logits.size(0))
+            chunk_objective, chunk_ce, chunk_grad = multi_offset_rows(logits[start:end], shifted[:, start:end],
+                                                                      weights, softcap)
+            grad[start:end] = chunk_grad / FP8_GRAD_SCALE if ctx.fp8 else chunk_grad
+            objective += chunk_objective.sum()
+            ce += chunk_ce.sum()
+        ctx.save_for_backward(grad, *((x8, w8) if ctx.fp8 else ()))
+        ctx.input_dtypes = (rows.dtype, weight.dtype if ctx.fp8 else None)
+        ctx.mark_non_differentiable(ce)
+        return objective, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_objective, grad_ce):
+        if not ctx.fp8:
+            (grad,) = ctx.saved_tensors
+            return (grad.mul_(grad_objective.to(grad.dtype)),) + (None,) * 5
+        grad, x8, w8 = ctx.saved_tensors
+        grad_rows = fp8_matmul(grad, w8.t().contiguous().t(), FP8_GRAD_SCALE, FP8_W_SCALE, torch.bfloat16,
+                               fast_accum=False)
+        grad_weight = fp8_matmul(grad.t().contiguous(), x8.t().contiguous().t(), FP8_GRAD_SCALE, FP8_X_SCALE,
+                                 torch.float32, fast_accum=False)
+        return ((grad_rows * grad_objective).to(ctx.input_dtypes[0]),
+                (grad_weight * grad_objective).to(ctx.input_dtypes[1])) + (None,) * 4
+
+
+def multi_offset_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, weights: list[float],
+                           softcap: float, fp8: bool = False, chunk_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed next-token loss, summed multi-offset objective) of one micro-batch: the targets of the flattened
+    (B*T) rows shifted by each offset (the last rows have fewer; -1 targets count for nothing), divided by the step's
+    target count like every objective here: the record's mean over rows. fp8: the fp8 lm_head matmul (CUDA)."""
+    flat = targets.reshape(-1)
+    shifted = torch.stack([F.pad(flat[offset:], (0, offset), value=-1) for offset in range(len(weights))])
+    if fp8:  # the lm_head's input: the loss makes the logits itself
+        features = model(inputs, raw_logits="features")
+        objective, ce = MultiOffsetLoss.apply(features.reshape(-1, features.size(-1)), model.lm_head.weight,
+                                              shifted, tuple(weights), softcap, chunk_rows)
+    else:
+        raw = model(inputs, raw_logits=True)
+        objective, ce = MultiOffsetLoss.apply(raw.reshape(-1, raw.size(-1)), None, shifted, tuple(weights), softcap,
+                                              chunk_rows)
+    return ce, objective
 
 
 def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
@@ -3383,6 +3595,14 @@ class MemberObjective:
         self.dist_info = dist_info or Dist(device=device)
         self.held, self.holding = None, ExitStack()  # one teacher kept on the device for as long as it teaches
         self.heads = {}  # id(teacher) -> its TeacherHead, when several teachers stream through the device
+        self.offset_weights = None  # mtp_offsets: this step's weights of the targets t, t+1, .. (start_step)
+        if hp.mtp_offsets:
+            self.backend = f"multi-offset ({'fp8 lm_head' if hp.fp8_head else 'chunked PyTorch'})"
+
+    def start_step(self, step: int, total_steps: int) -> None:
+        """The step's multi-offset weights (the extra offsets fade out over mtp_anneal_frac of training)."""
+        if self.hp.mtp_offsets:
+            self.offset_weights = mtp_offset_weights(step, total_steps, self.hp)
 
     def teacher_features(self, inputs: torch.Tensor) -> tuple[list[tuple[nn.Module, float]], list[torch.Tensor]]:
         """(teachers as the loss uses them, their features). One teacher comes to the device once and stays until
@@ -3415,6 +3635,8 @@ class MemberObjective:
     def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed next-token loss, summed objective) of one micro-batch."""
         hp, distill = self.hp, None
+        if self.offset_weights is not None:  # the 15min record's loss (no distillation with it: check_tracks_15min)
+            return multi_offset_loss_sums(model, inputs, targets, self.offset_weights, hp.logit_softcap, hp.fp8_head)
         if self.distilling:
             with torch.no_grad():
                 teachers, features = self.teacher_features(inputs)
@@ -3632,6 +3854,9 @@ class EMAAveraging:
 
     def after_step(self, done: int, model: nn.Module) -> None:
         hp = self.hp
+        if hp.ema_candidate:
+            self.record_step(done, model)
+            return
         if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
             return
         if self.ema is None:
@@ -3640,6 +3865,23 @@ class EMAAveraging:
             self.ema.update(model)
         if done == self.total_steps:
             self.ema.blend_into(model, hp.ema_blend)
+
+    def record_step(self, done: int, model: nn.Module) -> None:
+        """ema_candidate, the 15min record's EMA (tiny/train.py 1336-1337, 1448-1449): from zero, updated after the
+        optimizer steps 0, k, 2k, .. (done = 1, k + 1, ..); candidate_weights bias-corrects it."""
+        if (done - 1) % self.hp.ema_every:
+            return
+        if self.ema is None:
+            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
+            torch._foreach_zero_(self.ema.averages)
+        self.ema.update(model)
+
+    def candidate_weights(self, done: int) -> list[torch.Tensor] | None:
+        """The EMA after `done` steps divided by 1 - decay^updates (Adam's bias correction: it started from zero)."""
+        if self.ema is None:
+            return None
+        updates = len(range(0, done, self.hp.ema_every))
+        return [average / (1.0 - self.hp.ema_decay ** updates) for average in self.ema.averages]
 
     def state(self):
         return self.ema.averages if self.ema is not None else None
@@ -3683,6 +3925,81 @@ class SWAAveraging:
             self.swa = saved[self.key]
             if self.host is not None:
                 self.swa = ([host_copy(total, self.host) for total in self.swa[0]], self.swa[1])
+
+
+class CheckpointAverage:
+    """ckpt_avg_epochs: the 15min record's weight-space average of its last N epoch-end weights, every parameter,
+    recency-weighted i / sum(i) oldest first (or equal), scored at the end as a candidate of its own (tiny/train.py
+    1510-1517, 1568-1593; records #8/#9). Kept as one running weighted sum (host memory under averaging_on_host)."""
+    key = "ckpt_avg"
+
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule | None = None):
+        self.hp, self.schedule = hp, schedule
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
+        self.total, self.weight_sum, self.count = None, 0.0, 0
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule = self.schedule
+        if not self.hp.ckpt_avg_epochs or not (schedule.epoch_end(done) or done == schedule.total_steps) or \
+                schedule.train_data.epoch_position(done) <= \
+                schedule.train_data.epoch_position(schedule.total_steps) - self.hp.ckpt_avg_epochs:
+            return
+        self.add(list(model.parameters()))
+
+    @torch.no_grad()
+    def add(self, params: list[torch.Tensor]) -> None:
+        """One epoch end's weights join the sum with weight i (the i-th added; equal: 1)."""
+        self.count += 1
+        weight = float(self.count) if self.hp.ckpt_avg_weights == "recency" else 1.0
+        if self.total is None:
+            self.total = [host_copy(p, self.host).mul_(weight) for p in params]
+        else:
+            for total, p in zip(self.total, params):
+                total.add_(p.detach().to(total.device), alpha=weight)
+        self.weight_sum += weight
+
+    def average(self) -> list[torch.Tensor] | None:
+        """sum_i w_i theta_i / sum_i w_i, or None before two epoch ends (the record averages from two on)."""
+        return [total / self.weight_sum for total in self.total] if self.count >= 2 else None
+
+    def state(self):
+        return (self.total, self.weight_sum, self.count) if self.total is not None else None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            total, self.weight_sum, self.count = saved[self.key]
+            self.total = [host_copy(t, self.host) if self.host else t for t in total]
+
+
+def score_weight_candidates(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, tag: str,
+                            model: GPT, ema: EMAAveraging, average: CheckpointAverage, done: int) -> list[dict]:
+    """The 15min record's end-of-run candidates, each a frozen host copy of the model (GPT.for_inference, parked: on
+    the device only while scored) holding other weights: the bias-corrected EMA (ema_candidate) and the checkpoint
+    average (ckpt_avg_epochs), scored on val and, with val_public_windows, on the public windows. Rows in the
+    record's order with the rule by which each may replace the public figure (public_figure_rows)."""
+    made = []  # (label, rule, the weights made on demand: one averaged copy at a time)
+    if hp.ema_candidate and ema.ema is not None:
+        made.append(("EMA", "bpb", functools.partial(ema.candidate_weights, done)))
+    if average.count >= 2:
+        made.append((f"checkpoint average of the last {average.count} epoch ends, {hp.ckpt_avg_weights} weights",
+                     "loss", average.average))
+    rows = []
+    for label, rule, weights in made:
+        candidate = frozen_host_copy(model, dist_info)
+        with torch.no_grad():
+            for param, weight in zip(candidate.parameters(), weights()):
+                param.copy_(weight)
+        row = dict(label=label, rule=rule, val_loss=evaluate_frozen_ensemble([candidate], [1.0], "prob", data.val_data,
+                                                                             dist_info, hp.val_batch_size))
+        if data.public_data is not None:
+            with frozen_on_device(candidate, dist_info):
+                row["val_loss_public"], row["val_bpb_public"] = evaluate_with_bytes(
+                    [candidate], [1.0], data.public_data, dist_info, hp.val_batch_size, data.token_bytes)
+        public = f" | val_loss_public {row['val_loss_public']:.4f}" if "val_loss_public" in row else ""
+        log.write(f"{tag}candidate | {label} | val_loss {row['val_loss']:.4f}{public}")
+        log.metrics(dict(kind="ema_candidate" if rule == "bpb" else "ckpt_avg_candidate", step=done, **row))
+        rows.append(row)
+    return rows
 
 
 class Snapshots:
@@ -3924,7 +4241,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
     public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
-    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public]
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public,
+                 CheckpointAverage(hp, schedule)]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
@@ -3944,6 +4262,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     for step in range(progress.state["step"], total_steps):
         epoch, step_in_epoch = train_data.locate(step)
         factor = schedule.start_step(step, optimizers, raw_model)
+        objective.start_step(step, total_steps)
         if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
@@ -3982,11 +4301,14 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
             progress.validate(model, data.val_data, total_steps)
     objective.release()  # the teacher goes back to the host
     grad_sync.remove()
+    with progress.paused():
+        candidates = score_weight_candidates(hp, dist_info, data, log, tag, raw_model, averaging[0], averaging[-1],
+                                             total_steps)
     state = progress.state
     return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
                 val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
                 steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
-                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows)
+                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows, weight_candidates=candidates)
 
 
 def end_cut_line(path: str) -> None:
@@ -4393,13 +4715,17 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
         member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
         candidate_val_losses=candidate_losses,
+        weight_candidates=[row for r in member_results for row in r.get("weight_candidates", [])],
         selection=selection, **bpb,
     )
     if data.public_data is not None:
         if data.fitness_data is not None:
             averages = {"selected ensemble": (final_members, final_weights)}
         epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
-        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages)
+        scored = [dict(label=row["label"], rule=row["rule"], val_loss=row["val_loss_public"],
+                       val_bpb=row["val_bpb_public"]) for row in member_results[0].get("weight_candidates", [])
+                  if hp.ensemble_size == 1 and "val_loss_public" in row]
+        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages, scored)
         log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
                   f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
                   f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
@@ -4594,6 +4920,7 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     teacher_heads = (hp.ensemble_size - 1) * head_bytes if teaching and hp.distill_teacher == "ensemble" and \
         hp.ensemble_size > 2 else 0
     averages = (1 if hp.ema_decay > 0 else 0) + (3 if hp.swa_epochs else 0)  # EMA copy; SWA sum + weights + new sum
+    averages += 1 if hp.ckpt_avg_epochs else 0  # the checkpoint average's running weighted sum
     distill = 0
     if hp.distill_alpha > 0 and hp.ensemble_size > 1:  # teacher features and a chunk of teacher log-probs
         teachers = hp.ensemble_size - 1 if hp.distill_teacher == "ensemble" else 1
@@ -4614,7 +4941,7 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     peak_final = scored_together * param_bytes + 3 * eval_logits // 2
     adam_state = adam_bytes
     checkpoint = param_bytes + adam_state + muon_bytes + (param_bytes if hp.ema_decay > 0 else 0) + \
-        (param_bytes if hp.swa_epochs else 0)
+        (param_bytes if hp.swa_epochs else 0) + (param_bytes if hp.ckpt_avg_epochs else 0)
     return dict(world_size=world_size, group_world=group_world, device_type=device_type, compute_bytes=compute_bytes,
                 parameters=sum(p.numel() for p in model.parameters()), param_bytes=param_bytes,
                 grad_bytes=grad_bytes, adam_bytes=adam_bytes, muon_bytes=muon_bytes,

@@ -16,6 +16,8 @@ a part that fails, hangs or crashes the GPU is reported as such and the next par
     distill_loss    the same with a distillation teacher (alpha 0.5, T 2)
     attention       SDPA with a dense mask vs compiled FlexAttention, forward + backward, windows and document masks
     distill_step    a 2-member run with distillation (8 layers of the preset's width): member 2's step vs member 1's
+    fp8_head        the 15min record's multi-offset loss with the fp8 lm_head matmul (fp8_head) vs its bf16 path:
+                    loss per row (accepted if within 2e-3), gradient agreement, ms of forward + backward
 No network: the token shards are random tokens of the full vocabulary. Writes under the output folder (at most 4
 files): GPU_RESULTS.md (the report), gpu_check.json (every figure), gpu_check.log (every part's full output)."""
 from __future__ import annotations
@@ -44,7 +46,7 @@ FULL_BATCH_TOKENS, FULL_STEPS = 32768, 20  # model_steps: 4 micro-steps of 4 x 2
 # (part, timeout in seconds on the GPU): the overall budget (--budget) cuts the later ones short if need be
 # (most wanted first: the figures of the preset's own steps come before the micro-benchmarks)
 PARTS = [("environment", 60), ("triton_kernels", 90), ("model_steps", 300), ("memory_plan", 30), ("fused_loss", 60),
-         ("distill_loss", 60), ("attention", 120), ("distill_step", 200)]
+         ("distill_loss", 60), ("attention", 120), ("distill_step", 200), ("fp8_head", 60)]
 DRY_VOCAB = 512  # the dry run's vocabulary: CPU steps are dominated by the 50,304-wide lm_head otherwise
 
 
@@ -337,9 +339,56 @@ def part_distill_step(dry: bool):
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def part_fp8_head(dry: bool):
+    """fp8_head (records/TRACKS.md F14f) next to the bf16 path of the same loss: one lm_head of the 15min shape
+    (width 1024, vocab 50,304) over 8,192 rows, weights (1, 0.5, 0.25). The dry run simulates the fp8 matmuls on
+    CPU (train_gpt.fp8_matmul). Raises when the loss differs by 2e-3 per row or more."""
+    import torch
+    import torch.nn.functional as F
+    import train_gpt
+    import kernels
+    device = torch.device("cpu" if dry else "cuda")
+    rows, width, vocab = (64, 64, DRY_VOCAB) if dry else (8192, 1024, 50304)
+    generator = torch.Generator().manual_seed(0)
+    features = train_gpt.rms_norm(torch.randn(rows, width, generator=generator)).to(device, torch.bfloat16)
+    weight = (0.02 * torch.randn(vocab, width, generator=generator)).to(device)
+    targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
+    weights = (1.0, 0.5, 0.25)
+    shifted = torch.stack([F.pad(targets[k:], (0, k), value=-1) for k in range(len(weights))])
+    results = {}
+
+    def run(fp8: bool):
+        x, w = features.clone().requires_grad_(True), weight.clone().requires_grad_(True)
+        if fp8:
+            objective, _ = train_gpt.MultiOffsetLoss.apply(x, w, shifted, weights, 15.0, 1024)
+        else:
+            logits = F.linear(x, w.to(x.dtype))  # bf16 logits, as autocast makes them
+            objective, _ = train_gpt.MultiOffsetLoss.apply(logits, None, shifted, weights, 15.0, 1024)
+        (objective / rows).backward()
+        results[fp8] = (objective.item() / rows, x.grad.float(), w.grad.float())
+
+    lines = [f"shape: {rows} rows x width {width} x vocab {vocab}, offsets weighted (1, 0.5, 0.25), soft-cap 15"
+             + (" (DRY: fp8 matmuls simulated on CPU)" if dry else ""), "",
+             "| bench | path | ms fwd+bwd | peak memory | vs reference |", "|---|---|---|---|---|"]
+    rows_md, data = bench_table({"bf16 (reference)": lambda: run(False), "fp8 e4m3/e5m2": lambda: run(True)},
+                                device, 2 if dry else 5, "multi-offset loss")
+    difference = abs(results[True][0] - results[False][0])
+    cosines = [F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+               for a, b in zip(results[True][1:], results[False][1:])]
+    data.update(loss_bf16=results[False][0], loss_fp8=results[True][0], loss_difference_per_row=difference,
+                grad_input_cosine=cosines[0], grad_weight_cosine=cosines[1])
+    lines += rows_md + ["", f"loss per row: bf16 {results[False][0]:.5f}, fp8 {results[True][0]:.5f}, |difference| "
+                        f"{difference:.2e} (accepted below 2e-3) | gradient cosine fp8 vs bf16: input "
+                        f"{cosines[0]:.4f}, weight {cosines[1]:.4f}"]
+    if not difference < 2e-3:
+        raise RuntimeError(f"fp8_head loss differs from the bf16 path by {difference:.2e} per row (limit 2e-3)")
+    return lines, data
+
+
 PART_FUNCTIONS = {"environment": part_environment, "triton_kernels": part_triton_kernels,
                   "fused_loss": part_fused_loss, "distill_loss": part_distill_loss, "attention": part_attention,
-                  "model_steps": part_model_steps, "memory_plan": part_memory_plan, "distill_step": part_distill_step}
+                  "model_steps": part_model_steps, "memory_plan": part_memory_plan, "distill_step": part_distill_step,
+                  "fp8_head": part_fp8_head}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
