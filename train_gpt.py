@@ -297,30 +297,31 @@ PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an 
 # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte, lm_head
 # and the value tables (bf16 on CUDA in the public), our dropout masks, and each epoch ending on a short step (the
 # public's optimizer steps run across epoch boundaries: 2288 steps there, 12 x 191 = 2292 here).
+# What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files, 2048-token
+# windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys), Polar
+# Express, NorMuon, cautious and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax, the record's
+# 4,864 val windows scored beside our full val, a log line per step.
+TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
+    "train_files", "val_files", "test_files", "seq_len", "batch_tokens", "window_pattern", "window_short",
+    "muon_polar_express", "normuon", "cautious_wd", "muon_wd_scaled", "train_vocab", "eval_vocab",
+    "val_public_windows", "log_every")}
 PRESETS["baseline"] = dict(
-    train_files="data/fineweb/fineweb_train.bin",
-    val_files="data/fineweb/fineweb_val.bin",
-    test_files="data/fineweb/fineweb_test.bin",
-    n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, seq_len=2048,
-    batch_tokens=524288, device_batch_size=4, val_batch_size=8,
-    dropout=0.1, logit_softcap=15.0, num_epochs=12, log_every=1,
+    **TRACK_COMMON,
+    n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, device_batch_size=4, val_batch_size=8,
+    dropout=0.1, logit_softcap=15.0, num_epochs=12,
     # the record's LRs after its 0.25 multiplier (matrix 0.08, embedding 0.3, unembedding 0.004, scalar 0.5); weight
     # decay 1.6 on the lm_head, wte, the value tables and every Muon matrix, flat
     muon_lr=0.02, embed_lr=0.075, head_lr=0.001, scalar_lr=0.125, muon_wd=1.6, adam_wd=1.6,
     # model: a value-embedding table on each of the 15 odd layers, added to V through its 32-channel gate; x0 mixing;
-    # "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys); zero c_proj init (the default); only
-    # the 50,257 real tokens in the softmax
-    value_embed_tables=True, resid_mix=True, window_pattern="SSSL", window_short=1025,
-    train_vocab=50257, eval_vocab=50257,
-    # optimizer: Polar Express, NorMuon, cautious and shape-scaled weight decay, no MuonEq-R, momentum 0.85 -> 0.95
-    # over 300 steps; the value gates in Muon; resid lambdas at 1% of scalar_lr, x0 lambdas with beta1 0.96
-    muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_momentum_warmup=300,
-    value_gate_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+    # zero c_proj init (the default)
+    value_embed_tables=True, resid_mix=True,
+    # optimizer (beyond TRACK_COMMON): no MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; the value gates in Muon;
+    # resid lambdas at 1% of scalar_lr, x0 lambdas with beta1 0.96
+    muon_momentum_warmup=300, value_gate_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
     # schedule: no warmup, constant LR, then a linear warmdown over the last 50% to 0
     warmdown_frac=0.5,
-    # data and evaluation: the prepared windows in one fixed order (numpy seed 43), the same every epoch; the
-    # record's 4,864 val windows scored beside our full val
-    train_order="fixed", val_public_windows=4864,
+    # data: the prepared windows in one fixed order (numpy seed 43), the same every epoch
+    train_order="fixed",
 )
 
 # The public records each preset reproduces: the figure, the script, and the model's size and training FLOPs per

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import micro_flags, read_metrics
+from conftest import micro_preset_run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
@@ -181,6 +181,11 @@ def test_baseline_preset_states_the_record_and_its_flags():
         (30, 1792, 14, "relu2", 7168, 15.0, 0.1, 12)
     assert (hp.value_embed_tables, hp.value_gate_muon, hp.train_order, hp.value_proj, hp.muon_eq_r) == \
         (True, True, "fixed", False, False)
+    assert (hp.window_pattern, hp.window_short, hp.train_vocab, hp.eval_vocab, hp.val_public_windows) == \
+        ("SSSL", 1025, 50257, 50257, 4864)
+    assert (hp.muon_polar_express, hp.normuon, hp.cautious_wd, hp.muon_wd_scaled, hp.muon_momentum_warmup,
+            hp.resid_mix, hp.resid_lr_scale, hp.x0_beta1, hp.proj_init, hp.wd_schedule) == \
+        (True, True, True, True, 300, True, 0.01, 0.96, "zero", "flat")
     assert (hp.muon_lr, hp.embed_lr, hp.head_lr, hp.scalar_lr, hp.muon_wd, hp.adam_wd, hp.warmdown_frac) == \
         (0.08 * 0.25, 0.3 * 0.25, 0.004 * 0.25, 0.5 * 0.25, 1.6, 1.6, 0.5)
     n_params = sum(p.numel() for p in train_gpt.build_model_meta(hp).parameters())
@@ -245,14 +250,8 @@ def test_baseline_micro_model_compiles_whole():
 def test_baseline_preset_run_logs_the_record_and_trains(micro_data, tmp_path):
     """train_gpt.main with --preset baseline at micro width (shapes only): the run names the record and its
     parameter count, trains on the fixed order, and its train loss falls over 3 steps."""
-    train_path, val_path = micro_data
-    flags = ["--preset", "baseline"] + micro_flags(train_path, val_path, str(tmp_path), "microbase", vocab_size=320,
-                                                   train_vocab=256, eval_vocab=256, mlp_hidden=128, window_short=9,
-                                                   max_steps=3, val_every=-1, checkpoint_every=-1, test_files="",
-                                                   val_tokens=256, val_public_windows=4)
-    assert train_gpt.main(flags) == 0
-    log = open(tmp_path / "microbase" / "log.txt").read()
+    log, losses = micro_preset_run("baseline", micro_data, tmp_path, vocab_size=320, train_vocab=256, eval_vocab=256,
+                                   mlp_hidden=128, window_short=9, val_tokens=256, val_public_windows=4)
     assert "preset baseline: reproduces the baseline record 3.402 (qlabs-eng/slowrun train.py@0d49316)" in log
     assert "vs 2,688,522,876 parameters" in log and "train_order" in log
-    losses = [row["train_loss"] for row in read_metrics(str(tmp_path / "microbase")) if "train_loss" in row]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
