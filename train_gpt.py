@@ -291,20 +291,21 @@ PRESETS: dict[str, dict] = {
 
 PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an alias (the log says which it is)
 
+# What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files,
+# 2048-token windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts
+# keys), Polar Express, NorMuon, cautious and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax,
+# the record's 4,864 val windows scored beside our full val, a log line per step.
+TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
+    "train_files", "val_files", "test_files", "seq_len", "batch_tokens", "window_pattern", "window_short",
+    "muon_polar_express", "normuon", "cautious_wd", "muon_wd_scaled", "train_vocab", "eval_vocab",
+    "val_public_windows", "log_every")}
+
 # "baseline": the slowrun baseline record, 3.402 (qlabs-eng/slowrun train.py at 0d49316, the repository's first
 # commit; records/TRACKS.md section 1.2 has the table): 30 x 1792, 14 heads, ReLU^2 MLP 7168, value-embedding tables,
 # no U-Net, output gates, IHA, MTP or looping. 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
 # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte, lm_head
 # and the value tables (bf16 on CUDA in the public), our dropout masks, and each epoch ending on a short step (the
 # public's optimizer steps run across epoch boundaries: 2288 steps there, 12 x 191 = 2292 here).
-# What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files, 2048-token
-# windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys), Polar
-# Express, NorMuon, cautious and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax, the record's
-# 4,864 val windows scored beside our full val, a log line per step.
-TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
-    "train_files", "val_files", "test_files", "seq_len", "batch_tokens", "window_pattern", "window_short",
-    "muon_polar_express", "normuon", "cautious_wd", "muon_wd_scaled", "train_vocab", "eval_vocab",
-    "val_public_windows", "log_every")}
 PRESETS["baseline"] = dict(
     **TRACK_COMMON,
     n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, device_batch_size=4, val_batch_size=8,
@@ -329,10 +330,10 @@ PRESETS["baseline"] = dict(
 PUBLIC_RECORDS = {
     "1h": dict(figure=3.195, script="qlabs-eng/slowrun train.py@fd342f0", parameters=1_443_722_775,
                flops=8.66e9, flops_looped=11.81e9),
-    # the baseline's own estimate_flops counts min(w, T) keys per query (8.31 G); our formula, the later records', the
-    # causal mean: 8.02 G for the same model (records/TRACKS.md section 3)
+    # the baseline's own estimate_flops counts min(w, T) keys per query: 8.31 G; ours (the later records' formula)
+    # counts the causal mean of the keys: 8.02 G for the same model (records/TRACKS.md section 3)
     "baseline": dict(figure=3.402, script="qlabs-eng/slowrun train.py@0d49316", parameters=2_688_522_876,
-                     flops=8.31e9, flops_note="the baseline's counts min(w, T) keys per query; the causal mean gives 8.02 G"),
+                     flops=8.31e9, flops_note="the baseline's counts min(w, T) keys per query; causal mean: 8.02 G"),
 }
 PRESET_ALIASES = {"slowrun": "1h"}
 
@@ -4568,9 +4569,9 @@ def mean_attended_keys(seq_len: int, window: int) -> float:
 
 
 def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float:
-    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding
-    and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer; looped=True adds each replayed
-    layer's 6 x its parameters and its attention."""
+    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding,
+    the value-embedding tables and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer;
+    looped=True adds each replayed layer's 6 x its parameters and its attention."""
     model = build_model_meta(hp)
     lookups = ("value_embeds.",)  # the baseline record's value-embedding tables: lookups, excluded as its formula does
     excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
