@@ -66,6 +66,7 @@ class Hyperparameters:
     test_files: str = ""  # glob of held-out test shards, scored once at the end ("" = none); never used to choose
     train_tokens: int = 0  # train on only the first N train tokens, cut back to a document start (0 = all): data-scaling curves
     val_tokens: int = 0  # score only the first N validation tokens (0 = all of them)
+    train_order: str = "docs"  # docs: whole documents reshuffled every epoch | fixed: the unshuffled stream's seq_len + 1 windows permuted once by numpy RandomState(43), the same order every epoch (the slowrun baseline record's prepared data, records/TRACKS.md F18a)
     vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
     bos_id: int = 50256  # <|endoftext|>: every document starts with it
     tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256); a mismatch is refused
@@ -103,6 +104,7 @@ class Hyperparameters:
     loop_start_epoch: int = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
     stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
     mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
+    value_embed_tables: bool = False  # V += 2*sigmoid(gate(x)) * E_l[idx] on alternating layers: a vocab x n_embd table per layer instead of value_proj's W x0 (the slowrun baseline record's value embeddings, records/TRACKS.md F17)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -138,6 +140,7 @@ class Hyperparameters:
     resid_lr_scale: float = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
     x0_beta1: float = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
     gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
+    value_gate_muon: bool = False  # only the value gates train with Muon (output gates stay in AdamW): the slowrun baseline and 15min records
     muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
@@ -299,11 +302,49 @@ PRESETS: dict[str, dict] = {
 
 PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an alias (the log says which it is)
 
+# What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files,
+# 2048-token windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts
+# keys), Polar Express, NorMuon, cautious and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax,
+# the record's 4,864 val windows scored beside our full val, a log line per step.
+TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
+    "train_files", "val_files", "test_files", "seq_len", "batch_tokens", "window_pattern", "window_short",
+    "muon_polar_express", "normuon", "cautious_wd", "muon_wd_scaled", "train_vocab", "eval_vocab",
+    "val_public_windows", "log_every")}
+
+# "baseline": the slowrun baseline record, 3.402 (qlabs-eng/slowrun train.py at 0d49316, the repository's first
+# commit; records/TRACKS.md section 1.2 has the table): 30 x 1792, 14 heads, ReLU^2 MLP 7168, value-embedding tables,
+# no U-Net, output gates, IHA, MTP or looping. 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
+# Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte, lm_head
+# and the value tables (bf16 on CUDA in the public), our dropout masks, and each epoch ending on a short step (the
+# public's optimizer steps run across epoch boundaries: 2288 steps there, 12 x 191 = 2292 here).
+PRESETS["baseline"] = dict(
+    **TRACK_COMMON,
+    n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, device_batch_size=4, val_batch_size=8,
+    dropout=0.1, logit_softcap=15.0, num_epochs=12,
+    # the record's LRs after its 0.25 multiplier (matrix 0.08, embedding 0.3, unembedding 0.004, scalar 0.5); weight
+    # decay 1.6 on the lm_head, wte, the value tables and every Muon matrix, flat
+    muon_lr=0.02, embed_lr=0.075, head_lr=0.001, scalar_lr=0.125, muon_wd=1.6, adam_wd=1.6,
+    # model: a value-embedding table on each of the 15 odd layers, added to V through its 32-channel gate; x0 mixing;
+    # zero c_proj init (the default)
+    value_embed_tables=True, resid_mix=True,
+    # optimizer (beyond TRACK_COMMON): no MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; the value gates in Muon;
+    # resid lambdas at 1% of scalar_lr, x0 lambdas with beta1 0.96
+    muon_momentum_warmup=300, value_gate_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+    # schedule: no warmup, constant LR, then a linear warmdown over the last 50% to 0
+    warmdown_frac=0.5,
+    # data: the prepared windows in one fixed order (numpy seed 43), the same every epoch
+    train_order="fixed",
+)
+
 # The public records each preset reproduces: the figure, the script, and the model's size and training FLOPs per
 # token by the public estimate_flops (records/TRACKS.md section 3; counted on the public model classes).
 PUBLIC_RECORDS = {
     "1h": dict(figure=3.195, script="qlabs-eng/slowrun train.py@fd342f0", parameters=1_443_722_775,
                flops=8.66e9, flops_looped=11.81e9),
+    # the baseline's own estimate_flops counts min(w, T) keys per query: 8.31 G; ours (the later records' formula)
+    # counts the causal mean of the keys: 8.02 G for the same model (records/TRACKS.md section 3)
+    "baseline": dict(figure=3.402, script="qlabs-eng/slowrun train.py@0d49316", parameters=2_688_522_876,
+                     flops=8.31e9, flops_note="the baseline's counts min(w, T) keys per query; causal mean: 8.02 G"),
 }
 PRESET_ALIASES = {"slowrun": "1h"}
 
@@ -454,6 +495,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points"),
             f"wd_schedule must be flat, inverse, sawtooth, slowrun or points, got {hp.wd_schedule!r}")
     check_record_settings(hp)
+    check_baseline_settings(hp)
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
     require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
@@ -500,6 +542,17 @@ def check_record_settings(hp: Hyperparameters) -> None:
     require(hp.loop_start_epoch >= 0, f"loop_start_epoch must be >= 0, got {hp.loop_start_epoch}")
     require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
             "looping starts: set one")
+
+
+def check_baseline_settings(hp: Hyperparameters) -> None:
+    """The slowrun baseline record's flags (records/TRACKS.md F17, F18a, the value gates' Muon group)."""
+    require(not (hp.value_embed_tables and hp.value_proj), "value_embed_tables and value_proj are two sources of the "
+            "same value residual: set one")
+    require(not (hp.value_gate_muon and hp.gates_muon), "gates_muon already trains the value gates with Muon: drop "
+            "value_gate_muon")
+    require(not hp.value_gate_muon or hp.value_proj or hp.value_embed_tables,
+            "value_gate_muon trains the value gates: set value_proj or value_embed_tables")
+    require(hp.train_order in ("docs", "fixed"), f"train_order must be docs or fixed, got {hp.train_order!r}")
 
 
 def check_tracks_eval(hp: Hyperparameters) -> None:
@@ -956,6 +1009,48 @@ class TrainData:
         ids = np.arange(first, min(first + self.batch_seqs(epoch), self.windows_per_epoch))
         lengths = np.clip(self.tokens.size - ids * self.window, 0, self.window)
         return int(np.clip(lengths - 1, 0, None).sum())
+
+
+TRAIN_ORDER_SEED = 43  # slowrun prepare_data.py at 0d49316: np.random.seed(43); np.random.shuffle(train windows)
+
+
+class FixedOrderTrainData(TrainData):
+    """train_order fixed, the slowrun baseline record's data order (records/TRACKS.md F18a; its prepare_data.py and
+    DataLoader at 0d49316): the train stream, unshuffled, cut into n = tokens // (seq_len + 1) disjoint windows (the
+    partial last one dropped), permuted once by numpy RandomState(43) (the same permutation as the public's
+    np.random.seed(43) + np.random.shuffle of the window rows) and read in that order in every epoch. Like the public
+    DataLoader it also drops the last n mod (device_batch_size x ranks) windows of that order, so the windows trained
+    on depend on the world size as the public's do (8 x 4: 4 of 48,804). Steps, micro-steps and ranks take the windows
+    as TrainData does, which is the public's split too (micro-batch m, rank r: windows (m ranks + r) device_batch + i);
+    unlike the public, an optimizer step never spans two epochs (the epoch's last step is short)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        count = self.tokens.size // self.window
+        usable = count - count % (self.device_batch_size * self.world_size)
+        if usable < 1:
+            raise DataError(f"train_order fixed: {self.tokens.size:,} train tokens hold {count} whole windows of "
+                            f"seq_len + 1 = {self.window}, fewer than one micro-step of device_batch_size "
+                            f"{self.device_batch_size} x {self.world_size} ranks")
+        self.order = np.random.RandomState(TRAIN_ORDER_SEED).permutation(count)[:usable]
+        self.windows_per_epoch = usable
+
+    def stream(self, epoch: int) -> np.ndarray:
+        return self.tokens  # never reshuffled: the order lives in self.order
+
+    def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
+        """(len(window_ids), seq_len + 1) int64: window id i is stream window order[i]; ids past the end are -1."""
+        out = np.full((window_ids.size, self.window), -1, dtype=np.int64)
+        for row, window_id in enumerate(window_ids):
+            if window_id < self.windows_per_epoch:
+                start = int(self.order[window_id]) * self.window
+                out[row] = self.tokens[start:start + self.window]
+        return out
+
+    def step_target_count(self, epoch: int, step_in_epoch: int) -> int:
+        """Every window is whole: seq_len targets for each of the step's windows that exist."""
+        first = step_in_epoch * self.batch_seqs(epoch)
+        return max(0, min(self.batch_seqs(epoch), self.windows_per_epoch - first)) * self.seq_len
 
 
 def live_micro_steps(train_data: TrainData, epoch: int, step_in_epoch: int, rank: int) -> int:
@@ -1491,6 +1586,7 @@ class GPTConfig:
     # --- added after member files were first written: defaults keep those files loading ---
     stochastic_depth_style: str = "sequence"
     mtp_style: str = "linear"
+    value_embed_tables: bool = False
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1561,6 +1657,8 @@ class CausalSelfAttention(nn.Module):
         if config.value_proj and has_value_proj(layer, config.n_layer):
             self.c_x0v = nn.Linear(config.n_embd, config.n_embd, bias=False)
             self.value_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
+        if config.value_embed_tables and has_value_proj(layer, config.n_layer):  # the table lives in GPT.value_embeds
+            self.value_gate = scalar_parameter(torch.zeros(config.n_head, self.gate_channels))
         if config.attn_gate:
             self.out_gate = scalar_parameter(torch.zeros(config.n_head, self.out_gate_channels))
         if config.head_mix:  # [0], [1], [2] mix the heads of Q, K and V
@@ -1578,9 +1676,11 @@ class CausalSelfAttention(nn.Module):
         if self.head_mix is not None:  # head h reads sum_g M[h, g] * head g (interleaved head attention)
             mix = self.head_mix.to(q.dtype)
             q, k, v = (torch.einsum("hg,btgd->bthd", mix[i], t) for i, t in enumerate((q, k, v)))
-        if self.c_x0v is not None:  # value residual from the first layer's input, gated per head in [0, 2]
+        if self.value_gate is not None:  # value residual, gated per head in [0, 2]: W x0 (value_proj) or, with
+            # value_embed_tables, the table row E_l[idx] that run_layers hands over in x0's place (the baseline record)
             gate = 2 * torch.sigmoid(F.linear(x[..., :self.gate_channels], self.value_gate.to(x.dtype)))  # (B, T, H)
-            v = v + gate.unsqueeze(-1) * self.c_x0v(x0).view(batch, time_steps, self.n_head, self.head_dim)
+            value = self.c_x0v(x0) if self.c_x0v is not None else x0.to(v.dtype)
+            v = v + gate.unsqueeze(-1) * value.view(batch, time_steps, self.n_head, self.head_dim)
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         # from torch 2.12 CUDA autocast runs rms_norm in fp32: back to v's (the compute) dtype, so attention runs and
@@ -1729,6 +1829,12 @@ class GPT(nn.Module):
             self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
         if config.unet_skips:
             self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
+        self.value_embeds = None
+        if config.value_embed_tables:  # the baseline record's value embeddings (F17): one vocab x n_embd table per
+            # value layer (alternating, the last included), trained by AdamW like wte
+            layers = [layer for layer in range(config.n_layer) if has_value_proj(layer, config.n_layer)]
+            self.value_embeds = nn.ModuleDict({str(layer): nn.Embedding(config.vocab_size, config.n_embd)
+                                               for layer in layers})
         self.mtp_weight, self.mtp_block = config.mtp_weight, None
         if config.mtp_weight > 0 and config.mtp_style == "block":  # the 1h record's MTP (#16): y_{t+1} from an extra
             # Block (layer index n_layer: full window, no value projection) on W [h_t ; rms_norm(wte(y_t))]
@@ -1762,6 +1868,9 @@ class GPT(nn.Module):
             nn.init.uniform_(self.mtp_proj.weight, -bound, bound)
         elif self.mtp_weight > 0:
             nn.init.zeros_(self.mtp_proj.weight)
+        for table in (self.value_embeds.values() if self.value_embeds is not None else []):
+            bound = 3**0.5 * self.config.n_embd**-0.5  # the baseline record's U(+-sqrt(3 / n_embd))
+            nn.init.uniform_(table.weight, -bound, bound)
 
     def layer_order(self) -> list[int]:
         """The blocks in execution order: 0..n-1, with loop_range replayed loop_repeats extra times once active."""
@@ -1805,10 +1914,17 @@ class GPT(nn.Module):
             if self.resid_mix:
                 x = self.resid_lambdas[layer] * x + self.x0_lambdas[layer] * x0
             window = self.window_sizes[layer] if self.window_sizes is not None else x.size(1)
-            x = self.blocks[layer](x, cos, sin, x0 if self.uses_x0 else None, masks.get(window))
+            x = self.blocks[layer](x, cos, sin, self.value_source(layer, idx, x0), masks.get(window))
             if self.unet_skips and layer < self.encoder_layers:
                 skips[layer] = x
         return x
+
+    def value_source(self, layer: int, idx: torch.Tensor | None, x0: torch.Tensor) -> torch.Tensor | None:
+        """What a block's attention receives as x0: the layer's value-table rows E_l[idx] with value_embed_tables
+        (on its value layers), else x0 where value_proj or resid_mix use it."""
+        if self.value_embeds is not None and str(layer) in self.value_embeds:
+            return self.value_embeds[str(layer)](idx)
+        return x0 if self.uses_x0 else None
 
     def residual_stream(self, idx: torch.Tensor) -> torch.Tensor:
         """Token ids (B, T) -> the final residual stream (B, T, C), before the last norm."""
@@ -2124,11 +2240,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
     anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
     named = dict(model.named_parameters())
-    is_scalar = {name: (p.ndim < 2 or getattr(p, "scalar_group", False))
-                 and not (hp.gates_muon and scalar_role(name) == "gate") for name, p in named.items()}
+    is_scalar = {name: (p.ndim < 2 or getattr(p, "scalar_group", False)) and not gate_in_muon(name, hp)
+                 for name, p in named.items()}
     muon_params = [p for name, p in named.items() if name.split(".")[0] in ("blocks", "mtp_proj", "mtp_block")
                    and p.ndim == 2 and not is_scalar[name]]
-    embed_params, head_params = [model.wte.weight], [model.lm_head.weight]
+    # the baseline record's value-embedding tables train with wte (its own AdamW group at the same LR, betas and WD)
+    embed_params = [model.wte.weight] + [p for name, p in named.items() if name.startswith("value_embeds.")]
+    head_params = [model.lm_head.weight]
     head_mix_params = head_mix_group(named, hp)
     own_group = {id(p) for p in head_mix_params}
     scalar_params = [p for name, p in named.items() if is_scalar[name] and id(p) not in own_group]
@@ -2160,6 +2278,13 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
             group["initial_lr"] = group["lr"]
             group["initial_weight_decay"] = group["weight_decay"]
     return optimizers
+
+
+def gate_in_muon(name: str, hp: Hyperparameters) -> bool:
+    """Whether a gate trains with Muon (and its weight decay) instead of AdamW: gates_muon, both kinds (the 1h
+    record); value_gate_muon, the value gates only (the baseline and 15min records: their ve_gate is a matrix inside
+    transformer.h, which all goes to Muon, while 15min's attention gate has its own AdamW group)."""
+    return (hp.gates_muon and scalar_role(name) == "gate") or (hp.value_gate_muon and name.endswith(".value_gate"))
 
 
 def head_mix_group(named: dict, hp: Hyperparameters) -> list[nn.Parameter]:
@@ -3545,9 +3670,10 @@ class MemberSchedule:
 
     def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
         self.hp, self.member = hp, member
-        self.train_data = TrainData(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
-                                    hp.device_batch_size, dist_info.world_size, dist_info.rank,
-                                    member_seed(hp, member), batch_schedule(hp))
+        train_data_class = FixedOrderTrainData if hp.train_order == "fixed" else TrainData  # F18a
+        self.train_data = train_data_class(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
+                                           hp.device_batch_size, dist_info.world_size, dist_info.rank,
+                                           member_seed(hp, member), batch_schedule(hp))
         full_steps = self.train_data.epoch_start(hp.num_epochs)
         self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
         # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
@@ -4769,12 +4895,13 @@ def mean_attended_keys(seq_len: int, window: int) -> float:
 
 
 def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float:
-    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding
-    and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer; looped=True adds each replayed
-    layer's 6 x its parameters and its attention."""
+    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding,
+    the value-embedding tables and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer;
+    looped=True adds each replayed layer's 6 x its parameters and its attention."""
     model = build_model_meta(hp)
+    lookups = ("value_embeds.",)  # the baseline record's value-embedding tables: lookups, excluded as its formula does
     excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
-                                               if scalar_role(name) in ("resid", "x0"))
+                                               if scalar_role(name) in ("resid", "x0") or name.startswith(lookups))
     model.loop_active = looped
     order = model.layer_order()
     windows = window_sizes(model.config) or [hp.seq_len] * hp.n_layer
@@ -4802,9 +4929,11 @@ def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
         return []
     lines = [preset_record(hp.preset)]
     looped = f"; {training_flops_per_token(hp, True) / 1e9:.2f} G with looped layers on" if hp.loop_repeats else ""
+    record_looped = f" ({record['flops_looped'] / 1e9:.2f} G looped)" if "flops_looped" in record else ""
+    note = f"; {record['flops_note']}" if "flops_note" in record else ""
     lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
-                 f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G "
-                 f"({record['flops_looped'] / 1e9:.2f} G looped) (public estimate_flops formula)")
+                 f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G"
+                 f"{record_looped} (public estimate_flops formula{note})")
     return lines
 
 
@@ -4866,7 +4995,8 @@ def activation_bytes_per_token(hp: Hyperparameters, compute_bytes: int) -> int:
     attention += c * width if hp.attn_gate else 0
     mlp = 4 * width + (2 if swiglu and not fp32 else 1) * c * width + (4 if swiglu else 2) * c * hidden + dropout_mask
     per_layer = attention + mlp
-    value_layers = sum(has_value_proj(layer, hp.n_layer) for layer in range(hp.n_layer)) if hp.value_proj else 0
+    value_layers = sum(has_value_proj(layer, hp.n_layer) for layer in range(hp.n_layer)) \
+        if hp.value_proj or hp.value_embed_tables else 0
     layers = hp.n_layer + (hp.loop_repeats * (loop_layer_range(hp)[1] - loop_layer_range(hp)[0]) if hp.loop_repeats
                            else 0)
     return layers * per_layer + value_layers * 2 * c * width + 4 * width  # + the embedding's fp32 output
@@ -4907,7 +5037,7 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                             + loss_head_bytes_per_token(hp, device_type, compute_bytes))
     if compute_bytes < 4:  # autocast's bf16 copy of every matrix (cached per forward, saved for the backward)
         activations += compute_bytes * sum(p.numel() for name, p in model.named_parameters()
-                                           if p.ndim == 2 and not name.startswith("wte."))
+                                           if p.ndim == 2 and not name.startswith(("wte.", "value_embeds.")))
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
     per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
     # frozen models wait in host memory (park_on_host); on the device while the last member trains: its teacher (held

@@ -65,6 +65,18 @@ def read_metrics(run_folder: str) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+def micro_preset_run(preset: str, micro_data, tmp_path, **overrides) -> tuple[str, list[float]]:
+    """train_gpt.main with --preset at micro width (micro_flags plus the preset's shrunk shapes in overrides), 3
+    steps, no evaluation or checkpoint on the way: (the run's log text, its train losses)."""
+    train_path, val_path = micro_data
+    flags = ["--preset", preset] + micro_flags(train_path, val_path, str(tmp_path), "micro_" + preset, max_steps=3,
+                                               val_every=-1, checkpoint_every=-1, test_files="", **overrides)
+    assert train_gpt.main(flags) == 0
+    log = open(os.path.join(tmp_path, "micro_" + preset, "log.txt")).read()
+    metrics = read_metrics(os.path.join(str(tmp_path), "micro_" + preset))
+    return log, [row["train_loss"] for row in metrics if "train_loss" in row]
+
+
 def run_script(args: list[str], nproc: int = 1, timeout: int = 300, one_thread: bool = True) -> subprocess.CompletedProcess:
     """Runs train_gpt.py in a fresh process (under torchrun when nproc > 1). one_thread: OMP_NUM_THREADS=1, so that
     several ranks on 2 cores do not oversubscribe them; False leaves torch its default (every core)."""

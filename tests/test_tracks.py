@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import micro_flags, read_metrics
+from conftest import micro_preset_run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
@@ -403,16 +403,11 @@ def test_1h_preset_trains_three_steps_at_micro_width_with_every_flag_on():
 def test_1h_preset_run_logs_the_record_comparison(micro_data, tmp_path):
     """train_gpt.main with --preset 1h at micro width (shapes only): the run section names the record and compares
     parameters and FLOPs per token; the train loss is finite and lower after 3 steps than at the first."""
-    train_path, val_path = micro_data
-    flags = ["--preset", "1h"] + micro_flags(train_path, val_path, str(tmp_path), "micro1h", vocab_size=320,
-                                             train_vocab=256, eval_vocab=256, mlp_hidden=64, window_short=9,
-                                             loop_range="1:2", max_steps=3, val_every=-1, checkpoint_every=-1,
-                                             test_files="", val_tokens=256, val_public_windows=16)
-    assert train_gpt.main(flags) == 0
-    log = open(tmp_path / "micro1h" / "log.txt").read()
+    log, losses = micro_preset_run("1h", micro_data, tmp_path, vocab_size=320, train_vocab=256, eval_vocab=256,
+                                   mlp_hidden=64, window_short=9, loop_range="1:2", val_tokens=256,
+                                   val_public_windows=16)
     assert "preset 1h: reproduces the 1h record 3.195 (qlabs-eng/slowrun train.py@fd342f0)" in log
     assert "vs 1,443,722,775 parameters" in log and "FLOPs/token" in log
-    losses = [row["train_loss"] for row in read_metrics(str(tmp_path / "micro1h")) if "train_loss" in row]
     assert len(losses) == 3 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
 
 
