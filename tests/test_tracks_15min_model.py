@@ -51,7 +51,8 @@ def test_15min_flags_at_default_leave_the_plain_model_and_step_bitwise():
 def test_rope_pairs_equal_to_all_pairs_is_bitwise_plain():
     """rope_pairs = head_dim / 2 (every pair rotates): the public formula base^(-2j / 2r) is then the plain one, and
     the logits and gradients are the stored plain ones bitwise."""
-    hp = train_gpt.Hyperparameters(**reference.MICRO, rope_pairs=reference.MICRO["n_embd"] // reference.MICRO["n_head"] // 2)
+    pairs = reference.MICRO["n_embd"] // reference.MICRO["n_head"] // 2
+    hp = train_gpt.Hyperparameters(**reference.MICRO, rope_pairs=pairs)
     flagged = reference.model_outputs(hp)
     assert torch.equal(flagged["logits"][0], REFERENCE["plain"]["logits"][0])
     for name, grad in flagged["grads"].items():
@@ -101,7 +102,7 @@ def test_key_offset_acts_on_long_layers_and_the_last_one():
     assert model.mtp_block.attn.key_offset is False
 
 
-# ----------------------------------------------------------------------------------------------- a float64 model by hand
+# ----------------------------------------------------------------------------------------------- a float64 hand model
 
 def rms(t: torch.Tensor) -> torch.Tensor:
     return t / torch.sqrt(t.square().mean(-1, keepdim=True) + torch.finfo(t.dtype).eps)
@@ -118,11 +119,12 @@ def hand_layer(w: dict, x: torch.Tensor, x0: torch.Tensor, hp, key_offset: bool)
     heads, dim = hp.n_head, width // hp.n_head
     h = w["resid_lambdas"][0] * x + w["x0_lambdas"][0] * x0
     a = rms(h)
-    q, k, v = ((a @ w[f"blocks.0.attn.{name}.weight"].T).view(batch, time_steps, heads, dim) for name in ("c_q", "c_k", "c_v"))
+    q, k, v = ((a @ w[f"blocks.0.attn.{name}.weight"].T).view(batch, time_steps, heads, dim)
+               for name in ("c_q", "c_k", "c_v"))
     gate = 2 * torch.sigmoid(a[..., :width] @ w["blocks.0.attn.value_gate"].T)  # (B, T, H); 8 channels < 32: all
     v = v + gate.unsqueeze(-1) * (x0 @ w["blocks.0.attn.c_x0v.weight"].T).view(batch, time_steps, heads, dim)
-    inv_freq = torch.tensor([hp.rope_base ** (-j / hp.rope_pairs) if j < hp.rope_pairs else 0.0 for j in range(dim // 2)],
-                            dtype=torch.float64)
+    inv_freq = torch.tensor([hp.rope_base ** (-j / hp.rope_pairs) if j < hp.rope_pairs else 0.0
+                             for j in range(dim // 2)], dtype=torch.float64)
     angles = torch.arange(time_steps, dtype=torch.float64)[:, None] * inv_freq  # (T, D/2)
     c, s = angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
@@ -247,7 +249,8 @@ def test_dropout_mlp_false_leaves_the_mlp_branch_undropped():
 
 def test_xsa_eps_floors_the_value_norm():
     """y = (1, 2), v = (3e-6, 4e-6) (norm 5e-6): eps 1e-4 gives v_hat = v / 1e-4 = (0.03, 0.04), y.v_hat = 0.11,
-    y - 0.11 v_hat = (0.9967, 1.9956); the default eps 1e-12 gives v_hat = (0.6, 0.8), y.v_hat = 2.2 -> (-0.32, 0.24)."""
+    y - 0.11 v_hat = (0.9967, 1.9956); the default eps 1e-12 gives v_hat = (0.6, 0.8), y.v_hat = 2.2, so
+    (-0.32, 0.24)."""
     y = torch.tensor([1.0, 2.0], dtype=torch.float64).view(1, 1, 1, 2)
     v = torch.tensor([3e-6, 4e-6], dtype=torch.float64).view(1, 1, 1, 2)
     floored = train_gpt.exclusive_self_attention(y, v, 1.0, 1e-4).flatten().tolist()
@@ -347,6 +350,16 @@ def fifteen_min_micro(**overrides):
     return train_gpt.Hyperparameters(**{**settings, **overrides})
 
 
+def compile_recording_graphs(model):
+    """torch.compile(fullgraph=True) whose backend keeps each graph it is handed: one per (re)compilation."""
+    graphs = []
+
+    def backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+    return torch.compile(model, fullgraph=True, backend=backend), graphs
+
+
 def test_compiled_step_with_every_15min_flag_recompiles_once_at_the_recurrence_switch():
     """torch.compile(fullgraph=True) of the 2-layer micro 15min model over 4 steps, recurrence from step 2: one graph
     per training state (1 pass, then 2 passes), 2 in all, the later steps reusing them; the compiled 2-pass step's
@@ -356,13 +369,7 @@ def test_compiled_step_with_every_15min_flag_recompiles_once_at_the_recurrence_s
     hp = fifteen_min_micro(recurrence_start_frac=0.5)
     train_gpt.check_hyperparameters(hp, 1)
     model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    compiled, graphs = compile_recording_graphs(model)
     idx = torch.randint(0, 64, (2, hp.seq_len + 1), generator=torch.Generator().manual_seed(0))
     for step in range(4):
         model.recurrence_active = train_gpt.recurrence_on(step, 4, hp)
