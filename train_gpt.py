@@ -3332,7 +3332,8 @@ def snapshot_path(folder: str, member: int, cycle: int) -> str:
 
 def save_candidate(path: str, model: "GPT", **info) -> None:
     """A member or snapshot with what rebuilds it exactly: weights, the model's GPTConfig, and the schedule state it
-    was taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
+    was taken in (looped layers on or off, the window schedule's windows, the recurrence passes in force), so a
+    reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes,
                  recurrence_active=model.recurrence_active)
