@@ -105,6 +105,16 @@ class Hyperparameters:
     stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
     mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
     value_embed_tables: bool = False  # V += 2*sigmoid(gate(x)) * E_l[idx] on alternating layers: a vocab x n_embd table per layer instead of value_proj's W x0 (the slowrun baseline record's value embeddings, records/TRACKS.md F17)
+    # --- the 15min record's model (records/TRACKS.md F14 a-e, g, F5; slowrun tiny/train.py at fd342f0) -----------
+    rope_pairs: int = 0  # partial RoPE: only the first r of the head_dim/2 frequency pairs rotate, inv_freq_j = base^(-j/r); the rest stay put (0 = all; 15min: head_dim/4 = 32)
+    key_offset: bool = False  # on "L" layers and the last layer, after RoPE and QK-norm, the second half of each key is the previous token's (15min)
+    resid_lambda_init: float = 1.0  # initial resid_lambdas of resid_mix (15min: 1.1)
+    dropout_mlp: bool = True  # dropout on the MLP branch too (False: the attention branch only, as the 15min record)
+    xsa_eps: float = 1e-12  # XSA's v_hat = v / max(|v|, eps) (F.normalize's eps; 15min: 1e-4)
+    xsa_betas: str = ""  # learned XSA strengths in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.95")
+    out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
+    recurrence: int = 1  # the whole layer stack runs this many times, each pass ending in rms_norm and re-reading x0; in training all passes but the last run without gradients (15min: 2)
+    recurrence_start_frac: float = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -480,6 +490,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
     check_tracks_eval(hp)
     check_tracks_15min(hp)
+    check_tracks_15min_model(hp)
     require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
     require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
     require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
@@ -615,6 +626,38 @@ def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
         raise ConfigError(f"wd_points must be epoch:multiplier knots, epochs increasing, multipliers >= 0, like "
                           f"0:1,2:1,8:0.125,15:1.1625; got {hp.wd_points!r}")
     return knots
+def parse_betas(name: str, text: str) -> tuple[float, float]:
+    """ "0.9,0.99" -> (0.9, 0.99), each in [0, 1), or the one-line ConfigError naming the flag."""
+    try:
+        betas = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        betas = ()
+    require(len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas),
+            f"{name} must be two AdamW betas in [0, 1) like 0.9,0.99, got {text!r}")
+    return betas
+
+
+def check_tracks_15min_model(hp: Hyperparameters) -> None:
+    """The flags of the 15min record's model (records/TRACKS.md F14 a-e, g, F5), each with a one-line reason."""
+    half = hp.n_embd // hp.n_head // 2
+    require(0 <= hp.rope_pairs <= half, f"rope_pairs must lie in [0, head_dim/2 = {half}], got {hp.rope_pairs}")
+    require(not hp.key_offset or hp.window_pattern, "key_offset acts on the long-window (L) layers and the last one: "
+            "set window_pattern too (e.g. SSSL)")
+    require(math.isfinite(hp.resid_lambda_init), f"resid_lambda_init must be finite, got {hp.resid_lambda_init}")
+    require(hp.resid_lambda_init == 1.0 or hp.resid_mix, "resid_lambda_init starts resid_mix's lambdas: set resid_mix")
+    require(hp.xsa_eps > 0, f"xsa_eps must be > 0, got {hp.xsa_eps}")
+    require(hp.recurrence >= 1, f"recurrence must be >= 1 (passes through the stack), got {hp.recurrence}")
+    require(0.0 <= hp.recurrence_start_frac < 1.0,
+            f"recurrence_start_frac must lie in [0, 1), got {hp.recurrence_start_frac}")
+    require(not hp.recurrence_start_frac or hp.recurrence > 1, "recurrence_start_frac switches recurrence on: set "
+            "recurrence >= 2")
+    if hp.xsa_betas:
+        parse_betas("xsa_betas", hp.xsa_betas)
+        require(hp.xsa == "learned", "xsa_betas is the AdamW group of the learned XSA strengths: set xsa learned")
+    if hp.out_gate_betas:
+        parse_betas("out_gate_betas", hp.out_gate_betas)
+        require(hp.attn_gate and not hp.gates_muon, "out_gate_betas is the AdamW group of the attention output "
+                "gates: set attn_gate, and not gates_muon (which trains them with Muon)")
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -1587,6 +1630,13 @@ class GPTConfig:
     stochastic_depth_style: str = "sequence"
     mtp_style: str = "linear"
     value_embed_tables: bool = False
+    # --- the 15min record's model (F14) ---
+    rope_pairs: int = 0
+    key_offset: bool = False
+    resid_lambda_init: float = 1.0
+    dropout_mlp: bool = True
+    xsa_eps: float = 1e-12
+    recurrence: int = 1
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1599,9 +1649,14 @@ def rms_norm(x: torch.Tensor) -> torch.Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_tables(seq_len: int, head_dim: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin tables, (1, seq_len, 1, head_dim / 2) each, for rotary position embeddings (Su et al. 2021)."""
+def rotary_tables(seq_len: int, head_dim: int, base: float, pairs: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables, (1, seq_len, 1, head_dim / 2) each, for rotary position embeddings (Su et al. 2021).
+    pairs > 0: partial RoPE, only the first `pairs` frequencies, base^(-j/pairs), rotate; the others are 0, so those
+    dimensions carry no position and stay free for content (the 15min record's half-truncated RoPE, tiny/train.py)."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if pairs:
+        inv_freq = torch.cat([1.0 / (base ** (torch.arange(0, 2 * pairs, 2, dtype=torch.float32) / (2 * pairs))),
+                              torch.zeros(head_dim // 2 - pairs, dtype=torch.float32)])
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
 
@@ -1631,15 +1686,24 @@ def has_value_proj(layer: int, n_layer: int) -> bool:
     return layer % 2 == (n_layer - 1) % 2
 
 
-def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torch.Tensor:
+def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength, eps: float = 1e-12) -> torch.Tensor:
     """Exclusive Self Attention (XSA): removes from each head's output y (B, T, H, D) its component along the token's
     own normalised value vector v_hat, y - s (y . v_hat) v_hat, so attention carries only what the token itself does
-    not already hold. strength s is 1 or a (H,) vector of tanh(alpha)."""
-    v_hat = F.normalize(v, dim=-1)
+    not already hold. strength s is 1 or a (H,) vector of tanh(alpha); v_hat = v / max(|v|, eps)."""
+    v_hat = F.normalize(v, dim=-1, eps=eps)
     along = (y * v_hat).sum(dim=-1, keepdim=True)  # (B, T, H, 1)
     if isinstance(strength, torch.Tensor):
         along = along * strength.view(-1, 1)
     return y - along * v_hat
+
+
+def shift_key_half(k: torch.Tensor) -> torch.Tensor:
+    """Partial key offset (the 15min record, tiny/train.py): keys (B, T, H, D) whose second half of dimensions is
+    the previous position's (position 0 keeps its own), so a query matching that half attends to the token *after*
+    the one it looks for: a one-layer induction head."""
+    half = k.size(-1) // 2
+    previous = torch.cat([k[:, :1, :, half:], k[:, :-1, :, half:]], dim=1)
+    return torch.cat([k[..., :half], previous], dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
@@ -1665,7 +1729,11 @@ class CausalSelfAttention(nn.Module):
             self.head_mix = scalar_parameter(torch.eye(config.n_head).repeat(3, 1, 1))
         if config.xsa == "learned":
             self.xsa_alpha = scalar_parameter(torch.zeros(config.n_head))
-        self.xsa = config.xsa
+        self.xsa, self.xsa_eps = config.xsa, config.xsa_eps
+        # the 15min record's partial key offset: on long-window ("L") layers and the last one (never the MTP block)
+        pattern = config.window_pattern.upper()
+        self.key_offset = config.key_offset and bool(pattern) and layer < config.n_layer and (
+            layer == config.n_layer - 1 or pattern[layer % len(pattern)] == "L")
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -1686,11 +1754,14 @@ class CausalSelfAttention(nn.Module):
         # from torch 2.12 CUDA autocast runs rms_norm in fp32: back to v's (the compute) dtype, so attention runs and
         # saves bf16 q/k as the records do (review slowrun_fidelity B.3); a no-op in fp32
         q, k = q.to(v.dtype), k.to(v.dtype)
+        if self.key_offset:
+            k = shift_key_half(k)
         # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
         y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         if self.xsa:
-            y = exclusive_self_attention(y, v, 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype))
+            strength = 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype)
+            y = exclusive_self_attention(y, v, strength, self.xsa_eps)
         if self.out_gate is not None:  # sigmoid(0) = 1/2 at init; lets a head switch itself off per token
             y = y * torch.sigmoid(F.linear(x[..., :self.out_gate_channels], self.out_gate.to(x.dtype))).unsqueeze(-1)
         return self.c_proj(y.reshape(batch, time_steps, width))  # (B, T, H, D) -> (B, T, C)
@@ -1724,6 +1795,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn, self.mlp = CausalSelfAttention(config, layer), MLP(config)
         self.dropout = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.mlp_dropout = self.dropout if config.dropout_mlp else nn.Identity()  # 15min: the attention branch only
         # stochastic depth: drop probability grows linearly with depth (Huang et al. 2016)
         self.drop_prob = config.stochastic_depth * (layer + 1) / config.n_layer
         self.drop_whole_batch = config.stochastic_depth_style == "batch"
@@ -1738,14 +1810,14 @@ class Block(nn.Module):
             keep = (torch.rand((), device=x.device) >= self.drop_prob).to(x.dtype)
             x_in = x
             x = x + self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
-            x = x + self.dropout(self.mlp(rms_norm(x)))
+            x = x + self.mlp_dropout(self.mlp(rms_norm(x)))
             return x_in + keep * (x - x_in)
         if self.drop_prob > 0 and self.training:  # keep the whole block for a sequence or drop it; rescale kept ones
             keep = (torch.rand(x.size(0), 1, 1, device=x.device) >= self.drop_prob).to(x.dtype) / (1 - self.drop_prob)
             x = x + keep * self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
-            return x + keep * self.dropout(self.mlp(rms_norm(x)))
+            return x + keep * self.mlp_dropout(self.mlp(rms_norm(x)))
         x = x + self.dropout(self.attn(rms_norm(x), cos, sin, x0, attn_mask))
-        return x + self.dropout(self.mlp(rms_norm(x)))
+        return x + self.mlp_dropout(self.mlp(rms_norm(x)))
 
 
 def loop_layer_range(config: GPTConfig | Hyperparameters) -> tuple[int, int]:
@@ -1804,7 +1876,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte (nanochat)
-        cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base)
+        cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base, config.rope_pairs)
         self.register_buffer("rotary_cos", cos, persistent=False)
         self.register_buffer("rotary_sin", sin, persistent=False)
         # --- tricks that change the layer loop: built only when their flag is on ---
@@ -1814,6 +1886,9 @@ class GPT(nn.Module):
         self.loop_repeats = config.loop_repeats
         self.loop_range = loop_layer_range(config) if config.loop_repeats else (0, 0)
         self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
+        # the 15min record's recurrence: all `recurrence` passes while active (a built or loaded model), one pass
+        # with the same final norms before recurrence_start_frac (the training loop sets it per step)
+        self.recurrence, self.recurrence_active = config.recurrence, True
         self.uses_x0 = config.value_proj or config.resid_mix
         self.attention, self.doc_mask, self.bos_id = attention, config.doc_mask, config.bos_id
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
@@ -1825,7 +1900,7 @@ class GPT(nn.Module):
             self.static_block_masks = {w: flex_block_mask(config.seq_len, w, None, torch.get_default_device())
                                        for w in set(sum(every_stage, []))}
         if config.resid_mix:
-            self.resid_lambdas = scalar_parameter(torch.ones(config.n_layer))
+            self.resid_lambdas = scalar_parameter(torch.full((config.n_layer,), config.resid_lambda_init))
             self.x0_lambdas = scalar_parameter(torch.full((config.n_layer,), 0.1))
         if config.unet_skips:
             self.skip_weights = scalar_parameter(torch.ones(config.n_layer - self.encoder_layers))
@@ -1899,11 +1974,11 @@ class GPT(nn.Module):
                 if w < time_steps or documents is not None}
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                   idx: torch.Tensor | None = None) -> torch.Tensor:
+                   idx: torch.Tensor | None = None, x0: torch.Tensor | None = None) -> torch.Tensor:
         """The layer loop with the tricks: x0 mixing, U-Net skips, value projections, windows, document masks,
         looped layers. Each replayed pass re-adds its skip and its x0 mix; an encoder layer's latest output is the
-        skip it hands on."""
-        x0, n_layer = x, len(self.blocks)
+        skip it hands on. x0: what the x0 mix and the value projections read (None: x itself, the embedding)."""
+        x0, n_layer = (x if x0 is None else x0), len(self.blocks)
         masks = {}
         if self.window_sizes is not None or self.doc_mask or self.attention == "flex":
             masks = self.attention_masks(idx)
@@ -1930,7 +2005,21 @@ class GPT(nn.Module):
         """Token ids (B, T) -> the final residual stream (B, T, C), before the last norm."""
         time_steps = idx.size(1)
         cos, sin = self.rotary_cos[:, :time_steps], self.rotary_sin[:, :time_steps]
+        if self.recurrence > 1:
+            return self.recurrent_stream(rms_norm(self.wte(idx)), cos, sin, idx)
         return self.run_layers(rms_norm(self.wte(idx)), cos, sin, idx)  # (B, T, C) in and out
+
+    def recurrent_stream(self, x0: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         idx: torch.Tensor) -> torch.Tensor:
+        """The 15min record's recurrence (tiny/train.py GPT.forward): the whole stack runs `recurrence` times (once
+        before recurrence_start_frac), x <- rms_norm(run_layers(x)), every pass re-reading the embedding x0. In
+        training all passes but the last run without gradients: a deeper model for the cost of one backward. The
+        returned stream is already normed; features() norms it again, as the record does."""
+        x = x0
+        for _ in range((self.recurrence if self.recurrence_active else 1) - 1):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.training):
+                x = rms_norm(self.run_layers(x, cos, sin, idx, x0=x0))
+        return rms_norm(self.run_layers(x, cos, sin, idx, x0=x0))
 
     def for_inference(self) -> "GPT":
         """A frozen model (teacher, snapshot, saved member) runs eagerly, where FlexAttention falls back to
@@ -2224,15 +2313,22 @@ def scalar_role(name: str) -> str:
 def scalar_adam_groups(scalars: dict[str, nn.Parameter], hp: Hyperparameters) -> list[dict]:
     """AdamW groups (weight decay 0) of the scalar parameters: one at scalar_lr, with the public 1h record's split
     when its flags are on: resid lambdas and skip weights at scalar_lr * resid_lr_scale (0.01: they would otherwise
-    move 100x faster than the record's), x0 lambdas with beta1 x0_beta1 (0.96)."""
+    move 100x faster than the record's), x0 lambdas with beta1 x0_beta1 (0.96); the 15min record's learned XSA
+    strengths and output gates with their own betas (xsa_betas, out_gate_betas)."""
+    own_betas = {"xsa_alpha": hp.xsa_betas, "out_gate": hp.out_gate_betas}  # the 15min record's groups (F5)
+
     def role_of(name: str) -> str:
-        role = scalar_role(name)
+        role, leaf = scalar_role(name), name.rsplit(".", 1)[-1]
+        if own_betas.get(leaf):
+            return leaf
         return role if (role == "resid" and hp.resid_lr_scale != 1.0) or (role == "x0" and hp.x0_beta1) else ""
     groups = [dict(params=[p for name, p in scalars.items() if role_of(name) == ""], lr=hp.scalar_lr, weight_decay=0.0),
               dict(params=[p for name, p in scalars.items() if role_of(name) == "resid"],
                    lr=hp.scalar_lr * hp.resid_lr_scale, weight_decay=0.0),
               dict(params=[p for name, p in scalars.items() if role_of(name) == "x0"], lr=hp.scalar_lr,
                    weight_decay=0.0, betas=(hp.x0_beta1, hp.adam_beta2))]
+    groups += [dict(params=[p for name, p in scalars.items() if role_of(name) == leaf], lr=hp.scalar_lr,
+                    weight_decay=0.0, betas=parse_betas(leaf, text)) for leaf, text in own_betas.items() if text]
     return [group for group in groups if group["params"]]
 
 
@@ -2916,6 +3012,7 @@ def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
         for mine, theirs in zip([*frozen.parameters(), *frozen.buffers()], [*model.parameters(), *model.buffers()]):
             mine.copy_(theirs)
     frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
+    frozen.recurrence_active = model.recurrence_active
     return park_on_host(frozen.for_inference(), dist_info)
 
 
@@ -3570,9 +3667,11 @@ def snapshot_path(folder: str, member: int, cycle: int) -> str:
 
 def save_candidate(path: str, model: "GPT", **info) -> None:
     """A member or snapshot with what rebuilds it exactly: weights, the model's GPTConfig, and the schedule state it
-    was taken in (looped layers on or off, the window schedule's windows), so a reload scores as the in-memory model."""
+    was taken in (looped layers on or off, the window schedule's windows, the recurrence passes in force), so a
+    reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes)
+    state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes,
+                 recurrence_active=model.recurrence_active)
     atomic_torch_save(dict(model=model.state_dict(), config=dataclasses.asdict(model.config), inference_state=state,
                            **info), path)
 
@@ -3653,6 +3752,7 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
     model.loop_active = state.get("loop_active", bool(config.loop_repeats))
     model.window_sizes = state.get("window_sizes", model.window_sizes)
+    model.recurrence_active = state.get("recurrence_active", True)
     return model.for_inference(), saved
 
 
@@ -3662,6 +3762,12 @@ def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int
     if hp.loop_start_epoch:
         return train_data.epoch_start(hp.loop_start_epoch - 1)
     return hp.loop_start_frac * total_steps
+
+
+def recurrence_on(step: int, total_steps: int, hp: Hyperparameters) -> bool:
+    """Whether step (0-based, before its update) runs all recurrence passes: from the fraction recurrence_start_frac
+    of training on, compared as the 15min record does (step / N >= 0.7: steps 1995.. of its 2850)."""
+    return step / total_steps >= hp.recurrence_start_frac
 
 
 class MemberSchedule:
@@ -3693,6 +3799,8 @@ class MemberSchedule:
         factor = apply_schedules(optimizers, step, self.total_steps, self.train_data, hp)
         if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
             model.loop_active = step >= loop_start_step(hp, self.train_data, self.total_steps)
+        if hp.recurrence > 1:  # the 15min record's recurrence switches on once (a second torch.compile graph)
+            model.recurrence_active = recurrence_on(step, self.total_steps, hp)
         if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
             model.set_window_stage(window_stage(step, self.total_steps, hp), hp.window_warmup_stages)
         return factor
@@ -4209,7 +4317,9 @@ class PublicEvaluation:
             finally:
                 model.attention = attention
         epoch = round(schedule.train_data.epoch_position(done), 4)
-        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb))
+        # the 15min record counts only evaluations at its full recurrent depth (tiny/train.py 1519)
+        full_depth = model.recurrence == 1 or model.recurrence_active
+        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb, full_depth=full_depth))
         self.log.write(f"{self.tag}val_public step {done}/{schedule.total_steps} | epoch {epoch:.2f} | "
                        f"val_loss_public {loss:.4f} | val_bpb_public {bpb:.4f} | "
                        f"{self.data.public_data.num_windows} public windows")
@@ -4908,7 +5018,12 @@ def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float
     replayed = sum(sum(p.numel() for p in model.blocks[layer].parameters()) for layer in order[hp.n_layer:]) \
         if len(order) > hp.n_layer else 0
     attention = sum(12 * hp.n_embd * mean_attended_keys(hp.seq_len, windows[layer]) for layer in order)
-    return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed) + attention
+    # the 15min record's recurrence (looped=True: all passes): the whole stack's parameters and attention again per
+    # extra pass, as its estimate_flops counts them (the no-grad passes included at the full 6 x)
+    passes = hp.recurrence if looped else 1
+    stack = sum(p.numel() for layer in order for p in model.blocks[layer].parameters())
+    return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed + (passes - 1) * stack) \
+        + passes * attention
 
 
 def preset_record(name: str) -> str:
