@@ -69,8 +69,9 @@ def micro_preset_run(preset: str, micro_data, tmp_path, **overrides) -> tuple[st
     """train_gpt.main with --preset at micro width (micro_flags plus the preset's shrunk shapes in overrides), 3
     steps, no evaluation or checkpoint on the way: (the run's log text, its train losses)."""
     train_path, val_path = micro_data
-    flags = ["--preset", preset] + micro_flags(train_path, val_path, str(tmp_path), "micro_" + preset, max_steps=3,
-                                               val_every=-1, checkpoint_every=-1, test_files="", **overrides)
+    flags = ["--preset", preset] + micro_flags(train_path, val_path, str(tmp_path), "micro_" + preset,
+                                               **{"max_steps": 3, "val_every": -1, "checkpoint_every": -1,
+                                                  "test_files": "", **overrides})
     assert train_gpt.main(flags) == 0
     log = open(os.path.join(tmp_path, "micro_" + preset, "log.txt")).read()
     metrics = read_metrics(os.path.join(str(tmp_path), "micro_" + preset))
