@@ -4117,8 +4117,6 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         factor = schedule.start_step(step, optimizers, raw_model)
         if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
-        elif hp.snapshot_distill_after:  # the cycles before it train on the data alone (the record's nodes are
-            objective.teachers = []  # independent chains: no earlier member teaches)
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
         accumulation = live_micro_steps(train_data, epoch, step_in_epoch, dist_info.rank)  # all-padding ones skipped
         for micro_step in range(accumulation):
@@ -4456,6 +4454,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         mine = round_start + group_index
         if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
+            if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
+                earlier = []
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
             trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
             model = trained.pop("model").for_inference()
