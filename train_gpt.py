@@ -222,6 +222,8 @@ class Hyperparameters:
     # --- the unlimited record's snapshot chain (records/TRACKS.md F19; each at its default = the snapshot cycles above) ---
     snapshot_cycle_shape: str = "cosine"  # each snapshot cycle's LR: cosine (1 -> lr_cycle_floor) | linear: floor +
     # (1 - floor)(1 - i/n) at step i of the cycle's n (slowrun unlimited record, --lr-floor 0.08)
+    snapshot_cycle_epochs: bool = False  # each snapshot cycle is num_epochs / snapshot_cycles whole epochs, ending at an
+    # epoch end (the unlimited record's 2-epoch cycles: with a batch_schedule, steps per cycle differ); off = equal steps
     wd_floor: float = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
     snapshot_distill_after: int = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
     # at all (unlimited record: 8, its nodes independent). 0 = from cycle 1, cycle 0 taught by the previous member if any
@@ -343,10 +345,10 @@ PRESETS["unlimited"] = dict(
     # warmup), gates in Muon, resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
     muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
     gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
-    # snapshot cycles: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token batches in
-    # the first and last quarter of the cycles, 524,288 in the middle half
-    ensemble_size=5, snapshot_cycles=96, snapshot_cycle_shape="linear", lr_cycle_floor=0.08,
-    wd_schedule="cycle_inverse", wd_floor=0.7, batch_schedule=cycle_batch_schedule(96, 2, 0.75),
+    # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
+    # batches in the first and last quarter of the cycles, 524,288 in the middle half
+    ensemble_size=5, snapshot_cycles=96, snapshot_cycle_epochs=True, snapshot_cycle_shape="linear",
+    lr_cycle_floor=0.08, wd_schedule="cycle_inverse", wd_floor=0.7, batch_schedule=cycle_batch_schedule(96, 2, 0.75),
     # chain distillation from cycle 8 on (teacher: the previous cycle's end, before its noise), alpha 0.45, T 1.2, MTP
     # inside the (1 - alpha); after each cycle but the last, noise N(0, 1) x std x (0.25 -> 0.05 by a cosine)
     snapshot_distill=True, snapshot_distill_after=8, distill_alpha=0.45, distill_temperature=1.2,
@@ -568,6 +570,9 @@ def check_unlimited_settings(hp: Hyperparameters) -> None:
             f"snapshot_cycle_shape must be cosine or linear, got {hp.snapshot_cycle_shape!r}")
     require(hp.snapshot_cycle_shape == "cosine" or hp.snapshot_cycles,
             "snapshot_cycle_shape shapes the snapshot cycles' LR: set snapshot_cycles")
+    require(not hp.snapshot_cycle_epochs or (hp.snapshot_cycles and hp.num_epochs % hp.snapshot_cycles == 0
+                                             and not hp.max_steps),
+            "snapshot_cycle_epochs makes each cycle whole epochs: needs snapshot_cycles dividing num_epochs, no max_steps")
     require(hp.wd_schedule != "cycle_inverse" or (hp.wd_floor >= 0 and hp.lr_cycle_floor < 1),
             "wd_schedule cycle_inverse needs wd_floor >= 0 and lr_cycle_floor < 1")
     require(hp.snapshot_distill_after >= 0 and (not hp.snapshot_distill_after or hp.snapshot_distill),
@@ -2313,11 +2318,11 @@ def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
 
 
 def snapshot_cycle_bounds(hp: Hyperparameters, total_steps: int, train_data: "TrainData | None" = None) -> list[int]:
-    """The snapshot cycles' end steps. With whole epochs per cycle (snapshot_cycles divides num_epochs and the run is
+    """The snapshot cycles' end steps. With snapshot_cycle_epochs (snapshot_cycles divides num_epochs and the run is
     all its epochs) each cycle ends at an epoch end: the unlimited record's 2-epoch cycles, so a batch_schedule
     changes the batch only between cycles. Without a batch_schedule these are exactly snapshot_cycle_ends."""
     cycles = hp.snapshot_cycles
-    if train_data is None or not cycles or hp.num_epochs % cycles:
+    if not hp.snapshot_cycle_epochs or train_data is None or not cycles or hp.num_epochs % cycles:
         return snapshot_cycle_ends(total_steps, cycles)
     ends, done, per_cycle = [], 0, hp.num_epochs // cycles
     for epoch in range(hp.num_epochs):

@@ -39,12 +39,13 @@ class Groups:
 def test_linear_cycles_and_cycle_inverse_wd_equal_hand_values():
     """Two 2-epoch cycles over epochs of 10, 10, 5, 5 steps: they end at the epoch ends 20 and 30 (not 15 and 30, the
     equal split). LR = 0.08 + 0.92 (1 - i/n) at step i of an n-step cycle; WD = 0.7 + 0.3 (1 - LR)/0.92."""
-    hp = micro_hp(num_epochs=4, snapshot_cycles=2, snapshot_cycle_shape="linear", lr_cycle_floor=0.08,
-                  wd_schedule="cycle_inverse", wd_floor=0.7)
+    hp = micro_hp(num_epochs=4, snapshot_cycles=2, snapshot_cycle_epochs=True, snapshot_cycle_shape="linear",
+                  lr_cycle_floor=0.08, wd_schedule="cycle_inverse", wd_floor=0.7)
     train_gpt.check_hyperparameters(hp, 1)
     data = uneven_epochs()
     assert train_gpt.snapshot_cycle_bounds(hp, 30, data) == [20, 30]
-    assert train_gpt.snapshot_cycle_ends(30, 2) == [15, 30]
+    off = dataclasses.replace(hp, snapshot_cycle_epochs=False)  # today's equal split of the steps
+    assert train_gpt.snapshot_cycle_bounds(off, 30, data) == train_gpt.snapshot_cycle_ends(30, 2) == [15, 30]
     hand_lr = {0: 1.0, 5: 0.77, 19: 0.126, 20: 1.0, 24: 0.632, 29: 0.172}  # 0.08 + 0.92 x (1, .75, .05, 1, .6, .1)
     hand_wd = {0: 0.7, 5: 0.775, 19: 0.985, 20: 0.7, 24: 0.82, 29: 0.97}  # 0.7 + 0.3 x (0, .25, .95, 0, .4, .9)
     for step in hand_lr:
@@ -108,6 +109,7 @@ def test_each_new_flag_refuses_bad_input_in_one_line():
              (dict(snapshot_cycles=0, snapshot_distill=False, snapshot_noise=0.0, snapshot_cycle_shape="linear"),
               "set snapshot_cycles"),
              (dict(wd_schedule="cycle_inverse", lr_cycle_floor=1.0), "lr_cycle_floor < 1"),
+             (dict(snapshot_cycle_epochs=True, num_epochs=3), "snapshot_cycles dividing num_epochs"),
              (dict(snapshot_distill=False, snapshot_distill_after=8), "set snapshot_distill"),
              (dict(distill_mtp_inside=True, mtp_weight=0.0), "needs mtp_weight > 0"),
              (dict(distill_mtp_inside=True, distill_alpha=1.0), "0 < distill_alpha < 1"),
@@ -230,6 +232,8 @@ def test_flags_at_default_are_todays_path_bitwise():
     tokens = np.arange(120, dtype=np.uint16) % 50  # 24 windows, 2 per step: 12 steps per epoch, 72 in 6
     even = train_gpt.TrainData(tokens, 63, 4, 2, 2, 1, 0, 0)
     assert train_gpt.snapshot_cycle_bounds(hp, 72, even) == train_gpt.snapshot_cycle_ends(72, 3) == [24, 48, 72]
+    aligned = dataclasses.replace(hp, snapshot_cycle_epochs=True)  # equal epochs: the same ends with the flag on
+    assert train_gpt.snapshot_cycle_bounds(aligned, 72, even) == [24, 48, 72]
     model, copy = Tiny(), Tiny()
     train_gpt.perturb_weights(model, 0.1, seed=5)
     generator = torch.Generator().manual_seed(5)
