@@ -243,6 +243,25 @@ class Hyperparameters:
     # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
     select_top: int = 0  # members kept after learning the weights (0 = all, weighted by the learned weights)
     select_steps: int = 300  # Adam steps of the mixture-weight fit (minimises -log sum_i w_i p_i on the fitness slice)
+    # --- the unlimited record's snapshot chain (records/TRACKS.md F19; each at its default = the snapshot cycles above) ---
+    snapshot_cycle_shape: str = "cosine"  # each snapshot cycle's LR: cosine (1 -> lr_cycle_floor) | linear: floor +
+    # (1 - floor)(1 - i/n) at step i of the cycle's n (slowrun unlimited record, --lr-floor 0.08)
+    snapshot_cycle_epochs: bool = False  # each snapshot cycle is num_epochs / snapshot_cycles whole epochs, ending at an
+    # epoch end (the unlimited record's 2-epoch cycles: with a batch_schedule, steps per cycle differ); off = equal steps
+    wd_floor: float = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
+    snapshot_distill_after: int = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
+    # at all (unlimited record: 8, its nodes independent). 0 = from cycle 1, cycle 0 taught by the previous member if any
+    distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
+    # the (1 - a) as the unlimited record folds it, not added outside
+    snapshot_noise_min: float = 0.0  # > 0: the noise after cycle c = 1..C-1 falls by a cosine from snapshot_noise (c = 1)
+    # to this (c = C-1) (unlimited record: 0.25 -> 0.05); 0 = snapshot_noise after every cycle
+    snapshot_noise_stat: str = "rms"  # the noise's scale per tensor: rms | std (unbiased torch.std; one-element tensors
+    # get none: the unlimited record's perturb_weights)
+    select_lr: float = 0.05  # Adam LR of the mixture-weight fit (unlimited record: 0.5)
+    select_clip: float = 0.0  # clip the mixture logits' gradient norm to this (0 = off; unlimited record: 1.0)
+    select_init_noise: float = 0.0  # the mixture logits start at this x N(0, 1), generator seeded 0 (0 = zeros; unlimited 1e-4)
+    select_top_sweep: str = ""  # comma-separated K: each top-K ensemble by learned weight scored on val; the largest K
+    # below the candidate count is the result (unlimited record: 8,16,32,64,128,256; its result.json keeps the largest)
     checkpoint_every: int = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
     resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
     eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
@@ -381,6 +400,58 @@ PRESETS["15min"] = dict(
     ema_decay=0.15 ** (10 / 190), ema_every=10, ema_candidate=True, ckpt_avg_epochs=4, ckpt_avg_weights="recency",
 )
 
+
+def cycle_batch_schedule(cycles: int, epochs_per_cycle: int, floor: float) -> str:
+    """The unlimited record's batch size across its snapshot cycles (records/TRACKS.md F18b) as a per-epoch
+    batch_schedule: cycle c (of C) trains at the full batch_tokens where amp = 1 - |2c/(C-1) - 1| >= 0.5 (the middle
+    half of the cycles), at `floor` of it elsewhere (--bs-floor 393,216 / 524,288 = 0.75), constant within a cycle."""
+    def full(cycle: int) -> bool:
+        return cycles == 1 or 1.0 - abs(2.0 * cycle / (cycles - 1) - 1.0) >= 0.5
+    return ",".join("1" if full(cycle) else f"{floor:g}" for cycle in range(cycles) for _ in range(epochs_per_cycle))
+
+
+# "unlimited": the unlimited track's record, 2.987 (qlabs-eng/slowrun unlimited/train.py + gradient_select.py at
+# fd342f0, merged by #90; records/TRACKS.md 1.6 has the table). 5 members (the record's 5 nodes, one seed each), each
+# 96 snapshot cycles of 2 epochs (192 epochs); every cycle's end is a candidate, 480 in all, and the top K by mixture
+# weights learned on a 132,000-token slice carved from train form the ensemble. 30 x 2048, 16 heads, SwiGLU 5632, MTP
+# block. 8 GPUs x device batch 2 x 2048 tokens x 16 accumulation steps (12 in the first and last quarter of cycles).
+# Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte/lm_head,
+# frozen snapshots and the teacher as our host-memory copies (public: bf16 files, a bf16 teacher), our RNG streams
+# (document order, dropout, weight noise, the selection's initial draw), members one after another on every rank
+# (public: one per node at once), cycles of whole epochs (public: round(2 epochs' tokens / batch) steps).
+PRESETS["unlimited"] = dict(
+    train_files="data/fineweb/fineweb_train.bin",
+    val_files="data/fineweb/fineweb_val.bin",
+    test_files="data/fineweb/fineweb_test.bin",
+    n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", mlp_hidden=5632, seq_len=2048,
+    batch_tokens=524288, device_batch_size=2, val_batch_size=8,
+    dropout=0.1, logit_softcap=15.0, num_epochs=192, log_every=1, val_every=-1,
+    # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1; IHA 0.02
+    muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, head_mix_lr=0.02, muon_wd=1.3, adam_wd=1.3,
+    # model: the 1h record's blocks (value projections from x0, U-Net skips, 12-channel output gates, x0 mixing, IHA,
+    # "SSSL" windows of 1025 keys, normal c_proj init, the 50,257 real tokens in the softmax, MTP block 0.3) without
+    # stochastic depth; layers 15-24 run 5 times (4 replays) from the first step on
+    value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
+    window_pattern="SSSL", window_short=1025, proj_init="normal", train_vocab=50257, eval_vocab=50257,
+    mtp_weight=0.3, mtp_style="block", loop_repeats=4, loop_range="15:25",
+    # optimizer: Polar Express, NorMuon, cautious and shape-scaled weight decay, MuonEq-R, momentum fixed at 0.95 (no
+    # warmup), gates in Muon, resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
+    muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
+    gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
+    # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
+    # batches in the first and last quarter of the cycles, 524,288 in the middle half
+    ensemble_size=5, snapshot_cycles=96, snapshot_cycle_epochs=True, snapshot_cycle_shape="linear",
+    lr_cycle_floor=0.08, wd_schedule="cycle_inverse", wd_floor=0.7, batch_schedule=cycle_batch_schedule(96, 2, 0.75),
+    # chain distillation from cycle 8 on (teacher: the previous cycle's end, before its noise), alpha 0.45, T 1.2, MTP
+    # inside the (1 - alpha); after each cycle but the last, noise N(0, 1) x std x (0.25 -> 0.05 by a cosine)
+    snapshot_distill=True, snapshot_distill_after=8, distill_alpha=0.45, distill_temperature=1.2,
+    distill_mtp_inside=True, snapshot_noise=0.25, snapshot_noise_min=0.05, snapshot_noise_stat="std",
+    # selection: 300 AdamW steps (lr 0.5, clip 1, logits 1e-4 N(0, 1) at start) on the fitness slice; top K for K in
+    # 8..256 each scored, the largest is the result; the ensemble scored on all 4,880 disjoint val windows too
+    fitness_tokens=132000, select_steps=300, select_lr=0.5, select_clip=1.0, select_init_noise=1e-4,
+    select_top_sweep="8,16,32,64,128,256", val_public_windows=4880,
+)
+
 # The public records each preset reproduces: the figure, the script, and the model's size and training FLOPs per
 # token by the public estimate_flops (records/TRACKS.md section 3; counted on the public model classes).
 PUBLIC_RECORDS = {
@@ -393,6 +464,8 @@ PUBLIC_RECORDS = {
     "15min": dict(figure=3.307, script="qlabs-eng/slowrun tiny/train.py@fd342f0", parameters=316_935_848,
                   flops=1.76e9, flops_looped=3.20e9),
 }
+PUBLIC_RECORDS["unlimited"] = dict(figure=2.987, script="qlabs-eng/slowrun unlimited/train.py@fd342f0",
+                                   parameters=1_870_172_811, flops=11.22e9, flops_looped=24.89e9)
 PRESET_ALIASES = {"slowrun": "1h"}
 
 
@@ -540,10 +613,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
     require(not hp.window_warmup_frac or hp.window_pattern,
             "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
-    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points"),
-            f"wd_schedule must be flat, inverse, sawtooth, slowrun or points, got {hp.wd_schedule!r}")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points", "cycle_inverse"),
+            f"wd_schedule must be flat, inverse, sawtooth, slowrun, points or cycle_inverse, got {hp.wd_schedule!r}")
     check_record_settings(hp)
     check_baseline_settings(hp)
+    check_unlimited_settings(hp)
     require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
     require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
     require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
@@ -601,6 +675,43 @@ def check_baseline_settings(hp: Hyperparameters) -> None:
     require(not hp.value_gate_muon or hp.value_proj or hp.value_embed_tables,
             "value_gate_muon trains the value gates: set value_proj or value_embed_tables")
     require(hp.train_order in ("docs", "fixed"), f"train_order must be docs or fixed, got {hp.train_order!r}")
+
+
+def check_unlimited_settings(hp: Hyperparameters) -> None:
+    """The unlimited record's snapshot-chain flags (records/TRACKS.md F19), each with a one-line reason."""
+    require(hp.snapshot_cycle_shape in ("cosine", "linear"),
+            f"snapshot_cycle_shape must be cosine or linear, got {hp.snapshot_cycle_shape!r}")
+    require(hp.snapshot_cycle_shape == "cosine" or hp.snapshot_cycles,
+            "snapshot_cycle_shape shapes the snapshot cycles' LR: set snapshot_cycles")
+    require(not hp.snapshot_cycle_epochs or (hp.snapshot_cycles and hp.num_epochs % hp.snapshot_cycles == 0
+                                             and not hp.max_steps),
+            "snapshot_cycle_epochs makes each cycle whole epochs: needs snapshot_cycles dividing num_epochs, no max_steps")
+    require(hp.wd_schedule != "cycle_inverse" or (hp.wd_floor >= 0 and hp.lr_cycle_floor < 1),
+            "wd_schedule cycle_inverse needs wd_floor >= 0 and lr_cycle_floor < 1")
+    require(hp.snapshot_distill_after >= 0 and (not hp.snapshot_distill_after or hp.snapshot_distill),
+            "snapshot_distill_after says from which cycle snapshot_distill acts: set snapshot_distill (and it >= 0)")
+    require(not hp.distill_mtp_inside or (hp.mtp_weight > 0 and 0 < hp.distill_alpha < 1),
+            "distill_mtp_inside puts the MTP term inside (1 - distill_alpha): needs mtp_weight > 0, 0 < distill_alpha < 1")
+    require(hp.snapshot_noise_min >= 0 and (not hp.snapshot_noise_min or hp.snapshot_noise > 0),
+            "snapshot_noise_min is where the noise's cosine ends: set snapshot_noise (its start) > 0, the min >= 0")
+    require(hp.snapshot_noise_stat in ("rms", "std"), f"snapshot_noise_stat must be rms or std, got {hp.snapshot_noise_stat!r}")
+    require(hp.select_lr > 0 and hp.select_clip >= 0 and hp.select_init_noise >= 0,
+            "select_lr must be > 0, select_clip and select_init_noise >= 0")
+    require(not hp.select_top_sweep or (hp.fitness_tokens and not hp.select_top),
+            "select_top_sweep scores top-K ensembles by learned weight: set fitness_tokens, drop select_top")
+    top_sweep(hp, 0)  # a malformed list is refused here, before any work
+
+
+def top_sweep(hp: Hyperparameters, candidates: int) -> list[int]:
+    """select_top_sweep's K values below the candidate count, ascending (the unlimited record's k_values: a K that
+    would keep every candidate is dropped); [] when the flag is off."""
+    try:
+        values = sorted({int(part) for part in hp.select_top_sweep.split(",") if part.strip()})
+    except ValueError:
+        raise ConfigError(f"select_top_sweep must be comma-separated whole numbers like 8,16,32, got "
+                          f"{hp.select_top_sweep!r}") from None
+    require(all(k > 0 for k in values), f"select_top_sweep values must be > 0, got {hp.select_top_sweep!r}")
+    return [k for k in values if k < candidates]
 
 
 def check_tracks_eval(hp: Hyperparameters) -> None:
@@ -2528,25 +2639,49 @@ def snapshot_cycle_ends(total_steps: int, cycles: int) -> list[int]:
     return [round((c + 1) * total_steps / cycles) for c in range(cycles)]
 
 
+def snapshot_cycle_bounds(hp: Hyperparameters, total_steps: int, train_data: "TrainData | None" = None) -> list[int]:
+    """The snapshot cycles' end steps. With snapshot_cycle_epochs (snapshot_cycles divides num_epochs and the run is
+    all its epochs) each cycle ends at an epoch end: the unlimited record's 2-epoch cycles, so a batch_schedule
+    changes the batch only between cycles. Without a batch_schedule these are exactly snapshot_cycle_ends."""
+    cycles = hp.snapshot_cycles
+    if not hp.snapshot_cycle_epochs or train_data is None or not cycles or hp.num_epochs % cycles:
+        return snapshot_cycle_ends(total_steps, cycles)
+    ends, done, per_cycle = [], 0, hp.num_epochs // cycles
+    for epoch in range(hp.num_epochs):
+        done += train_data.steps_in(epoch)
+        if (epoch + 1) % per_cycle == 0:
+            ends.append(done)
+    return ends if done == total_steps else snapshot_cycle_ends(total_steps, cycles)
+
+
+def snapshot_cycle_factor(step: int, ends: list[int], hp: Hyperparameters) -> float:
+    """The LR factor of a step in the snapshot cycles ending at `ends`: cosine, 1 down to lr_cycle_floor on the
+    cycle's last step (the snapshot's weights); linear, the unlimited record's floor + (1 - floor)(1 - i/n) at step
+    i = 0..n-1 of an n-step cycle (its last step at floor + (1 - floor)/n)."""
+    cycle = bisect.bisect_right(ends, step)  # the cycle this step is in: its end is the first end after it
+    start = ends[cycle - 1] if cycle else 0
+    if hp.snapshot_cycle_shape == "linear":
+        return hp.lr_cycle_floor + (1.0 - hp.lr_cycle_floor) * (1.0 - (step - start) / (ends[cycle] - start))
+    phase = (step + 1 - start) / (ends[cycle] - start)  # 1 on the cycle's last step: the snapshot's weights
+    return cosine_to_floor(phase, hp.lr_cycle_floor)
+
+
 def cosine_to_floor(phase: float, floor: float) -> float:
     """The LR shape of a cycle: 1 at phase 0, down half a cosine to `floor` at phase 1 (SGDR, Loshchilov & Hutter
     2017; snapshot ensembles; SWA's cycles)."""
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * phase))
 
 
-def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters) -> float:
-    """The LR factor of a step: linear warmup; then snapshot cycles if on; else constant (or lr_cycles cosine
-    cycles) followed by the warmdown over the final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
+def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters, train_data: "TrainData | None" = None) -> float:
+    """The LR factor of a step: linear warmup; then snapshot cycles if on (ending at epoch ends when train_data
+    says where, snapshot_cycle_bounds); else constant (or lr_cycles cosine cycles) followed by the warmdown over the
+    final warmdown_frac to final_lr_frac (linear, or warmdown_shape)."""
     if step < hp.warmup_steps:
         return (step + 1) / hp.warmup_steps
     progress = step / total_steps
     warmdown_start = 1.0 - hp.warmdown_frac
-    if hp.snapshot_cycles:  # snapshot ensembles: C cosine cycles over the whole run, each ending at lr_cycle_floor
-        ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
-        cycle = bisect.bisect_right(ends, step)  # the cycle this step is in: its end is the first end after it
-        start = ends[cycle - 1] if cycle else 0
-        phase = (step + 1 - start) / (ends[cycle] - start)  # 1 on the cycle's last step: the snapshot's weights
-        return cosine_to_floor(phase, hp.lr_cycle_floor)
+    if hp.snapshot_cycles:  # snapshot ensembles: C cycles over the whole run, each ending at lr_cycle_floor
+        return snapshot_cycle_factor(step, snapshot_cycle_bounds(hp, total_steps, train_data), hp)
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
@@ -2593,6 +2728,8 @@ def wd_multiplier(epoch_position: float, total_epochs: float, lr_factor: float, 
     record's (slowrun_wd_multiplier)."""
     if hp.wd_schedule == "slowrun":
         return slowrun_wd_multiplier(epoch_position, total_epochs, hp)
+    if hp.wd_schedule == "cycle_inverse":  # the unlimited record: 0.7 at a cycle's LR peak -> 1 at its floor
+        return hp.wd_floor + (1.0 - hp.wd_floor) * (1.0 - lr_factor) / (1.0 - hp.lr_cycle_floor)
     if hp.wd_schedule == "inverse":
         return 1.0 / max(lr_factor, 0.1)
     if hp.wd_schedule == "sawtooth":
@@ -2618,7 +2755,7 @@ def muon_momentum(step: int, hp: Hyperparameters) -> float:
 def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_steps: int, train_data: TrainData,
                     hp: Hyperparameters) -> float:
     """Sets this step's LR (and, when their flags are on, weight decay and Muon momentum); returns the LR factor."""
-    factor = lr_multiplier(step, total_steps, hp)
+    factor = lr_multiplier(step, total_steps, hp, train_data)
     if hp.lr_epoch_cosine:
         factor = final_epoch_cosine(step, total_steps, factor, hp)
     epoch_position, total_epochs = train_data.epoch_position(step), train_data.epoch_position(total_steps)
@@ -2824,15 +2961,22 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
     return dist_info.all_reduce_sum(table).cpu()
 
 
-def learn_mixture_weights(probs: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
+def learn_mixture_weights(probs: torch.Tensor, steps: int, lr: float = 0.05, clip: float = 0.0,
+                          init_noise: float = 0.0) -> torch.Tensor:
     """Softmax mixture weights over candidates minimising -mean log sum_i w_i p_i(correct token): the weights of
-    the best probability-averaged ensemble on this data. Convex in w; Adam on the softmax logits gets there."""
+    the best probability-averaged ensemble on this data. Convex in w; Adam on the softmax logits gets there. The
+    unlimited record's gradient_select: logits from 1e-4 N(0, 1) (seed 0), lr 0.5, gradient norm clipped to 1."""
     logits = torch.zeros(probs.size(0), dtype=torch.float64, requires_grad=True)
+    if init_noise:
+        draw = torch.randn(probs.size(0), generator=torch.Generator().manual_seed(0))
+        logits = (init_noise * draw).double().requires_grad_(True)
     optimizer = torch.optim.Adam([logits], lr=lr)
     for _ in range(steps):
         optimizer.zero_grad()
         loss = -torch.log(torch.softmax(logits, 0) @ probs + 1e-300).mean()
         loss.backward()
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_([logits], clip)
         optimizer.step()
     return torch.softmax(logits.detach(), 0)
 
@@ -2842,6 +2986,19 @@ def select_members(weights: torch.Tensor, top: int) -> list[tuple[int, float]]:
     order = torch.argsort(weights, descending=True).tolist()[:top or weights.numel()]
     total = float(weights[order].sum())
     return [(index, float(weights[index]) / total) for index in order]
+
+
+def sweep_top_k(hp: Hyperparameters, learned: torch.Tensor, candidates: list, data: "RunData", dist_info: Dist,
+                log: "RunLog") -> list[tuple[int, float]]:
+    """select_top_sweep: the top-K ensemble by learned weight (renormalised) for each K, each scored on val and
+    logged; returns the largest K's choice (the one the unlimited record's result.json keeps)."""
+    for k in top_sweep(hp, len(candidates)):
+        chosen = select_members(learned, k)
+        loss = evaluate_frozen_ensemble([candidates[i] for i, _ in chosen], [w for _, w in chosen], hp.ensemble_mode,
+                                        data.val_data, dist_info, hp.val_batch_size)
+        log.write(f"selection sweep | top {k} of {len(candidates)} by learned weight | val_loss {loss:.4f}")
+        log.metrics(dict(kind="selection_sweep", top=k, candidates=len(candidates), val_loss=loss))
+    return chosen
 
 
 def teacher_rows(teachers: list[tuple[nn.Module, float]], features: list[torch.Tensor], temperature: float):
@@ -3713,14 +3870,29 @@ def save_candidate(path: str, model: "GPT", **info) -> None:
                            **info), path)
 
 
-def perturb_weights(model: nn.Module, scale: float, seed: int) -> None:
-    """Adds Gaussian noise of `scale` times each tensor's RMS, from a seeded generator so every rank adds the same
-    noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
+def perturb_weights(model: nn.Module, scale: float, seed: int, stat: str = "rms") -> None:
+    """Adds Gaussian noise of `scale` times each tensor's RMS (stat "std": its unbiased standard deviation, and
+    one-element tensors untouched, as the unlimited record's perturb_weights), from a seeded generator so every rank
+    adds the same noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
+            if stat == "std" and p.numel() <= 1:
+                continue
             noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
-            p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
+            if stat == "std":
+                p.add_((noise.float() * (p.float().std() * scale)).to(p.dtype))
+            else:
+                p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
+
+
+def snapshot_noise_scale(cycle: int, cycles: int, hp: Hyperparameters) -> float:
+    """The noise's scale after cycle `cycle` = 1..C-1 of C (none after the last): snapshot_noise, or with
+    snapshot_noise_min the unlimited record's cosine from snapshot_noise (cycle 1) down to the min (cycle C-1)."""
+    if not hp.snapshot_noise_min:
+        return hp.snapshot_noise
+    progress = (cycle - 1) / max(1, cycles - 2)
+    return hp.snapshot_noise_min + (hp.snapshot_noise - hp.snapshot_noise_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def checkpoint_path(folder: str, member: int, rank: int) -> str:
@@ -3823,7 +3995,7 @@ class MemberSchedule:
         # the last step's weights are the member itself
         final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
         epoch_ends = [min(total_steps, self.train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
-        cycle_ends = snapshot_cycle_ends(total_steps, hp.snapshot_cycles)
+        cycle_ends = snapshot_cycle_bounds(hp, total_steps, self.train_data)
         if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
             raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
                               f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the "
@@ -3919,7 +4091,10 @@ class MemberObjective:
                 distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
                                             targets=targets, alpha=hp.distill_alpha,
                                             temperature=hp.distill_temperature, chunk=hp.distill_chunk)
-        return training_loss_sums(model, inputs, targets, hp.mtp_weight, distill, self.fused, hp.mtp_style)
+        # distill_mtp_inside: (1 - a)(CE + w MTP) + a T^2 KL, the unlimited record's fold of the MTP term
+        mtp_weight = hp.mtp_weight * (1 - hp.distill_alpha) if distill is not None and hp.distill_mtp_inside \
+            else hp.mtp_weight
+        return training_loss_sums(model, inputs, targets, mtp_weight, distill, self.fused, hp.mtp_style)
 
 
 class RunWork:
@@ -4304,7 +4479,8 @@ class Snapshots:
                        f"{total_steps} | val_loss {loss:.4f}")
         self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
         if self.hp.snapshot_noise > 0:
-            perturb_weights(model, self.hp.snapshot_noise, self.seed * 1000 + cycle)
+            perturb_weights(model, snapshot_noise_scale(cycle + 1, len(steps) + 1, self.hp), self.seed * 1000 + cycle,
+                            self.hp.snapshot_noise_stat)
 
     def state(self):
         return None
@@ -4536,8 +4712,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         epoch, step_in_epoch = train_data.locate(step)
         factor = schedule.start_step(step, optimizers, raw_model)
         objective.start_step(step, total_steps)
-        if hp.snapshot_distill and snapshots.taken:  # each cycle after the first learns from the latest snapshot
-            objective.teachers = [(snapshots.taken[-1][0], 1.0)]
+        if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
+            objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
         accumulation = live_micro_steps(train_data, epoch, step_in_epoch, dist_info.rank)  # all-padding ones skipped
         for micro_step in range(accumulation):
@@ -4878,6 +5054,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         mine = round_start + group_index
         if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
+            if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
+                earlier = []
             teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
             trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
             model = trained.pop("model").for_inference()
@@ -4951,8 +5129,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
         probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
-        learned = learn_mixture_weights(probs, hp.select_steps)
+        learned = learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip, hp.select_init_noise)
         chosen = select_members(learned, hp.select_top)
+        if top_sweep(hp, len(candidates)):  # the unlimited record: every top K scored, the largest is the result
+            chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
         final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
         val_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data,
                                             dist_info, hp.val_batch_size)
