@@ -1519,7 +1519,9 @@ def exclusive_self_attention(y: torch.Tensor, v: torch.Tensor, strength) -> torc
 
 
 class CausalSelfAttention(nn.Module):
-    softmax_scale: float | None = None  # None: SDPA's head_dim^-0.5; yarn sets its own on every attention module
+    # () = SDPA's head_dim^-0.5; yarn sets (its scale,) on every attention module. A tuple because torch.compile keeps
+    # a module's tuple of constants static: a changed float attribute is first retraced as a symbolic float
+    softmax_scale: tuple[float, ...] = ()
 
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
@@ -1561,7 +1563,7 @@ class CausalSelfAttention(nn.Module):
         # saves bf16 q/k as the records do (review slowrun_fidelity B.3); a no-op in fp32
         q, k = q.to(v.dtype), k.to(v.dtype)
         # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
-        scale = {} if self.softmax_scale is None else dict(scale=self.softmax_scale)  # YaRN's (2h record)
+        scale = dict(scale=self.softmax_scale[0]) if self.softmax_scale else {}  # YaRN's (2h record)
         y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, **scale)
         y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         if self.xsa:
@@ -1770,7 +1772,7 @@ def set_window_schedule_stage(model: "GPT", stage: int) -> None:
     model.yarn_growths = growths
     for module in model.modules():  # every attention call, the MTP block's included
         if isinstance(module, CausalSelfAttention):
-            module.softmax_scale = scale
+            module.softmax_scale = (scale,)
 
 
 class GPT(nn.Module):
@@ -3492,11 +3494,11 @@ def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "Run
     growth = model.yarn_growths[-1] if config.yarn and model.yarn_growths else None
     log.write(f"{tag}window stage {stage + 1}/{len(stages)} (epochs {first}-{last}) from step {step}: short {short}, "
               f"long {long} keys" + (f" | YaRN {growth[0]} -> {growth[1]}" if growth else "") +
-              (f" | softmax scale {model.blocks[0].attn.softmax_scale:.6f}" if config.yarn else "") +
+              (f" | softmax scale {model.blocks[0].attn.softmax_scale[0]:.6f}" if config.yarn else "") +
               (" | torch.compile: new windows, so a recompile (one graph per stage and loop state, train and eval)"
                if compiled and step else ""))
     log.metrics(dict(kind="window_stage", step=step, stage=stage + 1, window_short=short, window_long=long,
-                     softmax_scale=model.blocks[0].attn.softmax_scale))
+                     softmax_scale=model.blocks[0].attn.softmax_scale[0] if config.yarn else None))
 
 
 def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int) -> float:
