@@ -1671,9 +1671,10 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
 # --- the 2h record's window schedule and YaRN (records/TRACKS.md F15) ---
 
 
-def parse_window_schedule(text: str, seq_len: int) -> list[tuple[int, int, int, int]]:
+def parse_window_schedule(text: str, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
     """window_schedule "a-b:short,long;..." -> [(first epoch, last epoch, short, long)], windows in keys; the stages
-    cover epochs 1, 2, ... in order, 0 < short <= long <= seq_len. Anything else: a one-line ConfigError."""
+    cover epochs 1, 2, ... in order, 0 < short <= long (<= seq_len when given: a run's check; a model takes a longer
+    window as the whole sequence). Anything else: a one-line ConfigError."""
     stages: list[tuple[int, int, int, int]] = []
     for part in (piece.strip() for piece in text.split(";")):
         epochs, _, windows = part.partition(":")
@@ -1687,8 +1688,8 @@ def parse_window_schedule(text: str, seq_len: int) -> list[tuple[int, int, int, 
         expected = stages[-1][1] + 1 if stages else 1
         require(first == expected and last >= first, f"window_schedule stage {part!r}: the stages must cover epochs "
                 f"1, 2, ... in order, without gaps or overlaps (this one should start at epoch {expected})")
-        require(0 < short <= long <= seq_len, f"window_schedule stage {part!r}: the windows need 0 < short <= long "
-                f"<= seq_len ({seq_len})")
+        require(0 < short <= long <= (seq_len or long), f"window_schedule stage {part!r}: the windows need 0 < short "
+                f"<= long <= seq_len ({seq_len})")
         stages.append((first, last, short, long))
     return stages
 
@@ -1711,7 +1712,7 @@ def window_schedule_sizes(config: GPTConfig) -> list[list[int]]:
     if not config.window_schedule:
         return []
     return [stage_window_sizes(config, short, long)
-            for _, _, short, long in parse_window_schedule(config.window_schedule, config.seq_len)]
+            for _, _, short, long in parse_window_schedule(config.window_schedule)]
 
 
 def yarn_window(window: int, seq_len: int) -> int:
@@ -1758,7 +1759,7 @@ def set_window_schedule_stage(model: "GPT", stage: int) -> None:
     softmax scale after every growth of the long window up to it (recomputed from the base frequencies: the state
     is a function of the stage alone, so resumed, frozen and reloaded models get it exactly)."""
     config = model.config
-    stages = parse_window_schedule(config.window_schedule, config.seq_len)
+    stages = parse_window_schedule(config.window_schedule)
     model.window_sizes = stage_window_sizes(config, stages[stage][2], stages[stage][3])
     model.window_stage = stage
     if not config.yarn:
@@ -3475,7 +3476,7 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
 def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
     """The window schedule's stage of the epoch the member's run ends in."""
     last_epoch = math.ceil(schedule.train_data.epoch_position(schedule.total_steps))
-    return window_schedule_stage(parse_window_schedule(hp.window_schedule, hp.seq_len), last_epoch)
+    return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
 
 
 def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
@@ -3484,7 +3485,7 @@ def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "Run
     after the previous epoch's end evaluation); a change, and the first step, logged with the windows, YaRN's scale
     and the compile cost (one new graph per stage, each evaluation mode's too)."""
     config = model.config
-    stages = parse_window_schedule(config.window_schedule, config.seq_len)
+    stages = parse_window_schedule(config.window_schedule)
     epoch = train_data.locate(step)[0] + 1
     stage = window_schedule_stage(stages, epoch)
     if stage == model.window_stage and step:
@@ -4635,7 +4636,7 @@ def training_flops_per_token(hp: Hyperparameters, looped: bool = False, stage: i
     first, or with looped=True the stage of loop_start_epoch, where the replay starts)."""
     model = build_model_meta(hp)
     if hp.window_schedule:
-        stages = parse_window_schedule(hp.window_schedule, hp.seq_len)
+        stages = parse_window_schedule(hp.window_schedule)
         loop_stage = window_schedule_stage(stages, hp.loop_start_epoch or 1) if looped else 0
         set_window_schedule_stage(model, loop_stage if stage is None else stage)
     excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
@@ -4671,7 +4672,7 @@ def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
                  f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G "
                  f"({record['flops_looped'] / 1e9:.2f} G looped) (public estimate_flops formula)")
     if hp.window_schedule:  # the windows, so the attention FLOPs, change per stage (the 2h record's estimate_flops too)
-        count = len(parse_window_schedule(hp.window_schedule, hp.seq_len))
+        count = len(parse_window_schedule(hp.window_schedule))
         lines.append("window stages: " + " / ".join(f"{training_flops_per_token(hp, stage=stage) / 1e9:.2f}"
                                                     for stage in range(count)) + " G FLOPs/token")
     return lines
