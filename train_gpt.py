@@ -3479,6 +3479,16 @@ def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
     return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
 
 
+def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule") -> None:
+    """The schedule state of the member's last step: the public records score their averaged epoch checkpoints by
+    loading each into the final model (two_hour/train.py 1024, 1393), so the 2h record's epoch-12 and -13 weights
+    run with the looped layers on, the last window stage and its YaRN (no change for 1h: loops on from epoch 7)."""
+    if hp.loop_repeats:
+        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.total_steps)
+    if hp.window_schedule:
+        set_window_schedule_stage(model, final_window_stage(hp, schedule))
+
+
 def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
                          compiled: bool) -> None:
     """The window schedule at a step: the stage of its epoch from the epoch's first step (the 2h record switches
@@ -3891,8 +3901,8 @@ class Snapshots:
             loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
             model.attention = attention
             snapshot = frozen_host_copy(model, self.dist_info)
-            if self.hp.window_schedule:  # the 2h record scores every saved checkpoint in its model's final stage
-                set_window_schedule_stage(snapshot, final_window_stage(self.hp, self.schedule))
+            if self.hp.epoch_snapshots:  # averaged as the records average them: in the final model's state
+                final_inference_state(snapshot, self.hp, self.schedule)
             if self.dist_info.is_main:
                 save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
                                seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)

@@ -252,11 +252,13 @@ def test_2h_preset_trains_three_steps_at_micro_width_across_a_window_stage_chang
             "0.324119") in text and "torch.compile: new windows, so a recompile" in text
 
 
-def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_one(tmp_path):
+def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_state(tmp_path):
     """frozen_host_copy and save_candidate/load_member keep the stage (windows, YaRN tables, softmax scale): the
-    same logits bitwise. final_window_stage is the stage of the run's last epoch (the 2h record scores its averaged
-    checkpoints in the model's final state)."""
-    hp = train_gpt.Hyperparameters(**{**train_gpt.PRESETS["2h"], **MICRO_2H, "n_layer": 2, "mtp_weight": 0.0})
+    same logits bitwise. final_window_stage is the stage of the run's last epoch, and final_inference_state puts an
+    epoch-13 snapshot in the last step's state: stage 3, looped layers on (the 2h record loads each averaged
+    checkpoint into its final model)."""
+    hp = train_gpt.Hyperparameters(**{**train_gpt.PRESETS["2h"], **MICRO_2H, "n_layer": 2, "loop_range": "1:2",
+                                      "mtp_weight": 0.0})
     model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0).eval()
     train_gpt.set_window_schedule_stage(model, 1)
     idx = torch.randint(0, 256, (1, hp.seq_len), generator=torch.Generator().manual_seed(0))
@@ -271,6 +273,10 @@ def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_on
         assert loaded.blocks[0].attn.softmax_scale == model.blocks[0].attn.softmax_scale != (16**-0.5,)
     schedule = dataclasses.make_dataclass("S", ["train_data", "total_steps"])(ten_step_epochs(), N_2H)
     assert train_gpt.final_window_stage(hp, schedule) == 2
+    assert not frozen.loop_active and frozen.window_stage == 1
+    train_gpt.final_inference_state(frozen, hp, schedule)
+    assert frozen.loop_active and frozen.window_stage == 2 and frozen.window_sizes == [13, 32]
+    assert frozen.yarn_growths == [(8, 16), (16, 32)]
     assert train_gpt.final_window_stage(hp, schedule.__class__(ten_step_epochs(), 95)) == 1  # ends in epoch 10
 
 
