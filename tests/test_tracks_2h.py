@@ -281,21 +281,17 @@ def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_st
 
 
 def test_compiled_step_across_a_stage_change_compiles_a_bounded_number_of_graphs():
-    """torch.compile(fullgraph=True) of the micro 2h model (a backend that counts the graphs dynamo captures, as in
-    tests/test_gpu_readiness.py) over epochs 13-15: training in (stage 2, no loops) and (stage 3, loops), an evaluation in each: 4 graphs, no more
-    (the later steps reuse them); after the stage change the compiled output equals the eager one, so the graph reads
-    the new RoPE tables and the new softmax scale."""
+    """torch.compile(fullgraph=True) of the micro 2h model with dynamo's CompileCounter backend over epochs 13-15:
+    training in (stage 2, no loops) and (stage 3, loops), an evaluation in each: 4 graphs, no more (the later steps
+    reuse them; a float softmax scale would cost a fifth, retraced as a symbolic float); after the stage change the
+    compiled output equals the eager one, so the graph reads the new RoPE tables and the new softmax scale."""
+    from torch._dynamo.testing import CompileCounter
     torch._dynamo.reset()
     hp = train_gpt.Hyperparameters(**{**train_gpt.PRESETS["2h"], **MICRO_2H, "n_layer": 2, "loop_range": "0:1",
                                       "dropout": 0.0, "stochastic_depth": 0.0})
     model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
-    graphs = []
-
-    def counting_backend(graph_module, example_inputs):
-        graphs.append(graph_module)
-        return graph_module.forward
-
-    compiled = torch.compile(model, fullgraph=True, backend=counting_backend)
+    counter = CompileCounter()
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
     data = ten_step_epochs()
     idx = torch.randint(0, 256, (2, hp.seq_len + 1), generator=torch.Generator().manual_seed(0))
     visited = set()
@@ -314,4 +310,4 @@ def test_compiled_step_across_a_stage_change_compiles_a_bounded_number_of_graphs
             model.train()
             torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-5, atol=1e-5)
     assert visited == {(1, False), (2, True)}
-    assert len(graphs) == 2 * len(visited), f"{len(graphs)} graphs for {len(visited)} training states"
+    assert counter.frame_count == 2 * len(visited), f"{counter.frame_count} graphs for {len(visited)} training states"
