@@ -3481,7 +3481,7 @@ def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
 
 def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule") -> None:
     """The schedule state of the member's last step: the public records score their averaged epoch checkpoints by
-    loading each into the final model (two_hour/train.py 1024, 1393), so the 2h record's epoch-12 and -13 weights
+    loading each into the final model (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights
     run with the looped layers on, the last window stage and its YaRN (no change for 1h: loops on from epoch 7)."""
     if hp.loop_repeats:
         model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.total_steps)
@@ -4175,6 +4175,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                       f"--resume {log.folder}")
             raise RunStopped()
     if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
+        schedule.start_step(total_steps - 1, optimizers, raw_model)  # the last step's looped layers and windows
+        if hp.window_schedule:
+            window_schedule_step(raw_model, train_data, total_steps - 1, log, tag, compiled=model is not raw_model)
         with progress.paused():
             progress.validate(model, data.val_data, total_steps)
     objective.release()  # the teacher goes back to the host
