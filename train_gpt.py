@@ -522,6 +522,8 @@ def check_window_schedule(hp: Hyperparameters) -> None:
     """window_schedule and yarn (records/TRACKS.md F15), each with a one-line reason."""
     require(not hp.yarn or hp.window_schedule, "yarn rescales RoPE when the window schedule's long window grows: "
             "set window_schedule too")
+    require(not (hp.yarn and getattr(hp, "rope_pairs", 0)), "yarn rescales every RoPE pair (yarn_rotary builds the "
+            "full table): it does not combine with rope_pairs")
     if not hp.window_schedule:
         return
     require(bool(hp.window_pattern), "window_schedule sets the S and L windows per epoch: set window_pattern too "

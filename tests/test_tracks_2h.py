@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
+from conftest import micro_flags, read_metrics
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
@@ -311,3 +312,27 @@ def test_compiled_step_across_a_stage_change_compiles_a_bounded_number_of_graphs
             torch.testing.assert_close(compiled_logits, eager_logits, rtol=1e-5, atol=1e-5)
     assert visited == {(1, False), (2, True)}
     assert counter.frame_count == 2 * len(visited), f"{counter.frame_count} graphs for {len(visited)} training states"
+
+
+def test_2h_preset_run_switches_stages_in_the_loop_and_averages_in_the_final_state(micro_data, tmp_path):
+    """train_gpt.main with --preset 2h at micro width, three 8-step epochs with a stage each (the epochs shrink with
+    the data, so the stages and the 14/8/11 epoch counts shrink too): the log has each stage from its epoch's first
+    step with YaRN's scale, the metrics a window_stage row per stage, and the epoch-2 snapshot file is in the final
+    state (stage 3, looped layers on), as the record scores its averaged checkpoints."""
+    train_path, val_path = micro_data
+    flags = ["--preset", "2h"] + micro_flags(train_path, val_path, str(tmp_path), "micro2h", vocab_size=320,
+                                             train_vocab=256, eval_vocab=256, mlp_hidden=64, loop_range="1:2",
+                                             num_epochs=3, window_schedule="1:5,9;2:9,17;3:13,32", epoch_snapshots=2,
+                                             loop_start_epoch=3, lr_epoch_cosine=2, train_tokens=3000,
+                                             checkpoint_every=-1, test_files="", val_tokens=256, val_public_windows=4,
+                                             save_model=True)
+    assert train_gpt.main(flags) == 0
+    folder = tmp_path / "micro2h"
+    log = open(folder / "log.txt").read()
+    assert "window stage 1/3 (epochs 1-1) from step 0: short 5, long 9 keys | softmax scale 0.250000" in log
+    assert "window stage 2/3 (epochs 2-2) from step 8: short 9, long 17 keys | YaRN 8 -> 16 | softmax scale 0.284657" \
+        in log
+    assert "window stage 3/3 (epochs 3-3) from step 16: short 13, long 32 keys | YaRN 16 -> 32" in log
+    assert [row["stage"] for row in read_metrics(str(folder)) if row.get("kind") == "window_stage"] == [1, 2, 3]
+    snapshot = torch.load(folder / "members" / "member_00_snapshot_00.pt", weights_only=True)
+    assert snapshot["inference_state"] == dict(loop_active=True, window_sizes=[13, 32], window_stage=2)
