@@ -195,7 +195,12 @@ def test_2h_preset_states_its_record_its_size_and_the_public_settings():
     assert lines[2] == "window stages: 8.34 / 8.59 / 8.71 G FLOPs/token"
     record = train_gpt.PUBLIC_RECORDS["2h"]
     assert record["flops"] == round(by_stage[0] / 1e7) * 1e7  # what the public prints at its start (stage 1)
-    assert record["flops_looped"] == round(train_gpt.training_flops_per_token(hp, True) / 1e7) * 1e7
+    # looped (stage 3): layers 15..20 twice more, each 4 d^2 + 3 d 4864 + 14 x 12 gate + 3 x 14^2 IHA, the odd ones
+    # (15, 17, 19) + d^2 + 14 x 32 (value projection); their attention: 15 and 19 long (full), the others 1281 keys
+    replayed = 6 * (4 * 1792**2 + 3 * 1792 * 4864 + 14 * 12 + 3 * 14**2) + 3 * (1792**2 + 14 * 32)
+    looped = by_stage[2] + 2 * (6 * replayed + 12 * 1792 * (2 * keys(2048) + 4 * keys(1281)))
+    assert train_gpt.training_flops_per_token(hp, True) == pytest.approx(looped, rel=1e-12)
+    assert record["flops_looped"] == round(looped / 1e7) * 1e7 == 11.88e9
     import subprocess  # run.sh's first argument picks the preset; its first line names the record (no GPU: exit 1)
     done = subprocess.run(["bash", os.path.join(os.path.dirname(__file__), "..", "run.sh"), "2h"], capture_output=True,
                           text=True, timeout=120, env=dict(os.environ, NGPU="0", OMP_NUM_THREADS="1"))
