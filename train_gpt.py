@@ -115,6 +115,9 @@ class Hyperparameters:
     out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
     recurrence: int = 1  # the whole layer stack runs this many times, each pass ending in rms_norm and re-reading x0; in training all passes but the last run without gradients (15min: 2)
     recurrence_start_frac: float = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
+    # --- the 2h record's per-epoch windows and YaRN (records/TRACKS.md F15) ----------------------------------------
+    window_schedule: str = ""  # "a-b:short,long;..." windows in keys (our count = the public FA3 window + 1; seq_len = full) for epochs a..b (1-based, contiguous from 1; the last stage holds after its end); each stage from its first epoch's first step; window_short is then unused ("" = off; 2h record: "1-6:257,769;7-13:769,1793;14-22:1281,2048")
+    yarn: bool = False  # with window_schedule: each growth of the long window rescales the RoPE frequencies (YaRN ramp, alpha 1, beta 32) and multiplies the softmax scale (from head_dim^-0.5) by 0.2 ln(new/old) + 1, as the 2h record does (Peng et al. 2023, YaRN)
     # --- batch ----------------------------------------------------------------------------------------------------
     seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
@@ -330,6 +333,15 @@ PRESETS: dict[str, dict] = {
 
 
 PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an alias (the log says which it is)
+# "2h": the 2-hour track's record, 3.139 (qlabs-eng/slowrun two_hour/train.py at fd342f0): the 1h record's model and
+# recipe trained twice as long, and what two_hour/ changes: 22 epochs, looped layers from epoch 14, a cosine per epoch
+# and the 0.65 -> 1.5 weight decay in the last 8, the last 11 epochs' checkpoints probability-averaged, and windows
+# per epoch (public FA3 (S, L) 256/768, 768/1792, 1280/2048 = our 257/769, 769/1793, 1281/2048 keys) with YaRN on
+# each growth of the long window. window_short (1h's 1025) is unused under the schedule.
+PRESETS["2h"] = dict(
+    PRESETS["1h"], num_epochs=22, loop_start_epoch=14, lr_epoch_cosine=8, epoch_snapshots=11,
+    window_schedule="1-6:257,769;7-13:769,1793;14-22:1281,2048", yarn=True,
+)
 
 # What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files,
 # 2048-token windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts
@@ -463,6 +475,9 @@ PUBLIC_RECORDS = {
                      flops=8.31e9, flops_note="the baseline's counts min(w, T) keys per query; causal mean: 8.02 G"),
     "15min": dict(figure=3.307, script="qlabs-eng/slowrun tiny/train.py@fd342f0", parameters=316_935_848,
                   flops=1.76e9, flops_looped=3.20e9),
+    # 2h: its estimate_flops as printed at the start (epoch 1's windows 256/768); looped: epochs 14-22's windows
+    "2h": dict(figure=3.139, script="qlabs-eng/slowrun two_hour/train.py@fd342f0", parameters=1_443_722_775,
+               flops=8.34e9, flops_looped=11.88e9),
 }
 PUBLIC_RECORDS["unlimited"] = dict(figure=2.987, script="qlabs-eng/slowrun unlimited/train.py@fd342f0",
                                    parameters=1_870_172_811, flops=11.22e9, flops_looped=24.89e9)
@@ -613,6 +628,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
     require(not hp.window_warmup_frac or hp.window_pattern,
             "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
+    check_window_schedule(hp)
     require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points", "cycle_inverse"),
             f"wd_schedule must be flat, inverse, sawtooth, slowrun, points or cycle_inverse, got {hp.wd_schedule!r}")
     check_record_settings(hp)
@@ -774,6 +790,8 @@ def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
         raise ConfigError(f"wd_points must be epoch:multiplier knots, epochs increasing, multipliers >= 0, like "
                           f"0:1,2:1,8:0.125,15:1.1625; got {hp.wd_points!r}")
     return knots
+
+
 def parse_betas(name: str, text: str) -> tuple[float, float]:
     """ "0.9,0.99" -> (0.9, 0.99), each in [0, 1), or the one-line ConfigError naming the flag."""
     try:
@@ -806,6 +824,23 @@ def check_tracks_15min_model(hp: Hyperparameters) -> None:
         parse_betas("out_gate_betas", hp.out_gate_betas)
         require(hp.attn_gate and not hp.gates_muon, "out_gate_betas is the AdamW group of the attention output "
                 "gates: set attn_gate, and not gates_muon (which trains them with Muon)")
+
+
+def check_window_schedule(hp: Hyperparameters) -> None:
+    """window_schedule and yarn (records/TRACKS.md F15), each with a one-line reason."""
+    require(not hp.yarn or hp.window_schedule, "yarn rescales RoPE when the window schedule's long window grows: "
+            "set window_schedule too")
+    require(not (hp.yarn and getattr(hp, "rope_pairs", 0)), "yarn rescales every RoPE pair (yarn_rotary builds the "
+            "full table): it does not combine with rope_pairs")
+    if not hp.window_schedule:
+        return
+    require(bool(hp.window_pattern), "window_schedule sets the S and L windows per epoch: set window_pattern too "
+            "(e.g. SSSL)")
+    require(not hp.window_warmup_frac, "window_schedule and window_warmup_frac both schedule the windows: set one")
+    stages = parse_window_schedule(hp.window_schedule, hp.seq_len)
+    longs = [stage[3] for stage in stages]
+    require(not hp.yarn or longs == sorted(longs), f"yarn stretches RoPE for a growing context: the window "
+            f"schedule's long windows {longs} must not shrink")
 
 
 def check_sizes(hp: Hyperparameters) -> None:
@@ -1721,15 +1756,16 @@ def flex_block_mask(time_steps: int, window: int, documents: torch.Tensor | None
     return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=time_steps, KV_LEN=time_steps, device=device)
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float | None = None) -> torch.Tensor:
     """(B, H, T, D) attention by whichever path the mask names: None -> SDPA causal (FlashAttention on GPU), a
-    boolean tensor -> SDPA with that mask (the reference), a BlockMask -> FlexAttention."""
+    boolean tensor -> SDPA with that mask (the reference), a BlockMask -> FlexAttention. scale: the softmax scale
+    (None: D^-0.5)."""
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
     if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=mask)
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -1785,6 +1821,8 @@ class GPTConfig:
     dropout_mlp: bool = True
     xsa_eps: float = 1e-12
     recurrence: int = 1
+    window_schedule: str = ""
+    yarn: bool = False
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1855,6 +1893,10 @@ def shift_key_half(k: torch.Tensor) -> torch.Tensor:
 
 
 class CausalSelfAttention(nn.Module):
+    # () = SDPA's head_dim^-0.5; yarn sets (its scale,) on every attention module. A tuple because torch.compile keeps
+    # a module's tuple of constants static: a changed float attribute is first retraced as a symbolic float
+    softmax_scale: tuple[float, ...] = ()
+
     def __init__(self, config: GPTConfig, layer: int = 0):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.n_embd // config.n_head
@@ -1905,7 +1947,8 @@ class CausalSelfAttention(nn.Module):
         if self.key_offset:
             k = shift_key_half(k)
         # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask)
+        scale = dict(scale=self.softmax_scale[0]) if self.softmax_scale else {}  # YaRN's (2h record)
+        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, **scale)
         y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
         if self.xsa:
             strength = 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype)
@@ -2011,6 +2054,114 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
     return attention_mask_dense(time_steps, window, None, device)
 
 
+# --- the 2h record's window schedule and YaRN (records/TRACKS.md F15) ---
+
+
+def parse_window_schedule(text: str, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
+    """window_schedule "a-b:short,long;..." -> [(first epoch, last epoch, short, long)], windows in keys; the stages
+    cover epochs 1, 2, ... in order, 0 < short <= long (<= seq_len when given: a run's check; a model takes a longer
+    window as the whole sequence). Anything else: a one-line ConfigError."""
+    stages: list[tuple[int, int, int, int]] = []
+    for part in (piece.strip() for piece in text.split(";")):
+        epochs, _, windows = part.partition(":")
+        try:
+            first, _, last = epochs.partition("-")
+            first, last = int(first), int(last or first)
+            short, long = (int(window) for window in windows.split(","))
+        except ValueError:
+            raise ConfigError(f"window_schedule stage {part!r} must look like 'a-b:short,long' (epochs a to b, "
+                              f"windows in keys)") from None
+        expected = stages[-1][1] + 1 if stages else 1
+        require(first == expected and last >= first, f"window_schedule stage {part!r}: the stages must cover epochs "
+                f"1, 2, ... in order, without gaps or overlaps (this one should start at epoch {expected})")
+        require(0 < short <= long <= (seq_len or long), f"window_schedule stage {part!r}: the windows need 0 < short "
+                f"<= long <= seq_len ({seq_len})")
+        stages.append((first, last, short, long))
+    return stages
+
+
+def window_schedule_stage(stages: list[tuple[int, int, int, int]], epoch: int) -> int:
+    """The stage (0-based) of a 1-based epoch: the one whose epochs contain it; past the last, the last."""
+    return next((index for index, stage in enumerate(stages) if epoch <= stage[1]), len(stages) - 1)
+
+
+def stage_window_sizes(config: GPTConfig, short: int, long: int) -> list[int]:
+    """Each layer's window in one stage: window_pattern's letters cycled, the last layer long (the 2h record's
+    _compute_window_sizes: at stage 1 even the last layer sees only `long` keys)."""
+    pattern = config.window_pattern.upper()
+    return [short if pattern[layer % len(pattern)] == "S" and layer < config.n_layer - 1 else long
+            for layer in range(config.n_layer)]
+
+
+def window_schedule_sizes(config: GPTConfig) -> list[list[int]]:
+    """Every stage's window sizes ([] without a schedule): the FlexAttention masks to build once."""
+    if not config.window_schedule:
+        return []
+    return [stage_window_sizes(config, short, long)
+            for _, _, short, long in parse_window_schedule(config.window_schedule)]
+
+
+def yarn_window(window: int, seq_len: int) -> int:
+    """Our window (keys) in the public's units, which its YaRN ratios use: the FA3 window = keys - 1, and a full
+    window written as the sequence length (the 2h record's 2048)."""
+    return seq_len if window >= seq_len else window - 1
+
+
+def yarn_growths(stages: list[tuple[int, int, int, int]], stage: int, seq_len: int) -> list[tuple[int, int]]:
+    """The long window's growths (old, new), public units, from stage 0 up to `stage`: YaRN applies one per growth."""
+    longs = [yarn_window(entry[3], seq_len) for entry in stages[:stage + 1]]
+    return [(old, new) for old, new in zip(longs, longs[1:]) if new != old]
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, old: int, new: int, alpha: float = 1.0, beta: float = 32.0) -> torch.Tensor:
+    """YaRN's frequency rescale for a context grown from old to new (Peng et al. 2023; the 2h record's Yarn.apply):
+    a pair that turns fewer than alpha times over the old window is interpolated by old/new, one that turns more
+    than beta times is kept, a linear ramp between."""
+    rotations = old * inv_freq / (2 * math.pi)
+    ratio = old / new
+    ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
+    return inv_freq * (ratio + ramp * (1 - ratio))
+
+
+def yarn_softmax_scale(scale: float, old: int, new: int) -> float:
+    """YaRN's attention temperature: the softmax scale times 0.2 ln(new / old) + 1 (the 2h record's factor)."""
+    return scale * (0.2 * math.log(new / old) + 1)
+
+
+def yarn_rotary(seq_len: int, head_dim: int, base: float, growths: list[tuple[int, int]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The cos and sin tables (as rotary_tables) and the softmax scale after the YaRN growths in turn."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    scale = head_dim**-0.5
+    for old, new in growths:
+        inv_freq, scale = yarn_inv_freq(inv_freq, old, new), yarn_softmax_scale(scale, old, new)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :], scale
+
+
+@torch.no_grad()
+def set_window_schedule_stage(model: "GPT", stage: int) -> None:
+    """Puts a model in one stage of its window schedule: the stage's windows and, with yarn, the RoPE tables and
+    softmax scale after every growth of the long window up to it (recomputed from the base frequencies: the state
+    is a function of the stage alone, so resumed, frozen and reloaded models get it exactly)."""
+    config = model.config
+    stages = parse_window_schedule(config.window_schedule)
+    model.window_sizes = stage_window_sizes(config, stages[stage][2], stages[stage][3])
+    model.window_stage = stage
+    if not config.yarn:
+        return
+    growths = yarn_growths(stages, stage, config.seq_len)
+    cos, sin, scale = yarn_rotary(config.seq_len, config.n_embd // config.n_head, config.rope_base, growths,
+                                  model.rotary_cos.device)
+    if growths != getattr(model, "yarn_growths", []):  # none yet: the tables are rotary_tables' own
+        model.rotary_cos.copy_(cos)
+        model.rotary_sin.copy_(sin)
+    model.yarn_growths = growths
+    for module in model.modules():  # every attention call, the MTP block's included
+        if isinstance(module, CausalSelfAttention):
+            module.softmax_scale = (scale,)
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig | Hyperparameters, attention: str = "sdpa"):
         """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
@@ -2042,7 +2193,7 @@ class GPT(nn.Module):
         # FlexAttention block masks that depend on the shape alone are built once, here, for the training length
         self.static_block_masks, self.seq_len = {}, config.seq_len
         if self.attention == "flex" and not config.doc_mask and torch.get_default_device().type != "meta":
-            every_stage = [self.window_sizes or [config.seq_len]] + [
+            every_stage = [self.window_sizes or [config.seq_len]] + window_schedule_sizes(config) + [
                 scaled_window_sizes(self.full_window_sizes, stage, config.window_warmup_stages)
                 for stage in range(config.window_warmup_stages) if config.window_warmup_frac]
             self.static_block_masks = {w: flex_block_mask(config.seq_len, w, None, torch.get_default_device())
@@ -2065,6 +2216,8 @@ class GPT(nn.Module):
             self.mtp_block = Block(config, config.n_layer)
         elif config.mtp_weight > 0:  # hidden state for token t+2 = h + W rms_norm(h), W zero-init; shares the lm_head
             self.mtp_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.window_schedule:  # the 2h record's windows (and YaRN) of epoch 1
+            set_window_schedule_stage(self, 0)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -3207,6 +3360,8 @@ def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
             mine.copy_(theirs)
     frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
     frozen.recurrence_active = model.recurrence_active
+    if model.config.window_schedule:  # the softmax scale, and the stage a later final_window_stage starts from
+        set_window_schedule_stage(frozen, model.window_stage)
     return park_on_host(frozen.for_inference(), dist_info)
 
 
@@ -3865,7 +4020,7 @@ def save_candidate(path: str, model: "GPT", **info) -> None:
     reload scores as the in-memory model."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     state = dict(loop_active=model.loop_active, window_sizes=model.window_sizes,
-                 recurrence_active=model.recurrence_active)
+                 recurrence_active=model.recurrence_active, window_stage=getattr(model, "window_stage", None))
     atomic_torch_save(dict(model=model.state_dict(), config=dataclasses.asdict(model.config), inference_state=state,
                            **info), path)
 
@@ -3962,7 +4117,48 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     model.loop_active = state.get("loop_active", bool(config.loop_repeats))
     model.window_sizes = state.get("window_sizes", model.window_sizes)
     model.recurrence_active = state.get("recurrence_active", True)
+    if state.get("window_stage") is not None:  # the window schedule's stage: its windows, YaRN tables and scale
+        set_window_schedule_stage(model, state["window_stage"])
     return model.for_inference(), saved
+
+
+def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
+    """The window schedule's stage of the epoch the member's run ends in."""
+    last_epoch = math.ceil(schedule.train_data.epoch_position(schedule.total_steps))
+    return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
+
+
+def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule") -> None:
+    """The schedule state of the member's last step: the public records score their averaged epoch checkpoints by
+    loading each into the final model (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights
+    run with the looped layers on, the last window stage and its YaRN (no change for 1h: loops on from epoch 7)."""
+    if hp.loop_repeats:
+        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.total_steps)
+    if hp.window_schedule:
+        set_window_schedule_stage(model, final_window_stage(hp, schedule))
+
+
+def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
+                         compiled: bool) -> None:
+    """The window schedule at a step: the stage of its epoch from the epoch's first step (the 2h record switches
+    after the previous epoch's end evaluation); a change, and the first step, logged with the windows, YaRN's scale
+    and the compile cost (one new graph per stage, each evaluation mode's too)."""
+    config = model.config
+    stages = parse_window_schedule(config.window_schedule)
+    epoch = train_data.locate(step)[0] + 1
+    stage = window_schedule_stage(stages, epoch)
+    if stage == model.window_stage and step:
+        return
+    set_window_schedule_stage(model, stage)
+    first, last, short, long = stages[stage]
+    growth = model.yarn_growths[-1] if config.yarn and model.yarn_growths else None
+    log.write(f"{tag}window stage {stage + 1}/{len(stages)} (epochs {first}-{last}) from step {step}: short {short}, "
+              f"long {long} keys" + (f" | YaRN {growth[0]} -> {growth[1]}" if growth else "") +
+              (f" | softmax scale {model.blocks[0].attn.softmax_scale[0]:.6f}" if config.yarn else "") +
+              (" | torch.compile: new windows, so a recompile (one graph per stage and loop state, train and eval)"
+               if compiled and step else ""))
+    log.metrics(dict(kind="window_stage", step=step, stage=stage + 1, window_short=short, window_long=long,
+                     softmax_scale=model.blocks[0].attn.softmax_scale[0] if config.yarn else None))
 
 
 def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int) -> float:
@@ -4471,6 +4667,8 @@ class Snapshots:
             loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
             model.attention = attention
             snapshot = frozen_host_copy(model, self.dist_info)
+            if self.hp.epoch_snapshots:  # averaged as the records average them: in the final model's state
+                final_inference_state(snapshot, self.hp, self.schedule)
             if self.dist_info.is_main:
                 save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
                                seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
@@ -4712,6 +4910,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         epoch, step_in_epoch = train_data.locate(step)
         factor = schedule.start_step(step, optimizers, raw_model)
         objective.start_step(step, total_steps)
+        if hp.window_schedule:
+            window_schedule_step(raw_model, train_data, step, log, tag, compiled=model is not raw_model)
         if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
@@ -4746,6 +4946,9 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                       f"--resume {log.folder}")
             raise RunStopped()
     if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
+        schedule.start_step(total_steps - 1, optimizers, raw_model)  # the last step's looped layers and windows
+        if hp.window_schedule:
+            window_schedule_step(raw_model, train_data, total_steps - 1, log, tag, compiled=model is not raw_model)
         with progress.paused():
             progress.validate(model, data.val_data, total_steps)
     objective.release()  # the teacher goes back to the host
@@ -5221,17 +5424,22 @@ def mean_attended_keys(seq_len: int, window: int) -> float:
     return (seq_len + 1) / 2 if width >= seq_len else width - width * (width - 1) / (2 * seq_len)
 
 
-def training_flops_per_token(hp: Hyperparameters, looped: bool = False) -> float:
+def training_flops_per_token(hp: Hyperparameters, looped: bool = False, stage: int | None = None) -> float:
     """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding,
     the value-embedding tables and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer;
-    looped=True adds each replayed layer's 6 x its parameters and its attention."""
+    looped=True adds each replayed layer's 6 x its parameters and its attention. With a window schedule: the windows
+    of `stage` (default: the first, or with looped=True the stage of loop_start_epoch, where the replay starts)."""
     model = build_model_meta(hp)
     lookups = ("value_embeds.",)  # the baseline record's value-embedding tables: lookups, excluded as its formula does
+    if hp.window_schedule:
+        stages = parse_window_schedule(hp.window_schedule)
+        loop_stage = window_schedule_stage(stages, hp.loop_start_epoch or 1) if looped else 0
+        set_window_schedule_stage(model, loop_stage if stage is None else stage)
     excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
                                                if scalar_role(name) in ("resid", "x0") or name.startswith(lookups))
     model.loop_active = looped
     order = model.layer_order()
-    windows = window_sizes(model.config) or [hp.seq_len] * hp.n_layer
+    windows = model.window_sizes or [hp.seq_len] * hp.n_layer
     replayed = sum(sum(p.numel() for p in model.blocks[layer].parameters()) for layer in order[hp.n_layer:]) \
         if len(order) > hp.n_layer else 0
     attention = sum(12 * hp.n_embd * mean_attended_keys(hp.seq_len, windows[layer]) for layer in order)
@@ -5267,6 +5475,10 @@ def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
     lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
                  f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G"
                  f"{record_looped} (public estimate_flops formula{note})")
+    if hp.window_schedule:  # the windows, so the attention FLOPs, change per stage (the 2h record's estimate_flops too)
+        count = len(parse_window_schedule(hp.window_schedule))
+        lines.append("window stages: " + " / ".join(f"{training_flops_per_token(hp, stage=stage) / 1e9:.2f}"
+                                                    for stage in range(count)) + " G FLOPs/token")
     return lines
 
 
