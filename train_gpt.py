@@ -183,6 +183,7 @@ class Hyperparameters:
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
     # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
+    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks that train a member together (1/n each), all-gathered onto the device for a use; the same numbers bit for bit (a test checks), false: every rank keeps every frozen model whole
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
@@ -2443,8 +2444,9 @@ def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", ep
     best = min(rows, key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"],
                default=None)
     for label, (models, weights) in averages.items():
-        loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
-                                        data.token_bytes)
+        with frozen_models_on_device(models, dist_info):  # parked (and maybe split over ranks): whole, on the device
+            loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                            data.token_bytes)
         rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
         if best is None or loss < best["val_loss"]:
             best = rows[-1]
@@ -2459,6 +2461,9 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
     rows = []
     for index, model in enumerate(models):
         if index % dist_info.world_size != dist_info.rank:
+            if hasattr(model, "frozen_shards"):  # split over the ranks: the others take part in its owner's gather
+                with frozen_on_device(model, dist_info):
+                    pass
             rows.append(None)
             continue
         was_training = model.training
@@ -2557,7 +2562,10 @@ FROZEN_ON_DEVICE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # frozen mod
 
 
 def park_on_host(model: nn.Module, dist_info: Dist) -> nn.Module:
-    """Moves a frozen model's weights and buffers to host memory (pinned on CUDA) and marks it parked; returns it."""
+    """Moves a frozen model's weights and buffers to host memory (pinned on CUDA) and marks it parked; returns it.
+    On world_size > 1 ranks each keeps only its 1/world_size of them (shard_on_host; see frozen_store)."""
+    if dist_info.world_size > 1:
+        return shard_on_host(model, dist_info)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             host = tensor.data.to(dist_info.host)
@@ -2574,6 +2582,9 @@ def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
     weights and buffers: no second copy on the device, no random draws), in the model's schedule state."""
     with torch.device("meta"):
         frozen = GPT(model.config)
+    if dist_info.world_size > 1:  # each rank copies only its shard: no whole host copy on any rank
+        frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
+        return shard_on_host(frozen.for_inference(), dist_info, sources=[*model.parameters(), *model.buffers()])
     frozen = frozen.to_empty(device=dist_info.host)
     with torch.no_grad():
         for mine, theirs in zip([*frozen.parameters(), *frozen.buffers()], [*model.parameters(), *model.buffers()]):
@@ -2589,6 +2600,10 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
     if not getattr(model, "parked_on_host", False) or model in FROZEN_ON_DEVICE:
         yield model
         return
+    if hasattr(model, "frozen_shards"):  # split over ranks: every rank of its group gathers it here, at the same time
+        with gathered_on_device(model, dist_info.device):
+            yield model
+        return
     tensors = [*model.parameters(), *model.buffers()]
     host = [tensor.data for tensor in tensors]
     with torch.no_grad():
@@ -2601,6 +2616,90 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
         for tensor, data in zip(tensors, host):
             tensor.data = data
         FROZEN_ON_DEVICE.discard(model)
+
+
+# Frozen models sharded over ranks: with every rank holding every frozen model, 8 members with 3 epoch snapshots
+# each at the 1h shape took 1 TB of pinned host memory per 8-GPU node. Each rank keeps 1/n of each tensor instead
+# (ZeRO-3's partitioning of parameters, Rajbhandari et al. 2020, applied to models that no longer train) and the n
+# ranks all-gather a model onto the device when it is used, one model at a time as before. The gathered weights are
+# the original bits, so every number is unchanged; the cost is one all-gather of the model per use.
+
+
+def frozen_store(hp: Hyperparameters, dist_info: Dist) -> Dist:
+    """The ranks a frozen model is split over: those of dist_info (the ranks that train one member together: the
+    whole world, or with --parallel_members the member's group), or with --frozen_shards false this rank alone.
+    Not the whole world under --parallel_members: a group gathers its teachers at every micro-step while the other
+    groups train other members, and a gather needs every rank that holds a shard. Evaluation still works, as every
+    rank scores every candidate in the same order (each group gathers its own copy); each group keeps a copy."""
+    if hp.frozen_shards or dist_info.world_size == 1:
+        return dist_info
+    return dataclasses.replace(dist_info, rank=0, world_size=1, group=None, first_global_rank=0)
+
+
+def shard_sizes(tensors: list[torch.Tensor], ranks: int) -> list[int]:
+    """Elements of each tensor that one rank keeps: ceil(numel / ranks) (the last rank's slice padded with zeros)."""
+    return [-(-tensor.numel() // ranks) for tensor in tensors]
+
+
+def frozen_host_bytes(model: nn.Module, ranks: int) -> int:
+    """Bytes of host memory one rank holds for a frozen model split over `ranks` ranks (1: the whole model)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(size * tensor.element_size() for size, tensor in zip(shard_sizes(tensors, ranks), tensors))
+
+
+def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor] | None = None) -> nn.Module:
+    """Parks a frozen model with this rank's slice of each tensor (of its own, or of `sources`, the same tensors of
+    another model: frozen_host_copy) in one flat host buffer per dtype (pinned on CUDA); the tensors themselves become
+    empty until gathered_on_device. Returns the model, marked parked."""
+    tensors = [*model.parameters(), *model.buffers()]
+    sources = tensors if sources is None else sources
+    ranks, rank = shard_dist.world_size, shard_dist.rank
+    layout, totals = [], {}
+    for tensor, size in zip(tensors, shard_sizes(tensors, ranks)):
+        layout.append((tensor, totals.get(tensor.dtype, 0), size, tensor.shape))
+        totals[tensor.dtype] = totals.get(tensor.dtype, 0) + size
+    pinned = shard_dist.device.type == "cuda"
+    host = {dtype: torch.zeros(total, dtype=dtype, pin_memory=pinned) for dtype, total in totals.items()}
+    with torch.no_grad():
+        for (tensor, offset, size, _), source in zip(layout, sources):
+            mine = source.detach().reshape(-1)[rank * size:(rank + 1) * size]
+            host[tensor.dtype][offset:offset + mine.numel()].copy_(mine)
+        for tensor, *_ in layout:  # empty: a use outside gathered_on_device fails loudly instead of reading zeros
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    model.frozen_shards = dict(group=shard_dist.group, ranks=ranks, host=host, layout=layout)
+    model.parked_on_host = True
+    FROZEN_ON_DEVICE.discard(model)
+    return model
+
+
+@contextmanager
+def gathered_on_device(model: nn.Module, device: torch.device):
+    """with gathered_on_device(model, device): a sharded frozen model whole on the device (every rank of its group
+    all-gathers each tensor into a fresh device buffer, the same bits as before it was split), empty again after."""
+    shards = model.frozen_shards
+    try:
+        with torch.no_grad():
+            for tensor, offset, size, shape in shards["layout"]:
+                whole = torch.empty(shards["ranks"] * size, dtype=tensor.dtype, device=device)
+                mine = shards["host"][tensor.dtype][offset:offset + size].to(device, non_blocking=True)
+                dist.all_gather_into_tensor(whole, mine, group=shards["group"])
+                tensor.data = whole[:shape.numel()].view(shape)
+        FROZEN_ON_DEVICE.add(model)
+        yield model
+    finally:
+        for tensor, *_ in shards["layout"]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+        FROZEN_ON_DEVICE.discard(model)
+
+
+@contextmanager
+def frozen_models_on_device(models: list[nn.Module], dist_info: Dist):
+    """Every model of the list on the device at once (frozen_on_device each; called on every rank, as a sharded
+    model's gather needs them all): for uses that mix whole models together (sampling, evaluate_with_bytes)."""
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(frozen_on_device(model, dist_info))
+        yield models
 
 
 @torch.no_grad()
@@ -3399,8 +3498,9 @@ class MemberObjective:
         for teacher, _ in self.teachers:
             with frozen_on_device(teacher, self.dist_info):
                 features.append(teacher.features(inputs))
-        heads = [self.heads.setdefault(id(teacher), TeacherHead(teacher, self.dist_info.device))
-                 for teacher, _ in self.teachers]
+                if id(teacher) not in self.heads:  # copied while whole on the device (a split teacher is empty after)
+                    self.heads[id(teacher)] = TeacherHead(teacher, self.dist_info.device)
+        heads = [self.heads[id(teacher)] for teacher, _ in self.teachers]
         return [(head, weight) for head, (_, weight) in zip(heads, self.teachers)], features
 
     def release(self) -> None:
@@ -3707,10 +3807,10 @@ class Snapshots:
             attention, model.attention = model.attention, "sdpa"
             loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
             model.attention = attention
-            snapshot = frozen_host_copy(model, self.dist_info)
-            if self.dist_info.is_main:
-                save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
+            if self.dist_info.is_main:  # the training model's weights and schedule state: what the snapshot copies
+                save_candidate(snapshot_path(self.log.folder, member, cycle), model, member=member, cycle=cycle,
                                seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
+            snapshot = frozen_host_copy(model, frozen_store(self.hp, self.dist_info))
         self.taken.append((snapshot, loss))
         self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
@@ -3726,8 +3826,8 @@ class Snapshots:
         for cycle, end in enumerate(self.schedule.snapshot_steps):
             if saved["progress"]["step"] >= end:
                 snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.host)
-                self.taken.append((park_on_host(snapshot.requires_grad_(False), self.dist_info),
-                                   info["outcome"]["val_loss"]))
+                store = frozen_store(self.hp, self.dist_info)
+                self.taken.append((park_on_host(snapshot.requires_grad_(False), store), info["outcome"]["val_loss"]))
 
 
 RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
@@ -4272,8 +4372,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
         snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
                      for cycle in range(saved["outcome"].get("snapshot_count", 0))]
-        return park_on_host(model, dist_info), [(park_on_host(snapshot, dist_info), info["outcome"]["val_loss"])
-                                                for snapshot, info in snapshots], saved["outcome"]
+        store = frozen_store(hp, group_dist)  # each group keeps its own split copy (see frozen_store)
+        return park_on_host(model, store), [(park_on_host(snapshot, store), info["outcome"]["val_loss"])
+                                            for snapshot, info in snapshots], saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
         round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
@@ -4287,13 +4388,14 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
             model = trained.pop("model").for_inference()
             trained.pop("compiled")
-            park_on_host(model, dist_info)  # frozen from here: host memory, on the device only while in use
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
             trained["run_wall_seconds"] = run_wall_seconds()
             if keep_files and group_dist.is_main:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained, tokenizer=hp.tokenizer)
+            # frozen from here: host memory (split over the group's ranks), on the device only while in use
+            park_on_host(model, frozen_store(hp, group_dist))
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             if keep_files:  # a single model's last checkpoint is its weights until result.json is written
                 remove_checkpoints(folder, mine, group_dist)
@@ -4371,10 +4473,11 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                                          hp.val_batch_size) if data.test_data else None
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
-    if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
-        # the member format (weights, GPTConfig, schedule state): --eval_only and load_member take it as is
-        save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
-                       outcome=member_results[0], tokenizer=hp.tokenizer)
+    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
+        with frozen_on_device(members[0], dist_info):
+            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
+                save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
+                               outcome=member_results[0], tokenizer=hp.tokenizer)
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
@@ -4404,11 +4507,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                   f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
                   f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
                   f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
-    if hp.sample_tokens and dist_info.is_main:  # after the final evaluation; no collectives, so rank 0 alone
-        result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
-                                                 device)
-        log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                    sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
+    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
+        with frozen_models_on_device(final_members, dist_info):
+            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
+                result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
+                                                         data.val_tokens, hp, device)
+                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
+                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
     result["peak_memory_bytes"] = peak_memory_bytes(device)
     if hp.resume and dist_info.is_main:
         drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
@@ -4489,7 +4594,7 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
     loaded = [load_member(path, dist_info.host) for path in paths]  # host memory, one on the device at a time
-    models = [park_on_host(model, dist_info) for model, _ in loaded]
+    models = [park_on_host(model, frozen_store(hp, dist_info)) for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
@@ -4588,6 +4693,7 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
     # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
     frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    frozen_host_model = frozen_host_bytes(model, frozen_host_shards(hp, world_size))  # one model's bytes per rank
     teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
     frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
@@ -4622,10 +4728,42 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
                 average_copies=device_averages, frozen_bytes=frozen_training * param_bytes + teacher_heads +
                 device_averages * param_bytes, teacher_head_bytes=teacher_heads, averaging_on_host=averages_on_host,
-                frozen_host_models=frozen_host, host_bytes=(frozen_host + averages - device_averages) * param_bytes,
+                **host_memory_plan(hp, world_size, frozen_host, frozen_host_model, (averages - device_averages) *
+                                   param_bytes),
                 peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
                 checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
+
+
+def frozen_host_shards(hp: Hyperparameters, world_size: int) -> int:
+    """The ranks each frozen model's host copy is split over (frozen_store): those that train a member together."""
+    return world_size // max(1, hp.parallel_members) if hp.frozen_shards else 1
+
+
+def host_memory_plan(hp: Hyperparameters, world_size: int, training_models: int, model_bytes: int,
+                     averages_bytes: int) -> dict:
+    """Host memory of one rank, exact: while the last member trains, the frozen models before it and the EMA/SWA
+    accumulators under averaging_on_host; at the end every candidate (each rank holds all of them, every member
+    parked); the larger of the two. model_bytes: one frozen model's share on one rank (frozen_host_bytes)."""
+    final_models = candidate_count(hp)
+    training, final = training_models * model_bytes + averages_bytes, final_models * model_bytes
+    return dict(frozen_host_models=max(training_models, final_models), frozen_host_model_bytes=model_bytes,
+                frozen_host_shards=frozen_host_shards(hp, world_size), host_training_bytes=training,
+                host_final_bytes=final, host_bytes=max(training, final), host_node_bytes=world_size * max(training,
+                                                                                                        final))
+
+
+def host_memory_line(plan: dict, gib) -> str:
+    """The plan's host line: per rank and, for the world_size ranks on one node, per node (GiB and exact bytes)."""
+    shards = plan["frozen_host_shards"]
+    split = f", each split over {shards} ranks (1/{shards} per rank)" if shards > 1 else ", each whole on every rank"
+    return (f"host        {gib(plan['host_bytes']):>11} | {plan['host_bytes']:,} B: {plan['frozen_host_models']} "
+            f"frozen models (members, snapshots) at the end x {plan['frozen_host_model_bytes']:,} B{split}, in "
+            f"{'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a time"
+            + (f"; while the last member trains {plan['host_training_bytes']:,} B with the EMA/SWA accumulators "
+               f"(averaging_on_host)" if plan["averaging_on_host"] else "")
+            + (f"; x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) "
+               f"per node" if plan["host_bytes"] and plan["world_size"] > 1 else ""))
 
 
 def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
@@ -4654,11 +4792,7 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"{plan['frozen_models']} frozen model(s) in use (its teacher)"
         + (f" + {plan['teacher_head_bytes'] / 2**30:.2f} GiB teacher lm_heads" if plan["teacher_head_bytes"] else "")
         + f" + {plan['average_copies']} EMA/SWA copies, fp32",
-        f"host        {gib(plan['host_bytes']):>11} | {plan['frozen_host_models']} frozen models (earlier members, "
-        f"snapshots) in {'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a "
-        f"time" + (" + the EMA/SWA accumulators (averaging_on_host)" if plan["averaging_on_host"] else "")
-        + (f"; x{plan['world_size']} ranks = {gib(plan['world_size'] * plan['host_bytes'])} per node"
-           if plan["host_bytes"] and plan["world_size"] > 1 else ""),
+        host_memory_line(plan, gib),
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
         f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
         f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
@@ -4741,15 +4875,17 @@ def physical_memory_bytes() -> int:
 
 
 def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
-    """"" when the frozen models every rank on this machine keeps in host memory (each rank holds all of them:
-    every rank scores its share of the windows with every candidate) fit 90% of its RAM, else one line. Found before
-    the run, not hours later by the OOM killer."""
+    """"" when the frozen models every rank on this machine keeps in host memory (each rank its share of every one of
+    them, frozen_store: every rank scores its share of the windows with every candidate) fit 90% of its RAM, else
+    one line. Found before the run, not hours later by the OOM killer."""
     need = plan["host_bytes"] * ranks_here
     if not ram_bytes or need <= 0.9 * ram_bytes:
         return ""
     return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
             f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
-            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off)")
+            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off"
+            + (", or --parallel_members: frozen models are split over a member's ranks)" if plan.get(
+                "frozen_host_shards", 1) < plan["world_size"] else ")"))
 
 
 def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:
