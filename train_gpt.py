@@ -2583,6 +2583,7 @@ def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
     with torch.device("meta"):
         frozen = GPT(model.config)
     if dist_info.world_size > 1:  # each rank copies only its shard: no whole host copy on any rank
+        frozen = frozen._apply(lambda tensor: torch.empty(0, dtype=tensor.dtype))  # meta -> empty host tensors
         frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
         return shard_on_host(frozen.for_inference(), dist_info, sources=[*model.parameters(), *model.buffers()])
     frozen = frozen.to_empty(device=dist_info.host)
@@ -2655,8 +2656,8 @@ def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor
     sources = tensors if sources is None else sources
     ranks, rank = shard_dist.world_size, shard_dist.rank
     layout, totals = [], {}
-    for tensor, size in zip(tensors, shard_sizes(tensors, ranks)):
-        layout.append((tensor, totals.get(tensor.dtype, 0), size, tensor.shape))
+    for tensor, source, size in zip(tensors, sources, shard_sizes(sources, ranks)):
+        layout.append((tensor, totals.get(tensor.dtype, 0), size, source.shape))
         totals[tensor.dtype] = totals.get(tensor.dtype, 0) + size
     pinned = shard_dist.device.type == "cuda"
     host = {dtype: torch.zeros(total, dtype=dtype, pin_memory=pinned) for dtype, total in totals.items()}

@@ -1,0 +1,216 @@
+"""Frozen models split over the ranks (issue 16: 8 members with 3 epoch snapshots each took ~1 TB of pinned host memory
+per 8-GPU node when every rank held every frozen model): on 2 and 3 gloo ranks each rank's host holds ceil(numel / n)
+elements of each tensor (counted from the tensors the model reaches, not from our bookkeeping), the gathered model is
+the original bit for bit, evaluation, distillation and the fitness table give the numbers of unsplit models bit for
+bit, and the memory plan's host bytes are the real allocation."""
+import copy
+import dataclasses
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn as nn
+
+from conftest import MICRO_BOS, MICRO_VOCAB, synthetic_documents
+
+import train_gpt
+
+WEIGHTS = [0.5, 0.3, 0.2]
+
+
+def micro_hp(**overrides) -> train_gpt.Hyperparameters:
+    return train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=2, n_embd=32, n_head=2,
+                                     seq_len=16, device="cpu", muon_compile="off", dropout=0.0, logit_softcap=15.0,
+                                     **overrides)
+
+
+def reachable_tensor_bytes(root) -> int:
+    """Bytes of every distinct tensor storage reachable from a module through its attributes, dicts, lists and
+    tuples: what the model really holds, whatever structure keeps it."""
+    seen, storages, total, stack = set(), set(), 0, [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in storages:
+                storages.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(obj, nn.Module):
+            stack.append(vars(obj))
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend(obj)
+    return total
+
+
+def tensors_of(model) -> list[torch.Tensor]:
+    return [t.detach().clone() for t in (*model.parameters(), *model.buffers())]
+
+
+def eval_data(seq_len: int) -> train_gpt.EvalData:
+    return train_gpt.EvalData(synthetic_documents(12, seed=5).astype("int64"), seq_len, "val")
+
+
+def teachers_and_inputs(hp, rank: int):
+    teachers = [train_gpt.build_model(hp, train_gpt.Dist(), seed=seed).for_inference() for seed in (1, 2, 3)]
+    generator = torch.Generator().manual_seed(50 + rank)  # each rank its own micro-batch
+    idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len + 1), generator=generator)
+    return teachers, idx[:, :-1], idx[:, 1:]
+
+
+def distill_step(hp, teachers, dist_info, inputs, targets) -> list[torch.Tensor]:
+    """One micro-step's (loss, objective, student gradients) against these teachers (one held, or an ensemble
+    streamed through the device), from the same student."""
+    student = train_gpt.build_model(hp, train_gpt.Dist(), seed=7)
+    objective = train_gpt.MemberObjective(hp, dist_info.device, [(t, 1.0 / len(teachers)) for t in teachers],
+                                          dist_info)
+    loss, total = objective.sums(student, inputs, targets)
+    objective.release()
+    return [loss.detach(), total.detach(), *torch.autograd.grad(total, list(student.parameters()))]
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    """Three gloo ranks; ranks 0-1 also form a 2-rank group (as --parallel_members makes). In each, three frozen
+    models are split over the ranks (park_on_host) and, beside them, the same models parked whole (a 1-rank store)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=3)
+    pair = torch.distributed.new_group([0, 1])  # every rank makes every group
+    hp = micro_hp()
+    distill = dataclasses.replace(hp, distill_alpha=0.5, distill_teacher="ensemble", distill_chunk=4)
+    for world, group in ((3, None), (2, pair)):
+        if rank >= world:
+            continue
+        dist_info = train_gpt.Dist(rank=rank, world_size=world, group=group)
+        teachers, inputs, targets = teachers_and_inputs(hp, rank)
+        results = dict(reference=[tensors_of(t) for t in teachers])
+        split = [train_gpt.park_on_host(copy.deepcopy(t), dist_info) for t in teachers]
+        whole = [train_gpt.park_on_host(copy.deepcopy(t), train_gpt.Dist()) for t in teachers]
+        results["split_bytes"] = [reachable_tensor_bytes(m) for m in split]
+        results["whole_bytes"] = [reachable_tensor_bytes(m) for m in whole]
+        results["empty_while_parked"] = all(t.numel() == 0 for m in split for t in (*m.parameters(), *m.buffers()))
+        results["gathered"] = []
+        for model in split:
+            with train_gpt.frozen_on_device(model, dist_info):
+                results["gathered"].append(tensors_of(model))
+                results["in_use"] = model in train_gpt.FROZEN_ON_DEVICE
+        results["empty_after_use"] = all(t.numel() == 0 for t in split[0].parameters())
+        data = eval_data(hp.seq_len)
+        for mode in ("prob", "logit"):
+            for name, models in (("split", split), ("whole", whole)):
+                results[f"eval_{mode}_{name}"] = train_gpt.evaluate_frozen_ensemble(models, WEIGHTS, mode, data,
+                                                                                    dist_info, 4)
+        for name, models in (("split", split), ("whole", whole)):
+            results[f"fitness_{name}"] = train_gpt.target_probabilities(models, data, dist_info, 4)
+            results[f"held_{name}"] = distill_step(distill, models[:1], dist_info, inputs, targets)
+            results[f"streamed_{name}"] = distill_step(distill, models, dist_info, inputs, targets)
+        training = train_gpt.build_model(hp, train_gpt.Dist(), seed=9)  # a snapshot straight from a training model
+        training.loop_active = True
+        snapshot = train_gpt.frozen_host_copy(training, dist_info)
+        results["snapshot_bytes"] = reachable_tensor_bytes(snapshot)
+        results["snapshot_loop_active"] = snapshot.loop_active
+        with train_gpt.frozen_on_device(snapshot, dist_info):
+            results["snapshot_equal"] = all(torch.equal(a, b) for a, b in zip(tensors_of(snapshot),
+                                                                              tensors_of(training)))
+        torch.save(results, out.format(world=world, rank=rank))
+    torch.distributed.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """One run of three forked ranks for both world sizes: {world: [each rank's results]}."""
+    out = str(tmp_path_factory.mktemp("frozen") / "world{world}_rank{rank}.pt")
+    hp = micro_hp()  # the first optimizer built imports torch._dynamo (seconds): here, once, for the forked ranks
+    train_gpt.build_optimizers(train_gpt.build_model(hp, train_gpt.Dist(), seed=0), hp, train_gpt.Dist())
+    mp.start_processes(_worker, args=(free_port(), out), nprocs=3, join=True, start_method="fork")
+    return {world: [torch.load(out.format(world=world, rank=rank)) for rank in range(world)] for world in (2, 3)}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a.reshape(-1).view(torch.uint8),
+                                                                       b.reshape(-1).view(torch.uint8))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_each_rank_holds_its_share_and_gathers_the_original_bits(world, results):
+    for rank_results in results[world]:
+        reference = rank_results["reference"]
+        whole = [sum(t.numel() * t.element_size() for t in tensors) for tensors in reference]
+        share = [sum(math.ceil(t.numel() / world) * t.element_size() for t in tensors) for tensors in reference]
+        assert rank_results["whole_bytes"] == whole  # the counter sees a whole parked model's every byte
+        assert rank_results["split_bytes"] == share  # ceil(numel / n) elements of each tensor, nothing more
+        for count, tensors in zip(share, reference):  # ~1/n of the flattened model: at most n - 1 padding per tensor
+            numel = sum(t.numel() for t in tensors)
+            assert count <= 4 * (math.ceil(numel / world) + len(tensors)) and count < 0.6 * 4 * numel
+        assert rank_results["empty_while_parked"] and rank_results["empty_after_use"] and rank_results["in_use"]
+        for gathered, original in zip(rank_results["gathered"], reference):
+            assert len(gathered) == len(original) and all(same_bits(a, b) for a, b in zip(gathered, original))
+        assert rank_results["snapshot_equal"] and rank_results["snapshot_loop_active"]
+        assert rank_results["snapshot_bytes"] == share[0]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_split_models_give_the_same_numbers_bit_for_bit(world, results):
+    """Ensemble evaluation (prob and logit), the fitness table and a distillation micro-step (one held teacher, an
+    ensemble streamed) with split models equal those with whole models bit for bit on every rank; the evaluation
+    equals one process's within 1e-6 (each rank sums its own pieces' float32 losses)."""
+    hp = micro_hp()
+    teachers = [train_gpt.park_on_host(t, train_gpt.Dist()) for t in teachers_and_inputs(hp, 0)[0]]
+    for rank_results in results[world]:
+        for mode in ("prob", "logit"):
+            assert rank_results[f"eval_{mode}_split"] == rank_results[f"eval_{mode}_whole"]
+            alone = train_gpt.evaluate_frozen_ensemble(teachers, WEIGHTS, mode, eval_data(hp.seq_len),
+                                                       train_gpt.Dist(), 4)
+            assert abs(rank_results[f"eval_{mode}_split"] - alone) < 1e-6 * alone, (mode, alone)
+        assert same_bits(rank_results["fitness_split"], rank_results["fitness_whole"])
+        for kind in ("held", "streamed"):
+            split, whole = rank_results[f"{kind}_split"], rank_results[f"{kind}_whole"]
+            assert len(split) == len(whole) and all(same_bits(a, b) for a, b in zip(split, whole)), kind
+    assert results[world][0]["held_split"][0] != results[world][1]["held_split"][0]  # ranks saw their own batches
+    for mode in ("prob", "logit"):  # one loss on every rank
+        assert len({rank_results[f"eval_{mode}_split"] for rank_results in results[world]}) == 1, mode
+
+
+@pytest.mark.parametrize("world,parallel", [(2, 1), (3, 1), (4, 2), (6, 2)])
+def test_memory_plan_host_bytes_are_the_real_allocation(world, parallel, results):
+    """The plan's per-rank share of a frozen model is the bytes a rank really holds (counted above on 2 and 3 ranks;
+    4 ranks with 2 members at once split each model over 2, 6 over 3); the host line is every candidate's share,
+    per rank and per node; --frozen_shards false is the whole model on every rank."""
+    hp = micro_hp(ensemble_size=3 * parallel, parallel_members=parallel)
+    plan = train_gpt.memory_plan(hp, world, "cpu")
+    counted = results[world // parallel][0]["split_bytes"][0]
+    assert plan["frozen_host_shards"] == world // parallel and plan["frozen_host_model_bytes"] == counted
+    assert plan["frozen_host_models"] == 3 * parallel and plan["host_bytes"] == 3 * parallel * counted
+    assert plan["host_node_bytes"] == world * plan["host_bytes"]
+    line = next(line for line in train_gpt.memory_plan_lines(hp, plan) if line.startswith("host"))
+    assert f"{plan['host_bytes']:,} B" in line and f"{plan['host_node_bytes']:,} B" in line
+    unsplit = train_gpt.memory_plan(dataclasses.replace(hp, frozen_shards=False), world, "cpu")
+    assert unsplit["frozen_host_model_bytes"] == results[2][0]["whole_bytes"][0]
+
+
+def test_host_refusal_uses_the_split_figures():
+    """The 1h preset's 8 members with 3 epoch snapshots each on 8 ranks: 24 candidates x 5.38 GiB. Split over the 8
+    ranks a node needs 129 GiB and a 256 GiB machine takes it; whole on every rank (--frozen_shards false) it needs
+    over 1 TB and is refused, naming the settings to change."""
+    hp = dataclasses.replace(train_gpt.parse_args(["--preset", "1h"]), ensemble_size=8)
+    plan = train_gpt.memory_plan(hp, 8, "cuda", 79 * 2**30)
+    assert plan["frozen_host_models"] == 24 and plan["frozen_host_shards"] == 8
+    assert train_gpt.host_memory_refusal(plan, 8, 256 * 2**30) == ""
+    whole = train_gpt.memory_plan(dataclasses.replace(hp, frozen_shards=False), 8, "cuda", 79 * 2**30)
+    assert whole["host_node_bytes"] > 2**40  # a node of split copies holds what one rank held whole
+    assert abs(plan["host_node_bytes"] - whole["host_bytes"]) < 1e-6 * whole["host_bytes"]
+    refusal = train_gpt.host_memory_refusal(whole, 8, 256 * 2**30)
+    assert "host memory" in refusal and "--ensemble_size" in refusal and "\n" not in refusal
