@@ -2673,6 +2673,10 @@ def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor
     return model
 
 
+# all_gather_into_tensor, renamed all_gather_single in newer torch (where the old name warns on every call)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
 @contextmanager
 def gathered_on_device(model: nn.Module, device: torch.device):
     """with gathered_on_device(model, device): a sharded frozen model whole on the device (every rank of its group
@@ -2683,7 +2687,7 @@ def gathered_on_device(model: nn.Module, device: torch.device):
             for tensor, offset, size, shape in shards["layout"]:
                 whole = torch.empty(shards["ranks"] * size, dtype=tensor.dtype, device=device)
                 mine = shards["host"][tensor.dtype][offset:offset + size].to(device, non_blocking=True)
-                dist.all_gather_into_tensor(whole, mine, group=shards["group"])
+                all_gather_single(whole, mine, group=shards["group"])
                 tensor.data = whole[:shape.numel()].view(shape)
         FROZEN_ON_DEVICE.add(model)
         yield model

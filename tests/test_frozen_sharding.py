@@ -5,6 +5,7 @@ the original bit for bit, evaluation, distillation and the fitness table give th
 bit, and the memory plan's host bytes are the real allocation."""
 import copy
 import dataclasses
+import datetime
 import math
 import os
 import socket
@@ -14,11 +15,12 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn as nn
 
-from conftest import MICRO_BOS, MICRO_VOCAB, synthetic_documents
+from conftest import MICRO_BOS, MICRO_VOCAB, micro_flags, synthetic_documents
 
 import train_gpt
 
 WEIGHTS = [0.5, 0.3, 0.2]
+HANG = datetime.timedelta(seconds=120)  # a gather some rank never joins fails the test instead of hanging it
 
 
 def micro_hp(**overrides) -> train_gpt.Hyperparameters:
@@ -81,7 +83,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     models are split over the ranks (park_on_host) and, beside them, the same models parked whole (a 1-rank store)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=3)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=3, timeout=HANG)
     pair = torch.distributed.new_group([0, 1])  # every rank makes every group
     hp = micro_hp()
     distill = dataclasses.replace(hp, distill_alpha=0.5, distill_teacher="ensemble", distill_chunk=4)
@@ -214,3 +216,39 @@ def test_host_refusal_uses_the_split_figures():
     assert abs(plan["host_node_bytes"] - whole["host_bytes"]) < 1e-6 * whole["host_bytes"]
     refusal = train_gpt.host_memory_refusal(whole, 8, 256 * 2**30)
     assert "host memory" in refusal and "--ensemble_size" in refusal and "\n" not in refusal
+
+
+# ------------------------------------------------------------------------------------------- a whole run on 2 ranks
+
+def _run_worker(rank: int, port: int, flags: list[str], out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=HANG)
+    dist_info = train_gpt.Dist(rank=rank, world_size=2)
+    result = train_gpt.train(train_gpt.parse_args(flags), dist_info, flags)
+    torch.save(result, out.format(rank=rank))
+    torch.distributed.destroy_process_group()
+
+
+def test_a_run_with_split_frozen_models_gives_the_same_result(tmp_path):
+    """K = 3 members on 2 ranks, the third distilled from the first two streamed through the device, an epoch snapshot
+    each, members chosen on a fitness slice, the public windows' figure, samples and model files: with the frozen
+    models split over the ranks (the default) every loss and sample equals the run that keeps them whole."""
+    train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
+    train_gpt.write_shard(train_path, synthetic_documents(40, seed=1))
+    train_gpt.write_shard(val_path, synthetic_documents(12, seed=2))
+    results = {}
+    for shards in ("true", "false"):
+        flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), f"split_{shards}", ensemble_size=3,
+                            distill_alpha=0.5, distill_teacher="ensemble", distill_chunk=8, num_epochs=2,
+                            epoch_snapshots=2, batch_tokens=512, device_batch_size=4, log_every=50,
+                            sample_tokens=3, fitness_tokens=300, select_top=2, frozen_shards=shards)
+        out = str(tmp_path / f"result_{shards}_{{rank}}.pt")
+        mp.start_processes(_run_worker, args=(free_port(), flags, out), nprocs=2, join=True, start_method="fork")
+        results[shards] = torch.load(out.format(rank=0), weights_only=False)
+    split, whole = results["true"], results["false"]
+    assert split["hyperparameters"]["frozen_shards"] and not whole["hyperparameters"]["frozen_shards"]
+    for key in ("val_loss", "member_val_losses", "ensemble_val_losses", "candidate_val_losses", "selection",
+                "samples"):
+        assert split[key] == whole[key], key
+    assert len(split["candidate_val_losses"]) == 6 and split["samples"]
