@@ -2697,6 +2697,21 @@ def gathered_on_device(model: nn.Module, device: torch.device):
         FROZEN_ON_DEVICE.discard(model)
 
 
+def reshard_on_host(model: nn.Module, dist_info: Dist, store: Dist) -> nn.Module:
+    """A parked frozen model split over `store`'s ranks instead (a member's group -> the whole world, once no group
+    needs it alone any more): gathered where it is now (every rank of its present group at once; a whole model needs
+    no gather), then each rank keeps its slice of the new split. Returns the model."""
+    shards = getattr(model, "frozen_shards", None)
+    if shards is not None and shards["ranks"] == store.world_size and shards["group"] is store.group:
+        return model
+    if store.world_size == 1:
+        return model
+    if shards is None:  # whole on this rank: it keeps its slice
+        return shard_on_host(model, store)
+    with frozen_on_device(model, dist_info):
+        return shard_on_host(model, store, sources=[t.data for t in (*model.parameters(), *model.buffers())])
+
+
 @contextmanager
 def frozen_models_on_device(models: list[nn.Module], dist_info: Dist):
     """Every model of the list on the device at once (frozen_on_device each; called on every rank, as a sharded
@@ -4372,14 +4387,23 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # the whole run's ETA (every member has member 0's steps, validations and snapshots)
     work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
 
+    # frozen models are split over the whole world (frozen_store), except members that a group will still use alone
+    # as teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
+    world_store = frozen_store(hp, dist_info)
+
+    def member_store(member: int) -> Dist:
+        round_start = member - member % hp.parallel_members
+        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
+        return frozen_store(hp, group_dist) if teaches_later else world_store
+
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
         snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
                      for cycle in range(saved["outcome"].get("snapshot_count", 0))]
-        store = frozen_store(hp, group_dist)  # each group keeps its own split copy (see frozen_store)
-        return park_on_host(model, store), [(park_on_host(snapshot, store), info["outcome"]["val_loss"])
-                                            for snapshot, info in snapshots], saved["outcome"]
+        return park_on_host(model, member_store(member)), [(park_on_host(snapshot, world_store),
+                                                            info["outcome"]["val_loss"])
+                                                           for snapshot, info in snapshots], saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
         round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
@@ -4399,15 +4423,16 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             if keep_files and group_dist.is_main:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained, tokenizer=hp.tokenizer)
-            # frozen from here: host memory (split over the group's ranks), on the device only while in use
-            park_on_host(model, frozen_store(hp, group_dist))
+            # frozen from here: host memory (split over the ranks), on the device only while in use
+            park_on_host(model, member_store(mine))
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             if keep_files:  # a single model's last checkpoint is its weights until result.json is written
                 remove_checkpoints(folder, mine, group_dist)
         dist_info.barrier()  # every member of the round is on disk
         for member in round_members:
-            if member in trained_here:
+            if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
                 model, snapshots, outcome = trained_here[member]
+                snapshots = [(reshard_on_host(snapshot, group_dist, world_store), loss) for snapshot, loss in snapshots]
             else:  # finished before an interruption, or trained by another group
                 model, snapshots, outcome = load_finished(member)
                 how = "finished before the resume" if member in already_done else "trained by another group"
@@ -4435,6 +4460,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                                  tokens_seen=sum(r["tokens_seen"] for r in member_results)))
     if member_log is not log:
         member_log.close()
+    for model in members:  # every group has trained its last member: the teachers too are split over the world
+        reshard_on_host(model, group_dist, world_store)
 
     if keep_files:
         log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "
@@ -4698,7 +4725,6 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
     # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
     frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
-    frozen_host_model = frozen_host_bytes(model, frozen_host_shards(hp, world_size))  # one model's bytes per rank
     teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
     frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
@@ -4733,40 +4759,44 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
                 average_copies=device_averages, frozen_bytes=frozen_training * param_bytes + teacher_heads +
                 device_averages * param_bytes, teacher_head_bytes=teacher_heads, averaging_on_host=averages_on_host,
-                **host_memory_plan(hp, world_size, frozen_host, frozen_host_model, (averages - device_averages) *
-                                   param_bytes),
+                **host_memory_plan(hp, world_size, model, (averages - device_averages) * param_bytes),
                 peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
                 checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
 
 
-def frozen_host_shards(hp: Hyperparameters, world_size: int) -> int:
-    """The ranks each frozen model's host copy is split over (frozen_store): those that train a member together."""
-    return world_size // max(1, hp.parallel_members) if hp.frozen_shards else 1
-
-
-def host_memory_plan(hp: Hyperparameters, world_size: int, training_models: int, model_bytes: int,
-                     averages_bytes: int) -> dict:
-    """Host memory of one rank, exact: while the last member trains, the frozen models before it and the EMA/SWA
-    accumulators under averaging_on_host; at the end every candidate (each rank holds all of them, every member
-    parked); the larger of the two. model_bytes: one frozen model's share on one rank (frozen_host_bytes)."""
-    final_models = candidate_count(hp)
-    training, final = training_models * model_bytes + averages_bytes, final_models * model_bytes
-    return dict(frozen_host_models=max(training_models, final_models), frozen_host_model_bytes=model_bytes,
-                frozen_host_shards=frozen_host_shards(hp, world_size), host_training_bytes=training,
-                host_final_bytes=final, host_bytes=max(training, final), host_node_bytes=world_size * max(training,
-                                                                                                        final))
+def host_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int) -> dict:
+    """Host memory of one rank, exact, as train() splits the frozen models (frozen_store): over the world, except,
+    with --parallel_members and distillation, the members of earlier rounds (teachers) over their group's ranks until
+    the last member is trained; a member's snapshots over the group while it trains. While the last member trains:
+    the members and snapshots of the earlier rounds, this member's snapshots, the EMA/SWA accumulators under
+    averaging_on_host; after it, every candidate, the earlier members still over the groups until split over the
+    world. model: the meta-device model (frozen_host_bytes)."""
+    shards, group = (world_size, world_size // max(1, hp.parallel_members)) if hp.frozen_shards else (1, 1)
+    world_share, group_share = frozen_host_bytes(model, shards), frozen_host_bytes(model, group)
+    per_member, candidates = candidate_count(hp) // hp.ensemble_size, candidate_count(hp)
+    earlier = hp.ensemble_size - hp.parallel_members  # members trained in the rounds before the last
+    member_share = group_share if hp.distill_alpha > 0 else world_share
+    training = earlier * member_share + earlier * (per_member - 1) * world_share + (per_member - 1) * group_share \
+        + averages_bytes
+    after = earlier * member_share + (candidates - earlier) * world_share
+    host = max(training, after)
+    return dict(frozen_host_models=candidates, frozen_host_model_bytes=world_share, frozen_host_shards=shards,
+                frozen_group_model_bytes=group_share, host_training_bytes=training, host_final_bytes=candidates *
+                world_share, host_bytes=host, host_node_bytes=world_size * host)
 
 
 def host_memory_line(plan: dict, gib) -> str:
     """The plan's host line: per rank and, for the world_size ranks on one node, per node (GiB and exact bytes)."""
     shards = plan["frozen_host_shards"]
     split = f", each split over {shards} ranks (1/{shards} per rank)" if shards > 1 else ", each whole on every rank"
-    return (f"host        {gib(plan['host_bytes']):>11} | {plan['host_bytes']:,} B: {plan['frozen_host_models']} "
+    return (f"host        {gib(plan['host_bytes']):>11} | {plan['host_final_bytes']:,} B: {plan['frozen_host_models']} "
             f"frozen models (members, snapshots) at the end x {plan['frozen_host_model_bytes']:,} B{split}, in "
             f"{'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a time"
-            + (f"; while the last member trains {plan['host_training_bytes']:,} B with the EMA/SWA accumulators "
-               f"(averaging_on_host)" if plan["averaging_on_host"] else "")
+            + (f"; up to {plan['host_bytes']:,} B while the last member trains (teachers split over a member's "
+               f"ranks, {plan['frozen_group_model_bytes']:,} B each"
+               + (", the EMA/SWA accumulators" if plan["averaging_on_host"] else "") + ")"
+               if plan["host_bytes"] > plan["host_final_bytes"] else "")
             + (f"; x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) "
                f"per node" if plan["host_bytes"] and plan["world_size"] > 1 else ""))
 
@@ -4889,8 +4919,7 @@ def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
     return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
             f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
             f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off"
-            + (", or --parallel_members: frozen models are split over a member's ranks)" if plan.get(
-                "frozen_host_shards", 1) < plan["world_size"] else ")"))
+            + (", or --frozen_shards true)" if plan.get("frozen_host_shards", 1) < plan["world_size"] else ")"))
 
 
 def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:

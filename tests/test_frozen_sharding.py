@@ -121,6 +121,13 @@ def _worker(rank: int, port: int, out: str) -> None:
         with train_gpt.frozen_on_device(snapshot, dist_info):
             results["snapshot_equal"] = all(torch.equal(a, b) for a, b in zip(tensors_of(snapshot),
                                                                               tensors_of(training)))
+        if world == 3:  # a teacher split over its group of 2 (rank 2: a group of 1, whole) goes over all 3 ranks
+            group_store = train_gpt.Dist(rank=rank, world_size=2, group=pair) if rank < 2 else train_gpt.Dist()
+            moved = train_gpt.park_on_host(copy.deepcopy(teachers[0]), group_store)
+            train_gpt.reshard_on_host(moved, dist_info, dist_info)
+            results["resharded_bytes"] = reachable_tensor_bytes(moved)
+            with train_gpt.frozen_on_device(moved, dist_info):
+                results["resharded"] = tensors_of(moved)
         torch.save(results, out.format(world=world, rank=rank))
     torch.distributed.destroy_process_group()
 
@@ -162,6 +169,9 @@ def test_each_rank_holds_its_share_and_gathers_the_original_bits(world, results)
             assert len(gathered) == len(original) and all(same_bits(a, b) for a, b in zip(gathered, original))
         assert rank_results["snapshot_equal"] and rank_results["snapshot_loop_active"]
         assert rank_results["snapshot_bytes"] == share[0]
+        if world == 3:
+            assert rank_results["resharded_bytes"] == share[0]
+            assert all(same_bits(a, b) for a, b in zip(rank_results["resharded"], reference[0]))
 
 
 @pytest.mark.parametrize("world", [2, 3])
@@ -186,21 +196,38 @@ def test_split_models_give_the_same_numbers_bit_for_bit(world, results):
         assert len({rank_results[f"eval_{mode}_split"] for rank_results in results[world]}) == 1, mode
 
 
-@pytest.mark.parametrize("world,parallel", [(2, 1), (3, 1), (4, 2), (6, 2)])
-def test_memory_plan_host_bytes_are_the_real_allocation(world, parallel, results):
-    """The plan's per-rank share of a frozen model is the bytes a rank really holds (counted above on 2 and 3 ranks;
-    4 ranks with 2 members at once split each model over 2, 6 over 3); the host line is every candidate's share,
-    per rank and per node; --frozen_shards false is the whole model on every rank."""
-    hp = micro_hp(ensemble_size=3 * parallel, parallel_members=parallel)
+@pytest.mark.parametrize("world", [2, 3])
+def test_memory_plan_host_bytes_are_the_real_allocation(world, results):
+    """The plan's per-rank share of a frozen model is the bytes a rank really holds (counted above on 2 and 3 ranks);
+    the host line is every candidate's share, per rank and per node; --frozen_shards false is the whole model on
+    every rank."""
+    hp = micro_hp(ensemble_size=3)
     plan = train_gpt.memory_plan(hp, world, "cpu")
-    counted = results[world // parallel][0]["split_bytes"][0]
-    assert plan["frozen_host_shards"] == world // parallel and plan["frozen_host_model_bytes"] == counted
-    assert plan["frozen_host_models"] == 3 * parallel and plan["host_bytes"] == 3 * parallel * counted
+    counted = results[world][0]["split_bytes"][0]
+    assert plan["frozen_host_shards"] == world and plan["frozen_host_model_bytes"] == counted
+    assert plan["frozen_host_models"] == 3 and plan["host_bytes"] == 3 * counted
     assert plan["host_node_bytes"] == world * plan["host_bytes"]
     line = next(line for line in train_gpt.memory_plan_lines(hp, plan) if line.startswith("host"))
     assert f"{plan['host_bytes']:,} B" in line and f"{plan['host_node_bytes']:,} B" in line
     unsplit = train_gpt.memory_plan(dataclasses.replace(hp, frozen_shards=False), world, "cpu")
     assert unsplit["frozen_host_model_bytes"] == results[2][0]["whole_bytes"][0]
+
+
+def test_memory_plan_with_parallel_members(results):
+    """6 ranks, 3 members at once (groups of 2), 6 members with an epoch snapshot each: at the end the 12 candidates
+    are split over all 6 ranks (counted on 3 ranks above: the same share); with distillation the 3 members of the
+    first round teach the second and stay split over their group (2 ranks: counted above) until it has trained."""
+    hp = micro_hp(ensemble_size=6, parallel_members=3, num_epochs=2, epoch_snapshots=2)
+    world3, pair = results[3][0]["split_bytes"][0], results[2][0]["split_bytes"][0]
+    six = sum(math.ceil(t.numel() / 6) * t.element_size() for t in results[2][0]["reference"][0])
+    plan = train_gpt.memory_plan(hp, 6, "cpu")
+    assert plan["frozen_host_models"] == 12 and plan["frozen_host_model_bytes"] == six < world3
+    # while the last round trains: the first round's 3 members and 3 snapshots, 1 snapshot of its own (over its pair)
+    assert plan["host_bytes"] == max(3 * six + 3 * six + pair, 12 * six) == 12 * six
+    taught = train_gpt.memory_plan(dataclasses.replace(hp, distill_alpha=0.5), 6, "cpu")
+    assert taught["frozen_group_model_bytes"] == pair
+    assert taught["host_bytes"] == max(3 * pair + 3 * six + pair, 3 * pair + 9 * six) == 3 * pair + 9 * six
+    assert taught["host_node_bytes"] == 6 * taught["host_bytes"]
 
 
 def test_host_refusal_uses_the_split_figures():
