@@ -183,7 +183,7 @@ class Hyperparameters:
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
     # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
-    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks that train a member together (1/n each), all-gathered onto the device for a use; the same numbers bit for bit (a test checks), false: every rank keeps every frozen model whole
+    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
@@ -2444,9 +2444,8 @@ def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", ep
     best = min(rows, key=lambda row: row["val_bpb"] if row["val_bpb"] == row["val_bpb"] else row["val_loss"],
                default=None)
     for label, (models, weights) in averages.items():
-        with frozen_models_on_device(models, dist_info):  # parked (and maybe split over ranks): whole, on the device
-            loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
-                                            data.token_bytes)
+        loss, bpb = evaluate_frozen_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                               data.token_bytes)
         rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
         if best is None or loss < best["val_loss"]:
             best = rows[-1]
@@ -2627,11 +2626,11 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
 
 
 def frozen_store(hp: Hyperparameters, dist_info: Dist) -> Dist:
-    """The ranks a frozen model is split over: those of dist_info (the ranks that train one member together: the
-    whole world, or with --parallel_members the member's group), or with --frozen_shards false this rank alone.
-    Not the whole world under --parallel_members: a group gathers its teachers at every micro-step while the other
-    groups train other members, and a gather needs every rank that holds a shard. Evaluation still works, as every
-    rank scores every candidate in the same order (each group gathers its own copy); each group keeps a copy."""
+    """The ranks a frozen model is split over: those of dist_info, or with --frozen_shards false this rank alone.
+    Every rank of them must take part in each use (the gather): train() splits over the whole world, where every
+    rank scores every candidate in the same order, but under --parallel_members a member that teaches later rounds
+    over its group's ranks (each group its own copy) while it teaches: a group gathers its teachers at every
+    micro-step while the other groups train other members."""
     if hp.frozen_shards or dist_info.world_size == 1:
         return dist_info
     return dataclasses.replace(dist_info, rank=0, world_size=1, group=None, first_global_rank=0)
@@ -2759,6 +2758,39 @@ def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode
         totals[1] += (targets >= 0).sum()
     dist_info.all_reduce_sum(totals)
     return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                               batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
+    """evaluate_with_bytes for parked frozen models, one on the device at a time (the 24 candidates of an 8-member
+    ensemble at the 1h shape do not fit together): each one's log-probability of the correct token, mixed per target
+    with the elementwise operations of ensemble_log_probs ("prob"), then the same float64 sums."""
+    device = dist_info.device
+    batches = [(inputs.to(device), targets.to(device))
+               for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
+    mixture = [None] * len(batches)
+    for model, weight in zip(models, weights):
+        was_training = model.training
+        with frozen_on_device(model.eval(), dist_info):
+            for index, (inputs, targets) in enumerate(batches):
+                with autocast_context(device):
+                    log_probs = F.log_softmax(model(inputs).float(), dim=-1)
+                picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) + math.log(weight)
+                mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
+                del log_probs
+        model.train(was_training)
+    table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
+    for (_, targets), picked in zip(batches, mixture):
+        valid = targets >= 0
+        nats, counted = -picked.double() * valid, table[targets.clamp(min=0)] * valid
+        if token_bytes is None:
+            counted = torch.zeros_like(targets)
+        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(sums)
+    bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
+    return (sums[0] / sums[1]).item(), bpb
 
 
 class TeacherHead:

@@ -10,6 +10,7 @@ import math
 import os
 import socket
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
@@ -109,6 +110,9 @@ def _worker(rank: int, port: int, out: str) -> None:
             for name, models in (("split", split), ("whole", whole)):
                 results[f"eval_{mode}_{name}"] = train_gpt.evaluate_frozen_ensemble(models, WEIGHTS, mode, data,
                                                                                     dist_info, 4)
+        token_bytes = np.arange(MICRO_VOCAB) % 4  # a quarter of the tokens have no bytes
+        results["bytes_split"] = train_gpt.evaluate_frozen_with_bytes(split, WEIGHTS, data, dist_info, 4, token_bytes)
+        results["bytes_all_at_once"] = train_gpt.evaluate_with_bytes(teachers, WEIGHTS, data, dist_info, 4, token_bytes)
         for name, models in (("split", split), ("whole", whole)):
             results[f"fitness_{name}"] = train_gpt.target_probabilities(models, data, dist_info, 4)
             results[f"held_{name}"] = distill_step(distill, models[:1], dist_info, inputs, targets)
@@ -176,7 +180,8 @@ def test_each_rank_holds_its_share_and_gathers_the_original_bits(world, results)
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_split_models_give_the_same_numbers_bit_for_bit(world, results):
-    """Ensemble evaluation (prob and logit), the fitness table and a distillation micro-step (one held teacher, an
+    """Ensemble evaluation (prob and logit; with bytes, one model at a time against all at once), the fitness table
+    and a distillation micro-step (one held teacher, an
     ensemble streamed) with split models equal those with whole models bit for bit on every rank; the evaluation
     equals one process's within 1e-6 (each rank sums its own pieces' float32 losses)."""
     hp = micro_hp()
@@ -188,6 +193,7 @@ def test_split_models_give_the_same_numbers_bit_for_bit(world, results):
                                                        train_gpt.Dist(), 4)
             assert abs(rank_results[f"eval_{mode}_split"] - alone) < 1e-6 * alone, (mode, alone)
         assert same_bits(rank_results["fitness_split"], rank_results["fitness_whole"])
+        assert rank_results["bytes_split"] == rank_results["bytes_all_at_once"]  # one model at a time, same bits
         for kind in ("held", "streamed"):
             split, whole = rank_results[f"{kind}_split"], rank_results[f"{kind}_whole"]
             assert len(split) == len(whole) and all(same_bits(a, b) for a, b in zip(split, whole)), kind
@@ -245,37 +251,45 @@ def test_host_refusal_uses_the_split_figures():
     assert "host memory" in refusal and "--ensemble_size" in refusal and "\n" not in refusal
 
 
-# ------------------------------------------------------------------------------------------- a whole run on 2 ranks
+# ------------------------------------------------------------------------------------ a whole run on 4 ranks
 
 def _run_worker(rank: int, port: int, flags: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2, timeout=HANG)
-    dist_info = train_gpt.Dist(rank=rank, world_size=2)
-    result = train_gpt.train(train_gpt.parse_args(flags), dist_info, flags)
-    torch.save(result, out.format(rank=rank))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=4, timeout=HANG)
+    gathers = []  # the process group of every gather of a split frozen model
+    real_gathered = train_gpt.gathered_on_device
+
+    def counting(model, device):
+        gathers.append(model.frozen_shards["ranks"])
+        return real_gathered(model, device)
+    train_gpt.gathered_on_device = counting  # this forked rank's module only
+    result = train_gpt.train(train_gpt.parse_args(flags), train_gpt.Dist(rank=rank, world_size=4), flags)
+    torch.save(dict(result, gathers=gathers), out.format(rank=rank))
     torch.distributed.destroy_process_group()
 
 
 def test_a_run_with_split_frozen_models_gives_the_same_result(tmp_path):
-    """K = 3 members on 2 ranks, the third distilled from the first two streamed through the device, an epoch snapshot
-    each, members chosen on a fitness slice, the public windows' figure, samples and model files: with the frozen
-    models split over the ranks (the default) every loss and sample equals the run that keeps them whole."""
+    """4 ranks, 2 members at once (--parallel_members 2: groups of 2), 4 members, the second round distilled from
+    the first two streamed through the device (split over each group's 2 ranks while they teach), an epoch snapshot
+    each (over all 4 once their member is trained), members chosen on a fitness slice, samples: with the frozen
+    models split (the default) every loss, the selection and the samples equal the run that keeps them whole."""
     train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
     train_gpt.write_shard(train_path, synthetic_documents(40, seed=1))
     train_gpt.write_shard(val_path, synthetic_documents(12, seed=2))
     results = {}
     for shards in ("true", "false"):
-        flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), f"split_{shards}", ensemble_size=3,
-                            distill_alpha=0.5, distill_teacher="ensemble", distill_chunk=8, num_epochs=2,
-                            epoch_snapshots=2, batch_tokens=512, device_batch_size=4, log_every=50,
+        flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), f"split_{shards}", ensemble_size=4,
+                            parallel_members=2, distill_alpha=0.5, distill_teacher="ensemble", distill_chunk=8,
+                            num_epochs=2, epoch_snapshots=2, batch_tokens=512, device_batch_size=4, log_every=50,
                             sample_tokens=3, fitness_tokens=300, select_top=2, frozen_shards=shards)
         out = str(tmp_path / f"result_{shards}_{{rank}}.pt")
-        mp.start_processes(_run_worker, args=(free_port(), flags, out), nprocs=2, join=True, start_method="fork")
+        mp.start_processes(_run_worker, args=(free_port(), flags, out), nprocs=4, join=True, start_method="fork")
         results[shards] = torch.load(out.format(rank=0), weights_only=False)
     split, whole = results["true"], results["false"]
     assert split["hyperparameters"]["frozen_shards"] and not whole["hyperparameters"]["frozen_shards"]
     for key in ("val_loss", "member_val_losses", "ensemble_val_losses", "candidate_val_losses", "selection",
                 "samples"):
         assert split[key] == whole[key], key
-    assert len(split["candidate_val_losses"]) == 6 and split["samples"]
+    assert len(split["candidate_val_losses"]) == 8 and split["samples"] and split["selection"]["chosen"]
+    assert not whole["gathers"] and set(split["gathers"]) == {2, 4}  # teachers over a group, the rest over all 4
