@@ -2647,10 +2647,30 @@ def frozen_host_bytes(model: nn.Module, ranks: int) -> int:
     return sum(size * tensor.element_size() for size, tensor in zip(shard_sizes(tensors, ranks), tensors))
 
 
+def power_of_two_buffers(total: int, dtype: torch.dtype, pinned: bool) -> list[tuple[int, torch.Tensor]]:
+    """(first element, buffer) pairs holding `total` elements in buffers of 2^k elements, one per set bit of total:
+    torch's pinned-memory allocator rounds every allocation up to a power of two bytes (CachingHostAllocator), so one
+    buffer of a 0.67 GiB share would pin 1 GiB."""
+    buffers, first = [], 0
+    for bit in reversed(range(total.bit_length())):
+        if total >> bit & 1:
+            buffers.append((first, torch.zeros(1 << bit, dtype=dtype, pin_memory=pinned)))
+            first += 1 << bit
+    return buffers
+
+
+def buffer_pieces(buffers: list[tuple[int, torch.Tensor]], begin: int, end: int):
+    """(view of a buffer, its position from begin) for the elements begin..end of power_of_two_buffers."""
+    for first, buffer in buffers:
+        low, high = max(begin, first), min(end, first + buffer.numel())
+        if low < high:
+            yield buffer[low - first:high - first], low - begin
+
+
 def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor] | None = None) -> nn.Module:
     """Parks a frozen model with this rank's slice of each tensor (of its own, or of `sources`, the same tensors of
-    another model: frozen_host_copy) in one flat host buffer per dtype (pinned on CUDA); the tensors themselves become
-    empty until gathered_on_device. Returns the model, marked parked."""
+    another model: frozen_host_copy) in host buffers per dtype (power_of_two_buffers; pinned on CUDA); the tensors
+    themselves become empty until gathered_on_device. Returns the model, marked parked."""
     tensors = [*model.parameters(), *model.buffers()]
     sources = tensors if sources is None else sources
     ranks, rank = shard_dist.world_size, shard_dist.rank
@@ -2659,11 +2679,12 @@ def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor
         layout.append((tensor, totals.get(tensor.dtype, 0), size, source.shape))
         totals[tensor.dtype] = totals.get(tensor.dtype, 0) + size
     pinned = shard_dist.device.type == "cuda"
-    host = {dtype: torch.zeros(total, dtype=dtype, pin_memory=pinned) for dtype, total in totals.items()}
+    host = {dtype: power_of_two_buffers(total, dtype, pinned) for dtype, total in totals.items()}
     with torch.no_grad():
         for (tensor, offset, size, _), source in zip(layout, sources):
             mine = source.detach().reshape(-1)[rank * size:(rank + 1) * size]
-            host[tensor.dtype][offset:offset + mine.numel()].copy_(mine)
+            for piece, at in buffer_pieces(host[tensor.dtype], offset, offset + mine.numel()):
+                piece.copy_(mine[at:at + piece.numel()])
         for tensor, *_ in layout:  # empty: a use outside gathered_on_device fails loudly instead of reading zeros
             tensor.data = torch.empty(0, dtype=tensor.dtype)
     model.frozen_shards = dict(group=shard_dist.group, ranks=ranks, host=host, layout=layout)
@@ -2685,7 +2706,9 @@ def gathered_on_device(model: nn.Module, device: torch.device):
         with torch.no_grad():
             for tensor, offset, size, shape in shards["layout"]:
                 whole = torch.empty(shards["ranks"] * size, dtype=tensor.dtype, device=device)
-                mine = shards["host"][tensor.dtype][offset:offset + size].to(device, non_blocking=True)
+                mine = torch.empty(size, dtype=tensor.dtype, device=device)
+                for piece, at in buffer_pieces(shards["host"][tensor.dtype], offset, offset + size):
+                    mine[at:at + piece.numel()].copy_(piece, non_blocking=True)
                 all_gather_single(whole, mine, group=shards["group"])
                 tensor.data = whole[:shape.numel()].view(shape)
         FROZEN_ON_DEVICE.add(model)

@@ -98,6 +98,8 @@ def _worker(rank: int, port: int, out: str) -> None:
         whole = [train_gpt.park_on_host(copy.deepcopy(t), train_gpt.Dist()) for t in teachers]
         results["split_bytes"] = [reachable_tensor_bytes(m) for m in split]
         results["whole_bytes"] = [reachable_tensor_bytes(m) for m in whole]
+        results["buffer_bytes"] = [buffer.untyped_storage().nbytes()
+                                   for buffers in split[0].frozen_shards["host"].values() for _, buffer in buffers]
         results["empty_while_parked"] = all(t.numel() == 0 for m in split for t in (*m.parameters(), *m.buffers()))
         results["gathered"] = []
         for model in split:
@@ -168,6 +170,9 @@ def test_each_rank_holds_its_share_and_gathers_the_original_bits(world, results)
         for count, tensors in zip(share, reference):  # ~1/n of the flattened model: at most n - 1 padding per tensor
             numel = sum(t.numel() for t in tensors)
             assert count <= 4 * (math.ceil(numel / world) + len(tensors)) and count < 0.6 * 4 * numel
+        # the pinned allocator rounds each allocation up to a power of two bytes: the buffers are powers of two already
+        buffers = rank_results["buffer_bytes"]
+        assert sum(buffers) == share[0] and all(size & (size - 1) == 0 for size in buffers)
         assert rank_results["empty_while_parked"] and rank_results["empty_after_use"] and rank_results["in_use"]
         for gathered, original in zip(rank_results["gathered"], reference):
             assert len(gathered) == len(original) and all(same_bits(a, b) for a, b in zip(gathered, original))
