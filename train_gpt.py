@@ -4454,11 +4454,11 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
-        snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
-                     for cycle in range(saved["outcome"].get("snapshot_count", 0))]
-        return park_on_host(model, member_store(member)), [(park_on_host(snapshot, world_store),
-                                                            info["outcome"]["val_loss"])
-                                                           for snapshot, info in snapshots], saved["outcome"]
+        park_on_host(model, member_store(member))  # each parked as it comes: one whole model at a time on a rank
+        snapshots = [(park_on_host(snapshot, world_store), info["outcome"]["val_loss"]) for snapshot, info in
+                     (load_member(snapshot_path(folder, member, cycle), dist_info.host)
+                      for cycle in range(saved["outcome"].get("snapshot_count", 0)))]
+        return model, snapshots, saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
         round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
@@ -4680,8 +4680,10 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
-    loaded = [load_member(path, dist_info.host) for path in paths]  # host memory, one on the device at a time
-    models = [park_on_host(model, frozen_store(hp, dist_info)) for model, _ in loaded]
+    # host memory, each parked (split over the ranks) as it comes; one on the device at a time
+    loaded = [(park_on_host(model, frozen_store(hp, dist_info)), info)
+              for model, info in (load_member(path, dist_info.host) for path in paths)]
+    models = [model for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
