@@ -4777,11 +4777,9 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
         activations += compute_bytes * sum(p.numel() for name, p in model.named_parameters()
                                            if p.ndim == 2 and not name.startswith("wte."))
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
-    per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
-    # frozen models wait in host memory (park_on_host); on the device while the last member trains: its teacher (held
-    # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
-    # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
-    frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    # frozen models wait in host memory (park_on_host; host_memory_plan); on the device while the last member trains:
+    # its teacher (held while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head,
+    # TeacherHead); snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
     teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
     frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()

@@ -8,7 +8,6 @@ import dataclasses
 import datetime
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 
 from conftest import MICRO_BOS, MICRO_VOCAB, micro_flags, synthetic_documents
+from test_offload_overlap import free_port
 
 import train_gpt
 
@@ -136,12 +136,6 @@ def _worker(rank: int, port: int, out: str) -> None:
                 results["resharded"] = tensors_of(moved)
         torch.save(results, out.format(world=world, rank=rank))
     torch.distributed.destroy_process_group()
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
