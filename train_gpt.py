@@ -210,6 +210,7 @@ class Hyperparameters:
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
     # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
+    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
@@ -3075,11 +3076,8 @@ def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", ep
         if best is None or row[key] < best[key]:
             best = rows[-1]
     for label, (models, weights) in averages.items():
-        with ExitStack() as stack:  # parked frozen candidates come to the device for the scoring
-            for model in models:
-                stack.enter_context(frozen_on_device(model, dist_info))
-            loss, bpb = evaluate_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
-                                            data.token_bytes)
+        loss, bpb = evaluate_frozen_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                                               data.token_bytes)
         rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
         if best is None or loss < best["val_loss"]:
             best = rows[-1]
@@ -3094,6 +3092,9 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
     rows = []
     for index, model in enumerate(models):
         if index % dist_info.world_size != dist_info.rank:
+            if hasattr(model, "frozen_shards"):  # split over the ranks: the others take part in its owner's gather
+                with frozen_on_device(model, dist_info):
+                    pass
             rows.append(None)
             continue
         was_training = model.training
@@ -3337,7 +3338,10 @@ FROZEN_ON_DEVICE: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()  # frozen mod
 
 
 def park_on_host(model: nn.Module, dist_info: Dist) -> nn.Module:
-    """Moves a frozen model's weights and buffers to host memory (pinned on CUDA) and marks it parked; returns it."""
+    """Moves a frozen model's weights and buffers to host memory (pinned on CUDA) and marks it parked; returns it.
+    On world_size > 1 ranks each keeps only its 1/world_size of them (shard_on_host; see frozen_store)."""
+    if dist_info.world_size > 1:
+        return shard_on_host(model, dist_info)
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             host = tensor.data.to(dist_info.host)
@@ -3354,15 +3358,28 @@ def frozen_host_copy(model: GPT, dist_info: Dist) -> GPT:
     weights and buffers: no second copy on the device, no random draws), in the model's schedule state."""
     with torch.device("meta"):
         frozen = GPT(model.config)
+    if dist_info.world_size > 1:  # each rank copies only its shard: no whole host copy on any rank
+        frozen = frozen._apply(lambda tensor: torch.empty(0, dtype=tensor.dtype))  # meta -> empty host tensors
+        copy_schedule_state(frozen, model)
+        return shard_on_host(frozen.for_inference(), dist_info, sources=[*model.parameters(), *model.buffers()])
     frozen = frozen.to_empty(device=dist_info.host)
     with torch.no_grad():
         for mine, theirs in zip([*frozen.parameters(), *frozen.buffers()], [*model.parameters(), *model.buffers()]):
             mine.copy_(theirs)
+    copy_schedule_state(frozen, model)
+    return park_on_host(frozen.for_inference(), dist_info)
+
+
+def copy_schedule_state(frozen: GPT, model: GPT) -> None:
+    """The schedule state a frozen copy runs in, as the model's: looped layers, windows, recurrence passes, and the
+    window schedule's stage with its YaRN softmax scale (the RoPE tables are buffers: copied with the weights)."""
     frozen.loop_active, frozen.window_sizes = model.loop_active, model.window_sizes
     frozen.recurrence_active = model.recurrence_active
-    if model.config.window_schedule:  # the softmax scale, and the stage a later final_window_stage starts from
-        set_window_schedule_stage(frozen, model.window_stage)
-    return park_on_host(frozen.for_inference(), dist_info)
+    if model.config.window_schedule:
+        frozen.window_stage, frozen.yarn_growths = model.window_stage, list(getattr(model, "yarn_growths", []))
+        for mine, theirs in zip(frozen.modules(), model.modules()):
+            if isinstance(theirs, CausalSelfAttention):
+                mine.softmax_scale = theirs.softmax_scale
 
 
 @contextmanager
@@ -3371,6 +3388,10 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
     back in host memory (the unchanged pinned copy: no copy back) after. A model already in use stays where it is."""
     if not getattr(model, "parked_on_host", False) or model in FROZEN_ON_DEVICE:
         yield model
+        return
+    if hasattr(model, "frozen_shards"):  # split over ranks: every rank of its group gathers it here, at the same time
+        with gathered_on_device(model, dist_info.device):
+            yield model
         return
     tensors = [*model.parameters(), *model.buffers()]
     host = [tensor.data for tensor in tensors]
@@ -3384,6 +3405,132 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
         for tensor, data in zip(tensors, host):
             tensor.data = data
         FROZEN_ON_DEVICE.discard(model)
+
+
+# Frozen models sharded over ranks: with every rank holding every frozen model, 8 members with 3 epoch snapshots
+# each at the 1h shape took 1 TB of pinned host memory per 8-GPU node. Each rank keeps 1/n of each tensor instead
+# (ZeRO-3's partitioning of parameters, Rajbhandari et al. 2020, applied to models that no longer train) and the n
+# ranks all-gather a model onto the device when it is used, one model at a time as before. The gathered weights are
+# the original bits, so every number is unchanged; the cost is one all-gather of the model per use.
+
+
+def frozen_store(hp: Hyperparameters, dist_info: Dist) -> Dist:
+    """The ranks a frozen model is split over: those of dist_info, or with --frozen_shards false this rank alone.
+    Every rank of them must take part in each use (the gather): train() splits over the whole world, where every
+    rank scores every candidate in the same order, but under --parallel_members a member that teaches later rounds
+    over its group's ranks (each group its own copy) while it teaches: a group gathers its teachers at every
+    micro-step while the other groups train other members."""
+    if hp.frozen_shards or dist_info.world_size == 1:
+        return dist_info
+    return dataclasses.replace(dist_info, rank=0, world_size=1, group=None, first_global_rank=0)
+
+
+def shard_sizes(tensors: list[torch.Tensor], ranks: int) -> list[int]:
+    """Elements of each tensor that one rank keeps: ceil(numel / ranks) (the last rank's slice padded with zeros)."""
+    return [-(-tensor.numel() // ranks) for tensor in tensors]
+
+
+def frozen_host_bytes(model: nn.Module, ranks: int) -> int:
+    """Bytes of host memory one rank holds for a frozen model split over `ranks` ranks (1: the whole model)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(size * tensor.element_size() for size, tensor in zip(shard_sizes(tensors, ranks), tensors))
+
+
+def power_of_two_buffers(total: int, dtype: torch.dtype, pinned: bool) -> list[tuple[int, torch.Tensor]]:
+    """(first element, buffer) pairs holding `total` elements in buffers of 2^k elements, one per set bit of total:
+    torch's pinned-memory allocator rounds every allocation up to a power of two bytes (CachingHostAllocator), so one
+    buffer of a 0.67 GiB share would pin 1 GiB."""
+    buffers, first = [], 0
+    for bit in reversed(range(total.bit_length())):
+        if total >> bit & 1:
+            buffers.append((first, torch.zeros(1 << bit, dtype=dtype, pin_memory=pinned)))
+            first += 1 << bit
+    return buffers
+
+
+def buffer_pieces(buffers: list[tuple[int, torch.Tensor]], begin: int, end: int):
+    """(view of a buffer, its position from begin) for the elements begin..end of power_of_two_buffers."""
+    for first, buffer in buffers:
+        low, high = max(begin, first), min(end, first + buffer.numel())
+        if low < high:
+            yield buffer[low - first:high - first], low - begin
+
+
+def shard_on_host(model: nn.Module, shard_dist: Dist, sources: list[torch.Tensor] | None = None) -> nn.Module:
+    """Parks a frozen model with this rank's slice of each tensor (of its own, or of `sources`, the same tensors of
+    another model: frozen_host_copy) in host buffers per dtype (power_of_two_buffers; pinned on CUDA); the tensors
+    themselves become empty until gathered_on_device. Returns the model, marked parked."""
+    tensors = [*model.parameters(), *model.buffers()]
+    sources = tensors if sources is None else sources
+    ranks, rank = shard_dist.world_size, shard_dist.rank
+    layout, totals = [], {}
+    for tensor, source, size in zip(tensors, sources, shard_sizes(sources, ranks)):
+        layout.append((tensor, totals.get(tensor.dtype, 0), size, source.shape))
+        totals[tensor.dtype] = totals.get(tensor.dtype, 0) + size
+    pinned = shard_dist.device.type == "cuda"
+    host = {dtype: power_of_two_buffers(total, dtype, pinned) for dtype, total in totals.items()}
+    with torch.no_grad():
+        for (tensor, offset, size, _), source in zip(layout, sources):
+            mine = source.detach().reshape(-1)[rank * size:(rank + 1) * size]
+            for piece, at in buffer_pieces(host[tensor.dtype], offset, offset + mine.numel()):
+                piece.copy_(mine[at:at + piece.numel()])
+        for tensor, *_ in layout:  # empty: a use outside gathered_on_device fails loudly instead of reading zeros
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    model.frozen_shards = dict(group=shard_dist.group, ranks=ranks, host=host, layout=layout)
+    model.parked_on_host = True
+    FROZEN_ON_DEVICE.discard(model)
+    return model
+
+
+# all_gather_into_tensor, renamed all_gather_single in newer torch (where the old name warns on every call)
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+
+
+@contextmanager
+def gathered_on_device(model: nn.Module, device: torch.device):
+    """with gathered_on_device(model, device): a sharded frozen model whole on the device (every rank of its group
+    all-gathers each tensor into a fresh device buffer, the same bits as before it was split), empty again after."""
+    shards = model.frozen_shards
+    try:
+        with torch.no_grad():
+            for tensor, offset, size, shape in shards["layout"]:
+                whole = torch.empty(shards["ranks"] * size, dtype=tensor.dtype, device=device)
+                mine = torch.empty(size, dtype=tensor.dtype, device=device)
+                for piece, at in buffer_pieces(shards["host"][tensor.dtype], offset, offset + size):
+                    mine[at:at + piece.numel()].copy_(piece, non_blocking=True)
+                all_gather_single(whole, mine, group=shards["group"])
+                tensor.data = whole[:shape.numel()].view(shape)
+        FROZEN_ON_DEVICE.add(model)
+        yield model
+    finally:
+        for tensor, *_ in shards["layout"]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+        FROZEN_ON_DEVICE.discard(model)
+
+
+def reshard_on_host(model: nn.Module, dist_info: Dist, store: Dist) -> nn.Module:
+    """A parked frozen model split over `store`'s ranks instead (a member's group -> the whole world, once no group
+    needs it alone any more): gathered where it is now (every rank of its present group at once; a whole model needs
+    no gather), then each rank keeps its slice of the new split. Returns the model."""
+    shards = getattr(model, "frozen_shards", None)
+    if shards is not None and shards["ranks"] == store.world_size and shards["group"] is store.group:
+        return model
+    if store.world_size == 1:
+        return model
+    if shards is None:  # whole on this rank: it keeps its slice
+        return shard_on_host(model, store)
+    with frozen_on_device(model, dist_info):
+        return shard_on_host(model, store, sources=[t.data for t in (*model.parameters(), *model.buffers())])
+
+
+@contextmanager
+def frozen_models_on_device(models: list[nn.Module], dist_info: Dist):
+    """Every model of the list on the device at once (frozen_on_device each; called on every rank, as a sharded
+    model's gather needs them all): for uses that mix whole models together (sampling, evaluate_with_bytes)."""
+    with ExitStack() as stack:
+        for model in models:
+            stack.enter_context(frozen_on_device(model, dist_info))
+        yield models
 
 
 @torch.no_grad()
@@ -3423,6 +3570,39 @@ def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode
         totals[1] += (targets >= 0).sum()
     dist_info.all_reduce_sum(totals)
     return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                               batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
+    """evaluate_with_bytes for parked frozen models, one on the device at a time (the 24 candidates of an 8-member
+    ensemble at the 1h shape do not fit together): each one's log-probability of the correct token, mixed per target
+    with the elementwise operations of ensemble_log_probs ("prob"), then the same float64 sums."""
+    device = dist_info.device
+    batches = [(inputs.to(device), targets.to(device))
+               for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
+    mixture = [None] * len(batches)
+    for model, weight in zip(models, weights):
+        was_training = model.training
+        with frozen_on_device(model.eval(), dist_info):
+            for index, (inputs, targets) in enumerate(batches):
+                with autocast_context(device):
+                    log_probs = F.log_softmax(model(inputs).float(), dim=-1)
+                picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) + math.log(weight)
+                mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
+                del log_probs
+        model.train(was_training)
+    table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
+    for (_, targets), picked in zip(batches, mixture):
+        valid = targets >= 0
+        nats, counted = -picked.double() * valid, table[targets.clamp(min=0)] * valid
+        if token_bytes is None:
+            counted = torch.zeros_like(targets)
+        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(sums)
+    bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
+    return (sums[0] / sums[1]).item(), bpb
 
 
 class TeacherHead:
@@ -4128,14 +4308,24 @@ def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
     return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
 
 
-def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule") -> None:
-    """The schedule state of the member's last step: the public records score their averaged epoch checkpoints by
-    loading each into the final model (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights
-    run with the looped layers on, the last window stage and its YaRN (no change for 1h: loops on from epoch 7)."""
+@contextmanager
+def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule"):
+    """with final_inference_state(model, ...): the model in the schedule state of the member's last step, its own
+    state back after. The public records score their averaged epoch checkpoints by loading each into the final model
+    (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights run with the looped layers on, the
+    last window stage and its YaRN (no change for 1h: loops on from epoch 7). The window state is a function of the
+    stage alone, so going back is exact."""
+    loop_active, stage = model.loop_active, getattr(model, "window_stage", None)
     if hp.loop_repeats:
         model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.total_steps)
     if hp.window_schedule:
         set_window_schedule_stage(model, final_window_stage(hp, schedule))
+    try:
+        yield model
+    finally:
+        model.loop_active = loop_active
+        if hp.window_schedule:
+            set_window_schedule_stage(model, stage)
 
 
 def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
@@ -4258,8 +4448,9 @@ class MemberObjective:
         for teacher, _ in self.teachers:
             with frozen_on_device(teacher, self.dist_info):
                 features.append(teacher.features(inputs))
-        heads = [self.heads.setdefault(id(teacher), TeacherHead(teacher, self.dist_info.device))
-                 for teacher, _ in self.teachers]
+                if id(teacher) not in self.heads:  # copied while whole on the device (a split teacher is empty after)
+                    self.heads[id(teacher)] = TeacherHead(teacher, self.dist_info.device)
+        heads = [self.heads[id(teacher)] for teacher, _ in self.teachers]
         return [(head, weight) for head, (_, weight) in zip(heads, self.teachers)], features
 
     def release(self) -> None:
@@ -4666,12 +4857,12 @@ class Snapshots:
             attention, model.attention = model.attention, "sdpa"
             loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
             model.attention = attention
-            snapshot = frozen_host_copy(model, self.dist_info)
-            if self.hp.epoch_snapshots:  # averaged as the records average them: in the final model's state
-                final_inference_state(snapshot, self.hp, self.schedule)
-            if self.dist_info.is_main:
-                save_candidate(snapshot_path(self.log.folder, member, cycle), snapshot, member=member, cycle=cycle,
-                               seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
+            with final_inference_state(model, self.hp, self.schedule) if self.hp.epoch_snapshots else nullcontext():
+                # epoch snapshots are averaged as the records average them: in the final model's state
+                if self.dist_info.is_main:  # the training model's weights and schedule state: what the snapshot copies
+                    save_candidate(snapshot_path(self.log.folder, member, cycle), model, member=member, cycle=cycle,
+                                   seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
+                snapshot = frozen_host_copy(model, frozen_store(self.hp, self.dist_info))
         self.taken.append((snapshot, loss))
         self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
@@ -4688,8 +4879,8 @@ class Snapshots:
         for cycle, end in enumerate(self.schedule.snapshot_steps):
             if saved["progress"]["step"] >= end:
                 snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.host)
-                self.taken.append((park_on_host(snapshot.requires_grad_(False), self.dist_info),
-                                   info["outcome"]["val_loss"]))
+                store = frozen_store(self.hp, self.dist_info)
+                self.taken.append((park_on_host(snapshot.requires_grad_(False), store), info["outcome"]["val_loss"]))
 
 
 RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
@@ -5241,13 +5432,23 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # the whole run's ETA (every member has member 0's steps, validations and snapshots)
     work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
 
+    # frozen models are split over the whole world (frozen_store), except members that a group will still use alone
+    # as teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
+    world_store = frozen_store(hp, dist_info)
+
+    def member_store(member: int) -> Dist:
+        round_start = member - member % hp.parallel_members
+        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
+        return frozen_store(hp, group_dist) if teaches_later else world_store
+
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
-        snapshots = [load_member(snapshot_path(folder, member, cycle), dist_info.host)
-                     for cycle in range(saved["outcome"].get("snapshot_count", 0))]
-        return park_on_host(model, dist_info), [(park_on_host(snapshot, dist_info), info["outcome"]["val_loss"])
-                                                for snapshot, info in snapshots], saved["outcome"]
+        park_on_host(model, member_store(member))  # each parked as it comes: one whole model at a time on a rank
+        snapshots = [(park_on_host(snapshot, world_store), info["outcome"]["val_loss"]) for snapshot, info in
+                     (load_member(snapshot_path(folder, member, cycle), dist_info.host)
+                      for cycle in range(saved["outcome"].get("snapshot_count", 0)))]
+        return model, snapshots, saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
         round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
@@ -5263,20 +5464,22 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
             model = trained.pop("model").for_inference()
             trained.pop("compiled")
-            park_on_host(model, dist_info)  # frozen from here: host memory, on the device only while in use
             snapshots = trained.pop("snapshots")
             trained_here[mine] = (model, snapshots, trained)
             trained["run_wall_seconds"] = run_wall_seconds()
             if keep_files and group_dist.is_main:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained, tokenizer=hp.tokenizer)
+            # frozen from here: host memory (split over the ranks), on the device only while in use
+            park_on_host(model, member_store(mine))
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             if keep_files:  # a single model's last checkpoint is its weights until result.json is written
                 remove_checkpoints(folder, mine, group_dist)
         dist_info.barrier()  # every member of the round is on disk
         for member in round_members:
-            if member in trained_here:
+            if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
                 model, snapshots, outcome = trained_here[member]
+                snapshots = [(reshard_on_host(snapshot, group_dist, world_store), loss) for snapshot, loss in snapshots]
             else:  # finished before an interruption, or trained by another group
                 model, snapshots, outcome = load_finished(member)
                 how = "finished before the resume" if member in already_done else "trained by another group"
@@ -5304,6 +5507,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                                  tokens_seen=sum(r["tokens_seen"] for r in member_results)))
     if member_log is not log:
         member_log.close()
+    for model in members:  # every group has trained its last member: the teachers too are split over the world
+        reshard_on_host(model, group_dist, world_store)
 
     if keep_files:
         log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "
@@ -5349,10 +5554,11 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                                          hp.val_batch_size) if data.test_data else None
     if test_loss is not None:
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
-    if hp.save_model and dist_info.is_main and hp.ensemble_size == 1:
-        # the member format (weights, GPTConfig, schedule state): --eval_only and load_member take it as is
-        save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
-                       outcome=member_results[0], tokenizer=hp.tokenizer)
+    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
+        with frozen_on_device(members[0], dist_info):
+            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
+                save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
+                               outcome=member_results[0], tokenizer=hp.tokenizer)
     agree = all(r["agree"] for r in member_results)
     tokens_seen = sum(r["tokens_seen"] for r in member_results)
     bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
@@ -5386,11 +5592,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                   f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
                   f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
                   f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
-    if hp.sample_tokens and dist_info.is_main:  # after the final evaluation; no collectives, so rank 0 alone
-        result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode, data.val_tokens, hp,
-                                                 device)
-        log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                    sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
+    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
+        with frozen_models_on_device(final_members, dist_info):
+            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
+                result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
+                                                         data.val_tokens, hp, device)
+                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
+                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
     result["peak_memory_bytes"] = peak_memory_bytes(device)
     if hp.resume and dist_info.is_main:
         drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
@@ -5488,8 +5696,10 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
-    loaded = [load_member(path, dist_info.host) for path in paths]  # host memory, one on the device at a time
-    models = [park_on_host(model, dist_info) for model, _ in loaded]
+    # host memory, each parked (split over the ranks) as it comes; one on the device at a time
+    loaded = [(park_on_host(model, frozen_store(hp, dist_info)), info)
+              for model, info in (load_member(path, dist_info.host) for path in paths)]
+    models = [model for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
         raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
@@ -5584,11 +5794,9 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
         activations += compute_bytes * sum(p.numel() for name, p in model.named_parameters()
                                            if p.ndim == 2 and not name.startswith(("wte.", "value_embeds.")))
     eval_logits = 2 * 4 * hp.val_batch_size * hp.seq_len * hp.vocab_size  # fp32 logits and their log-softmax
-    per_member = candidate_count(hp) // hp.ensemble_size  # the member and its snapshots
-    # frozen models wait in host memory (park_on_host); on the device while the last member trains: its teacher (held
-    # while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head, TeacherHead);
-    # snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
-    frozen_host = (hp.ensemble_size - hp.parallel_members) * per_member + per_member - 1  # the last member's
+    # frozen models wait in host memory (park_on_host; host_memory_plan); on the device while the last member trains:
+    # its teacher (held while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head,
+    # TeacherHead); snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
     teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
     frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
@@ -5624,10 +5832,46 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
                 average_copies=device_averages, frozen_bytes=frozen_training * param_bytes + teacher_heads +
                 device_averages * param_bytes, teacher_head_bytes=teacher_heads, averaging_on_host=averages_on_host,
-                frozen_host_models=frozen_host, host_bytes=(frozen_host + averages - device_averages) * param_bytes,
+                **host_memory_plan(hp, world_size, model, (averages - device_averages) * param_bytes),
                 peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
                 checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
+
+
+def host_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int) -> dict:
+    """Host memory of one rank, exact, as train() splits the frozen models (frozen_store): over the world, except,
+    with --parallel_members and distillation, the members of earlier rounds (teachers) over their group's ranks until
+    the last member is trained; a member's snapshots over the group while it trains. While the last member trains:
+    the members and snapshots of the earlier rounds, this member's snapshots, the EMA/SWA accumulators under
+    averaging_on_host; after it, every candidate, the earlier members still over the groups until split over the
+    world. model: the meta-device model (frozen_host_bytes)."""
+    shards, group = (world_size, world_size // max(1, hp.parallel_members)) if hp.frozen_shards else (1, 1)
+    world_share, group_share = frozen_host_bytes(model, shards), frozen_host_bytes(model, group)
+    per_member, candidates = candidate_count(hp) // hp.ensemble_size, candidate_count(hp)
+    earlier = hp.ensemble_size - hp.parallel_members  # members trained in the rounds before the last
+    member_share = group_share if hp.distill_alpha > 0 else world_share
+    training = earlier * member_share + earlier * (per_member - 1) * world_share + (per_member - 1) * group_share \
+        + averages_bytes
+    after = earlier * member_share + (candidates - earlier) * world_share
+    host = max(training, after)
+    return dict(frozen_host_models=candidates, frozen_host_model_bytes=world_share, frozen_host_shards=shards,
+                frozen_group_model_bytes=group_share, host_training_bytes=training, host_final_bytes=candidates *
+                world_share, host_bytes=host, host_node_bytes=world_size * host)
+
+
+def host_memory_line(plan: dict, gib) -> str:
+    """The plan's host line: per rank and, for the world_size ranks on one node, per node (GiB and exact bytes)."""
+    shards = plan["frozen_host_shards"]
+    split = f", each split over {shards} ranks (1/{shards} per rank)" if shards > 1 else ", each whole on every rank"
+    return (f"host        {gib(plan['host_bytes']):>11} | {plan['host_final_bytes']:,} B: {plan['frozen_host_models']} "
+            f"frozen models (members, snapshots) at the end x {plan['frozen_host_model_bytes']:,} B{split}, in "
+            f"{'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a time"
+            + (f"; up to {plan['host_bytes']:,} B while the last member trains (teachers split over a member's "
+               f"ranks, {plan['frozen_group_model_bytes']:,} B each"
+               + (", the EMA/SWA accumulators" if plan["averaging_on_host"] else "") + ")"
+               if plan["host_bytes"] > plan["host_final_bytes"] else "")
+            + (f"; x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) "
+               f"per node" if plan["host_bytes"] and plan["world_size"] > 1 else ""))
 
 
 def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
@@ -5656,11 +5900,7 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"{plan['frozen_models']} frozen model(s) in use (its teacher)"
         + (f" + {plan['teacher_head_bytes'] / 2**30:.2f} GiB teacher lm_heads" if plan["teacher_head_bytes"] else "")
         + f" + {plan['average_copies']} EMA/SWA copies, fp32",
-        f"host        {gib(plan['host_bytes']):>11} | {plan['frozen_host_models']} frozen models (earlier members, "
-        f"snapshots) in {'pinned ' if plan['device_type'] == 'cuda' else ''}host memory, one on the device at a "
-        f"time" + (" + the EMA/SWA accumulators (averaging_on_host)" if plan["averaging_on_host"] else "")
-        + (f"; x{plan['world_size']} ranks = {gib(plan['world_size'] * plan['host_bytes'])} per node"
-           if plan["host_bytes"] and plan["world_size"] > 1 else ""),
+        host_memory_line(plan, gib),
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
         f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
         f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
@@ -5743,15 +5983,16 @@ def physical_memory_bytes() -> int:
 
 
 def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
-    """"" when the frozen models every rank on this machine keeps in host memory (each rank holds all of them:
-    every rank scores its share of the windows with every candidate) fit 90% of its RAM, else one line. Found before
-    the run, not hours later by the OOM killer."""
+    """"" when the frozen models every rank on this machine keeps in host memory (each rank its share of every one of
+    them, frozen_store: every rank scores its share of the windows with every candidate) fit 90% of its RAM, else
+    one line. Found before the run, not hours later by the OOM killer."""
     need = plan["host_bytes"] * ranks_here
     if not ram_bytes or need <= 0.9 * ram_bytes:
         return ""
     return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
             f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
-            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off)")
+            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off"
+            + (", or --frozen_shards true)" if plan.get("frozen_host_shards", 1) < plan["world_size"] else ")"))
 
 
 def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:

@@ -126,22 +126,24 @@ def test_streamed_teachers_give_the_resident_teachers_loss():
 
 
 def test_memory_plan_places_frozen_models_on_the_host():
-    """The README's 8-member ensemble at the slowrun shape now fits 79 GiB: 15 frozen models (7.15 GB each) on the
+    """The README's 8-member ensemble at the slowrun shape now fits 79 GiB: 16 frozen models (7.15 GB each) on the
     host, one teacher on the device (snapshots go straight to the host); EMA/SWA accumulators that would not fit go to
     the host by themselves (averaging_on_host auto)."""
     hp = dataclasses.replace(train_gpt.parse_args(["--preset", "slowrun"]), ensemble_size=8, epoch_snapshots=2,
                              distill_alpha=0.5)
     plan = train_gpt.memory_plan(hp, 8, "cuda", 79 * 2**30)
-    assert plan["frozen_host_models"] == 15 and plan["host_bytes"] == 15 * plan["param_bytes"]
+    # every one of the 16 candidates on the host at the end, each split over the 8 ranks (frozen_shards)
+    assert plan["frozen_host_models"] == 16 and plan["host_bytes"] == 16 * plan["frozen_host_model_bytes"]
     assert plan["frozen_models"] == 1 and plan["frozen_bytes"] == plan["param_bytes"]  # the teacher alone
     assert train_gpt.memory_plan_refusal(hp, plan) == ""
     averaged = dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99)  # 4 more fp32 copies: 26.6 GiB
     plan = train_gpt.memory_plan(averaged, 8, "cuda", 79 * 2**30)
     assert plan["averaging_on_host"] and plan["average_copies"] == 0
-    assert plan["host_bytes"] == 19 * plan["param_bytes"] and train_gpt.memory_plan_refusal(averaged, plan) == ""
-    per_node = 8 * plan["host_bytes"]  # 8 ranks on one machine each hold the 19 host copies: ~0.8 TiB at the 1h shape
+    assert plan["host_bytes"] == 15 * plan["frozen_host_model_bytes"] + 4 * plan["param_bytes"]  # the last member's
+    assert train_gpt.memory_plan_refusal(averaged, plan) == ""
+    per_node = 8 * plan["host_bytes"]  # 8 ranks on one machine: 253 GiB at the 1h shape (the 4 accumulators whole)
     assert train_gpt.host_memory_refusal(plan, 8, int(per_node / 0.9) + 1) == ""
-    refusal = train_gpt.host_memory_refusal(plan, 8, 512 * 2**30)
+    refusal = train_gpt.host_memory_refusal(plan, 8, 128 * 2**30)
     assert "host memory" in refusal and "--ensemble_size" in refusal and "\n" not in refusal
     forced = train_gpt.memory_plan(dataclasses.replace(averaged, averaging_on_host="off"), 8, "cuda", 79 * 2**30)
     assert not forced["averaging_on_host"] and "--averaging_on_host on" in train_gpt.memory_plan_refusal(

@@ -340,4 +340,5 @@ def test_2h_preset_run_switches_stages_in_the_loop_and_averages_in_the_final_sta
     assert "window stage 3/3 (epochs 3-3) from step 16: short 13, long 32 keys | YaRN 16 -> 32" in log
     assert [row["stage"] for row in read_metrics(str(folder)) if row.get("kind") == "window_stage"] == [1, 2, 3]
     snapshot = torch.load(folder / "members" / "member_00_snapshot_00.pt", weights_only=True)
-    assert snapshot["inference_state"] == dict(loop_active=True, window_sizes=[13, 32], window_stage=2)
+    assert snapshot["inference_state"] == dict(loop_active=True, window_sizes=[13, 32], recurrence_active=True,
+                                                 window_stage=2)
