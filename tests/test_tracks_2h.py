@@ -260,9 +260,9 @@ def test_2h_preset_trains_three_steps_at_micro_width_across_a_window_stage_chang
 
 def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_state(tmp_path):
     """frozen_host_copy and save_candidate/load_member keep the stage (windows, YaRN tables, softmax scale): the
-    same logits bitwise. final_window_stage is the stage of the run's last epoch, and final_inference_state puts an
-    epoch-13 snapshot in the last step's state: stage 3, looped layers on (the 2h record loads each averaged
-    checkpoint into its final model)."""
+    same logits bitwise. final_window_stage is the stage of the run's last epoch, and final_inference_state puts the
+    model in the last step's state while an epoch-13 snapshot is copied (stage 3, looped layers on: the 2h record
+    loads each averaged checkpoint into its final model), then back in its own, exactly."""
     hp = train_gpt.Hyperparameters(**{**train_gpt.PRESETS["2h"], **MICRO_2H, "n_layer": 2, "loop_range": "1:2",
                                       "mtp_weight": 0.0})
     model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0).eval()
@@ -279,10 +279,18 @@ def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_st
         assert loaded.blocks[0].attn.softmax_scale == model.blocks[0].attn.softmax_scale != (16**-0.5,)
     schedule = dataclasses.make_dataclass("S", ["train_data", "total_steps"])(ten_step_epochs(), N_2H)
     assert train_gpt.final_window_stage(hp, schedule) == 2
-    assert not frozen.loop_active and frozen.window_stage == 1
-    train_gpt.final_inference_state(frozen, hp, schedule)
-    assert frozen.loop_active and frozen.window_stage == 2 and frozen.window_sizes == [13, 32]
-    assert frozen.yarn_growths == [(8, 16), (16, 32)]
+    assert not model.loop_active and model.window_stage == 1
+    windows, scale = model.window_sizes, model.blocks[0].attn.softmax_scale
+    with train_gpt.final_inference_state(model, hp, schedule):  # what a snapshot is saved and copied in
+        assert model.loop_active and model.window_stage == 2 and model.window_sizes == [13, 32]
+        assert model.yarn_growths == [(8, 16), (16, 32)]
+        final = train_gpt.frozen_host_copy(model, train_gpt.Dist())
+    assert final.loop_active and final.window_stage == 2 and final.yarn_growths == [(8, 16), (16, 32)]
+    # the training model is back in its own stage: the same logits bitwise
+    assert not model.loop_active and model.window_stage == 1 and model.window_sizes == windows
+    assert model.blocks[0].attn.softmax_scale == scale
+    with torch.no_grad():
+        assert torch.equal(model(idx), expected)
     assert train_gpt.final_window_stage(hp, schedule.__class__(ten_step_epochs(), 95)) == 1  # ends in epoch 10
 
 
