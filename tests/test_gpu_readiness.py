@@ -195,7 +195,8 @@ def test_compiled_training_step_has_no_graph_break(preset):
     step, forward and backward. aot_eager traces forward and backward as inductor would, without generating C++
     (inductor's CPU codegen takes minutes on this machine); the graph capture is the same."""
     torch._dynamo.reset()
-    hp = micro_hp(preset, n_layer=2)
+    shrunk = dict(rope_pairs=4) if train_gpt.PRESETS[preset].get("rope_pairs") else {}  # 15min: half of head_dim 16
+    hp = micro_hp(preset, n_layer=2, **shrunk)
     model = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     idx = torch.randint(0, MICRO_VOCAB, (2, hp.seq_len), generator=torch.Generator().manual_seed(0))
