@@ -237,3 +237,22 @@ def test_auto_chooses_disk_exactly_when_the_in_memory_figure_is_refused(capsys):
     assert train_gpt.main(flags + ["--candidates_on_disk", "off"]) == 2
     error = capsys.readouterr().err
     assert "--candidates_on_disk on" in error and error.count("\n") == 1
+
+
+def test_a_resumed_run_keeps_its_finished_candidates_as_files(runs, tmp_path):
+    """Killed in member 1 after its snapshot, resumed: member 0 and its snapshot come back as their files, member
+    1's snapshot as the teacher it still is (in memory, with its file beside it); every number equals the run that
+    was not interrupted."""
+    data = runs["on"]["data"]
+    flags = run_flags(data, str(tmp_path), "cut", "on")
+    flags[flags.index("--checkpoint_every") + 1] = "2"
+    assert train_gpt.main(flags + ["--stop_at_step", "14"]) == 3  # member 1's step 6 of 8, its snapshot at 4
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        seen = scored_bytes(monkeypatch)
+        assert train_gpt.main(["--resume", str(tmp_path / "cut")]) == 0
+    resumed = json.loads((tmp_path / "cut" / "result.json").read_text())
+    for key in ("val_loss", "selection", "ensemble_val_losses", "candidate_val_losses", "public"):
+        assert resumed[key] == runs["on"]["result"][key], key
+    assert seen["target_probabilities"] == [[ROPE_BYTES] * 4]
+    log = (tmp_path / "cut" / "log.txt").read_text()
+    assert "loaded finished before the resume" in log and "member 1 of 2 | resumed from" in log and "at step 6/8" in log
