@@ -6234,7 +6234,7 @@ def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
     if not ram_bytes or need <= 0.9 * ram_bytes:
         return ""
     return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
-            f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
+            f"= {need / 2**30:.1f} GiB, over 90% of this node's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
             f"--snapshot_cycles or --epoch_snapshots (or "
             + ("" if plan.get("candidates_on_disk") else "--candidates_on_disk on, ") + "--averaging_on_host off"
             + (", or --frozen_shards true)" if plan.get("frozen_host_shards", 1) < plan["world_size"] else ")"))
