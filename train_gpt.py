@@ -3585,7 +3585,7 @@ def file_candidate(model: GPT, path: str, writer: int) -> GPT:
             if name in in_file:  # read from the file for each use
                 tensor.data = torch.empty(0, dtype=source.dtype)
                 layout.append((name, tensor, source.shape))
-            else:  # not in the file: a host copy of the model's own (a clone: the training model's change later)
+            else:  # not in the file: a host copy of the model's own (cloned: the training model changes its own later)
                 tensor.data = source.detach().to("cpu", copy=True)
     skeleton.candidate_file = dict(path=path, writer=writer, layout=layout)
     skeleton.parked_on_host = True
@@ -5589,8 +5589,9 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         snapshots = []
         for cycle in range(saved["outcome"].get("snapshot_count", 0)):  # one at a time, each kept as it comes
             snapshot, info = load_member(snapshot_path(folder, member, cycle), dist_info.host)
-            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp), snapshot_path(folder, member, cycle),
-                                          writer(member), teaches=False), info["outcome"]["val_loss"]))
+            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp),
+                                          snapshot_path(folder, member, cycle), writer(member), teaches=False),
+                              info["outcome"]["val_loss"]))
         return model, snapshots, saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group

@@ -28,7 +28,8 @@ ROPE_BYTES = 2 * 32 * 8 * 4  # rotary cos and sin, (1, seq_len 32, 1, head_dim 1
 
 def run_flags(data, log_dir: str, run_id: str, mode: str) -> list[str]:
     """2 members x 2 one-epoch snapshot cycles (4 candidates), member 0 teaching member 1, each cycle after the first
-    distilled from the member's own latest snapshot, selection on a fitness slice with a top-2 sweep, 4 public windows."""
+    distilled from the member's own latest snapshot, selection on a fitness slice with a top-2 sweep, 4 public
+    windows."""
     return micro_flags(*data, log_dir, run_id, test_files="", train_tokens=1500, num_epochs=2, ensemble_size=2,
                        snapshot_cycles=2, snapshot_cycle_epochs=True, snapshot_distill=True, distill_alpha=0.5,
                        fitness_tokens=200, select_top_sweep="2", val_public_windows=4, log_every=50,
