@@ -210,6 +210,8 @@ class Hyperparameters:
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
     # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
+    candidates_on_disk: str = "auto"  # finished snapshots and members (not teaching) wait as their members/ files, read back one at a time to score them (the public unlimited script's way): auto (only when the memory plan says host memory cannot hold them, see host_memory_gb) | on | off (in host memory)
+    host_memory_gb: float = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
     frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
@@ -569,6 +571,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
     require(hp.averaging_on_host in ("auto", "on", "off"),
             f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
+    require(hp.candidates_on_disk in ("auto", "on", "off"),
+            f"candidates_on_disk must be auto, on or off, got {hp.candidates_on_disk!r}")
+    require(hp.host_memory_gb >= 0, f"host_memory_gb must be >= 0, got {hp.host_memory_gb}")
     require(hp.grad_sync in ("after", "overlap", "overlap_flat"),
             f"grad_sync must be after, overlap or overlap_flat, got {hp.grad_sync!r}")
     require(hp.grad_bucket_mb > 0, f"grad_bucket_mb must be positive, got {hp.grad_bucket_mb}")
@@ -3092,7 +3097,8 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
     rows = []
     for index, model in enumerate(models):
         if index % dist_info.world_size != dist_info.rank:
-            if hasattr(model, "frozen_shards"):  # split over the ranks: the others take part in its owner's gather
+            if hasattr(model, "frozen_shards") or hasattr(model, "candidate_file"):  # split over the ranks or on
+                # disk: the others take part in its owner's gather, or in the broadcast from the rank with the file
                 with frozen_on_device(model, dist_info):
                     pass
             rows.append(None)
@@ -3389,6 +3395,10 @@ def frozen_on_device(model: nn.Module, dist_info: Dist):
     if not getattr(model, "parked_on_host", False) or model in FROZEN_ON_DEVICE:
         yield model
         return
+    if hasattr(model, "candidate_file"):  # kept as its file: read (and broadcast) onto the device for this use
+        with file_candidate_on_device(model, dist_info):
+            yield model
+        return
     if hasattr(model, "frozen_shards"):  # split over ranks: every rank of its group gathers it here, at the same time
         with gathered_on_device(model, dist_info.device):
             yield model
@@ -3515,6 +3525,8 @@ def reshard_on_host(model: nn.Module, dist_info: Dist, store: Dist) -> nn.Module
     shards = getattr(model, "frozen_shards", None)
     if shards is not None and shards["ranks"] == store.world_size and shards["group"] is store.group:
         return model
+    if hasattr(model, "candidate_file"):  # kept as its file (candidates_on_disk): nothing in memory to split
+        return model
     if store.world_size == 1:
         return model
     if shards is None:  # whole on this rank: it keeps its slice
@@ -3531,6 +3543,116 @@ def frozen_models_on_device(models: list[nn.Module], dist_info: Dist):
         for model in models:
             stack.enter_context(frozen_on_device(model, dist_info))
         yield models
+
+
+# Candidates on disk: the unlimited preset keeps 480 candidates (5 members x 96 snapshot cycles); in host memory that
+# is 3.3 TB per 8-GPU node even split over the ranks. Every candidate already has its file in members/ (save_candidate),
+# so a candidate that no longer teaches is kept as that file, as the public unlimited script keeps its snapshots
+# (unlimited/train.py writes each one and reads them back one at a time to score and select them). What stays in
+# memory is a skeleton: the model object with empty tensors, its schedule state and its RoPE tables (buffers the file
+# does not hold; kept as the in-memory copy has them, so a reloaded candidate is the same model bit for bit).
+# The file is read by the rank that wrote it (each member's group's first rank), the one rank certain to see it on
+# a cluster without a shared filesystem, and sent to the others by torch.distributed.broadcast, tensor by tensor
+# straight into device buffers: one whole model on the device at a time, as with the other frozen models.
+
+
+def candidates_on_disk(hp: Hyperparameters) -> bool:
+    """Whether this run keeps its candidates as their files (candidates_on_disk, resolved from auto before the run;
+    with one candidate there is no file and nothing to keep)."""
+    return hp.candidates_on_disk == "on" and candidate_count(hp) > 1
+
+
+def file_candidate(model: GPT, path: str, writer: int) -> GPT:
+    """A frozen candidate represented by its file `path` (written by global rank `writer`, save_candidate): a skeleton
+    of `model` (a meta-device GPT: no weights made) in its schedule state and inference mode, whose tensors are empty
+    except the buffers the file does not hold (the RoPE tables, copied to host memory); frozen_on_device brings it
+    whole onto the device from the file (file_candidate_on_device). model: a whole model, read, not kept."""
+    global_rank = dist.get_rank() if dist.is_initialized() else 0
+    if global_rank == writer and not os.path.isfile(path):
+        raise ConfigError(f"{path}: a candidate kept on disk has no file (candidates_on_disk)")
+    with torch.device("meta"):
+        skeleton = GPT(model.config)
+    skeleton = skeleton._apply(lambda tensor: torch.empty(0, dtype=tensor.dtype))  # meta -> empty host tensors
+    copy_schedule_state(skeleton, model)
+    skeleton.for_inference()
+    in_file = set(model.state_dict())
+    named = [*model.named_parameters(), *model.named_buffers()]
+    layout = []
+    with torch.no_grad():
+        for (name, tensor), (source_name, source) in zip([*skeleton.named_parameters(), *skeleton.named_buffers()],
+                                                         named):
+            assert name == source_name, (name, source_name)
+            if name in in_file:  # read from the file for each use
+                tensor.data = torch.empty(0, dtype=source.dtype)
+                layout.append((name, tensor, source.shape))
+            else:  # not in the file: a host copy of the model's own (cloned: the training model changes its own later)
+                tensor.data = source.detach().to("cpu", copy=True)
+    skeleton.candidate_file = dict(path=path, writer=writer, layout=layout)
+    skeleton.parked_on_host = True
+    return skeleton
+
+
+def keep_frozen(model: GPT, store: Dist, on_disk: bool, path: str, writer: int, teaches: bool,
+                copy: bool = False) -> nn.Module:
+    """Where a finished frozen model waits (copy: a frozen copy of the training model, frozen_host_copy; else the
+    model itself, parked): in host memory as park_on_host keeps it, or with on_disk (candidates_on_disk) as its file
+    (file_candidate). One still in use as a teacher (chain distillation's latest snapshot, a member that teaches
+    later members) waits in host memory as before, its file-backed twin beside it (on_disk_twin) to take its place
+    once it no longer teaches."""
+    disk = file_candidate(model, path, writer) if on_disk else None
+    if disk is not None and not teaches:
+        return disk
+    frozen = frozen_host_copy(model, store) if copy else park_on_host(model, store)
+    if disk is not None:
+        frozen.on_disk = disk
+    return frozen
+
+
+def on_disk_twin(model: nn.Module) -> nn.Module:
+    """A frozen model that no longer teaches: its file-backed twin where it has one (keep_frozen), else itself."""
+    return getattr(model, "on_disk", model)
+
+
+@contextmanager
+def file_candidate_on_device(model: GPT, dist_info: Dist):
+    """with file_candidate_on_device(model, dist_info): a file-backed candidate whole on the device (the writing rank
+    reads each tensor from the file, memory-mapped, into a device buffer; with several ranks it broadcasts it to
+    the others), empty again after. Every rank of dist_info takes part, as in a sharded model's gather."""
+    info = model.candidate_file
+    device = dist_info.device
+    global_rank = dist.get_rank() if dist.is_initialized() else 0
+    reads = dist_info.world_size == 1 or global_rank == info["writer"]
+    state = None
+    if reads:
+        try:
+            state = torch.load(info["path"], map_location="cpu", mmap=True, weights_only=True)["model"]
+        except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is the same one-line complaint
+            raise ConfigError(f"{info['path']}: cannot read a candidate kept on disk ({type(exc).__name__}: {exc})") \
+                from None
+    kept = [(tensor, tensor.data) for tensor in (*model.parameters(), *model.buffers()) if tensor.numel()]
+    try:
+        with torch.no_grad():
+            for name, tensor, shape in info["layout"]:
+                whole = torch.empty(shape, dtype=tensor.dtype, device=device)
+                if state is not None:
+                    if name not in state or state[name].shape != shape:
+                        raise ConfigError(f"{info['path']}: {name} is not the candidate's tensor of shape "
+                                          f"{tuple(shape)} (candidates_on_disk)")
+                    whole.copy_(state[name])
+                if dist_info.world_size > 1:
+                    dist.broadcast(whole, src=info["writer"], group=dist_info.group)
+                tensor.data = whole
+            for tensor, host in kept:
+                tensor.data = host.to(device, non_blocking=True)
+        del state
+        FROZEN_ON_DEVICE.add(model)
+        yield model
+    finally:
+        for _, tensor, _ in info["layout"]:
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+        for tensor, host in kept:
+            tensor.data = host
+        FROZEN_ON_DEVICE.discard(model)
 
 
 @torch.no_grad()
@@ -4862,8 +4984,12 @@ class Snapshots:
                 if self.dist_info.is_main:  # the training model's weights and schedule state: what the snapshot copies
                     save_candidate(snapshot_path(self.log.folder, member, cycle), model, member=member, cycle=cycle,
                                    seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
-                snapshot = frozen_host_copy(model, frozen_store(self.hp, self.dist_info))
+                # candidates_on_disk: the file stands for it, once it no longer teaches (on_disk_twin below)
+                snapshot = keep_frozen(model, frozen_store(self.hp, self.dist_info), candidates_on_disk(self.hp),
+                                       snapshot_path(self.log.folder, member, cycle), self.dist_info.first_global_rank,
+                                       teaches=self.hp.snapshot_distill, copy=True)
         self.taken.append((snapshot, loss))
+        self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]  # only the latest teaches
         self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
         self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
@@ -4878,9 +5004,13 @@ class Snapshots:
         """The snapshots taken before the interruption, from their files."""
         for cycle, end in enumerate(self.schedule.snapshot_steps):
             if saved["progress"]["step"] >= end:
-                snapshot, info = load_member(snapshot_path(self.log.folder, self.member, cycle), self.dist_info.host)
+                path = snapshot_path(self.log.folder, self.member, cycle)
+                snapshot, info = load_member(path, self.dist_info.host)
                 store = frozen_store(self.hp, self.dist_info)
-                self.taken.append((park_on_host(snapshot.requires_grad_(False), store), info["outcome"]["val_loss"]))
+                self.taken.append((keep_frozen(snapshot.requires_grad_(False), store, candidates_on_disk(self.hp), path,
+                                               self.dist_info.first_global_rank, teaches=self.hp.snapshot_distill),
+                                   info["outcome"]["val_loss"]))
+                self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]
 
 
 RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
@@ -5193,7 +5323,7 @@ def drop_replayed_metrics(path: str) -> int:
 
 RESUME_MAY_CHANGE = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset",
                      "fused_loss", "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout",
-                     "low_memory", "sample_tokens", "wandb"}
+                     "low_memory", "sample_tokens", "wandb", "candidates_on_disk", "host_memory_gb"}
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
@@ -5376,6 +5506,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     check_hyperparameters(hp, dist_info.world_size)
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     hp = resolve_averaging_on_host(hp, dist_info)
+    hp = resolve_candidates_on_disk(hp, dist_info)
     device = dist_info.device
     wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
     data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
@@ -5441,13 +5572,26 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
         return frozen_store(hp, group_dist) if teaches_later else world_store
 
+    def writer(member: int) -> int:  # the global rank that writes the member's files: its group's rank 0
+        return member % hp.parallel_members * (dist_info.world_size // hp.parallel_members)
+
+    def kept_member(member: int, model: GPT) -> nn.Module:  # parked, or its file under candidates_on_disk
+        round_start = member - member % hp.parallel_members
+        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
+            round_start + hp.parallel_members < hp.ensemble_size
+        return keep_frozen(model, member_store(member), candidates_on_disk(hp), member_path(folder, member),
+                           writer(member), teaches)
+
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
-        park_on_host(model, member_store(member))  # each parked as it comes: one whole model at a time on a rank
-        snapshots = [(park_on_host(snapshot, world_store), info["outcome"]["val_loss"]) for snapshot, info in
-                     (load_member(snapshot_path(folder, member, cycle), dist_info.host)
-                      for cycle in range(saved["outcome"].get("snapshot_count", 0)))]
+        model = kept_member(member, model)  # each parked as it comes: one whole model at a time on a rank
+        snapshots = []
+        for cycle in range(saved["outcome"].get("snapshot_count", 0)):  # one at a time, each kept as it comes
+            snapshot, info = load_member(snapshot_path(folder, member, cycle), dist_info.host)
+            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp),
+                                          snapshot_path(folder, member, cycle), writer(member), teaches=False),
+                              info["outcome"]["val_loss"]))
         return model, snapshots, saved["outcome"]
 
     for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
@@ -5471,7 +5615,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                 save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
                                outcome=trained, tokenizer=hp.tokenizer)
             # frozen from here: host memory (split over the ranks), on the device only while in use
-            park_on_host(model, member_store(mine))
+            trained_here[mine] = (kept_member(mine, model), snapshots, trained)
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             if keep_files:  # a single model's last checkpoint is its weights until result.json is written
                 remove_checkpoints(folder, mine, group_dist)
@@ -5479,7 +5623,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         for member in round_members:
             if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
                 model, snapshots, outcome = trained_here[member]
-                snapshots = [(reshard_on_host(snapshot, group_dist, world_store), loss) for snapshot, loss in snapshots]
+                snapshots = [(reshard_on_host(on_disk_twin(snapshot), group_dist, world_store), loss)
+                             for snapshot, loss in snapshots]
             else:  # finished before an interruption, or trained by another group
                 model, snapshots, outcome = load_finished(member)
                 how = "finished before the resume" if member in already_done else "trained by another group"
@@ -5507,6 +5652,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                                  tokens_seen=sum(r["tokens_seen"] for r in member_results)))
     if member_log is not log:
         member_log.close()
+    # no member teaches any more: under candidates_on_disk each is its file from here
+    members[:], candidates[:] = [on_disk_twin(m) for m in members], [on_disk_twin(c) for c in candidates]
     for model in members:  # every group has trained its last member: the teachers too are split over the world
         reshard_on_host(model, group_dist, world_store)
 
@@ -5697,8 +5844,9 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
                                for path in (sorted(glob.glob(pattern)) or [pattern])))
     # host memory, each parked (split over the ranks) as it comes; one on the device at a time
-    loaded = [(park_on_host(model, frozen_store(hp, dist_info)), info)
-              for model, info in (load_member(path, dist_info.host) for path in paths)]
+    on_disk = eval_only_on_disk(hp, paths, dist_info)  # or each kept as its file (candidates_on_disk), read per use
+    loaded = [(keep_frozen(model, frozen_store(hp, dist_info), on_disk, path, 0, teaches=False), info)
+              for path, (model, info) in ((path, load_member(path, dist_info.host)) for path in paths)]
     models = [model for model, _ in loaded]
     shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
     if len(shapes) > 1:
@@ -5767,12 +5915,14 @@ def loss_head_bytes_per_token(hp: Hyperparameters, device_type: str, compute_byt
     return (compute_bytes * hp.n_embd + per_token) * (2 if hp.mtp_weight > 0 else 1)
 
 
-def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_bytes: int = 0) -> dict:
+def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_bytes: int = 0,
+                host_ram_bytes: int = 0) -> dict:
     """Bytes on rank 0 (the rank with the largest Muon shard) of a run of these hyperparameters on world_size ranks,
     from a meta-device model: nothing is allocated. Exact: parameters, gradients and optimizer state (AdamW's two
     moments and step counter, Muon's momentum for the matrices this rank orthogonalises, NorMuon's second moments).
     Estimated: activations and the loss head per device batch, evaluation's logits. Frozen models (finished members,
-    their snapshots, the EMA and SWA copies) are counted where the training loop keeps them: on the device, fp32."""
+    their snapshots, the EMA and SWA copies) are counted where the training loop keeps them: on the device, fp32.
+    host_ram_bytes: a node's RAM, against which candidates_on_disk auto decides (0: none, the candidates in memory)."""
     group_world = world_size // max(1, hp.parallel_members)  # the ranks that train one member together
     model = build_model_meta(hp)
     compute_bytes = 2 if device_type == "cuda" else 4  # bf16 autocast on CUDA (autocast_context)
@@ -5832,7 +5982,8 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 distill_bytes=distill, eval_bytes=eval_logits, frozen_models=frozen_training,
                 average_copies=device_averages, frozen_bytes=frozen_training * param_bytes + teacher_heads +
                 device_averages * param_bytes, teacher_head_bytes=teacher_heads, averaging_on_host=averages_on_host,
-                **host_memory_plan(hp, world_size, model, (averages - device_averages) * param_bytes),
+                **candidate_storage_plan(hp, world_size, model, (averages - device_averages) * param_bytes,
+                                         host_ram_bytes),
                 peak_training=peak_training, peak_final=peak_final, peak=max(peak_training, peak_final),
                 checkpoint_bytes=checkpoint, member_file_bytes=param_bytes,
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
@@ -5874,6 +6025,68 @@ def host_memory_line(plan: dict, gib) -> str:
                f"per node" if plan["host_bytes"] and plan["world_size"] > 1 else ""))
 
 
+def candidate_storage_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int,
+                           host_ram_bytes: int) -> dict:
+    """host_memory_plan, or the candidates kept as their files (disk_memory_plan) under candidates_on_disk on, or
+    auto where the node's RAM (host_ram_bytes) would refuse the in-memory figure (host_memory_refusal); the plan's
+    candidates_on_disk says which."""
+    plan = dict(host_memory_plan(hp, world_size, model, averages_bytes), world_size=world_size)
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    refused = bool(host_ram_bytes) and bool(host_memory_refusal(plan, ranks_here, host_ram_bytes))
+    on_disk = candidate_count(hp) > 1 and (hp.candidates_on_disk == "on" or
+                                           (hp.candidates_on_disk == "auto" and refused))
+    plan.pop("world_size")
+    return dict(plan, **disk_memory_plan(hp, world_size, model, averages_bytes), candidates_on_disk=True) if on_disk \
+        else dict(plan, candidates_on_disk=False)
+
+
+def disk_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int) -> dict:
+    """Host memory of one rank, exact, with the candidates kept as their files (file_candidate): each keeps only the
+    buffers its file lacks (the RoPE tables, whole on every rank); in host memory as before only the frozen models
+    that teach: the members of earlier rounds that teach later ones (over their group's ranks) and, with
+    snapshot_distill, the latest snapshot and, while a snapshot is taken, the previous one (over the member's ranks);
+    the EMA/SWA accumulators under averaging_on_host. Disk: every candidate's file (save_candidate: the state dict),
+    written by rank 0 of its member's group. model: the meta-device model."""
+    shards, group = (world_size, world_size // max(1, hp.parallel_members)) if hp.frozen_shards else (1, 1)
+    world_share, group_share = frozen_host_bytes(model, shards), frozen_host_bytes(model, group)
+    in_file = model.state_dict()
+    kept = sum(t.numel() * t.element_size() for name, t in model.named_buffers() if name not in in_file)
+    file_bytes = sum(t.numel() * t.element_size() for t in in_file.values())
+    per_member, candidates = candidate_count(hp) // hp.ensemble_size, candidate_count(hp)
+    earlier = hp.ensemble_size - hp.parallel_members  # members trained in the rounds before the last
+    teaching = earlier if hp.distill_alpha > 0 and not hp.snapshot_distill_after else 0
+    member_share = group_share if hp.distill_alpha > 0 else world_share
+    snapshot_teachers = 2 if hp.snapshot_distill and per_member > 1 else 0
+    training = teaching * member_share + snapshot_teachers * group_share + averages_bytes \
+        + (earlier * per_member + per_member - 1) * kept
+    host = max(training, candidates * kept)
+    return dict(host_training_bytes=training, host_final_bytes=candidates * kept, host_bytes=host,
+                host_node_bytes=world_size * host, file_candidate_host_bytes=kept, candidate_file_bytes=file_bytes,
+                candidate_disk_bytes=candidates * file_bytes, teaching_host_models=teaching + snapshot_teachers,
+                member_share_bytes=member_share)
+
+
+def candidate_memory_lines(plan: dict, gib) -> list[str]:
+    """The plan's host line (host_memory_line), or with the candidates kept as their files its host and disk lines."""
+    if not plan["candidates_on_disk"]:
+        return [host_memory_line(plan, gib)]
+    teachers = plan["teaching_host_models"]
+    return [
+        f"host        {gib(plan['host_bytes']):>11} | {plan['host_bytes']:,} B: {plan['frozen_host_models']} "
+        f"candidates kept as their files (candidates_on_disk), {plan['file_candidate_host_bytes']:,} B each in host "
+        f"memory (RoPE tables); " + (f"up to {plan['host_training_bytes']:,} B while the last member trains "
+                                     f"({teachers} teacher(s) in {'pinned ' if plan['device_type'] == 'cuda' else ''}"
+                                     f"host memory, {plan['frozen_group_model_bytes']:,} B each"
+                                     + (", the EMA/SWA accumulators" if plan["averaging_on_host"] else "") + "); "
+                                     if plan["host_training_bytes"] > plan["host_final_bytes"] else "")
+        + f"x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) per node",
+        f"disk        {gib(plan['candidate_disk_bytes']):>11} | {plan['candidate_disk_bytes']:,} B: "
+        f"{plan['frozen_host_models']} candidate files x {plan['candidate_file_bytes']:,} B in members/, each read "
+        f"back (by the rank that wrote it: rank 0 of its member's group, broadcast to the others) whenever it is "
+        f"scored, one at a time; all on rank 0's node when the run is one node",
+    ]
+
+
 def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
     """The plan as the log prints it (GiB = 2^30 bytes; ~ marks estimates)."""
     def gib(count: float) -> str:
@@ -5900,7 +6113,7 @@ def memory_plan_lines(hp: Hyperparameters, plan: dict) -> list[str]:
         f"{plan['frozen_models']} frozen model(s) in use (its teacher)"
         + (f" + {plan['teacher_head_bytes'] / 2**30:.2f} GiB teacher lm_heads" if plan["teacher_head_bytes"] else "")
         + f" + {plan['average_copies']} EMA/SWA copies, fp32",
-        host_memory_line(plan, gib),
+        *candidate_memory_lines(plan, gib),
         f"peak        {'~' + gib(plan['peak_training']):>11} | training; after the last member "
         f"~{gib(plan['peak_final'])} ({candidate_count(hp)} candidate(s) scored "
         f"{'together' if hp.ensemble_mode == 'logit' else 'one at a time'})",
@@ -5961,14 +6174,15 @@ def plan_device(hp: Hyperparameters, dist_info: Dist) -> tuple[str, int]:
 def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
     """The plan's lines for the log; raises ConfigError (one line, the setting to change) when it cannot fit."""
     device_type, device_bytes = plan_device(hp, dist_info)
-    plan = memory_plan(hp, hp.plan_world_size or dist_info.world_size, device_type, device_bytes)
+    ram = plan_host_ram(hp)
+    plan = memory_plan(hp, hp.plan_world_size or dist_info.world_size, device_type, device_bytes, ram)
     lines = memory_plan_lines(hp, plan)
     if hp.plan_only and dist_info.is_main:
         print("\n".join(["memory plan" + (f" | preset {hp.preset}" if hp.preset else "")] + lines), flush=True)
     refusal = memory_plan_refusal(hp, plan)
-    if not refusal and not hp.plan_only:  # a real run on this machine: its ranks' frozen models in its memory
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
-        refusal = host_memory_refusal(plan, ranks_here, physical_memory_bytes())
+    if not refusal and ram:  # a real run on this machine (or --host_memory_gb): its ranks' frozen models in its RAM
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", plan["world_size"]))
+        refusal = host_memory_refusal(plan, ranks_here, ram)
     if refusal:
         raise ConfigError(refusal)
     return lines
@@ -5982,6 +6196,37 @@ def physical_memory_bytes() -> int:
         return 0
 
 
+def plan_host_ram(hp: Hyperparameters) -> int:
+    """The RAM per node the host figure is held to: --host_memory_gb, else this machine's for a real run; none for
+    --plan_only (a laptop's RAM says nothing of the node it plans)."""
+    if hp.host_memory_gb:
+        return int(hp.host_memory_gb * 2**30)
+    return 0 if hp.plan_only else physical_memory_bytes()
+
+
+def resolve_candidates_on_disk(hp: Hyperparameters, dist_info: Dist) -> Hyperparameters:
+    """candidates_on_disk auto becomes on or off as the memory plan decides (on exactly when this node's RAM would
+    refuse the candidates in host memory), rank 0's decision on every rank; the log and hyperparameters.json record
+    the outcome."""
+    if hp.candidates_on_disk != "auto":
+        return hp
+    device_type, device_bytes = plan_device(hp, dist_info)
+    plan = memory_plan(hp, hp.plan_world_size or dist_info.world_size, device_type, device_bytes, plan_host_ram(hp))
+    on_disk = dist_info.from_first_rank(plan["candidates_on_disk"])
+    return dataclasses.replace(hp, candidates_on_disk="on" if on_disk else "off")
+
+
+def eval_only_on_disk(hp: Hyperparameters, paths: list[str], dist_info: Dist) -> bool:
+    """--eval_only: whether the saved members are kept as their files (candidates_on_disk; auto: when their bytes,
+    as frozen_store splits them, would take over 90% of this node's RAM), rank 0's decision on every rank."""
+    if hp.candidates_on_disk != "auto":
+        return hp.candidates_on_disk == "on"
+    ram, ranks_here = plan_host_ram(hp), int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    total = sum(os.path.getsize(path) for path in paths if os.path.isfile(path))
+    need = total * ranks_here / (dist_info.world_size if hp.frozen_shards else 1)
+    return dist_info.from_first_rank(bool(ram) and need > 0.9 * ram)
+
+
 def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
     """"" when the frozen models every rank on this machine keeps in host memory (each rank its share of every one of
     them, frozen_store: every rank scores its share of the windows with every candidate) fit 90% of its RAM, else
@@ -5990,8 +6235,9 @@ def host_memory_refusal(plan: dict, ranks_here: int, ram_bytes: int) -> str:
     if not ram_bytes or need <= 0.9 * ram_bytes:
         return ""
     return (f"memory plan: {ranks_here} rank(s) x {plan['host_bytes'] / 2**30:.1f} GiB of frozen models in host memory "
-            f"= {need / 2**30:.1f} GiB, over 90% of this machine's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
-            f"--snapshot_cycles or --epoch_snapshots (or --averaging_on_host off"
+            f"= {need / 2**30:.1f} GiB, over 90% of this node's {ram_bytes / 2**30:.1f} GiB; lower --ensemble_size, "
+            f"--snapshot_cycles or --epoch_snapshots (or "
+            + ("" if plan.get("candidates_on_disk") else "--candidates_on_disk on, ") + "--averaging_on_host off"
             + (", or --frozen_shards true)" if plan.get("frozen_host_shards", 1) < plan["world_size"] else ")"))
 
 
