@@ -2432,6 +2432,40 @@ def release_free_memory(device: torch.device) -> None:
         pass
 
 
+EVAL_CPU_LOSS_ROWS = 64  # positions per log-softmax in picked_loss_sums: each (64, 50,304) float32 tensor is 13 MB
+
+
+def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(positions,) float32: the model's log-probability of each target (targets of -1: of token 0), from its raw
+    lm_head output capped and normalised EVAL_CPU_LOSS_ROWS positions at a time with GPT.head's and the eager
+    evaluation's operations, so every value is bitwise the one picked from the whole (positions, vocab) tensor."""
+    raw = model(inputs, raw_logits=True)
+    raw, targets = raw.reshape(-1, raw.size(-1)), targets.reshape(-1)
+    softcap, picked = model.logit_softcap, torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
+    for start in range(0, raw.size(0), EVAL_CPU_LOSS_ROWS):
+        chunk = slice(start, start + EVAL_CPU_LOSS_ROWS)
+        logits = raw[chunk].float()
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        picked[chunk] = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[chunk].clamp(min=0).unsqueeze(-1))[:, 0]
+    return picked
+
+
+def picked_loss_sums(models: list[nn.Module], weights: list[float], inputs: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """evaluate_ensemble's [loss sum, target count] of one piece in "prob" mode on CPU, from each member's target
+    log-probabilities alone (target_log_probs): the same elementwise operations on the same values (log-softmax, +
+    log weight, logaddexp) and F.nll_loss over the same values in the same order, so bitwise the whole-vocabulary
+    sums, with no (positions, vocab) tensor beyond the one lm_head output (the 8 x 256 tiny val batch: 400 MB each)."""
+    mixture = None
+    for model, weight in zip(models, weights):
+        log_probs = target_log_probs(model, inputs, targets) + math.log(weight)
+        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
+    flat = targets.reshape(-1)
+    loss = F.nll_loss(mixture.unsqueeze(-1), torch.where(flat >= 0, 0, -1), ignore_index=-1, reduction="sum")
+    return torch.stack([loss.double(), (flat >= 0).sum().double()])
+
+
 @torch.no_grad()
 def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData, dist_info: Dist,
                       batch_size: int) -> float:
@@ -2443,6 +2477,9 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
     for batch in data.batches(dist_info.rank, dist_info.world_size, batch_size):
         for inputs, targets in eval_pieces(*batch, dist_info.device):
+            if mode == "prob" and dist_info.device.type == "cpu":  # CPU memory: no (positions, vocab) mixture
+                totals += picked_loss_sums(models, weights, inputs, targets)
+                continue
             with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
                 log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
             totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
