@@ -117,3 +117,30 @@ def test_cpu_evaluation_is_the_whole_vocabulary_evaluation_bitwise(tmp_path, wei
     expected = (totals[0] / totals[1]).item()
     got = train_gpt.evaluate_ensemble(models, weights, "prob", data, dist_info, hp.val_batch_size)
     assert got == expected and 4.0 < got < 8.0
+
+
+def test_members_snapshots_and_candidates_count_from_0(tmp_path):
+    """The log counts as the files and result.json do: `member k of 2` for k = 0, 1, `snapshot j of 2` for the file
+    member_0k_snapshot_0j.pt, the selection line's c0..c3 (member 0's snapshot, member 0, member 1's snapshot,
+    member 1) with its kept candidates result.json's chosen indices, and the size table's `member k alone`."""
+    train_path, val_path = write_micro_shards(tmp_path)
+    flags = micro_flags(train_path, val_path, str(tmp_path), "count", ensemble_size=2, snapshot_cycles=2,
+                        num_epochs=2, fitness_tokens=600, select_top=2, log_every=5)
+    completed = run_script(flags, timeout=120)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    folder = os.path.join(tmp_path, "count")
+    with open(os.path.join(folder, "log.txt")) as handle:
+        log = handle.read()
+    members = sorted({int(m) for m in re.findall(r"^member (\d+) of 2 \|", log, re.M)})
+    assert members == [0, 1]
+    snapshots = re.findall(r"^member (\d+) of 2 \| snapshot (\d+) of 2 \|", log, re.M)
+    assert sorted(snapshots) == [("0", "0"), ("1", "0")]
+    for member, cycle in snapshots:
+        assert os.path.exists(os.path.join(folder, "members", f"member_{int(member):02d}_snapshot_{int(cycle):02d}.pt"))
+    assert [(row["member"], row["cycle"]) for row in read_metrics(folder) if row["kind"] == "snapshot"] == [(0, 0), (1, 0)]
+    line = re.search(r"^selection \|.*$", log, re.M).group(0)
+    assert re.findall(r"c(\d+)=", line) == ["0", "1", "2", "3"]
+    with open(os.path.join(folder, "result.json")) as handle:
+        chosen = json.load(handle)["selection"]["chosen"]
+    assert [int(c) for c in re.findall(r"c(\d+)", line.split("kept")[1])] == chosen
+    assert re.findall(r"members \| [\d.]+ \| member (\d+) alone", log) == ["0", "1"]
