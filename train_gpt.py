@@ -180,8 +180,8 @@ class Hyperparameters:
     plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
     memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
     plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
-    low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
-    # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
+    low_memory: bool = False  # CPU: leave glibc's allocator as it is (fewer freed blocks kept; steps slower, each
+    # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
     cpu_loss_rows: int = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
     # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
     # (tiny: ~1 GB less peak RSS); gradients and losses bitwise those of the whole micro-batch; 0 = whole (eager)
@@ -2451,6 +2451,18 @@ def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return picked
 
 
+def piece_target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                           device: torch.device) -> torch.Tensor:
+    """(B, T, 1): the model's log-probability of each target of a piece; on CPU by target_log_probs (bitwise the
+    same values without the (positions, vocab) tensors: every piece's freed 100 MB blocks, split by the small
+    tensors kept between pieces, had grown an 8 x 256 x 32k-target evaluation past 5 GB resident)."""
+    if device.type == "cpu":
+        return target_log_probs(model, inputs, targets).reshape(*targets.shape, 1)
+    with autocast_context(device):
+        logits = model(inputs).float()
+    return F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+
+
 def picked_loss_sums(models: list[nn.Module], weights: list[float], inputs: torch.Tensor,
                      targets: torch.Tensor) -> torch.Tensor:
     """evaluate_ensemble's [loss sum, target count] of one piece in "prob" mode on CPU, from each member's target
@@ -2728,10 +2740,7 @@ def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode
             for index, (inputs, targets) in enumerate(pieces()):
                 if index == len(mixture):
                     mixture.append(None)
-                with autocast_context(dist_info.device):
-                    logits = model(inputs).float()
-                picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)) + \
-                    math.log(weight)
+                picked = piece_target_log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
                 mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
         model.train(was_training)
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
