@@ -184,7 +184,7 @@ class Hyperparameters:
     # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
     cpu_loss_rows: int = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
     # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
-    # (tiny: ~1 GB less peak RSS); gradients and losses bitwise those of the whole micro-batch; 0 = whole (eager)
+    # (tiny, one step: 1.0 GiB peak RSS instead of 3.0); gradients and losses bitwise the eager ones; 0 = eager
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
