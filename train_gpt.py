@@ -2447,7 +2447,8 @@ def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
         logits = raw[chunk].float()
         if softcap > 0:
             logits = softcap * torch.tanh(logits / softcap)
-        picked[chunk] = F.log_softmax(logits.float(), dim=-1).gather(-1, targets[chunk].clamp(min=0).unsqueeze(-1))[:, 0]
+        chosen = targets[chunk].clamp(min=0).unsqueeze(-1)
+        picked[chunk] = F.log_softmax(logits.float(), dim=-1).gather(-1, chosen)[:, 0]
     return picked
 
 

@@ -95,9 +95,9 @@ def test_50k_vocabulary_run_peak_memory(tmp_path):
 
 @pytest.mark.parametrize("weights", [[1.0], [0.3, 0.7]])
 def test_cpu_evaluation_is_the_whole_vocabulary_evaluation_bitwise(tmp_path, weights):
-    """evaluate_ensemble and evaluate_frozen_ensemble on CPU ("prob": each member's target log-probabilities, 64 positions at a time) equals the
-    whole-vocabulary computation written out: log-softmax of the capped logits + log weight, logaddexp over the
-    members, F.nll_loss summed per piece in float64; a different vocabulary slice than 64 divides (vocab 300)."""
+    """evaluate_ensemble and evaluate_frozen_ensemble on CPU ("prob": each member's target log-probabilities, 64
+    positions at a time) equal the whole-vocabulary computation written out: log-softmax of the capped logits +
+    log weight, logaddexp over the members, F.nll_loss summed per piece in float64 (vocabulary 300)."""
     train_path, val_path = write_micro_shards(tmp_path)
     hp = train_gpt.parse_args(micro_flags(train_path, val_path, str(tmp_path), "x", vocab_size=300))
     dist_info = train_gpt.Dist(device=torch.device("cpu"))
@@ -139,7 +139,8 @@ def test_members_snapshots_and_candidates_count_from_0(tmp_path):
     assert sorted(snapshots) == [("0", "0"), ("1", "0")]
     for member, cycle in snapshots:
         assert os.path.exists(os.path.join(folder, "members", f"member_{int(member):02d}_snapshot_{int(cycle):02d}.pt"))
-    assert [(row["member"], row["cycle"]) for row in read_metrics(folder) if row["kind"] == "snapshot"] == [(0, 0), (1, 0)]
+    rows = [row for row in read_metrics(folder) if row["kind"] == "snapshot"]
+    assert [(row["member"], row["cycle"]) for row in rows] == [(0, 0), (1, 0)]
     line = re.search(r"^selection \|.*$", log, re.M).group(0)
     assert re.findall(r"c(\d+)=", line) == ["0", "1", "2", "3"]
     with open(os.path.join(folder, "result.json")) as handle:
