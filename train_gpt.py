@@ -207,8 +207,11 @@ class Hyperparameters:
     plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
     memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
     plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
-    low_memory: bool = False  # CPU: leave glibc's allocator as it is (tiny: ~1.5 GB peak RSS instead of ~3 GB; steps
-    # slower, each freed 200 MB logits tensor page-faults afresh; see tune_cpu_runtime); the results are identical
+    low_memory: bool = False  # CPU: leave glibc's allocator as it is (fewer freed blocks kept; steps slower, each
+    # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
+    cpu_loss_rows: int = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
+    # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
+    # (tiny, one step: 1.0 GiB peak RSS instead of 3.0); gradients and losses bitwise the eager ones; 0 = eager
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
     candidates_on_disk: str = "auto"  # finished snapshots and members (not teaching) wait as their members/ files, read back one at a time to score them (the public unlimited script's way): auto (only when the memory plan says host memory cannot hold them, see host_memory_gb) | on | off (in host memory)
     host_memory_gb: float = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
@@ -583,6 +586,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
             "seq_len, device_batch_size and val_batch_size must be positive")
     require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
+    require(hp.cpu_loss_rows >= 0, f"cpu_loss_rows must be >= 0 (0 = the whole micro-batch), got {hp.cpu_loss_rows}")
     require(hp.log_every >= 1 and hp.val_every >= -1, "log_every must be >= 1 and val_every >= -1")
     require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
     require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
@@ -1708,6 +1712,58 @@ def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: fl
     chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
     return FusedSoftcapLoss.apply(flat, targets.reshape(-1), teacher_rows, softcap, temperature, ce_weight,
                                   kl_weight, chunk_rows, backend, tile)
+
+
+class ChunkedSoftcapCE(torch.autograd.Function):
+    """Summed soft-capped cross-entropy of raw lm_head outputs (N, V) on CPU, `rows` positions at a time. The eager
+    loss keeps the cap's tanh and the log-softmax, float32 (N, V), for backward and makes four more such tensors in
+    it: 200 MB apiece for the tiny preset's 1,024 positions x 50,304, 1.6 GB over the model's own memory (newcomer
+    review: 4.8 GB peak for a 13M-parameter model). Here one (N, V) tensor serves throughout: the lm_head's output,
+    overwritten by the cap's tanh in forward (kept for backward with each target's log-probability), then by the
+    gradient in backward (the lm_head's matmul saves its input, never its output). Backward recomputes each
+    chunk's log-softmax (activation checkpointing of the loss, Chen et al. 2016) and runs the eager operations on it
+    with the incoming gradient. Every row's operations are the eager ones, and the sum is F.nll_loss over the same
+    values in the same order: loss and gradients bitwise equal to the eager path (tests/test_newcomer_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, raw, targets, softcap, rows):
+        picked = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
+        capped = raw.float()  # with the cap, overwritten by its tanh in place: the lm_head's backward never reads
+        if softcap > 0 and (capped is not raw or not raw.is_contiguous()):  # its output (an input here is a copy)
+            capped = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+        for start in range(0, raw.size(0), rows):
+            chunk = slice(start, start + rows)
+            if softcap > 0:  # GPT.head's operations: softcap * tanh(logits / softcap), the tanh kept
+                torch.tanh(raw[chunk].float() / softcap, out=capped[chunk])
+            logits = softcap * capped[chunk] if softcap > 0 else capped[chunk]
+            picked[chunk] = F.log_softmax(logits, dim=-1).gather(-1, targets[chunk].clamp(min=0).unsqueeze(-1))[:, 0]
+        ctx.save_for_backward(capped, targets)
+        ctx.softcap, ctx.rows = softcap, rows
+        return F.nll_loss(picked.unsqueeze(-1), torch.where(targets >= 0, 0, -1), ignore_index=-1, reduction="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        capped, targets = ctx.saved_tensors
+        softcap = ctx.softcap
+        grad_raw = capped if softcap > 0 else torch.empty_like(capped)  # the tanh, overwritten chunk by chunk
+        for start in range(0, capped.size(0), ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            with torch.enable_grad():
+                tanh = capped[chunk].detach().requires_grad_()
+                loss = cross_entropy_sum(softcap * tanh if softcap > 0 else tanh, targets[chunk])
+                grad = torch.autograd.grad(loss, tanh, grad_loss)[0]
+            if softcap > 0:  # autograd's TanhBackward0 and DivBackward0 of the cap
+                grad = torch.ops.aten.tanh_backward(grad, capped[chunk]) / softcap
+            grad_raw[chunk] = grad
+        return grad_raw, None, None, None
+
+
+def chunked_loss_rows(hp: "Hyperparameters", device: torch.device) -> int:
+    """Rows per chunk of ChunkedSoftcapCE for this run, or 0 where the eager loss trains: off CPU (bf16 autocast
+    there), and with multi-token prediction or distillation (their own loss paths)."""
+    plain = hp.mtp_weight == 0 and hp.distill_alpha == 0 and not hp.train_vocab
+    return hp.cpu_loss_rows if device.type == "cpu" and plain else 0
 
 
 def flex_attention_available(device: torch.device) -> bool:
@@ -3005,6 +3061,53 @@ def release_free_memory(device: torch.device) -> None:
         pass
 
 
+EVAL_CPU_LOSS_ROWS = 64  # positions per log-softmax in picked_loss_sums: each (64, 50,304) float32 tensor is 13 MB
+
+
+def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """(positions,) float32: the model's log-probability of each target (targets of -1: of token 0), from its raw
+    lm_head output capped and normalised EVAL_CPU_LOSS_ROWS positions at a time with GPT.head's and the eager
+    evaluation's operations, so every value is bitwise the one picked from the whole (positions, vocab) tensor."""
+    raw = model(inputs, raw_logits=True)
+    raw, targets = raw.reshape(-1, raw.size(-1)), targets.reshape(-1)
+    softcap, picked = model.logit_softcap, torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
+    for start in range(0, raw.size(0), EVAL_CPU_LOSS_ROWS):
+        chunk = slice(start, start + EVAL_CPU_LOSS_ROWS)
+        logits = raw[chunk].float()
+        if softcap > 0:
+            logits = softcap * torch.tanh(logits / softcap)
+        chosen = targets[chunk].clamp(min=0).unsqueeze(-1)
+        picked[chunk] = F.log_softmax(logits.float(), dim=-1).gather(-1, chosen)[:, 0]
+    return picked
+
+
+def piece_target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                           device: torch.device) -> torch.Tensor:
+    """(B, T, 1): the model's log-probability of each target of a piece; on CPU by target_log_probs (bitwise the
+    same values without the (positions, vocab) tensors: every piece's freed 100 MB blocks, split by the small
+    tensors kept between pieces, had grown an 8 x 256 x 32k-target evaluation past 5 GB resident)."""
+    if device.type == "cpu":
+        return target_log_probs(model, inputs, targets).reshape(*targets.shape, 1)
+    with autocast_context(device):
+        logits = model(inputs).float()
+    return F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
+
+
+def picked_loss_sums(models: list[nn.Module], weights: list[float], inputs: torch.Tensor,
+                     targets: torch.Tensor) -> torch.Tensor:
+    """evaluate_ensemble's [loss sum, target count] of one piece in "prob" mode on CPU, from each member's target
+    log-probabilities alone (target_log_probs): the same elementwise operations on the same values (log-softmax, +
+    log weight, logaddexp) and F.nll_loss over the same values in the same order, so bitwise the whole-vocabulary
+    sums, with no (positions, vocab) tensor beyond the one lm_head output (the 8 x 256 tiny val batch: 400 MB each)."""
+    mixture = None
+    for model, weight in zip(models, weights):
+        log_probs = target_log_probs(model, inputs, targets) + math.log(weight)
+        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
+    flat = targets.reshape(-1)
+    loss = F.nll_loss(mixture.unsqueeze(-1), torch.where(flat >= 0, 0, -1), ignore_index=-1, reduction="sum")
+    return torch.stack([loss.double(), (flat >= 0).sum().double()])
+
+
 @torch.no_grad()
 def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData, dist_info: Dist,
                       batch_size: int) -> float:
@@ -3016,6 +3119,9 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
     for batch in data.batches(dist_info.rank, dist_info.world_size, batch_size):
         for inputs, targets in eval_pieces(*batch, dist_info.device):
+            if mode == "prob" and dist_info.device.type == "cpu":  # CPU memory: no (positions, vocab) mixture
+                totals += picked_loss_sums(models, weights, inputs, targets)
+                continue
             with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
                 log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
             totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
@@ -3198,6 +3304,15 @@ def training_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Te
     if mtp_logits is not None and mtp_weight > 0:
         objective = objective + mtp_weight * cross_entropy_sum(mtp_logits[:, :-1], targets[:, 1:])
     return loss, objective
+
+
+def chunked_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, softcap: float,
+                      rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """training_loss_sums' plain case (next-token CE is the objective) with the loss in chunks of rows positions
+    (ChunkedSoftcapCE, CPU memory): (summed loss, the same tensor as the objective), bitwise the eager pair."""
+    raw = model(inputs, raw_logits=True)
+    loss = ChunkedSoftcapCE.apply(raw.reshape(-1, raw.size(-1)), targets.reshape(-1), softcap, rows)
+    return loss, loss
 
 
 def block_mtp_scale(targets: torch.Tensor) -> torch.Tensor:
@@ -3678,10 +3793,7 @@ def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode
             for index, (inputs, targets) in enumerate(pieces()):
                 if index == len(mixture):
                     mixture.append(None)
-                with autocast_context(dist_info.device):
-                    logits = model(inputs).float()
-                picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)) + \
-                    math.log(weight)
+                picked = piece_target_log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
                 mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
         model.train(was_training)
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
@@ -4543,6 +4655,7 @@ class MemberObjective:
         self.hp, self.teachers = hp, teachers
         self.backend = loss_backend(hp, device)
         self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
+        self.chunk_rows = chunked_loss_rows(hp, device) if self.backend == "eager" else 0  # CPU memory
         self.dist_info = dist_info or Dist(device=device)
         self.held, self.holding = None, ExitStack()  # one teacher kept on the device for as long as it teaches
         self.heads = {}  # id(teacher) -> its TeacherHead, when several teachers stream through the device
@@ -4600,6 +4713,8 @@ class MemberObjective:
                 distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
                                             targets=targets, alpha=hp.distill_alpha,
                                             temperature=hp.distill_temperature, chunk=hp.distill_chunk)
+        if self.chunk_rows and distill is None:
+            return chunked_loss_sums(model, inputs, targets, hp.logit_softcap, self.chunk_rows)
         # distill_mtp_inside: (1 - a)(CE + w MTP) + a T^2 KL, the unlimited record's fold of the MTP term
         mtp_weight = hp.mtp_weight * (1 - hp.distill_alpha) if distill is not None and hp.distill_mtp_inside \
             else hp.mtp_weight
@@ -4990,7 +5105,7 @@ class Snapshots:
                                        teaches=self.hp.snapshot_distill, copy=True)
         self.taken.append((snapshot, loss))
         self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]  # only the latest teaches
-        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle + 1}/{len(steps) + 1} | step {done}/"
+        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle} of {len(steps) + 1} | step {done}/"
                        f"{total_steps} | val_loss {loss:.4f}")
         self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
         if self.hp.snapshot_noise > 0:
@@ -5323,7 +5438,7 @@ def drop_replayed_metrics(path: str) -> int:
 
 RESUME_MAY_CHANGE = {"resume", "stop_at_step", "device", "compile", "log_every", "val_batch_size", "preset",
                      "fused_loss", "attention", "plan_only", "memory_budget_gb", "plan_world_size", "dist_timeout",
-                     "low_memory", "sample_tokens", "wandb", "candidates_on_disk", "host_memory_gb"}
+                     "low_memory", "sample_tokens", "wandb", "candidates_on_disk", "host_memory_gb", "cpu_loss_rows"}
 
 
 def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparameters:
@@ -5658,7 +5773,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         reshard_on_host(model, group_dist, world_store)
 
     if keep_files:
-        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member alone "
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member {k} alone "
                                                   f"{member_results[k]['val_loss']:.4f}"
                                                   for k, loss in enumerate(ensemble_losses)])
         val_loss = ensemble_losses[-1]
@@ -5694,8 +5809,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
                          val_loss=val_loss)
         log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
-                  + " ".join(f"c{i + 1}={w:.3f}" for i, w in enumerate(learned.tolist()))
-                  + f" | kept {', '.join(f'c{i + 1}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+                  + " ".join(f"c{i}={w:.3f}" for i, w in enumerate(learned.tolist()))
+                  + f" | kept {', '.join(f'c{i}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
         log.metrics(dict(kind="selection", **selection))
     test_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
                                          hp.val_batch_size) if data.test_data else None
