@@ -310,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
             flags = f"--train_tokens {TRACK_BYTES // n} --num_epochs {e} {SIZES[size]}"
             results[run_id] = (n, size, e, run(run_id, flags, log))
         results.update(stored_curve_runs(set(results)))  # runs kept in the stored curve, their folders gone
-        _, table = build_curve(results, args.command or "python bench/mini.py curve " + " ".join(
+        _, table = build_curve(results, args.command or "python bench/mini.py " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--build"))
         write_section(RESULTS, f"{SECTION}_curve", f"### {TITLE}: the reference curve (plain training)\n\n" + table)
         return 0
