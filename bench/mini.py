@@ -33,6 +33,25 @@ TRACK_BYTES = 262144  # the mini preset's --train_tokens: the track's whole budg
 BUDGETS = (16, 8, 4, 2, 1)  # the curve's budgets, as 1/N of the track's data
 SIZES = {"s": "--n_layer 2 --n_embd 64 --n_head 2", "m": "--n_layer 3 --n_embd 96 --n_head 3",
          "l": "--n_layer 4 --n_embd 128 --n_head 4"}
+# --domain: whose bytes the runs read. fineweb = the mini track itself; shakespeare = issue 17's "does it transfer?"
+# (Tiny Shakespeare bytes, data/shakespeare/, same budgets of the first 262,144 train bytes). Per domain: the extra
+# train_gpt.py flags, the run folder, the curve folder, the RESULTS.md marker prefix, the tables' title.
+DOMAINS = {
+    "fineweb": ("", "mini", os.path.join("records", "mini"), "mini", "Mini-slowrun"),
+    "shakespeare": ("--train_files data/shakespeare/shakespeare_train.bin --val_files "
+                    "data/shakespeare/shakespeare_val.bin --test_files data/shakespeare/shakespeare_test.bin",
+                    "shakespeare", os.path.join("records", "mini", "shakespeare"), "mini_shakespeare",
+                    "Mini-slowrun, Tiny Shakespeare"),
+}
+DOMAIN_FLAGS, CURVE_DIR, SECTION, TITLE = "", os.path.join(REPO_ROOT, "records", "mini"), "mini", "Mini-slowrun"
+
+
+def use_domain(name: str) -> None:
+    """Points the runs, the curve and the RESULTS.md sections at one domain's data (module state: one per process)."""
+    global DOMAIN_FLAGS, RUNS, CURVE_DIR, SECTION, TITLE
+    flags, runs, curve_dir, SECTION, TITLE = DOMAINS[name]
+    DOMAIN_FLAGS, RUNS, CURVE_DIR = flags, os.path.join(REPO_ROOT, "bench", "runs", runs), os.path.join(REPO_ROOT,
+                                                                                                        curve_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -77,7 +96,8 @@ def run(run_id: str, flags: str, log) -> dict:
     result_path = os.path.join(RUNS, run_id, "result.json")
     if not os.path.isfile(result_path):
         command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--preset", "mini", "--log_dir", RUNS,
-                   "--run_id", run_id, "--save_model", "false", "--val_every", "-1", *flags.split()]
+                   "--run_id", run_id, "--save_model", "false", "--val_every", "-1", *DOMAIN_FLAGS.split(),
+                   *flags.split()]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         log(f"run {run_id}: {' '.join(command[2:])}")
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -123,13 +143,14 @@ def build_curve(results: dict, command: str) -> dict:
     for point in points:
         (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
     unigram = results[used[-1]["run"]][3]  # train's byte frequencies at the largest budget, scored on val
-    curve = dict(track="mini", what="best val loss of plain `--preset mini` training over model sizes and epoch "
+    curve = dict(track="mini" if SECTION == "mini" else SECTION.replace("_", "/"), domain_flags=DOMAIN_FLAGS, what="best val loss of plain `--preset mini` training over model sizes and epoch "
                  "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
                  "the curve reaches a loss (piecewise linear in tokens, slowrun data_eff) / the run's own budget",
                  interpolation="linear in train_tokens", command=command, git_commit=git_commit(),
                  sizes=SIZES, unigram_val_loss=unigram.get("unigram_val_loss"),
-                 unigram_val_bpb=unigram.get("unigram_val_bpb"), points=used, not_falling=dropped)
-    out_dir = os.path.join(REPO_ROOT, "records", "mini")
+                 unigram_val_bpb=unigram.get("unigram_val_bpb"), points=used, not_falling=dropped,
+                 runs=curve_run_rows(results))
+    out_dir = CURVE_DIR
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "reference_curve.json"), "w") as handle:
         json.dump(curve, handle, indent=2)
@@ -148,7 +169,8 @@ def build_curve(results: dict, command: str) -> dict:
         for size in sizes:
             runs = [(r["val_loss"], r["test_loss"], e) for rid, (nn, ss, e, r) in results.items()
                     if nn == n and ss == size and r]
-            tried = ",".join(str(e) for _, _, e in sorted(runs, key=lambda x: x[2]))
+            tried = ",".join(str(e) for e in sorted({e for _, _, e in runs} | {
+                e for nn, ss, _, r in results.values() if nn == n and ss == size and r for e in r.get("epochs_tried", [])}))
             cells.append("—" if not runs else f"{min(runs)[0]:.4f} / {min(runs)[1]:.4f} (e{min(runs)[2]} of {tried})")
         lines.append(f"| {point['budget']} | {point['train_tokens']:,} | " + " | ".join(cells) +
                      f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / "
@@ -157,6 +179,28 @@ def build_curve(results: dict, command: str) -> dict:
         lines += ["", "Not on the curve (their best val loss does not beat a smaller budget's): "
                   + ", ".join(f"{p['budget']} ({p['val_loss']:.4f})" for p in dropped) + "."]
     return curve, "\n".join(lines)
+
+
+def curve_run_rows(results: dict) -> list[dict]:
+    """Every curve run's numbers, stored in the json, so a later rebuild needs no run folder (stored_curve_runs)."""
+    keys = ("train_tokens", "val_loss", "test_loss", "val_bpb", "test_bpb", "unigram_val_loss", "unigram_val_bpb",
+            "epochs_tried", "note")
+    return [dict(run=run_id, budget=n, size=size, epochs=epochs, **{k: r[k] for k in keys if k in r})
+            for run_id, (n, size, epochs, r) in sorted(results.items(), key=lambda item: item[1][:3]) if r]
+
+
+def stored_curve_runs(present: set[str]) -> dict:
+    """The runs of the stored reference_curve.json whose folders are not here (run_id -> (N, size, epochs, numbers)):
+    its `runs`, else (a curve written before they were kept) its points, with the unigram of the curve."""
+    path = os.path.join(CURVE_DIR, "reference_curve.json")
+    if not os.path.isfile(path):
+        return {}
+    with open(path) as handle:
+        curve = json.load(handle)
+    unigram = dict(unigram_val_loss=curve.get("unigram_val_loss"), unigram_val_bpb=curve.get("unigram_val_bpb"))
+    rows = curve.get("runs") or [dict(p, budget=int(p["budget"].split("/")[1])) for p in curve["points"]]
+    return {row["run"]: (row["budget"], row["size"], row["epochs"], {**unigram, **row}) for row in rows
+            if row["run"] not in present}
 
 
 def plot_curve(results: dict, points: list[dict], path: str) -> None:
@@ -175,7 +219,7 @@ def plot_curve(results: dict, points: list[dict], path: str) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("train budget (bytes)")
     axis.set_ylabel("val loss (nats/byte)")
-    axis.set_title("mini track: plain training, best over sizes and epochs")
+    axis.set_title(f"{TITLE}: plain training, best over sizes and epochs")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
@@ -183,7 +227,7 @@ def plot_curve(results: dict, points: list[dict], path: str) -> None:
 
 
 def load_curve_points(kind: str = "val_loss") -> list[tuple[float, float]] | None:
-    path = os.path.join(REPO_ROOT, "records", "mini", "reference_curve.json")
+    path = os.path.join(CURVE_DIR, "reference_curve.json")
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
@@ -202,7 +246,8 @@ def efficiency_text(points, loss: float, budget: int) -> str:
 def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
     val_points, test_points = load_curve_points("val_loss"), load_curve_points("test_loss")
     lines = [f"Command: `{command}` (git {git_commit()}; one thread each). Data efficiency against "
-             f"records/mini/reference_curve.json (val on the val curve, test on the test curve).", "",
+             f"{os.path.relpath(CURVE_DIR, REPO_ROOT)}/reference_curve.json (val on the val curve, test on the test "
+             f"curve).", "",
              "| run | flags | val | test | val bits/byte | train s | data eff. (val) | data eff. (test) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, flags, r in rows:
@@ -240,7 +285,10 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--budget", type=int, default=8, help="1/N of the track's data (default 8)")
     grid.add_argument("--runs", nargs="+", required=True, help="'label:flags' items")
     grid.add_argument("--title", default="", help="the table's title in RESULTS.md")
+    parser.add_argument("--domain", choices=DOMAINS, default="fineweb", help="whose bytes: the mini track's FineWeb-Edu "
+                        "(default) or Tiny Shakespeare (data/shakespeare/)")
     args = parser.parse_args(argv)
+    use_domain(args.domain)
     os.makedirs(RUNS, exist_ok=True)
     log_path = os.path.join(RUNS, "bench.log")
 
@@ -261,9 +309,10 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             flags = f"--train_tokens {TRACK_BYTES // n} --num_epochs {e} {SIZES[size]}"
             results[run_id] = (n, size, e, run(run_id, flags, log))
-        _, table = build_curve(results, args.command or "python bench/mini.py curve " + " ".join(
+        results.update(stored_curve_runs(set(results)))  # runs kept in the stored curve, their folders gone
+        _, table = build_curve(results, args.command or "python bench/mini.py " + " ".join(
             shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--build"))
-        write_section(RESULTS, "mini_curve", "### Mini-slowrun: the reference curve (plain training)\n\n" + table)
+        write_section(RESULTS, f"{SECTION}_curve", f"### {TITLE}: the reference curve (plain training)\n\n" + table)
         return 0
     rows = []
     for item in args.runs:
@@ -271,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append((label, flags, run(f"{args.name}_{label}", f"--train_tokens {TRACK_BYTES // args.budget} {flags}",
                                        log)))
         command = "python bench/mini.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-        write_section(RESULTS, f"mini_{args.name}", f"### Mini-slowrun: {args.title or args.name} at 1/{args.budget} "
+        write_section(RESULTS, f"{SECTION}_{args.name}", f"### {TITLE}: {args.title or args.name} at 1/{args.budget} "
                       f"of the data\n\n" + grid_table(rows, command))
     return 0
 

@@ -82,6 +82,10 @@ TRACKS: dict[str, Track] = {
                   "cpu", None, None, "fineweb_edu_train.bin", "fineweb_edu_val.bin", 35027,
                   ("python", "train_gpt.py", "--preset", "tiny", "--num_epochs", "1000", "--max_steps", "54",
                    "--val_every", "-1")),
+    # mini: the CPU data-efficiency track (issue 17): FineWeb-Edu as bytes; a record trains on 1/8 of the track's
+    # 262,144 bytes, so its reference curve (plain training at 1/16 .. 1, bench/mini.py curve) can show up to 8x.
+    "mini": Track("mini", "CPU, FineWeb-Edu as bytes, 1/8 (32k bytes) of the track's data, any wall time", "cpu",
+                  None, None, "mini_train.bin", "mini_val.bin", 32768, ("python", "train_gpt.py", "--preset", "mini")),
     **{name: _gpu_track(name, seconds, label) for name, seconds, label in (
         ("8gpu-15min", 15 * 60, "15 minutes of training"), ("8gpu-1h", 3600, "1 hour of training"),
         ("8gpu-2h", 7200, "2 hours of training"), ("8gpu-unlimited", None, "no time limit"))},
@@ -509,10 +513,20 @@ def matching_budget(points: list[dict], loss: float) -> float:
     raise AssertionError("unreachable: the loss lies between the first and the last point")
 
 
+def curve_budget(curve: dict, loss: float) -> float:
+    """matching_budget; on a curve stored as linear in tokens (the mini track's, the public slowrun's data_eff rule)
+    the budget of bench/mini.py's reference_budget, the one implementation of that rule (same range check)."""
+    budget = matching_budget(curve["points"], loss)  # refuses a loss off the curve, in both cases
+    if curve.get("interpolation") != "linear in train_tokens":
+        return budget
+    from bench.mini import reference_budget
+    return reference_budget([(p["train_tokens"], p["val_loss"]) for p in curve["points"]], loss)
+
+
 def efficiency_summary(curve: dict, loss: float, train_tokens: int) -> tuple[str, float | None]:
     """(one line for people, the multiple or None when out of range) for a run trained on train_tokens tokens."""
     try:
-        budget = matching_budget(curve["points"], loss)
+        budget = curve_budget(curve, loss)
     except ExtrapolationError as error:
         return str(error), None
     return (f"val loss {loss:.4f} on {train_tokens:,} train tokens matches a baseline trained on {budget:,.0f} tokens: "
@@ -525,7 +539,7 @@ def efficiency_cell(curve: dict | None, loss: float, train_tokens: int) -> str:
         return "—"
     best, worst = curve["points"][-1], curve["points"][0]
     bound = "> " if loss < best["val_loss"] else "< " if loss > worst["val_loss"] else ""
-    budget = (best if bound == "> " else worst)["train_tokens"] if bound else matching_budget(curve["points"], loss)
+    budget = (best if bound == "> " else worst)["train_tokens"] if bound else curve_budget(curve, loss)
     return f"{bound}{budget / train_tokens:.2f}x"
 
 
