@@ -279,7 +279,7 @@ def part_model_steps(dry: bool):
                  f"{figures['tokens_per_second']:,.0f} | peak memory: {figures['peak_memory_bytes'] / 2**30:.2f} GiB"
                  + (" (CPU: peak RSS)" if dry else ""),
                  f"- FLOPs/token: {formula}",
-                 f"- MFU = tokens/s x FLOPs/token / peak = " + (
+                 "- MFU = tokens/s x FLOPs/token / peak = " + (
                      f"{figures['tokens_per_second']:,.0f} x {flops:.4g} / {peak:.4g} = {100 * mfu:.1f}%" if mfu
                      else "n/a (dry run or unknown device peak)")]
         return lines, figures
@@ -346,7 +346,6 @@ def part_fp8_head(dry: bool):
     import torch
     import torch.nn.functional as F
     import train_gpt
-    import kernels
     device = torch.device("cpu" if dry else "cuda")
     rows, width, vocab = (64, 64, DRY_VOCAB) if dry else (8192, 1024, 50304)
     generator = torch.Generator().manual_seed(0)

@@ -263,7 +263,7 @@ def progress_line_problems(run: Run, totals: dict) -> list[str]:
 
 def log_problems(run: Run) -> list[str]:
     """log.txt against result.json: the hyperparameters section, where it ran, the test line and the done line."""
-    result, get = run.result, run.result.get
+    get = run.result.get
     test_line = next((line + " |" for line in reversed(run.lines) if line.startswith("test ")), None)
     done = next((line for line in reversed(run.lines) if line.startswith("done | ")), "")
     return [message for agrees, message in [

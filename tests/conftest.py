@@ -6,6 +6,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -93,3 +94,17 @@ def run_script(args: list[str], nproc: int = 1, timeout: int = 300, one_thread: 
     else:
         command = [sys.executable, script, *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=REPO_ROOT)
+
+
+def assert_bitwise_plain_reference(hp) -> None:
+    """hp (flags at their defaults on the fixture's micro shape) gives the stored plain logits, gradients and one
+    optimizer step of tests/fixtures/plain_reference.pt (made before the refactor) bit for bit."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
+    import make_plain_reference as reference
+    stored = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "plain_reference.pt"), weights_only=True)
+    plain = reference.model_outputs(hp)
+    assert torch.equal(plain["logits"][0], stored["plain"]["logits"][0])
+    for name, grad in plain["grads"].items():
+        assert torch.equal(grad, stored["plain"]["grads"][name]), name
+    for name, param in reference.optimizer_step(hp).items():
+        assert torch.equal(param, stored["step"][name]), name

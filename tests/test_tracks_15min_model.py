@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import train_gpt
-from conftest import micro_flags, read_metrics
+from conftest import assert_bitwise_plain_reference, micro_flags, read_metrics
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
@@ -37,12 +37,7 @@ def test_15min_flags_at_default_leave_the_plain_model_and_step_bitwise():
     (tests/fixtures/plain_reference.pt) come out bitwise, and so do the stored logits of fixed XSA and of resid_mix
     (the flags that pass a default eps or initial value into those tricks)."""
     hp = train_gpt.Hyperparameters(**reference.MICRO, **DEFAULTS)
-    plain = reference.model_outputs(hp)
-    assert torch.equal(plain["logits"][0], REFERENCE["plain"]["logits"][0])
-    for name, grad in plain["grads"].items():
-        assert torch.equal(grad, REFERENCE["plain"]["grads"][name]), name
-    for name, param in reference.optimizer_step(hp).items():
-        assert torch.equal(param, REFERENCE["step"][name]), name
+    assert_bitwise_plain_reference(hp)
     for flag in ("xsa", "resid_mix"):
         flagged = train_gpt.Hyperparameters(**reference.MICRO, **DEFAULTS, **{flag: reference.FLAG_ON[flag]})
         assert torch.equal(reference.model_outputs(flagged)["logits"][0], REFERENCE["flags"][flag][0]), flag

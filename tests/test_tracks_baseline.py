@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import micro_preset_run
+from conftest import assert_bitwise_plain_reference, micro_preset_run
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures"))
 import make_plain_reference as reference  # noqa: E402
@@ -43,12 +43,7 @@ def test_baseline_flags_at_default_leave_the_plain_model_and_step_bitwise():
     defaults = dict(value_embed_tables=False, value_gate_muon=False, train_order="docs")
     assert all(getattr(train_gpt.Hyperparameters(), name) == value for name, value in defaults.items())
     hp = train_gpt.Hyperparameters(**reference.MICRO, **defaults)
-    plain = reference.model_outputs(hp)
-    assert torch.equal(plain["logits"][0], REFERENCE["plain"]["logits"][0])
-    for name, grad in plain["grads"].items():
-        assert torch.equal(grad, REFERENCE["plain"]["grads"][name]), name
-    for name, param in reference.optimizer_step(hp).items():
-        assert torch.equal(param, REFERENCE["step"][name]), name
+    assert_bitwise_plain_reference(hp)
     value_proj = reference.model_outputs(dataclasses.replace(hp, value_proj=True))["logits"]
     assert torch.equal(value_proj[0], REFERENCE["flags"]["value_proj"][0])
 
