@@ -4662,6 +4662,8 @@ class MemberObjective:
         self.offset_weights = None  # mtp_offsets: this step's weights of the targets t, t+1, .. (start_step)
         if hp.mtp_offsets:
             self.backend = f"multi-offset ({'fp8 lm_head' if hp.fp8_head else 'chunked PyTorch'})"
+        elif self.chunk_rows:  # the log names the path that trains: the same sums, a row chunk at a time
+            self.backend = f"eager in {self.chunk_rows}-row chunks (--cpu_loss_rows)"
 
     def start_step(self, step: int, total_steps: int) -> None:
         """The step's multi-offset weights (the extra offsets fade out over mtp_anneal_frac of training)."""
