@@ -4662,8 +4662,6 @@ class MemberObjective:
         self.offset_weights = None  # mtp_offsets: this step's weights of the targets t, t+1, .. (start_step)
         if hp.mtp_offsets:
             self.backend = f"multi-offset ({'fp8 lm_head' if hp.fp8_head else 'chunked PyTorch'})"
-        elif self.chunk_rows:  # the log names the path that trains: the same sums, a row chunk at a time
-            self.backend = f"eager in {self.chunk_rows}-row chunks (--cpu_loss_rows)"
 
     def start_step(self, step: int, total_steps: int) -> None:
         """The step's multi-offset weights (the extra offsets fade out over mtp_anneal_frac of training)."""
@@ -5333,7 +5331,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
         log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
                   f"{total_steps} steps | compile {'on' if model is not raw_model else 'off'} | loss "
-                  f"{objective.backend} | attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
+                  f"{objective.backend}{f' in {objective.chunk_rows}-row chunks' if objective.chunk_rows else ''} | "
+                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
                   (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
                    f"T {hp.distill_temperature}" if objective.distilling else ""))
     checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp, log=log)
