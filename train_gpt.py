@@ -3088,6 +3088,13 @@ def piece_target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torc
     tensors kept between pieces, had grown an 8 x 256 x 32k-target evaluation past 5 GB resident)."""
     if device.type == "cpu":
         return target_log_probs(model, inputs, targets).reshape(*targets.shape, 1)
+    return whole_target_log_probs(model, inputs, targets, device)
+
+
+def whole_target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+                           device: torch.device) -> torch.Tensor:
+    """(B, T, 1): the model's log-probability of each target, picked from its whole (B, T, vocab) log-softmax (any
+    model that returns logits; piece_target_log_probs' path on a GPU)."""
     with autocast_context(device):
         logits = model(inputs).float()
     return F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
@@ -3215,11 +3222,8 @@ def target_probabilities(models: list[nn.Module], data: EvalData, dist_info: Dis
         with frozen_on_device(model, dist_info):  # a parked candidate comes to the device for its rows, then back
             for batch in data.batches(0, 1, batch_size):
                 for inputs, targets in eval_pieces(*batch, dist_info.device):
-                    with autocast_context(dist_info.device):
-                        logits = model(inputs).float()
-                    picked = F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+                    picked = piece_target_log_probs(model, inputs, targets, dist_info.device).squeeze(-1)
                     probs.append(picked[targets >= 0].double().exp())
-                    del logits
         model.train(was_training)
         rows.append(torch.cat(probs))
     table = torch.stack([row if row is not None else
@@ -3770,6 +3774,25 @@ def file_candidate_on_device(model: GPT, dist_info: Dist):
         FROZEN_ON_DEVICE.discard(model)
 
 
+def frozen_mixture(models: list[nn.Module], weights: list[float], pieces, dist_info: Dist,
+                   log_probs=piece_target_log_probs) -> list[torch.Tensor]:
+    """Per piece of pieces() (the same pieces in the same order on every call), the "prob" mixture's log-probability
+    of each target, log sum_i w_i p_i(y) as (B, T, 1): the members brought to the device one at a time, each one's
+    target log-probabilities (log_probs) mixed with ensemble_log_probs' elementwise operations."""
+    mixture = []
+    for model, weight in zip(models, weights):
+        was_training = model.training
+        with frozen_on_device(model.eval(), dist_info):
+            for index, (inputs, targets) in enumerate(pieces()):
+                picked = log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
+                if index == len(mixture):
+                    mixture.append(picked)
+                else:
+                    mixture[index] = torch.logaddexp(mixture[index], picked)
+        model.train(was_training)
+    return mixture
+
+
 @torch.no_grad()
 def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData,
                              dist_info: Dist, batch_size: int) -> float:
@@ -3786,16 +3809,7 @@ def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode
 
     def pieces():  # the same pieces in the same order for every member (eval_pieces: CPU memory)
         return (piece for batch in batches for piece in eval_pieces(*batch, dist_info.device))
-    mixture = []
-    for model, weight in zip(models, weights):
-        was_training = model.training
-        with frozen_on_device(model.eval(), dist_info):
-            for index, (inputs, targets) in enumerate(pieces()):
-                if index == len(mixture):
-                    mixture.append(None)
-                picked = piece_target_log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
-                mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
-        model.train(was_training)
+    mixture = frozen_mixture(models, weights, pieces, dist_info)
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
     for (_, targets), picked in zip(pieces(), mixture):
         targets = targets.reshape(-1)
@@ -3815,22 +3829,12 @@ def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], da
     device = dist_info.device
     batches = [(inputs.to(device), targets.to(device))
                for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
-    mixture = [None] * len(batches)
-    for model, weight in zip(models, weights):
-        was_training = model.training
-        with frozen_on_device(model.eval(), dist_info):
-            for index, (inputs, targets) in enumerate(batches):
-                with autocast_context(device):
-                    log_probs = F.log_softmax(model(inputs).float(), dim=-1)
-                picked = log_probs.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1) + math.log(weight)
-                mixture[index] = picked if mixture[index] is None else torch.logaddexp(mixture[index], picked)
-                del log_probs
-        model.train(was_training)
+    mixture = frozen_mixture(models, weights, lambda: batches, dist_info, whole_target_log_probs)
     table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
     for (_, targets), picked in zip(batches, mixture):
         valid = targets >= 0
-        nats, counted = -picked.double() * valid, table[targets.clamp(min=0)] * valid
+        nats, counted = -picked.squeeze(-1).double() * valid, table[targets.clamp(min=0)] * valid
         if token_bytes is None:
             counted = torch.zeros_like(targets)
         sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
