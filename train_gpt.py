@@ -41,6 +41,7 @@ import time
 import types
 import uuid
 import weakref
+import zlib
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -69,7 +70,8 @@ class Hyperparameters:
     train_order: str = "docs"  # docs: whole documents reshuffled every epoch | fixed: the unshuffled stream's seq_len + 1 windows permuted once by numpy RandomState(43), the same order every epoch (the slowrun baseline record's prepared data, records/TRACKS.md F18a)
     vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
     bos_id: int = 50256  # <|endoftext|>: every document starts with it
-    tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256); a mismatch is refused
+    tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256) | bpe (your own small BPE, --bpe_file); a mismatch is refused
+    bpe_file: str = ""  # --tokenizer bpe: the ranks file data/encode.py --train_bpe wrote (its checksum must match the shards' headers)
     # --- model (nanochat lineage, as in the public slowrun baseline) ---------------------------------------------
     n_layer: int = 12  # transformer blocks
     n_embd: int = 768  # residual width
@@ -572,6 +574,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
     require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
+    require(hp.tokenizer != "bpe" or os.path.isfile(hp.bpe_file),
+            f"tokenizer bpe needs --bpe_file, the ranks file data/encode.py --train_bpe wrote (got {hp.bpe_file!r})")
     require(hp.averaging_on_host in ("auto", "on", "off"),
             f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
     require(hp.candidates_on_disk in ("auto", "on", "off"),
@@ -1055,7 +1059,9 @@ SHARD_HEADER_INTS = 256
 SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
 # header[3] names the tokenizer that made the shard, as an index here. 0 is GPT-2's BPE, which is also what every
 # shard written before the field existed (modded-nanogpt's, FineWeb's, ours) holds there, so old shards read as GPT-2.
-SHARD_TOKENIZERS = ("gpt2", "bytes")
+# "bpe" is a small BPE of one's own (data/encode.py --train_bpe): header[4] then holds its ranks file's checksum
+# (bpe_checksum), so shards of one BPE are refused by a model of another.
+SHARD_TOKENIZERS = ("gpt2", "bytes", "bpe")
 BYTE_SEPARATOR = 256  # the byte tokenizer's document separator (ids 0-255 are the bytes): opens every document
 
 
@@ -1063,8 +1069,15 @@ class DataError(ValueError):
     """A missing or malformed data file: one line naming the file and what is wrong."""
 
 
-def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2") -> None:
-    """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file."""
+def bpe_checksum(path: str) -> int:
+    """The 31-bit CRC-32 of a BPE ranks file, as shard headers (header[4]) store it."""
+    with open(path, "rb") as handle:
+        return zlib.crc32(handle.read()) & 0x7FFFFFFF
+
+
+def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2", bpe_file: str = "") -> None:
+    """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file. A "bpe" shard
+    records its ranks file's checksum (bpe_file)."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 1:
         raise ValueError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
@@ -1073,6 +1086,8 @@ def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2") -> None:
     header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
     header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
     header[3] = SHARD_TOKENIZERS.index(tokenizer)
+    if tokenizer == "bpe":
+        header[4] = bpe_checksum(bpe_file)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     temporary = f"{path}.tmp{os.getpid()}"
     with open(temporary, "wb") as handle:
@@ -1108,26 +1123,35 @@ def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
 
 def shard_tokenizer(path: str) -> str | None:
     """The tokenizer a shard's header names (header[3]); None when the file is no shard at all (read_shard then
-    says what is wrong with it)."""
+    says what is wrong with it). A "bpe" shard's name carries its ranks checksum: "bpe:123456"."""
     if not os.path.isfile(path) or os.path.getsize(path) < SHARD_HEADER_BYTES:
         return None
     header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
     if header[0] != SHARD_MAGIC:
         return None
     if not 0 <= int(header[3]) < len(SHARD_TOKENIZERS):
-        raise DataError(f"{path}: header[3] = {int(header[3])} names no known tokenizer (0 gpt2, 1 bytes)")
-    return SHARD_TOKENIZERS[int(header[3])]
+        raise DataError(f"{path}: header[3] = {int(header[3])} names no known tokenizer (0 gpt2, 1 bytes, 2 bpe)")
+    name = SHARD_TOKENIZERS[int(header[3])]
+    return f"bpe:{int(header[4])}" if name == "bpe" else name
 
 
 def check_shard_tokenizers(hp: Hyperparameters, patterns: list[str]) -> None:
     """Refuses, in one line, a shard made by another tokenizer than the run's: a byte shard fed to a GPT-2 model
     would train without any error (byte ids are valid GPT-2 ids) and mean nothing."""
+    if hp.tokenizer == "bpe" and not os.path.isfile(hp.bpe_file):
+        raise DataError(f"--bpe_file {hp.bpe_file!r}: file not found (the BPE ranks file the shards were made with)")
+    expected = f"bpe:{bpe_checksum(hp.bpe_file)}" if hp.tokenizer == "bpe" else hp.tokenizer
     for path in sorted(path for pattern in patterns if pattern for path in glob.glob(pattern)):
         made_by = shard_tokenizer(path)
-        if made_by is not None and made_by != hp.tokenizer:
+        if made_by is not None and made_by.startswith("bpe") and expected.startswith("bpe") and made_by != expected:
+            raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by another BPE (ranks checksum "
+                            f"{made_by[4:]}) than --bpe_file {hp.bpe_file} (checksum {expected[4:]})")
+        if made_by is not None and made_by.split(":")[0] != hp.tokenizer:
+            made_by = made_by.split(":")[0]
             raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
                             f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
-                            f"its vocabulary (--preset mini for bytes) or shards made for {hp.tokenizer}")
+                            f"its vocabulary (--preset mini for bytes, mini_bpe for the mini BPE) or shards made for "
+                            f"{hp.tokenizer}")
 
 
 def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
@@ -1410,23 +1434,31 @@ def unigram_loss(train_tokens: np.ndarray, val_tokens: np.ndarray, vocab_size: i
 
 
 @functools.lru_cache(maxsize=None)
-def token_byte_lengths(tokenizer: str, vocab_size: int) -> np.ndarray | None:
-    """UTF-8 bytes of text each token id stands for (0 for the document separator and padding ids). For GPT-2 read
-    from the bundled data/gpt2.tiktoken (one `base64(token bytes) rank` line per token); None when it is missing."""
-    lengths = np.zeros(max(vocab_size, 257), dtype=np.int64)
+def token_bytes_table(tokenizer: str, bpe_file: str = "") -> dict[int, bytes] | None:
+    """The bytes of text each token id stands for (the separator and padding ids are absent). Bytes: id i is byte i;
+    GPT-2: the bundled data/gpt2.tiktoken; bpe: --bpe_file (both one `base64(token bytes) id` line per token). None
+    when the file is missing."""
     if tokenizer == "bytes":
-        lengths[:256] = 1
-        return lengths
-    import base64
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")
+        return {i: bytes([i]) for i in range(256)}
+    path = bpe_file if tokenizer == "bpe" else os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                                                             "gpt2.tiktoken")
     if not os.path.isfile(path):
         return None
     with open(path, "rb") as handle:
-        for line in handle:
-            if line.strip():
-                token, rank = line.split()
-                if int(rank) < lengths.size:
-                    lengths[int(rank)] = len(base64.b64decode(token))
+        return {int(rank): base64.b64decode(token) for token, rank in (line.split() for line in handle if line.strip())}
+
+
+@functools.lru_cache(maxsize=None)
+def token_byte_lengths(tokenizer: str, vocab_size: int, bpe_file: str = "") -> np.ndarray | None:
+    """UTF-8 bytes of text each token id stands for (0 for the document separator and padding ids); None without
+    the tokenizer's file."""
+    table = token_bytes_table(tokenizer, bpe_file)
+    if table is None:
+        return None
+    lengths = np.zeros(max(vocab_size, 257), dtype=np.int64)
+    for token_id, token in table.items():
+        if token_id < lengths.size:
+            lengths[token_id] = len(token)
     return lengths
 
 
@@ -1444,7 +1476,7 @@ def bits_per_byte(loss: float, targets: int, num_bytes: int) -> float:
 def run_bits_per_byte(hp: Hyperparameters, data: RunData, val_loss: float, test_loss: float | None,
                       unigram: float) -> dict:
     """result.json's bits-per-byte fields: val, test and the unigram baseline (None without the GPT-2 vocab file)."""
-    lengths = token_byte_lengths(hp.tokenizer, hp.vocab_size)
+    lengths = token_byte_lengths(hp.tokenizer, hp.vocab_size, hp.bpe_file)
     if lengths is None:
         return dict(val_bpb=None, test_bpb=None, unigram_val_bpb=None, val_bytes=None)
     val_targets = data.val_data.tokens[1:data.val_data.num_targets + 1]
@@ -4183,12 +4215,13 @@ def write_loss_plot(folder: str, title: str, unigram: float):
     return figure
 
 
-def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2") -> str:
-    """The text of the tokens: UTF-8 bytes for the byte tokenizer (the separator shown as a newline), GPT-2 text from
-    data/encode.py's bundled BPE (no download), or the ids themselves where that is unavailable or the vocabulary
-    is not GPT-2's (the tests' toy languages)."""
-    if tokenizer == "bytes":
-        return repr(b"".join(b"\n" if t == BYTE_SEPARATOR else bytes([t]) for t in token_ids if t <= BYTE_SEPARATOR)
+def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> str:
+    """The text of the tokens: UTF-8 bytes for the byte tokenizer and a small BPE (the separator shown as a
+    newline), GPT-2 text from data/encode.py's bundled BPE (no download), or the ids themselves where that is
+    unavailable or the vocabulary is not GPT-2's (the tests' toy languages)."""
+    table = token_bytes_table(tokenizer, bpe_file) if tokenizer in ("bytes", "bpe") else None
+    if table is not None:
+        return repr(b"".join(b"\n" if t == BYTE_SEPARATOR else table.get(t, b"") for t in token_ids)
                     .decode("utf-8", errors="replace"))
     try:
         spec = importlib.util.spec_from_file_location(
@@ -4241,11 +4274,12 @@ def sample_continuations(models: list[nn.Module], weights: list[float], mode: st
             for i in range(batch.size(0))]
 
 
-def sample_lines(samples: list[dict], vocab_size: int, tokenizer: str = "gpt2") -> list[str]:
+def sample_lines(samples: list[dict], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> list[str]:
     lines = []
     for number, sample in enumerate(samples):
-        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size, tokenizer)}")
-        lines += [f"  {how}: {decode_tokens(tokens, vocab_size)}" for how, tokens in sample.items() if how != "prompt"]
+        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size, tokenizer, bpe_file)}")
+        lines += [f"  {how}: {decode_tokens(tokens, vocab_size, tokenizer, bpe_file)}"
+                  for how, tokens in sample.items() if how != "prompt"]
     return lines
 
 
@@ -5865,7 +5899,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                 result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
                                                          data.val_tokens, hp, device)
                 log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer))
+                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer, hp.bpe_file))
     result["peak_memory_bytes"] = peak_memory_bytes(device)
     if hp.resume and dist_info.is_main:
         drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))

@@ -43,7 +43,32 @@ DOMAINS = {
                     "shakespeare", os.path.join("records", "mini", "shakespeare"), "mini_shakespeare",
                     "Mini-slowrun, Tiny Shakespeare"),
 }
+# bytes or a small BPE? (issue 17): the same documents encoded by a BPE learned from the track's 262,144 train bytes
+# (data/mini/make_mini.sh bpe: vocabularies of 512 and 1,024 ids); budgets then count the BPE tokens of the documents
+# the byte budget keeps, so every budget trains on the same text.
+for _vocab in (512, 1024):
+    _files = " ".join(f"--{split}_files data/mini/mini_bpe{_vocab}_{split}.bin" for split in ("train", "val", "test"))
+    DOMAINS[f"bpe{_vocab}"] = (f"--tokenizer bpe --bpe_file data/mini/mini_bpe{_vocab}.tiktoken --vocab_size {_vocab} "
+                               f"{_files}", f"mini_bpe{_vocab}", os.path.join("records", "mini", f"bpe{_vocab}"),
+                               f"mini_bpe{_vocab}", f"Mini-slowrun, BPE {_vocab}")
 DOMAIN_FLAGS, CURVE_DIR, SECTION, TITLE = "", os.path.join(REPO_ROOT, "records", "mini"), "mini", "Mini-slowrun"
+
+
+def budget_tokens(n: int) -> int:
+    """--train_tokens for 1/n of the track: bytes, or for a BPE domain the BPE tokens of the very documents that
+    1/n of the byte track keeps (the BPE shard holds the same documents in the same order)."""
+    if "--tokenizer bpe" not in DOMAIN_FLAGS:
+        return TRACK_BYTES // n
+    import numpy as np
+    import train_gpt
+    flags = DOMAIN_FLAGS.split()
+    bpe = train_gpt.read_shard(os.path.join(REPO_ROOT, flags[flags.index("--train_files") + 1]))
+    byte_track = train_gpt.truncate_to_document(
+        train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin")), TRACK_BYTES // n,
+        train_gpt.BYTE_SEPARATOR, "mini_train.bin")
+    documents = int((byte_track == train_gpt.BYTE_SEPARATOR).sum())
+    starts = np.flatnonzero(bpe == train_gpt.BYTE_SEPARATOR)
+    return int(starts[documents]) if documents < starts.size else int(bpe.size)
 
 
 def use_domain(name: str) -> None:
@@ -286,7 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--runs", nargs="+", required=True, help="'label:flags' items")
     grid.add_argument("--title", default="", help="the table's title in RESULTS.md")
     parser.add_argument("--domain", choices=DOMAINS, default="fineweb", help="whose bytes: the mini track's FineWeb-Edu "
-                        "(default) or Tiny Shakespeare (data/shakespeare/)")
+                        "(default), Tiny Shakespeare (data/shakespeare/), or the mini track's text in a BPE of 512 or "
+                        "1,024 ids (bpe512, bpe1024: data/mini/make_mini.sh bpe)")
     args = parser.parse_args(argv)
     use_domain(args.domain)
     os.makedirs(RUNS, exist_ok=True)
@@ -307,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             if args.build and not os.path.isfile(os.path.join(RUNS, run_id, "result.json")):
                 continue
-            flags = f"--train_tokens {TRACK_BYTES // n} --num_epochs {e} {SIZES[size]}"
+            flags = f"--train_tokens {budget_tokens(n)} --num_epochs {e} {SIZES[size]}"
             results[run_id] = (n, size, e, run(run_id, flags, log))
         results.update(stored_curve_runs(set(results)))  # runs kept in the stored curve, their folders gone
         _, table = build_curve(results, args.command or "python bench/mini.py " + " ".join(
@@ -317,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for item in args.runs:
         label, _, flags = item.partition(":")
-        rows.append((label, flags, run(f"{args.name}_{label}", f"--train_tokens {TRACK_BYTES // args.budget} {flags}",
+        rows.append((label, flags, run(f"{args.name}_{label}", f"--train_tokens {budget_tokens(args.budget)} {flags}",
                                        log)))
         command = "python bench/mini.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
         write_section(RESULTS, f"{SECTION}_{args.name}", f"### {TITLE}: {args.title or args.name} at 1/{args.budget} "

@@ -15,6 +15,14 @@ before them. Documents are never cut: not between splits, not between shards.
 vocabulary of 257; the mini track's data/mini/ is made so). The shard header (train_gpt.SHARD_TOKENIZERS) records
 which tokenizer made it, and train_gpt.py refuses a shard made by another tokenizer than the run's --tokenizer.
 
+--tokenizer bpe --bpe_file F: a small byte-level BPE of your own, learned from the train split (--train_bpe V: a
+vocabulary of V ids; 0-255 are the bytes, 256 the document separator, 257.. the merges in the order learned), written
+to F as `base64(token bytes) id` lines (tiktoken's format) and encoded with tiktoken. The split is then counted in
+the byte tokenizer's units (UTF-8 bytes + 1 per document), so --val_tokens/--test_tokens pick the same documents as a
+--tokenizer bytes split with the same numbers, and the BPE is learned from train documents only (--bpe_train_bytes N:
+only the first ones within N such units, e.g. the mini track's 262,144). The shard header holds a checksum of F, so
+train_gpt.py refuses shards of another BPE.
+
 How a plain text file splits into documents (--doc_split; JSONL files hold one document per line whatever it says):
   file        the whole file is one document
   blank_line  paragraph blocks separated by one or more blank (empty or whitespace-only) lines
@@ -44,7 +52,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(_HERE)
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from train_gpt import BYTE_SEPARATOR, DataError, Hyperparameters, read_shard, write_shard  # noqa: E402,F401
+from train_gpt import (BYTE_SEPARATOR, DataError, Hyperparameters, bpe_checksum, read_shard,  # noqa: E402,F401
+                       write_shard)
 
 BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
 
@@ -54,7 +63,7 @@ GPT2_RANKS = 50256  # mergeable BPE ranks of GPT-2 (ids 0..50255); <|endoftext|>
 # for tiktoken versions that do not export the constant.
 GPT2_PATTERN_FALLBACK = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
 DOC_SPLITS = ("file", "blank_line", "line", "joined")
-TOKENIZERS = ("gpt2", "bytes")  # the names train_gpt's shard header and --tokenizer use
+TOKENIZERS = ("gpt2", "bytes", "bpe")  # the names train_gpt's shard header and --tokenizer use
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".ndjson", ".ndjson.gz")
 
 
@@ -129,9 +138,115 @@ def decode_byte_documents(tokens) -> list[str]:
     return [ByteEncoding().decode(tokens[start + 1:end]) for start, end in zip(starts, ends)]
 
 
-def make_encoding(tokenizer: str, vocab_path: str | None):
+# ----------------------------------------------------------------------------------------------------------------------
+# A small byte-level BPE learned from the train split (issue 17: bytes or a small BPE for the mini track?)
+
+
+def train_bpe(texts: list[str], vocab_size: int, quiet: bool = True) -> list[bytes]:
+    """Byte-level BPE (Sennrich et al. 2016 on UTF-8 bytes, as GPT-2): the texts are cut into pieces by GPT-2's
+    pre-tokenisation regex (merges never cross a piece boundary: a space opens a word, digits and punctuation stay
+    apart), then the most frequent adjacent pair of ids is merged into a new id, vocab_size - 257 times (ties: the
+    pair with the smaller ids). Returns every id's bytes: 0-255 the bytes, 256 the separator (b""), 257.. the merges.
+    Pair counts are updated only in the pieces a merge touches, so 768 merges of a 262 kB text take seconds."""
+    import collections
+
+    import regex
+    if vocab_size < BYTE_SEPARATOR + 1 or vocab_size > 2**16:
+        raise TokenizeError(f"--train_bpe {vocab_size}: the vocabulary must hold 257 ids (bytes and separator) and "
+                            f"at most 65,536 (uint16 shards)")
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str as pattern
+    except ImportError:
+        pattern = GPT2_PATTERN_FALLBACK
+    piece_counts = collections.Counter(piece for text in texts for piece in regex.findall(pattern, text))
+    pieces = [list(piece.encode("utf-8")) for piece in piece_counts]
+    counts = list(piece_counts.values())
+    pair_counts: collections.Counter = collections.Counter()
+    pieces_with = collections.defaultdict(set)  # pair -> indices of the pieces holding it
+    for index, ids in enumerate(pieces):
+        for pair in zip(ids, ids[1:]):
+            pair_counts[pair] += counts[index]
+            pieces_with[pair].add(index)
+    vocabulary = [bytes([i]) for i in range(256)] + [b""]
+    while len(vocabulary) < vocab_size and pair_counts:
+        best = max(pair_counts, key=lambda pair: (pair_counts[pair], -pair[0], -pair[1]))
+        new_id = len(vocabulary)
+        vocabulary.append(vocabulary[best[0]] + vocabulary[best[1]])
+        for index in pieces_with.pop(best):
+            old, merged, position = pieces[index], [], 0
+            while position < len(old):
+                if position + 1 < len(old) and (old[position], old[position + 1]) == best:
+                    merged.append(new_id)
+                    position += 2
+                else:
+                    merged.append(old[position])
+                    position += 1
+            for pair in zip(old, old[1:]):
+                pair_counts[pair] -= counts[index]
+                if pair_counts[pair] <= 0:
+                    del pair_counts[pair]
+                if pair != best:
+                    pieces_with[pair].discard(index)
+            for pair in zip(merged, merged[1:]):
+                pair_counts[pair] += counts[index]
+                pieces_with[pair].add(index)
+            pieces[index] = merged
+        pair_counts.pop(best, None)
+    if not quiet:
+        print(f"BPE: {len(vocabulary) - BYTE_SEPARATOR - 1:,} merges learned from {sum(map(len, texts)):,} "
+              f"characters ({len(piece_counts):,} distinct pieces)")
+    return vocabulary
+
+
+def write_bpe(path: str, vocabulary: list[bytes]) -> None:
+    """The vocabulary as tiktoken's ranks file: one `base64(token bytes) id` line per id, the separator left out."""
+    import base64
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as handle:
+        for token_id, token in enumerate(vocabulary):
+            if token_id != BYTE_SEPARATOR:
+                handle.write(f"{base64.b64encode(token).decode()} {token_id}\n")
+
+
+class BpeEncoding:
+    """A BPE ranks file written by write_bpe, as a tiktoken Encoding (its Rust encoder): ids 0-255 the bytes, 256 the
+    separator that opens every document, then the merges. The same calls as ByteEncoding."""
+    name = "bpe"
+    bos_id = BYTE_SEPARATOR
+
+    def __init__(self, path: str):
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+        if not os.path.isfile(path):
+            raise TokenizeError(f"--bpe_file {path}: file not found (make it with --train_bpe VOCAB_SIZE)")
+        try:
+            ranks = load_tiktoken_bpe(path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the same one-line complaint
+            raise TokenizeError(f"--bpe_file {path}: not a BPE ranks file ({type(exc).__name__}: {exc})") from None
+        if any(ranks.get(bytes([i])) != i for i in range(256)) or BYTE_SEPARATOR in ranks.values():
+            raise TokenizeError(f"--bpe_file {path}: ids 0-255 must be the single bytes and 256 unused (the separator)")
+        try:
+            from tiktoken_ext.openai_public import r50k_pat_str as pattern
+        except ImportError:
+            pattern = GPT2_PATTERN_FALLBACK
+        self.n_vocab = max(ranks.values()) + 1
+        self._encoding = tiktoken.Encoding(name="slowrun_bpe", pat_str=pattern, mergeable_ranks=ranks,
+                                           special_tokens={"<|separator|>": BYTE_SEPARATOR})
+        self._bytes = {token_id: token for token, token_id in ranks.items()}
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._encoding.encode_ordinary(text)
+
+    def decode(self, ids) -> str:
+        """One document's ids (no separator) -> its text; invalid UTF-8 is an error, never replaced."""
+        return b"".join(self._bytes[int(i)] for i in ids).decode("utf-8")
+
+
+def make_encoding(tokenizer: str, vocab_path: str | None, bpe_file: str | None = None):
     if tokenizer == "bytes":
         return ByteEncoding()
+    if tokenizer == "bpe":
+        return BpeEncoding(bpe_file)
     if tokenizer != "gpt2":
         raise TokenizeError(f"--tokenizer {tokenizer!r}: use one of {', '.join(TOKENIZERS)}")
     return gpt2_encoding(vocab_path)
@@ -365,27 +480,38 @@ def _progress(total_chars: int, quiet: bool):
 
 
 def tokenize_files(paths: list[str], encoding, input_format: str = "auto", doc_split: str = "blank_line",
-                   text_field: str = "text", min_doc_chars: int = 0, quiet: bool = True) -> list[np.ndarray]:
-    """One uint16 array per non-empty document: BOS then the document's tokens, in input order."""
+                   text_field: str = "text", min_doc_chars: int = 0, quiet: bool = True,
+                   texts: list[str] | None = None) -> list[np.ndarray]:
+    """One uint16 array per non-empty document: BOS then the document's tokens, in input order. texts: the
+    documents already read (iter_texts), so the files are not read again."""
+    bos_id = getattr(encoding, "bos_id", BOS_ID)
+    source = texts if texts is not None else iter_texts(paths, input_format, doc_split, text_field, min_doc_chars,
+                                                        quiet)
+    return [np.array([bos_id, *encoding.encode_ordinary(text)], dtype=np.uint16) for text in source]
+
+
+def iter_texts(paths: list[str], input_format: str = "auto", doc_split: str = "blank_line",
+               text_field: str = "text", min_doc_chars: int = 0, quiet: bool = True):
+    """Yields every non-empty document's text, in input order, with a progress bar over the input (the caller
+    tokenizes each as it comes)."""
     for path in paths:  # every missing file is reported before any work is done
         if not os.path.isfile(path):
             raise TokenizeError(f"{path}: file not found")
     total = sum(os.path.getsize(path) for path in paths)  # bytes: close enough to characters for a progress bar
     bar = _progress(total, quiet)
-    documents = []
+    found = False
     try:
         for path in paths:
             for text, consumed in read_documents(path, input_format, doc_split, text_field, min_doc_chars):
                 if text:
-                    ids = encoding.encode_ordinary(text)
-                    documents.append(np.array([getattr(encoding, "bos_id", BOS_ID), *ids], dtype=np.uint16))
+                    found = True
+                    yield text
                 bar.update(consumed)
     finally:
         bar.close()
-    if not documents:
+    if not found:
         raise TokenizeError(f"no documents: {', '.join(paths)} hold no non-empty text"
                             + (f" in field {text_field!r}" if any(is_jsonl(p, input_format) for p in paths) else ""))
-    return documents
 
 
 def _stale_outputs(out_dir: str, name: str) -> list[str]:
@@ -396,13 +522,26 @@ def _stale_outputs(out_dir: str, name: str) -> list[str]:
     return sorted(os.path.join(out_dir, entry) for entry in os.listdir(out_dir) if pattern.fullmatch(entry))
 
 
-def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_tokens: int,
-                 shard_tokens: int, tokenizer: str = "gpt2", test_tokens: int = 0) -> dict:
-    """Writes the train shard(s), the val file and (test_tokens > 0) the test file: test is the last whole documents,
-    val the ones before them; returns a summary."""
-    lengths = np.array([doc.size for doc in documents], dtype=np.int64)
+def byte_units(texts: list[str]) -> np.ndarray:
+    """Each document's length in the byte tokenizer's tokens: its UTF-8 bytes and the separator."""
+    return np.array([len(text.encode("utf-8")) + 1 for text in texts], dtype=np.int64)
+
+
+def split_documents(lengths: np.ndarray, val_tokens: int, test_tokens: int) -> tuple[int, int]:
+    """(first val document, first test document): test is the last whole documents, val the ones before them."""
     first_test = split_point(lengths, test_tokens, "--test_tokens")
-    first_val = split_point(lengths[:first_test], val_tokens)
+    return split_point(lengths[:first_test], val_tokens), first_test
+
+
+def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_tokens: int,
+                 shard_tokens: int, tokenizer: str = "gpt2", test_tokens: int = 0, bpe_file: str = "",
+                 split_lengths: np.ndarray | None = None) -> dict:
+    """Writes the train shard(s), the val file and (test_tokens > 0) the test file: test is the last whole documents,
+    val the ones before them; returns a summary. split_lengths: the document lengths the split counts (default the
+    tokens written; a BPE split counts byte_units)."""
+    lengths = np.array([doc.size for doc in documents], dtype=np.int64)
+    first_val, first_test = split_documents(lengths if split_lengths is None else split_lengths, val_tokens,
+                                            test_tokens)
     train_ranges = shard_ranges(lengths[:first_val], shard_tokens)
     outputs = []  # (path, first doc, end doc)
     if len(train_ranges) == 1:
@@ -420,7 +559,7 @@ def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_token
         os.remove(path)
     files = []
     for path, first, end in outputs:
-        write_shard(path, np.concatenate(documents[first:end]), tokenizer)
+        write_shard(path, np.concatenate(documents[first:end]), tokenizer, bpe_file)
         files.append({"path": path, "documents": end - first, "tokens": int(lengths[first:end].sum())})
     return {"documents": len(documents), "tokens": int(lengths.sum()),
             "train_documents": first_val, "train_tokens": int(lengths[:first_val].sum()),
@@ -457,7 +596,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="gpt2",
                         help="gpt2: GPT-2's BPE (default) | bytes: UTF-8 bytes, ids 0-255, with 256 opening every "
                              "document (vocabulary 257; train with --tokenizer bytes --vocab_size 257 --bos_id 256, "
-                             "as --preset mini does). The shard header records which")
+                             "as --preset mini does) | bpe: your own small BPE (--bpe_file, --train_bpe; the split then "
+                             "counts byte units: UTF-8 bytes + 1 per document). The shard header records which")
+    parser.add_argument("--bpe_file", default=None,
+                        help="--tokenizer bpe: the BPE ranks file to encode with, or (with --train_bpe) to write")
+    parser.add_argument("--train_bpe", type=int, default=0, metavar="VOCAB_SIZE",
+                        help="--tokenizer bpe: first learn a byte-level BPE of this many ids (>= 257) from the train "
+                             "documents and write it to --bpe_file")
+    parser.add_argument("--bpe_train_bytes", type=int, default=0,
+                        help="--train_bpe: learn only from the first train documents within this many byte units "
+                             "(UTF-8 bytes + 1 per document, as --train_tokens cuts a byte shard; 0 = all train)")
     parser.add_argument("--shard_tokens", type=int, default=100_000_000,
                         help="most tokens per train shard; more train than this is split into numbered shards "
                              "(default 100M, as modded-nanogpt)")
@@ -482,11 +630,29 @@ def run(args: argparse.Namespace) -> dict:
             raise TokenizeError(f"{path}: file not found")
     if args.test_tokens < 0:
         raise TokenizeError(f"--test_tokens {args.test_tokens}: must be >= 0")
-    encoding = make_encoding(args.tokenizer, args.vocab)
+    if args.tokenizer == "bpe" and not args.bpe_file:
+        raise TokenizeError("--tokenizer bpe needs --bpe_file (with --train_bpe VOCAB_SIZE to learn it first)")
+    if (args.train_bpe or args.bpe_train_bytes) and args.tokenizer != "bpe":
+        raise TokenizeError("--train_bpe and --bpe_train_bytes go with --tokenizer bpe")
+    if args.bpe_train_bytes < 0:
+        raise TokenizeError(f"--bpe_train_bytes {args.bpe_train_bytes}: must be >= 0")
+    texts, split_lengths = None, None
+    if args.tokenizer == "bpe":  # all texts first: the split (and the BPE learned from train) come before encoding
+        texts = list(iter_texts(args.inputs, args.input_format, args.doc_split, args.text_field, args.min_doc_chars,
+                                quiet=args.quiet))
+        split_lengths = byte_units(texts)
+    if args.train_bpe:  # learned from train documents only: the split is known before any BPE exists
+        first_val, _ = split_documents(split_lengths, args.val_tokens, args.test_tokens)
+        learn_from = first_val
+        if args.bpe_train_bytes:  # the documents a byte shard's --train_tokens N keeps: those ending within N
+            learn_from = max(1, int(np.searchsorted(np.cumsum(split_lengths[:first_val]), args.bpe_train_bytes,
+                                                    side="right")))
+        write_bpe(args.bpe_file, train_bpe(texts[:learn_from], args.train_bpe, quiet=args.quiet))
+    encoding = make_encoding(args.tokenizer, args.vocab, args.bpe_file)
     documents = tokenize_files(args.inputs, encoding, args.input_format, args.doc_split, args.text_field,
-                               args.min_doc_chars, quiet=args.quiet)
+                               args.min_doc_chars, quiet=args.quiet, texts=texts)
     summary = write_splits(documents, args.out_dir, args.name, args.val_tokens, args.shard_tokens, args.tokenizer,
-                           args.test_tokens)
+                           args.test_tokens, args.bpe_file or "", split_lengths)
     if not args.quiet:
         print(f"{summary['documents']:,} documents, {summary['tokens']:,} tokens (BOS included) from "
               f"{len(args.inputs)} file(s)")
