@@ -303,6 +303,20 @@ PRESETS: dict[str, dict] = {
         num_epochs=2, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=10, device="cpu",
     ),
+    # The same track's text in a small BPE (issue 17's "bytes or a small BPE?"; measured in bench/RESULTS.md): 1,024
+    # ids learned from the 1/8 budget's 4 documents only (which every budget from 1/8 up contains), ~3 bytes per token,
+    # so a step sees 3x the text and a plain run at 1/8 reaches lower bits per byte in a fifth of the bytes' CPU time.
+    # train_tokens: the BPE tokens of the byte track's 44 documents (261,003 bytes); batch_tokens 1,536 ~ the byte
+    # preset's bytes per step.
+    "mini_bpe": dict(
+        train_files="data/mini/mini_bpe_train.bin", val_files="data/mini/mini_bpe_val.bin",
+        test_files="data/mini/mini_bpe_test.bin", train_tokens=109639,
+        tokenizer="bpe", bpe_file="data/mini/mini_bpe.tiktoken", vocab_size=1024, bos_id=256,
+        n_layer=3, n_embd=96, n_head=3, seq_len=128,
+        batch_tokens=1536, device_batch_size=12, val_batch_size=64,
+        num_epochs=4, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
+        log_every=10, device="cpu",
+    ),
     # Each track's preset is its public record, setting by setting (records/TRACKS.md has the table: setting | public
     # script:line | our flag | same?). "1h": the 1-hour track's record, 3.195 (qlabs-eng/slowrun train.py at fd342f0,
     # 30 x 1792, 14 heads, SwiGLU 4864). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.

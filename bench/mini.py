@@ -46,29 +46,59 @@ DOMAINS = {
 # bytes or a small BPE? (issue 17): the same documents encoded by a BPE learned from the track's 262,144 train bytes
 # (data/mini/make_mini.sh bpe: vocabularies of 512 and 1,024 ids); budgets then count the BPE tokens of the documents
 # the byte budget keeps, so every budget trains on the same text.
-for _vocab in (512, 1024):
-    _files = " ".join(f"--{split}_files data/mini/mini_bpe{_vocab}_{split}.bin" for split in ("train", "val", "test"))
-    DOMAINS[f"bpe{_vocab}"] = (f"--tokenizer bpe --bpe_file data/mini/mini_bpe{_vocab}.tiktoken --vocab_size {_vocab} "
-                               f"{_files}", f"mini_bpe{_vocab}", os.path.join("records", "mini", f"bpe{_vocab}"),
-                               f"mini_bpe{_vocab}", f"Mini-slowrun, BPE {_vocab}")
+DOMAINS["bpe"] = ("--preset mini_bpe", "mini_bpe", os.path.join("records", "mini", "bpe"), "mini_bpe",
+                  "Mini-slowrun, BPE (the mini_bpe preset)")
+# b8bpe512/b8bpe1024: BPEs learned from the 1/8 budget's documents only (32,768 bytes), so a 1/8 run's tokenizer has
+# seen no text its model may not (the track's BPE carries word statistics of all 262,144 bytes into a 1/8 run).
+for _name, _vocab in (("bpe", 512), ("bpe", 1024), ("b8bpe", 512), ("b8bpe", 1024)):
+    _files = " ".join(f"--{split}_files data/mini/mini_{_name}{_vocab}_{split}.bin" for split in ("train", "val", "test"))
+    DOMAINS[f"{_name}{_vocab}"] = (f"--tokenizer bpe --bpe_file data/mini/mini_{_name}{_vocab}.tiktoken --vocab_size "
+                                   f"{_vocab} {_files}", f"mini_{_name}{_vocab}",
+                                   os.path.join("records", "mini", f"{_name}{_vocab}"), f"mini_{_name}{_vocab}",
+                                   f"Mini-slowrun, {'BPE of the 1/8 budget' if _name == 'b8bpe' else 'BPE'} {_vocab}")
 DOMAIN_FLAGS, CURVE_DIR, SECTION, TITLE = "", os.path.join(REPO_ROOT, "records", "mini"), "mini", "Mini-slowrun"
+
+
+def domain_shards() -> tuple[str, bool]:
+    """The domain's train shard (relative to the repository) and whether it is a BPE's (else bytes)."""
+    import train_gpt
+    flags = DOMAIN_FLAGS.split()
+    preset = train_gpt.PRESETS[flags[flags.index("--preset") + 1] if "--preset" in flags else "mini"]
+    train = flags[flags.index("--train_files") + 1] if "--train_files" in flags else preset["train_files"]
+    tokenizer = flags[flags.index("--tokenizer") + 1] if "--tokenizer" in flags else preset["tokenizer"]
+    return train, tokenizer == "bpe"
 
 
 def budget_tokens(n: int) -> int:
     """--train_tokens for 1/n of the track: bytes, or for a BPE domain the BPE tokens of the very documents that
     1/n of the byte track keeps (the BPE shard holds the same documents in the same order)."""
-    if "--tokenizer bpe" not in DOMAIN_FLAGS:
+    train, is_bpe = domain_shards()
+    if not is_bpe:
         return TRACK_BYTES // n
     import numpy as np
     import train_gpt
-    flags = DOMAIN_FLAGS.split()
-    bpe = train_gpt.read_shard(os.path.join(REPO_ROOT, flags[flags.index("--train_files") + 1]))
     byte_track = train_gpt.truncate_to_document(
         train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin")), TRACK_BYTES // n,
         train_gpt.BYTE_SEPARATOR, "mini_train.bin")
     documents = int((byte_track == train_gpt.BYTE_SEPARATOR).sum())
+    bpe = train_gpt.read_shard(os.path.join(REPO_ROOT, train))
     starts = np.flatnonzero(bpe == train_gpt.BYTE_SEPARATOR)
     return int(starts[documents]) if documents < starts.size else int(bpe.size)
+
+
+def train_bytes(train_tokens: int) -> int:
+    """A run's train budget in byte units (UTF-8 bytes + 1 per document, the byte track's tokens): data efficiency
+    is a ratio of text, whatever the tokenizer. For a BPE domain: the byte units of the documents its tokens hold."""
+    train, is_bpe = domain_shards()
+    if not is_bpe:
+        return train_tokens
+    import numpy as np
+    import train_gpt
+    documents = int((train_gpt.read_shard(os.path.join(REPO_ROOT, train))[:train_tokens]
+                     == train_gpt.BYTE_SEPARATOR).sum())
+    byte_starts = np.flatnonzero(train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin"))
+                                 == train_gpt.BYTE_SEPARATOR)
+    return int(byte_starts[documents])
 
 
 def use_domain(name: str) -> None:
@@ -159,7 +189,8 @@ def build_curve(results: dict, command: str) -> dict:
     points = []
     for n in sorted(by_budget, reverse=True):
         val, run_id, size, epochs, result = min(by_budget[n])
-        points.append(dict(budget=f"1/{n}", train_tokens=result["train_tokens"], val_loss=val,
+        points.append(dict(budget=f"1/{n}", train_tokens=result["train_tokens"],
+                           train_bytes=train_bytes(result["train_tokens"]), val_loss=val,
                            test_loss=result["test_loss"], val_bpb=result["val_bpb"], test_bpb=result["test_bpb"],
                            size=size, epochs=epochs, run=run_id, runs_tried=len(by_budget[n])))
     # A budget whose best loss does not beat a smaller budget's adds no point: plain training with B bytes could use
@@ -170,8 +201,10 @@ def build_curve(results: dict, command: str) -> dict:
     unigram = results[used[-1]["run"]][3]  # train's byte frequencies at the largest budget, scored on val
     curve = dict(track="mini" if SECTION == "mini" else SECTION.replace("_", "/"), domain_flags=DOMAIN_FLAGS, what="best val loss of plain `--preset mini` training over model sizes and epoch "
                  "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
-                 "the curve reaches a loss (piecewise linear in tokens, slowrun data_eff) / the run's own budget",
-                 interpolation="linear in train_tokens", command=command, git_commit=git_commit(),
+                 "the curve reaches a loss (piecewise linear in the budget, slowrun data_eff) / the run's own budget; "
+                 "budgets in train_bytes (byte units: UTF-8 bytes + 1 per document) whatever the tokenizer",
+                 interpolation="linear in train_bytes" if domain_shards()[1] else "linear in train_tokens",
+                 command=command, git_commit=git_commit(),
                  sizes=SIZES, unigram_val_loss=unigram.get("unigram_val_loss"),
                  unigram_val_bpb=unigram.get("unigram_val_bpb"), points=used, not_falling=dropped,
                  runs=curve_run_rows(results))
@@ -197,7 +230,7 @@ def build_curve(results: dict, command: str) -> dict:
             tried = ",".join(str(e) for e in sorted({e for _, _, e in runs} | {
                 e for nn, ss, _, r in results.values() if nn == n and ss == size and r for e in r.get("epochs_tried", [])}))
             cells.append("—" if not runs else f"{min(runs)[0]:.4f} / {min(runs)[1]:.4f} (e{min(runs)[2]} of {tried})")
-        lines.append(f"| {point['budget']} | {point['train_tokens']:,} | " + " | ".join(cells) +
+        lines.append(f"| {point['budget']} | {point['train_bytes']:,} | " + " | ".join(cells) +
                      f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / "
                      f"{point['test_bpb']:.3f}) |")
     if dropped:
@@ -234,13 +267,14 @@ def plot_curve(results: dict, points: list[dict], path: str) -> None:
     import matplotlib.pyplot as plt
     figure, axis = plt.subplots(figsize=(7, 4.5))
     for size in SIZES:
-        rows = sorted((r["train_tokens"], r["val_loss"]) for _, (n, s, e, r) in results.items() if s == size and r)
+        rows = sorted((train_bytes(r["train_tokens"]), r["val_loss"]) for _, (n, s, e, r) in results.items()
+                      if s == size and r)
         best = {}
         for tokens, loss in rows:
             best[tokens] = min(loss, best.get(tokens, loss))
         if best:
             axis.plot(list(best), list(best.values()), "o--", alpha=0.6, label=f"size {size}: {SIZES[size]}")
-    axis.plot([p["train_tokens"] for p in points], [p["val_loss"] for p in points], "k-", lw=2, label="reference (best)")
+    axis.plot([p["train_bytes"] for p in points], [p["val_loss"] for p in points], "k-", lw=2, label="reference (best)")
     axis.set_xscale("log")
     axis.set_xlabel("train budget (bytes)")
     axis.set_ylabel("val loss (nats/byte)")
@@ -256,7 +290,7 @@ def load_curve_points(kind: str = "val_loss") -> list[tuple[float, float]] | Non
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
-        return [(p["train_tokens"], p[kind]) for p in json.load(handle)["points"]]
+        return [(p.get("train_bytes", p["train_tokens"]), p[kind]) for p in json.load(handle)["points"]]
 
 
 def efficiency_text(points, loss: float, budget: int) -> str:
@@ -280,8 +314,8 @@ def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
             lines.append(f"| {label} | `{flags}` | failed | | | | | |")
             continue
         lines.append(f"| {label} | `{flags}` | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['val_bpb']:.3f} | "
-                     f"{r['train_seconds']:.0f} | {efficiency_text(val_points, r['val_loss'], r['train_tokens'])} | "
-                     f"{efficiency_text(test_points, r['test_loss'], r['train_tokens'])} |")
+                     f"{r['train_seconds']:.0f} | {efficiency_text(val_points, r['val_loss'], train_bytes(r['train_tokens']))}"
+                     f" | {efficiency_text(test_points, r['test_loss'], train_bytes(r['train_tokens']))} |")
     ensembles = [(label, r["ensemble_val_losses"]) for label, _, r in rows if len(r.get("ensemble_val_losses") or []) > 1]
     if ensembles:
         width = max(len(losses) for _, losses in ensembles)

@@ -674,6 +674,8 @@ def main(argv: list[str] | None = None) -> int:
     except (TokenizeError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the summary's reader went away (| head): the shards are written, nothing is wrong
+        return 0
     except OSError as error:  # an output folder that cannot be written (not a folder, read-only, full): one line
         print(f"error: {args.out_dir}: cannot write the shards there ({error.strerror or error})", file=sys.stderr)
         return 2

@@ -83,6 +83,9 @@ def test_old_shards_read_as_gpt2_and_header_field(tmp_path):
 @pytest.mark.parametrize("preset,files,made_by", [
     ("tiny", "data/mini/mini_val.bin", "bytes"),  # byte shards under a BPE preset
     ("mini", "data/sample/fineweb_edu_val.bin", "gpt2"),  # BPE shards under the byte preset
+    ("mini_bpe", "data/mini/mini_val.bin", "bytes"),  # byte shards under the small-BPE preset
+    ("mini", "data/mini/mini_bpe_val.bin", "bpe"),  # the small BPE's shards under the byte preset
+    ("mini_bpe", "data/sample/fineweb_edu_val.bin", "gpt2"),  # GPT-2 shards under the small-BPE preset
 ])
 def test_tokenizer_mismatch_is_refused_in_one_line(preset, files, made_by, capsys, tmp_path):
     files = os.path.join(REPO_ROOT, files)
@@ -146,9 +149,25 @@ def test_mini_run_reports_bits_per_byte(tmp_path):
 
 def test_mini_shards_match_their_hashes():
     readme = open(os.path.join(REPO_ROOT, "data", "README.md"), encoding="utf-8").read()
+    for name in [f"mini_{split}.bin" for split in ("train", "val", "test")] + ["mini_bpe.tiktoken"] + [
+            f"mini_bpe_{split}.bin" for split in ("train", "val", "test")]:
+        digest = hashlib.sha256(open(os.path.join(MINI, name), "rb").read()).hexdigest()
+        assert digest in readme, f"{name}: sha256 {digest} not listed in data/README.md"
+
+
+def test_mini_bpe_shards_hold_the_byte_shards_documents():
+    """The mini_bpe preset's shards decode to the byte shards' documents, split for split, and its train_tokens keeps
+    exactly the byte track's 44 documents (the first 262,144 bytes cut back to a document start)."""
+    encoding = enc.BpeEncoding(os.path.join(MINI, "mini_bpe.tiktoken"))
     for split in ("train", "val", "test"):
-        digest = hashlib.sha256(open(os.path.join(MINI, f"mini_{split}.bin"), "rb").read()).hexdigest()
-        assert digest in readme, f"mini_{split}.bin: sha256 {digest} not listed in data/README.md"
+        tokens = train_gpt.read_shard(os.path.join(MINI, f"mini_bpe_{split}.bin"))
+        starts = np.flatnonzero(tokens == 256).tolist() + [tokens.size]
+        assert [encoding.decode(tokens[a + 1:b]) for a, b in zip(starts, starts[1:])] == enc.decode_byte_documents(
+            train_gpt.read_shard(os.path.join(MINI, f"mini_{split}.bin")))
+    preset = train_gpt.PRESETS["mini_bpe"]
+    kept = train_gpt.truncate_to_document(train_gpt.read_shard(os.path.join(MINI, "mini_bpe_train.bin")),
+                                          preset["train_tokens"], 256, "")
+    assert kept.size == preset["train_tokens"] and int((kept == 256).sum()) == 44
 
 
 @pytest.mark.skipif(not os.path.isfile(SOURCE), reason="the source text (../shared/data) is not on this machine")

@@ -7,20 +7,28 @@
 # 257); the last whole documents holding >= 40,000 bytes are test, the ones before them holding >= 40,000 bytes are
 # val, the rest (133 documents) train. The mini preset trains on the first 262,144 bytes of train (--train_tokens,
 # cut back to a document start). Deterministic: the outputs' sha256 are listed in data/README.md.
+# It also writes the same documents in the mini_bpe preset's BPE (mini_bpe.tiktoken, mini_bpe_{train,val,test}.bin):
+# 1,024 ids learned from the first 32,768 byte units of train only, i.e. the 4 documents (27,033 bytes) of the track's
+# 1/8 budget, which every budget from 1/8 up contains, so no run at 1/8 or more has a tokenizer that saw text its
+# model may not. The split counts bytes, so it holds the same documents as the byte shards.
 #   bash data/mini/make_mini.sh /path/to/texts bpe
-# also writes the same documents in two small BPEs learned from the track's 262,144 train bytes only (vocabularies of
-# 512 and 1,024 ids: mini_bpe512.tiktoken, mini_bpe1024.tiktoken and their shards), for the "bytes or a small BPE?"
-# comparison (bench/mini.py --domain bpe512 / bpe1024); the split counts bytes, so it holds the same documents.
+# also writes the comparison BPEs of bench/mini.py --domain bpe512 / bpe1024 (learned from all 262,144 bytes of the
+# track) and b8bpe512 / b8bpe1024 (from the 1/8 budget; b8bpe1024 is mini_bpe under another name): not committed.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 SRC="${1:-../shared/data}"
 python data/encode.py "$SRC/fineweb_edu_sample_800k.txt" --doc_split joined --tokenizer bytes \
   --out_dir data/mini --name mini --val_tokens 40000 --test_tokens 40000
+bpe() {  # name vocabulary learned-from-byte-units
+  python data/encode.py "$SRC/fineweb_edu_sample_800k.txt" --doc_split joined --tokenizer bpe \
+    --bpe_file "data/mini/$1.tiktoken" --train_bpe "$2" --bpe_train_bytes "$3" \
+    --out_dir data/mini --name "$1" --val_tokens 40000 --test_tokens 40000
+}
+bpe mini_bpe 1024 32768
 if [ "${2:-}" = "bpe" ]; then
   for vocab in 512 1024; do
-    python data/encode.py "$SRC/fineweb_edu_sample_800k.txt" --doc_split joined --tokenizer bpe \
-      --bpe_file "data/mini/mini_bpe$vocab.tiktoken" --train_bpe "$vocab" --bpe_train_bytes 262144 \
-      --out_dir data/mini --name "mini_bpe$vocab" --val_tokens 40000 --test_tokens 40000
+    bpe "mini_bpe$vocab" "$vocab" 262144
+    bpe "mini_b8bpe$vocab" "$vocab" 32768
   done
 fi
-sha256sum data/mini/*.bin data/mini/*.tiktoken 2>/dev/null
+sha256sum data/mini/mini_{train,val,test}.bin data/mini/mini_bpe.tiktoken data/mini/mini_bpe_{train,val,test}.bin
