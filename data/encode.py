@@ -52,8 +52,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(_HERE)
 if REPO_ROOT not in sys.path:
     sys.path.insert(0, REPO_ROOT)
-from train_gpt import (BYTE_SEPARATOR, DataError, Hyperparameters, bpe_checksum, read_shard,  # noqa: E402,F401
-                       write_shard)
+from train_gpt import BYTE_SEPARATOR, DataError, Hyperparameters, read_shard, write_shard  # noqa: E402,F401
 
 BOS_ID = Hyperparameters.bos_id  # <|endoftext|> = 50256: opens every document
 
@@ -73,6 +72,15 @@ class TokenizeError(Exception):
 
 # ----------------------------------------------------------------------------------------------------------------------
 # The tokenizer
+
+
+def gpt2_pattern() -> str:
+    """GPT-2's pre-tokenisation regex, as tiktoken spells it (r50k_pat_str), or the same split where not exported."""
+    try:
+        from tiktoken_ext.openai_public import r50k_pat_str
+    except ImportError:
+        return GPT2_PATTERN_FALLBACK
+    return r50k_pat_str
 
 
 def gpt2_encoding(vocab_path: str | None = None):
@@ -103,10 +111,7 @@ def gpt2_encoding(vocab_path: str | None = None):
         raise TokenizeError(f"--vocab {vocab_path}: not a GPT-2 BPE file ({type(exc).__name__}: {exc})") from None
     if len(ranks) != GPT2_RANKS:
         raise TokenizeError(f"--vocab {vocab_path}: {len(ranks):,} BPE ranks, expected GPT-2's {GPT2_RANKS:,}")
-    try:
-        from tiktoken_ext.openai_public import r50k_pat_str as pattern
-    except ImportError:
-        pattern = GPT2_PATTERN_FALLBACK
+    pattern = gpt2_pattern()
     encoding = tiktoken.Encoding(name="gpt2_local", pat_str=pattern, mergeable_ranks=ranks,
                                  special_tokens={"<|endoftext|>": BOS_ID}, explicit_n_vocab=GPT2_RANKS + 1)
     if encoding.encode_ordinary("Hello world") != [15496, 995]:
@@ -154,10 +159,7 @@ def train_bpe(texts: list[str], vocab_size: int, quiet: bool = True) -> list[byt
     if vocab_size < BYTE_SEPARATOR + 1 or vocab_size > 2**16:
         raise TokenizeError(f"--train_bpe {vocab_size}: the vocabulary must hold 257 ids (bytes and separator) and "
                             f"at most 65,536 (uint16 shards)")
-    try:
-        from tiktoken_ext.openai_public import r50k_pat_str as pattern
-    except ImportError:
-        pattern = GPT2_PATTERN_FALLBACK
+    pattern = gpt2_pattern()
     piece_counts = collections.Counter(piece for text in texts for piece in regex.findall(pattern, text))
     pieces = [list(piece.encode("utf-8")) for piece in piece_counts]
     counts = list(piece_counts.values())
@@ -225,10 +227,7 @@ class BpeEncoding:
             raise TokenizeError(f"--bpe_file {path}: not a BPE ranks file ({type(exc).__name__}: {exc})") from None
         if any(ranks.get(bytes([i])) != i for i in range(256)) or BYTE_SEPARATOR in ranks.values():
             raise TokenizeError(f"--bpe_file {path}: ids 0-255 must be the single bytes and 256 unused (the separator)")
-        try:
-            from tiktoken_ext.openai_public import r50k_pat_str as pattern
-        except ImportError:
-            pattern = GPT2_PATTERN_FALLBACK
+        pattern = gpt2_pattern()
         self.n_vocab = max(ranks.values()) + 1
         self._encoding = tiktoken.Encoding(name="slowrun_bpe", pat_str=pattern, mergeable_ranks=ranks,
                                            special_tokens={"<|separator|>": BYTE_SEPARATOR})
