@@ -422,5 +422,5 @@ def test_run_sh_takes_the_preset_first_and_names_its_record():
     assert done.returncode == 1 and len(output) == 2, output
     assert output[0] == "run.sh: preset 1h: reproduces the 1h record 3.195 (qlabs-eng/slowrun train.py@fd342f0)"
     assert train_gpt.preset_record("slowrun").startswith("preset slowrun is 1h: reproduces the 1h record 3.195")
-    with pytest.raises(train_gpt.ConfigError, match="unknown preset 'nope' .known: tiny, mini, 1h, slowrun"):
+    with pytest.raises(train_gpt.ConfigError, match="unknown preset 'nope' .known: tiny, mini, mini_bpe, 1h, slowrun"):
         train_gpt.preset_record("nope")
