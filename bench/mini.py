@@ -17,13 +17,17 @@ that function; records.py can call it with the points of records/mini/reference_
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shlex
 import subprocess
 import sys
 
+import numpy as np
+
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import train_gpt  # noqa: E402
 from bench.results_file import write_section  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,15 +47,16 @@ DOMAINS = {
                     "shakespeare", os.path.join("records", "mini", "shakespeare"), "mini_shakespeare",
                     "Mini-slowrun, Tiny Shakespeare"),
 }
-# bytes or a small BPE? (issue 17): the same documents encoded by a BPE learned from the track's 262,144 train bytes
-# (data/mini/make_mini.sh bpe: vocabularies of 512 and 1,024 ids); budgets then count the BPE tokens of the documents
-# the byte budget keeps, so every budget trains on the same text.
+# bytes or a small BPE? (issue 17): the same documents in a BPE; budgets then count the BPE tokens of the documents
+# the byte budget keeps, so every budget trains on the same text. bpe = the mini_bpe preset. The comparison BPEs
+# (data/mini/make_mini.sh TEXT_DIR bpe): bpe512/bpe1024 learned from the track's 262,144 train bytes, b8bpe512/
+# b8bpe1024 from the 1/8 budget's documents only (32,768 bytes), so a 1/8 run's tokenizer has seen no text its model
+# may not (the track's BPE carries word statistics of all 262,144 bytes into a 1/8 run).
 DOMAINS["bpe"] = ("--preset mini_bpe", "mini_bpe", os.path.join("records", "mini", "bpe"), "mini_bpe",
                   "Mini-slowrun, BPE (the mini_bpe preset)")
-# b8bpe512/b8bpe1024: BPEs learned from the 1/8 budget's documents only (32,768 bytes), so a 1/8 run's tokenizer has
-# seen no text its model may not (the track's BPE carries word statistics of all 262,144 bytes into a 1/8 run).
 for _name, _vocab in (("bpe", 512), ("bpe", 1024), ("b8bpe", 512), ("b8bpe", 1024)):
-    _files = " ".join(f"--{split}_files data/mini/mini_{_name}{_vocab}_{split}.bin" for split in ("train", "val", "test"))
+    _files = " ".join(f"--{split}_files data/mini/mini_{_name}{_vocab}_{split}.bin"
+                      for split in ("train", "val", "test"))
     DOMAINS[f"{_name}{_vocab}"] = (f"--tokenizer bpe --bpe_file data/mini/mini_{_name}{_vocab}.tiktoken --vocab_size "
                                    f"{_vocab} {_files}", f"mini_{_name}{_vocab}",
                                    os.path.join("records", "mini", f"{_name}{_vocab}"), f"mini_{_name}{_vocab}",
@@ -59,14 +64,23 @@ for _name, _vocab in (("bpe", 512), ("bpe", 1024), ("b8bpe", 512), ("b8bpe", 102
 DOMAIN_FLAGS, CURVE_DIR, SECTION, TITLE = "", os.path.join(REPO_ROOT, "records", "mini"), "mini", "Mini-slowrun"
 
 
+BYTE_TRAIN = os.path.join("data", "mini", "mini_train.bin")  # the byte track's train shard: budgets are cut on it
+
+
 def domain_shards() -> tuple[str, bool]:
     """The domain's train shard (relative to the repository) and whether it is a BPE's (else bytes)."""
-    import train_gpt
     flags = DOMAIN_FLAGS.split()
     preset = train_gpt.PRESETS[flags[flags.index("--preset") + 1] if "--preset" in flags else "mini"]
     train = flags[flags.index("--train_files") + 1] if "--train_files" in flags else preset["train_files"]
     tokenizer = flags[flags.index("--tokenizer") + 1] if "--tokenizer" in flags else preset["tokenizer"]
     return train, tokenizer == "bpe"
+
+
+@functools.lru_cache(maxsize=None)
+def shard_documents(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A train shard's tokens and its document starts, read once per process (the tables ask for every run)."""
+    tokens = train_gpt.read_shard(os.path.join(REPO_ROOT, path))
+    return tokens, train_gpt.document_starts(tokens, train_gpt.BYTE_SEPARATOR)
 
 
 def budget_tokens(n: int) -> int:
@@ -75,15 +89,11 @@ def budget_tokens(n: int) -> int:
     train, is_bpe = domain_shards()
     if not is_bpe:
         return TRACK_BYTES // n
-    import numpy as np
-    import train_gpt
-    byte_track = train_gpt.truncate_to_document(
-        train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin")), TRACK_BYTES // n,
-        train_gpt.BYTE_SEPARATOR, "mini_train.bin")
-    documents = int((byte_track == train_gpt.BYTE_SEPARATOR).sum())
-    bpe = train_gpt.read_shard(os.path.join(REPO_ROOT, train))
-    starts = np.flatnonzero(bpe == train_gpt.BYTE_SEPARATOR)
-    return int(starts[documents]) if documents < starts.size else int(bpe.size)
+    byte_track = train_gpt.truncate_to_document(shard_documents(BYTE_TRAIN)[0], TRACK_BYTES // n,
+                                                train_gpt.BYTE_SEPARATOR, BYTE_TRAIN)
+    documents = train_gpt.document_starts(byte_track, train_gpt.BYTE_SEPARATOR).size
+    bpe_tokens, bpe_starts = shard_documents(train)
+    return int(bpe_starts[documents]) if documents < bpe_starts.size else int(bpe_tokens.size)
 
 
 def train_bytes(train_tokens: int) -> int:
@@ -92,13 +102,9 @@ def train_bytes(train_tokens: int) -> int:
     train, is_bpe = domain_shards()
     if not is_bpe:
         return train_tokens
-    import numpy as np
-    import train_gpt
-    documents = int((train_gpt.read_shard(os.path.join(REPO_ROOT, train))[:train_tokens]
-                     == train_gpt.BYTE_SEPARATOR).sum())
-    byte_starts = np.flatnonzero(train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin"))
-                                 == train_gpt.BYTE_SEPARATOR)
-    return int(byte_starts[documents])
+    documents = int(np.searchsorted(shard_documents(train)[1], train_tokens))  # documents starting before the cut
+    byte_tokens, byte_starts = shard_documents(BYTE_TRAIN)
+    return int(byte_starts[documents]) if documents < byte_starts.size else int(byte_tokens.size)
 
 
 def use_domain(name: str) -> None:
@@ -199,8 +205,9 @@ def build_curve(results: dict, command: str) -> dict:
     for point in points:
         (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
     unigram = results[used[-1]["run"]][3]  # train's byte frequencies at the largest budget, scored on val
-    curve = dict(track="mini" if SECTION == "mini" else SECTION.replace("_", "/"), domain_flags=DOMAIN_FLAGS, what="best val loss of plain `--preset mini` training over model sizes and epoch "
-                 "counts at each train budget (bytes); test loss of the same run; data efficiency = the budget at which "
+    curve = dict(track="mini" if SECTION == "mini" else SECTION.replace("_", "/"), domain_flags=DOMAIN_FLAGS,
+                 what="best val loss of plain `--preset mini` training over model sizes and epoch counts at each train "
+                 "budget (bytes); test loss of the same run; data efficiency = the budget at which "
                  "the curve reaches a loss (piecewise linear in the budget, slowrun data_eff) / the run's own budget; "
                  "budgets in train_bytes (byte units: UTF-8 bytes + 1 per document) whatever the tokenizer",
                  interpolation="linear in train_bytes" if domain_shards()[1] else "linear in train_tokens",
@@ -314,8 +321,9 @@ def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
             lines.append(f"| {label} | `{flags}` | failed | | | | | |")
             continue
         lines.append(f"| {label} | `{flags}` | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['val_bpb']:.3f} | "
-                     f"{r['train_seconds']:.0f} | {efficiency_text(val_points, r['val_loss'], train_bytes(r['train_tokens']))}"
-                     f" | {efficiency_text(test_points, r['test_loss'], train_bytes(r['train_tokens']))} |")
+                     f"{r['train_seconds']:.0f} | "
+                     f"{efficiency_text(val_points, r['val_loss'], train_bytes(r['train_tokens']))} | "
+                     f"{efficiency_text(test_points, r['test_loss'], train_bytes(r['train_tokens']))} |")
     ensembles = [(label, r["ensemble_val_losses"]) for label, _, r in rows if len(r.get("ensemble_val_losses") or []) > 1]
     if ensembles:
         width = max(len(losses) for _, losses in ensembles)
@@ -344,7 +352,8 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--budget", type=int, default=8, help="1/N of the track's data (default 8)")
     grid.add_argument("--runs", nargs="+", required=True, help="'label:flags' items")
     grid.add_argument("--title", default="", help="the table's title in RESULTS.md")
-    parser.add_argument("--domain", choices=DOMAINS, default="fineweb", help="whose bytes: the mini track's FineWeb-Edu "
+    parser.add_argument("--domain", choices=DOMAINS, default="fineweb",
+                        help="whose bytes: the mini track's FineWeb-Edu "
                         "(default), Tiny Shakespeare (data/shakespeare/), or the mini track's text in a BPE of 512 or "
                         "1,024 ids (bpe512, bpe1024: data/mini/make_mini.sh bpe)")
     args = parser.parse_args(argv)

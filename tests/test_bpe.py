@@ -142,7 +142,8 @@ def refusal(capsys, tmp_path, flags):
 
 def bpe_flags(cli_outputs, bpe_file, shards):
     return ["--tokenizer", "bpe", "--bpe_file", str(bpe_file), "--vocab_size", "300",
-            "--train_files", str(cli_outputs / f"{shards}_train.bin"), "--val_files", str(cli_outputs / f"{shards}_val.bin")]
+            "--train_files", str(cli_outputs / f"{shards}_train.bin"),
+            "--val_files", str(cli_outputs / f"{shards}_val.bin")]
 
 
 def test_byte_shards_refused_by_a_bpe_run(cli_outputs, capsys, tmp_path):
