@@ -1157,15 +1157,16 @@ def check_shard_tokenizers(hp: Hyperparameters, patterns: list[str]) -> None:
     expected = f"bpe:{bpe_checksum(hp.bpe_file)}" if hp.tokenizer == "bpe" else hp.tokenizer
     for path in sorted(path for pattern in patterns if pattern for path in glob.glob(pattern)):
         made_by = shard_tokenizer(path)
-        if made_by is not None and made_by.startswith("bpe") and expected.startswith("bpe") and made_by != expected:
+        if made_by is None or made_by == expected:
+            continue
+        if made_by.split(":")[0] == hp.tokenizer:  # both "bpe", other checksums
             raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by another BPE (ranks checksum "
                             f"{made_by[4:]}) than --bpe_file {hp.bpe_file} (checksum {expected[4:]})")
-        if made_by is not None and made_by.split(":")[0] != hp.tokenizer:
-            made_by = made_by.split(":")[0]
-            raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
-                            f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
-                            f"its vocabulary (--preset mini for bytes, mini_bpe for the mini BPE) or shards made for "
-                            f"{hp.tokenizer}")
+        made_by = made_by.split(":")[0]
+        raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
+                        f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
+                        f"its vocabulary (--preset mini for bytes, mini_bpe for the mini BPE) or shards made for "
+                        f"{hp.tokenizer}")
 
 
 def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
