@@ -125,6 +125,7 @@ class Hyperparameters:
     batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
     batch_schedule: str = ""  # batch-size schedule: per-epoch multipliers of batch_tokens, the last repeating, e.g. "0.25,0.5,1": small batches early give more updates from the same tokens (modded-nanogpt's batch schedule); LRs unchanged
     device_batch_size: int = 16  # sequences per rank per forward/backward (lower it if memory runs out)
+    public_steps: int = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
     val_batch_size: int = 16  # sequences per rank per evaluation forward
     # --- optimizer: Muon for hidden matrices, AdamW for the rest -------------------------------------------------
     muon_lr: float = 0.02  # Muon learning rate (Jordan et al. 2024); scaled by sqrt(max(1, rows/cols)) per matrix
@@ -157,6 +158,9 @@ class Hyperparameters:
     gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
     value_gate_muon: bool = False  # only the value gates train with Muon (output gates stay in AdamW): the slowrun baseline and 15min records
     muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
+    muon_bf16: bool = False  # Muon rounded where the public slowrun records round it, on any device (issue 23): the momentum orthogonalised in bf16 and kept in bf16 through NorMuon (its factor rounded to bf16; beta2 too), lr sqrt(max(1, rows/cols)) and wd rounded to bf16, the step lr * update in bf16; with the records' fp32 0-d tensor arithmetic for momentum and MuonEq-R's clamp (on the CPU: the public muon_step_fused bit for bit)
+    attn_qkv_bf16: bool = False  # q, k and v cast to bf16 for the attention product, its output back to the compute dtype (the 2h record's cast, two_hour/train.py; a no-op under CUDA autocast, where they are bf16 already)
+    rope_tables: str = ""  # how the RoPE cos/sin tables are stored: "" float32, cast to q's dtype where they rotate (bf16 under CUDA autocast) | bf16: bf16 tensors (the 1h, 15min, unlimited and baseline records' _precompute_rotary; on CUDA the same numbers as "", on a CPU the records' rounded tables) | bf16_values: float32 tensors holding bf16-rounded values, q and k rotated in float32 (the 2h record's Yarn buffers, which its bf16 q, k meet by type promotion); issue 23
     # --- schedule -------------------------------------------------------------------------------------------------
     num_epochs: int = 1  # passes over the train set
     max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
@@ -329,6 +333,9 @@ PRESETS: dict[str, dict] = {
         n_layer=30, n_embd=1792, n_head=14, mlp="swiglu", mlp_hidden=4864, seq_len=2048,
         batch_tokens=524288, device_batch_size=4, val_batch_size=8,
         dropout=0.1, logit_softcap=10.0, num_epochs=11, log_every=1,
+        # the public's steps: epochs of 48,800 windows (a multiple of its 4 x 8-GPU micro-batch), steps running on
+        # across epoch ends: 190.625 a epoch, 2,097 in all, the schedules' N = 2,097
+        public_steps=32,
         # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
         muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
         # model: value projections from x0, U-Net skips, 12-channel attention output gates, x0 mixing, interleaved
@@ -341,6 +348,8 @@ PRESETS: dict[str, dict] = {
         # over 300 steps; gates in Muon; resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
         muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
         muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+        muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+        rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
         # schedules: square-root warmdown over the last 20 %, a cosine per epoch in the last 3, and the weight decay
         # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
         warmdown_frac=0.2, warmdown_shape=0.5, lr_epoch_cosine=3, lr_epoch_cosine_floor=0.05,
@@ -363,6 +372,8 @@ PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an 
 PRESETS["2h"] = dict(
     PRESETS["1h"], num_epochs=22, loop_start_epoch=14, lr_epoch_cosine=8, epoch_snapshots=11,
     window_schedule="1-6:257,769;7-13:769,1793;14-22:1281,2048", yarn=True,
+    attn_qkv_bf16=True,  # its CausalSelfAttention casts q, k, v to bf16 for FA3 (a no-op under CUDA autocast)
+    rope_tables="bf16_values",  # its Yarn tables: bf16-rounded values in float32 buffers, rotation in float32
 )
 
 # What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files,
@@ -378,12 +389,12 @@ TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
 # commit; records/TRACKS.md section 1.2 has the table): 30 x 1792, 14 heads, ReLU^2 MLP 7168, value-embedding tables,
 # no U-Net, output gates, IHA, MTP or looping. 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
 # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte, lm_head
-# and the value tables (bf16 on CUDA in the public), our dropout masks, and each epoch ending on a short step (the
-# public's optimizer steps run across epoch boundaries: 2288 steps there, 12 x 191 = 2292 here).
+# and the value tables (bf16 on CUDA in the public), our dropout masks.
 PRESETS["baseline"] = dict(
     **TRACK_COMMON,
     n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, device_batch_size=4, val_batch_size=8,
     dropout=0.1, logit_softcap=15.0, num_epochs=12,
+    public_steps=32,  # the public's steps: 48,800 windows an epoch, steps across epoch ends, 2,288 in all
     # the record's LRs after its 0.25 multiplier (matrix 0.08, embedding 0.3, unembedding 0.004, scalar 0.5); weight
     # decay 1.6 on the lm_head, wte, the value tables and every Muon matrix, flat
     muon_lr=0.02, embed_lr=0.075, head_lr=0.001, scalar_lr=0.125, muon_wd=1.6, adam_wd=1.6,
@@ -393,6 +404,8 @@ PRESETS["baseline"] = dict(
     # optimizer (beyond TRACK_COMMON): no MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; the value gates in Muon;
     # resid lambdas at 1% of scalar_lr, x0 lambdas with beta1 0.96
     muon_momentum_warmup=300, value_gate_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # schedule: no warmup, constant LR, then a linear warmdown over the last 50% to 0
     warmdown_frac=0.5,
     # data: the prepared windows in one fixed order (numpy seed 43), the same every epoch
@@ -411,6 +424,7 @@ PRESETS["15min"] = dict(
     **{**TRACK_COMMON, "train_vocab": 0},
     n_layer=16, n_embd=1024, n_head=8, mlp="swiglu", mlp_hidden=2816, device_batch_size=16, val_batch_size=16,
     dropout=0.1, dropout_mlp=False, logit_softcap=15.0, num_epochs=15,
+    public_steps=256,  # the public's steps: its 32 x 8-GPU micro-batch is a whole step, so 190 steps an epoch (2,850)
     # the record's LRs after its 0.8 multiplier (matrix 0.04, embedding 0.15, unembedding 0.001, scalar 0.25); weight
     # decay 0.8 held for 2 epochs, down to 0.1 at epoch 8, up to 0.93 at the end (multipliers of 0.8)
     muon_lr=0.032, embed_lr=0.12, head_lr=0.0008, scalar_lr=0.2, muon_wd=0.8, adam_wd=0.8,
@@ -429,6 +443,8 @@ PRESETS["15min"] = dict(
     # schedule: linear warmdown over the last 40%, a cosine per epoch in the last 4; momentum 0.85 -> 0.95 over 300
     # steps; no MuonEq-R
     warmdown_frac=0.4, lr_epoch_cosine=4, lr_epoch_cosine_floor=0.05, muon_momentum_warmup=300,
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # averages scored as their own candidates: the EMA (every 10 steps, 0.15 per epoch) and the recency-weighted
     # weight average of the last 4 epoch ends
     ema_decay=0.15 ** (10 / 190), ema_every=10, ema_candidate=True, ckpt_avg_epochs=4, ckpt_avg_weights="recency",
@@ -452,7 +468,7 @@ def cycle_batch_schedule(cycles: int, epochs_per_cycle: int, floor: float) -> st
 # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte/lm_head,
 # frozen snapshots and the teacher as our host-memory copies (public: bf16 files, a bf16 teacher), our RNG streams
 # (document order, dropout, weight noise, the selection's initial draw), members one after another on every rank
-# (public: one per node at once), cycles of whole epochs (public: round(2 epochs' tokens / batch) steps).
+# (public: one per node at once).
 PRESETS["unlimited"] = dict(
     train_files="data/fineweb/fineweb_train.bin",
     val_files="data/fineweb/fineweb_val.bin",
@@ -460,6 +476,7 @@ PRESETS["unlimited"] = dict(
     n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", mlp_hidden=5632, seq_len=2048,
     batch_tokens=524288, device_batch_size=2, val_batch_size=8,
     dropout=0.1, logit_softcap=15.0, num_epochs=192, log_every=1, val_every=-1,
+    public_steps=16,  # the public's steps: epochs of whole 2 x 8-GPU micro-batches, round(2 epochs / batch) a cycle
     # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1; IHA 0.02
     muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, head_mix_lr=0.02, muon_wd=1.3, adam_wd=1.3,
     # model: the 1h record's blocks (value projections from x0, U-Net skips, 12-channel output gates, x0 mixing, IHA,
@@ -472,6 +489,8 @@ PRESETS["unlimited"] = dict(
     # warmup), gates in Muon, resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
     muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
     gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
     # batches in the first and last quarter of the cycles, 524,288 in the middle half
     ensemble_size=5, snapshot_cycles=96, snapshot_cycle_epochs=True, snapshot_cycle_shape="linear",
@@ -584,6 +603,10 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
     require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
     require(hp.muon_gram in ("torch", "triton"), f"muon_gram must be torch or triton, got {hp.muon_gram!r}")
+    require(not (hp.muon_bf16 and hp.muon_gram == "triton"),
+            "muon_bf16 computes the records' products in their order: it has no muon_gram triton path")
+    require(hp.rope_tables in ("", "bf16", "bf16_values"),
+            f"rope_tables must be '', bf16 or bf16_values, got {hp.rope_tables!r}")
     require(hp.fused_loss in ("auto", "on", "chunked", "off"),
             f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
     require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
@@ -604,6 +627,9 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
             "seq_len, device_batch_size and val_batch_size must be positive")
     require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
+    require(hp.public_steps >= 0, f"public_steps must be >= 0 (0 = whole-step epochs), got {hp.public_steps}")
+    require(not hp.public_steps or not hp.batch_schedule or hp.snapshot_cycle_epochs,
+            "public_steps with a batch_schedule steps cycle by cycle: it needs snapshot_cycle_epochs")
     require(hp.cpu_loss_rows >= 0, f"cpu_loss_rows must be >= 0 (0 = the whole micro-batch), got {hp.cpu_loss_rows}")
     require(hp.log_every >= 1 and hp.val_every >= -1, "log_every must be >= 1 and val_every >= -1")
     require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
@@ -1205,17 +1231,26 @@ def shuffled_stream(tokens: np.ndarray, doc_starts: np.ndarray, seed: int, epoch
 class TrainData:
     """The fixed train budget, cut into disjoint windows of seq_len + 1 tokens once per epoch.
 
-    Each epoch reshuffles whole documents (seed, epoch) and packs the stream into windows; optimizer step s of the
-    epoch takes windows [s*B, (s+1)*B) where B = batch_tokens / seq_len (times the epoch's batch_schedule multiplier),
-    and splits them over micro-steps and ranks. Every train token therefore lies in exactly one window per epoch, on
-    exactly one rank. The stream's last window is usually short and the epoch's last step usually has fewer than B
-    windows: the missing targets are -1 (ignored), and the loss is normalised by the true number of targets in the
-    global step, so 1, 2 or 8 ranks compute the same update. Everything here is a pure function of (tokens, seed,
-    epoch, step, micro_step, rank). Steps are numbered over the whole run; locate() turns one into (epoch, step in
-    epoch), which needs care only because a batch-size schedule gives epochs different numbers of steps."""
+    Each epoch reshuffles whole documents (seed, epoch) and packs the stream into windows. Steps are numbered over the
+    whole run; locate() turns one into (epoch, step in epoch). Every piece is a pure function of (tokens, seed,
+    epoch, step, micro_step, rank), and a step's windows are split over micro-steps and ranks the same way on any
+    world size, so 1, 2 or 8 ranks compute the same update. Two ways to step through the epochs:
+
+    - whole-step epochs (public_steps 0, the CPU tracks): step s of an epoch takes its windows [s*B, (s+1)*B), B =
+      batch_tokens / seq_len (times the epoch's batch_schedule multiplier); every train token lies in exactly one
+      window per epoch, the stream's last window and the epoch's last step are usually short (missing targets are
+      -1, ignored, and the loss is normalised by the true target count of the global step).
+    - the public records' stepping (public_steps W > 0, issue 23): each epoch keeps floor(windows / W) x W whole
+      windows (the public DataLoader drops the rest: W is its micro-batch on 8 GPUs, device batch x 8) and the run
+      reads the epochs as one stream of windows, so a step can end in the next epoch (1h: 190.625 steps per epoch).
+      The run is ceil(epochs x E / B) steps (the public loop runs until the epoch counter passes num_epochs) and
+      the schedules see N = round(epochs x E / B) (the public's num_iterations), steps per epoch N / epochs. With a
+      batch_schedule and snapshot cycles of whole epochs (cycle_epochs), each cycle is round(cycle_epochs x E / B_c)
+      steps at its own batch (the unlimited record's cycle_lengths) and the run is their sum."""
 
     def __init__(self, tokens: np.ndarray, bos_id: int, seq_len: int, batch_seqs: int, device_batch_size: int,
-                 world_size: int, rank: int, seed: int, batch_schedule: tuple[float, ...] = ()):
+                 world_size: int, rank: int, seed: int, batch_schedule: tuple[float, ...] = (), *,
+                 public_steps: int = 0, epochs: int = 0, cycle_epochs: int = 0):
         self.tokens = tokens
         self.doc_starts = document_starts(tokens, bos_id)
         self.seq_len, self.window = seq_len, seq_len + 1
@@ -1223,7 +1258,58 @@ class TrainData:
         self.schedule = tuple(batch_schedule) or (1.0,)  # per-epoch multipliers of the batch; the last one repeats
         self.world_size, self.rank, self.seed = world_size, rank, seed
         self.windows_per_epoch = math.ceil(tokens.size / self.window)
-        self._cached_epoch, self._cached_stream = -1, tokens
+        self._streams: dict[int, np.ndarray] = {}
+        self.public_steps, self.epochs = public_steps, epochs
+        self.segments = None  # public stepping: [(first step, steps or None = open-ended, batch, first window)]
+        if public_steps:
+            self.windows_per_epoch = tokens.size // self.window // public_steps * public_steps
+            self.plan_public_steps(cycle_epochs)
+
+    def plan_public_steps(self, cycle_epochs: int) -> None:
+        """The step plan of the public stepping: one open-ended segment at a constant batch, or one per cycle."""
+        if self.windows_per_epoch < 1:
+            raise DataError(f"public_steps {self.public_steps}: {self.tokens.size:,} train tokens hold fewer than "
+                            f"{self.public_steps} whole windows of seq_len + 1 = {self.window}")
+        if len(self.schedule) == 1:
+            self.segments = [(0, None, self.batch_seqs(0), 0)]
+            return
+        if not cycle_epochs or not self.epochs:
+            raise ConfigError("public_steps with a batch_schedule steps cycle by cycle: it needs snapshot cycles of "
+                              "whole epochs (snapshot_cycle_epochs)")
+        self.segments, step, window = [], 0, 0
+        for first_epoch in range(0, self.epochs, cycle_epochs):
+            batch = self.batch_seqs(first_epoch)
+            steps = max(1, round(cycle_epochs * self.windows_per_epoch / batch))
+            self.segments.append((step, steps, batch, window))
+            step, window = step + steps, window + steps * batch
+
+    def segment(self, step: int) -> tuple[int, int | None, int, int]:
+        return self.segments[bisect.bisect_right([first for first, *_ in self.segments], step) - 1]
+
+    def first_window(self, step: int) -> int:
+        """Public stepping: the run-wide index of the step's first window (epoch = index // windows_per_epoch)."""
+        first, _, batch, window = self.segment(step)
+        return window + (step - first) * batch
+
+    def step_batch_seqs(self, step: int) -> int:
+        """Sequences in this run step (all ranks)."""
+        return self.segment(step)[2] if self.segments else self.batch_seqs(self.locate(step)[0])
+
+    def run_steps(self, epochs: int) -> int:
+        """The steps of a run of `epochs` epochs."""
+        if not self.segments:
+            return self.epoch_start(epochs)
+        if self.segments[0][1] is None:
+            return math.ceil(epochs * self.windows_per_epoch / self.segments[0][2])
+        first, steps, _, _ = self.segments[-1]
+        return first + steps
+
+    def schedule_steps(self, epochs: int) -> int:
+        """The run length the schedules see: the public's round(epochs x E / B) under public stepping (it may be one
+        less than the steps run), else the steps run."""
+        if self.segments and self.segments[0][1] is None:
+            return round(epochs * self.windows_per_epoch / self.segments[0][2])
+        return self.run_steps(epochs)
 
     def batch_seqs(self, epoch: int) -> int:
         """Sequences per optimizer step (all ranks) in this epoch."""
@@ -1233,15 +1319,29 @@ class TrainData:
         return self.batch_seqs(epoch) // (self.device_batch_size * self.world_size)
 
     def steps_in(self, epoch: int) -> int:
+        if self.segments:
+            return self.epoch_start(epoch + 1) - self.epoch_start(epoch)
         return math.ceil(self.windows_per_epoch / self.batch_seqs(epoch))
 
     def epoch_start(self, epoch: int) -> int:
-        """The run's step number of the first step of this epoch (epoch = num_epochs: the run's step count)."""
+        """The run's step number of the first step of this epoch (epoch = num_epochs: the run's step count). Public
+        stepping: the first step whose first window lies in the epoch, the step the public loop has seen the epoch
+        counter move on to it (its epoch-end evaluation and epoch-keyed switches come before that step)."""
+        if self.segments:
+            target = epoch * self.windows_per_epoch
+            for first, steps, batch, window in self.segments:
+                if steps is None or target < window + steps * batch:
+                    return first + max(0, -(-(target - window) // batch))
+            first, steps, _, _ = self.segments[-1]
+            return first + steps
         scheduled = min(epoch, len(self.schedule))
         return sum(self.steps_in(e) for e in range(scheduled)) + (epoch - scheduled) * self.steps_in(scheduled)
 
     def locate(self, step: int) -> tuple[int, int]:
         """(epoch, step within the epoch) of a run step."""
+        if self.segments:
+            epoch = self.first_window(step) // self.windows_per_epoch
+            return epoch, step - self.epoch_start(epoch)
         epoch = 0
         while epoch < len(self.schedule) - 1 and step >= self.steps_in(epoch):
             step -= self.steps_in(epoch)
@@ -1250,22 +1350,41 @@ class TrainData:
         return epoch + full_epochs, step_in_epoch
 
     def epoch_position(self, step: int) -> float:
-        """Epochs completed after `step` steps, fractional: 2.5 = halfway through the third epoch."""
+        """Epochs completed after `step` steps, fractional: 2.5 = halfway through the third epoch. Public stepping:
+        the public's step / (N / epochs) at a constant batch, windows read / E with cycles."""
+        if self.segments and self.segments[0][1] is None and self.epochs:
+            return step * self.epochs / self.schedule_steps(self.epochs)
+        if self.segments:
+            return (self.first_window(step) if step < self.run_steps(self.epochs) else
+                    self.epochs * self.windows_per_epoch) / self.windows_per_epoch
         epoch, step_in_epoch = self.locate(step)
         return epoch + step_in_epoch / self.steps_in(epoch)
 
     def stream(self, epoch: int) -> np.ndarray:
-        if epoch != self._cached_epoch:
-            self._cached_epoch, self._cached_stream = epoch, shuffled_stream(self.tokens, self.doc_starts, self.seed, epoch)
-        return self._cached_stream
+        if epoch not in self._streams:
+            if len(self._streams) > 1:  # at most two epochs at once: a step across an epoch boundary reads both
+                self._streams.pop(next(iter(self._streams)))
+            self._streams[epoch] = shuffled_stream(self.tokens, self.doc_starts, self.seed, epoch)
+        return self._streams[epoch]
 
     def window_ids(self, epoch: int, step_in_epoch: int, micro_step: int, rank: int) -> np.ndarray:
-        """Which windows of the epoch this (step, micro-step, rank) trains on; ids past the end are padding."""
-        first = step_in_epoch * self.batch_seqs(epoch) + (micro_step * self.world_size + rank) * self.device_batch_size
+        """Which windows this (step, micro-step, rank) trains on: ids within the epoch (past its end: padding), or
+        run-wide ids under public stepping."""
+        offset = (micro_step * self.world_size + rank) * self.device_batch_size
+        if self.segments:
+            first = self.first_window(self.epoch_start(epoch) + step_in_epoch) + offset
+        else:
+            first = step_in_epoch * self.batch_seqs(epoch) + offset
         return np.arange(first, first + self.device_batch_size)
 
     def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
         """(len(window_ids), seq_len + 1) int64 token windows, -1 where the stream has run out."""
+        if not self.segments:
+            return self.epoch_windows(epoch, window_ids)
+        epochs, within = np.divmod(window_ids, self.windows_per_epoch)
+        return np.concatenate([self.epoch_windows(int(e), within[epochs == e]) for e in np.unique(epochs)])
+
+    def epoch_windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
         stream = self.stream(epoch)
         out = np.full((window_ids.size, self.window), -1, dtype=np.int64)
         for row, window_id in enumerate(window_ids):
@@ -1280,6 +1399,8 @@ class TrainData:
 
     def step_target_count(self, epoch: int, step_in_epoch: int) -> int:
         """Targets in the whole global step (all ranks, all micro-steps): the loss normaliser. Needs no communication."""
+        if self.segments:  # every window whole
+            return self.step_batch_seqs(self.epoch_start(epoch) + step_in_epoch) * self.seq_len
         first = step_in_epoch * self.batch_seqs(epoch)
         ids = np.arange(first, min(first + self.batch_seqs(epoch), self.windows_per_epoch))
         lengths = np.clip(self.tokens.size - ids * self.window, 0, self.window)
@@ -1294,26 +1415,27 @@ class FixedOrderTrainData(TrainData):
     DataLoader at 0d49316): the train stream, unshuffled, cut into n = tokens // (seq_len + 1) disjoint windows (the
     partial last one dropped), permuted once by numpy RandomState(43) (the same permutation as the public's
     np.random.seed(43) + np.random.shuffle of the window rows) and read in that order in every epoch. Like the public
-    DataLoader it also drops the last n mod (device_batch_size x ranks) windows of that order, so the windows trained
-    on depend on the world size as the public's do (8 x 4: 4 of 48,804). Steps, micro-steps and ranks take the windows
-    as TrainData does, which is the public's split too (micro-batch m, rank r: windows (m ranks + r) device_batch + i);
-    unlike the public, an optimizer step never spans two epochs (the epoch's last step is short)."""
+    DataLoader it also drops the last windows of that order down to a multiple of its micro-batch: public_steps W
+    when set (the public's device batch x 8 GPUs, so 4 of 48,804 at W = 32, on any world size), else device_batch_size
+    x ranks. Steps, micro-steps and ranks take the windows as TrainData does, which is the public's split too
+    (micro-batch m, rank r: windows (m ranks + r) device_batch + i); under public stepping a step runs on into the
+    next epoch as the public's does, else the epoch's last step is short."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         count = self.tokens.size // self.window
-        usable = count - count % (self.device_batch_size * self.world_size)
+        unit = self.public_steps or self.device_batch_size * self.world_size
+        usable = count - count % unit
         if usable < 1:
             raise DataError(f"train_order fixed: {self.tokens.size:,} train tokens hold {count} whole windows of "
-                            f"seq_len + 1 = {self.window}, fewer than one micro-step of device_batch_size "
-                            f"{self.device_batch_size} x {self.world_size} ranks")
+                            f"seq_len + 1 = {self.window}, fewer than one micro-step of {unit} windows")
         self.order = np.random.RandomState(TRAIN_ORDER_SEED).permutation(count)[:usable]
         self.windows_per_epoch = usable
 
     def stream(self, epoch: int) -> np.ndarray:
         return self.tokens  # never reshuffled: the order lives in self.order
 
-    def windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
+    def epoch_windows(self, epoch: int, window_ids: np.ndarray) -> np.ndarray:
         """(len(window_ids), seq_len + 1) int64: window id i is stream window order[i]; ids past the end are -1."""
         out = np.full((window_ids.size, self.window), -1, dtype=np.int64)
         for row, window_id in enumerate(window_ids):
@@ -1324,6 +1446,8 @@ class FixedOrderTrainData(TrainData):
 
     def step_target_count(self, epoch: int, step_in_epoch: int) -> int:
         """Every window is whole: seq_len targets for each of the step's windows that exist."""
+        if self.segments:
+            return super().step_target_count(epoch, step_in_epoch)
         first = step_in_epoch * self.batch_seqs(epoch)
         return max(0, min(self.batch_seqs(epoch), self.windows_per_epoch - first)) * self.seq_len
 
@@ -1333,7 +1457,11 @@ def live_micro_steps(train_data: TrainData, epoch: int, step_in_epoch: int, rank
     has gradients to sum); the rest are all padding, skipped. An epoch's last step is usually short: on the tiny
     preset it has 2 of its 32 windows, and running all 8 micro-steps made it cost a full step for 301 targets, the
     "~30% lower tok/s after each epoch end" of the newcomer review. A skipped micro-step's targets are all -1: its
-    gradient (cross-entropy, MTP, distillation, all masked by target) is exactly zero, so nothing else changes."""
+    gradient (cross-entropy, MTP, distillation, all masked by target) is exactly zero, so nothing else changes.
+    Public stepping has no padding: every micro-step of the step's own batch."""
+    if train_data.segments:
+        step = train_data.epoch_start(epoch) + step_in_epoch
+        return train_data.step_batch_seqs(step) // (train_data.device_batch_size * train_data.world_size)
     per_micro_step = train_data.world_size * train_data.device_batch_size
     left = (train_data.windows_per_epoch - step_in_epoch * train_data.batch_seqs(epoch)
             - rank * train_data.device_batch_size)  # windows from this rank's first one of the step to the epoch's end
@@ -1932,6 +2060,9 @@ class GPTConfig:
     recurrence: int = 1
     window_schedule: str = ""
     yarn: bool = False
+    # --- the records' bf16 attention inputs and RoPE tables (issue 23) ---
+    attn_qkv_bf16: bool = False
+    rope_tables: str = ""
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1954,6 +2085,14 @@ def rotary_tables(seq_len: int, head_dim: int, base: float, pairs: int = 0) -> t
                               torch.zeros(head_dim // 2 - pairs, dtype=torch.float32)])
     angles = torch.outer(torch.arange(seq_len, dtype=torch.float32), inv_freq)
     return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :]
+
+
+def stored_rotary(table: torch.Tensor, storage: str) -> torch.Tensor:
+    """A float32 RoPE table as rope_tables stores it: "" itself, "bf16" rounded to a bf16 tensor, "bf16_values"
+    rounded to bf16 and held in float32."""
+    if storage == "bf16":
+        return table.bfloat16()
+    return table.bfloat16().float() if storage == "bf16_values" else table
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -2033,6 +2172,8 @@ class CausalSelfAttention(nn.Module):
         pattern = config.window_pattern.upper()
         self.key_offset = config.key_offset and bool(pattern) and layer < config.n_layer and (
             layer == config.n_layer - 1 or pattern[layer % len(pattern)] == "L")
+        self.qkv_bf16 = config.attn_qkv_bf16
+        self.rotate_float32 = config.rope_tables == "bf16_values"
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, x0: torch.Tensor | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -2048,6 +2189,8 @@ class CausalSelfAttention(nn.Module):
             gate = 2 * torch.sigmoid(F.linear(x[..., :self.gate_channels], self.value_gate.to(x.dtype)))  # (B, T, H)
             value = self.c_x0v(x0) if self.c_x0v is not None else x0.to(v.dtype)
             v = v + gate.unsqueeze(-1) * value.view(batch, time_steps, self.n_head, self.head_dim)
+        if self.rotate_float32:  # the 2h record's float32 tables promote its bf16 q, k: the rotation runs in float32
+            q, k = q.float(), k.float()
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         # from torch 2.12 CUDA autocast runs rms_norm in fp32: back to v's (the compute) dtype, so attention runs and
@@ -2055,10 +2198,14 @@ class CausalSelfAttention(nn.Module):
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.key_offset:
             k = shift_key_half(k)
+        # qkv_bf16: the 2h record hands its FA3 call bf16 q, k, v whatever they were (float32 on a CPU); the output
+        # comes back to v's dtype, exactly (XSA still reads the uncast v). Otherwise every .to here is a no-op
+        attn_dtype = torch.bfloat16 if self.qkv_bf16 else v.dtype
         # attn_mask: None (causal), a boolean SDPA mask (windows, documents) or a FlexAttention BlockMask
         scale = dict(scale=self.softmax_scale[0]) if self.softmax_scale else {}  # YaRN's (2h record)
-        y = attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask, **scale)
-        y = y.transpose(1, 2)  # (B, H, T, D) -> (B, T, H, D)
+        y = attend(q.transpose(1, 2).to(attn_dtype), k.transpose(1, 2).to(attn_dtype),
+                   v.transpose(1, 2).to(attn_dtype), attn_mask, **scale)
+        y = y.transpose(1, 2).to(v.dtype)  # (B, H, T, D) -> (B, T, H, D)
         if self.xsa:
             strength = 1.0 if self.xsa_alpha is None else torch.tanh(self.xsa_alpha).to(y.dtype)
             y = exclusive_self_attention(y, v, strength, self.xsa_eps)
@@ -2263,8 +2410,8 @@ def set_window_schedule_stage(model: "GPT", stage: int) -> None:
     cos, sin, scale = yarn_rotary(config.seq_len, config.n_embd // config.n_head, config.rope_base, growths,
                                   model.rotary_cos.device)
     if growths != getattr(model, "yarn_growths", []):  # none yet: the tables are rotary_tables' own
-        model.rotary_cos.copy_(cos)
-        model.rotary_sin.copy_(sin)
+        model.rotary_cos.copy_(stored_rotary(cos, config.rope_tables))
+        model.rotary_sin.copy_(stored_rotary(sin, config.rope_tables))
     model.yarn_growths = growths
     for module in model.modules():  # every attention call, the MTP block's included
         if isinstance(module, CausalSelfAttention):
@@ -2285,8 +2432,8 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(config, layer) for layer in range(config.n_layer)])
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # untied from wte (nanochat)
         cos, sin = rotary_tables(config.seq_len, config.n_embd // config.n_head, config.rope_base, config.rope_pairs)
-        self.register_buffer("rotary_cos", cos, persistent=False)
-        self.register_buffer("rotary_sin", sin, persistent=False)
+        self.register_buffer("rotary_cos", stored_rotary(cos, config.rope_tables), persistent=False)
+        self.register_buffer("rotary_sin", stored_rotary(sin, config.rope_tables), persistent=False)
         # --- tricks that change the layer loop: built only when their flag is on ---
         self.resid_mix, self.unet_skips = config.resid_mix, config.unet_skips
         self.encoder_layers = config.n_layer // 2
@@ -2610,6 +2757,38 @@ def polar_express_orthogonalize(grad: torch.Tensor, steps: int, gram=None) -> to
     return orthogonalize(grad, steps, "polar_express", gram)
 
 
+def orthogonalize_bf16(grad: torch.Tensor, steps: int, method: str) -> torch.Tensor:
+    """orthogonalize as the public slowrun records round it (muon_bf16), on every device: grad rounded to bf16 and
+    kept there (the result is bf16), no transposition, the products in their order: G = x x^T for a wide or square x
+    and x <- a x + (b G + c (G G)) x; G = x^T x for a tall one and x <- a x + x (b G + c (G G))."""
+    table = ORTHOGONALIZERS[method]
+    x = grad.to(torch.bfloat16)
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) * table["safety"] + table["eps"])
+    tall = x.size(-2) > x.size(-1)
+    for step in range(steps):
+        a, b, c = table["coefficients"][min(step, len(table["coefficients"]) - 1)]
+        if tall:
+            g = x.mT @ x
+            x = a * x + x @ (b * g + c * (g @ g))
+        else:
+            g = x @ x.mT
+            x = a * x + (b * g + c * (g @ g)) @ x
+    return x
+
+
+def newton_schulz_orthogonalize_bf16(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    return orthogonalize_bf16(grad, steps, "newton_schulz")
+
+
+def polar_express_orthogonalize_bf16(grad: torch.Tensor, steps: int) -> torch.Tensor:
+    return orthogonalize_bf16(grad, steps, "polar_express")
+
+
+def bf16_value(value: float) -> float:
+    """A Python float as the records' optimizer sees it: stored in an fp32 0-d tensor, then rounded to bf16."""
+    return torch.tensor(value, dtype=torch.float32).to(torch.bfloat16).item()
+
+
 def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
     """NorMuon (Li et al. 2025): after orthogonalisation, divide each neuron's (row's, or column's for wide matrices)
     update by the root of an EMA of its mean square, then restore the update's Frobenius norm. Orthogonalised updates
@@ -2620,6 +2799,21 @@ def normuon_rescale(update: torch.Tensor, second_moment: torch.Tensor, beta2: fl
     scaled = update.float() * second_moment.clamp_min(1e-10).rsqrt()
     scaled = scaled * (update.float().norm() / scaled.norm().clamp_min(1e-10))
     return scaled.to(update.dtype)
+
+
+def normuon_rescale_bf16(update: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """normuon_rescale as the public records compute and round it (muon_bf16): the EMA weight 1 - bf16(beta2), the
+    norms from the sums of the neurons' mean squares (|u|^2 = n sum m, |scaled u|^2 = n sum m / s), one factor per
+    neuron in float32, rounded to bf16 and applied to the bf16 update (the result is bf16)."""
+    reduce_dim = -1 if update.size(-2) >= update.size(-1) else -2
+    count = update.size(reduce_dim)
+    mean_square = update.float().square().mean(dim=reduce_dim, keepdim=True)
+    norm = (mean_square.sum(dim=(-2, -1), keepdim=True) * count).sqrt()
+    second_moment.lerp_(mean_square, (1 - torch.tensor(beta2, dtype=torch.float32).to(torch.bfloat16)).item())
+    inverse_root = second_moment.clamp_min(1e-10).rsqrt()
+    scaled_norm = ((mean_square * count) * inverse_root.square()).sum(dim=(-2, -1), keepdim=True).sqrt()
+    factor = inverse_root * (norm / scaled_norm.clamp_min(1e-10))
+    return update.to(torch.bfloat16) * factor.to(torch.bfloat16)
 
 
 class Muon(torch.optim.Optimizer):
@@ -2633,7 +2827,7 @@ class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, nesterov: bool, ns_steps: int, weight_decay: float,
                  rank: int = 0, world_size: int = 1, polar_express: bool = False, eq_r: bool = False,
                  normuon_beta2: float = 0.0, cautious_wd: bool = False, process_group=None, compiled: bool = False,
-                 gram: str = "torch", wd_scaled: bool = False, gather_bf16: bool = False):
+                 gram: str = "torch", wd_scaled: bool = False, gather_bf16: bool = False, bf16: bool = False):
         params = list(params)
         shapes = sorted({tuple(p.shape) for p in params})
         groups = [dict(params=[p for p in params if tuple(p.shape) == shape]) for shape in shapes]
@@ -2646,6 +2840,11 @@ class Muon(torch.optim.Optimizer):
         # gather_bf16: the update rounded to bf16 before the all_gather (on any world size, so that 1 and N ranks
         # train alike); each rank applies the rounded update, its own included, so the ranks stay identical
         self.gather_dtype = torch.bfloat16 if gather_bf16 else None
+        # bf16: the public records' rounding (muon_bf16; _update, _apply_bf16): updates come out of _update in
+        # bf16 without the shape factor, which the step folds into the bf16-rounded lr
+        self.bf16 = bf16
+        if bf16 and gram == "triton":
+            raise ValueError("Muon: bf16 (the records' order of products) has no symmetric Gram kernel path")
         # compiled: torch.compile fuses each iteration's scale-and-add into the matmuls' epilogues (modded-nanogpt
         # compiles its Newton-Schulz too); one graph per matrix shape, the plain functions are the reference
         self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize,
@@ -2653,30 +2852,55 @@ class Muon(torch.optim.Optimizer):
         if gram == "triton":  # the symmetric Gram kernel: half of X X^T's and G G^T's products (kept uncompiled)
             self.orthogonalizers = {name: functools.partial(fn, gram=symmetric_gram_triton)
                                     for name, fn in self.orthogonalizers.items()}
-        elif compiled:
+        if bf16:
+            self.orthogonalizers = {"newton_schulz": newton_schulz_orthogonalize_bf16,
+                                    "polar_express": polar_express_orthogonalize_bf16}
+        if compiled and gram != "triton":
             self.orthogonalizers = {name: torch.compile(fn, dynamic=False)
                                     for name, fn in self.orthogonalizers.items()}
 
     def _update(self, param: torch.Tensor, group: dict) -> torch.Tensor:
+        """The orthogonalised update of one matrix, times sqrt(max(1, rows/cols)). muon_bf16 (self.bf16): as the
+        public records compute it, the momentum's weights rounded to float32 first (1 - m computed in float32), the
+        bf16 orthogonaliser and NorMuon, and the bf16 update returned without the shape factor (_apply_bf16 folds it
+        into the lr)."""
         grad, state = param.grad, self.state[param]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(grad)
         buffer = state["momentum_buffer"]
-        buffer.lerp_(grad, 1 - group["momentum"])
-        direction = grad.lerp(buffer, group["momentum"]) if group["nesterov"] else buffer
-        if group["eq_r"]:  # MuonEq-R: every row to unit norm first, so no row dominates the orthogonalisation
-            direction = direction / (direction.norm(dim=-1, keepdim=True) + 1e-7)
-        if group["polar_express"]:
-            update = self.orthogonalizers["polar_express"](direction, group["ns_steps"])
-        else:
-            update = self.orthogonalizers["newton_schulz"](direction, group["ns_steps"])
+        keep, take = group["momentum"], 1 - group["momentum"]
+        if self.bf16:
+            momentum = torch.tensor(group["momentum"], dtype=grad.dtype)
+            keep, take = momentum.item(), (1 - momentum).item()
+        buffer.lerp_(grad, take)
+        direction = grad.lerp(buffer, keep) if group["nesterov"] else buffer
+        if group["eq_r"]:  # MuonEq-R: every row to unit norm first (max(|row|, 1e-7), as the records), so no row dominates
+            direction = direction / direction.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(direction.dtype)
+        method = "polar_express" if group["polar_express"] else "newton_schulz"
+        update = self.orthogonalizers[method](direction, group["ns_steps"])
         if group["normuon_beta2"] > 0:
             if "second_moment" not in state:
                 reduce_dim = -1 if grad.size(-2) >= grad.size(-1) else -2
                 shape = (grad.size(-2), 1) if reduce_dim == -1 else (1, grad.size(-1))
                 state["second_moment"] = torch.zeros(shape, dtype=torch.float32, device=grad.device)
-            update = normuon_rescale(update, state["second_moment"], group["normuon_beta2"])
-        return update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+            rescale = normuon_rescale_bf16 if self.bf16 else normuon_rescale
+            update = rescale(update, state["second_moment"], group["normuon_beta2"])
+        return update if self.bf16 else update * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+
+    @staticmethod
+    def _apply_bf16(param: torch.Tensor, update: torch.Tensor, group: dict) -> None:
+        """param -= lr' u + lr' wd' (param [where u param >= 0, cautious_wd]) as the public records round it:
+        lr' = bf16(lr sqrt(max(1, rows/cols))) (the decay's lr without the factor unless wd_scaled), wd' = bf16(wd),
+        lr' u in bf16, the decay term in float32 from the bf16 product lr' wd'."""
+        scale = max(1.0, param.size(-2) / param.size(-1)) ** 0.5
+        lr = bf16_value(group["lr"] * scale)
+        decay_lr = lr if group["wd_scaled"] else bf16_value(group["lr"])
+        decay = (torch.tensor(decay_lr, dtype=torch.bfloat16) * bf16_value(group["weight_decay"])).item()
+        update = update.to(torch.bfloat16)
+        decay_term = decay * param
+        if group["cautious_wd"]:
+            decay_term = decay_term * ((update * param) >= 0)
+        param.sub_(lr * update + decay_term)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -2686,7 +2910,8 @@ class Muon(torch.optim.Optimizer):
             for first in range(0, len(params), self.world_size):
                 owned = first + self.rank
                 # Ranks past the end of the group contribute a zero update that nobody applies.
-                update = self._update(params[owned], group) if owned < len(params) else torch.zeros_like(params[first])
+                update = self._update(params[owned], group) if owned < len(params) else torch.zeros_like(
+                    params[first], dtype=torch.bfloat16 if self.bf16 else None)
                 if self.gather_dtype is not None:
                     update = update.to(self.gather_dtype)
                 chunk = params[first:first + self.world_size]
@@ -2700,6 +2925,9 @@ class Muon(torch.optim.Optimizer):
             if handle is not None:
                 handle.wait()
             for param, update in zip(chunk, updates):
+                if self.bf16:
+                    self._apply_bf16(param, update, group)
+                    continue
                 decay = group["lr"] * group["weight_decay"]
                 if group["wd_scaled"]:  # the public records' lr_eff = lr sqrt(max(1, rows/cols)) scales both terms
                     decay = decay * max(1.0, param.size(-2) / param.size(-1)) ** 0.5
@@ -2742,6 +2970,17 @@ def scalar_adam_groups(scalars: dict[str, nn.Parameter], hp: Hyperparameters) ->
     return [group for group in groups if group["params"]]
 
 
+def build_muon(params: list[nn.Parameter], hp: Hyperparameters, dist_info: Dist) -> "Muon":
+    """The run's Muon over `params`, every setting from hp (build_optimizers' Muon)."""
+    return Muon(params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
+                ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
+                world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
+                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
+                process_group=dist_info.group,
+                compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
+                gram=hp.muon_gram, wd_scaled=hp.muon_wd_scaled, gather_bf16=hp.muon_gather_bf16, bf16=hp.muon_bf16)
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[torch.optim.Optimizer]:
     """Muon for every 2-D matrix inside the blocks (and the MTP projection); AdamW for the embedding, the lm_head and
     anything 0-D or 1-D or made by scalar_parameter (gates, lambdas, head-mixing matrices)."""
@@ -2767,13 +3006,7 @@ def build_optimizers(model: GPT, hp: Hyperparameters, dist_info: Dist) -> list[t
     if head_mix_params:
         adam_groups.append(dict(params=head_mix_params, lr=hp.head_mix_lr, weight_decay=0.0))
     adamw = torch.optim.AdamW(adam_groups, betas=(hp.adam_beta1, hp.adam_beta2), eps=hp.adam_eps)
-    muon = Muon(muon_params, lr=hp.muon_lr, momentum=hp.muon_momentum, nesterov=hp.muon_nesterov,
-                ns_steps=hp.muon_ns_steps, weight_decay=hp.muon_wd, rank=dist_info.rank,
-                world_size=dist_info.world_size, polar_express=hp.muon_polar_express, eq_r=hp.muon_eq_r,
-                normuon_beta2=hp.normuon_beta2 if hp.normuon else 0.0, cautious_wd=hp.cautious_wd,
-                process_group=dist_info.group,
-                compiled=hp.muon_compile == "on" or (hp.muon_compile == "auto" and dist_info.device.type == "cuda"),
-                gram=hp.muon_gram, wd_scaled=hp.muon_wd_scaled, gather_bf16=hp.muon_gather_bf16)
+    muon = build_muon(muon_params, hp, dist_info)
     if hp.muon_gram == "triton" and not fused_loss_available(dist_info.device):
         raise ConfigError(f"--muon_gram triton needs Triton and a CUDA device (or TRITON_INTERPRET=1 on CPU); "
                           f"device {dist_info.device.type}, triton "
@@ -2908,6 +3141,9 @@ def snapshot_cycle_bounds(hp: Hyperparameters, total_steps: int, train_data: "Tr
     cycles = hp.snapshot_cycles
     if not hp.snapshot_cycle_epochs or train_data is None or not cycles or hp.num_epochs % cycles:
         return snapshot_cycle_ends(total_steps, cycles)
+    if train_data.segments and train_data.segments[0][1] is not None:  # public stepping by cycles: their ends
+        ends = [first + steps for first, steps, _, _ in train_data.segments]
+        return ends if ends[-1] == total_steps else snapshot_cycle_ends(total_steps, cycles)
     ends, done, per_cycle = [], 0, hp.num_epochs // cycles
     for epoch in range(hp.num_epochs):
         done += train_data.steps_in(epoch)
@@ -2944,6 +3180,12 @@ def lr_multiplier(step: int, total_steps: int, hp: Hyperparameters, train_data: 
     warmdown_start = 1.0 - hp.warmdown_frac
     if hp.snapshot_cycles:  # snapshot ensembles: C cycles over the whole run, each ending at lr_cycle_floor
         return snapshot_cycle_factor(step, snapshot_cycle_bounds(hp, total_steps, train_data), hp)
+    if hp.public_steps and hp.warmdown_frac and not hp.lr_cycles:  # the public's warmdown: round(frac x N) steps
+        warmdown = round(hp.warmdown_frac * total_steps)  # 1h: 419 of N = 2,097 (0.2 N = 419.4)
+        if step <= total_steps - warmdown:
+            return 1.0
+        shaped = ((total_steps - step) / warmdown) ** hp.warmdown_shape
+        return shaped + (1.0 - shaped) * hp.final_lr_frac
     if progress < warmdown_start or hp.warmdown_frac == 0:
         if hp.lr_cycles:  # cosine cycles from 1 down to lr_cycle_floor, restarting (SGDR)
             phase = (progress / max(warmdown_start, 1e-12) * hp.lr_cycles) % 1.0
@@ -4498,12 +4740,13 @@ def perturb_weights(model: nn.Module, scale: float, seed: int, stat: str = "rms"
     adds the same noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for name, p in model.named_parameters():
             if stat == "std" and p.numel() <= 1:
                 continue
             noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
-            if stat == "std":
-                p.add_((noise.float() * (p.float().std() * scale)).to(p.dtype))
+            if stat == "std":  # head_mix stacks the record's three Q/K/V mixing matrices: each its own deviation
+                spread = p.float().flatten(1).std(dim=1).view(-1, 1, 1) if name.endswith("head_mix") else p.float().std()
+                p.add_((noise.float() * (spread * scale)).to(p.dtype))
             else:
                 p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
 
@@ -4604,7 +4847,7 @@ def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSche
     stage alone, so going back is exact."""
     loop_active, stage = model.loop_active, getattr(model, "window_stage", None)
     if hp.loop_repeats:
-        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.total_steps)
+        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.schedule_steps)
     if hp.window_schedule:
         set_window_schedule_stage(model, final_window_stage(hp, schedule))
     try:
@@ -4659,11 +4902,15 @@ class MemberSchedule:
     def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
         self.hp, self.member = hp, member
         train_data_class = FixedOrderTrainData if hp.train_order == "fixed" else TrainData  # F18a
+        cycle_epochs = hp.num_epochs // hp.snapshot_cycles if hp.snapshot_cycle_epochs and hp.snapshot_cycles else 0
         self.train_data = train_data_class(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
                                            hp.device_batch_size, dist_info.world_size, dist_info.rank,
-                                           member_seed(hp, member), batch_schedule(hp))
-        full_steps = self.train_data.epoch_start(hp.num_epochs)
+                                           member_seed(hp, member), batch_schedule(hp), public_steps=hp.public_steps,
+                                           epochs=hp.num_epochs, cycle_epochs=cycle_epochs)
+        full_steps = self.train_data.run_steps(hp.num_epochs)
         self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+        # the run length the schedules see: the steps run, or the public's N (public_steps; one less at most)
+        self.schedule_steps = total_steps if total_steps < full_steps else self.train_data.schedule_steps(hp.num_epochs)
         # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
         # the last step's weights are the member itself
         final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
@@ -4678,13 +4925,13 @@ class MemberSchedule:
     def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
         """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
         hp = self.hp
-        factor = apply_schedules(optimizers, step, self.total_steps, self.train_data, hp)
+        factor = apply_schedules(optimizers, step, self.schedule_steps, self.train_data, hp)
         if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
-            model.loop_active = step >= loop_start_step(hp, self.train_data, self.total_steps)
+            model.loop_active = step >= loop_start_step(hp, self.train_data, self.schedule_steps)
         if hp.recurrence > 1:  # the 15min record's recurrence switches on once (a second torch.compile graph)
-            model.recurrence_active = recurrence_on(step, self.total_steps, hp)
+            model.recurrence_active = recurrence_on(step, self.schedule_steps, hp)
         if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
-            model.set_window_stage(window_stage(step, self.total_steps, hp), hp.window_warmup_stages)
+            model.set_window_stage(window_stage(step, self.schedule_steps, hp), hp.window_warmup_stages)
         return factor
 
     def epoch_end(self, done: int) -> bool:
@@ -5399,7 +5646,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     for step in range(progress.state["step"], total_steps):
         epoch, step_in_epoch = train_data.locate(step)
         factor = schedule.start_step(step, optimizers, raw_model)
-        objective.start_step(step, total_steps)
+        objective.start_step(step, schedule.schedule_steps)
         if hp.window_schedule:
             window_schedule_step(raw_model, train_data, step, log, tag, compiled=model is not raw_model)
         if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):

@@ -216,8 +216,10 @@ def model_flags(dry: bool, folder: str, run_id: str, steps: int, batch_tokens: i
              "--train_files", train_path, "--val_files", val_path, "--test_files", "", "--log_dir", folder,
              "--run_id", run_id, "--log_every", "1", "--val_every", "-1", "--checkpoint_every", "-1",
              "--save_model", "false", "--num_epochs", "1",
-             # a timing run on a few random windows: no public val windows, no epoch-snapshot averaging
-             "--val_public_windows", "0", "--epoch_snapshots", "0", "--epoch_snapshot_weights", "equal"]
+             # a timing run on a few random windows: no public val windows, no epoch-snapshot averaging, whole-step
+             # epochs (the public stepping's epochs need more windows than a few steps hold)
+             "--val_public_windows", "0", "--epoch_snapshots", "0", "--epoch_snapshot_weights", "equal",
+             "--public_steps", "0"]
     if dry:
         flags += ["--vocab_size", str(DRY_VOCAB), "--bos_id", str(DRY_VOCAB - 1), "--device", "cpu", "--n_layer", "2",
                   "--n_embd", "64", "--n_head", "2", "--seq_len", str(seq),

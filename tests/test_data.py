@@ -1,4 +1,5 @@
 """The shard format, its one-line errors, and the epoch loader's guarantees."""
+import math
 import os
 
 import numpy as np
@@ -221,3 +222,51 @@ def test_unigram_loss_is_smoothed_train_frequencies_scored_on_val():
 def test_unigram_entropy():
     assert train_gpt.unigram_entropy(np.array([1, 1, 2, 2])) == pytest.approx(np.log(2))
     assert train_gpt.unigram_entropy(np.array([5, 5, 5])) == pytest.approx(0.0)
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("schedule, cycle_epochs", [((), 0), ((0.5, 0.5, 1.0, 1.0), 2)])
+def test_public_stepping_reads_the_epochs_as_one_stream_of_whole_windows(world_size, schedule, cycle_epochs):
+    """public_steps W (issue 23): each epoch keeps floor(windows / W) x W whole windows of its own shuffle, and the
+    run reads epoch 0's, then epoch 1's, ... as one stream, B a step, so a step may end in the next epoch; the run is
+    ceil(epochs x E / B) steps at a constant batch (its last windows from the next epoch's shuffle, as the public
+    loader's are) and round(cycle windows / B_c) a cycle with a batch schedule. By hand: 40 documents of the toy
+    language in windows of 17 tokens, W = 4, batch 12 sequences (8 and 16 with the schedule), 2 on each rank."""
+    tokens = synthetic_documents(40, seed=3)
+    epochs = 4
+    full = 16 if cycle_epochs else 12  # every batch a multiple of 2 sequences x 2 ranks
+    loaders = [train_gpt.TrainData(tokens, MICRO_BOS, 16, full, 2, world_size, rank, 0, schedule, public_steps=4,
+                                   epochs=epochs, cycle_epochs=cycle_epochs) for rank in range(world_size)]
+    data = loaders[0]
+    whole = tokens.size // 17
+    assert data.windows_per_epoch == whole // 4 * 4
+    E = data.windows_per_epoch
+    if cycle_epochs:  # cycles of 2 epochs at 8, then 16 sequences a step
+        cycle_steps = [round(2 * E / 8), round(2 * E / 16)]
+        assert data.run_steps(epochs) == data.schedule_steps(epochs) == sum(cycle_steps)
+        batches = [8] * cycle_steps[0] + [16] * cycle_steps[1]
+    else:
+        assert data.run_steps(epochs) == math.ceil(epochs * E / 12)
+        assert data.schedule_steps(epochs) == round(epochs * E / 12)
+        batches = [12] * data.run_steps(epochs)
+    expected = [train_gpt.shuffled_stream(tokens, data.doc_starts, 0, e)[:E * 17].reshape(E, 17)
+                for e in range(epochs + 1)]
+    stream = np.concatenate(expected)  # the epochs' windows one after another
+    read = 0
+    for step, batch in enumerate(batches):
+        epoch, step_in_epoch = data.locate(step)
+        assert epoch == read // E and data.epoch_start(epoch) <= step  # the epoch of the step's first window
+        assert data.step_target_count(epoch, step_in_epoch) == batch * 16
+        micro_steps = train_gpt.live_micro_steps(data, epoch, step_in_epoch, 0)
+        assert micro_steps == batch // (2 * world_size)
+        rows = []
+        for micro in range(micro_steps):
+            for loader in loaders:
+                inputs, targets = loader.micro_batch(epoch, step_in_epoch, micro)
+                rows.append(torch.cat([inputs[:, :1], targets], dim=1).numpy())
+        assert np.array_equal(np.concatenate(rows), stream[read:read + batch])
+        read += batch
+    assert read >= epochs * E and (cycle_epochs or read - batch < epochs * E)  # every epoch whole, no extra step
+    # each epoch ends after the step that reads its last window: the public's evaluation points
+    assert [data.epoch_start(e) for e in range(1, epochs + 1)] == \
+        [min(s for s in range(len(batches) + 1) if sum(batches[:s]) >= e * E) for e in range(1, epochs + 1)]

@@ -42,12 +42,14 @@ def test_15min_preset_plans_8_cards_and_refuses_fp8_on_cpu():
 
 
 def test_15min_preset_trains_at_micro_width_with_every_cpu_flag_on(micro_data, tmp_path):
-    """train_gpt.main with --preset 15min, only the shapes shrunk (and fp8_head off: CUDA only): 4 steps crossing the
+    """train_gpt.main with --preset 15min, only the shapes shrunk (and fp8_head off: CUDA only; the public stepping's
+    unit a whole step, as the record's 256 windows are, here 12): 4 steps crossing the
     recurrence switch (0.7 x 4 = step 2.8), the multi-offset loss, weight-decay knots, EMA and weight-average
     candidates; the log names the record; the train loss is finite and falls."""
     log, losses = micro_preset_run("15min", micro_data, tmp_path, max_steps=4, vocab_size=320, eval_vocab=256,
                                    mlp_hidden=64, window_short=9, rope_pairs=4, fp8_head=False, val_tokens=256,
-                                   val_public_windows=4, device_batch_size=2, val_batch_size=4)
+                                   val_public_windows=4, device_batch_size=2, val_batch_size=4,
+                                   public_steps=12)
     assert "preset 15min: reproduces the 15min record 3.307 (qlabs-eng/slowrun tiny/train.py@fd342f0)" in log
     assert "multi-offset" in log
     assert len(losses) == 4 and all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]

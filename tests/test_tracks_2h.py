@@ -167,7 +167,9 @@ def test_defaults_are_the_plain_model_bitwise_and_a_one_stage_schedule_is_the_pa
 
 def test_2h_preset_states_its_record_its_size_and_the_public_settings():
     """The preset is the 1h preset plus exactly what two_hour/train.py changes (--num-epochs 22, --dupe-start-epoch
-    14, --swa-last-epochs 8, --logit-avg 11, --window-schedule, YaRN); 1,443,722,775 parameters (the 1h model: YaRN
+    14, --swa-last-epochs 8, --logit-avg 11, --window-schedule, YaRN, and its own bf16 sites: q, k, v cast to bf16
+    for attention, attn_qkv_bf16, and its Yarn tables' bf16 values in float32, rope_tables "bf16_values"; the 1h
+    preset's muon_bf16 and public stepping are inherited); 1,443,722,775 parameters (the 1h model: YaRN
     adds none); FLOPs per token by the public formula at each stage, by hand: 6 (N - wte - 75 scalars) + 12 d x mean
     keys (22 S layers, 8 L layers), m - m(m - 1)/(2T) keys for a window of m keys, (T + 1)/2 for a full one."""
     hp = train_gpt.parse_args(["--preset", "2h"])
@@ -176,7 +178,8 @@ def test_2h_preset_states_its_record_its_size_and_the_public_settings():
     changed = {f.name: getattr(hp, f.name) for f in dataclasses.fields(hp) if getattr(hp, f.name) !=
                getattr(one_hour, f.name)}
     assert changed == dict(preset="2h", num_epochs=22, loop_start_epoch=14, lr_epoch_cosine=8, epoch_snapshots=11,
-                           window_schedule=SCHEDULE_2H, yarn=True)
+                           window_schedule=SCHEDULE_2H, yarn=True, attn_qkv_bf16=True, rope_tables="bf16_values")
+    assert (hp.muon_bf16, hp.public_steps) == (True, 32)  # the 1h preset's, unchanged
     n_params = sum(p.numel() for p in train_gpt.build_model_meta(hp).parameters())
     assert n_params == 1_443_722_775
     lines = train_gpt.preset_record_lines(hp, n_params)
@@ -276,7 +279,8 @@ def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_st
         loaded, _ = train_gpt.load_member(path, torch.device("cpu"))
         assert loaded.window_stage == 1 and torch.equal(loaded(idx), expected)
         assert loaded.blocks[0].attn.softmax_scale == model.blocks[0].attn.softmax_scale != (16**-0.5,)
-    schedule = dataclasses.make_dataclass("S", ["train_data", "total_steps"])(ten_step_epochs(), N_2H)
+    schedule = dataclasses.make_dataclass("S", ["train_data", "total_steps", "schedule_steps"])(ten_step_epochs(), N_2H,
+                                                                                          N_2H)
     assert train_gpt.final_window_stage(hp, schedule) == 2
     assert not model.loop_active and model.window_stage == 1
     windows, scale = model.window_sizes, model.blocks[0].attn.softmax_scale
@@ -290,7 +294,7 @@ def test_a_frozen_or_saved_model_keeps_its_stage_and_snapshots_take_the_final_st
     assert model.blocks[0].attn.softmax_scale == scale
     with torch.no_grad():
         assert torch.equal(model(idx), expected)
-    assert train_gpt.final_window_stage(hp, schedule.__class__(ten_step_epochs(), 95)) == 1  # ends in epoch 10
+    assert train_gpt.final_window_stage(hp, schedule.__class__(ten_step_epochs(), 95, 95)) == 1  # ends in epoch 10
 
 
 def test_compiled_step_across_a_stage_change_compiles_a_bounded_number_of_graphs():
@@ -327,10 +331,11 @@ def test_compiled_step_across_a_stage_change_compiles_a_bounded_number_of_graphs
 
 
 def test_2h_preset_run_switches_stages_in_the_loop_and_averages_in_the_final_state(micro_data, tmp_path):
-    """train_gpt.main with --preset 2h at micro width, three 8-step epochs with a stage each (the epochs shrink with
-    the data, so the stages and the 14/8/11 epoch counts shrink too): the log has each stage from its epoch's first
-    step with YaRN's scale, the metrics a window_stage row per stage, and the epoch-2 snapshot file is in the final
-    state (stage 3, looped layers on), as the record scores its averaged checkpoints."""
+    """train_gpt.main with --preset 2h at micro width, three epochs with a stage each (the epochs shrink with the data,
+    so the stages and the 14/8/11 epoch counts shrink too; the preset's public stepping makes each epoch 64 windows
+    of the 90, 12 a step, so epochs start at steps 0, ceil(64/12) = 6 and ceil(128/12) = 11 of 16): the log has each
+    stage from its epoch's first step with YaRN's scale, the metrics a window_stage row per stage, and the epoch-2
+    snapshot file is in the final state (stage 3, looped layers on), as the record scores its averaged checkpoints."""
     train_path, val_path = micro_data
     flags = ["--preset", "2h"] + micro_flags(train_path, val_path, str(tmp_path), "micro2h", vocab_size=320,
                                              train_vocab=256, eval_vocab=256, mlp_hidden=64, loop_range="1:2",
@@ -342,9 +347,9 @@ def test_2h_preset_run_switches_stages_in_the_loop_and_averages_in_the_final_sta
     folder = tmp_path / "micro2h"
     log = open(folder / "log.txt").read()
     assert "window stage 1/3 (epochs 1-1) from step 0: short 5, long 9 keys | softmax scale 0.250000" in log
-    assert "window stage 2/3 (epochs 2-2) from step 8: short 9, long 17 keys | YaRN 8 -> 16 | softmax scale 0.284657" \
+    assert "window stage 2/3 (epochs 2-2) from step 6: short 9, long 17 keys | YaRN 8 -> 16 | softmax scale 0.284657" \
         in log
-    assert "window stage 3/3 (epochs 3-3) from step 16: short 13, long 32 keys | YaRN 16 -> 32" in log
+    assert "window stage 3/3 (epochs 3-3) from step 11: short 13, long 32 keys | YaRN 16 -> 32" in log
     assert [row["stage"] for row in read_metrics(str(folder)) if row.get("kind") == "window_stage"] == [1, 2, 3]
     snapshot = torch.load(folder / "members" / "member_00_snapshot_00.pt", weights_only=True)
     assert snapshot["inference_state"] == dict(loop_active=True, window_sizes=[13, 32], recurrence_active=True,

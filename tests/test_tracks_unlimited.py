@@ -308,8 +308,8 @@ def micro_unlimited_flags(train_path, val_path, log_dir, run_id):
 
 def test_unlimited_micro_run_with_every_flag_on(tmp_path, micro_data, monkeypatch):
     """train_gpt.main on the micro shapes with every flag of the preset on: both members train (loss finite and
-    falling within each); the snapshots are taken at the epoch ends (cycles of whole epochs, 9/5/9 steps at batch
-    0.5/1/0.5); neither member has a teacher in cycle 0 (snapshot_distill_after 1: member 0 does not teach member
+    falling within each); the snapshots are taken at the cycle ends (the preset's public stepping: epochs of 48 whole
+    windows, a multiple of 16, and cycles of round(48 / batch) steps: 8/4/8 at batch 6/12/6); neither member has a teacher in cycle 0 (snapshot_distill_after 1: member 0 does not teach member
     1) and each distils from its own snapshot afterwards; the selection fits and sweeps K = 2, 4; the result is finite."""
     teachers = []  # (objective, teacher count) per micro-step
     sums = train_gpt.MemberObjective.sums
@@ -318,12 +318,12 @@ def test_unlimited_micro_run_with_every_flag_on(tmp_path, micro_data, monkeypatc
     flags = micro_unlimited_flags(*micro_data, str(tmp_path), "unl")
     assert train_gpt.main(flags) == 0
     rows = read_metrics(str(tmp_path / "unl"))
-    assert [row["step"] for row in rows if row.get("kind") == "snapshot"] == [9, 14, 9, 14]
+    assert [row["step"] for row in rows if row.get("kind") == "snapshot"] == [8, 12, 8, 12]
     per_member = [[count for key, count in teachers if key == member] for member in dict.fromkeys(k for k, _ in teachers)]
     assert len(per_member) == 2
-    for counts in per_member:  # cycle 0: 9 steps of up to 3 micro-steps (the epoch's last is short), then 1 teacher
+    for counts in per_member:  # cycle 0: 8 steps of 3 micro-steps (no padding under public stepping), then 1 teacher
         first = counts.index(1)
-        assert 9 <= first <= 27 and counts[:first] == [0] * first and set(counts[first:]) == {1}, counts
+        assert first == 24 and counts[:first] == [0] * first and set(counts[first:]) == {1}, counts
     for member in (0, 1):
         losses = [row["train_loss"] for row in rows if row.get("kind") == "train" and row.get("member") == member]
         assert len(losses) >= 10 and all(math.isfinite(x) for x in losses)
