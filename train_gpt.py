@@ -2,9 +2,12 @@
 slowrun: data-efficient language-model pretraining in one file.
 
 The training data is fixed (about 100M FineWeb tokens, read for many epochs) and compute is nearly free:
-the question is how low the validation loss can go. Read this file top to bottom like a paper:
-hyperparameters, distributed setup, data, kernels, model, optimizers, losses and evaluation, logging, training
-(one member, then the ensemble loop), main.
+the question is how low the validation loss can go. Read this file top to bottom like a paper, down to the Harness
+banner: hyperparameters, distributed setup, data, model, optimizers and schedules, losses and evaluation, training
+one member, the ensemble loop, kernels (each fast path beside its reference), main. Below the banner, the harness,
+where nothing changes a number: frozen models' placement, member files, checkpoints and resume, the memory plan,
+logging and locks, the heartbeat watchdog, progress and ETA, data-file checks, a newcomer's outputs, record
+comparison and --eval_only.
 
     python train_gpt.py --preset tiny                               # CPU, bundled sample, a few minutes
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset slowrun
@@ -50,6 +53,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Hyperparameters
@@ -1023,176 +1027,12 @@ def setup_distributed(device_choice: str = "auto", timeout_s: float | None = Non
     return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def main_thread_position() -> str:
-    """Where the main thread is now: its innermost frame in this script (file:line in function)."""
-    frame = sys._current_frames().get(threading.main_thread().ident)
-    here = os.path.abspath(__file__)
-    while frame is not None and os.path.abspath(frame.f_code.co_filename) != here:
-        frame = frame.f_back
-    return f"line {frame.f_lineno} in {frame.f_code.co_name}" if frame is not None else "outside train_gpt.py"
-
-
-HEARTBEAT = dict(stopping=threading.Event(), store=None, rank=0)  # the watchdog of this process (one per rank)
-
-
-def stop_heartbeat_watchdog() -> None:
-    """This rank is finishing (done or failed): its watchdog stops, and the others stop watching it."""
-    HEARTBEAT["stopping"].set()
-    if HEARTBEAT["store"] is not None:
-        try:
-            HEARTBEAT["store"].set(f"slowrun_heartbeat_done/{HEARTBEAT['rank']}", "1")
-        except Exception:  # noqa: BLE001 - the store's host has gone already: nobody is left to watch
-            pass
-
-
-def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> threading.Thread:
-    """A daemon thread that beats in the process group's own store (torch.distributed's TCPStore) and watches the
-    other ranks' beats. A rank that is frozen (SIGSTOP, a stuck driver) or dead stops beating even while the others
-    wait silently inside a collective (gloo's default wait is 30 minutes); once one has been silent for timeout_s,
-    every watching rank prints one line naming it, its host and pid and where its main thread last was, then ends
-    with status 2. The beats run beside the training thread, so slow steps, compilation or a long checkpoint write
-    on one rank never count as silence."""
-    store = dist.distributed_c10d._get_default_store()
-    stopping = threading.Event()
-    HEARTBEAT.update(store=store, rank=rank, stopping=stopping)
-    interval = max(0.05, min(5.0, timeout_s / 5))
-    identity = f"{socket.gethostname()} pid {os.getpid()}"
-
-    def beat() -> None:
-        last_count, last_change = [0] * world_size, [time.monotonic()] * world_size
-        while not stopping.is_set():
-            try:
-                store.set(f"slowrun_heartbeat_at/{rank}", f"{identity}, {main_thread_position()}")
-                store.add(f"slowrun_heartbeat/{rank}", 1)
-                now = time.monotonic()
-                for other in range(world_size):
-                    count = store.add(f"slowrun_heartbeat/{other}", 0)  # reads the counter without blocking
-                    if count != last_count[other]:
-                        last_count[other], last_change[other] = count, now
-                    elif other != rank and now - last_change[other] > timeout_s and \
-                            not store.check([f"slowrun_heartbeat_done/{other}"]):  # a finished rank is quiet
-                        key = f"slowrun_heartbeat_at/{other}"
-                        where = store.get(key).decode() if store.check([key]) else "before its first beat"
-                        print(f"error: rank {other} stopped answering for {now - last_change[other]:.0f} s "
-                              f"(dist_timeout {timeout_s:g} s; last heard: {where}); rank {rank} ends the run",
-                              file=sys.stderr, flush=True)
-                        os._exit(2)
-            except Exception as exc:  # noqa: BLE001 - the store itself is gone: its host (rank 0 or torchrun) died
-                if stopping.is_set():  # this rank is finishing: the store may close before it
-                    return
-                print(f"error: the process group's store stopped answering ({type(exc).__name__}: {exc}); "
-                      f"rank {rank} ends the run", file=sys.stderr, flush=True)
-                os._exit(2)
-            time.sleep(interval)
-
-    thread = threading.Thread(target=beat, name="slowrun-heartbeat", daemon=True)
-    thread.start()
-    return thread
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Data: modded-nanogpt .bin shards, read for many epochs with per-epoch document shuffling
-
-SHARD_MAGIC = 20240520  # modded-nanogpt / llm.c token shard: 256 int32 header, then uint16 tokens
-SHARD_VERSION = 1
-SHARD_HEADER_INTS = 256
-SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
-# header[3] names the tokenizer that made the shard, as an index here. 0 is GPT-2's BPE, which is also what every
-# shard written before the field existed (modded-nanogpt's, FineWeb's, ours) holds there, so old shards read as GPT-2.
-# "bpe" is a small BPE of one's own (data/encode.py --train_bpe): header[4] then holds its ranks file's checksum
-# (bpe_checksum), so shards of one BPE are refused by a model of another.
-SHARD_TOKENIZERS = ("gpt2", "bytes", "bpe")
-BYTE_SEPARATOR = 256  # the byte tokenizer's document separator (ids 0-255 are the bytes): opens every document
 
 
 class DataError(ValueError):
     """A missing or malformed data file: one line naming the file and what is wrong."""
-
-
-def bpe_checksum(path: str) -> int:
-    """The 31-bit CRC-32 of a BPE ranks file, as shard headers (header[4]) store it."""
-    with open(path, "rb") as handle:
-        return zlib.crc32(handle.read()) & 0x7FFFFFFF
-
-
-def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2", bpe_file: str = "") -> None:
-    """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file. A "bpe" shard
-    records its ranks file's checksum (bpe_file)."""
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 1:
-        raise ValueError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
-    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
-        raise ValueError(f"{path}: token ids must lie in [0, 65536) to be stored as uint16")
-    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    header[3] = SHARD_TOKENIZERS.index(tokenizer)
-    if tokenizer == "bpe":
-        header[4] = bpe_checksum(bpe_file)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    temporary = f"{path}.tmp{os.getpid()}"
-    with open(temporary, "wb") as handle:
-        handle.write(header.tobytes())
-        handle.write(tokens.astype("<u2").tobytes())
-    os.replace(temporary, path)
-
-
-def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
-    """Reads and checks one .bin shard; returns its tokens as uint16. Every problem is a one-line DataError."""
-    if not os.path.isfile(path):
-        raise DataError(f"{path}: file not found")
-    size = os.path.getsize(path)
-    if size < SHARD_HEADER_BYTES:
-        raise DataError(f"{path}: {size} bytes, too small for the {SHARD_HEADER_BYTES}-byte header")
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        raise DataError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a .bin token shard)")
-    if header[1] != SHARD_VERSION:
-        raise DataError(f"{path}: version {header[1]}, expected {SHARD_VERSION}")
-    count = int(header[2])
-    expected = SHARD_HEADER_BYTES + 2 * count
-    if count < 0 or size != expected:
-        raise DataError(f"{path}: header says {count:,} tokens ({expected:,} bytes) but the file has {size:,} bytes "
-                        f"(truncated or corrupt)")
-    tokens = np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_BYTES)
-    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
-        position = int(np.argmax(tokens >= vocab_size))
-        raise DataError(f"{path}: token id {int(tokens[position])} at position {position:,} is >= vocab_size "
-                        f"{vocab_size}")
-    return tokens
-
-
-def shard_tokenizer(path: str) -> str | None:
-    """The tokenizer a shard's header names (header[3]); None when the file is no shard at all (read_shard then
-    says what is wrong with it). A "bpe" shard's name carries its ranks checksum: "bpe:123456"."""
-    if not os.path.isfile(path) or os.path.getsize(path) < SHARD_HEADER_BYTES:
-        return None
-    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
-    if header[0] != SHARD_MAGIC:
-        return None
-    if not 0 <= int(header[3]) < len(SHARD_TOKENIZERS):
-        raise DataError(f"{path}: header[3] = {int(header[3])} names no known tokenizer (0 gpt2, 1 bytes, 2 bpe)")
-    name = SHARD_TOKENIZERS[int(header[3])]
-    return f"bpe:{int(header[4])}" if name == "bpe" else name
-
-
-def check_shard_tokenizers(hp: Hyperparameters, patterns: list[str]) -> None:
-    """Refuses, in one line, a shard made by another tokenizer than the run's: a byte shard fed to a GPT-2 model
-    would train without any error (byte ids are valid GPT-2 ids) and mean nothing."""
-    if hp.tokenizer == "bpe" and not os.path.isfile(hp.bpe_file):
-        raise DataError(f"--bpe_file {hp.bpe_file!r}: file not found (the BPE ranks file the shards were made with)")
-    expected = f"bpe:{bpe_checksum(hp.bpe_file)}" if hp.tokenizer == "bpe" else hp.tokenizer
-    for path in sorted(path for pattern in patterns if pattern for path in glob.glob(pattern)):
-        made_by = shard_tokenizer(path)
-        if made_by is None or made_by == expected:
-            continue
-        if made_by.split(":")[0] == hp.tokenizer:  # both "bpe", other checksums
-            raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by another BPE (ranks checksum "
-                            f"{made_by[4:]}) than --bpe_file {hp.bpe_file} (checksum {expected[4:]})")
-        made_by = made_by.split(":")[0]
-        raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
-                        f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
-                        f"its vocabulary (--preset mini for bytes, mini_bpe for the mini BPE) or shards made for "
-                        f"{hp.tokenizer}")
 
 
 def load_tokens(pattern: str, vocab_size: int, what: str) -> np.ndarray:
@@ -1512,6 +1352,52 @@ class PublicWindows(EvalData):
             yield rows[:, :-1], rows[:, 1:]
 
 
+@dataclass
+class RunData:
+    """The token sets of a run, loaded and checked once for all members."""
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    val_data: EvalData
+    test_data: EvalData | None
+    fitness_data: EvalData | None = None  # carved from the front of train for member selection, never trained on
+    public_data: EvalData | None = None  # val_public_windows: the public records' val windows (PublicWindows)
+    token_bytes: np.ndarray | None = None  # bytes per token id, for bits per byte on public_data
+
+
+def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(fitness, rest): the fewest whole leading documents holding at least fitness_tokens tokens, and the rest."""
+    starts = document_starts(tokens, bos_id)
+    later = starts[starts >= fitness_tokens]
+    if later.size == 0 or later[0] == 0:
+        raise DataError(f"{name}: fitness_tokens {fitness_tokens:,} leaves no whole document to train on "
+                        f"({tokens.size:,} train tokens)")
+    return tokens[:later[0]], tokens[later[0]:]
+
+
+def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
+    check_shard_tokenizers(hp, [hp.train_files if need_train else "", hp.val_files, hp.test_files])
+    train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train") if need_train else np.zeros(0, np.uint16)
+    val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
+    if hp.test_files:
+        load_tokens(hp.test_files, hp.vocab_size, "test")  # headers checked before check_data_files reads them
+    check_data_files(hp, need_train)
+    if hp.train_tokens:
+        train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
+    if need_train and train_tokens.size < hp.seq_len + 1:
+        raise DataError(f"{hp.train_files}: {train_tokens.size:,} train tokens"
+                        f"{' after --train_tokens ' + str(hp.train_tokens) if hp.train_tokens else ''}, fewer than "
+                        f"one sequence of seq_len + 1 = {hp.seq_len + 1}")
+    fitness_data = None
+    if hp.fitness_tokens and need_train:  # carved after the budget cut: selection data comes out of the budget
+        fitness_tokens, train_tokens = carve_fitness_slice(train_tokens, hp.fitness_tokens, hp.bos_id, hp.train_files)
+        fitness_data = EvalData(fitness_tokens, hp.seq_len, f"{hp.train_files} (fitness slice)")
+    if hp.val_tokens:
+        val_tokens = val_tokens[:hp.val_tokens]
+    test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
+        if hp.test_files else None
+    return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data, fitness_data)
+
+
 def token_byte_counts(vocab_size: int) -> np.ndarray | None:
     """Bytes of every GPT-2 token id (the bundled data/gpt2.tiktoken), 0 for <|endoftext|> (50256) and the padding
     ids: the denominator of bits per byte as the public records count it (train.py token_bytes). None without it."""
@@ -1525,35 +1411,6 @@ def token_byte_counts(vocab_size: int) -> np.ndarray | None:
             if int(rank) < vocab_size:
                 counts[int(rank)] = len(base64.b64decode(token))
     return counts
-
-
-def public_val_status(hp: Hyperparameters) -> str:
-    """Whether this run's val tokens are the public records' (records/TRACKS.md F23), from data/fineweb.py's
-    manifest.json beside the val file: the val .bin must still hash as the manifest says, and the manifest's slowrun
-    export must have equalled slowrun's published fineweb_val.pt sha256."""
-    paths = sorted(glob.glob(hp.val_files))
-    manifest_path = os.path.join(os.path.dirname(paths[0]), "manifest.json") if len(paths) == 1 else ""
-    if not os.path.isfile(manifest_path):
-        return "val = public: unknown (no manifest.json of data/fineweb.py beside the val file)"
-    try:
-        with open(manifest_path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-        recorded = manifest["splits"]["val"]["sha256"]
-        export = manifest.get("export", {}).get("slowrun", {}).get("val")
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        return f"val = public: unknown ({manifest_path} unreadable: {type(exc).__name__})"
-    digest = hashlib.sha256()
-    with open(paths[0], "rb") as handle:
-        handle.seek(SHARD_HEADER_BYTES)
-        for block in iter(lambda: handle.read(2**24), b""):
-            digest.update(block)
-    if digest.hexdigest() != recorded:
-        return f"val = public: no ({paths[0]} no longer hashes as {manifest_path} records)"
-    if not isinstance(export, dict) or "matches_published" not in export:
-        return "val = public: unknown (run python data/fineweb.py --export slowrun to compare with the public hash)"
-    if export["matches_published"]:
-        return "val = public: yes (the slowrun export equals the published fineweb_val.pt sha256 6868ed37...8573b1)"
-    return "val = public: NO (the slowrun export differs from the published fineweb_val.pt sha256 6868ed37...8573b1)"
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -1632,377 +1489,6 @@ def run_bits_per_byte(hp: Hyperparameters, data: RunData, val_loss: float, test_
                 unigram_val_bpb=bits_per_byte(unigram, data.val_tokens.size - 1,
                                               text_bytes(data.val_tokens[1:], lengths)),
                 val_bytes=val_bytes)
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Kernels: every fast path next to its plain-PyTorch reference, chosen by one function
-
-LOSS_TILE = 4096  # vocabulary columns per Triton tile: 50,304 = 12.3 tiles; the last one is masked
-
-
-def fused_loss_available(device: torch.device) -> bool:
-    """The Triton loss kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
-    if importlib.util.find_spec("triton") is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-
-
-def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
-    """Which loss path trains: "triton" (the fused kernel), "chunked" (its PyTorch reference) or "eager" (plain
-    F.cross_entropy on float32 soft-capped logits). auto takes Triton on CUDA where it imports and passes its
-    self-check (else the chunked reference, with a warning), and eager elsewhere."""
-    if hp.fused_loss == "off":
-        return "eager"
-    if hp.fused_loss == "chunked":
-        return "chunked"
-    if hp.fused_loss == "on":
-        if not fused_loss_available(device):
-            raise ConfigError(f"--fused_loss on needs Triton and a CUDA device (triton "
-                              f"{'present' if importlib.util.find_spec('triton') else 'missing'}, device "
-                              f"{device.type}); use auto or chunked")
-        return "triton"
-    if device.type == "cuda" and fused_loss_available(device):
-        # the kernel variants this run compiles: its vocabulary and soft-cap, bf16 logits (autocast), with and
-        # without a distillation teacher
-        teachers = (False, True) if hp.distill_alpha > 0 else (False,)
-        problems = (triton_loss_self_check(str(device), hp.vocab_size, hp.logit_softcap, teacher, "bfloat16")
-                    for teacher in teachers)
-        problem = next(filter(None, problems), "")  # the first variant that failed, if any
-        if problem:  # auto never trains on a kernel that failed its check here: say so, train on the reference
-            print(f"warning: --fused_loss auto: the Triton loss failed its self-check on {device} ({problem}); "
-                  f"using the chunked PyTorch reference", file=sys.stderr, flush=True)
-            return "chunked"
-        return "triton"
-    return "eager"
-
-
-@functools.lru_cache(maxsize=None)  # once per kernel variant and process
-def triton_loss_self_check(device_name: str, vocab: int, softcap: float, teacher: bool, dtype_name: str) -> str:
-    """"" if the Triton loss kernel compiles here and matches its chunked PyTorch reference on a few random rows of
-    the run's shape (its vocabulary in LOSS_TILE tiles, the last one partial; its soft-cap; an ignored target; a
-    distillation teacher if `teacher`; logits in `dtype_name`): objective, CE and gradient. Else what went wrong.
-    --fused_loss auto runs it before trusting the kernel with a run (no collectives: any rank may call it)."""
-    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
-    generator = torch.Generator().manual_seed(0)
-    rows = 5
-    raw = (4 * torch.randn(rows, vocab, generator=generator)).to(device, dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
-    targets[-1] = -1
-    log_probs = torch.log_softmax(torch.randn(rows, vocab, generator=generator), dim=-1).to(device)
-    extra = dict(teacher_rows=lambda a, b: log_probs[a:b], alpha=0.5, temperature=2.0) if teacher else {}
-    results = []
-    try:
-        for backend in ("triton", "chunked"):
-            logits = raw.clone().requires_grad_(True)
-            objective, ce = fused_loss_sums(logits, targets, softcap, backend, chunk_rows=2, **extra)
-            (grad,) = torch.autograd.grad(objective, logits)
-            results.append((objective.detach(), ce, grad))
-    except Exception as error:  # noqa: BLE001 -- any failure means: do not use the kernel
-        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
-    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # gradients stored in bf16 round at ~4e-3
-    for name, fast, reference in zip(("objective", "ce", "gradient"), *results):
-        error = ((fast.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
-        if not error < tolerance:
-            return f"{name} differs from the reference by {error:.2e} (relative)"
-    return ""
-
-
-def _fused_loss_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets_ptr, teacher_ptr, teacher_stride,
-                       objective_ptr, ce_ptr, softcap, inv_temperature, ce_weight, kl_weight, n_cols: tl.constexpr,
-                       HAS_SOFTCAP: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr):
-    """One program per row of raw lm_head output x (any float dtype). With z = c tanh(x / c) (the soft-cap), p =
-    softmax(z), p_T = softmax(z / T) and q the teacher's probabilities (its log-probs are an input), it writes
-        objective = ce_weight * CE(z, target) + kl_weight * KL(q || p_T),   ce = CE(z, target)
-    and d objective / dx into grad_ptr, in two passes over the vocabulary in BLOCK-wide tiles: pass 1 keeps running
-    maxima and sums (online softmax, Milakov & Gimelshein 2018) for both temperatures, pass 2 writes the gradient.
-    Computing the gradient in the forward is the Liger-kernel trick (Hsu et al. 2024, "Liger Kernel"): the loss is
-    the graph's end, so backward only rescales it; soft-cap inside the kernel follows modded-nanogpt's fused
-    soft-capped CE. Nothing float32 of width vocab is ever stored. Rows with target < 0 give 0 and a zero gradient.
-    n_cols (the vocabulary) is a compile-time constant: one compile per vocabulary, and the loop bounds are plain
-    ints (Triton 3.5's interpreter cannot take a runtime loop bound under numpy >= 2.4)."""
-    row = tl.program_id(0).to(tl.int64)
-    logits_row = logits_ptr + row * logits_stride
-    grad_row = grad_ptr + row * grad_stride
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    valid = target >= 0
-    safe_target = tl.where(valid, target, 0)
-    offsets = tl.arange(0, BLOCK)
-    z_max = -float("inf")
-    z_sum = 0.0
-    zt_max = -float("inf")
-    zt_sum = 0.0
-    q_log_q = 0.0
-    q_zt = 0.0
-    q_sum = 0.0
-    for start in range(0, n_cols, BLOCK):  # pass 1: log-sum-exps, the teacher's sums
-        cols = start + offsets
-        mask = cols < n_cols
-        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:  # c tanh(x / c) = c (2 / (1 + exp(-2x / c)) - 1): exp only, no libdevice tanh
-            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
-        z = tl.where(mask, x, -float("inf"))
-        new_max = tl.maximum(z_max, tl.max(z, axis=0))
-        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
-        z_max = new_max
-        if HAS_TEACHER:
-            zt = z * inv_temperature
-            new_max_t = tl.maximum(zt_max, tl.max(zt, axis=0))
-            zt_sum = zt_sum * tl.exp(zt_max - new_max_t) + tl.sum(tl.exp(zt - new_max_t), axis=0)
-            zt_max = new_max_t
-            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            q = tl.exp(log_q)
-            q_log_q += tl.sum(q * tl.where(q > 0, log_q, 0.0), axis=0)  # 0 log 0 = 0
-            q_zt += tl.sum(tl.where(mask, q * x * inv_temperature, 0.0), axis=0)
-            q_sum += tl.sum(q, axis=0)
-    lse = z_max + tl.log(z_sum)
-    x_target = tl.load(logits_row + safe_target).to(tl.float32)
-    if HAS_SOFTCAP:
-        x_target = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x_target / softcap)) - 1.0)
-    ce = lse - x_target
-    objective = ce_weight * ce
-    lse_t = 0.0
-    if HAS_TEACHER:  # KL(q || p_T) = sum q log q - sum q z / T + lse_T sum q
-        lse_t = zt_max + tl.log(zt_sum)
-        objective += kl_weight * (q_log_q - q_zt + lse_t * q_sum)
-    tl.store(objective_ptr + row, tl.where(valid, objective, 0.0))
-    tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
-    for start in range(0, n_cols, BLOCK):  # pass 2: the gradient, tile by tile
-        cols = start + offsets
-        mask = cols < n_cols
-        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_SOFTCAP:
-            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
-        grad = ce_weight * (tl.exp(x - lse) - tl.where(cols == safe_target, 1.0, 0.0))
-        if HAS_TEACHER:  # d KL / dz = (sum q * p_T - q) / T
-            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
-            grad += kl_weight * inv_temperature * (q_sum * tl.exp(x * inv_temperature - lse_t) - tl.exp(log_q))
-        if HAS_SOFTCAP:  # dz/dx = 1 - tanh^2 = 1 - (z / c)^2
-            grad = grad * (1.0 - (x / softcap) * (x / softcap))
-        grad = tl.where(valid, grad, 0.0)
-        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
-
-
-@functools.lru_cache(maxsize=8)
-def triton_jit(kernel_source, interpret: bool):
-    """A kernel of this file, JIT-wrapped on first use. Triton is imported here, never by `import train_gpt`: it fixes
-    at import whether its library functions are compiled or interpreted (TRITON_INTERPRET=1), and the tests set that
-    after importing this file. The kernel's `tl` comes from a copy of its globals, so this module's namespace stays
-    as is. `interpret` is part of the cache key: a kernel made for one mode is never reused in the other."""
-    import triton
-    import triton.language as tl
-    kernel = types.FunctionType(kernel_source.__code__, {**globals(), "tl": tl}, kernel_source.__name__,
-                                kernel_source.__defaults__)
-    kernel.__qualname__ = kernel_source.__qualname__
-    # the annotations say which arguments are tl.constexpr (compile-time): without them a GPU compile fails, while
-    # the interpreter (the CPU tests) would not notice
-    kernel.__annotations__ = dict(kernel_source.__annotations__)
-    return triton.jit(kernel)
-
-
-def fused_loss_rows_triton(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
-                           softcap: float, temperature: float, ce_weight: float, kl_weight: float,
-                           grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows (N, V) of raw logits -> (objective per row, CE per row), float32 (N,); d objective / d logits into
-    grad_out (N, V), in the logits' dtype."""
-    rows, vocab = logits.shape
-    objective = torch.empty(rows, dtype=torch.float32, device=logits.device)
-    ce = torch.empty_like(objective)
-    has_teacher = teacher_log_probs is not None
-    teacher = teacher_log_probs if has_teacher else logits  # an unread stand-in pointer when there is no teacher
-    kernel = triton_jit(_fused_loss_kernel, os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(rows,)](logits, logits.stride(0), grad_out, grad_out.stride(0), targets, teacher, teacher.stride(0),
-                    objective, ce, float(softcap) if softcap > 0 else 1.0, 1.0 / temperature,
-                    float(ce_weight), float(kl_weight), n_cols=vocab, HAS_SOFTCAP=softcap > 0, HAS_TEACHER=has_teacher,
-                    BLOCK=min(block or LOSS_TILE, 1 << (vocab - 1).bit_length()), num_warps=8)
-    return objective, ce
-
-
-def fused_loss_rows_torch(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
-                          softcap: float, temperature: float, ce_weight: float, kl_weight: float,
-                          grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: the same quantities as fused_loss_rows_triton in plain PyTorch (float32 of these rows only;
-    the caller hands it chunks of rows), with the gradient written out by hand, not by autograd."""
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
-    valid = targets >= 0
-    safe_target = targets.clamp(min=0).unsqueeze(-1)
-    log_p = F.log_softmax(z, dim=-1)
-    ce = -log_p.gather(-1, safe_target).squeeze(-1)
-    grad = ce_weight * log_p.exp()
-    grad.scatter_add_(-1, safe_target, torch.full_like(safe_target, -ce_weight, dtype=grad.dtype))
-    objective = ce_weight * ce
-    if teacher_log_probs is not None:
-        log_p_t = F.log_softmax(z / temperature, dim=-1)
-        log_q = teacher_log_probs.float()
-        q = log_q.exp()
-        objective = objective + kl_weight * torch.where(q > 0, q * (log_q - log_p_t), 0.0).sum(-1)
-        grad += kl_weight / temperature * (q.sum(-1, keepdim=True) * log_p_t.exp() - q)
-    if softcap > 0:
-        grad *= 1 - (z / softcap).square()
-    grad_out.copy_(grad * valid.unsqueeze(-1))
-    return objective * valid, ce * valid
-
-
-class FusedSoftcapLoss(torch.autograd.Function):
-    """(summed objective, summed CE) of raw lm_head outputs (N, V), where objective = ce_weight CE + kl_weight
-    KL(teacher || student at temperature T). teacher_rows(start, end) gives the teacher's log-probs for rows
-    [start, end) (float32, made chunk by chunk), or is None. The gradient is computed in the forward, in chunks of
-    chunk_rows rows, into one tensor of the logits' dtype; backward scales it in place (so: one backward only).
-    tile: Triton's vocabulary tile (0 = LOSS_TILE; the tests use small ones so a tiny vocabulary spans several)."""
-
-    @staticmethod
-    def forward(ctx, logits, targets, teacher_rows, softcap, temperature, ce_weight, kl_weight, chunk_rows, backend,
-                tile=0):
-        rows_fn = fused_loss_rows_triton if backend == "triton" else fused_loss_rows_torch
-        grad = torch.empty_like(logits)
-        objective = torch.zeros((), dtype=torch.float32, device=logits.device)
-        ce = torch.zeros_like(objective)
-        for start in range(0, logits.size(0), chunk_rows):
-            end = min(start + chunk_rows, logits.size(0))
-            teacher = teacher_rows(start, end) if teacher_rows is not None else None
-            chunk_objective, chunk_ce = rows_fn(logits[start:end], targets[start:end], teacher, softcap, temperature,
-                                                ce_weight, kl_weight, grad[start:end], tile)
-            objective += chunk_objective.sum()
-            ce += chunk_ce.sum()
-        ctx.save_for_backward(grad)
-        ctx.mark_non_differentiable(ce)
-        return objective, ce
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_objective, grad_ce):
-        (grad,) = ctx.saved_tensors
-        return (grad.mul_(grad_objective.to(grad.dtype)),) + (None,) * 9
-
-
-def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: float, backend: str,
-                    teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
-                    chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
-    teacher (1 - alpha) CE + alpha T^2 KL (Hinton et al. 2015). chunk_rows = 0 picks all rows at once for Triton (it
-    stores no float32 row) and 1024 rows for the PyTorch reference."""
-    flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
-    ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
-    chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
-    return FusedSoftcapLoss.apply(flat, targets.reshape(-1), teacher_rows, softcap, temperature, ce_weight,
-                                  kl_weight, chunk_rows, backend, tile)
-
-
-class ChunkedSoftcapCE(torch.autograd.Function):
-    """Summed soft-capped cross-entropy of raw lm_head outputs (N, V) on CPU, `rows` positions at a time. The eager
-    loss keeps the cap's tanh and the log-softmax, float32 (N, V), for backward and makes four more such tensors in
-    it: 200 MB apiece for the tiny preset's 1,024 positions x 50,304, 1.6 GB over the model's own memory (newcomer
-    review: 4.8 GB peak for a 13M-parameter model). Here one (N, V) tensor serves throughout: the lm_head's output,
-    overwritten by the cap's tanh in forward (kept for backward with each target's log-probability), then by the
-    gradient in backward (the lm_head's matmul saves its input, never its output). Backward recomputes each
-    chunk's log-softmax (activation checkpointing of the loss, Chen et al. 2016) and runs the eager operations on it
-    with the incoming gradient. Every row's operations are the eager ones, and the sum is F.nll_loss over the same
-    values in the same order: loss and gradients bitwise equal to the eager path (tests/test_newcomer_memory.py)."""
-
-    @staticmethod
-    def forward(ctx, raw, targets, softcap, rows):
-        picked = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
-        capped = raw.float()  # with the cap, overwritten by its tanh in place: the lm_head's backward never reads
-        if softcap > 0 and (capped is not raw or not raw.is_contiguous()):  # its output (an input here is a copy)
-            capped = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
-        for start in range(0, raw.size(0), rows):
-            chunk = slice(start, start + rows)
-            if softcap > 0:  # GPT.head's operations: softcap * tanh(logits / softcap), the tanh kept
-                torch.tanh(raw[chunk].float() / softcap, out=capped[chunk])
-            logits = softcap * capped[chunk] if softcap > 0 else capped[chunk]
-            picked[chunk] = F.log_softmax(logits, dim=-1).gather(-1, targets[chunk].clamp(min=0).unsqueeze(-1))[:, 0]
-        ctx.save_for_backward(capped, targets)
-        ctx.softcap, ctx.rows = softcap, rows
-        return F.nll_loss(picked.unsqueeze(-1), torch.where(targets >= 0, 0, -1), ignore_index=-1, reduction="sum")
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        capped, targets = ctx.saved_tensors
-        softcap = ctx.softcap
-        grad_raw = capped if softcap > 0 else torch.empty_like(capped)  # the tanh, overwritten chunk by chunk
-        for start in range(0, capped.size(0), ctx.rows):
-            chunk = slice(start, start + ctx.rows)
-            with torch.enable_grad():
-                tanh = capped[chunk].detach().requires_grad_()
-                loss = cross_entropy_sum(softcap * tanh if softcap > 0 else tanh, targets[chunk])
-                grad = torch.autograd.grad(loss, tanh, grad_loss)[0]
-            if softcap > 0:  # autograd's TanhBackward0 and DivBackward0 of the cap
-                grad = torch.ops.aten.tanh_backward(grad, capped[chunk]) / softcap
-            grad_raw[chunk] = grad
-        return grad_raw, None, None, None
-
-
-def chunked_loss_rows(hp: "Hyperparameters", device: torch.device) -> int:
-    """Rows per chunk of ChunkedSoftcapCE for this run, or 0 where the eager loss trains: off CPU (bf16 autocast
-    there), and with multi-token prediction or distillation (their own loss paths)."""
-    plain = hp.mtp_weight == 0 and hp.distill_alpha == 0 and not hp.train_vocab
-    return hp.cpu_loss_rows if device.type == "cpu" and plain else 0
-
-
-def flex_attention_available(device: torch.device) -> bool:
-    """FlexAttention (torch >= 2.5) trains on CUDA; on CPU torch 2.13 runs its forward only (unfused, no backward)."""
-    try:
-        from torch.nn.attention import flex_attention  # noqa: F401
-    except ImportError:
-        return False
-    return device.type == "cuda"
-
-
-def attention_backend(hp: Hyperparameters, device: torch.device) -> str:
-    """"flex" or "sdpa". auto picks FlexAttention only where it pays: CUDA, torch.compile on (uncompiled flex
-    materialises the scores) and a mask that SDPA cannot skip blocks of (windows or document masking); a plain causal
-    mask stays on SDPA's FlashAttention kernel."""
-    if hp.attention != "auto":
-        return hp.attention
-    compiled = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
-    masked = bool(hp.window_pattern) or hp.doc_mask
-    return "flex" if compiled and masked and flex_attention_available(device) else "sdpa"
-
-
-def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
-    """(B, T) token ids -> (B, T) document index within each row: it steps up at every <|endoftext|>."""
-    return (idx == bos_id).cumsum(dim=1)
-
-
-def attention_mask_dense(time_steps: int, window: int, documents: torch.Tensor | None,
-                         device: torch.device) -> torch.Tensor:
-    """The SDPA reference mask, True where attention is allowed: causal, within `window` tokens, and (documents
-    (B, T) given) within the same document. (T, T), or (B, 1, T, T) with documents."""
-    distance = torch.arange(time_steps, device=device)[:, None] - torch.arange(time_steps, device=device)[None, :]
-    allowed = (distance >= 0) & (distance < window)
-    if documents is None:
-        return allowed
-    same_document = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
-    return (allowed & same_document).unsqueeze(1)
-
-
-def flex_block_mask(time_steps: int, window: int, documents: torch.Tensor | None, device: torch.device):
-    """The same mask as attention_mask_dense, as a FlexAttention BlockMask: 128 x 128 blocks that the mask empties
-    are skipped entirely (how modded-nanogpt's sliding windows and document masks cost less than dense attention)."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
-    def mask_mod(batch, head, query, key):
-        allowed = (query >= key) & (query - key < window)
-        if documents is not None:
-            allowed = allowed & (documents[batch, query] == documents[batch, key])
-        return allowed
-
-    batch = documents.size(0) if documents is not None else None
-    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=time_steps, KV_LEN=time_steps, device=device)
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float | None = None) -> torch.Tensor:
-    """(B, H, T, D) attention by whichever path the mask names: None -> SDPA causal (FlashAttention on GPU), a
-    boolean tensor -> SDPA with that mask (the reference), a BlockMask -> FlexAttention. scale: the softmax scale
-    (None: D^-0.5)."""
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    if isinstance(mask, torch.Tensor):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    from torch.nn.attention.flex_attention import flex_attention
-    return flex_attention(q, k, v, block_mask=mask, scale=scale)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -2310,114 +1796,6 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
     return attention_mask_dense(time_steps, window, None, device)
 
 
-# --- the 2h record's window schedule and YaRN (records/TRACKS.md F15) ---
-
-
-def parse_window_schedule(text: str, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
-    """window_schedule "a-b:short,long;..." -> [(first epoch, last epoch, short, long)], windows in keys; the stages
-    cover epochs 1, 2, ... in order, 0 < short <= long (<= seq_len when given: a run's check; a model takes a longer
-    window as the whole sequence). Anything else: a one-line ConfigError."""
-    stages: list[tuple[int, int, int, int]] = []
-    for part in (piece.strip() for piece in text.split(";")):
-        epochs, _, windows = part.partition(":")
-        try:
-            first, _, last = epochs.partition("-")
-            first, last = int(first), int(last or first)
-            short, long = (int(window) for window in windows.split(","))
-        except ValueError:
-            raise ConfigError(f"window_schedule stage {part!r} must look like 'a-b:short,long' (epochs a to b, "
-                              f"windows in keys)") from None
-        expected = stages[-1][1] + 1 if stages else 1
-        require(first == expected and last >= first, f"window_schedule stage {part!r}: the stages must cover epochs "
-                f"1, 2, ... in order, without gaps or overlaps (this one should start at epoch {expected})")
-        require(0 < short <= long <= (seq_len or long), f"window_schedule stage {part!r}: the windows need 0 < short "
-                f"<= long <= seq_len ({seq_len})")
-        stages.append((first, last, short, long))
-    return stages
-
-
-def window_schedule_stage(stages: list[tuple[int, int, int, int]], epoch: int) -> int:
-    """The stage (0-based) of a 1-based epoch: the one whose epochs contain it; past the last, the last."""
-    return next((index for index, stage in enumerate(stages) if epoch <= stage[1]), len(stages) - 1)
-
-
-def stage_window_sizes(config: GPTConfig, short: int, long: int) -> list[int]:
-    """Each layer's window in one stage: window_pattern's letters cycled, the last layer long (the 2h record's
-    _compute_window_sizes: at stage 1 even the last layer sees only `long` keys)."""
-    pattern = config.window_pattern.upper()
-    return [short if pattern[layer % len(pattern)] == "S" and layer < config.n_layer - 1 else long
-            for layer in range(config.n_layer)]
-
-
-def window_schedule_sizes(config: GPTConfig) -> list[list[int]]:
-    """Every stage's window sizes ([] without a schedule): the FlexAttention masks to build once."""
-    if not config.window_schedule:
-        return []
-    return [stage_window_sizes(config, short, long)
-            for _, _, short, long in parse_window_schedule(config.window_schedule)]
-
-
-def yarn_window(window: int, seq_len: int) -> int:
-    """Our window (keys) in the public's units, which its YaRN ratios use: the FA3 window = keys - 1, and a full
-    window written as the sequence length (the 2h record's 2048)."""
-    return seq_len if window >= seq_len else window - 1
-
-
-def yarn_growths(stages: list[tuple[int, int, int, int]], stage: int, seq_len: int) -> list[tuple[int, int]]:
-    """The long window's growths (old, new), public units, from stage 0 up to `stage`: YaRN applies one per growth."""
-    longs = [yarn_window(entry[3], seq_len) for entry in stages[:stage + 1]]
-    return [(old, new) for old, new in zip(longs, longs[1:]) if new != old]
-
-
-def yarn_inv_freq(inv_freq: torch.Tensor, old: int, new: int, alpha: float = 1.0, beta: float = 32.0) -> torch.Tensor:
-    """YaRN's frequency rescale for a context grown from old to new (Peng et al. 2023; the 2h record's Yarn.apply):
-    a pair that turns fewer than alpha times over the old window is interpolated by old/new, one that turns more
-    than beta times is kept, a linear ramp between."""
-    rotations = old * inv_freq / (2 * math.pi)
-    ratio = old / new
-    ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
-    return inv_freq * (ratio + ramp * (1 - ratio))
-
-
-def yarn_softmax_scale(scale: float, old: int, new: int) -> float:
-    """YaRN's attention temperature: the softmax scale times 0.2 ln(new / old) + 1 (the 2h record's factor)."""
-    return scale * (0.2 * math.log(new / old) + 1)
-
-
-def yarn_rotary(seq_len: int, head_dim: int, base: float, growths: list[tuple[int, int]],
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The cos and sin tables (as rotary_tables) and the softmax scale after the YaRN growths in turn."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
-    scale = head_dim**-0.5
-    for old, new in growths:
-        inv_freq, scale = yarn_inv_freq(inv_freq, old, new), yarn_softmax_scale(scale, old, new)
-    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
-    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :], scale
-
-
-@torch.no_grad()
-def set_window_schedule_stage(model: "GPT", stage: int) -> None:
-    """Puts a model in one stage of its window schedule: the stage's windows and, with yarn, the RoPE tables and
-    softmax scale after every growth of the long window up to it (recomputed from the base frequencies: the state
-    is a function of the stage alone, so resumed, frozen and reloaded models get it exactly)."""
-    config = model.config
-    stages = parse_window_schedule(config.window_schedule)
-    model.window_sizes = stage_window_sizes(config, stages[stage][2], stages[stage][3])
-    model.window_stage = stage
-    if not config.yarn:
-        return
-    growths = yarn_growths(stages, stage, config.seq_len)
-    cos, sin, scale = yarn_rotary(config.seq_len, config.n_embd // config.n_head, config.rope_base, growths,
-                                  model.rotary_cos.device)
-    if growths != getattr(model, "yarn_growths", []):  # none yet: the tables are rotary_tables' own
-        model.rotary_cos.copy_(stored_rotary(cos, config.rope_tables))
-        model.rotary_sin.copy_(stored_rotary(sin, config.rope_tables))
-    model.yarn_growths = growths
-    for module in model.modules():  # every attention call, the MTP block's included
-        if isinstance(module, CausalSelfAttention):
-            module.softmax_scale = (scale,)
-
-
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig | Hyperparameters, attention: str = "sdpa"):
         """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
@@ -2634,69 +2012,112 @@ class GPT(nn.Module):
         return self.logits(x, raw_logits)
 
 
-def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed next-token loss in nats; targets of -1 are ignored."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum")
+# --- the 2h record's window schedule and YaRN (records/TRACKS.md F15) ---
 
 
-def _symmetric_gram_kernel(a_ptr, out_ptr, add_ptr, tiles_ptr, rows, stride_ar, stride_ac, stride_or, stride_oc,
-                           alpha, beta, cols: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    """out = alpha * A A^T (+ beta * add) for A (rows, cols): A A^T is symmetric, so only the tiles on and above the
-    diagonal are computed (program p -> tile (i, j), i <= j), each off-diagonal tile is also stored transposed and
-    each diagonal tile is symmetrised, so the output is exactly symmetric. Half the products of a plain matmul, the trick modded-nanogpt's Muon kernels use. `add` must be symmetric too."""
-    pid = tl.program_id(0)
-    i = tl.load(tiles_ptr + 2 * pid)  # this program's tile (i, j), listed by the host
-    j = tl.load(tiles_ptr + 2 * pid + 1)
-    offs_i = i * BLOCK + tl.arange(0, BLOCK)
-    offs_j = j * BLOCK + tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
-    for k in range(0, cols, BLOCK_K):
-        offs_k = k + tl.arange(0, BLOCK_K)
-        a_i = tl.load(a_ptr + offs_i[:, None] * stride_ar + offs_k[None, :] * stride_ac,
-                      mask=(offs_i[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
-        a_j = tl.load(a_ptr + offs_j[:, None] * stride_ar + offs_k[None, :] * stride_ac,
-                      mask=(offs_j[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
-        acc += tl.dot(a_i, tl.trans(a_j), input_precision="ieee")
-    acc = acc * alpha
-    mask = (offs_i[:, None] < rows) & (offs_j[None, :] < rows)
-    if HAS_ADD:
-        acc += beta * tl.load(add_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc, mask=mask,
-                              other=0.0).to(tl.float32)
-    # A diagonal tile is a_i a_i^T: symmetric in exact arithmetic, but a dot's summation order may differ between
-    # its (r, c) and (c, r) entries (numpy's AVX-512 kernels under the interpreter differ by ~1e-6). Averaging it
-    # with its transpose makes the output symmetric bit for bit on any backend (x + y == y + x in IEEE).
-    acc = tl.where(i == j, (acc + tl.trans(acc)) * 0.5, acc)
-    tl.store(out_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc,
-             acc.to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out_ptr + offs_j[None, :] * stride_or + offs_i[:, None] * stride_oc,  # the mirrored tile
-             acc.to(out_ptr.dtype.element_ty), mask=mask & (i != j))
+def parse_window_schedule(text: str, seq_len: int = 0) -> list[tuple[int, int, int, int]]:
+    """window_schedule "a-b:short,long;..." -> [(first epoch, last epoch, short, long)], windows in keys; the stages
+    cover epochs 1, 2, ... in order, 0 < short <= long (<= seq_len when given: a run's check; a model takes a longer
+    window as the whole sequence). Anything else: a one-line ConfigError."""
+    stages: list[tuple[int, int, int, int]] = []
+    for part in (piece.strip() for piece in text.split(";")):
+        epochs, _, windows = part.partition(":")
+        try:
+            first, _, last = epochs.partition("-")
+            first, last = int(first), int(last or first)
+            short, long = (int(window) for window in windows.split(","))
+        except ValueError:
+            raise ConfigError(f"window_schedule stage {part!r} must look like 'a-b:short,long' (epochs a to b, "
+                              f"windows in keys)") from None
+        expected = stages[-1][1] + 1 if stages else 1
+        require(first == expected and last >= first, f"window_schedule stage {part!r}: the stages must cover epochs "
+                f"1, 2, ... in order, without gaps or overlaps (this one should start at epoch {expected})")
+        require(0 < short <= long <= (seq_len or long), f"window_schedule stage {part!r}: the windows need 0 < short "
+                f"<= long <= seq_len ({seq_len})")
+        stages.append((first, last, short, long))
+    return stages
 
 
-def symmetric_gram_triton(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
-                          beta: float = 0.0, block: int = 64) -> torch.Tensor:
-    """alpha * a @ a.T (+ beta * add), a 2-D: the Triton kernel above. Reference: symmetric_gram_torch."""
-    rows, cols = a.shape
-    out = torch.empty(rows, rows, dtype=a.dtype, device=a.device)
-    tiles = upper_triangle_tiles(-(-rows // block), a.device)
-    kernel = triton_jit(_symmetric_gram_kernel, os.environ.get("TRITON_INTERPRET") == "1")
-    kernel[(tiles.size(0),)](a, out, add if add is not None else out, tiles, rows, a.stride(0), a.stride(1),
-                             out.stride(0), out.stride(1), float(alpha), float(beta), cols=cols,
-                             HAS_ADD=add is not None, BLOCK=block, BLOCK_K=32)
-    return out
+def window_schedule_stage(stages: list[tuple[int, int, int, int]], epoch: int) -> int:
+    """The stage (0-based) of a 1-based epoch: the one whose epochs contain it; past the last, the last."""
+    return next((index for index, stage in enumerate(stages) if epoch <= stage[1]), len(stages) - 1)
 
 
-@functools.lru_cache(maxsize=64)
-def upper_triangle_tiles(tiles: int, device: torch.device) -> torch.Tensor:
-    """(n, 2) int32 tile coordinates (i, j), i <= j: one program each (cached per shape and device)."""
-    return torch.triu_indices(tiles, tiles).T.contiguous().to(device=device, dtype=torch.int32)
+def stage_window_sizes(config: GPTConfig, short: int, long: int) -> list[int]:
+    """Each layer's window in one stage: window_pattern's letters cycled, the last layer long (the 2h record's
+    _compute_window_sizes: at stage 1 even the last layer sees only `long` keys)."""
+    pattern = config.window_pattern.upper()
+    return [short if pattern[layer % len(pattern)] == "S" and layer < config.n_layer - 1 else long
+            for layer in range(config.n_layer)]
 
 
-def symmetric_gram_torch(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
-                         beta: float = 0.0, block: int = 0) -> torch.Tensor:
-    """The reference: alpha * a @ a.T (+ beta * add) as one plain matmul."""
-    gram = alpha * (a @ a.mT)
-    return gram if add is None else gram + beta * add
+def window_schedule_sizes(config: GPTConfig) -> list[list[int]]:
+    """Every stage's window sizes ([] without a schedule): the FlexAttention masks to build once."""
+    if not config.window_schedule:
+        return []
+    return [stage_window_sizes(config, short, long)
+            for _, _, short, long in parse_window_schedule(config.window_schedule)]
+
+
+def yarn_window(window: int, seq_len: int) -> int:
+    """Our window (keys) in the public's units, which its YaRN ratios use: the FA3 window = keys - 1, and a full
+    window written as the sequence length (the 2h record's 2048)."""
+    return seq_len if window >= seq_len else window - 1
+
+
+def yarn_growths(stages: list[tuple[int, int, int, int]], stage: int, seq_len: int) -> list[tuple[int, int]]:
+    """The long window's growths (old, new), public units, from stage 0 up to `stage`: YaRN applies one per growth."""
+    longs = [yarn_window(entry[3], seq_len) for entry in stages[:stage + 1]]
+    return [(old, new) for old, new in zip(longs, longs[1:]) if new != old]
+
+
+def yarn_inv_freq(inv_freq: torch.Tensor, old: int, new: int, alpha: float = 1.0, beta: float = 32.0) -> torch.Tensor:
+    """YaRN's frequency rescale for a context grown from old to new (Peng et al. 2023; the 2h record's Yarn.apply):
+    a pair that turns fewer than alpha times over the old window is interpolated by old/new, one that turns more
+    than beta times is kept, a linear ramp between."""
+    rotations = old * inv_freq / (2 * math.pi)
+    ratio = old / new
+    ramp = ((rotations - alpha) / (beta - alpha)).clamp(0, 1)
+    return inv_freq * (ratio + ramp * (1 - ratio))
+
+
+def yarn_softmax_scale(scale: float, old: int, new: int) -> float:
+    """YaRN's attention temperature: the softmax scale times 0.2 ln(new / old) + 1 (the 2h record's factor)."""
+    return scale * (0.2 * math.log(new / old) + 1)
+
+
+def yarn_rotary(seq_len: int, head_dim: int, base: float, growths: list[tuple[int, int]],
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The cos and sin tables (as rotary_tables) and the softmax scale after the YaRN growths in turn."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
+    scale = head_dim**-0.5
+    for old, new in growths:
+        inv_freq, scale = yarn_inv_freq(inv_freq, old, new), yarn_softmax_scale(scale, old, new)
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float32, device=device), inv_freq)
+    return angles.cos()[None, :, None, :], angles.sin()[None, :, None, :], scale
+
+
+@torch.no_grad()
+def set_window_schedule_stage(model: "GPT", stage: int) -> None:
+    """Puts a model in one stage of its window schedule: the stage's windows and, with yarn, the RoPE tables and
+    softmax scale after every growth of the long window up to it (recomputed from the base frequencies: the state
+    is a function of the stage alone, so resumed, frozen and reloaded models get it exactly)."""
+    config = model.config
+    stages = parse_window_schedule(config.window_schedule)
+    model.window_sizes = stage_window_sizes(config, stages[stage][2], stages[stage][3])
+    model.window_stage = stage
+    if not config.yarn:
+        return
+    growths = yarn_growths(stages, stage, config.seq_len)
+    cos, sin, scale = yarn_rotary(config.seq_len, config.n_embd // config.n_head, config.rope_base, growths,
+                                  model.rotary_cos.device)
+    if growths != getattr(model, "yarn_growths", []):  # none yet: the tables are rotary_tables' own
+        model.rotary_cos.copy_(stored_rotary(cos, config.rope_tables))
+        model.rotary_sin.copy_(stored_rotary(sin, config.rope_tables))
+    model.yarn_growths = growths
+    for module in model.modules():  # every attention call, the MTP block's included
+        if isinstance(module, CausalSelfAttention):
+            module.softmax_scale = (scale,)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -3284,6 +2705,11 @@ def apply_schedules(optimizers: list[torch.optim.Optimizer], step: int, total_st
 # Losses and evaluation: distillation from a teacher, ensembles of members
 
 
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed next-token loss in nats; targets of -1 are ignored."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1, reduction="sum")
+
+
 def autocast_context(device: torch.device):
     """bf16 autocast on GPU (parameters stay float32 master copies); plain float32 on CPU."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -3744,6 +3170,1469 @@ def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int)
     return evaluate_ensemble([model], [1.0], "prob", data, dist_info, batch_size)
 
 
+def frozen_mixture(models: list[nn.Module], weights: list[float], pieces, dist_info: Dist,
+                   log_probs=piece_target_log_probs) -> list[torch.Tensor]:
+    """Per piece of pieces() (the same pieces in the same order on every call), the "prob" mixture's log-probability
+    of each target, log sum_i w_i p_i(y) as (B, T, 1): the members brought to the device one at a time, each one's
+    target log-probabilities (log_probs) mixed with ensemble_log_probs' elementwise operations."""
+    mixture = []
+    for model, weight in zip(models, weights):
+        was_training = model.training
+        with frozen_on_device(model.eval(), dist_info):
+            for index, (inputs, targets) in enumerate(pieces()):
+                picked = log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
+                if index == len(mixture):
+                    mixture.append(picked)
+                else:
+                    mixture[index] = torch.logaddexp(mixture[index], picked)
+        model.train(was_training)
+    return mixture
+
+
+@torch.no_grad()
+def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData,
+                             dist_info: Dist, batch_size: int) -> float:
+    """evaluate_ensemble for parked frozen models, one on the device at a time. "prob" needs only each member's
+    log-probability of the correct token: members in turn over all of this rank's windows, the running mixture kept
+    per target (4 bytes each), the same elementwise operations as evaluate_ensemble. "logit" mixes whole logits, so
+    every member comes to the device at once (say --ensemble_mode prob for the one-at-a-time path)."""
+    if mode != "prob":
+        with ExitStack() as stack:
+            for model in models:
+                stack.enter_context(frozen_on_device(model, dist_info))
+            return evaluate_ensemble(models, weights, mode, data, dist_info, batch_size)
+    batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
+
+    def pieces():  # the same pieces in the same order for every member (eval_pieces: CPU memory)
+        return (piece for batch in batches for piece in eval_pieces(*batch, dist_info.device))
+    mixture = frozen_mixture(models, weights, pieces, dist_info)
+    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
+    for (_, targets), picked in zip(pieces(), mixture):
+        targets = targets.reshape(-1)
+        totals[0] += F.nll_loss(picked.reshape(-1, 1), torch.where(targets >= 0, 0, -1), ignore_index=-1,
+                                reduction="sum").double()
+        totals[1] += (targets >= 0).sum()
+    dist_info.all_reduce_sum(totals)
+    return (totals[0] / totals[1]).item()
+
+
+@torch.no_grad()
+def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                               batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
+    """evaluate_with_bytes for parked frozen models, one on the device at a time (the 24 candidates of an 8-member
+    ensemble at the 1h shape do not fit together): each one's log-probability of the correct token, mixed per target
+    with the elementwise operations of ensemble_log_probs ("prob"), then the same float64 sums."""
+    device = dist_info.device
+    batches = [(inputs.to(device), targets.to(device))
+               for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
+    mixture = frozen_mixture(models, weights, lambda: batches, dist_info, whole_target_log_probs)
+    table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
+    for (_, targets), picked in zip(batches, mixture):
+        valid = targets >= 0
+        nats, counted = -picked.squeeze(-1).double() * valid, table[targets.clamp(min=0)] * valid
+        if token_bytes is None:
+            counted = torch.zeros_like(targets)
+        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(sums)
+    bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
+    return (sums[0] / sums[1]).item(), bpb
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training one member: its schedule, objective, weight averages and snapshots, and the loop (train_member)
+
+
+class WeightEMA:
+    """Exponential moving average of the parameters (Polyak averaging; modded-nanogpt, the slowrun records):
+    ema <- decay * ema + (1 - decay) * w at each update, starting from the weights it was made with."""
+
+    def __init__(self, model: nn.Module, decay: float, host: torch.device | None = None):
+        self.decay, self.host = decay, host  # host: the averages live in host memory (averaging_on_host)
+        self.averages = [host_copy(p, host) for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        torch._foreach_lerp_(self.averages, [p.detach().to(a.device) for p, a in zip(model.parameters(),
+                                                                                      self.averages)], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def blend_into(self, model: nn.Module, blend: float) -> None:
+        """The model's weights become blend * EMA + (1 - blend) * its current weights."""
+        for param, average in zip(model.parameters(), self.averages):
+            param.lerp_(average.to(param.device), blend)
+
+
+def host_copy(tensor: torch.Tensor, host: torch.device | None) -> torch.Tensor:
+    """A detached copy of a tensor: on its own device, or (host given) in host memory, pinned when it comes from CUDA
+    (EMA and SWA accumulators under averaging_on_host: one fp32 model each, 7.15 GB at the full shape)."""
+    if host is None:
+        return tensor.detach().clone()
+    copy_ = tensor.detach().to(host, copy=True)
+    return copy_.pin_memory() if tensor.device.type == "cuda" else copy_
+
+
+def member_seed(hp: Hyperparameters, member: int) -> int:
+    """Member 0 uses --seed itself, so --ensemble_size 1 is exactly the plain run."""
+    return hp.seed + 1000 * member
+
+
+def member_tag(hp: Hyperparameters, member: int) -> str:
+    """'member 2 of 4 | ' before a member's progress lines when there are several, nothing for a single model. Members
+    count from 0, as in the file names (member_02.pt), the metrics rows and the README."""
+    return f"member {member} of {hp.ensemble_size} | " if hp.ensemble_size > 1 else ""
+
+
+def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
+    torch.manual_seed(seed)
+    with torch.device(dist_info.device):
+        model = GPT(model_config(hp), attention_backend(hp, dist_info.device))
+    if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
+        for p in model.parameters():
+            dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
+    return model
+
+
+def perturb_weights(model: nn.Module, scale: float, seed: int, stat: str = "rms") -> None:
+    """Adds Gaussian noise of `scale` times each tensor's RMS (stat "std": its unbiased standard deviation, and
+    one-element tensors untouched, as the unlimited record's perturb_weights), from a seeded generator so every rank
+    adds the same noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if stat == "std" and p.numel() <= 1:
+                continue
+            noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
+            if stat == "std":  # head_mix stacks the record's three Q/K/V mixing matrices: each its own deviation
+                spread = p.float().flatten(1).std(dim=1).view(-1, 1, 1) if name.endswith("head_mix") else p.float().std()
+                p.add_((noise.float() * (spread * scale)).to(p.dtype))
+            else:
+                p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
+
+
+def snapshot_noise_scale(cycle: int, cycles: int, hp: Hyperparameters) -> float:
+    """The noise's scale after cycle `cycle` = 1..C-1 of C (none after the last): snapshot_noise, or with
+    snapshot_noise_min the unlimited record's cosine from snapshot_noise (cycle 1) down to the min (cycle C-1)."""
+    if not hp.snapshot_noise_min:
+        return hp.snapshot_noise
+    progress = (cycle - 1) / max(1, cycles - 2)
+    return hp.snapshot_noise_min + (hp.snapshot_noise - hp.snapshot_noise_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
+    """The window schedule's stage of the epoch the member's run ends in."""
+    last_epoch = math.ceil(schedule.train_data.epoch_position(schedule.total_steps))
+    return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
+
+
+@contextmanager
+def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule"):
+    """with final_inference_state(model, ...): the model in the schedule state of the member's last step, its own
+    state back after. The public records score their averaged epoch checkpoints by loading each into the final model
+    (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights run with the looped layers on, the
+    last window stage and its YaRN (no change for 1h: loops on from epoch 7). The window state is a function of the
+    stage alone, so going back is exact."""
+    loop_active, stage = model.loop_active, getattr(model, "window_stage", None)
+    if hp.loop_repeats:
+        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.schedule_steps)
+    if hp.window_schedule:
+        set_window_schedule_stage(model, final_window_stage(hp, schedule))
+    try:
+        yield model
+    finally:
+        model.loop_active = loop_active
+        if hp.window_schedule:
+            set_window_schedule_stage(model, stage)
+
+
+def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
+                         compiled: bool) -> None:
+    """The window schedule at a step: the stage of its epoch from the epoch's first step (the 2h record switches
+    after the previous epoch's end evaluation); a change, and the first step, logged with the windows, YaRN's scale
+    and the compile cost (one new graph per stage, each evaluation mode's too)."""
+    config = model.config
+    stages = parse_window_schedule(config.window_schedule)
+    epoch = train_data.locate(step)[0] + 1
+    stage = window_schedule_stage(stages, epoch)
+    if stage == model.window_stage and step:
+        return
+    set_window_schedule_stage(model, stage)
+    first, last, short, long = stages[stage]
+    growth = model.yarn_growths[-1] if config.yarn and model.yarn_growths else None
+    log.write(f"{tag}window stage {stage + 1}/{len(stages)} (epochs {first}-{last}) from step {step}: short {short}, "
+              f"long {long} keys" + (f" | YaRN {growth[0]} -> {growth[1]}" if growth else "") +
+              (f" | softmax scale {model.blocks[0].attn.softmax_scale[0]:.6f}" if config.yarn else "") +
+              (" | torch.compile: new windows, so a recompile (one graph per stage and loop state, train and eval)"
+               if compiled and step else ""))
+    log.metrics(dict(kind="window_stage", step=step, stage=stage + 1, window_short=short, window_long=long,
+                     softmax_scale=model.blocks[0].attn.softmax_scale[0] if config.yarn else None))
+
+
+def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int) -> float:
+    """The first step with looped layers on: the first step of (1-based) epoch loop_start_epoch (the 1h record: 7,
+    after 6 of its 11 epochs), else loop_start_frac of training."""
+    if hp.loop_start_epoch:
+        return train_data.epoch_start(hp.loop_start_epoch - 1)
+    return hp.loop_start_frac * total_steps
+
+
+def recurrence_on(step: int, total_steps: int, hp: Hyperparameters) -> bool:
+    """Whether step (0-based, before its update) runs all recurrence passes: from the fraction recurrence_start_frac
+    of training on, compared as the 15min record does (step / N >= 0.7: steps 1995.. of its 2850)."""
+    return step / total_steps >= hp.recurrence_start_frac
+
+
+class MemberSchedule:
+    """A member's plan: its data order (a pure function of seed and epoch), its steps, where epochs end, the steps
+    whose weights become snapshots, and each step's settings (LR, weight decay, momentum, looped layers, windows)."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
+        self.hp, self.member = hp, member
+        train_data_class = FixedOrderTrainData if hp.train_order == "fixed" else TrainData  # F18a
+        cycle_epochs = hp.num_epochs // hp.snapshot_cycles if hp.snapshot_cycle_epochs and hp.snapshot_cycles else 0
+        self.train_data = train_data_class(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
+                                           hp.device_batch_size, dist_info.world_size, dist_info.rank,
+                                           member_seed(hp, member), batch_schedule(hp), public_steps=hp.public_steps,
+                                           epochs=hp.num_epochs, cycle_epochs=cycle_epochs)
+        full_steps = self.train_data.run_steps(hp.num_epochs)
+        self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
+        # the run length the schedules see: the steps run, or the public's N (public_steps; one less at most)
+        self.schedule_steps = total_steps if total_steps < full_steps else self.train_data.schedule_steps(hp.num_epochs)
+        # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
+        # the last step's weights are the member itself
+        final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
+        epoch_ends = [min(total_steps, self.train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
+        cycle_ends = snapshot_cycle_bounds(hp, total_steps, self.train_data)
+        if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
+            raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
+                              f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the "
+                              f"warmup")
+        self.snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
+
+    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
+        """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
+        hp = self.hp
+        factor = apply_schedules(optimizers, step, self.schedule_steps, self.train_data, hp)
+        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
+            model.loop_active = step >= loop_start_step(hp, self.train_data, self.schedule_steps)
+        if hp.recurrence > 1:  # the 15min record's recurrence switches on once (a second torch.compile graph)
+            model.recurrence_active = recurrence_on(step, self.schedule_steps, hp)
+        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
+            model.set_window_stage(window_stage(step, self.schedule_steps, hp), hp.window_warmup_stages)
+        return factor
+
+    def epoch_end(self, done: int) -> bool:
+        return self.train_data.locate(done)[1] == 0
+
+    def validate_after(self, done: int) -> bool:
+        every = self.hp.val_every
+        return done == self.total_steps or (self.epoch_end(done) and every >= 0) or (every > 0 and done % every == 0)
+
+    def stop_after(self, done: int) -> bool:
+        """--stop_at_step counts over the members one after another (a test aid: stop, then resume)."""
+        return bool(self.hp.stop_at_step) and self.member * self.total_steps + done == self.hp.stop_at_step
+
+
+class MemberObjective:
+    """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
+    path or the fused loss (Kernels). training_loss_sums adds multi-token prediction."""
+
+    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]],
+                 dist_info: Dist | None = None):
+        self.hp, self.teachers = hp, teachers
+        self.backend = loss_backend(hp, device)
+        self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
+        self.chunk_rows = chunked_loss_rows(hp, device) if self.backend == "eager" else 0  # CPU memory
+        self.dist_info = dist_info or Dist(device=device)
+        self.held, self.holding = None, ExitStack()  # one teacher kept on the device for as long as it teaches
+        self.heads = {}  # id(teacher) -> its TeacherHead, when several teachers stream through the device
+        self.offset_weights = None  # mtp_offsets: this step's weights of the targets t, t+1, .. (start_step)
+        if hp.mtp_offsets:
+            self.backend = f"multi-offset ({'fp8 lm_head' if hp.fp8_head else 'chunked PyTorch'})"
+
+    def start_step(self, step: int, total_steps: int) -> None:
+        """The step's multi-offset weights (the extra offsets fade out over mtp_anneal_frac of training)."""
+        if self.hp.mtp_offsets:
+            self.offset_weights = mtp_offset_weights(step, total_steps, self.hp)
+
+    def teacher_features(self, inputs: torch.Tensor) -> tuple[list[tuple[nn.Module, float]], list[torch.Tensor]]:
+        """(teachers as the loss uses them, their features). One teacher comes to the device once and stays until
+        release(); several come one at a time for their features, their lm_heads (TeacherHead) staying."""
+        if len(self.teachers) == 1:
+            teacher = self.teachers[0][0]
+            if self.held is not teacher:
+                self.release()
+                self.holding.enter_context(frozen_on_device(teacher, self.dist_info))
+                self.held = teacher
+            return self.teachers, [teacher.features(inputs)]
+        self.release()
+        features = []
+        for teacher, _ in self.teachers:
+            with frozen_on_device(teacher, self.dist_info):
+                features.append(teacher.features(inputs))
+                if id(teacher) not in self.heads:  # copied while whole on the device (a split teacher is empty after)
+                    self.heads[id(teacher)] = TeacherHead(teacher, self.dist_info.device)
+        heads = [self.heads[id(teacher)] for teacher, _ in self.teachers]
+        return [(head, weight) for head, (_, weight) in zip(heads, self.teachers)], features
+
+    def release(self) -> None:
+        """The held teacher goes back to the host (a member's end, or the teacher changes)."""
+        self.holding.close()
+        self.held = None
+
+    @property
+    def distilling(self) -> bool:
+        return self.hp.distill_alpha > 0 and bool(self.teachers)
+
+    def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed next-token loss, summed objective) of one micro-batch."""
+        hp, distill = self.hp, None
+        if self.offset_weights is not None:  # the 15min record's loss (no distillation with it: check_tracks_15min)
+            return multi_offset_loss_sums(model, inputs, targets, self.offset_weights, hp.logit_softcap, hp.fp8_head)
+        if self.distilling:
+            with torch.no_grad():
+                teachers, features = self.teacher_features(inputs)
+            if self.fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
+                distill = dict(teacher_rows=teacher_rows(teachers, features, hp.distill_temperature),
+                               alpha=hp.distill_alpha, temperature=hp.distill_temperature,
+                               chunk_rows=hp.distill_chunk * inputs.size(0))
+            else:
+                distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
+                                            targets=targets, alpha=hp.distill_alpha,
+                                            temperature=hp.distill_temperature, chunk=hp.distill_chunk)
+        if self.chunk_rows and distill is None:
+            return chunked_loss_sums(model, inputs, targets, hp.logit_softcap, self.chunk_rows)
+        # distill_mtp_inside: (1 - a)(CE + w MTP) + a T^2 KL, the unlimited record's fold of the MTP term
+        mtp_weight = hp.mtp_weight * (1 - hp.distill_alpha) if distill is not None and hp.distill_mtp_inside \
+            else hp.mtp_weight
+        return training_loss_sums(model, inputs, targets, mtp_weight, distill, self.fused, hp.mtp_style)
+
+
+# Weight averaging: each kind has after_step(done, model), called once after every optimizer step, and
+# state() / restore(saved, model) for the checkpoint (saved under its key; None: nothing of its own to save).
+
+class EMAAveraging:
+    """ema_decay > 0: an EMA of the weights from ema_start_frac, updated every ema_every steps, blended into the
+    final weights (ema_blend)."""
+    key = "ema"
+
+    def __init__(self, hp: Hyperparameters, total_steps: int):
+        self.hp, self.total_steps, self.ema = hp, total_steps, None
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        hp = self.hp
+        if hp.ema_candidate:
+            self.record_step(done, model)
+            return
+        if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
+            return
+        if self.ema is None:
+            self.ema = WeightEMA(model, hp.ema_decay, self.host)
+        elif done % hp.ema_every == 0:
+            self.ema.update(model)
+        if done == self.total_steps:
+            self.ema.blend_into(model, hp.ema_blend)
+
+    def record_step(self, done: int, model: nn.Module) -> None:
+        """ema_candidate, the 15min record's EMA (tiny/train.py 1336-1337, 1448-1449): from zero, updated after the
+        optimizer steps 0, k, 2k, .. (done = 1, k + 1, ..); candidate_weights bias-corrects it."""
+        if (done - 1) % self.hp.ema_every:
+            return
+        if self.ema is None:
+            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
+            torch._foreach_zero_(self.ema.averages)
+        self.ema.update(model)
+
+    def candidate_weights(self, done: int) -> list[torch.Tensor] | None:
+        """The EMA after `done` steps divided by 1 - decay^updates (Adam's bias correction: it started from zero)."""
+        if self.ema is None:
+            return None
+        updates = len(range(0, done, self.hp.ema_every))
+        return [average / (1.0 - self.hp.ema_decay ** updates) for average in self.ema.averages]
+
+    def state(self):
+        return self.ema.averages if self.ema is not None else None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
+            self.ema.averages = [host_copy(a, self.host) if self.host else a for a in saved[self.key]]
+
+
+class SWAAveraging:
+    """swa_epochs: the run ends on the average of the weights at the ends of its final swa_epochs epochs, each at the
+    floor of its own cosine LR cycle (apply_schedules)."""
+    key = "swa"
+
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
+        self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
+        self.swa = None  # (running sum of the weights, count)
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule, total_steps = self.schedule, self.schedule.total_steps
+        if not self.hp.swa_epochs or not (schedule.epoch_end(done) or done == total_steps) or \
+                schedule.train_data.epoch_position(done) <= \
+                schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
+            return
+        weights = [host_copy(p, self.host) for p in model.parameters()]
+        swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
+                                                                self.swa[1] + 1)
+        if done == total_steps:
+            with torch.no_grad():
+                for p, total in zip(model.parameters(), swa[0]):
+                    p.copy_(total / swa[1])
+            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
+
+    def state(self):
+        return self.swa
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            self.swa = saved[self.key]
+            if self.host is not None:
+                self.swa = ([host_copy(total, self.host) for total in self.swa[0]], self.swa[1])
+
+
+class CheckpointAverage:
+    """ckpt_avg_epochs: the 15min record's weight-space average of its last N epoch-end weights, every parameter,
+    recency-weighted i / sum(i) oldest first (or equal), scored at the end as a candidate of its own (tiny/train.py
+    1510-1517, 1568-1593; records #8/#9). Kept as one running weighted sum (host memory under averaging_on_host)."""
+    key = "ckpt_avg"
+
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule | None = None):
+        self.hp, self.schedule = hp, schedule
+        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
+        self.total, self.weight_sum, self.count = None, 0.0, 0
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule = self.schedule
+        if not self.hp.ckpt_avg_epochs or not (schedule.epoch_end(done) or done == schedule.total_steps) or \
+                schedule.train_data.epoch_position(done) <= \
+                schedule.train_data.epoch_position(schedule.total_steps) - self.hp.ckpt_avg_epochs:
+            return
+        self.add(list(model.parameters()))
+
+    @torch.no_grad()
+    def add(self, params: list[torch.Tensor]) -> None:
+        """One epoch end's weights join the sum with weight i (the i-th added; equal: 1)."""
+        self.count += 1
+        weight = float(self.count) if self.hp.ckpt_avg_weights == "recency" else 1.0
+        if self.total is None:
+            self.total = [host_copy(p, self.host).mul_(weight) for p in params]
+        else:
+            for total, p in zip(self.total, params):
+                total.add_(p.detach().to(total.device), alpha=weight)
+        self.weight_sum += weight
+
+    def average(self) -> list[torch.Tensor] | None:
+        """sum_i w_i theta_i / sum_i w_i, or None before two epoch ends (the record averages from two on)."""
+        return [total / self.weight_sum for total in self.total] if self.count >= 2 else None
+
+    def state(self):
+        return (self.total, self.weight_sum, self.count) if self.total is not None else None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        if saved.get(self.key) is not None:
+            total, self.weight_sum, self.count = saved[self.key]
+            self.total = [host_copy(t, self.host) if self.host else t for t in total]
+
+
+def score_weight_candidates(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, tag: str,
+                            model: GPT, ema: EMAAveraging, average: CheckpointAverage, done: int) -> list[dict]:
+    """The 15min record's end-of-run candidates, each a frozen host copy of the model (GPT.for_inference, parked: on
+    the device only while scored) holding other weights: the bias-corrected EMA (ema_candidate) and the checkpoint
+    average (ckpt_avg_epochs), scored on val and, with val_public_windows, on the public windows. Rows in the
+    record's order with the rule by which each may replace the public figure (public_figure_rows)."""
+    made = []  # (label, rule, the weights made on demand: one averaged copy at a time)
+    if hp.ema_candidate and ema.ema is not None:
+        made.append(("EMA", "bpb", functools.partial(ema.candidate_weights, done)))
+    if average.count >= 2:
+        made.append((f"checkpoint average of the last {average.count} epoch ends, {hp.ckpt_avg_weights} weights",
+                     "loss", average.average))
+    rows = []
+    for label, rule, weights in made:
+        candidate = frozen_host_copy(model, dist_info)
+        with torch.no_grad():
+            for param, weight in zip(candidate.parameters(), weights()):
+                param.copy_(weight)
+        row = dict(label=label, rule=rule, val_loss=evaluate_frozen_ensemble([candidate], [1.0], "prob", data.val_data,
+                                                                             dist_info, hp.val_batch_size))
+        if data.public_data is not None:
+            with frozen_on_device(candidate, dist_info):
+                row["val_loss_public"], row["val_bpb_public"] = evaluate_with_bytes(
+                    [candidate], [1.0], data.public_data, dist_info, hp.val_batch_size, data.token_bytes)
+        public = f" | val_loss_public {row['val_loss_public']:.4f}" if "val_loss_public" in row else ""
+        log.write(f"{tag}candidate | {label} | val_loss {row['val_loss']:.4f}{public}")
+        log.metrics(dict(kind="ema_candidate" if rule == "bpb" else "ckpt_avg_candidate", step=done, **row))
+        rows.append(row)
+    return rows
+
+
+class Snapshots:
+    """Snapshot ensembles: at each snapshot step (an LR cycle's or a final epoch's end) the weights become a frozen,
+    scored and saved ensemble candidate; then, when asked, noise pushes the next cycle to another basin."""
+    key = None  # the snapshots are their own files, reloaded on resume
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
+                 schedule: MemberSchedule, progress: MemberProgress):
+        self.hp, self.dist_info, self.data, self.log, self.member = hp, dist_info, data, log, member
+        self.schedule, self.progress, self.seed = schedule, progress, member_seed(hp, member)
+        self.taken: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        steps, total_steps, member = self.schedule.snapshot_steps, self.schedule.total_steps, self.member
+        if done not in steps:
+            return
+        cycle = steps.index(done)
+        with self.progress.paused():
+            # scored as the training model itself on SDPA (what the frozen copy runs, GPT.for_inference), then copied
+            # straight to host memory: no second model on the device
+            attention, model.attention = model.attention, "sdpa"
+            loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            model.attention = attention
+            with final_inference_state(model, self.hp, self.schedule) if self.hp.epoch_snapshots else nullcontext():
+                # epoch snapshots are averaged as the records average them: in the final model's state
+                if self.dist_info.is_main:  # the training model's weights and schedule state: what the snapshot copies
+                    save_candidate(snapshot_path(self.log.folder, member, cycle), model, member=member, cycle=cycle,
+                                   seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
+                # candidates_on_disk: the file stands for it, once it no longer teaches (on_disk_twin below)
+                snapshot = keep_frozen(model, frozen_store(self.hp, self.dist_info), candidates_on_disk(self.hp),
+                                       snapshot_path(self.log.folder, member, cycle), self.dist_info.first_global_rank,
+                                       teaches=self.hp.snapshot_distill, copy=True)
+        self.taken.append((snapshot, loss))
+        self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]  # only the latest teaches
+        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle} of {len(steps) + 1} | step {done}/"
+                       f"{total_steps} | val_loss {loss:.4f}")
+        self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
+        if self.hp.snapshot_noise > 0:
+            perturb_weights(model, snapshot_noise_scale(cycle + 1, len(steps) + 1, self.hp), self.seed * 1000 + cycle,
+                            self.hp.snapshot_noise_stat)
+
+    def state(self):
+        return None
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        """The snapshots taken before the interruption, from their files."""
+        for cycle, end in enumerate(self.schedule.snapshot_steps):
+            if saved["progress"]["step"] >= end:
+                path = snapshot_path(self.log.folder, self.member, cycle)
+                snapshot, info = load_member(path, self.dist_info.host)
+                store = frozen_store(self.hp, self.dist_info)
+                self.taken.append((keep_frozen(snapshot.requires_grad_(False), store, candidates_on_disk(self.hp), path,
+                                               self.dist_info.first_global_rank, teaches=self.hp.snapshot_distill),
+                                   info["outcome"]["val_loss"]))
+                self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]
+
+
+class PublicEvaluation:
+    """val_public_windows: at every epoch end (and the last step) the model is also scored on the public records' val
+    windows, loss and bits per byte, logged beside val_loss; the rows give the public figure (public_figure_rows)."""
+    key = "public_evals"
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, schedule: MemberSchedule,
+                 progress: MemberProgress, tag: str):
+        self.hp, self.dist_info, self.data, self.log, self.tag = hp, dist_info, data, log, tag
+        self.schedule, self.progress, self.rows = schedule, progress, []
+
+    def after_step(self, done: int, model: nn.Module) -> None:
+        schedule = self.schedule
+        if self.data.public_data is None or not (schedule.epoch_end(done) or done == schedule.total_steps):
+            return
+        with self.progress.paused():
+            attention, model.attention = model.attention, "sdpa"  # eager: SDPA's dense mask beats eager Flex
+            try:
+                loss, bpb = evaluate_with_bytes([model], [1.0], self.data.public_data, self.dist_info,
+                                                self.hp.val_batch_size, self.data.token_bytes)
+            finally:
+                model.attention = attention
+        epoch = round(schedule.train_data.epoch_position(done), 4)
+        # the 15min record counts only evaluations at its full recurrent depth (tiny/train.py 1519)
+        full_depth = model.recurrence == 1 or model.recurrence_active
+        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb, full_depth=full_depth))
+        self.log.write(f"{self.tag}val_public step {done}/{schedule.total_steps} | epoch {epoch:.2f} | "
+                       f"val_loss_public {loss:.4f} | val_bpb_public {bpb:.4f} | "
+                       f"{self.data.public_data.num_windows} public windows")
+        self.log.metrics(dict(kind="val_public", step=done, epoch=epoch, val_loss_public=loss, val_bpb_public=bpb))
+
+    def state(self):
+        return self.rows
+
+    def restore(self, saved: dict, model: nn.Module) -> None:
+        self.rows = list(saved.get(self.key) or [])
+
+
+def compiled_model(raw_model: GPT, hp: Hyperparameters, device: torch.device) -> nn.Module:
+    """torch.compile'd where asked (auto: on CUDA), else the model itself."""
+    if not (hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")):
+        return raw_model
+    # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
+    # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    return torch.compile(raw_model)
+
+
+def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
+                 teachers: list[tuple[GPT, float]], work: RunWork | None = None) -> dict:
+    """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
+    and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
+    device, tag, seed = dist_info.device, member_tag(hp, member), member_seed(hp, member)
+    schedule = MemberSchedule(hp, dist_info, data, member)
+    train_data, total_steps = schedule.train_data, schedule.total_steps
+    raw_model = build_model(hp, dist_info, seed)
+    torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
+    model = compiled_model(raw_model, hp, device)
+    optimizers = build_optimizers(raw_model, hp, dist_info)
+    objective = MemberObjective(hp, device, teachers, dist_info)
+    grad_sync = GradientSync(hp, raw_model, dist_info)
+    work = work or RunWork(hp, dist_info, dist_info, data, schedule)  # train() passes the whole run's
+    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
+    snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
+    public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
+    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public,
+                 CheckpointAverage(hp, schedule)]
+    if member == 0 or hp.ensemble_size > 1:
+        scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
+        steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
+        log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
+                  f"{total_steps} steps | compile {'on' if model is not raw_model else 'off'} | loss "
+                  f"{objective.backend}{f' in {objective.chunk_rows}-row chunks' if objective.chunk_rows else ''} | "
+                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
+                  (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
+                   f"T {hp.distill_temperature}" if objective.distilling else ""))
+    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp, log=log)
+    resumed = checkpoint.resume(raw_model, optimizers, progress.state, averaging)
+    validate_again = resumed and progress.state["step"] == total_steps  # killed after the last step
+    if resumed:
+        log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
+    checkpoint.check_ranks_agree(progress.state["step"], tag)
+    progress.begin()
+    model.train()
+    for step in range(progress.state["step"], total_steps):
+        epoch, step_in_epoch = train_data.locate(step)
+        factor = schedule.start_step(step, optimizers, raw_model)
+        objective.start_step(step, schedule.schedule_steps)
+        if hp.window_schedule:
+            window_schedule_step(raw_model, train_data, step, log, tag, compiled=model is not raw_model)
+        if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
+            objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
+        step_targets = train_data.step_target_count(epoch, step_in_epoch)
+        accumulation = live_micro_steps(train_data, epoch, step_in_epoch, dist_info.rank)  # all-padding ones skipped
+        for micro_step in range(accumulation):
+            inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with autocast_context(device):
+                micro_loss, loss = objective.sums(model, inputs, targets)
+            grad_sync.arm(micro_step == accumulation - 1)  # the last micro-step's gradients are the step's sums
+            (loss / step_targets).backward()
+            progress.add_loss(micro_loss)
+        grad_sync.wait()  # every gradient summed over ranks (average_gradients, or the hooks' all-reduces)
+        if hp.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
+        for optimizer in optimizers:
+            optimizer.step()
+        raw_model.zero_grad(set_to_none=True)
+        done = step + 1
+        progress.step_done(done, step_targets, factor)
+        for kind in averaging:
+            kind.after_step(done, raw_model)
+        with progress.paused():  # evaluation and checkpoints do not count as training time
+            if done == total_steps:  # the last step on disk before the final validation: a kill there loses nothing
+                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
+            if schedule.validate_after(done):
+                progress.validate(model, data.val_data, done)
+            if checkpoint.due_after(done, schedule):
+                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
+        if schedule.stop_after(done):
+            log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
+                      f"--resume {log.folder}")
+            raise RunStopped()
+    if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
+        schedule.start_step(total_steps - 1, optimizers, raw_model)  # the last step's looped layers and windows
+        if hp.window_schedule:
+            window_schedule_step(raw_model, train_data, total_steps - 1, log, tag, compiled=model is not raw_model)
+        with progress.paused():
+            progress.validate(model, data.val_data, total_steps)
+    objective.release()  # the teacher goes back to the host
+    grad_sync.remove()
+    with progress.paused():
+        candidates = score_weight_candidates(hp, dist_info, data, log, tag, raw_model, averaging[0], averaging[-1],
+                                             total_steps)
+    state = progress.state
+    return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
+                val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
+                steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
+                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows, weight_candidates=candidates)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# The ensemble loop: members in turn, the running ensemble scored, averaged, selected, tested (train)
+
+
+def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
+    """A run: ensemble_size members one after another (member k distilled from earlier ones when distill_alpha > 0),
+    the running ensemble scored after each, the held-out test once at the end; returns what result.json holds."""
+    wall_start = time.time()
+    RUN_CLOCK.update(start=wall_start, before=0.0)
+    if hp.resume:
+        hp = resumed_hyperparameters(hp, argv)
+    check_hyperparameters(hp, dist_info.world_size)
+    plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
+    hp = resolve_averaging_on_host(hp, dist_info)
+    hp = resolve_candidates_on_disk(hp, dist_info)
+    device = dist_info.device
+    wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
+    data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
+    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
+        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
+                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
+        data.token_bytes = token_byte_counts(hp.vocab_size)
+
+    run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
+    folder = os.path.join(hp.log_dir, run_id)
+    if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
+        raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
+    if hp.resume:
+        check_resume_checkpoints(hp, dist_info, folder)
+    log = open_run_folder(hp, dist_info, folder, argv)
+    if wandb is not None and dist_info.is_main:
+        log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
+    if hp.resume and dist_info.is_main:
+        end_cut_line(os.path.join(folder, "metrics.jsonl"))
+
+    unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
+    unigram_oracle = unigram_entropy(data.val_tokens)
+    n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
+    log.section("run", [
+        f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
+        + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
+        *preset_record_lines(hp, n_params),
+        f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
+        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
+        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else "")
+        + (f" | batch_schedule x{hp.batch_schedule} (per epoch, the last repeating)" if hp.batch_schedule else ""),
+        f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
+        f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
+        f"(oracle bound for context-free models)" +
+        (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
+    ])
+    for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
+        log.write(f"memory | {line}")
+    for warning in data_size_warnings(hp, data.train_tokens.size):
+        log.write(warning)
+    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
+
+    weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
+    keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
+    # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
+    # members and, with snapshot_cycles or epoch_snapshots, their earlier snapshots
+    members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
+    group_dist, group_index = split_world(dist_info, hp.parallel_members)
+    # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
+    member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
+    # the whole run's ETA (every member has member 0's steps, validations and snapshots)
+    work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
+
+    # frozen models are split over the whole world (frozen_store), except members that a group will still use alone
+    # as teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
+    world_store = frozen_store(hp, dist_info)
+
+    def member_store(member: int) -> Dist:
+        round_start = member - member % hp.parallel_members
+        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
+        return frozen_store(hp, group_dist) if teaches_later else world_store
+
+    def writer(member: int) -> int:  # the global rank that writes the member's files: its group's rank 0
+        return member % hp.parallel_members * (dist_info.world_size // hp.parallel_members)
+
+    def kept_member(member: int, model: GPT) -> nn.Module:  # parked, or its file under candidates_on_disk
+        round_start = member - member % hp.parallel_members
+        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
+            round_start + hp.parallel_members < hp.ensemble_size
+        return keep_frozen(model, member_store(member), candidates_on_disk(hp), member_path(folder, member),
+                           writer(member), teaches)
+
+    def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
+        model, saved = load_member(member_path(folder, member), dist_info.host)
+        carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
+        model = kept_member(member, model)  # each parked as it comes: one whole model at a time on a rank
+        snapshots = []
+        for cycle in range(saved["outcome"].get("snapshot_count", 0)):  # one at a time, each kept as it comes
+            snapshot, info = load_member(snapshot_path(folder, member, cycle), dist_info.host)
+            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp),
+                                          snapshot_path(folder, member, cycle), writer(member), teaches=False),
+                              info["outcome"]["val_loss"]))
+        return model, snapshots, saved["outcome"]
+
+    for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
+        round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
+        already_done = {m for m in round_members if keep_files and os.path.isfile(member_path(folder, m))}
+        dist_info.barrier()  # every rank has looked before any group writes this round's member files
+        trained_here = {}
+        mine = round_start + group_index
+        if mine in round_members and mine not in already_done:  # finished members are never retrained
+            earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
+            if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
+                earlier = []
+            teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
+            trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
+            model = trained.pop("model").for_inference()
+            trained.pop("compiled")
+            snapshots = trained.pop("snapshots")
+            trained_here[mine] = (model, snapshots, trained)
+            trained["run_wall_seconds"] = run_wall_seconds()
+            if keep_files and group_dist.is_main:
+                save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
+                               outcome=trained, tokenizer=hp.tokenizer)
+            # frozen from here: host memory (split over the ranks), on the device only while in use
+            trained_here[mine] = (kept_member(mine, model), snapshots, trained)
+            group_dist.barrier()  # the member file exists before any checkpoint of it goes
+            if keep_files:  # a single model's last checkpoint is its weights until result.json is written
+                remove_checkpoints(folder, mine, group_dist)
+        dist_info.barrier()  # every member of the round is on disk
+        for member in round_members:
+            if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
+                model, snapshots, outcome = trained_here[member]
+                snapshots = [(reshard_on_host(on_disk_twin(snapshot), group_dist, world_store), loss)
+                             for snapshot, loss in snapshots]
+            else:  # finished before an interruption, or trained by another group
+                model, snapshots, outcome = load_finished(member)
+                how = "finished before the resume" if member in already_done else "trained by another group"
+                log.write(f"{member_tag(hp, member)}loaded {how} from {member_path(folder, member)} | "
+                          f"val_loss {outcome['val_loss']:.4f}")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            members.append(model)
+            member_results.append(outcome)
+            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
+                candidates.append(candidate)
+                candidate_losses.append(loss)
+            if keep_files:
+                count = len(candidates)
+                mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+                start = time.time()
+                loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
+                                                hp.val_batch_size)
+                work.add_eval(count * work.val_per_rank, time.time() - start)
+                ensemble_losses.append(loss)
+                log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
+                          f"member {member} alone {outcome['val_loss']:.4f}")
+                log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
+                                 member_val_loss=outcome["val_loss"],
+                                 tokens_seen=sum(r["tokens_seen"] for r in member_results)))
+    if member_log is not log:
+        member_log.close()
+    # no member teaches any more: under candidates_on_disk each is its file from here
+    members[:], candidates[:] = [on_disk_twin(m) for m in members], [on_disk_twin(c) for c in candidates]
+    for model in members:  # every group has trained its last member: the teachers too are split over the world
+        reshard_on_host(model, group_dist, world_store)
+
+    if keep_files:
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member {k} alone "
+                                                  f"{member_results[k]['val_loss']:.4f}"
+                                                  for k, loss in enumerate(ensemble_losses)])
+        val_loss = ensemble_losses[-1]
+    else:
+        val_loss = member_results[0]["val_loss"]
+    final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
+    averages = {}  # label -> (models, weights): the averages the public figure may take
+    # 1h record: both weightings of one model's epoch snapshots scored (an ensemble's candidates mix uniformly)
+    if hp.epoch_snapshot_weights != "equal" and hp.ensemble_size == 1 and len(candidates) > 1:
+        losses = {}
+        for label, mix in snapshot_mixtures(hp, len(candidates)).items():
+            averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
+            losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info,
+                                                     hp.val_batch_size)
+        log.write(f"epoch snapshots | {len(candidates)} candidates | " +
+                  " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
+        log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
+                                                                                for k, v in losses.items()}))
+        if hp.epoch_snapshot_weights == "recency":
+            final_weights, val_loss = snapshot_mixtures(hp, len(candidates))["recency"], losses["recency"]
+    elif len(candidates) > 1:
+        averages["ensemble"] = (final_members, final_weights)
+    selection = None
+    if data.fitness_data is not None:  # choose on held-out train data, never on val
+        probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
+        learned = learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip, hp.select_init_noise)
+        chosen = select_members(learned, hp.select_top)
+        if top_sweep(hp, len(candidates)):  # the unlimited record: every top K scored, the largest is the result
+            chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
+        final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
+        val_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data,
+                                            dist_info, hp.val_batch_size)
+        selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
+                         val_loss=val_loss)
+        log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
+                  + " ".join(f"c{i}={w:.3f}" for i, w in enumerate(learned.tolist()))
+                  + f" | kept {', '.join(f'c{i}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+        log.metrics(dict(kind="selection", **selection))
+    test_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
+                                         hp.val_batch_size) if data.test_data else None
+    if test_loss is not None:
+        log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
+    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
+        with frozen_on_device(members[0], dist_info):
+            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
+                save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
+                               outcome=member_results[0], tokenizer=hp.tokenizer)
+    agree = all(r["agree"] for r in member_results)
+    tokens_seen = sum(r["tokens_seen"] for r in member_results)
+    bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
+    log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in member_results), tokens_seen=tokens_seen,
+                     val_loss=val_loss, **bpb))  # step, tokens_seen and the loss it converts, as every row has them
+    result = dict(
+        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
+        unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
+        # the data budget: trained on, plus the fitness slice carved from it (records divide by this)
+        train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
+        epochs=member_results[-1]["epochs"],
+        steps=sum(r["steps"] for r in member_results), parameters=n_params,
+        wall_seconds=round(run_wall_seconds(), 2),  # earlier sessions' too, after a --resume
+        train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),
+        world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
+        git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
+        member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
+        candidate_val_losses=candidate_losses,
+        weight_candidates=[row for r in member_results for row in r.get("weight_candidates", [])],
+        selection=selection, **bpb,
+    )
+    if data.public_data is not None:
+        if data.fitness_data is not None:
+            averages = {"selected ensemble": (final_members, final_weights)}
+        epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
+        scored = [dict(label=row["label"], rule=row["rule"], val_loss=row["val_loss_public"],
+                       val_bpb=row["val_bpb_public"]) for row in member_results[0].get("weight_candidates", [])
+                  if hp.ensemble_size == 1 and "val_loss_public" in row]
+        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages, scored)
+        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
+                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
+                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
+                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
+    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
+        with frozen_models_on_device(final_members, dist_info):
+            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
+                result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
+                                                         data.val_tokens, hp, device)
+                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
+                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer, hp.bpe_file))
+    result["peak_memory_bytes"] = peak_memory_bytes(device)
+    if hp.resume and dist_info.is_main:
+        drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
+    log.save_json("result.json", result)
+    dist_info.barrier()  # result.json is on disk before the last checkpoint goes
+    if not keep_files:
+        remove_checkpoints(folder, 0, dist_info)
+    if dist_info.is_main:
+        write_loss_plot(folder, f"{run_id} | preset {hp.preset or 'none'} | val {val_loss:.4f}", unigram)
+        try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind
+            os.rmdir(os.path.join(folder, "checkpoints"))
+        except OSError:
+            pass
+    bpb_text = "" if bpb["val_bpb"] is None else f" | val_bpb {bpb['val_bpb']:.4f} (unigram {bpb['unigram_val_bpb']:.4f})"
+    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)}{bpb_text} | tokens trained "
+              f"on {format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
+              f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
+    log.close()
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Kernels: every fast path next to its plain-PyTorch reference, chosen by one function
+
+LOSS_TILE = 4096  # vocabulary columns per Triton tile: 50,304 = 12.3 tiles; the last one is masked
+
+
+def fused_loss_available(device: torch.device) -> bool:
+    """The Triton loss kernel runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (the tests)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def loss_backend(hp: Hyperparameters, device: torch.device) -> str:
+    """Which loss path trains: "triton" (the fused kernel), "chunked" (its PyTorch reference) or "eager" (plain
+    F.cross_entropy on float32 soft-capped logits). auto takes Triton on CUDA where it imports and passes its
+    self-check (else the chunked reference, with a warning), and eager elsewhere."""
+    if hp.fused_loss == "off":
+        return "eager"
+    if hp.fused_loss == "chunked":
+        return "chunked"
+    if hp.fused_loss == "on":
+        if not fused_loss_available(device):
+            raise ConfigError(f"--fused_loss on needs Triton and a CUDA device (triton "
+                              f"{'present' if importlib.util.find_spec('triton') else 'missing'}, device "
+                              f"{device.type}); use auto or chunked")
+        return "triton"
+    if device.type == "cuda" and fused_loss_available(device):
+        # the kernel variants this run compiles: its vocabulary and soft-cap, bf16 logits (autocast), with and
+        # without a distillation teacher
+        teachers = (False, True) if hp.distill_alpha > 0 else (False,)
+        problems = (triton_loss_self_check(str(device), hp.vocab_size, hp.logit_softcap, teacher, "bfloat16")
+                    for teacher in teachers)
+        problem = next(filter(None, problems), "")  # the first variant that failed, if any
+        if problem:  # auto never trains on a kernel that failed its check here: say so, train on the reference
+            print(f"warning: --fused_loss auto: the Triton loss failed its self-check on {device} ({problem}); "
+                  f"using the chunked PyTorch reference", file=sys.stderr, flush=True)
+            return "chunked"
+        return "triton"
+    return "eager"
+
+
+@functools.lru_cache(maxsize=None)  # once per kernel variant and process
+def triton_loss_self_check(device_name: str, vocab: int, softcap: float, teacher: bool, dtype_name: str) -> str:
+    """"" if the Triton loss kernel compiles here and matches its chunked PyTorch reference on a few random rows of
+    the run's shape (its vocabulary in LOSS_TILE tiles, the last one partial; its soft-cap; an ignored target; a
+    distillation teacher if `teacher`; logits in `dtype_name`): objective, CE and gradient. Else what went wrong.
+    --fused_loss auto runs it before trusting the kernel with a run (no collectives: any rank may call it)."""
+    device, dtype = torch.device(device_name), getattr(torch, dtype_name)
+    generator = torch.Generator().manual_seed(0)
+    rows = 5
+    raw = (4 * torch.randn(rows, vocab, generator=generator)).to(device, dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=generator).to(device)
+    targets[-1] = -1
+    log_probs = torch.log_softmax(torch.randn(rows, vocab, generator=generator), dim=-1).to(device)
+    extra = dict(teacher_rows=lambda a, b: log_probs[a:b], alpha=0.5, temperature=2.0) if teacher else {}
+    results = []
+    try:
+        for backend in ("triton", "chunked"):
+            logits = raw.clone().requires_grad_(True)
+            objective, ce = fused_loss_sums(logits, targets, softcap, backend, chunk_rows=2, **extra)
+            (grad,) = torch.autograd.grad(objective, logits)
+            results.append((objective.detach(), ce, grad))
+    except Exception as error:  # noqa: BLE001 -- any failure means: do not use the kernel
+        return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:300]
+    tolerance = 1e-4 if dtype == torch.float32 else 2e-2  # gradients stored in bf16 round at ~4e-3
+    for name, fast, reference in zip(("objective", "ce", "gradient"), *results):
+        error = ((fast.float() - reference.float()).norm() / reference.float().norm().clamp_min(1e-12)).item()
+        if not error < tolerance:
+            return f"{name} differs from the reference by {error:.2e} (relative)"
+    return ""
+
+
+def _fused_loss_kernel(logits_ptr, logits_stride, grad_ptr, grad_stride, targets_ptr, teacher_ptr, teacher_stride,
+                       objective_ptr, ce_ptr, softcap, inv_temperature, ce_weight, kl_weight, n_cols: tl.constexpr,
+                       HAS_SOFTCAP: tl.constexpr, HAS_TEACHER: tl.constexpr, BLOCK: tl.constexpr):
+    """One program per row of raw lm_head output x (any float dtype). With z = c tanh(x / c) (the soft-cap), p =
+    softmax(z), p_T = softmax(z / T) and q the teacher's probabilities (its log-probs are an input), it writes
+        objective = ce_weight * CE(z, target) + kl_weight * KL(q || p_T),   ce = CE(z, target)
+    and d objective / dx into grad_ptr, in two passes over the vocabulary in BLOCK-wide tiles: pass 1 keeps running
+    maxima and sums (online softmax, Milakov & Gimelshein 2018) for both temperatures, pass 2 writes the gradient.
+    Computing the gradient in the forward is the Liger-kernel trick (Hsu et al. 2024, "Liger Kernel"): the loss is
+    the graph's end, so backward only rescales it; soft-cap inside the kernel follows modded-nanogpt's fused
+    soft-capped CE. Nothing float32 of width vocab is ever stored. Rows with target < 0 give 0 and a zero gradient.
+    n_cols (the vocabulary) is a compile-time constant: one compile per vocabulary, and the loop bounds are plain
+    ints (Triton 3.5's interpreter cannot take a runtime loop bound under numpy >= 2.4)."""
+    row = tl.program_id(0).to(tl.int64)
+    logits_row = logits_ptr + row * logits_stride
+    grad_row = grad_ptr + row * grad_stride
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    valid = target >= 0
+    safe_target = tl.where(valid, target, 0)
+    offsets = tl.arange(0, BLOCK)
+    z_max = -float("inf")
+    z_sum = 0.0
+    zt_max = -float("inf")
+    zt_sum = 0.0
+    q_log_q = 0.0
+    q_zt = 0.0
+    q_sum = 0.0
+    for start in range(0, n_cols, BLOCK):  # pass 1: log-sum-exps, the teacher's sums
+        cols = start + offsets
+        mask = cols < n_cols
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:  # c tanh(x / c) = c (2 / (1 + exp(-2x / c)) - 1): exp only, no libdevice tanh
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+        z = tl.where(mask, x, -float("inf"))
+        new_max = tl.maximum(z_max, tl.max(z, axis=0))
+        z_sum = z_sum * tl.exp(z_max - new_max) + tl.sum(tl.exp(z - new_max), axis=0)
+        z_max = new_max
+        if HAS_TEACHER:
+            zt = z * inv_temperature
+            new_max_t = tl.maximum(zt_max, tl.max(zt, axis=0))
+            zt_sum = zt_sum * tl.exp(zt_max - new_max_t) + tl.sum(tl.exp(zt - new_max_t), axis=0)
+            zt_max = new_max_t
+            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            q = tl.exp(log_q)
+            q_log_q += tl.sum(q * tl.where(q > 0, log_q, 0.0), axis=0)  # 0 log 0 = 0
+            q_zt += tl.sum(tl.where(mask, q * x * inv_temperature, 0.0), axis=0)
+            q_sum += tl.sum(q, axis=0)
+    lse = z_max + tl.log(z_sum)
+    x_target = tl.load(logits_row + safe_target).to(tl.float32)
+    if HAS_SOFTCAP:
+        x_target = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x_target / softcap)) - 1.0)
+    ce = lse - x_target
+    objective = ce_weight * ce
+    lse_t = 0.0
+    if HAS_TEACHER:  # KL(q || p_T) = sum q log q - sum q z / T + lse_T sum q
+        lse_t = zt_max + tl.log(zt_sum)
+        objective += kl_weight * (q_log_q - q_zt + lse_t * q_sum)
+    tl.store(objective_ptr + row, tl.where(valid, objective, 0.0))
+    tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
+    for start in range(0, n_cols, BLOCK):  # pass 2: the gradient, tile by tile
+        cols = start + offsets
+        mask = cols < n_cols
+        x = tl.load(logits_row + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            x = softcap * (2.0 / (1.0 + tl.exp(-2.0 * x / softcap)) - 1.0)
+        grad = ce_weight * (tl.exp(x - lse) - tl.where(cols == safe_target, 1.0, 0.0))
+        if HAS_TEACHER:  # d KL / dz = (sum q * p_T - q) / T
+            log_q = tl.load(teacher_ptr + row * teacher_stride + cols, mask=mask, other=-float("inf")).to(tl.float32)
+            grad += kl_weight * inv_temperature * (q_sum * tl.exp(x * inv_temperature - lse_t) - tl.exp(log_q))
+        if HAS_SOFTCAP:  # dz/dx = 1 - tanh^2 = 1 - (z / c)^2
+            grad = grad * (1.0 - (x / softcap) * (x / softcap))
+        grad = tl.where(valid, grad, 0.0)
+        tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+
+@functools.lru_cache(maxsize=8)
+def triton_jit(kernel_source, interpret: bool):
+    """A kernel of this file, JIT-wrapped on first use. Triton is imported here, never by `import train_gpt`: it fixes
+    at import whether its library functions are compiled or interpreted (TRITON_INTERPRET=1), and the tests set that
+    after importing this file. The kernel's `tl` comes from a copy of its globals, so this module's namespace stays
+    as is. `interpret` is part of the cache key: a kernel made for one mode is never reused in the other."""
+    import triton
+    import triton.language as tl
+    kernel = types.FunctionType(kernel_source.__code__, {**globals(), "tl": tl}, kernel_source.__name__,
+                                kernel_source.__defaults__)
+    kernel.__qualname__ = kernel_source.__qualname__
+    # the annotations say which arguments are tl.constexpr (compile-time): without them a GPU compile fails, while
+    # the interpreter (the CPU tests) would not notice
+    kernel.__annotations__ = dict(kernel_source.__annotations__)
+    return triton.jit(kernel)
+
+
+def fused_loss_rows_triton(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
+                           softcap: float, temperature: float, ce_weight: float, kl_weight: float,
+                           grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows (N, V) of raw logits -> (objective per row, CE per row), float32 (N,); d objective / d logits into
+    grad_out (N, V), in the logits' dtype."""
+    rows, vocab = logits.shape
+    objective = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    ce = torch.empty_like(objective)
+    has_teacher = teacher_log_probs is not None
+    teacher = teacher_log_probs if has_teacher else logits  # an unread stand-in pointer when there is no teacher
+    kernel = triton_jit(_fused_loss_kernel, os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(rows,)](logits, logits.stride(0), grad_out, grad_out.stride(0), targets, teacher, teacher.stride(0),
+                    objective, ce, float(softcap) if softcap > 0 else 1.0, 1.0 / temperature,
+                    float(ce_weight), float(kl_weight), n_cols=vocab, HAS_SOFTCAP=softcap > 0, HAS_TEACHER=has_teacher,
+                    BLOCK=min(block or LOSS_TILE, 1 << (vocab - 1).bit_length()), num_warps=8)
+    return objective, ce
+
+
+def fused_loss_rows_torch(logits: torch.Tensor, targets: torch.Tensor, teacher_log_probs: torch.Tensor | None,
+                          softcap: float, temperature: float, ce_weight: float, kl_weight: float,
+                          grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference: the same quantities as fused_loss_rows_triton in plain PyTorch (float32 of these rows only;
+    the caller hands it chunks of rows), with the gradient written out by hand, not by autograd."""
+    z = logits.float()
+    if softcap > 0:
+        z = softcap * torch.tanh(z / softcap)
+    valid = targets >= 0
+    safe_target = targets.clamp(min=0).unsqueeze(-1)
+    log_p = F.log_softmax(z, dim=-1)
+    ce = -log_p.gather(-1, safe_target).squeeze(-1)
+    grad = ce_weight * log_p.exp()
+    grad.scatter_add_(-1, safe_target, torch.full_like(safe_target, -ce_weight, dtype=grad.dtype))
+    objective = ce_weight * ce
+    if teacher_log_probs is not None:
+        log_p_t = F.log_softmax(z / temperature, dim=-1)
+        log_q = teacher_log_probs.float()
+        q = log_q.exp()
+        objective = objective + kl_weight * torch.where(q > 0, q * (log_q - log_p_t), 0.0).sum(-1)
+        grad += kl_weight / temperature * (q.sum(-1, keepdim=True) * log_p_t.exp() - q)
+    if softcap > 0:
+        grad *= 1 - (z / softcap).square()
+    grad_out.copy_(grad * valid.unsqueeze(-1))
+    return objective * valid, ce * valid
+
+
+class FusedSoftcapLoss(torch.autograd.Function):
+    """(summed objective, summed CE) of raw lm_head outputs (N, V), where objective = ce_weight CE + kl_weight
+    KL(teacher || student at temperature T). teacher_rows(start, end) gives the teacher's log-probs for rows
+    [start, end) (float32, made chunk by chunk), or is None. The gradient is computed in the forward, in chunks of
+    chunk_rows rows, into one tensor of the logits' dtype; backward scales it in place (so: one backward only).
+    tile: Triton's vocabulary tile (0 = LOSS_TILE; the tests use small ones so a tiny vocabulary spans several)."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, teacher_rows, softcap, temperature, ce_weight, kl_weight, chunk_rows, backend,
+                tile=0):
+        rows_fn = fused_loss_rows_triton if backend == "triton" else fused_loss_rows_torch
+        grad = torch.empty_like(logits)
+        objective = torch.zeros((), dtype=torch.float32, device=logits.device)
+        ce = torch.zeros_like(objective)
+        for start in range(0, logits.size(0), chunk_rows):
+            end = min(start + chunk_rows, logits.size(0))
+            teacher = teacher_rows(start, end) if teacher_rows is not None else None
+            chunk_objective, chunk_ce = rows_fn(logits[start:end], targets[start:end], teacher, softcap, temperature,
+                                                ce_weight, kl_weight, grad[start:end], tile)
+            objective += chunk_objective.sum()
+            ce += chunk_ce.sum()
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(ce)
+        return objective, ce
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_objective, grad_ce):
+        (grad,) = ctx.saved_tensors
+        return (grad.mul_(grad_objective.to(grad.dtype)),) + (None,) * 9
+
+
+def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: float, backend: str,
+                    teacher_rows=None, alpha: float = 0.0, temperature: float = 1.0,
+                    chunk_rows: int = 0, tile: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(summed objective, summed CE) over the valid targets of raw logits (..., V): the objective is CE, or with a
+    teacher (1 - alpha) CE + alpha T^2 KL (Hinton et al. 2015). chunk_rows = 0 picks all rows at once for Triton (it
+    stores no float32 row) and 1024 rows for the PyTorch reference."""
+    flat = raw_logits.reshape(-1, raw_logits.size(-1))  # (N, V)
+    ce_weight, kl_weight = (1.0 - alpha, alpha * temperature**2) if teacher_rows is not None else (1.0, 0.0)
+    chunk_rows = chunk_rows or (flat.size(0) if backend == "triton" else 1024)
+    return FusedSoftcapLoss.apply(flat, targets.reshape(-1), teacher_rows, softcap, temperature, ce_weight,
+                                  kl_weight, chunk_rows, backend, tile)
+
+
+class ChunkedSoftcapCE(torch.autograd.Function):
+    """Summed soft-capped cross-entropy of raw lm_head outputs (N, V) on CPU, `rows` positions at a time. The eager
+    loss keeps the cap's tanh and the log-softmax, float32 (N, V), for backward and makes four more such tensors in
+    it: 200 MB apiece for the tiny preset's 1,024 positions x 50,304, 1.6 GB over the model's own memory (newcomer
+    review: 4.8 GB peak for a 13M-parameter model). Here one (N, V) tensor serves throughout: the lm_head's output,
+    overwritten by the cap's tanh in forward (kept for backward with each target's log-probability), then by the
+    gradient in backward (the lm_head's matmul saves its input, never its output). Backward recomputes each
+    chunk's log-softmax (activation checkpointing of the loss, Chen et al. 2016) and runs the eager operations on it
+    with the incoming gradient. Every row's operations are the eager ones, and the sum is F.nll_loss over the same
+    values in the same order: loss and gradients bitwise equal to the eager path (tests/test_newcomer_memory.py)."""
+
+    @staticmethod
+    def forward(ctx, raw, targets, softcap, rows):
+        picked = torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
+        capped = raw.float()  # with the cap, overwritten by its tanh in place: the lm_head's backward never reads
+        if softcap > 0 and (capped is not raw or not raw.is_contiguous()):  # its output (an input here is a copy)
+            capped = torch.empty(raw.shape, dtype=torch.float32, device=raw.device)
+        for start in range(0, raw.size(0), rows):
+            chunk = slice(start, start + rows)
+            if softcap > 0:  # GPT.head's operations: softcap * tanh(logits / softcap), the tanh kept
+                torch.tanh(raw[chunk].float() / softcap, out=capped[chunk])
+            logits = softcap * capped[chunk] if softcap > 0 else capped[chunk]
+            picked[chunk] = F.log_softmax(logits, dim=-1).gather(-1, targets[chunk].clamp(min=0).unsqueeze(-1))[:, 0]
+        ctx.save_for_backward(capped, targets)
+        ctx.softcap, ctx.rows = softcap, rows
+        return F.nll_loss(picked.unsqueeze(-1), torch.where(targets >= 0, 0, -1), ignore_index=-1, reduction="sum")
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        capped, targets = ctx.saved_tensors
+        softcap = ctx.softcap
+        grad_raw = capped if softcap > 0 else torch.empty_like(capped)  # the tanh, overwritten chunk by chunk
+        for start in range(0, capped.size(0), ctx.rows):
+            chunk = slice(start, start + ctx.rows)
+            with torch.enable_grad():
+                tanh = capped[chunk].detach().requires_grad_()
+                loss = cross_entropy_sum(softcap * tanh if softcap > 0 else tanh, targets[chunk])
+                grad = torch.autograd.grad(loss, tanh, grad_loss)[0]
+            if softcap > 0:  # autograd's TanhBackward0 and DivBackward0 of the cap
+                grad = torch.ops.aten.tanh_backward(grad, capped[chunk]) / softcap
+            grad_raw[chunk] = grad
+        return grad_raw, None, None, None
+
+
+def chunked_loss_rows(hp: "Hyperparameters", device: torch.device) -> int:
+    """Rows per chunk of ChunkedSoftcapCE for this run, or 0 where the eager loss trains: off CPU (bf16 autocast
+    there), and with multi-token prediction or distillation (their own loss paths)."""
+    plain = hp.mtp_weight == 0 and hp.distill_alpha == 0 and not hp.train_vocab
+    return hp.cpu_loss_rows if device.type == "cpu" and plain else 0
+
+
+def flex_attention_available(device: torch.device) -> bool:
+    """FlexAttention (torch >= 2.5) trains on CUDA; on CPU torch 2.13 runs its forward only (unfused, no backward)."""
+    try:
+        from torch.nn.attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False
+    return device.type == "cuda"
+
+
+def attention_backend(hp: Hyperparameters, device: torch.device) -> str:
+    """"flex" or "sdpa". auto picks FlexAttention only where it pays: CUDA, torch.compile on (uncompiled flex
+    materialises the scores) and a mask that SDPA cannot skip blocks of (windows or document masking); a plain causal
+    mask stays on SDPA's FlashAttention kernel."""
+    if hp.attention != "auto":
+        return hp.attention
+    compiled = hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")
+    masked = bool(hp.window_pattern) or hp.doc_mask
+    return "flex" if compiled and masked and flex_attention_available(device) else "sdpa"
+
+
+def document_ids(idx: torch.Tensor, bos_id: int) -> torch.Tensor:
+    """(B, T) token ids -> (B, T) document index within each row: it steps up at every <|endoftext|>."""
+    return (idx == bos_id).cumsum(dim=1)
+
+
+def attention_mask_dense(time_steps: int, window: int, documents: torch.Tensor | None,
+                         device: torch.device) -> torch.Tensor:
+    """The SDPA reference mask, True where attention is allowed: causal, within `window` tokens, and (documents
+    (B, T) given) within the same document. (T, T), or (B, 1, T, T) with documents."""
+    distance = torch.arange(time_steps, device=device)[:, None] - torch.arange(time_steps, device=device)[None, :]
+    allowed = (distance >= 0) & (distance < window)
+    if documents is None:
+        return allowed
+    same_document = documents[:, :, None] == documents[:, None, :]  # (B, T, T)
+    return (allowed & same_document).unsqueeze(1)
+
+
+def flex_block_mask(time_steps: int, window: int, documents: torch.Tensor | None, device: torch.device):
+    """The same mask as attention_mask_dense, as a FlexAttention BlockMask: 128 x 128 blocks that the mask empties
+    are skipped entirely (how modded-nanogpt's sliding windows and document masks cost less than dense attention)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(batch, head, query, key):
+        allowed = (query >= key) & (query - key < window)
+        if documents is not None:
+            allowed = allowed & (documents[batch, query] == documents[batch, key])
+        return allowed
+
+    batch = documents.size(0) if documents is not None else None
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=time_steps, KV_LEN=time_steps, device=device)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, scale: float | None = None) -> torch.Tensor:
+    """(B, H, T, D) attention by whichever path the mask names: None -> SDPA causal (FlashAttention on GPU), a
+    boolean tensor -> SDPA with that mask (the reference), a BlockMask -> FlexAttention. scale: the softmax scale
+    (None: D^-0.5)."""
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+    if isinstance(mask, torch.Tensor):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    from torch.nn.attention.flex_attention import flex_attention
+    return flex_attention(q, k, v, block_mask=mask, scale=scale)
+
+
+def _symmetric_gram_kernel(a_ptr, out_ptr, add_ptr, tiles_ptr, rows, stride_ar, stride_ac, stride_or, stride_oc,
+                           alpha, beta, cols: tl.constexpr, HAS_ADD: tl.constexpr, BLOCK: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    """out = alpha * A A^T (+ beta * add) for A (rows, cols): A A^T is symmetric, so only the tiles on and above the
+    diagonal are computed (program p -> tile (i, j), i <= j), each off-diagonal tile is also stored transposed and
+    each diagonal tile is symmetrised, so the output is exactly symmetric. Half the products of a plain matmul, the trick modded-nanogpt's Muon kernels use. `add` must be symmetric too."""
+    pid = tl.program_id(0)
+    i = tl.load(tiles_ptr + 2 * pid)  # this program's tile (i, j), listed by the host
+    j = tl.load(tiles_ptr + 2 * pid + 1)
+    offs_i = i * BLOCK + tl.arange(0, BLOCK)
+    offs_j = j * BLOCK + tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK, BLOCK), dtype=tl.float32)
+    for k in range(0, cols, BLOCK_K):
+        offs_k = k + tl.arange(0, BLOCK_K)
+        a_i = tl.load(a_ptr + offs_i[:, None] * stride_ar + offs_k[None, :] * stride_ac,
+                      mask=(offs_i[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
+        a_j = tl.load(a_ptr + offs_j[:, None] * stride_ar + offs_k[None, :] * stride_ac,
+                      mask=(offs_j[:, None] < rows) & (offs_k[None, :] < cols), other=0.0)
+        acc += tl.dot(a_i, tl.trans(a_j), input_precision="ieee")
+    acc = acc * alpha
+    mask = (offs_i[:, None] < rows) & (offs_j[None, :] < rows)
+    if HAS_ADD:
+        acc += beta * tl.load(add_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc, mask=mask,
+                              other=0.0).to(tl.float32)
+    # A diagonal tile is a_i a_i^T: symmetric in exact arithmetic, but a dot's summation order may differ between
+    # its (r, c) and (c, r) entries (numpy's AVX-512 kernels under the interpreter differ by ~1e-6). Averaging it
+    # with its transpose makes the output symmetric bit for bit on any backend (x + y == y + x in IEEE).
+    acc = tl.where(i == j, (acc + tl.trans(acc)) * 0.5, acc)
+    tl.store(out_ptr + offs_i[:, None] * stride_or + offs_j[None, :] * stride_oc,
+             acc.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offs_j[None, :] * stride_or + offs_i[:, None] * stride_oc,  # the mirrored tile
+             acc.to(out_ptr.dtype.element_ty), mask=mask & (i != j))
+
+
+def symmetric_gram_triton(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
+                          beta: float = 0.0, block: int = 64) -> torch.Tensor:
+    """alpha * a @ a.T (+ beta * add), a 2-D: the Triton kernel above. Reference: symmetric_gram_torch."""
+    rows, cols = a.shape
+    out = torch.empty(rows, rows, dtype=a.dtype, device=a.device)
+    tiles = upper_triangle_tiles(-(-rows // block), a.device)
+    kernel = triton_jit(_symmetric_gram_kernel, os.environ.get("TRITON_INTERPRET") == "1")
+    kernel[(tiles.size(0),)](a, out, add if add is not None else out, tiles, rows, a.stride(0), a.stride(1),
+                             out.stride(0), out.stride(1), float(alpha), float(beta), cols=cols,
+                             HAS_ADD=add is not None, BLOCK=block, BLOCK_K=32)
+    return out
+
+
+@functools.lru_cache(maxsize=64)
+def upper_triangle_tiles(tiles: int, device: torch.device) -> torch.Tensor:
+    """(n, 2) int32 tile coordinates (i, j), i <= j: one program each (cached per shape and device)."""
+    return torch.triu_indices(tiles, tiles).T.contiguous().to(device=device, dtype=torch.int32)
+
+
+def symmetric_gram_torch(a: torch.Tensor, alpha: float = 1.0, add: torch.Tensor | None = None,
+                         beta: float = 0.0, block: int = 0) -> torch.Tensor:
+    """The reference: alpha * a @ a.T (+ beta * add) as one plain matmul."""
+    gram = alpha * (a @ a.mT)
+    return gram if add is None else gram + beta * add
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# main
+
+
+def tune_cpu_runtime(keep_freed_memory: bool = True) -> None:
+    """Two CPU settings measured on 2 cores (torch 2.13, the tiny preset's 50,304-wide lm_head):
+    - denormal floats made one lm_head backward matmul ~40x slower (25 s instead of 0.6 s): flush them to zero;
+    - glibc hands every allocation above 32 MB back to the OS when freed, so each 200 MB logits tensor page-faults
+      afresh: 205 ms per 256 tokens for forward + backward; raising the mmap and trim thresholds so freed memory is
+      reused gave 95 ms."""
+    torch.set_flush_denormal(True)
+    if not keep_freed_memory:  # --low_memory: the heap keeps fewer freed blocks, and fragments less
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not fresh mmaps
+        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
+    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if "-h" in argv or "--help" in argv:
+        print(usage())
+        return 0
+    dist_info = None
+    try:
+        hp = parse_args(argv)
+        dist_info = setup_distributed(hp.device, hp.dist_timeout)
+        if dist_info.device.type == "cpu":
+            tune_cpu_runtime(keep_freed_memory=not hp.low_memory)
+        if hp.plan_only:  # before any data or work: the plan, then exit (2 if it cannot fit)
+            check_hyperparameters(hp, hp.plan_world_size or dist_info.world_size)
+            check_memory_plan(hp, dist_info)
+        elif hp.eval_only:
+            score_saved_members(hp, dist_info)
+        else:
+            train(hp, dist_info, argv)
+        return 0
+    except RunStopped:
+        return 3
+    except (ConfigError, DataError) as error:
+        if dist_info is None or dist_info.is_main:
+            print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        stop_heartbeat_watchdog()
+        release_run_locks()
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Harness: placement, checkpoints and resume, memory plan, locks, watchdog, progress, run outputs.
+# Nothing below changes a number.
+
+
+# --- Placement: frozen models in host memory, split over the ranks, or kept as their files ---
+
 # Frozen models off the training device: at the full shape one fp32 model is 7.15 GB, and an 8-member ensemble with
 # snapshots kept every finished model on the GPU (review part B.1: out of memory on an 80 GB card). They wait in host
 # memory (pinned on CUDA, so the copy to the GPU is a fast DMA) and come to the device one at a time for a use.
@@ -4063,75 +4952,6 @@ def file_candidate_on_device(model: GPT, dist_info: Dist):
         FROZEN_ON_DEVICE.discard(model)
 
 
-def frozen_mixture(models: list[nn.Module], weights: list[float], pieces, dist_info: Dist,
-                   log_probs=piece_target_log_probs) -> list[torch.Tensor]:
-    """Per piece of pieces() (the same pieces in the same order on every call), the "prob" mixture's log-probability
-    of each target, log sum_i w_i p_i(y) as (B, T, 1): the members brought to the device one at a time, each one's
-    target log-probabilities (log_probs) mixed with ensemble_log_probs' elementwise operations."""
-    mixture = []
-    for model, weight in zip(models, weights):
-        was_training = model.training
-        with frozen_on_device(model.eval(), dist_info):
-            for index, (inputs, targets) in enumerate(pieces()):
-                picked = log_probs(model, inputs, targets, dist_info.device) + math.log(weight)
-                if index == len(mixture):
-                    mixture.append(picked)
-                else:
-                    mixture[index] = torch.logaddexp(mixture[index], picked)
-        model.train(was_training)
-    return mixture
-
-
-@torch.no_grad()
-def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData,
-                             dist_info: Dist, batch_size: int) -> float:
-    """evaluate_ensemble for parked frozen models, one on the device at a time. "prob" needs only each member's
-    log-probability of the correct token: members in turn over all of this rank's windows, the running mixture kept
-    per target (4 bytes each), the same elementwise operations as evaluate_ensemble. "logit" mixes whole logits, so
-    every member comes to the device at once (say --ensemble_mode prob for the one-at-a-time path)."""
-    if mode != "prob":
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(frozen_on_device(model, dist_info))
-            return evaluate_ensemble(models, weights, mode, data, dist_info, batch_size)
-    batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
-
-    def pieces():  # the same pieces in the same order for every member (eval_pieces: CPU memory)
-        return (piece for batch in batches for piece in eval_pieces(*batch, dist_info.device))
-    mixture = frozen_mixture(models, weights, pieces, dist_info)
-    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
-    for (_, targets), picked in zip(pieces(), mixture):
-        targets = targets.reshape(-1)
-        totals[0] += F.nll_loss(picked.reshape(-1, 1), torch.where(targets >= 0, 0, -1), ignore_index=-1,
-                                reduction="sum").double()
-        totals[1] += (targets >= 0).sum()
-    dist_info.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
-
-
-@torch.no_grad()
-def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
-                               batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
-    """evaluate_with_bytes for parked frozen models, one on the device at a time (the 24 candidates of an 8-member
-    ensemble at the 1h shape do not fit together): each one's log-probability of the correct token, mixed per target
-    with the elementwise operations of ensemble_log_probs ("prob"), then the same float64 sums."""
-    device = dist_info.device
-    batches = [(inputs.to(device), targets.to(device))
-               for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
-    mixture = frozen_mixture(models, weights, lambda: batches, dist_info, whole_target_log_probs)
-    table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
-    for (_, targets), picked in zip(batches, mixture):
-        valid = targets >= 0
-        nats, counted = -picked.squeeze(-1).double() * valid, table[targets.clamp(min=0)] * valid
-        if token_bytes is None:
-            counted = torch.zeros_like(targets)
-        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
-    dist_info.all_reduce_sum(sums)
-    bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
-    return (sums[0] / sums[1]).item(), bpb
-
-
 class TeacherHead:
     """A streamed teacher's lm_head, kept on the device while its body waits on the host: with several teachers
     (distill_teacher ensemble) each body comes to the device in turn for its features, and the teacher logits are
@@ -4145,452 +4965,7 @@ class TeacherHead:
         self.training, self.train_vocab, self.eval_vocab = teacher.training, teacher.train_vocab, teacher.eval_vocab
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# Logging and checkpoints: logs/<run_id>/ with log.txt, metrics.jsonl, result.json, members/; rank 0 writes the log
-
-
-def format_count(count: float) -> str:
-    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(count) >= size:
-            return f"{count / size:.2f}{unit}"
-    return f"{count:.0f}"
-
-
-def format_duration(seconds: float) -> str:
-    seconds = max(0, int(round(seconds)))
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated by this process, or on CPU its peak resident set size."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    except (ImportError, AttributeError):
-        return 0
-
-
-def git_commit() -> str:
-    """The commit of the script's folder, with '-dirty' when it has uncommitted changes; '' outside git."""
-    folder = os.path.dirname(os.path.abspath(__file__))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                                timeout=10).stdout.strip()
-        if not commit:
-            return ""
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def environment_report(dist_info: Dist) -> list[str]:
-    """Versions and devices, for the log header."""
-    lines = [f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
-             f"cuda {torch.version.cuda or 'none'} | {platform.platform()}",
-             f"world_size {dist_info.world_size} | device {dist_info.device} | cpu threads {torch.get_num_threads()}"]
-    if torch.cuda.is_available():
-        lines += [f"gpu {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
-        try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-            lines += ["nvidia-smi:", smi.rstrip()]
-        except (OSError, subprocess.SubprocessError):
-            lines.append("nvidia-smi: not available")
-    return lines
-
-
-class RunLog:
-    """Writes the run folder. Every line goes to log.txt at once (a crash loses nothing) and to the terminal."""
-
-    def __init__(self, folder: str, is_main: bool, append: bool = False):
-        self.folder, self.is_main = folder, is_main
-        self._log = self._metrics = None
-        self.tracker = None  # a wandb run (--wandb) that receives every metrics row too
-        if is_main:
-            os.makedirs(folder, exist_ok=append)
-            self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
-            self._metrics = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
-
-    def write(self, text: str, echo: bool = True) -> None:
-        if not self.is_main:
-            return
-        self._log.write(text + "\n")
-        self._log.flush()
-        if echo:
-            print(text, flush=True)
-
-    def section(self, title: str, lines: list[str], echo: bool = True) -> None:
-        self.write(f"==================== {title} " + "=" * max(0, 80 - len(title)), echo=echo)
-        for line in lines:
-            self.write(line, echo=echo)
-
-    def metrics(self, row: dict) -> None:
-        if self.is_main:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
-            if self.tracker is not None:
-                self.tracker.log(tracker_row(row))
-
-    def save_json(self, name: str, payload: dict) -> None:
-        if self.is_main:
-            atomic_write_bytes(os.path.join(self.folder, name), (json.dumps(payload, indent=2) + "\n").encode())
-
-    def close(self) -> None:
-        for handle in (self._log, self._metrics):
-            if handle is not None:
-                handle.close()
-        if self.tracker is not None:
-            self.tracker.finish()
-            self.tracker = None
-
-
-class StorageError(ConfigError):
-    """The run folder cannot be written (full disk, read-only, no permission): one line naming the folder."""
-
-
-def free_disk_bytes(folder: str) -> int:
-    return shutil.disk_usage(folder).free
-
-
-def saved_size_estimate(obj) -> int:
-    """Bytes torch.save will write for obj: its tensors' storages (each once) plus 1 MiB for the pickle and the zip
-    records. A full-scale checkpoint is ~9.6 GB per rank: checked before writing, not discovered half-way."""
-    seen, total, pending = set(), 0, [obj]
-    while pending:
-        item = pending.pop()
-        if isinstance(item, torch.Tensor):
-            storage = item.untyped_storage()
-            key = (storage.data_ptr(), storage.nbytes(), str(item.device))
-            if key not in seen:
-                seen.add(key)
-                total += storage.nbytes()
-        elif isinstance(item, dict):
-            pending.extend(item.values())
-        elif isinstance(item, (list, tuple)):
-            pending.extend(item)
-    return total + 2**20
-
-
-def atomic_write(path: str, size: int, write) -> None:
-    """write(temporary) then a rename: a crash while writing leaves the previous file intact. The free space is
-    checked against size first; on any error (ENOSPC included) the partial temporary is removed, so a full disk does
-    not stay full, and the failure is one line naming the folder, the need and the free space."""
-    folder = os.path.dirname(os.path.abspath(path))
-    temporary = f"{path}.tmp{os.getpid()}"
-    try:
-        free = free_disk_bytes(folder)
-    except OSError as exc:
-        raise StorageError(f"{folder}: cannot write {os.path.basename(path)} there ({exc.strerror or exc})") from None
-    if size > free:
-        raise StorageError(f"{folder}: no room for {os.path.basename(path)}: it needs {format_bytes(size)}, "
-                           f"{format_bytes(free)} free")
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError "unexpected pos"
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).splitlines()[0]
-        raise StorageError(f"{folder}: writing {os.path.basename(path)} ({format_bytes(size)}) failed with "
-                           f"{format_bytes(free_disk_bytes(folder))} free: {detail}") from None
-
-
-def format_bytes(count: int) -> str:
-    if count < 2**20:
-        return f"{count:,} bytes"
-    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
-
-
-def write_file_bytes(path: str, payload: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(payload)
-
-
-def atomic_write_bytes(path: str, payload: bytes) -> None:
-    atomic_write(path, len(payload), functools.partial(write_file_bytes, payload=payload))
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save through a temporary file and a rename: a crash while saving leaves the previous file intact."""
-    atomic_write(path, saved_size_estimate(obj), functools.partial(torch.save, obj))
-
-
-def process_alive(pid: int) -> bool:
-    """Whether a process of this id runs on this host (signal 0 checks without sending anything)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process: alive
-        return True
-    return True
-
-
-def remove_stale_temporaries(folder: str) -> list[str]:
-    """Deletes the `<file>.tmp<pid>` partials of atomic writes whose process is gone (killed mid-write): at full
-    scale each is a whole checkpoint that would keep the disk full. Returns the paths removed."""
-    removed = []
-    for root, _, files in os.walk(folder):
-        for name in files:
-            stem, dot_tmp, pid = name.rpartition(".tmp")
-            if dot_tmp and stem and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
-                try:
-                    os.remove(os.path.join(root, name))
-                    removed.append(os.path.join(root, name))
-                except FileNotFoundError:  # another rank removed it first
-                    pass
-    return removed
-
-
-RUN_LOCKS: list = []  # the open run.lock files this process holds; main closes them on the way out
-
-
-def lock_run_folder(folder: str) -> None:
-    """Takes <folder>/run.lock, an flock held for the life of the process, the file holding 'pid host': a second
-    process on a live run (a --resume while it still trains) is refused with the holder's pid and host. The kernel
-    drops the lock when its holder dies however it dies (kill -9 included), so a stale lock is simply taken over,
-    and two processes taking over at once cannot both get it."""
-    import fcntl  # POSIX only, like the rest of the launch path (torchrun, gloo)
-    path = os.path.join(folder, "run.lock")
-    try:
-        handle = open(path, "a+", encoding="utf-8")
-    except OSError as exc:
-        raise StorageError(f"{folder}: cannot create run.lock there ({exc.strerror or exc})") from None
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        handle.seek(0)
-        holder = handle.read().split()
-        handle.close()
-        pid, host = (holder + ["?", "?"])[:2]
-        raise ConfigError(f"{folder} is in use by pid {pid} on {host} (it holds run.lock): wait for that run to end "
-                          f"before resuming it") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"{os.getpid()} {socket.gethostname()}\n")
-    handle.flush()
-    RUN_LOCKS.append(handle)
-
-
-def release_run_locks() -> None:
-    while RUN_LOCKS:
-        RUN_LOCKS.pop().close()  # closing drops the flock; the file stays (removing it would race a new taker)
-
-
-def parameter_fingerprint(model: nn.Module) -> torch.Tensor:
-    """One float64 sum per parameter tensor: equal on every rank when the ranks hold the same weights."""
-    return torch.stack([p.detach().double().sum() for p in model.parameters()])
-
-
-def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
-    """Checks that every rank ended with bitwise the same weights (they apply the same updates)."""
-    if dist_info.world_size == 1:
-        return True
-    mine = parameter_fingerprint(model).to(dist_info.device)
-    everyone = [torch.empty_like(mine) for _ in range(dist_info.world_size)]
-    dist.all_gather(everyone, mine, group=dist_info.group)
-    return all(torch.equal(mine, other) for other in everyone)
-
-
-def replace_between_markers(text: str, begin: str, end: str, new_body: str) -> str:
-    """text with everything between the marker `begin` and the marker `end` replaced by new_body (one newline after
-    each): how the companion tools rewrite their generated part of a hand-written file (records.py the README's
-    leaderboard, the benches their sections of bench/RESULTS.md). Refuses anything but exactly one begin followed
-    by exactly one end, so that a generated section never swallows hand-written text."""
-    start, stop = text.find(begin), text.find(end)
-    if text.count(begin) != 1 or text.count(end) != 1 or stop < start:
-        raise ValueError(f"needs exactly one {begin} line followed by one {end} line")
-    return text[:start + len(begin)] + "\n" + new_body.rstrip("\n") + "\n" + text[stop:]
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# A run's first and last words for a newcomer: too little data, the loss plot, text samples, experiment tracking
-
-MIN_STEPS_PER_EPOCH = 10  # below this an epoch is too few updates for the recipe's schedules (warmdown, LR) to mean much
-
-
-def data_size_warnings(hp: Hyperparameters, train_tokens: int) -> list[str]:
-    """Warnings for a train set too small for the batch: a model that takes a handful of steps ends worse than the
-    unigram baseline, and nothing else would say why (your own 4k-token text with the default 8,192-token batch)."""
-    windows = math.ceil(train_tokens / (hp.seq_len + 1))
-    steps_per_epoch = math.ceil(windows / max(1, hp.batch_tokens // hp.seq_len))
-    hint = f"lower --batch_tokens (a multiple of seq_len {hp.seq_len}) or add data"
-    warnings = []
-    if train_tokens < hp.batch_tokens:
-        warnings.append(f"warning: the train set ({train_tokens:,} tokens) is smaller than one batch "
-                        f"({hp.batch_tokens:,} tokens): every step sees all of it, padded; {hint}")
-    if steps_per_epoch < MIN_STEPS_PER_EPOCH:
-        warnings.append(f"warning: only {steps_per_epoch} optimizer step(s) per epoch "
-                        f"({steps_per_epoch * hp.num_epochs} in all), fewer than {MIN_STEPS_PER_EPOCH}: too few "
-                        f"updates to learn much; {hint}, or raise --num_epochs")
-    return warnings
-
-
-def unigram_comparison(loss: float, unigram: float) -> str:
-    """'0.48 nats below unigram 7.9503': a model that does not beat the context-free baseline has learned nothing."""
-    gap = unigram - loss
-    return f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} unigram {unigram:.4f}"
-
-
-def write_loss_plot(folder: str, title: str, unigram: float):
-    """loss.png in the run folder from its metrics.jsonl: train and val loss against tokens trained on (one curve
-    each per member), the unigram baseline as a dashed line, the final ensemble's val loss dotted. Returns the
-    matplotlib Figure (the tests read its lines), or None without matplotlib (a warning says so; the run stands)."""
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        print("warning: matplotlib is not installed, so no loss.png (pip install matplotlib)", file=sys.stderr)
-        return None
-    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    figure = Figure(figsize=(8, 5))
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
-    members = sorted({row.get("member", 0) for row in rows if row["kind"] in ("train", "val")})
-    for member in members:
-        suffix = f" (member {member})" if len(members) > 1 else ""
-        for kind, style in (("train", "-"), ("val", "o-")):
-            points = [(row["tokens_seen"], row[f"{kind}_loss"]) for row in rows
-                      if row["kind"] == kind and row.get("member", 0) == member]
-            if points:
-                axes.plot(*zip(*points), style, label=f"{kind}{suffix}", markersize=4)
-    ensemble = [row["val_loss"] for row in rows if row["kind"] == "ensemble"]
-    if len(ensemble) > 1:
-        axes.axhline(ensemble[-1], linestyle=":", color="black", label=f"ensemble val {ensemble[-1]:.4f}")
-    axes.axhline(unigram, linestyle="--", color="gray", label=f"unigram baseline {unigram:.4f}")
-    axes.set(xlabel="tokens trained on (per member)", ylabel="loss (nats/token)", title=title)
-    axes.grid(alpha=0.3)
-    axes.legend()
-    figure.tight_layout()
-    figure.savefig(os.path.join(folder, "loss.png"), dpi=100)
-    return figure
-
-
-def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> str:
-    """The text of the tokens: UTF-8 bytes for the byte tokenizer and a small BPE (the separator shown as a
-    newline), GPT-2 text from data/encode.py's bundled BPE (no download), or the ids themselves where that is
-    unavailable or the vocabulary is not GPT-2's (the tests' toy languages)."""
-    table = token_bytes_table(tokenizer, bpe_file) if tokenizer in ("bytes", "bpe") else None
-    if table is not None:
-        return repr(b"".join(b"\n" if t == BYTE_SEPARATOR else table.get(t, b"") for t in token_ids)
-                    .decode("utf-8", errors="replace"))
-    try:
-        spec = importlib.util.spec_from_file_location(
-            "slowrun_encode", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "encode.py"))
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        encoding = module.gpt2_encoding(module.BUNDLED_VOCAB)  # offline: the BPE file bundled in data/
-        if vocab_size < encoding.n_vocab:
-            raise ValueError("not the GPT-2 vocabulary")
-        return repr(encoding.decode([t for t in token_ids if t < encoding.n_vocab]))
-    except Exception:  # noqa: BLE001 - any trouble decoding: show the ids, the samples stay useful
-        return " ".join(str(t) for t in token_ids)
-
-
-@torch.no_grad()
-def sample_continuations(models: list[nn.Module], weights: list[float], mode: str, val_tokens: np.ndarray,
-                         hp: Hyperparameters, device: torch.device, prompts: int = 3, prompt_len: int = 32,
-                         top_k: int = 50, temperature: float = 0.8) -> list[dict]:
-    """--sample_tokens N: the first prompt_len tokens of the first val documents, each continued by N tokens of the
-    (ensemble) model, greedily and by top-k sampling at a temperature from a generator seeded by --seed, so a seed
-    gives the same text every time. Only the last position's logits are made per token (no (T, vocab) tensor)."""
-    starts = document_starts(val_tokens, hp.bos_id)[:prompts]
-    if starts.size == 0:
-        starts = np.array([0])
-    batch = torch.from_numpy(np.stack([val_tokens[s:s + prompt_len].astype(np.int64) for s in starts
-                                       if s + prompt_len <= val_tokens.size] or [val_tokens[:prompt_len].astype(np.int64)]))
-    generator = torch.Generator(device="cpu").manual_seed(hp.seed)
-    states = [model.training for model in models]
-    for model in models:
-        model.eval()
-    results = {}
-    for how in ("greedy", f"top-{top_k} T={temperature}"):
-        context = batch.to(device)
-        for _ in range(hp.sample_tokens):
-            window = context[:, -hp.seq_len:]
-            with autocast_context(device):
-                log_probs = ensemble_log_probs((model.head(model.features(window)[:, -1:]).float() for model in models),
-                                               weights, mode)[:, -1].float().cpu()
-            if how == "greedy":
-                choice = log_probs.argmax(-1)
-            else:
-                top = torch.topk(log_probs / temperature, min(top_k, log_probs.size(-1)), dim=-1)
-                picked = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
-                choice = top.indices.gather(-1, picked).squeeze(-1)
-            context = torch.cat([context, choice.to(device).unsqueeze(-1)], dim=1)
-        results[how] = context[:, batch.size(1):].cpu().tolist()
-    for model, state in zip(models, states):
-        model.train(state)
-    return [dict(prompt=batch[i].tolist(), **{how: rows[i] for how, rows in results.items()})
-            for i in range(batch.size(0))]
-
-
-def sample_lines(samples: list[dict], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> list[str]:
-    lines = []
-    for number, sample in enumerate(samples):
-        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size, tokenizer, bpe_file)}")
-        lines += [f"  {how}: {decode_tokens(tokens, vocab_size, tokenizer, bpe_file)}"
-                  for how, tokens in sample.items() if how != "prompt"]
-    return lines
-
-
-def import_wandb(project: str):
-    """The wandb module for --wandb PROJECT, or a one-line ConfigError when it is not installed (it is never a
-    required dependency; checked before the run folder is made)."""
-    if not project:
-        return None
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError(f"--wandb {project}: the wandb package is not installed (pip install wandb, "
-                          f"or drop --wandb)") from None
-    return wandb
-
-
-def tracker_row(row: dict) -> dict:
-    """A metrics.jsonl row as wandb takes it: the numbers, named '<kind>/<field>' (train/train_loss, val/val_loss)."""
-    kind = row.get("kind", "metrics")
-    return {f"{kind}/{key}": value for key, value in row.items()
-            if key != "kind" and isinstance(value, (int, float)) and not isinstance(value, bool)}
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training
-
-
-class WeightEMA:
-    """Exponential moving average of the parameters (Polyak averaging; modded-nanogpt, the slowrun records):
-    ema <- decay * ema + (1 - decay) * w at each update, starting from the weights it was made with."""
-
-    def __init__(self, model: nn.Module, decay: float, host: torch.device | None = None):
-        self.decay, self.host = decay, host  # host: the averages live in host memory (averaging_on_host)
-        self.averages = [host_copy(p, host) for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        torch._foreach_lerp_(self.averages, [p.detach().to(a.device) for p, a in zip(model.parameters(),
-                                                                                      self.averages)], 1.0 - self.decay)
-
-    @torch.no_grad()
-    def blend_into(self, model: nn.Module, blend: float) -> None:
-        """The model's weights become blend * EMA + (1 - blend) * its current weights."""
-        for param, average in zip(model.parameters(), self.averages):
-            param.lerp_(average.to(param.device), blend)
-
-
-def host_copy(tensor: torch.Tensor, host: torch.device | None) -> torch.Tensor:
-    """A detached copy of a tensor: on its own device, or (host given) in host memory, pinned when it comes from CUDA
-    (EMA and SWA accumulators under averaging_on_host: one fp32 model each, 7.15 GB at the full shape)."""
-    if host is None:
-        return tensor.detach().clone()
-    copy_ = tensor.detach().to(host, copy=True)
-    return copy_.pin_memory() if tensor.device.type == "cuda" else copy_
+# --- Member files, checkpoints and resume ---
 
 
 def default_run_id() -> str:
@@ -4599,119 +4974,6 @@ def default_run_id() -> str:
 
 class RunStopped(Exception):
     """--stop_at_step reached: the process ends as if killed, its checkpoint on disk (resume tests)."""
-
-
-@dataclass
-class RunData:
-    """The token sets of a run, loaded and checked once for all members."""
-    train_tokens: np.ndarray
-    val_tokens: np.ndarray
-    val_data: EvalData
-    test_data: EvalData | None
-    fitness_data: EvalData | None = None  # carved from the front of train for member selection, never trained on
-    public_data: EvalData | None = None  # val_public_windows: the public records' val windows (PublicWindows)
-    token_bytes: np.ndarray | None = None  # bytes per token id, for bits per byte on public_data
-
-
-def carve_fitness_slice(tokens: np.ndarray, fitness_tokens: int, bos_id: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(fitness, rest): the fewest whole leading documents holding at least fitness_tokens tokens, and the rest."""
-    starts = document_starts(tokens, bos_id)
-    later = starts[starts >= fitness_tokens]
-    if later.size == 0 or later[0] == 0:
-        raise DataError(f"{name}: fitness_tokens {fitness_tokens:,} leaves no whole document to train on "
-                        f"({tokens.size:,} train tokens)")
-    return tokens[:later[0]], tokens[later[0]:]
-
-
-def file_digest(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(2**24), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def check_data_files(hp: Hyperparameters, need_train: bool = True) -> None:
-    """Refuses, in one line, what would otherwise train silently: a file in two sets (the same path, or globs that
-    overlap), two sets holding identical content (val copied in as train), a shard with no tokens, and a shard with
-    no <|endoftext|> (bos_id) in a training run, where every document starts with one (data/README.md). Runs after read_shard has
-    checked each file's header."""
-    sets = ([("train", hp.train_files)] if need_train else []) + [("validation", hp.val_files)] + \
-        ([("test", hp.test_files)] if hp.test_files else [])
-    flag = dict(train="--train_files", validation="--val_files", test="--test_files")
-    owner: dict[str, str] = {}  # real path -> its set
-    sizes: dict[int, list[tuple[str, str]]] = {}
-    for what, pattern in sets:
-        for path in sorted(glob.glob(pattern)):
-            real = os.path.realpath(path)
-            if owner.get(real, what) != what:
-                raise DataError(f"{path} is both a {owner[real]} file and a {what} file ({flag[owner[real]]} "
-                                f"and {flag[what]} overlap): the {what} score would leak into training or "
-                                f"selection")
-            if real in owner:
-                continue
-            owner[real] = what
-            tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES) \
-                if os.path.getsize(path) > SHARD_HEADER_BYTES else np.zeros(0, np.uint16)
-            if tokens.size == 0:
-                raise DataError(f"{path}: the header is valid but the shard holds 0 tokens")
-            if need_train and not (tokens == hp.bos_id).any():  # --eval_only scores members of other bos_ids
-                raise DataError(f"{path}: no <|endoftext|> (bos_id {hp.bos_id}) in {tokens.size:,} tokens; every "
-                                f"document must start with one (a shard of another tokenizer, or a wrong --bos_id?)")
-            sizes.setdefault(os.path.getsize(path), []).append((what, path))
-    for same_size in sizes.values():  # identical content needs an identical size: hash only those
-        if len({what for what, _ in same_size}) > 1:
-            seen: dict[str, tuple[str, str]] = {}
-            for what, path in same_size:
-                earlier = seen.setdefault(file_digest(path), (what, path))
-                if earlier[0] != what:
-                    raise DataError(f"{path} ({what}) has the same content as {earlier[1]} ({earlier[0]}): the "
-                                    f"{what} score would leak")
-
-
-def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
-    check_shard_tokenizers(hp, [hp.train_files if need_train else "", hp.val_files, hp.test_files])
-    train_tokens = load_tokens(hp.train_files, hp.vocab_size, "train") if need_train else np.zeros(0, np.uint16)
-    val_tokens = load_tokens(hp.val_files, hp.vocab_size, "validation")
-    if hp.test_files:
-        load_tokens(hp.test_files, hp.vocab_size, "test")  # headers checked before check_data_files reads them
-    check_data_files(hp, need_train)
-    if hp.train_tokens:
-        train_tokens = truncate_to_document(train_tokens, hp.train_tokens, hp.bos_id, hp.train_files)
-    if need_train and train_tokens.size < hp.seq_len + 1:
-        raise DataError(f"{hp.train_files}: {train_tokens.size:,} train tokens"
-                        f"{' after --train_tokens ' + str(hp.train_tokens) if hp.train_tokens else ''}, fewer than "
-                        f"one sequence of seq_len + 1 = {hp.seq_len + 1}")
-    fitness_data = None
-    if hp.fitness_tokens and need_train:  # carved after the budget cut: selection data comes out of the budget
-        fitness_tokens, train_tokens = carve_fitness_slice(train_tokens, hp.fitness_tokens, hp.bos_id, hp.train_files)
-        fitness_data = EvalData(fitness_tokens, hp.seq_len, f"{hp.train_files} (fitness slice)")
-    if hp.val_tokens:
-        val_tokens = val_tokens[:hp.val_tokens]
-    test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
-        if hp.test_files else None
-    return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data, fitness_data)
-
-
-def member_seed(hp: Hyperparameters, member: int) -> int:
-    """Member 0 uses --seed itself, so --ensemble_size 1 is exactly the plain run."""
-    return hp.seed + 1000 * member
-
-
-def member_tag(hp: Hyperparameters, member: int) -> str:
-    """'member 2 of 4 | ' before a member's progress lines when there are several, nothing for a single model. Members
-    count from 0, as in the file names (member_02.pt), the metrics rows and the README."""
-    return f"member {member} of {hp.ensemble_size} | " if hp.ensemble_size > 1 else ""
-
-
-def build_model(hp: Hyperparameters, dist_info: Dist, seed: int) -> GPT:
-    torch.manual_seed(seed)
-    with torch.device(dist_info.device):
-        model = GPT(model_config(hp), attention_backend(hp, dist_info.device))
-    if dist_info.world_size > 1:  # belt and braces: every rank starts from rank 0's weights
-        for p in model.parameters():
-            dist.broadcast(p.data, src=dist_info.first_global_rank, group=dist_info.group)
-    return model
 
 
 def member_path(folder: str, member: int) -> str:
@@ -4734,30 +4996,30 @@ def save_candidate(path: str, model: "GPT", **info) -> None:
                            **info), path)
 
 
-def perturb_weights(model: nn.Module, scale: float, seed: int, stat: str = "rms") -> None:
-    """Adds Gaussian noise of `scale` times each tensor's RMS (stat "std": its unbiased standard deviation, and
-    one-element tensors untouched, as the unlimited record's perturb_weights), from a seeded generator so every rank
-    adds the same noise (snapshot ensembles with noise at cycle boundaries push the next cycle to a different basin)."""
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if stat == "std" and p.numel() <= 1:
-                continue
-            noise = torch.randn(p.shape, generator=generator).to(p.device, p.dtype)
-            if stat == "std":  # head_mix stacks the record's three Q/K/V mixing matrices: each its own deviation
-                spread = p.float().flatten(1).std(dim=1).view(-1, 1, 1) if name.endswith("head_mix") else p.float().std()
-                p.add_((noise.float() * (spread * scale)).to(p.dtype))
-            else:
-                p.add_(noise * scale * p.float().square().mean().sqrt().to(p.dtype))
-
-
-def snapshot_noise_scale(cycle: int, cycles: int, hp: Hyperparameters) -> float:
-    """The noise's scale after cycle `cycle` = 1..C-1 of C (none after the last): snapshot_noise, or with
-    snapshot_noise_min the unlimited record's cosine from snapshot_noise (cycle 1) down to the min (cycle C-1)."""
-    if not hp.snapshot_noise_min:
-        return hp.snapshot_noise
-    progress = (cycle - 1) / max(1, cycles - 2)
-    return hp.snapshot_noise_min + (hp.snapshot_noise - hp.snapshot_noise_min) * 0.5 * (1.0 + math.cos(math.pi * progress))
+def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
+    """A saved member (members/member_NN.pt): its model, rebuilt from the GPTConfig stored beside the weights (or,
+    in files written before GPTConfig, from all the run's hyperparameters)."""
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path}: no such member file")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+        config = (GPTConfig(**saved["config"]) if "config" in saved
+                  else model_config(Hyperparameters(**saved["hyperparameters"])))
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
+        raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
+    saved["config"] = dataclasses.asdict(config)
+    # what made the shards it was trained on (saved beside the weights; older files: in their hyperparameters, else GPT-2)
+    saved.setdefault("tokenizer", saved.get("hyperparameters", {}).get("tokenizer", "gpt2"))
+    with torch.device(device):
+        model = GPT(config)
+    model.load_state_dict(saved.pop("model"))  # the weights now live in the model: no second copy per member
+    state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
+    model.loop_active = state.get("loop_active", bool(config.loop_repeats))
+    model.window_sizes = state.get("window_sizes", model.window_sizes)
+    model.recurrence_active = state.get("recurrence_active", True)
+    if state.get("window_stage") is not None:  # the window schedule's stage: its windows, YaRN tables and scale
+        set_window_schedule_stage(model, state["window_stage"])
+    return model.for_inference(), saved
 
 
 def checkpoint_path(folder: str, member: int, rank: int) -> str:
@@ -4804,679 +5066,6 @@ def remove_checkpoints(folder: str, member: int, dist_info: Dist, keep: int | No
             os.remove(path)
         except FileNotFoundError:
             pass
-
-
-def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
-    """A saved member (members/member_NN.pt): its model, rebuilt from the GPTConfig stored beside the weights (or,
-    in files written before GPTConfig, from all the run's hyperparameters)."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"{path}: no such member file")
-    try:
-        saved = torch.load(path, map_location=device, weights_only=True)
-        config = (GPTConfig(**saved["config"]) if "config" in saved
-                  else model_config(Hyperparameters(**saved["hyperparameters"])))
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
-        raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
-    saved["config"] = dataclasses.asdict(config)
-    # what made the shards it was trained on (saved beside the weights; older files: in their hyperparameters, else GPT-2)
-    saved.setdefault("tokenizer", saved.get("hyperparameters", {}).get("tokenizer", "gpt2"))
-    with torch.device(device):
-        model = GPT(config)
-    model.load_state_dict(saved.pop("model"))  # the weights now live in the model: no second copy per member
-    state = saved.get("inference_state", {})  # the schedule state the model was saved in (see save_candidate)
-    model.loop_active = state.get("loop_active", bool(config.loop_repeats))
-    model.window_sizes = state.get("window_sizes", model.window_sizes)
-    model.recurrence_active = state.get("recurrence_active", True)
-    if state.get("window_stage") is not None:  # the window schedule's stage: its windows, YaRN tables and scale
-        set_window_schedule_stage(model, state["window_stage"])
-    return model.for_inference(), saved
-
-
-def final_window_stage(hp: Hyperparameters, schedule: "MemberSchedule") -> int:
-    """The window schedule's stage of the epoch the member's run ends in."""
-    last_epoch = math.ceil(schedule.train_data.epoch_position(schedule.total_steps))
-    return window_schedule_stage(parse_window_schedule(hp.window_schedule), last_epoch)
-
-
-@contextmanager
-def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSchedule"):
-    """with final_inference_state(model, ...): the model in the schedule state of the member's last step, its own
-    state back after. The public records score their averaged epoch checkpoints by loading each into the final model
-    (two_hour/train.py 1024, 1395), so the 2h record's epoch-12 and -13 weights run with the looped layers on, the
-    last window stage and its YaRN (no change for 1h: loops on from epoch 7). The window state is a function of the
-    stage alone, so going back is exact."""
-    loop_active, stage = model.loop_active, getattr(model, "window_stage", None)
-    if hp.loop_repeats:
-        model.loop_active = schedule.total_steps - 1 >= loop_start_step(hp, schedule.train_data, schedule.schedule_steps)
-    if hp.window_schedule:
-        set_window_schedule_stage(model, final_window_stage(hp, schedule))
-    try:
-        yield model
-    finally:
-        model.loop_active = loop_active
-        if hp.window_schedule:
-            set_window_schedule_stage(model, stage)
-
-
-def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
-                         compiled: bool) -> None:
-    """The window schedule at a step: the stage of its epoch from the epoch's first step (the 2h record switches
-    after the previous epoch's end evaluation); a change, and the first step, logged with the windows, YaRN's scale
-    and the compile cost (one new graph per stage, each evaluation mode's too)."""
-    config = model.config
-    stages = parse_window_schedule(config.window_schedule)
-    epoch = train_data.locate(step)[0] + 1
-    stage = window_schedule_stage(stages, epoch)
-    if stage == model.window_stage and step:
-        return
-    set_window_schedule_stage(model, stage)
-    first, last, short, long = stages[stage]
-    growth = model.yarn_growths[-1] if config.yarn and model.yarn_growths else None
-    log.write(f"{tag}window stage {stage + 1}/{len(stages)} (epochs {first}-{last}) from step {step}: short {short}, "
-              f"long {long} keys" + (f" | YaRN {growth[0]} -> {growth[1]}" if growth else "") +
-              (f" | softmax scale {model.blocks[0].attn.softmax_scale[0]:.6f}" if config.yarn else "") +
-              (" | torch.compile: new windows, so a recompile (one graph per stage and loop state, train and eval)"
-               if compiled and step else ""))
-    log.metrics(dict(kind="window_stage", step=step, stage=stage + 1, window_short=short, window_long=long,
-                     softmax_scale=model.blocks[0].attn.softmax_scale[0] if config.yarn else None))
-
-
-def loop_start_step(hp: Hyperparameters, train_data: TrainData, total_steps: int) -> float:
-    """The first step with looped layers on: the first step of (1-based) epoch loop_start_epoch (the 1h record: 7,
-    after 6 of its 11 epochs), else loop_start_frac of training."""
-    if hp.loop_start_epoch:
-        return train_data.epoch_start(hp.loop_start_epoch - 1)
-    return hp.loop_start_frac * total_steps
-
-
-def recurrence_on(step: int, total_steps: int, hp: Hyperparameters) -> bool:
-    """Whether step (0-based, before its update) runs all recurrence passes: from the fraction recurrence_start_frac
-    of training on, compared as the 15min record does (step / N >= 0.7: steps 1995.. of its 2850)."""
-    return step / total_steps >= hp.recurrence_start_frac
-
-
-class MemberSchedule:
-    """A member's plan: its data order (a pure function of seed and epoch), its steps, where epochs end, the steps
-    whose weights become snapshots, and each step's settings (LR, weight decay, momentum, looped layers, windows)."""
-
-    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, member: int):
-        self.hp, self.member = hp, member
-        train_data_class = FixedOrderTrainData if hp.train_order == "fixed" else TrainData  # F18a
-        cycle_epochs = hp.num_epochs // hp.snapshot_cycles if hp.snapshot_cycle_epochs and hp.snapshot_cycles else 0
-        self.train_data = train_data_class(data.train_tokens, hp.bos_id, hp.seq_len, hp.batch_tokens // hp.seq_len,
-                                           hp.device_batch_size, dist_info.world_size, dist_info.rank,
-                                           member_seed(hp, member), batch_schedule(hp), public_steps=hp.public_steps,
-                                           epochs=hp.num_epochs, cycle_epochs=cycle_epochs)
-        full_steps = self.train_data.run_steps(hp.num_epochs)
-        self.total_steps = total_steps = min(hp.max_steps, full_steps) if hp.max_steps else full_steps
-        # the run length the schedules see: the steps run, or the public's N (public_steps; one less at most)
-        self.schedule_steps = total_steps if total_steps < full_steps else self.train_data.schedule_steps(hp.num_epochs)
-        # snapshot ensembles: the steps whose weights become candidates (each LR cycle's end, the final epochs' ends);
-        # the last step's weights are the member itself
-        final_epoch = math.ceil(self.train_data.epoch_position(total_steps))  # the epoch the run ends in (or at)
-        epoch_ends = [min(total_steps, self.train_data.epoch_start(final_epoch - k)) for k in range(hp.epoch_snapshots)]
-        cycle_ends = snapshot_cycle_bounds(hp, total_steps, self.train_data)
-        if hp.snapshot_cycles and (len(set(cycle_ends)) < hp.snapshot_cycles or cycle_ends[0] <= hp.warmup_steps):
-            raise ConfigError(f"snapshot_cycles {hp.snapshot_cycles}: this run has {total_steps} steps and "
-                              f"{hp.warmup_steps} warmup steps; each cycle needs steps of its own, the first past the "
-                              f"warmup")
-        self.snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
-
-    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
-        """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
-        hp = self.hp
-        factor = apply_schedules(optimizers, step, self.schedule_steps, self.train_data, hp)
-        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
-            model.loop_active = step >= loop_start_step(hp, self.train_data, self.schedule_steps)
-        if hp.recurrence > 1:  # the 15min record's recurrence switches on once (a second torch.compile graph)
-            model.recurrence_active = recurrence_on(step, self.schedule_steps, hp)
-        if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
-            model.set_window_stage(window_stage(step, self.schedule_steps, hp), hp.window_warmup_stages)
-        return factor
-
-    def epoch_end(self, done: int) -> bool:
-        return self.train_data.locate(done)[1] == 0
-
-    def validate_after(self, done: int) -> bool:
-        every = self.hp.val_every
-        return done == self.total_steps or (self.epoch_end(done) and every >= 0) or (every > 0 and done % every == 0)
-
-    def stop_after(self, done: int) -> bool:
-        """--stop_at_step counts over the members one after another (a test aid: stop, then resume)."""
-        return bool(self.hp.stop_at_step) and self.member * self.total_steps + done == self.hp.stop_at_step
-
-
-class MemberObjective:
-    """What a micro-step minimises: next-token cross-entropy, or with teachers the distillation mix; on the eager
-    path or the fused loss (Kernels). training_loss_sums adds multi-token prediction."""
-
-    def __init__(self, hp: Hyperparameters, device: torch.device, teachers: list[tuple[GPT, float]],
-                 dist_info: Dist | None = None):
-        self.hp, self.teachers = hp, teachers
-        self.backend = loss_backend(hp, device)
-        self.fused = (self.backend, hp.logit_softcap) if self.backend != "eager" else None
-        self.chunk_rows = chunked_loss_rows(hp, device) if self.backend == "eager" else 0  # CPU memory
-        self.dist_info = dist_info or Dist(device=device)
-        self.held, self.holding = None, ExitStack()  # one teacher kept on the device for as long as it teaches
-        self.heads = {}  # id(teacher) -> its TeacherHead, when several teachers stream through the device
-        self.offset_weights = None  # mtp_offsets: this step's weights of the targets t, t+1, .. (start_step)
-        if hp.mtp_offsets:
-            self.backend = f"multi-offset ({'fp8 lm_head' if hp.fp8_head else 'chunked PyTorch'})"
-
-    def start_step(self, step: int, total_steps: int) -> None:
-        """The step's multi-offset weights (the extra offsets fade out over mtp_anneal_frac of training)."""
-        if self.hp.mtp_offsets:
-            self.offset_weights = mtp_offset_weights(step, total_steps, self.hp)
-
-    def teacher_features(self, inputs: torch.Tensor) -> tuple[list[tuple[nn.Module, float]], list[torch.Tensor]]:
-        """(teachers as the loss uses them, their features). One teacher comes to the device once and stays until
-        release(); several come one at a time for their features, their lm_heads (TeacherHead) staying."""
-        if len(self.teachers) == 1:
-            teacher = self.teachers[0][0]
-            if self.held is not teacher:
-                self.release()
-                self.holding.enter_context(frozen_on_device(teacher, self.dist_info))
-                self.held = teacher
-            return self.teachers, [teacher.features(inputs)]
-        self.release()
-        features = []
-        for teacher, _ in self.teachers:
-            with frozen_on_device(teacher, self.dist_info):
-                features.append(teacher.features(inputs))
-                if id(teacher) not in self.heads:  # copied while whole on the device (a split teacher is empty after)
-                    self.heads[id(teacher)] = TeacherHead(teacher, self.dist_info.device)
-        heads = [self.heads[id(teacher)] for teacher, _ in self.teachers]
-        return [(head, weight) for head, (_, weight) in zip(heads, self.teachers)], features
-
-    def release(self) -> None:
-        """The held teacher goes back to the host (a member's end, or the teacher changes)."""
-        self.holding.close()
-        self.held = None
-
-    @property
-    def distilling(self) -> bool:
-        return self.hp.distill_alpha > 0 and bool(self.teachers)
-
-    def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(summed next-token loss, summed objective) of one micro-batch."""
-        hp, distill = self.hp, None
-        if self.offset_weights is not None:  # the 15min record's loss (no distillation with it: check_tracks_15min)
-            return multi_offset_loss_sums(model, inputs, targets, self.offset_weights, hp.logit_softcap, hp.fp8_head)
-        if self.distilling:
-            with torch.no_grad():
-                teachers, features = self.teacher_features(inputs)
-            if self.fused is not None:  # the same mix, teacher rows made chunk by chunk inside the fused loss
-                distill = dict(teacher_rows=teacher_rows(teachers, features, hp.distill_temperature),
-                               alpha=hp.distill_alpha, temperature=hp.distill_temperature,
-                               chunk_rows=hp.distill_chunk * inputs.size(0))
-            else:
-                distill = functools.partial(distillation_loss_sum, teachers=teachers, teacher_features=features,
-                                            targets=targets, alpha=hp.distill_alpha,
-                                            temperature=hp.distill_temperature, chunk=hp.distill_chunk)
-        if self.chunk_rows and distill is None:
-            return chunked_loss_sums(model, inputs, targets, hp.logit_softcap, self.chunk_rows)
-        # distill_mtp_inside: (1 - a)(CE + w MTP) + a T^2 KL, the unlimited record's fold of the MTP term
-        mtp_weight = hp.mtp_weight * (1 - hp.distill_alpha) if distill is not None and hp.distill_mtp_inside \
-            else hp.mtp_weight
-        return training_loss_sums(model, inputs, targets, mtp_weight, distill, self.fused, hp.mtp_style)
-
-
-class RunWork:
-    """The whole run's ETA: the work left after a step of a member, over the rates measured so far. The newcomer
-    review saw `eta 0m07s` with a whole member still to train, and the ETA swing 4x around epoch ends. Two units,
-    both per rank:
-    - training: tokens computed, padding included (live_micro_steps x device_batch_size x seq_len per step), what a
-      step costs; the targets trained on undercount an epoch's short last step;
-    - evaluation: targets scored x models scoring them: validations, the running ensemble after each member,
-      selection on the fitness slice, the test pass.
-    Each rate is cumulative over this process (every timed training interval, every timed evaluation), so one slow
-    interval moves the ETA little; before any evaluation is timed, evaluation runs at EVAL_SPEEDUP x training's
-    rate. The rest (checkpoints, snapshots, saving members, starting each member, logging: 10% of a micro run) is
-    charged to training: the time left for training is scaled by the wall time so far that was neither timed
-    evaluation nor compilation, over the training time so far. Members in later rounds (parallel_members trains one
-    per group per round) cost what this one costs, distillation's teacher passes included only as they are timed."""
-    EVAL_SPEEDUP = 2.5  # forward only: the tiny preset scores val at 2.5x its training tokens/s (2 cores, bench log)
-
-    def __init__(self, hp: Hyperparameters, dist_info: Dist, group_dist: Dist, data: RunData,
-                 schedule: MemberSchedule):
-        self.hp, self.group_size = hp, hp.parallel_members
-        train_data, total_steps = schedule.train_data, schedule.total_steps
-        tokens_per_micro_step = train_data.device_batch_size * train_data.seq_len
-        compute = [live_micro_steps(train_data, *train_data.locate(step), 0) * tokens_per_micro_step
-                   for step in range(total_steps)]  # rank 0 of a group has the most windows of any rank
-        passes = [int(schedule.validate_after(done)) for done in range(1, total_steps + 1)]
-        # once `done` steps are trained: compute_from[done], the compute of steps done..total-1 (step s makes done
-        # s + 1); passes_from[done], the val passes after steps done..total (the one after `done` not yet made)
-        self.compute_from = list(itertools.accumulate(reversed(compute), initial=0))[::-1]
-        passes_after = list(itertools.accumulate(reversed(passes), initial=0))[::-1]  # [i]: after steps i+1..total
-        self.passes_from = [passes_after[max(done - 1, 0)] for done in range(total_steps + 1)]
-        self.step_compute = [0] + compute  # [done]: the compute of the step that made `done`
-        self.val_per_group_rank = data.val_data.num_targets / group_dist.world_size
-        self.val_per_rank = data.val_data.num_targets / dist_info.world_size
-        self.candidates_per_member = len(schedule.snapshot_steps) + 1
-        final = 0.0  # after the last member: selection (every candidate on the fitness slice, the chosen on val), test
-        candidates = self.candidates_per_member * hp.ensemble_size
-        if data.fitness_data is not None:
-            final += (candidates * data.fitness_data.num_targets / dist_info.world_size
-                      + min(candidates, hp.select_top or candidates) * self.val_per_rank)
-            candidates = min(candidates, hp.select_top or candidates)
-        if data.test_data is not None:
-            final += candidates * data.test_data.num_targets / dist_info.world_size
-        self.final_eval = final
-        self.keep_files = candidate_count(hp) > 1
-        self.train_compute = self.train_seconds = self.eval_units = self.eval_seconds = self.excluded = 0.0
-        self.started = None  # when the first member began training (MemberProgress.begin)
-
-    def start(self) -> None:
-        if self.started is None:
-            self.started = time.time()
-
-    def add_train(self, compute: float, seconds: float) -> None:
-        self.train_compute, self.train_seconds = self.train_compute + compute, self.train_seconds + seconds
-
-    def add_eval(self, units: float, seconds: float) -> None:
-        self.eval_units, self.eval_seconds = self.eval_units + units, self.eval_seconds + seconds
-
-    def left_after(self, member: int, done: int) -> tuple[float, float]:
-        """(training compute, evaluation units) left once `member` has trained `done` steps (its validation and
-        snapshot at `done` not yet made)."""
-        rounds = -(-self.hp.ensemble_size // self.group_size)
-        this_round = member // self.group_size
-        later_rounds = rounds - this_round - 1
-        compute = self.compute_from[done] + later_rounds * self.compute_from[0]
-        evals = (self.passes_from[done] + later_rounds * self.passes_from[0]) * self.val_per_group_rank
-        if self.keep_files:  # the running ensemble, scored after each member of this round and the later ones
-            evals += sum((k + 1) * self.candidates_per_member * self.val_per_rank
-                         for k in range(this_round * self.group_size, self.hp.ensemble_size))
-        return compute, evals + self.final_eval
-
-    def seconds_left(self, member: int, done: int, train_rate: float | None = None) -> float:
-        """The ETA in seconds; train_rate: a provisional training rate while none is measured."""
-        compute, evals = self.left_after(member, done)
-        train_rate = train_rate or self.train_compute / max(self.train_seconds, 1e-9)
-        eval_rate = (self.eval_units / self.eval_seconds if self.eval_seconds > 0
-                     else self.EVAL_SPEEDUP * train_rate)
-        overhead = 1.0  # wall time per second of training, evaluation and compilation left out
-        if self.started is not None and self.train_seconds > 0:
-            elapsed = time.time() - self.started - self.eval_seconds - self.excluded
-            overhead = max(1.0, elapsed / self.train_seconds)
-        return overhead * compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
-
-
-class MemberProgress:
-    """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
-    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA of the
-    whole run (RunWork: this member's rest, the later members, every evaluation), and the paused time (evaluation,
-    snapshots, checkpoints) kept out of the training time."""
-
-    def __init__(self, hp: Hyperparameters, dist_info: Dist, log: RunLog, member: int, schedule: MemberSchedule,
-                 compiled: bool, work: RunWork):
-        self.hp, self.dist_info, self.log, self.schedule, self.compiled = hp, dist_info, log, schedule, compiled
-        self.member, self.work = member, work
-        self.tag, self.member_field = member_tag(hp, member), {"member": member} if hp.ensemble_size > 1 else {}
-        # the data order is a pure function of (seed, epoch), so the step alone says where the data stands
-        self.state = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
-                          loss_sum=0.0, loss_count=0)
-
-    def begin(self) -> None:
-        """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
-        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
-        self.interval_compute = 0  # tokens computed, padding included (RunWork)
-        self.work.start()
-        self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
-        self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
-
-    def add_loss(self, micro_loss: torch.Tensor) -> None:
-        self.loss_sum += micro_loss.detach().double()
-
-    def checkpoint_state(self) -> dict:
-        self.state["loss_sum"] = self.loss_sum.item()  # the train loss accumulated since the last progress line
-        return self.state
-
-    @contextmanager
-    def paused(self):
-        """with progress.paused(): time spent inside is not training time."""
-        start = time.time()
-        yield
-        self.interval_start += time.time() - start
-
-    def _synchronize(self) -> None:
-        if self.dist_info.device.type == "cuda":
-            torch.cuda.synchronize(self.dist_info.device)
-
-    def step_done(self, done: int, step_targets: int, factor: float) -> None:
-        """Counts a finished step; times a compiled first step; every log_every steps, the progress line."""
-        hp, state, log, tag = self.hp, self.state, self.log, self.tag
-        state["loss_count"] += step_targets
-        state["tokens_seen"] += step_targets
-        self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + step_targets
-        self.interval_compute += self.work.step_compute[done]
-        if self.compiled and self.compile_seconds is None:
-            self._synchronize()
-            self.compile_seconds = time.time() - self.interval_start
-            self.work.excluded += self.compile_seconds
-            log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
-                      f"exclude it")
-            log.metrics(dict(kind="compile", **self.member_field, step=done,
-                             compile_seconds=round(self.compile_seconds, 3)))
-            self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
-            self.interval_compute = 0
-        state["step"] = done
-        total_steps = self.schedule.total_steps
-        if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
-            return
-        state["train_loss"] = self.dist_info.all_reduce_sum(self.loss_sum).item() / state["loss_count"]
-        self.loss_sum.zero_()
-        state["loss_count"] = 0
-        self._synchronize()
-        interval_seconds = time.time() - self.interval_start
-        interval_steps, interval_tokens = self.interval_steps, self.interval_tokens
-        provisional_rate = None  # the compiled first step's rate, until a step without compilation is timed
-        if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
-            interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
-            provisional_rate = self.work.step_compute[done] / max(interval_seconds, 1e-9)
-        else:
-            self.work.add_train(self.interval_compute, interval_seconds)
-        state["train_seconds"] += interval_seconds
-        ms_per_step = 1000 * interval_seconds / interval_steps
-        tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
-        eta = self.work.seconds_left(self.member, done, provisional_rate if self.work.train_seconds == 0 else None)
-        memory = peak_memory_bytes(self.dist_info.device)
-        epoch_progress = self.schedule.train_data.epoch_position(done)
-        log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
-                  f"train_loss {state['train_loss']:.4f} | tokens {format_count(state['tokens_seen'])} | "
-                  f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
-                  f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
-        log.metrics(dict(kind="train", **self.member_field, step=done,
-                         epoch=round(epoch_progress, 4), train_loss=state["train_loss"],
-                         tokens_seen=state["tokens_seen"], ms_per_step=round(ms_per_step, 2),
-                         tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
-                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3),
-                         eta_seconds=round(eta, 2)))
-        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
-        self.interval_compute = 0
-
-    def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
-        """Scores val; the validation line."""
-        start = time.time()
-        val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
-        seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
-        self.work.add_eval(self.work.val_per_group_rank, seconds)
-        self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
-                       f"val_loss {val_loss:.4f} | tokens {format_count(self.state['tokens_seen'])} | "
-                       f"eval {seconds:.1f}s")
-        self.log.metrics(dict(kind="val", **self.member_field, step=done, epoch=round(epoch_progress, 4),
-                              val_loss=val_loss, tokens_seen=self.state["tokens_seen"], eval_seconds=round(seconds, 3)))
-        self.state["val_loss"] = val_loss
-
-
-# Weight averaging: each kind has after_step(done, model), called once after every optimizer step, and
-# state() / restore(saved, model) for the checkpoint (saved under its key; None: nothing of its own to save).
-
-class EMAAveraging:
-    """ema_decay > 0: an EMA of the weights from ema_start_frac, updated every ema_every steps, blended into the
-    final weights (ema_blend)."""
-    key = "ema"
-
-    def __init__(self, hp: Hyperparameters, total_steps: int):
-        self.hp, self.total_steps, self.ema = hp, total_steps, None
-        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        hp = self.hp
-        if hp.ema_candidate:
-            self.record_step(done, model)
-            return
-        if hp.ema_decay <= 0 or done < hp.ema_start_frac * self.total_steps:
-            return
-        if self.ema is None:
-            self.ema = WeightEMA(model, hp.ema_decay, self.host)
-        elif done % hp.ema_every == 0:
-            self.ema.update(model)
-        if done == self.total_steps:
-            self.ema.blend_into(model, hp.ema_blend)
-
-    def record_step(self, done: int, model: nn.Module) -> None:
-        """ema_candidate, the 15min record's EMA (tiny/train.py 1336-1337, 1448-1449): from zero, updated after the
-        optimizer steps 0, k, 2k, .. (done = 1, k + 1, ..); candidate_weights bias-corrects it."""
-        if (done - 1) % self.hp.ema_every:
-            return
-        if self.ema is None:
-            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
-            torch._foreach_zero_(self.ema.averages)
-        self.ema.update(model)
-
-    def candidate_weights(self, done: int) -> list[torch.Tensor] | None:
-        """The EMA after `done` steps divided by 1 - decay^updates (Adam's bias correction: it started from zero)."""
-        if self.ema is None:
-            return None
-        updates = len(range(0, done, self.hp.ema_every))
-        return [average / (1.0 - self.hp.ema_decay ** updates) for average in self.ema.averages]
-
-    def state(self):
-        return self.ema.averages if self.ema is not None else None
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        if saved.get(self.key) is not None:
-            self.ema = WeightEMA(model, self.hp.ema_decay, self.host)
-            self.ema.averages = [host_copy(a, self.host) if self.host else a for a in saved[self.key]]
-
-
-class SWAAveraging:
-    """swa_epochs: the run ends on the average of the weights at the ends of its final swa_epochs epochs, each at the
-    floor of its own cosine LR cycle (apply_schedules)."""
-    key = "swa"
-
-    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
-        self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
-        self.swa = None  # (running sum of the weights, count)
-        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        schedule, total_steps = self.schedule, self.schedule.total_steps
-        if not self.hp.swa_epochs or not (schedule.epoch_end(done) or done == total_steps) or \
-                schedule.train_data.epoch_position(done) <= \
-                schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
-            return
-        weights = [host_copy(p, self.host) for p in model.parameters()]
-        swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
-                                                                self.swa[1] + 1)
-        if done == total_steps:
-            with torch.no_grad():
-                for p, total in zip(model.parameters(), swa[0]):
-                    p.copy_(total / swa[1])
-            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
-
-    def state(self):
-        return self.swa
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        if saved.get(self.key) is not None:
-            self.swa = saved[self.key]
-            if self.host is not None:
-                self.swa = ([host_copy(total, self.host) for total in self.swa[0]], self.swa[1])
-
-
-class CheckpointAverage:
-    """ckpt_avg_epochs: the 15min record's weight-space average of its last N epoch-end weights, every parameter,
-    recency-weighted i / sum(i) oldest first (or equal), scored at the end as a candidate of its own (tiny/train.py
-    1510-1517, 1568-1593; records #8/#9). Kept as one running weighted sum (host memory under averaging_on_host)."""
-    key = "ckpt_avg"
-
-    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule | None = None):
-        self.hp, self.schedule = hp, schedule
-        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
-        self.total, self.weight_sum, self.count = None, 0.0, 0
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        schedule = self.schedule
-        if not self.hp.ckpt_avg_epochs or not (schedule.epoch_end(done) or done == schedule.total_steps) or \
-                schedule.train_data.epoch_position(done) <= \
-                schedule.train_data.epoch_position(schedule.total_steps) - self.hp.ckpt_avg_epochs:
-            return
-        self.add(list(model.parameters()))
-
-    @torch.no_grad()
-    def add(self, params: list[torch.Tensor]) -> None:
-        """One epoch end's weights join the sum with weight i (the i-th added; equal: 1)."""
-        self.count += 1
-        weight = float(self.count) if self.hp.ckpt_avg_weights == "recency" else 1.0
-        if self.total is None:
-            self.total = [host_copy(p, self.host).mul_(weight) for p in params]
-        else:
-            for total, p in zip(self.total, params):
-                total.add_(p.detach().to(total.device), alpha=weight)
-        self.weight_sum += weight
-
-    def average(self) -> list[torch.Tensor] | None:
-        """sum_i w_i theta_i / sum_i w_i, or None before two epoch ends (the record averages from two on)."""
-        return [total / self.weight_sum for total in self.total] if self.count >= 2 else None
-
-    def state(self):
-        return (self.total, self.weight_sum, self.count) if self.total is not None else None
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        if saved.get(self.key) is not None:
-            total, self.weight_sum, self.count = saved[self.key]
-            self.total = [host_copy(t, self.host) if self.host else t for t in total]
-
-
-def score_weight_candidates(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, tag: str,
-                            model: GPT, ema: EMAAveraging, average: CheckpointAverage, done: int) -> list[dict]:
-    """The 15min record's end-of-run candidates, each a frozen host copy of the model (GPT.for_inference, parked: on
-    the device only while scored) holding other weights: the bias-corrected EMA (ema_candidate) and the checkpoint
-    average (ckpt_avg_epochs), scored on val and, with val_public_windows, on the public windows. Rows in the
-    record's order with the rule by which each may replace the public figure (public_figure_rows)."""
-    made = []  # (label, rule, the weights made on demand: one averaged copy at a time)
-    if hp.ema_candidate and ema.ema is not None:
-        made.append(("EMA", "bpb", functools.partial(ema.candidate_weights, done)))
-    if average.count >= 2:
-        made.append((f"checkpoint average of the last {average.count} epoch ends, {hp.ckpt_avg_weights} weights",
-                     "loss", average.average))
-    rows = []
-    for label, rule, weights in made:
-        candidate = frozen_host_copy(model, dist_info)
-        with torch.no_grad():
-            for param, weight in zip(candidate.parameters(), weights()):
-                param.copy_(weight)
-        row = dict(label=label, rule=rule, val_loss=evaluate_frozen_ensemble([candidate], [1.0], "prob", data.val_data,
-                                                                             dist_info, hp.val_batch_size))
-        if data.public_data is not None:
-            with frozen_on_device(candidate, dist_info):
-                row["val_loss_public"], row["val_bpb_public"] = evaluate_with_bytes(
-                    [candidate], [1.0], data.public_data, dist_info, hp.val_batch_size, data.token_bytes)
-        public = f" | val_loss_public {row['val_loss_public']:.4f}" if "val_loss_public" in row else ""
-        log.write(f"{tag}candidate | {label} | val_loss {row['val_loss']:.4f}{public}")
-        log.metrics(dict(kind="ema_candidate" if rule == "bpb" else "ckpt_avg_candidate", step=done, **row))
-        rows.append(row)
-    return rows
-
-
-class Snapshots:
-    """Snapshot ensembles: at each snapshot step (an LR cycle's or a final epoch's end) the weights become a frozen,
-    scored and saved ensemble candidate; then, when asked, noise pushes the next cycle to another basin."""
-    key = None  # the snapshots are their own files, reloaded on resume
-
-    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
-                 schedule: MemberSchedule, progress: MemberProgress):
-        self.hp, self.dist_info, self.data, self.log, self.member = hp, dist_info, data, log, member
-        self.schedule, self.progress, self.seed = schedule, progress, member_seed(hp, member)
-        self.taken: list[tuple[GPT, float]] = []  # (frozen model, its val loss) for every snapshot step passed
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        steps, total_steps, member = self.schedule.snapshot_steps, self.schedule.total_steps, self.member
-        if done not in steps:
-            return
-        cycle = steps.index(done)
-        with self.progress.paused():
-            # scored as the training model itself on SDPA (what the frozen copy runs, GPT.for_inference), then copied
-            # straight to host memory: no second model on the device
-            attention, model.attention = model.attention, "sdpa"
-            loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
-            model.attention = attention
-            with final_inference_state(model, self.hp, self.schedule) if self.hp.epoch_snapshots else nullcontext():
-                # epoch snapshots are averaged as the records average them: in the final model's state
-                if self.dist_info.is_main:  # the training model's weights and schedule state: what the snapshot copies
-                    save_candidate(snapshot_path(self.log.folder, member, cycle), model, member=member, cycle=cycle,
-                                   seed=self.seed, outcome=dict(val_loss=loss), tokenizer=self.hp.tokenizer)
-                # candidates_on_disk: the file stands for it, once it no longer teaches (on_disk_twin below)
-                snapshot = keep_frozen(model, frozen_store(self.hp, self.dist_info), candidates_on_disk(self.hp),
-                                       snapshot_path(self.log.folder, member, cycle), self.dist_info.first_global_rank,
-                                       teaches=self.hp.snapshot_distill, copy=True)
-        self.taken.append((snapshot, loss))
-        self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]  # only the latest teaches
-        self.log.write(f"{member_tag(self.hp, member)}snapshot {cycle} of {len(steps) + 1} | step {done}/"
-                       f"{total_steps} | val_loss {loss:.4f}")
-        self.log.metrics(dict(kind="snapshot", member=member, cycle=cycle, step=done, val_loss=loss))
-        if self.hp.snapshot_noise > 0:
-            perturb_weights(model, snapshot_noise_scale(cycle + 1, len(steps) + 1, self.hp), self.seed * 1000 + cycle,
-                            self.hp.snapshot_noise_stat)
-
-    def state(self):
-        return None
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        """The snapshots taken before the interruption, from their files."""
-        for cycle, end in enumerate(self.schedule.snapshot_steps):
-            if saved["progress"]["step"] >= end:
-                path = snapshot_path(self.log.folder, self.member, cycle)
-                snapshot, info = load_member(path, self.dist_info.host)
-                store = frozen_store(self.hp, self.dist_info)
-                self.taken.append((keep_frozen(snapshot.requires_grad_(False), store, candidates_on_disk(self.hp), path,
-                                               self.dist_info.first_global_rank, teaches=self.hp.snapshot_distill),
-                                   info["outcome"]["val_loss"]))
-                self.taken[:-1] = [(on_disk_twin(frozen), loss) for frozen, loss in self.taken[:-1]]
-
-
-RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
-
-
-def run_wall_seconds() -> float:
-    """The run's wall-clock seconds: this process's since train() began, plus those of the sessions before a
-    --resume up to their last checkpoint or member file (each stores this figure), so wall >= train seconds."""
-    return RUN_CLOCK["before"] + time.time() - RUN_CLOCK["start"]
-
-
-def carry_wall_seconds(earlier: float) -> None:
-    """A checkpoint or member file of an earlier session says that session had run `earlier` seconds."""
-    RUN_CLOCK["before"] = max(RUN_CLOCK["before"], float(earlier or 0.0))
-
-
-class PublicEvaluation:
-    """val_public_windows: at every epoch end (and the last step) the model is also scored on the public records' val
-    windows, loss and bits per byte, logged beside val_loss; the rows give the public figure (public_figure_rows)."""
-    key = "public_evals"
-
-    def __init__(self, hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, schedule: MemberSchedule,
-                 progress: MemberProgress, tag: str):
-        self.hp, self.dist_info, self.data, self.log, self.tag = hp, dist_info, data, log, tag
-        self.schedule, self.progress, self.rows = schedule, progress, []
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        schedule = self.schedule
-        if self.data.public_data is None or not (schedule.epoch_end(done) or done == schedule.total_steps):
-            return
-        with self.progress.paused():
-            attention, model.attention = model.attention, "sdpa"  # eager: SDPA's dense mask beats eager Flex
-            try:
-                loss, bpb = evaluate_with_bytes([model], [1.0], self.data.public_data, self.dist_info,
-                                                self.hp.val_batch_size, self.data.token_bytes)
-            finally:
-                model.attention = attention
-        epoch = round(schedule.train_data.epoch_position(done), 4)
-        # the 15min record counts only evaluations at its full recurrent depth (tiny/train.py 1519)
-        full_depth = model.recurrence == 1 or model.recurrence_active
-        self.rows.append(dict(step=done, epoch=epoch, val_loss=loss, val_bpb=bpb, full_depth=full_depth))
-        self.log.write(f"{self.tag}val_public step {done}/{schedule.total_steps} | epoch {epoch:.2f} | "
-                       f"val_loss_public {loss:.4f} | val_bpb_public {bpb:.4f} | "
-                       f"{self.data.public_data.num_windows} public windows")
-        self.log.metrics(dict(kind="val_public", step=done, epoch=epoch, val_loss_public=loss, val_bpb_public=bpb))
-
-    def state(self):
-        return self.rows
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        self.rows = list(saved.get(self.key) or [])
 
 
 class MemberCheckpoint:
@@ -5595,109 +5184,6 @@ class MemberCheckpoint:
                 raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
                                   f"{steps[0].item():.0f}): delete {os.path.dirname(self.path)} to restart this "
                                   f"member")
-
-
-def compiled_model(raw_model: GPT, hp: Hyperparameters, device: torch.device) -> nn.Module:
-    """torch.compile'd where asked (auto: on CUDA), else the model itself."""
-    if not (hp.compile == "on" or (hp.compile == "auto" and device.type == "cuda")):
-        return raw_model
-    # each window stage, loop on/off and train/eval is its own graph: torch's default of 8 recompiles per function
-    # would silently fall back to eager past it (the public slowrun scripts raise it to 64 too)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-    return torch.compile(raw_model)
-
-
-def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLog, member: int,
-                 teachers: list[tuple[GPT, float]], work: RunWork | None = None) -> dict:
-    """One model from initialisation (or its last checkpoint) to its final validation. With teachers (frozen models
-    and their mixture weights) and distill_alpha > 0 it learns from their softened predictions as well."""
-    device, tag, seed = dist_info.device, member_tag(hp, member), member_seed(hp, member)
-    schedule = MemberSchedule(hp, dist_info, data, member)
-    train_data, total_steps = schedule.train_data, schedule.total_steps
-    raw_model = build_model(hp, dist_info, seed)
-    torch.manual_seed(seed + 1 + dist_info.rank)  # dropout masks differ across ranks
-    model = compiled_model(raw_model, hp, device)
-    optimizers = build_optimizers(raw_model, hp, dist_info)
-    objective = MemberObjective(hp, device, teachers, dist_info)
-    grad_sync = GradientSync(hp, raw_model, dist_info)
-    work = work or RunWork(hp, dist_info, dist_info, data, schedule)  # train() passes the whole run's
-    progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
-    snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
-    public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
-    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public,
-                 CheckpointAverage(hp, schedule)]
-    if member == 0 or hp.ensemble_size > 1:
-        scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
-        steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
-        log.write(f"{tag}seed {seed} | {steps_per_epoch} steps/epoch x {hp.num_epochs} epochs -> "
-                  f"{total_steps} steps | compile {'on' if model is not raw_model else 'off'} | loss "
-                  f"{objective.backend}{f' in {objective.chunk_rows}-row chunks' if objective.chunk_rows else ''} | "
-                  f"attention {raw_model.attention}{' + document mask' if hp.doc_mask else ''}" +
-                  (f" | distilling from {len(teachers)} teacher(s), alpha {hp.distill_alpha}, "
-                   f"T {hp.distill_temperature}" if objective.distilling else ""))
-    checkpoint = MemberCheckpoint(log.folder, member, dist_info, hp, log=log)
-    resumed = checkpoint.resume(raw_model, optimizers, progress.state, averaging)
-    validate_again = resumed and progress.state["step"] == total_steps  # killed after the last step
-    if resumed:
-        log.write(f"{tag}resumed from {checkpoint.path} at step {progress.state['step']}/{total_steps}")
-    checkpoint.check_ranks_agree(progress.state["step"], tag)
-    progress.begin()
-    model.train()
-    for step in range(progress.state["step"], total_steps):
-        epoch, step_in_epoch = train_data.locate(step)
-        factor = schedule.start_step(step, optimizers, raw_model)
-        objective.start_step(step, schedule.schedule_steps)
-        if hp.window_schedule:
-            window_schedule_step(raw_model, train_data, step, log, tag, compiled=model is not raw_model)
-        if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
-            objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
-        step_targets = train_data.step_target_count(epoch, step_in_epoch)
-        accumulation = live_micro_steps(train_data, epoch, step_in_epoch, dist_info.rank)  # all-padding ones skipped
-        for micro_step in range(accumulation):
-            inputs, targets = train_data.micro_batch(epoch, step_in_epoch, micro_step)
-            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with autocast_context(device):
-                micro_loss, loss = objective.sums(model, inputs, targets)
-            grad_sync.arm(micro_step == accumulation - 1)  # the last micro-step's gradients are the step's sums
-            (loss / step_targets).backward()
-            progress.add_loss(micro_loss)
-        grad_sync.wait()  # every gradient summed over ranks (average_gradients, or the hooks' all-reduces)
-        if hp.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(raw_model.parameters(), hp.grad_clip)
-        for optimizer in optimizers:
-            optimizer.step()
-        raw_model.zero_grad(set_to_none=True)
-        done = step + 1
-        progress.step_done(done, step_targets, factor)
-        for kind in averaging:
-            kind.after_step(done, raw_model)
-        with progress.paused():  # evaluation and checkpoints do not count as training time
-            if done == total_steps:  # the last step on disk before the final validation: a kill there loses nothing
-                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
-            if schedule.validate_after(done):
-                progress.validate(model, data.val_data, done)
-            if checkpoint.due_after(done, schedule):
-                checkpoint.save(raw_model, optimizers, progress.checkpoint_state(), averaging)
-        if schedule.stop_after(done):
-            log.write(f"{tag}stopped after step {done} as asked (--stop_at_step {hp.stop_at_step}); continue with "
-                      f"--resume {log.folder}")
-            raise RunStopped()
-    if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
-        schedule.start_step(total_steps - 1, optimizers, raw_model)  # the last step's looped layers and windows
-        if hp.window_schedule:
-            window_schedule_step(raw_model, train_data, total_steps - 1, log, tag, compiled=model is not raw_model)
-        with progress.paused():
-            progress.validate(model, data.val_data, total_steps)
-    objective.release()  # the teacher goes back to the host
-    grad_sync.remove()
-    with progress.paused():
-        candidates = score_weight_candidates(hp, dist_info, data, log, tag, raw_model, averaging[0], averaging[-1],
-                                             total_steps)
-    state = progress.state
-    return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
-                val_loss=state["val_loss"], train_loss=state["train_loss"], tokens_seen=state["tokens_seen"],
-                steps=total_steps, train_seconds=state["train_seconds"], epochs=train_data.epoch_position(total_steps),
-                agree=ranks_agree(raw_model, dist_info), public_evals=public.rows, weight_candidates=candidates)
 
 
 def end_cut_line(path: str) -> None:
@@ -5912,385 +5398,7 @@ def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: lis
     return log
 
 
-def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
-    """A run: ensemble_size members one after another (member k distilled from earlier ones when distill_alpha > 0),
-    the running ensemble scored after each, the held-out test once at the end; returns what result.json holds."""
-    wall_start = time.time()
-    RUN_CLOCK.update(start=wall_start, before=0.0)
-    if hp.resume:
-        hp = resumed_hyperparameters(hp, argv)
-    check_hyperparameters(hp, dist_info.world_size)
-    plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
-    hp = resolve_averaging_on_host(hp, dist_info)
-    hp = resolve_candidates_on_disk(hp, dist_info)
-    device = dist_info.device
-    wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
-    data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
-    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
-        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
-                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
-        data.token_bytes = token_byte_counts(hp.vocab_size)
-
-    run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
-    folder = os.path.join(hp.log_dir, run_id)
-    if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
-        raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
-    if hp.resume:
-        check_resume_checkpoints(hp, dist_info, folder)
-    log = open_run_folder(hp, dist_info, folder, argv)
-    if wandb is not None and dist_info.is_main:
-        log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
-    if hp.resume and dist_info.is_main:
-        end_cut_line(os.path.join(folder, "metrics.jsonl"))
-
-    unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
-    unigram_oracle = unigram_entropy(data.val_tokens)
-    n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
-    batch_seqs = hp.batch_tokens // hp.seq_len
-    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
-    log.section("run", [
-        f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
-        + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
-        *preset_record_lines(hp, n_params),
-        f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
-        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
-        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
-        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else "")
-        + (f" | batch_schedule x{hp.batch_schedule} (per epoch, the last repeating)" if hp.batch_schedule else ""),
-        f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
-        f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
-        f"(oracle bound for context-free models)" +
-        (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
-    ])
-    for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
-        log.write(f"memory | {line}")
-    for warning in data_size_warnings(hp, data.train_tokens.size):
-        log.write(warning)
-    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
-
-    weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
-    keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
-    # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
-    # members and, with snapshot_cycles or epoch_snapshots, their earlier snapshots
-    members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
-    group_dist, group_index = split_world(dist_info, hp.parallel_members)
-    # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
-    member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
-    # the whole run's ETA (every member has member 0's steps, validations and snapshots)
-    work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
-
-    # frozen models are split over the whole world (frozen_store), except members that a group will still use alone
-    # as teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
-    world_store = frozen_store(hp, dist_info)
-
-    def member_store(member: int) -> Dist:
-        round_start = member - member % hp.parallel_members
-        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
-        return frozen_store(hp, group_dist) if teaches_later else world_store
-
-    def writer(member: int) -> int:  # the global rank that writes the member's files: its group's rank 0
-        return member % hp.parallel_members * (dist_info.world_size // hp.parallel_members)
-
-    def kept_member(member: int, model: GPT) -> nn.Module:  # parked, or its file under candidates_on_disk
-        round_start = member - member % hp.parallel_members
-        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
-            round_start + hp.parallel_members < hp.ensemble_size
-        return keep_frozen(model, member_store(member), candidates_on_disk(hp), member_path(folder, member),
-                           writer(member), teaches)
-
-    def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
-        model, saved = load_member(member_path(folder, member), dist_info.host)
-        carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
-        model = kept_member(member, model)  # each parked as it comes: one whole model at a time on a rank
-        snapshots = []
-        for cycle in range(saved["outcome"].get("snapshot_count", 0)):  # one at a time, each kept as it comes
-            snapshot, info = load_member(snapshot_path(folder, member, cycle), dist_info.host)
-            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp),
-                                          snapshot_path(folder, member, cycle), writer(member), teaches=False),
-                              info["outcome"]["val_loss"]))
-        return model, snapshots, saved["outcome"]
-
-    for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
-        round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
-        already_done = {m for m in round_members if keep_files and os.path.isfile(member_path(folder, m))}
-        dist_info.barrier()  # every rank has looked before any group writes this round's member files
-        trained_here = {}
-        mine = round_start + group_index
-        if mine in round_members and mine not in already_done:  # finished members are never retrained
-            earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
-            if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
-                earlier = []
-            teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
-            trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
-            model = trained.pop("model").for_inference()
-            trained.pop("compiled")
-            snapshots = trained.pop("snapshots")
-            trained_here[mine] = (model, snapshots, trained)
-            trained["run_wall_seconds"] = run_wall_seconds()
-            if keep_files and group_dist.is_main:
-                save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
-                               outcome=trained, tokenizer=hp.tokenizer)
-            # frozen from here: host memory (split over the ranks), on the device only while in use
-            trained_here[mine] = (kept_member(mine, model), snapshots, trained)
-            group_dist.barrier()  # the member file exists before any checkpoint of it goes
-            if keep_files:  # a single model's last checkpoint is its weights until result.json is written
-                remove_checkpoints(folder, mine, group_dist)
-        dist_info.barrier()  # every member of the round is on disk
-        for member in round_members:
-            if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
-                model, snapshots, outcome = trained_here[member]
-                snapshots = [(reshard_on_host(on_disk_twin(snapshot), group_dist, world_store), loss)
-                             for snapshot, loss in snapshots]
-            else:  # finished before an interruption, or trained by another group
-                model, snapshots, outcome = load_finished(member)
-                how = "finished before the resume" if member in already_done else "trained by another group"
-                log.write(f"{member_tag(hp, member)}loaded {how} from {member_path(folder, member)} | "
-                          f"val_loss {outcome['val_loss']:.4f}")
-            for p in model.parameters():
-                p.requires_grad_(False)
-            members.append(model)
-            member_results.append(outcome)
-            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
-                candidates.append(candidate)
-                candidate_losses.append(loss)
-            if keep_files:
-                count = len(candidates)
-                mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-                start = time.time()
-                loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
-                                                hp.val_batch_size)
-                work.add_eval(count * work.val_per_rank, time.time() - start)
-                ensemble_losses.append(loss)
-                log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
-                          f"member {member} alone {outcome['val_loss']:.4f}")
-                log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
-                                 member_val_loss=outcome["val_loss"],
-                                 tokens_seen=sum(r["tokens_seen"] for r in member_results)))
-    if member_log is not log:
-        member_log.close()
-    # no member teaches any more: under candidates_on_disk each is its file from here
-    members[:], candidates[:] = [on_disk_twin(m) for m in members], [on_disk_twin(c) for c in candidates]
-    for model in members:  # every group has trained its last member: the teachers too are split over the world
-        reshard_on_host(model, group_dist, world_store)
-
-    if keep_files:
-        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member {k} alone "
-                                                  f"{member_results[k]['val_loss']:.4f}"
-                                                  for k, loss in enumerate(ensemble_losses)])
-        val_loss = ensemble_losses[-1]
-    else:
-        val_loss = member_results[0]["val_loss"]
-    final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
-    averages = {}  # label -> (models, weights): the averages the public figure may take
-    # 1h record: both weightings of one model's epoch snapshots scored (an ensemble's candidates mix uniformly)
-    if hp.epoch_snapshot_weights != "equal" and hp.ensemble_size == 1 and len(candidates) > 1:
-        losses = {}
-        for label, mix in snapshot_mixtures(hp, len(candidates)).items():
-            averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
-            losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info,
-                                                     hp.val_batch_size)
-        log.write(f"epoch snapshots | {len(candidates)} candidates | " +
-                  " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
-        log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
-                                                                                for k, v in losses.items()}))
-        if hp.epoch_snapshot_weights == "recency":
-            final_weights, val_loss = snapshot_mixtures(hp, len(candidates))["recency"], losses["recency"]
-    elif len(candidates) > 1:
-        averages["ensemble"] = (final_members, final_weights)
-    selection = None
-    if data.fitness_data is not None:  # choose on held-out train data, never on val
-        probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
-        learned = learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip, hp.select_init_noise)
-        chosen = select_members(learned, hp.select_top)
-        if top_sweep(hp, len(candidates)):  # the unlimited record: every top K scored, the largest is the result
-            chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
-        final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
-        val_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data,
-                                            dist_info, hp.val_batch_size)
-        selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
-                         val_loss=val_loss)
-        log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
-                  + " ".join(f"c{i}={w:.3f}" for i, w in enumerate(learned.tolist()))
-                  + f" | kept {', '.join(f'c{i}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
-        log.metrics(dict(kind="selection", **selection))
-    test_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
-                                         hp.val_batch_size) if data.test_data else None
-    if test_loss is not None:
-        log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
-    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
-        with frozen_on_device(members[0], dist_info):
-            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
-                save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
-                               outcome=member_results[0], tokenizer=hp.tokenizer)
-    agree = all(r["agree"] for r in member_results)
-    tokens_seen = sum(r["tokens_seen"] for r in member_results)
-    bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
-    log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in member_results), tokens_seen=tokens_seen,
-                     val_loss=val_loss, **bpb))  # step, tokens_seen and the loss it converts, as every row has them
-    result = dict(
-        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
-        unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
-        # the data budget: trained on, plus the fitness slice carved from it (records divide by this)
-        train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
-        epochs=member_results[-1]["epochs"],
-        steps=sum(r["steps"] for r in member_results), parameters=n_params,
-        wall_seconds=round(run_wall_seconds(), 2),  # earlier sessions' too, after a --resume
-        train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),
-        world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
-        git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
-        member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
-        candidate_val_losses=candidate_losses,
-        weight_candidates=[row for r in member_results for row in r.get("weight_candidates", [])],
-        selection=selection, **bpb,
-    )
-    if data.public_data is not None:
-        if data.fitness_data is not None:
-            averages = {"selected ensemble": (final_members, final_weights)}
-        epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
-        scored = [dict(label=row["label"], rule=row["rule"], val_loss=row["val_loss_public"],
-                       val_bpb=row["val_bpb_public"]) for row in member_results[0].get("weight_candidates", [])
-                  if hp.ensemble_size == 1 and "val_loss_public" in row]
-        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages, scored)
-        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
-                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
-                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
-                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
-    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
-        with frozen_models_on_device(final_members, dist_info):
-            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
-                result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
-                                                         data.val_tokens, hp, device)
-                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer, hp.bpe_file))
-    result["peak_memory_bytes"] = peak_memory_bytes(device)
-    if hp.resume and dist_info.is_main:
-        drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
-    log.save_json("result.json", result)
-    dist_info.barrier()  # result.json is on disk before the last checkpoint goes
-    if not keep_files:
-        remove_checkpoints(folder, 0, dist_info)
-    if dist_info.is_main:
-        write_loss_plot(folder, f"{run_id} | preset {hp.preset or 'none'} | val {val_loss:.4f}", unigram)
-        try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind
-            os.rmdir(os.path.join(folder, "checkpoints"))
-        except OSError:
-            pass
-    bpb_text = "" if bpb["val_bpb"] is None else f" | val_bpb {bpb['val_bpb']:.4f} (unigram {bpb['unigram_val_bpb']:.4f})"
-    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)}{bpb_text} | tokens trained "
-              f"on {format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
-              f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
-    log.close()
-    return result
-
-
-def build_model_meta(hp: Hyperparameters) -> GPT:
-    """The model on the meta device: its shapes and parameter count without memory or work."""
-    with torch.device("meta"):
-        return GPT(model_config(hp))
-
-
-def mean_attended_keys(seq_len: int, window: int) -> float:
-    """Keys a query attends to on average under a causal window of `window` keys: mean over i of min(i + 1, window)."""
-    width = min(window, seq_len)
-    return (seq_len + 1) / 2 if width >= seq_len else width - width * (width - 1) / (2 * seq_len)
-
-
-def training_flops_per_token(hp: Hyperparameters, looped: bool = False, stage: int | None = None) -> float:
-    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding,
-    the value-embedding tables and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer;
-    looped=True adds each replayed layer's 6 x its parameters and its attention. With a window schedule: the windows
-    of `stage` (default: the first, or with looped=True the stage of loop_start_epoch, where the replay starts)."""
-    model = build_model_meta(hp)
-    lookups = ("value_embeds.",)  # the baseline record's value-embedding tables: lookups, excluded as its formula does
-    if hp.window_schedule:
-        stages = parse_window_schedule(hp.window_schedule)
-        loop_stage = window_schedule_stage(stages, hp.loop_start_epoch or 1) if looped else 0
-        set_window_schedule_stage(model, loop_stage if stage is None else stage)
-    excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
-                                               if scalar_role(name) in ("resid", "x0") or name.startswith(lookups))
-    model.loop_active = looped
-    order = model.layer_order()
-    windows = model.window_sizes or [hp.seq_len] * hp.n_layer
-    replayed = sum(sum(p.numel() for p in model.blocks[layer].parameters()) for layer in order[hp.n_layer:]) \
-        if len(order) > hp.n_layer else 0
-    attention = sum(12 * hp.n_embd * mean_attended_keys(hp.seq_len, windows[layer]) for layer in order)
-    # the 15min record's recurrence (looped=True: all passes): the whole stack's parameters and attention again per
-    # extra pass, as its estimate_flops counts them (the no-grad passes included at the full 6 x)
-    passes = hp.recurrence if looped else 1
-    stack = sum(p.numel() for layer in order for p in model.blocks[layer].parameters())
-    return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed + (passes - 1) * stack) \
-        + passes * attention
-
-
-def preset_record(name: str) -> str:
-    """One line: which public record a preset reproduces (run.sh prints it; an unknown preset is a ConfigError)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
-    track = PRESET_ALIASES.get(name, name)
-    record = PUBLIC_RECORDS.get(track)
-    head = f"preset {name} is {track}" if track != name else f"preset {name}"
-    return head + (f": reproduces the {track} record {record['figure']} ({record['script']})" if record
-                   else ": not a public record")
-
-
-def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
-    """The log's comparison of this run's model with the public record its preset reproduces (none without one)."""
-    record = PUBLIC_RECORDS.get(PRESET_ALIASES.get(hp.preset, hp.preset))
-    if record is None:
-        return []
-    lines = [preset_record(hp.preset)]
-    looped = (f"; {training_flops_per_token(hp, True) / 1e9:.2f} G with looped layers or recurrence on"
-              if hp.loop_repeats or hp.recurrence > 1 else "")
-    record_looped = f" ({record['flops_looped'] / 1e9:.2f} G looped)" if "flops_looped" in record else ""
-    note = f"; {record['flops_note']}" if "flops_note" in record else ""
-    lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
-                 f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G"
-                 f"{record_looped} (public estimate_flops formula{note})")
-    if hp.window_schedule:  # the windows, so the attention FLOPs, change per stage (the 2h record's estimate_flops too)
-        count = len(parse_window_schedule(hp.window_schedule))
-        lines.append("window stages: " + " / ".join(f"{training_flops_per_token(hp, stage=stage) / 1e9:.2f}"
-                                                    for stage in range(count)) + " G FLOPs/token")
-    return lines
-
-
-def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
-    """--eval_only: the ensemble of saved members (members/member_NN.pt files or globs) on val, and on test when
-    given; nothing is trained. Each member alone, then all of them with --ensemble_weights or uniform weights."""
-    # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
-    paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
-                               for path in (sorted(glob.glob(pattern)) or [pattern])))
-    # host memory, each parked (split over the ranks) as it comes; one on the device at a time
-    on_disk = eval_only_on_disk(hp, paths, dist_info)  # or each kept as its file (candidates_on_disk), read per use
-    loaded = [(keep_frozen(model, frozen_store(hp, dist_info), on_disk, path, 0, teaches=False), info)
-              for path, (model, info) in ((path, load_member(path, dist_info.host)) for path in paths)]
-    models = [model for model, _ in loaded]
-    shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
-    if len(shapes) > 1:
-        raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
-    seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary
-    hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size,  # and the shards' tokenizer (old files: gpt2)
-                             tokenizer=loaded[0][1]["tokenizer"])
-    weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
-    data = load_run_data(hp, need_train=False)
-    result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
-    for path, model in zip(paths, models):
-        loss = evaluate_frozen_ensemble([model], [1.0], "prob", data.val_data, dist_info, hp.val_batch_size)
-        result["member_val_losses"].append(loss)
-        if dist_info.is_main:
-            print(f"member {path} | val_loss {loss:.4f}", flush=True)
-    result["val_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
-                                                  hp.val_batch_size)
-    result["test_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
-                                                   hp.val_batch_size) if data.test_data else None
-    if dist_info.is_main:
-        print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
-              (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
-        print(json.dumps(result), flush=True)
-    return result
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Memory plan: what one rank holds, from the configuration alone (a meta-device model: no allocation, no work)
+# --- Memory plan: what one rank holds, from the configuration alone (a meta-device model: no allocation, no work) ---
 
 # The review of the GPU paths (../shared/reviews/slowrun_fidelity.md, part B) found that the README's 8-member
 # ensemble cannot fit an 80 GB card; nothing said so before the run died. The plan below says it at startup.
@@ -6667,58 +5775,977 @@ def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperpara
     return dataclasses.replace(hp, averaging_on_host="on" if plan["averaging_on_host"] else "off")
 
 
-# ----------------------------------------------------------------------------------------------------------------------
-# main
+# --- Logging, storage and locks: logs/<run_id>/ with log.txt, metrics.jsonl, result.json, members/ ---
 
 
-def tune_cpu_runtime(keep_freed_memory: bool = True) -> None:
-    """Two CPU settings measured on 2 cores (torch 2.13, the tiny preset's 50,304-wide lm_head):
-    - denormal floats made one lm_head backward matmul ~40x slower (25 s instead of 0.6 s): flush them to zero;
-    - glibc hands every allocation above 32 MB back to the OS when freed, so each 200 MB logits tensor page-faults
-      afresh: 205 ms per 256 tokens for forward + backward; raising the mmap and trim thresholds so freed memory is
-      reused gave 95 ms."""
-    torch.set_flush_denormal(True)
-    if not keep_freed_memory:  # --low_memory: the heap keeps fewer freed blocks, and fragments less
-        return
+class RunLog:
+    """Writes the run folder. Every line goes to log.txt at once (a crash loses nothing) and to the terminal."""
+
+    def __init__(self, folder: str, is_main: bool, append: bool = False):
+        self.folder, self.is_main = folder, is_main
+        self._log = self._metrics = None
+        self.tracker = None  # a wandb run (--wandb) that receives every metrics row too
+        if is_main:
+            os.makedirs(folder, exist_ok=append)
+            self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
+            self._metrics = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+
+    def write(self, text: str, echo: bool = True) -> None:
+        if not self.is_main:
+            return
+        self._log.write(text + "\n")
+        self._log.flush()
+        if echo:
+            print(text, flush=True)
+
+    def section(self, title: str, lines: list[str], echo: bool = True) -> None:
+        self.write(f"==================== {title} " + "=" * max(0, 80 - len(title)), echo=echo)
+        for line in lines:
+            self.write(line, echo=echo)
+
+    def metrics(self, row: dict) -> None:
+        if self.is_main:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+            if self.tracker is not None:
+                self.tracker.log(tracker_row(row))
+
+    def save_json(self, name: str, payload: dict) -> None:
+        if self.is_main:
+            atomic_write_bytes(os.path.join(self.folder, name), (json.dumps(payload, indent=2) + "\n").encode())
+
+    def close(self) -> None:
+        for handle in (self._log, self._metrics):
+            if handle is not None:
+                handle.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
+
+
+class StorageError(ConfigError):
+    """The run folder cannot be written (full disk, read-only, no permission): one line naming the folder."""
+
+
+def free_disk_bytes(folder: str) -> int:
+    return shutil.disk_usage(folder).free
+
+
+def saved_size_estimate(obj) -> int:
+    """Bytes torch.save will write for obj: its tensors' storages (each once) plus 1 MiB for the pickle and the zip
+    records. A full-scale checkpoint is ~9.6 GB per rank: checked before writing, not discovered half-way."""
+    seen, total, pending = set(), 0, [obj]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            key = (storage.data_ptr(), storage.nbytes(), str(item.device))
+            if key not in seen:
+                seen.add(key)
+                total += storage.nbytes()
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+    return total + 2**20
+
+
+def atomic_write(path: str, size: int, write) -> None:
+    """write(temporary) then a rename: a crash while writing leaves the previous file intact. The free space is
+    checked against size first; on any error (ENOSPC included) the partial temporary is removed, so a full disk does
+    not stay full, and the failure is one line naming the folder, the need and the free space."""
+    folder = os.path.dirname(os.path.abspath(path))
+    temporary = f"{path}.tmp{os.getpid()}"
     try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 2**30)  # M_MMAP_THRESHOLD: serve blocks up to 1 GiB from the heap, not fresh mmaps
-        libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD: keep freed heap memory for the next step
-    except (OSError, AttributeError):  # not glibc (macOS, Windows, musl): nothing to tune
-        pass
+        free = free_disk_bytes(folder)
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot write {os.path.basename(path)} there ({exc.strerror or exc})") from None
+    if size > free:
+        raise StorageError(f"{folder}: no room for {os.path.basename(path)}: it needs {format_bytes(size)}, "
+                           f"{format_bytes(free)} free")
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except (OSError, RuntimeError) as exc:  # torch.save reports ENOSPC as RuntimeError "unexpected pos"
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)).splitlines()[0]
+        raise StorageError(f"{folder}: writing {os.path.basename(path)} ({format_bytes(size)}) failed with "
+                           f"{format_bytes(free_disk_bytes(folder))} free: {detail}") from None
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage())
+def format_bytes(count: int) -> str:
+    if count < 2**20:
+        return f"{count:,} bytes"
+    return f"{count / 2**30:.2f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
+
+
+def write_file_bytes(path: str, payload: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(payload)
+
+
+def atomic_write_bytes(path: str, payload: bytes) -> None:
+    atomic_write(path, len(payload), functools.partial(write_file_bytes, payload=payload))
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save through a temporary file and a rename: a crash while saving leaves the previous file intact."""
+    atomic_write(path, saved_size_estimate(obj), functools.partial(torch.save, obj))
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this host (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str) -> list[str]:
+    """Deletes the `<file>.tmp<pid>` partials of atomic writes whose process is gone (killed mid-write): at full
+    scale each is a whole checkpoint that would keep the disk full. Returns the paths removed."""
+    removed = []
+    for root, _, files in os.walk(folder):
+        for name in files:
+            stem, dot_tmp, pid = name.rpartition(".tmp")
+            if dot_tmp and stem and pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+                try:
+                    os.remove(os.path.join(root, name))
+                    removed.append(os.path.join(root, name))
+                except FileNotFoundError:  # another rank removed it first
+                    pass
+    return removed
+
+
+RUN_LOCKS: list = []  # the open run.lock files this process holds; main closes them on the way out
+
+
+def lock_run_folder(folder: str) -> None:
+    """Takes <folder>/run.lock, an flock held for the life of the process, the file holding 'pid host': a second
+    process on a live run (a --resume while it still trains) is refused with the holder's pid and host. The kernel
+    drops the lock when its holder dies however it dies (kill -9 included), so a stale lock is simply taken over,
+    and two processes taking over at once cannot both get it."""
+    import fcntl  # POSIX only, like the rest of the launch path (torchrun, gloo)
+    path = os.path.join(folder, "run.lock")
+    try:
+        handle = open(path, "a+", encoding="utf-8")
+    except OSError as exc:
+        raise StorageError(f"{folder}: cannot create run.lock there ({exc.strerror or exc})") from None
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().split()
+        handle.close()
+        pid, host = (holder + ["?", "?"])[:2]
+        raise ConfigError(f"{folder} is in use by pid {pid} on {host} (it holds run.lock): wait for that run to end "
+                          f"before resuming it") from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()} {socket.gethostname()}\n")
+    handle.flush()
+    RUN_LOCKS.append(handle)
+
+
+def release_run_locks() -> None:
+    while RUN_LOCKS:
+        RUN_LOCKS.pop().close()  # closing drops the flock; the file stays (removing it would race a new taker)
+
+
+def parameter_fingerprint(model: nn.Module) -> torch.Tensor:
+    """One float64 sum per parameter tensor: equal on every rank when the ranks hold the same weights."""
+    return torch.stack([p.detach().double().sum() for p in model.parameters()])
+
+
+def ranks_agree(model: nn.Module, dist_info: Dist) -> bool:
+    """Checks that every rank ended with bitwise the same weights (they apply the same updates)."""
+    if dist_info.world_size == 1:
+        return True
+    mine = parameter_fingerprint(model).to(dist_info.device)
+    everyone = [torch.empty_like(mine) for _ in range(dist_info.world_size)]
+    dist.all_gather(everyone, mine, group=dist_info.group)
+    return all(torch.equal(mine, other) for other in everyone)
+
+
+def replace_between_markers(text: str, begin: str, end: str, new_body: str) -> str:
+    """text with everything between the marker `begin` and the marker `end` replaced by new_body (one newline after
+    each): how the companion tools rewrite their generated part of a hand-written file (records.py the README's
+    leaderboard, the benches their sections of bench/RESULTS.md). Refuses anything but exactly one begin followed
+    by exactly one end, so that a generated section never swallows hand-written text."""
+    start, stop = text.find(begin), text.find(end)
+    if text.count(begin) != 1 or text.count(end) != 1 or stop < start:
+        raise ValueError(f"needs exactly one {begin} line followed by one {end} line")
+    return text[:start + len(begin)] + "\n" + new_body.rstrip("\n") + "\n" + text[stop:]
+
+
+# --- Heartbeat watchdog: a silent rank is named, and the run ends ---
+
+
+def main_thread_position() -> str:
+    """Where the main thread is now: its innermost frame in this script (file:line in function)."""
+    frame = sys._current_frames().get(threading.main_thread().ident)
+    here = os.path.abspath(__file__)
+    while frame is not None and os.path.abspath(frame.f_code.co_filename) != here:
+        frame = frame.f_back
+    return f"line {frame.f_lineno} in {frame.f_code.co_name}" if frame is not None else "outside train_gpt.py"
+
+
+HEARTBEAT = dict(stopping=threading.Event(), store=None, rank=0)  # the watchdog of this process (one per rank)
+
+
+def stop_heartbeat_watchdog() -> None:
+    """This rank is finishing (done or failed): its watchdog stops, and the others stop watching it."""
+    HEARTBEAT["stopping"].set()
+    if HEARTBEAT["store"] is not None:
+        try:
+            HEARTBEAT["store"].set(f"slowrun_heartbeat_done/{HEARTBEAT['rank']}", "1")
+        except Exception:  # noqa: BLE001 - the store's host has gone already: nobody is left to watch
+            pass
+
+
+def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> threading.Thread:
+    """A daemon thread that beats in the process group's own store (torch.distributed's TCPStore) and watches the
+    other ranks' beats. A rank that is frozen (SIGSTOP, a stuck driver) or dead stops beating even while the others
+    wait silently inside a collective (gloo's default wait is 30 minutes); once one has been silent for timeout_s,
+    every watching rank prints one line naming it, its host and pid and where its main thread last was, then ends
+    with status 2. The beats run beside the training thread, so slow steps, compilation or a long checkpoint write
+    on one rank never count as silence."""
+    store = dist.distributed_c10d._get_default_store()
+    stopping = threading.Event()
+    HEARTBEAT.update(store=store, rank=rank, stopping=stopping)
+    interval = max(0.05, min(5.0, timeout_s / 5))
+    identity = f"{socket.gethostname()} pid {os.getpid()}"
+
+    def beat() -> None:
+        last_count, last_change = [0] * world_size, [time.monotonic()] * world_size
+        while not stopping.is_set():
+            try:
+                store.set(f"slowrun_heartbeat_at/{rank}", f"{identity}, {main_thread_position()}")
+                store.add(f"slowrun_heartbeat/{rank}", 1)
+                now = time.monotonic()
+                for other in range(world_size):
+                    count = store.add(f"slowrun_heartbeat/{other}", 0)  # reads the counter without blocking
+                    if count != last_count[other]:
+                        last_count[other], last_change[other] = count, now
+                    elif other != rank and now - last_change[other] > timeout_s and \
+                            not store.check([f"slowrun_heartbeat_done/{other}"]):  # a finished rank is quiet
+                        key = f"slowrun_heartbeat_at/{other}"
+                        where = store.get(key).decode() if store.check([key]) else "before its first beat"
+                        print(f"error: rank {other} stopped answering for {now - last_change[other]:.0f} s "
+                              f"(dist_timeout {timeout_s:g} s; last heard: {where}); rank {rank} ends the run",
+                              file=sys.stderr, flush=True)
+                        os._exit(2)
+            except Exception as exc:  # noqa: BLE001 - the store itself is gone: its host (rank 0 or torchrun) died
+                if stopping.is_set():  # this rank is finishing: the store may close before it
+                    return
+                print(f"error: the process group's store stopped answering ({type(exc).__name__}: {exc}); "
+                      f"rank {rank} ends the run", file=sys.stderr, flush=True)
+                os._exit(2)
+            time.sleep(interval)
+
+    thread = threading.Thread(target=beat, name="slowrun-heartbeat", daemon=True)
+    thread.start()
+    return thread
+
+
+# --- Progress: counts, durations, peak memory, environment, the ETA, the run's wall clock ---
+
+
+def format_count(count: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(count) >= size:
+            return f"{count / size:.2f}{unit}"
+    return f"{count:.0f}"
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, int(round(seconds)))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak CUDA memory allocated by this process, or on CPU its peak resident set size."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    except (ImportError, AttributeError):
         return 0
-    dist_info = None
+
+
+def git_commit() -> str:
+    """The commit of the script's folder, with '-dirty' when it has uncommitted changes; '' outside git."""
+    folder = os.path.dirname(os.path.abspath(__file__))
     try:
-        hp = parse_args(argv)
-        dist_info = setup_distributed(hp.device, hp.dist_timeout)
-        if dist_info.device.type == "cpu":
-            tune_cpu_runtime(keep_freed_memory=not hp.low_memory)
-        if hp.plan_only:  # before any data or work: the plan, then exit (2 if it cannot fit)
-            check_hyperparameters(hp, hp.plan_world_size or dist_info.world_size)
-            check_memory_plan(hp, dist_info)
-        elif hp.eval_only:
-            score_saved_members(hp, dist_info)
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        if not commit:
+            return ""
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=folder,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return commit + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def environment_report(dist_info: Dist) -> list[str]:
+    """Versions and devices, for the log header."""
+    lines = [f"python {platform.python_version()} | torch {torch.__version__} | numpy {np.__version__} | "
+             f"cuda {torch.version.cuda or 'none'} | {platform.platform()}",
+             f"world_size {dist_info.world_size} | device {dist_info.device} | cpu threads {torch.get_num_threads()}"]
+    if torch.cuda.is_available():
+        lines += [f"gpu {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())]
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            lines += ["nvidia-smi:", smi.rstrip()]
+        except (OSError, subprocess.SubprocessError):
+            lines.append("nvidia-smi: not available")
+    return lines
+
+
+class RunWork:
+    """The whole run's ETA: the work left after a step of a member, over the rates measured so far. The newcomer
+    review saw `eta 0m07s` with a whole member still to train, and the ETA swing 4x around epoch ends. Two units,
+    both per rank:
+    - training: tokens computed, padding included (live_micro_steps x device_batch_size x seq_len per step), what a
+      step costs; the targets trained on undercount an epoch's short last step;
+    - evaluation: targets scored x models scoring them: validations, the running ensemble after each member,
+      selection on the fitness slice, the test pass.
+    Each rate is cumulative over this process (every timed training interval, every timed evaluation), so one slow
+    interval moves the ETA little; before any evaluation is timed, evaluation runs at EVAL_SPEEDUP x training's
+    rate. The rest (checkpoints, snapshots, saving members, starting each member, logging: 10% of a micro run) is
+    charged to training: the time left for training is scaled by the wall time so far that was neither timed
+    evaluation nor compilation, over the training time so far. Members in later rounds (parallel_members trains one
+    per group per round) cost what this one costs, distillation's teacher passes included only as they are timed."""
+    EVAL_SPEEDUP = 2.5  # forward only: the tiny preset scores val at 2.5x its training tokens/s (2 cores, bench log)
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, group_dist: Dist, data: RunData,
+                 schedule: MemberSchedule):
+        self.hp, self.group_size = hp, hp.parallel_members
+        train_data, total_steps = schedule.train_data, schedule.total_steps
+        tokens_per_micro_step = train_data.device_batch_size * train_data.seq_len
+        compute = [live_micro_steps(train_data, *train_data.locate(step), 0) * tokens_per_micro_step
+                   for step in range(total_steps)]  # rank 0 of a group has the most windows of any rank
+        passes = [int(schedule.validate_after(done)) for done in range(1, total_steps + 1)]
+        # once `done` steps are trained: compute_from[done], the compute of steps done..total-1 (step s makes done
+        # s + 1); passes_from[done], the val passes after steps done..total (the one after `done` not yet made)
+        self.compute_from = list(itertools.accumulate(reversed(compute), initial=0))[::-1]
+        passes_after = list(itertools.accumulate(reversed(passes), initial=0))[::-1]  # [i]: after steps i+1..total
+        self.passes_from = [passes_after[max(done - 1, 0)] for done in range(total_steps + 1)]
+        self.step_compute = [0] + compute  # [done]: the compute of the step that made `done`
+        self.val_per_group_rank = data.val_data.num_targets / group_dist.world_size
+        self.val_per_rank = data.val_data.num_targets / dist_info.world_size
+        self.candidates_per_member = len(schedule.snapshot_steps) + 1
+        final = 0.0  # after the last member: selection (every candidate on the fitness slice, the chosen on val), test
+        candidates = self.candidates_per_member * hp.ensemble_size
+        if data.fitness_data is not None:
+            final += (candidates * data.fitness_data.num_targets / dist_info.world_size
+                      + min(candidates, hp.select_top or candidates) * self.val_per_rank)
+            candidates = min(candidates, hp.select_top or candidates)
+        if data.test_data is not None:
+            final += candidates * data.test_data.num_targets / dist_info.world_size
+        self.final_eval = final
+        self.keep_files = candidate_count(hp) > 1
+        self.train_compute = self.train_seconds = self.eval_units = self.eval_seconds = self.excluded = 0.0
+        self.started = None  # when the first member began training (MemberProgress.begin)
+
+    def start(self) -> None:
+        if self.started is None:
+            self.started = time.time()
+
+    def add_train(self, compute: float, seconds: float) -> None:
+        self.train_compute, self.train_seconds = self.train_compute + compute, self.train_seconds + seconds
+
+    def add_eval(self, units: float, seconds: float) -> None:
+        self.eval_units, self.eval_seconds = self.eval_units + units, self.eval_seconds + seconds
+
+    def left_after(self, member: int, done: int) -> tuple[float, float]:
+        """(training compute, evaluation units) left once `member` has trained `done` steps (its validation and
+        snapshot at `done` not yet made)."""
+        rounds = -(-self.hp.ensemble_size // self.group_size)
+        this_round = member // self.group_size
+        later_rounds = rounds - this_round - 1
+        compute = self.compute_from[done] + later_rounds * self.compute_from[0]
+        evals = (self.passes_from[done] + later_rounds * self.passes_from[0]) * self.val_per_group_rank
+        if self.keep_files:  # the running ensemble, scored after each member of this round and the later ones
+            evals += sum((k + 1) * self.candidates_per_member * self.val_per_rank
+                         for k in range(this_round * self.group_size, self.hp.ensemble_size))
+        return compute, evals + self.final_eval
+
+    def seconds_left(self, member: int, done: int, train_rate: float | None = None) -> float:
+        """The ETA in seconds; train_rate: a provisional training rate while none is measured."""
+        compute, evals = self.left_after(member, done)
+        train_rate = train_rate or self.train_compute / max(self.train_seconds, 1e-9)
+        eval_rate = (self.eval_units / self.eval_seconds if self.eval_seconds > 0
+                     else self.EVAL_SPEEDUP * train_rate)
+        overhead = 1.0  # wall time per second of training, evaluation and compilation left out
+        if self.started is not None and self.train_seconds > 0:
+            elapsed = time.time() - self.started - self.eval_seconds - self.excluded
+            overhead = max(1.0, elapsed / self.train_seconds)
+        return overhead * compute / max(train_rate, 1e-9) + evals / max(eval_rate, 1e-9)
+
+
+class MemberProgress:
+    """A member's progress and timing: the counters a checkpoint carries, the progress and validation lines (log and
+    metrics.jsonl), ms/step and tokens/s over each log interval (a compiled first step timed alone), the ETA of the
+    whole run (RunWork: this member's rest, the later members, every evaluation), and the paused time (evaluation,
+    snapshots, checkpoints) kept out of the training time."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, log: RunLog, member: int, schedule: MemberSchedule,
+                 compiled: bool, work: RunWork):
+        self.hp, self.dist_info, self.log, self.schedule, self.compiled = hp, dist_info, log, schedule, compiled
+        self.member, self.work = member, work
+        self.tag, self.member_field = member_tag(hp, member), {"member": member} if hp.ensemble_size > 1 else {}
+        # the data order is a pure function of (seed, epoch), so the step alone says where the data stands
+        self.state = dict(step=0, tokens_seen=0, train_seconds=0.0, val_loss=float("nan"), train_loss=float("nan"),
+                          loss_sum=0.0, loss_count=0)
+
+    def begin(self) -> None:
+        """Starts the clock (after any resume): the loss sum carries on from the checkpoint's."""
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.interval_compute = 0  # tokens computed, padding included (RunWork)
+        self.work.start()
+        self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
+        self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
+
+    def add_loss(self, micro_loss: torch.Tensor) -> None:
+        self.loss_sum += micro_loss.detach().double()
+
+    def checkpoint_state(self) -> dict:
+        self.state["loss_sum"] = self.loss_sum.item()  # the train loss accumulated since the last progress line
+        return self.state
+
+    @contextmanager
+    def paused(self):
+        """with progress.paused(): time spent inside is not training time."""
+        start = time.time()
+        yield
+        self.interval_start += time.time() - start
+
+    def _synchronize(self) -> None:
+        if self.dist_info.device.type == "cuda":
+            torch.cuda.synchronize(self.dist_info.device)
+
+    def step_done(self, done: int, step_targets: int, factor: float) -> None:
+        """Counts a finished step; times a compiled first step; every log_every steps, the progress line."""
+        hp, state, log, tag = self.hp, self.state, self.log, self.tag
+        state["loss_count"] += step_targets
+        state["tokens_seen"] += step_targets
+        self.interval_steps, self.interval_tokens = self.interval_steps + 1, self.interval_tokens + step_targets
+        self.interval_compute += self.work.step_compute[done]
+        if self.compiled and self.compile_seconds is None:
+            self._synchronize()
+            self.compile_seconds = time.time() - self.interval_start
+            self.work.excluded += self.compile_seconds
+            log.write(f"{tag}compile | first step {self.compile_seconds:.1f}s, compilation included; later ms/step "
+                      f"exclude it")
+            log.metrics(dict(kind="compile", **self.member_field, step=done,
+                             compile_seconds=round(self.compile_seconds, 3)))
+            self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+            self.interval_compute = 0
+        state["step"] = done
+        total_steps = self.schedule.total_steps
+        if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
+            return
+        state["train_loss"] = self.dist_info.all_reduce_sum(self.loss_sum).item() / state["loss_count"]
+        self.loss_sum.zero_()
+        state["loss_count"] = 0
+        self._synchronize()
+        interval_seconds = time.time() - self.interval_start
+        interval_steps, interval_tokens = self.interval_steps, self.interval_tokens
+        provisional_rate = None  # the compiled first step's rate, until a step without compilation is timed
+        if interval_steps == 0:  # right after the compiled first step, nothing else to time: that step's figures
+            interval_seconds, interval_steps, interval_tokens = self.compile_seconds, 1, step_targets
+            provisional_rate = self.work.step_compute[done] / max(interval_seconds, 1e-9)
         else:
-            train(hp, dist_info, argv)
-        return 0
-    except RunStopped:
-        return 3
-    except (ConfigError, DataError) as error:
-        if dist_info is None or dist_info.is_main:
-            print(f"error: {error}", file=sys.stderr)
-        return 2
-    finally:
-        stop_heartbeat_watchdog()
-        release_run_locks()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+            self.work.add_train(self.interval_compute, interval_seconds)
+        state["train_seconds"] += interval_seconds
+        ms_per_step = 1000 * interval_seconds / interval_steps
+        tokens_per_second = interval_tokens / interval_seconds  # targets trained on (batch_schedule varies them)
+        eta = self.work.seconds_left(self.member, done, provisional_rate if self.work.train_seconds == 0 else None)
+        memory = peak_memory_bytes(self.dist_info.device)
+        epoch_progress = self.schedule.train_data.epoch_position(done)
+        log.write(f"{tag}step {done}/{total_steps} | epoch {epoch_progress:.2f} | "
+                  f"train_loss {state['train_loss']:.4f} | tokens {format_count(state['tokens_seen'])} | "
+                  f"{ms_per_step:.0f} ms/step | {format_count(tokens_per_second)} tok/s | "
+                  f"eta {format_duration(eta)} | mem {memory / 2**30:.2f} GiB | lr x{factor:.3f}")
+        log.metrics(dict(kind="train", **self.member_field, step=done,
+                         epoch=round(epoch_progress, 4), train_loss=state["train_loss"],
+                         tokens_seen=state["tokens_seen"], ms_per_step=round(ms_per_step, 2),
+                         tokens_per_second=round(tokens_per_second, 1), lr_multiplier=factor,
+                         peak_memory_bytes=memory, train_seconds=round(state["train_seconds"], 3),
+                         eta_seconds=round(eta, 2)))
+        self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
+        self.interval_compute = 0
+
+    def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
+        """Scores val; the validation line."""
+        start = time.time()
+        val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
+        seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
+        self.work.add_eval(self.work.val_per_group_rank, seconds)
+        self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
+                       f"val_loss {val_loss:.4f} | tokens {format_count(self.state['tokens_seen'])} | "
+                       f"eval {seconds:.1f}s")
+        self.log.metrics(dict(kind="val", **self.member_field, step=done, epoch=round(epoch_progress, 4),
+                              val_loss=val_loss, tokens_seen=self.state["tokens_seen"], eval_seconds=round(seconds, 3)))
+        self.state["val_loss"] = val_loss
+
+
+RUN_CLOCK = dict(start=time.time(), before=0.0)  # this run's wall clock: see run_wall_seconds
+
+
+def run_wall_seconds() -> float:
+    """The run's wall-clock seconds: this process's since train() began, plus those of the sessions before a
+    --resume up to their last checkpoint or member file (each stores this figure), so wall >= train seconds."""
+    return RUN_CLOCK["before"] + time.time() - RUN_CLOCK["start"]
+
+
+def carry_wall_seconds(earlier: float) -> None:
+    """A checkpoint or member file of an earlier session says that session had run `earlier` seconds."""
+    RUN_CLOCK["before"] = max(RUN_CLOCK["before"], float(earlier or 0.0))
+
+
+# --- Data files: the .bin shard format, the tokenizer in its header, checks on the run's files ---
+
+SHARD_MAGIC = 20240520  # modded-nanogpt / llm.c token shard: 256 int32 header, then uint16 tokens
+SHARD_VERSION = 1
+SHARD_HEADER_INTS = 256
+SHARD_HEADER_BYTES = SHARD_HEADER_INTS * 4
+# header[3] names the tokenizer that made the shard, as an index here. 0 is GPT-2's BPE, which is also what every
+# shard written before the field existed (modded-nanogpt's, FineWeb's, ours) holds there, so old shards read as GPT-2.
+# "bpe" is a small BPE of one's own (data/encode.py --train_bpe): header[4] then holds its ranks file's checksum
+# (bpe_checksum), so shards of one BPE are refused by a model of another.
+SHARD_TOKENIZERS = ("gpt2", "bytes", "bpe")
+BYTE_SEPARATOR = 256  # the byte tokenizer's document separator (ids 0-255 are the bytes): opens every document
+
+
+def bpe_checksum(path: str) -> int:
+    """The 31-bit CRC-32 of a BPE ranks file, as shard headers (header[4]) store it."""
+    with open(path, "rb") as handle:
+        return zlib.crc32(handle.read()) & 0x7FFFFFFF
+
+
+def write_shard(path: str, tokens: np.ndarray, tokenizer: str = "gpt2", bpe_file: str = "") -> None:
+    """Writes tokens (ids < 65,536) as a .bin shard, atomically: a crash leaves no half-written file. A "bpe" shard
+    records its ranks file's checksum (bpe_file)."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 1:
+        raise ValueError(f"{path}: tokens must be one-dimensional, got shape {tokens.shape}")
+    if tokens.size and (int(tokens.min()) < 0 or int(tokens.max()) >= 2**16):
+        raise ValueError(f"{path}: token ids must lie in [0, 65536) to be stored as uint16")
+    header = np.zeros(SHARD_HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    header[3] = SHARD_TOKENIZERS.index(tokenizer)
+    if tokenizer == "bpe":
+        header[4] = bpe_checksum(bpe_file)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    temporary = f"{path}.tmp{os.getpid()}"
+    with open(temporary, "wb") as handle:
+        handle.write(header.tobytes())
+        handle.write(tokens.astype("<u2").tobytes())
+    os.replace(temporary, path)
+
+
+def read_shard(path: str, vocab_size: int | None = None) -> np.ndarray:
+    """Reads and checks one .bin shard; returns its tokens as uint16. Every problem is a one-line DataError."""
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: file not found")
+    size = os.path.getsize(path)
+    if size < SHARD_HEADER_BYTES:
+        raise DataError(f"{path}: {size} bytes, too small for the {SHARD_HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        raise DataError(f"{path}: magic number {header[0]}, expected {SHARD_MAGIC} (not a .bin token shard)")
+    if header[1] != SHARD_VERSION:
+        raise DataError(f"{path}: version {header[1]}, expected {SHARD_VERSION}")
+    count = int(header[2])
+    expected = SHARD_HEADER_BYTES + 2 * count
+    if count < 0 or size != expected:
+        raise DataError(f"{path}: header says {count:,} tokens ({expected:,} bytes) but the file has {size:,} bytes "
+                        f"(truncated or corrupt)")
+    tokens = np.fromfile(path, dtype="<u2", offset=SHARD_HEADER_BYTES)
+    if vocab_size is not None and count and int(tokens.max()) >= vocab_size:
+        position = int(np.argmax(tokens >= vocab_size))
+        raise DataError(f"{path}: token id {int(tokens[position])} at position {position:,} is >= vocab_size "
+                        f"{vocab_size}")
+    return tokens
+
+
+def shard_tokenizer(path: str) -> str | None:
+    """The tokenizer a shard's header names (header[3]); None when the file is no shard at all (read_shard then
+    says what is wrong with it). A "bpe" shard's name carries its ranks checksum: "bpe:123456"."""
+    if not os.path.isfile(path) or os.path.getsize(path) < SHARD_HEADER_BYTES:
+        return None
+    header = np.fromfile(path, dtype="<i4", count=SHARD_HEADER_INTS)
+    if header[0] != SHARD_MAGIC:
+        return None
+    if not 0 <= int(header[3]) < len(SHARD_TOKENIZERS):
+        raise DataError(f"{path}: header[3] = {int(header[3])} names no known tokenizer (0 gpt2, 1 bytes, 2 bpe)")
+    name = SHARD_TOKENIZERS[int(header[3])]
+    return f"bpe:{int(header[4])}" if name == "bpe" else name
+
+
+def check_shard_tokenizers(hp: Hyperparameters, patterns: list[str]) -> None:
+    """Refuses, in one line, a shard made by another tokenizer than the run's: a byte shard fed to a GPT-2 model
+    would train without any error (byte ids are valid GPT-2 ids) and mean nothing."""
+    if hp.tokenizer == "bpe" and not os.path.isfile(hp.bpe_file):
+        raise DataError(f"--bpe_file {hp.bpe_file!r}: file not found (the BPE ranks file the shards were made with)")
+    expected = f"bpe:{bpe_checksum(hp.bpe_file)}" if hp.tokenizer == "bpe" else hp.tokenizer
+    for path in sorted(path for pattern in patterns if pattern for path in glob.glob(pattern)):
+        made_by = shard_tokenizer(path)
+        if made_by is None or made_by == expected:
+            continue
+        if made_by.split(":")[0] == hp.tokenizer:  # both "bpe", other checksums
+            raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by another BPE (ranks checksum "
+                            f"{made_by[4:]}) than --bpe_file {hp.bpe_file} (checksum {expected[4:]})")
+        made_by = made_by.split(":")[0]
+        raise DataError(f"{path}: vocab/tokenizer mismatch: the shard was made by the {made_by} tokenizer, this "
+                        f"run expects {hp.tokenizer} (vocab_size {hp.vocab_size}); use --tokenizer {made_by} with "
+                        f"its vocabulary (--preset mini for bytes, mini_bpe for the mini BPE) or shards made for "
+                        f"{hp.tokenizer}")
+
+
+def file_digest(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_data_files(hp: Hyperparameters, need_train: bool = True) -> None:
+    """Refuses, in one line, what would otherwise train silently: a file in two sets (the same path, or globs that
+    overlap), two sets holding identical content (val copied in as train), a shard with no tokens, and a shard with
+    no <|endoftext|> (bos_id) in a training run, where every document starts with one (data/README.md). Runs after read_shard has
+    checked each file's header."""
+    sets = ([("train", hp.train_files)] if need_train else []) + [("validation", hp.val_files)] + \
+        ([("test", hp.test_files)] if hp.test_files else [])
+    flag = dict(train="--train_files", validation="--val_files", test="--test_files")
+    owner: dict[str, str] = {}  # real path -> its set
+    sizes: dict[int, list[tuple[str, str]]] = {}
+    for what, pattern in sets:
+        for path in sorted(glob.glob(pattern)):
+            real = os.path.realpath(path)
+            if owner.get(real, what) != what:
+                raise DataError(f"{path} is both a {owner[real]} file and a {what} file ({flag[owner[real]]} "
+                                f"and {flag[what]} overlap): the {what} score would leak into training or "
+                                f"selection")
+            if real in owner:
+                continue
+            owner[real] = what
+            tokens = np.memmap(path, dtype="<u2", mode="r", offset=SHARD_HEADER_BYTES) \
+                if os.path.getsize(path) > SHARD_HEADER_BYTES else np.zeros(0, np.uint16)
+            if tokens.size == 0:
+                raise DataError(f"{path}: the header is valid but the shard holds 0 tokens")
+            if need_train and not (tokens == hp.bos_id).any():  # --eval_only scores members of other bos_ids
+                raise DataError(f"{path}: no <|endoftext|> (bos_id {hp.bos_id}) in {tokens.size:,} tokens; every "
+                                f"document must start with one (a shard of another tokenizer, or a wrong --bos_id?)")
+            sizes.setdefault(os.path.getsize(path), []).append((what, path))
+    for same_size in sizes.values():  # identical content needs an identical size: hash only those
+        if len({what for what, _ in same_size}) > 1:
+            seen: dict[str, tuple[str, str]] = {}
+            for what, path in same_size:
+                earlier = seen.setdefault(file_digest(path), (what, path))
+                if earlier[0] != what:
+                    raise DataError(f"{path} ({what}) has the same content as {earlier[1]} ({earlier[0]}): the "
+                                    f"{what} score would leak")
+
+
+def public_val_status(hp: Hyperparameters) -> str:
+    """Whether this run's val tokens are the public records' (records/TRACKS.md F23), from data/fineweb.py's
+    manifest.json beside the val file: the val .bin must still hash as the manifest says, and the manifest's slowrun
+    export must have equalled slowrun's published fineweb_val.pt sha256."""
+    paths = sorted(glob.glob(hp.val_files))
+    manifest_path = os.path.join(os.path.dirname(paths[0]), "manifest.json") if len(paths) == 1 else ""
+    if not os.path.isfile(manifest_path):
+        return "val = public: unknown (no manifest.json of data/fineweb.py beside the val file)"
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        recorded = manifest["splits"]["val"]["sha256"]
+        export = manifest.get("export", {}).get("slowrun", {}).get("val")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"val = public: unknown ({manifest_path} unreadable: {type(exc).__name__})"
+    digest = hashlib.sha256()
+    with open(paths[0], "rb") as handle:
+        handle.seek(SHARD_HEADER_BYTES)
+        for block in iter(lambda: handle.read(2**24), b""):
+            digest.update(block)
+    if digest.hexdigest() != recorded:
+        return f"val = public: no ({paths[0]} no longer hashes as {manifest_path} records)"
+    if not isinstance(export, dict) or "matches_published" not in export:
+        return "val = public: unknown (run python data/fineweb.py --export slowrun to compare with the public hash)"
+    if export["matches_published"]:
+        return "val = public: yes (the slowrun export equals the published fineweb_val.pt sha256 6868ed37...8573b1)"
+    return "val = public: NO (the slowrun export differs from the published fineweb_val.pt sha256 6868ed37...8573b1)"
+
+
+# --- A run's first and last words for a newcomer: too little data, the loss plot, text samples, experiment tracking ---
+
+MIN_STEPS_PER_EPOCH = 10  # below this an epoch is too few updates for the recipe's schedules (warmdown, LR) to mean much
+
+
+def data_size_warnings(hp: Hyperparameters, train_tokens: int) -> list[str]:
+    """Warnings for a train set too small for the batch: a model that takes a handful of steps ends worse than the
+    unigram baseline, and nothing else would say why (your own 4k-token text with the default 8,192-token batch)."""
+    windows = math.ceil(train_tokens / (hp.seq_len + 1))
+    steps_per_epoch = math.ceil(windows / max(1, hp.batch_tokens // hp.seq_len))
+    hint = f"lower --batch_tokens (a multiple of seq_len {hp.seq_len}) or add data"
+    warnings = []
+    if train_tokens < hp.batch_tokens:
+        warnings.append(f"warning: the train set ({train_tokens:,} tokens) is smaller than one batch "
+                        f"({hp.batch_tokens:,} tokens): every step sees all of it, padded; {hint}")
+    if steps_per_epoch < MIN_STEPS_PER_EPOCH:
+        warnings.append(f"warning: only {steps_per_epoch} optimizer step(s) per epoch "
+                        f"({steps_per_epoch * hp.num_epochs} in all), fewer than {MIN_STEPS_PER_EPOCH}: too few "
+                        f"updates to learn much; {hint}, or raise --num_epochs")
+    return warnings
+
+
+def unigram_comparison(loss: float, unigram: float) -> str:
+    """'0.48 nats below unigram 7.9503': a model that does not beat the context-free baseline has learned nothing."""
+    gap = unigram - loss
+    return f"{abs(gap):.2f} nats {'below' if gap >= 0 else 'ABOVE'} unigram {unigram:.4f}"
+
+
+def write_loss_plot(folder: str, title: str, unigram: float):
+    """loss.png in the run folder from its metrics.jsonl: train and val loss against tokens trained on (one curve
+    each per member), the unigram baseline as a dashed line, the final ensemble's val loss dotted. Returns the
+    matplotlib Figure (the tests read its lines), or None without matplotlib (a warning says so; the run stands)."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        print("warning: matplotlib is not installed, so no loss.png (pip install matplotlib)", file=sys.stderr)
+        return None
+    with open(os.path.join(folder, "metrics.jsonl"), encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    figure = Figure(figsize=(8, 5))
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    members = sorted({row.get("member", 0) for row in rows if row["kind"] in ("train", "val")})
+    for member in members:
+        suffix = f" (member {member})" if len(members) > 1 else ""
+        for kind, style in (("train", "-"), ("val", "o-")):
+            points = [(row["tokens_seen"], row[f"{kind}_loss"]) for row in rows
+                      if row["kind"] == kind and row.get("member", 0) == member]
+            if points:
+                axes.plot(*zip(*points), style, label=f"{kind}{suffix}", markersize=4)
+    ensemble = [row["val_loss"] for row in rows if row["kind"] == "ensemble"]
+    if len(ensemble) > 1:
+        axes.axhline(ensemble[-1], linestyle=":", color="black", label=f"ensemble val {ensemble[-1]:.4f}")
+    axes.axhline(unigram, linestyle="--", color="gray", label=f"unigram baseline {unigram:.4f}")
+    axes.set(xlabel="tokens trained on (per member)", ylabel="loss (nats/token)", title=title)
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    figure.savefig(os.path.join(folder, "loss.png"), dpi=100)
+    return figure
+
+
+def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> str:
+    """The text of the tokens: UTF-8 bytes for the byte tokenizer and a small BPE (the separator shown as a
+    newline), GPT-2 text from data/encode.py's bundled BPE (no download), or the ids themselves where that is
+    unavailable or the vocabulary is not GPT-2's (the tests' toy languages)."""
+    table = token_bytes_table(tokenizer, bpe_file) if tokenizer in ("bytes", "bpe") else None
+    if table is not None:
+        return repr(b"".join(b"\n" if t == BYTE_SEPARATOR else table.get(t, b"") for t in token_ids)
+                    .decode("utf-8", errors="replace"))
+    try:
+        spec = importlib.util.spec_from_file_location(
+            "slowrun_encode", os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "encode.py"))
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        encoding = module.gpt2_encoding(module.BUNDLED_VOCAB)  # offline: the BPE file bundled in data/
+        if vocab_size < encoding.n_vocab:
+            raise ValueError("not the GPT-2 vocabulary")
+        return repr(encoding.decode([t for t in token_ids if t < encoding.n_vocab]))
+    except Exception:  # noqa: BLE001 - any trouble decoding: show the ids, the samples stay useful
+        return " ".join(str(t) for t in token_ids)
+
+
+@torch.no_grad()
+def sample_continuations(models: list[nn.Module], weights: list[float], mode: str, val_tokens: np.ndarray,
+                         hp: Hyperparameters, device: torch.device, prompts: int = 3, prompt_len: int = 32,
+                         top_k: int = 50, temperature: float = 0.8) -> list[dict]:
+    """--sample_tokens N: the first prompt_len tokens of the first val documents, each continued by N tokens of the
+    (ensemble) model, greedily and by top-k sampling at a temperature from a generator seeded by --seed, so a seed
+    gives the same text every time. Only the last position's logits are made per token (no (T, vocab) tensor)."""
+    starts = document_starts(val_tokens, hp.bos_id)[:prompts]
+    if starts.size == 0:
+        starts = np.array([0])
+    batch = torch.from_numpy(np.stack([val_tokens[s:s + prompt_len].astype(np.int64) for s in starts
+                                       if s + prompt_len <= val_tokens.size] or [val_tokens[:prompt_len].astype(np.int64)]))
+    generator = torch.Generator(device="cpu").manual_seed(hp.seed)
+    states = [model.training for model in models]
+    for model in models:
+        model.eval()
+    results = {}
+    for how in ("greedy", f"top-{top_k} T={temperature}"):
+        context = batch.to(device)
+        for _ in range(hp.sample_tokens):
+            window = context[:, -hp.seq_len:]
+            with autocast_context(device):
+                log_probs = ensemble_log_probs((model.head(model.features(window)[:, -1:]).float() for model in models),
+                                               weights, mode)[:, -1].float().cpu()
+            if how == "greedy":
+                choice = log_probs.argmax(-1)
+            else:
+                top = torch.topk(log_probs / temperature, min(top_k, log_probs.size(-1)), dim=-1)
+                picked = torch.multinomial(torch.softmax(top.values, -1), 1, generator=generator)
+                choice = top.indices.gather(-1, picked).squeeze(-1)
+            context = torch.cat([context, choice.to(device).unsqueeze(-1)], dim=1)
+        results[how] = context[:, batch.size(1):].cpu().tolist()
+    for model, state in zip(models, states):
+        model.train(state)
+    return [dict(prompt=batch[i].tolist(), **{how: rows[i] for how, rows in results.items()})
+            for i in range(batch.size(0))]
+
+
+def sample_lines(samples: list[dict], vocab_size: int, tokenizer: str = "gpt2", bpe_file: str = "") -> list[str]:
+    lines = []
+    for number, sample in enumerate(samples):
+        lines.append(f"sample {number} | prompt {decode_tokens(sample['prompt'], vocab_size, tokenizer, bpe_file)}")
+        lines += [f"  {how}: {decode_tokens(tokens, vocab_size, tokenizer, bpe_file)}"
+                  for how, tokens in sample.items() if how != "prompt"]
+    return lines
+
+
+def import_wandb(project: str):
+    """The wandb module for --wandb PROJECT, or a one-line ConfigError when it is not installed (it is never a
+    required dependency; checked before the run folder is made)."""
+    if not project:
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError(f"--wandb {project}: the wandb package is not installed (pip install wandb, "
+                          f"or drop --wandb)") from None
+    return wandb
+
+
+def tracker_row(row: dict) -> dict:
+    """A metrics.jsonl row as wandb takes it: the numbers, named '<kind>/<field>' (train/train_loss, val/val_loss)."""
+    kind = row.get("kind", "metrics")
+    return {f"{kind}/{key}": value for key, value in row.items()
+            if key != "kind" and isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+# --- Record comparison and --eval_only: FLOPs per token against the public record, scoring saved members ---
+
+
+def build_model_meta(hp: Hyperparameters) -> GPT:
+    """The model on the meta device: its shapes and parameter count without memory or work."""
+    with torch.device("meta"):
+        return GPT(model_config(hp))
+
+
+def mean_attended_keys(seq_len: int, window: int) -> float:
+    """Keys a query attends to on average under a causal window of `window` keys: mean over i of min(i + 1, window)."""
+    width = min(window, seq_len)
+    return (seq_len + 1) / 2 if width >= seq_len else width - width * (width - 1) / (2 * seq_len)
+
+
+def training_flops_per_token(hp: Hyperparameters, looped: bool = False, stage: int | None = None) -> float:
+    """Training FLOPs per token as the public records' estimate_flops counts them: 6 x (parameters less the embedding,
+    the value-embedding tables and the resid/x0/skip scalars) + 12 x n_embd x (mean attended keys) per layer;
+    looped=True adds each replayed layer's 6 x its parameters and its attention. With a window schedule: the windows
+    of `stage` (default: the first, or with looped=True the stage of loop_start_epoch, where the replay starts)."""
+    model = build_model_meta(hp)
+    lookups = ("value_embeds.",)  # the baseline record's value-embedding tables: lookups, excluded as its formula does
+    if hp.window_schedule:
+        stages = parse_window_schedule(hp.window_schedule)
+        loop_stage = window_schedule_stage(stages, hp.loop_start_epoch or 1) if looped else 0
+        set_window_schedule_stage(model, loop_stage if stage is None else stage)
+    excluded = model.wte.weight.numel() + sum(p.numel() for name, p in model.named_parameters()
+                                               if scalar_role(name) in ("resid", "x0") or name.startswith(lookups))
+    model.loop_active = looped
+    order = model.layer_order()
+    windows = model.window_sizes or [hp.seq_len] * hp.n_layer
+    replayed = sum(sum(p.numel() for p in model.blocks[layer].parameters()) for layer in order[hp.n_layer:]) \
+        if len(order) > hp.n_layer else 0
+    attention = sum(12 * hp.n_embd * mean_attended_keys(hp.seq_len, windows[layer]) for layer in order)
+    # the 15min record's recurrence (looped=True: all passes): the whole stack's parameters and attention again per
+    # extra pass, as its estimate_flops counts them (the no-grad passes included at the full 6 x)
+    passes = hp.recurrence if looped else 1
+    stack = sum(p.numel() for layer in order for p in model.blocks[layer].parameters())
+    return 6 * (sum(p.numel() for p in model.parameters()) - excluded + replayed + (passes - 1) * stack) \
+        + passes * attention
+
+
+def preset_record(name: str) -> str:
+    """One line: which public record a preset reproduces (run.sh prints it; an unknown preset is a ConfigError)."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r} (known: {', '.join(PRESETS)})")
+    track = PRESET_ALIASES.get(name, name)
+    record = PUBLIC_RECORDS.get(track)
+    head = f"preset {name} is {track}" if track != name else f"preset {name}"
+    return head + (f": reproduces the {track} record {record['figure']} ({record['script']})" if record
+                   else ": not a public record")
+
+
+def preset_record_lines(hp: Hyperparameters, n_params: int) -> list[str]:
+    """The log's comparison of this run's model with the public record its preset reproduces (none without one)."""
+    record = PUBLIC_RECORDS.get(PRESET_ALIASES.get(hp.preset, hp.preset))
+    if record is None:
+        return []
+    lines = [preset_record(hp.preset)]
+    looped = (f"; {training_flops_per_token(hp, True) / 1e9:.2f} G with looped layers or recurrence on"
+              if hp.loop_repeats or hp.recurrence > 1 else "")
+    record_looped = f" ({record['flops_looped'] / 1e9:.2f} G looped)" if "flops_looped" in record else ""
+    note = f"; {record['flops_note']}" if "flops_note" in record else ""
+    lines.append(f"model vs record: {n_params:,} vs {record['parameters']:,} parameters | training "
+                 f"{training_flops_per_token(hp) / 1e9:.2f} G FLOPs/token{looped} vs {record['flops'] / 1e9:.2f} G"
+                 f"{record_looped} (public estimate_flops formula{note})")
+    if hp.window_schedule:  # the windows, so the attention FLOPs, change per stage (the 2h record's estimate_flops too)
+        count = len(parse_window_schedule(hp.window_schedule))
+        lines.append("window stages: " + " / ".join(f"{training_flops_per_token(hp, stage=stage) / 1e9:.2f}"
+                                                    for stage in range(count)) + " G FLOPs/token")
+    return lines
+
+
+def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
+    """--eval_only: the ensemble of saved members (members/member_NN.pt files or globs) on val, and on test when
+    given; nothing is trained. Each member alone, then all of them with --ensemble_weights or uniform weights."""
+    # in the order given (a glob's matches in name order), each file once: --ensemble_weights follow this order
+    paths = list(dict.fromkeys(path for pattern in hp.eval_only.split(",") if pattern
+                               for path in (sorted(glob.glob(pattern)) or [pattern])))
+    # host memory, each parked (split over the ranks) as it comes; one on the device at a time
+    on_disk = eval_only_on_disk(hp, paths, dist_info)  # or each kept as its file (candidates_on_disk), read per use
+    loaded = [(keep_frozen(model, frozen_store(hp, dist_info), on_disk, path, 0, teaches=False), info)
+              for path, (model, info) in ((path, load_member(path, dist_info.host)) for path in paths)]
+    models = [model for model, _ in loaded]
+    shapes = {(info["config"]["seq_len"], info["config"]["vocab_size"]) for _, info in loaded}
+    if len(shapes) > 1:
+        raise ConfigError(f"--eval_only: the members differ in (seq_len, vocab_size): {sorted(shapes)}")
+    seq_len, vocab_size = shapes.pop()  # score with the members' own context length and vocabulary
+    hp = dataclasses.replace(hp, seq_len=seq_len, vocab_size=vocab_size,  # and the shards' tokenizer (old files: gpt2)
+                             tokenizer=loaded[0][1]["tokenizer"])
+    weights = parse_weights(hp.ensemble_weights, len(models)) if hp.ensemble_weights else [1 / len(models)] * len(models)
+    data = load_run_data(hp, need_train=False)
+    result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
+    for path, model in zip(paths, models):
+        loss = evaluate_frozen_ensemble([model], [1.0], "prob", data.val_data, dist_info, hp.val_batch_size)
+        result["member_val_losses"].append(loss)
+        if dist_info.is_main:
+            print(f"member {path} | val_loss {loss:.4f}", flush=True)
+    result["val_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
+                                                  hp.val_batch_size)
+    result["test_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
+                                                   hp.val_batch_size) if data.test_data else None
+    if dist_info.is_main:
+        print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
+              (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
+        print(json.dumps(result), flush=True)
+    return result
 
 
 if __name__ == "__main__":
