@@ -301,7 +301,7 @@ PRESETS: dict[str, dict] = {
     # The CPU data-efficiency track (issue 17): FineWeb-Edu as UTF-8 bytes (vocabulary 256 + a document separator),
     # so the output layer is tiny and a one-thread CPU step goes into the transformer. The track's data is the first
     # 262,144 bytes of data/mini/mini_train.bin (whole documents); a plain run of this preset learns visibly in a few
-    # minutes on 2 cores. See README "Mini-slowrun (CPU)" and records/mini/.
+    # minutes on 2 cores. See docs/mini.md and records/mini/.
     "mini": dict(
         train_files="data/mini/mini_train.bin", val_files="data/mini/mini_val.bin",
         test_files="data/mini/mini_test.bin", train_tokens=262144,
