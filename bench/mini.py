@@ -3,6 +3,7 @@ The mini-slowrun bench (issue 17): the reference curve of the `mini` track and t
 
     python bench/mini.py curve                    # plain training at 1/16 .. 1 of the track's data, 3 sizes x epochs
     python bench/mini.py curve --build            # records/mini/reference_curve.json + table + plot from finished runs
+    python bench/mini.py curve --public           # the public convention: ONE epoch, the preset's recipe, 1/8 .. max
     python bench/mini.py grid NAME --budget 8 --runs 'wd0:--muon_wd 0' 'wd1:--muon_wd 1.0' ...   # any table at 1/8
 
 Every run is `train_gpt.py --preset mini` plus flags, one after another, with OMP_NUM_THREADS=1 (the machine is
@@ -13,6 +14,13 @@ budget the reference is the best val loss over several model sizes (and, here, e
 a run's loss is placed on that curve by piecewise-linear interpolation between the budgets, which gives the budget B
 at which plain training reaches it, and the run's data efficiency is B / (its own budget). `data_efficiency` is
 that function; records.py can call it with the points of records/mini/reference_curve.json.
+
+Two conventions (issue 28). The strict curve (reference_curve.json) is plain training tuned per budget: best over
+sizes AND epoch counts, budgets 1/16 .. 1. The public slowrun's own curve is nanochat at its defaults for ONE epoch
+(200M .. 2B tokens, best of d12/d20/d26), so its multiples count multi-epoch training itself as gain.
+`curve --public` builds that convention for the mini track (reference_curve_public.json): the `mini` preset's
+recipe unchanged (no tuning per budget), --num_epochs 1, budgets 1/8, 1/4, 1/2, 1, 2 and the whole train shard
+(651,409 bytes, ~2.5x the track), best of the sizes s/m/l; same interpolation, same bounds.
 """
 from __future__ import annotations
 
@@ -65,6 +73,11 @@ DOMAIN_FLAGS, CURVE_DIR, SECTION, TITLE = "", os.path.join(REPO_ROOT, "records",
 
 
 BYTE_TRAIN = os.path.join("data", "mini", "mini_train.bin")  # the byte track's train shard: budgets are cut on it
+# The public convention's budgets (issue 28): label -> --train_tokens (fractions of the track; "max" = the whole train
+# shard, 651,409 bytes, the most the bundled text allows); every run is the preset's recipe for ONE epoch.
+PUBLIC_BUDGETS = {"1/8": TRACK_BYTES // 8, "1/4": TRACK_BYTES // 4, "1/2": TRACK_BYTES // 2, "1": TRACK_BYTES,
+                  "2": 2 * TRACK_BYTES, "max": 0}  # 0: filled in from the shard by public_budget_tokens
+PUBLIC_CURVE = "reference_curve_public.json"
 
 
 def domain_shards() -> tuple[str, bool]:
@@ -144,8 +157,17 @@ def data_efficiency(points: list[tuple[float, float]], loss: float, budget: floa
     return "<", points[0][0] / budget
 
 
-def format_efficiency(relation: str, multiple: float) -> str:
-    return f"{multiple:.2f}x" if relation == "=" else f"{relation} {multiple:.2f}x"
+def public_budget_tokens(label: str) -> int:
+    """--train_tokens of a public-convention budget (the byte track only): "max" is the whole train shard."""
+    return PUBLIC_BUDGETS[label] or int(shard_documents(BYTE_TRAIN)[0].size)
+
+
+def public_run_id(label: str, size: str) -> str:
+    return f"pub_{label.replace('/', 'of')}_{size}_e1"
+
+
+def format_efficiency(relation: str, multiple: float, digits: int = 2) -> str:
+    return f"{multiple:.{digits}f}x" if relation == "=" else f"{relation} {multiple:.{digits}f}x"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -186,24 +208,40 @@ def git_commit() -> str:
                           text=True).stdout.strip()
 
 
+def best_points(by_budget: dict, order: list, label) -> tuple[list[dict], list[dict], list[dict]]:
+    """The best run per budget (chosen on val, never on test), smallest budget first: (points, used, dropped). A
+    budget whose best loss does not beat a smaller budget's adds no point: plain training with B bytes could use only
+    the smaller budget's bytes, and interpolation needs losses that fall. Such budgets are kept apart."""
+    points = []
+    for key in order:
+        val, run_id, size, epochs, result = min(by_budget[key])
+        points.append(dict(budget=label(key), train_tokens=result["train_tokens"],
+                           train_bytes=train_bytes(result["train_tokens"]), val_loss=val,
+                           test_loss=result["test_loss"], val_bpb=result["val_bpb"], test_bpb=result["test_bpb"],
+                           size=size, epochs=epochs, run=run_id, runs_tried=len(by_budget[key])))
+    used, dropped = [], []
+    for point in points:
+        (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
+    return points, used, dropped
+
+
+def curve_table_row(point: dict, cells: list[str]) -> str:
+    return (f"| {point['budget']} | {point['train_bytes']:,} | " + " | ".join(cells) +
+            f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / {point['test_bpb']:.3f}) |")
+
+
+def not_on_curve(dropped: list[dict]) -> list[str]:
+    return ["", "Not on the curve (their best val loss does not beat a smaller budget's): "
+            + ", ".join(f"{p['budget']} ({p['val_loss']:.4f})" for p in dropped) + "."] if dropped else []
+
+
 def build_curve(results: dict, command: str) -> dict:
     """The best run per budget (chosen on val, never on test) -> the curve; writes the json, the plot, the table."""
     by_budget = {}
     for run_id, (n, size, epochs, result) in results.items():
         if result:
             by_budget.setdefault(n, []).append((result["val_loss"], run_id, size, epochs, result))
-    points = []
-    for n in sorted(by_budget, reverse=True):
-        val, run_id, size, epochs, result = min(by_budget[n])
-        points.append(dict(budget=f"1/{n}", train_tokens=result["train_tokens"],
-                           train_bytes=train_bytes(result["train_tokens"]), val_loss=val,
-                           test_loss=result["test_loss"], val_bpb=result["val_bpb"], test_bpb=result["test_bpb"],
-                           size=size, epochs=epochs, run=run_id, runs_tried=len(by_budget[n])))
-    # A budget whose best loss does not beat a smaller budget's adds no point: plain training with B bytes could use
-    # only the smaller budget's bytes, and interpolation needs losses that fall. Such budgets are kept apart.
-    used, dropped = [], []
-    for point in points:
-        (used if not used or point["val_loss"] < used[-1]["val_loss"] else dropped).append(point)
+    points, used, dropped = best_points(by_budget, sorted(by_budget, reverse=True), lambda n: f"1/{n}")
     unigram = results[used[-1]["run"]][3]  # train's byte frequencies at the largest budget, scored on val
     curve = dict(track="mini" if SECTION == "mini" else SECTION.replace("_", "/"), domain_flags=DOMAIN_FLAGS,
                  what="best val loss of plain `--preset mini` training over model sizes and epoch counts at each train "
@@ -237,13 +275,8 @@ def build_curve(results: dict, command: str) -> dict:
             tried = ",".join(str(e) for e in sorted({e for _, _, e in runs} | {
                 e for nn, ss, _, r in results.values() if nn == n and ss == size and r for e in r.get("epochs_tried", [])}))
             cells.append("—" if not runs else f"{min(runs)[0]:.4f} / {min(runs)[1]:.4f} (e{min(runs)[2]} of {tried})")
-        lines.append(f"| {point['budget']} | {point['train_bytes']:,} | " + " | ".join(cells) +
-                     f" | {point['val_loss']:.4f} / {point['test_loss']:.4f} ({point['val_bpb']:.3f} / "
-                     f"{point['test_bpb']:.3f}) |")
-    if dropped:
-        lines += ["", "Not on the curve (their best val loss does not beat a smaller budget's): "
-                  + ", ".join(f"{p['budget']} ({p['val_loss']:.4f})" for p in dropped) + "."]
-    return curve, "\n".join(lines)
+        lines.append(curve_table_row(point, cells))
+    return curve, "\n".join(lines + not_on_curve(dropped))
 
 
 def curve_run_rows(results: dict) -> list[dict]:
@@ -268,7 +301,7 @@ def stored_curve_runs(present: set[str]) -> dict:
             if row["run"] not in present}
 
 
-def plot_curve(results: dict, points: list[dict], path: str) -> None:
+def plot_curve(results: dict, points: list[dict], path: str, title: str = "") -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -285,35 +318,92 @@ def plot_curve(results: dict, points: list[dict], path: str) -> None:
     axis.set_xscale("log")
     axis.set_xlabel("train budget (bytes)")
     axis.set_ylabel("val loss (nats/byte)")
-    axis.set_title(f"{TITLE}: plain training, best over sizes and epochs")
+    axis.set_title(title or f"{TITLE}: plain training, best over sizes and epochs")
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
 
-def load_curve_points(kind: str = "val_loss") -> list[tuple[float, float]] | None:
-    path = os.path.join(CURVE_DIR, "reference_curve.json")
+def build_public_curve(results: dict, command: str) -> tuple[dict, str]:
+    """The public convention's curve (issue 28) from its runs (run_id -> (label, size, 1, result)): per budget the
+    best size on val (its test loss beside it), the same schema as build_curve's with `convention` named inside;
+    writes reference_curve_public.json and .png; returns it and its RESULTS.md table."""
+    by_budget = {}
+    for run_id, (label, size, epochs, result) in results.items():
+        if result:
+            by_budget.setdefault(label, []).append((result["val_loss"], run_id, size, epochs, result))
+    points, used, dropped = best_points(by_budget, sorted(by_budget, key=public_budget_tokens), str)
+    unigram = results[used[-1]["run"]][3]
+    keys = ("train_tokens", "val_loss", "test_loss", "val_bpb", "test_bpb", "unigram_val_loss", "unigram_val_bpb",
+            "steps", "train_seconds", "wall_seconds")
+    rows = [dict(run=run_id, budget=label, size=size, epochs=epochs, **{k: r[k] for k in keys if k in r})
+            for run_id, (label, size, epochs, r) in sorted(results.items(), key=lambda item: (
+                public_budget_tokens(item[1][0]), list(SIZES).index(item[1][1]))) if r]
+    curve = dict(track="mini", convention="public",
+                 convention_note="the public slowrun's data_eff convention (data_eff/README.md: nanochat at its "
+                 "defaults, ONE epoch, best of d12/d20/d26 at each token count): here the `--preset mini` recipe "
+                 "unchanged (no tuning per budget) for ONE epoch at each budget, best of the sizes; the strict "
+                 "convention (reference_curve.json) also tunes the epoch count per budget",
+                 domain_flags=DOMAIN_FLAGS,
+                 what="best val loss over model sizes of `--preset mini --num_epochs 1` (the preset's recipe, one "
+                 "epoch) at each train budget (bytes), 1/8 of the track to the whole train shard; test loss of the "
+                 "same run; data efficiency = the budget at which the curve reaches a loss (piecewise linear in the "
+                 "budget, slowrun data_eff) / the run's own budget; below the last point: a bound",
+                 interpolation="linear in train_tokens", recipe="python train_gpt.py --preset mini --num_epochs 1 "
+                 "--train_tokens B <size flags>", command=command, git_commit=git_commit(), sizes=SIZES,
+                 unigram_val_loss=unigram.get("unigram_val_loss"), unigram_val_bpb=unigram.get("unigram_val_bpb"),
+                 points=used, not_falling=dropped, runs=rows)
+    with open(os.path.join(CURVE_DIR, PUBLIC_CURVE), "w") as handle:
+        json.dump(curve, handle, indent=2)
+        handle.write("\n")
+    plot_curve(results, used, os.path.join(CURVE_DIR, PUBLIC_CURVE.replace(".json", ".png")),
+               f"{TITLE}: public convention (the preset's recipe, one epoch, best of sizes)")
+    sizes = sorted({size for _, size, _, _ in results.values()}, key=list(SIZES).index)
+    lines = [f"Command: `{command}` (git {git_commit()}; one thread each, OMP_NUM_THREADS=1, nice 10, on a shared "
+             f"2-core machine). Every run: `{curve['recipe']}`. Cell: val / test loss in nats per byte (train "
+             f"seconds). Curve: {os.path.relpath(CURVE_DIR, REPO_ROOT)}/{PUBLIC_CURVE}.", "",
+             "| budget | train bytes | " + " | ".join(f"{s} ({SIZES[s]})" for s in sizes) +
+             " | best: val / test (bits/byte) |", "|---|---|" + "---|" * len(sizes) + "---|"]
+    for point in points:
+        cells = []
+        for size in sizes:
+            found = [r for label, ss, _, r in results.values() if label == point["budget"] and ss == size and r]
+            cells.append("—" if not found else f"{found[0]['val_loss']:.4f} / {found[0]['test_loss']:.4f} "
+                         f"({found[0].get('train_seconds', float('nan')):.0f} s)")
+        lines.append(curve_table_row(point, cells))
+    return curve, "\n".join(lines + not_on_curve(dropped))
+
+
+def load_curve_points(kind: str = "val_loss", name: str = "reference_curve.json") -> list[tuple[float, float]] | None:
+    path = os.path.join(CURVE_DIR, name)
     if not os.path.isfile(path):
         return None
     with open(path) as handle:
         return [(p.get("train_bytes", p["train_tokens"]), p[kind]) for p in json.load(handle)["points"]]
 
 
-def efficiency_text(points, loss: float, budget: int) -> str:
+def efficiency_text(points, loss: float, budget: int, digits: int = 2) -> str:
     if not points:
         return "—"
     try:
-        return format_efficiency(*data_efficiency(points, loss, budget))
+        return format_efficiency(*data_efficiency(points, loss, budget), digits)
     except ValueError:  # a curve whose best losses do not fall with the budget: no single answer
         return "n/a"
 
 
+def both_conventions_text(strict, public, loss: float, budget: int) -> str:
+    """A multiple in both conventions (issue 28), as records.py's leaderboard writes it: '1.87x strict, 9.9x public'
+    (the public one to one decimal, as the public figures are quoted; '— public' where the domain has no such curve)."""
+    return f"{efficiency_text(strict, loss, budget)} strict, {efficiency_text(public, loss, budget, 1)} public"
+
+
 def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
     val_points, test_points = load_curve_points("val_loss"), load_curve_points("test_loss")
+    public_val, public_test = (load_curve_points(kind, PUBLIC_CURVE) for kind in ("val_loss", "test_loss"))
     lines = [f"Command: `{command}` (git {git_commit()}; one thread each). Data efficiency against "
-             f"{os.path.relpath(CURVE_DIR, REPO_ROOT)}/reference_curve.json (val on the val curve, test on the test "
-             f"curve).", "",
+             f"{os.path.relpath(CURVE_DIR, REPO_ROOT)}/reference_curve.json (strict) and {PUBLIC_CURVE} (public "
+             f"convention, where the domain has one) (val on the val curves, test on the test curves).", "",
              "| run | flags | val | test | val bits/byte | train s | data eff. (val) | data eff. (test) |",
              "|---|---|---|---|---|---|---|---|"]
     for label, flags, r in rows:
@@ -322,8 +412,9 @@ def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
             continue
         lines.append(f"| {label} | `{flags}` | {r['val_loss']:.4f} | {r['test_loss']:.4f} | {r['val_bpb']:.3f} | "
                      f"{r['train_seconds']:.0f} | "
-                     f"{efficiency_text(val_points, r['val_loss'], train_bytes(r['train_tokens']))} | "
-                     f"{efficiency_text(test_points, r['test_loss'], train_bytes(r['train_tokens']))} |")
+                     f"{both_conventions_text(val_points, public_val, r['val_loss'], train_bytes(r['train_tokens']))}"
+                     f" | {both_conventions_text(test_points, public_test, r['test_loss'], train_bytes(r['train_tokens']))}"
+                     " |")
     ensembles = [(label, r["ensemble_val_losses"]) for label, _, r in rows if len(r.get("ensemble_val_losses") or []) > 1]
     if ensembles:
         width = max(len(losses) for _, losses in ensembles)
@@ -347,6 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     curve.add_argument("--sizes", default="s,m,l")
     curve.add_argument("--build", action="store_true", help="only build the curve, table and plot from finished runs")
     curve.add_argument("--command", default="", help="with --build: the commands that made the runs, for the table")
+    curve.add_argument("--public", action="store_true", help="the public convention (issue 28): the preset's recipe "
+                       "for ONE epoch at 1/8, 1/4, 1/2, 1, 2 and the whole train shard, best of --sizes; writes "
+                       f"{PUBLIC_CURVE} (--epochs is ignored)")
     grid = sub.add_parser("grid", help="a list of named runs at one budget")
     grid.add_argument("name")
     grid.add_argument("--budget", type=int, default=8, help="1/N of the track's data (default 8)")
@@ -366,6 +460,26 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a") as handle:
             handle.write(text + "\n")
 
+    if args.action == "curve" and args.public:
+        if args.domain != "fineweb":
+            parser.error("--public: the byte track only (--domain fineweb)")
+        results = {}
+        for label in PUBLIC_BUDGETS:
+            for size in args.sizes.split(","):
+                run_id = public_run_id(label, size)
+                if args.build and not os.path.isfile(os.path.join(RUNS, run_id, "result.json")):
+                    continue
+                flags = f"--train_tokens {public_budget_tokens(label)} --num_epochs 1 {SIZES[size]}"
+                results[run_id] = (label, size, 1, run(run_id, flags, log))
+        path = os.path.join(CURVE_DIR, PUBLIC_CURVE)  # runs kept in the stored curve, their folders gone
+        for row in (json.load(open(path)).get("runs", []) if os.path.isfile(path) else []):
+            if not results.get(row["run"], (0, 0, 0, {}))[3]:
+                results[row["run"]] = (row["budget"], row["size"], row["epochs"], row)
+        _, table = build_public_curve(results, args.command or "python bench/mini.py " + " ".join(
+            shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]) if a != "--build"))
+        write_section(RESULTS, f"{SECTION}_curve_public", f"### {TITLE}: the public-convention reference curve (the "
+                      f"preset's recipe, one epoch)\n\n" + table)
+        return 0
     if args.action == "curve":
         epochs = {int(n): [int(e) for e in es.split(",") if e]
                   for n, es in (item.split(":") for item in args.epochs.split(";"))}

@@ -63,7 +63,83 @@ def test_committed_mini_record_in_the_leaderboard_by_hand(name):
     assert l1 < mean < l0
     by_hand = (b0 + (l0 - mean) / (l0 - l1) * (b1 - b0)) / 27033
     rows = [line for line in records.leaderboard(records.RECORDS_DIR).splitlines() if f"records/mini/{name})" in line]
-    assert len(rows) == 1 and f"| {by_hand:.2f}x |" in rows[0]
+    assert len(rows) == 1 and f"| {by_hand:.2f}x strict, " in rows[0]
+
+
+# ------------------------------------------------------------------ issue 28: the public convention beside the strict
+
+# the public convention on 3 points: budgets 1,000 / 2,000 / 4,000 reach 3.0 / 2.6 / 2.2 after ONE epoch; the strict
+# curve (tuned epochs) reaches lower losses at the same budgets: 2.8 / 2.4 / 2.0
+PUBLIC = dict(convention="public", interpolation="linear in train_tokens", points=POINTS)
+STRICT = dict(interpolation="linear in train_tokens", points=[dict(p, val_loss=p["val_loss"] - 0.2) for p in POINTS])
+
+
+def test_public_convention_interpolation_by_hand():
+    # 2.7 lies between 3.0 (1,000) and 2.6 (2,000), (3.0 - 2.7) / 0.4 = 0.75 of the way: 1,000 + 0.75 x 1,000 = 1,750 bytes; a run on 250 -> 7.0x (one decimal, as the public figures)
+    assert records.efficiency_cell(PUBLIC, 2.7, 250, digits=1) == "7.0x"
+    assert records.efficiency_summary(PUBLIC, 2.7, 250)[1] == pytest.approx(1750 / 250)
+    # the same loss on the strict curve: between 2.8 (1,000) and 2.4 (2,000), 0.25 of the way: 1,250 -> 5.00x
+    assert records.both_conventions_cell(STRICT, PUBLIC, 2.7, 250) == "5.00x strict, 7.0x public"
+    # 2.3 on the public curve: between 2.6 (2,000) and 2.2 (4,000), 0.75 of the way: 3,500 -> 14.0x; strict: 2.4 ..
+    # 2.0, 0.25 of the way: 2,500 -> 10.00x
+    assert records.both_conventions_cell(STRICT, PUBLIC, 2.3, 250) == "10.00x strict, 14.0x public"
+    # below the public curve's lowest point (2.2 at 4,000): a bound, 4,000 / 250, never an extrapolation
+    assert records.both_conventions_cell(STRICT, PUBLIC, 2.1, 250) == "14.00x strict, > 16.0x public"
+    assert records.efficiency_summary(PUBLIC, 2.1, 250)[1] is None
+    # above its first point: the other bound; and a track without a public curve says so
+    assert records.both_conventions_cell(STRICT, PUBLIC, 3.1, 250) == "< 4.00x strict, < 4.0x public"
+    assert records.both_conventions_cell(STRICT, None, 2.7, 250) == "5.00x strict, — public"
+    # bench/mini.py's tables write the same cell from the same rule
+    points = [(p["train_tokens"], p["val_loss"]) for p in POINTS]
+    strict = [(b, loss - 0.2) for b, loss in points]
+    for loss in (2.7, 2.3, 2.1, 3.1):
+        assert mini.both_conventions_text(strict, points, loss, 250) == records.both_conventions_cell(
+            STRICT, PUBLIC, loss, 250)
+
+
+PUBLIC_PATH = os.path.join(REPO_ROOT, "records", "mini", "reference_curve_public.json")
+
+
+def public_multiple_by_hand(curve: dict, loss: float, budget: int) -> str:
+    points = [(p["train_tokens"], p["val_loss"]) for p in curve["points"]]
+    if loss < points[-1][1]:
+        return f"> {points[-1][0] / budget:.1f}x"
+    for (b0, l0), (b1, l1) in zip(points, points[1:]):
+        if l1 <= loss <= l0:
+            return f"{(b0 + (l0 - loss) / (l0 - l1) * (b1 - b0)) / budget:.1f}x"
+    return f"< {points[0][0] / budget:.1f}x"
+
+
+@pytest.mark.skipif(not os.path.isfile(PUBLIC_PATH), reason="no public-convention curve yet")
+def test_committed_public_curve_is_one_epoch_of_the_preset_best_of_three_sizes():
+    curve = json.load(open(PUBLIC_PATH))
+    assert curve["convention"] == "public" and curve["interpolation"] == "linear in train_tokens"
+    assert {run["epochs"] for run in curve["runs"]} == {1} and set(curve["sizes"]) == {"s", "m", "l"}
+    assert [p["budget"] for p in curve["points"] + curve["not_falling"]][:1] == ["1/8"]
+    assert curve["points"][-1]["budget"] == "max" and curve["points"][-1]["train_tokens"] == \
+        train_gpt.read_shard(os.path.join(REPO_ROOT, "data", "mini", "mini_train.bin")).size  # the whole shard
+    for point in curve["points"]:  # each point: the best size on val at its budget, of 3
+        runs = [run for run in curve["runs"] if run["budget"] == point["budget"]]
+        assert len(runs) == 3 and point["val_loss"] == min(run["val_loss"] for run in runs)
+        assert point["run"] == mini.public_run_id(point["budget"], point["size"])
+
+
+@pytest.mark.skipif(not os.path.isfile(PUBLIC_PATH), reason="no public-convention curve yet")
+@pytest.mark.parametrize("name", ["2026-11-26_m-wd1-e16-ens4", "2026-11-26_m-wd1-lr08-sd01-e16-ens8"])
+def test_leaderboard_cell_shows_both_conventions(name, capsys):
+    record = os.path.join(REPO_ROOT, "records", "mini", name)
+    losses = [result["val_loss"] for result in records.record_results(record)]
+    mean = sum(losses) / len(losses)
+    strict = records.efficiency_cell(records.load_curve(os.path.join(REPO_ROOT, "records", "mini",
+                                                                     "reference_curve.json")), mean, 27033)
+    public = public_multiple_by_hand(json.load(open(PUBLIC_PATH)), mean, 27033)
+    rows = [line for line in records.leaderboard(records.RECORDS_DIR).splitlines() if f"records/mini/{name})" in line]
+    assert len(rows) == 1 and f"| {strict} strict, {public} public |" in rows[0]
+    # the efficiency command prints the same pair, then one line per convention
+    assert records.main(["efficiency", record]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{record}: data efficiency {strict} strict, {public} public"
+    assert out[1].startswith("  strict (") and out[2].startswith("  public convention (")
 
 
 def test_stored_curve_runs_stand_in_for_missing_folders(tmp_path, monkeypatch):
