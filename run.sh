@@ -226,10 +226,17 @@ elif [ "$HAVE_DATA" = 0 ]; then
 fi
 
 # --- train ------------------------------------------------------------------------------------------------------------
-TEST_FLAGS=(--test_files "")  # the held-out test split is scored once at the end when it exists
-[ -f "$DATA_DIR/fineweb_test.bin" ] && TEST_FLAGS=(--test_files "$DATA_DIR/fineweb_test.bin")
-COMMAND=(torchrun "${LAUNCH[@]}" train_gpt.py --preset "$PRESET" ${ADDED[@]+"${ADDED[@]}"}
-  --train_files "$DATA_DIR/fineweb_train.bin" --val_files "$DATA_DIR/fineweb_val.bin" "${TEST_FLAGS[@]}" "$@")
+# the data flags from DATA_DIR unless given (train_gpt.py refuses a flag given twice); the held-out test split is
+# scored once at the end when it exists
+given() { local flag; for flag in "${@:2}"; do [ "${flag%%=*}" = "--$1" ] && return 0; done; return 1; }
+DATA_FLAGS=()
+given train_files "$@" || DATA_FLAGS+=(--train_files "$DATA_DIR/fineweb_train.bin")
+given val_files "$@" || DATA_FLAGS+=(--val_files "$DATA_DIR/fineweb_val.bin")
+if ! given test_files "$@"; then
+  if [ -f "$DATA_DIR/fineweb_test.bin" ]; then DATA_FLAGS+=(--test_files "$DATA_DIR/fineweb_test.bin")
+  else DATA_FLAGS+=(--test_files ""); fi
+fi
+COMMAND=(torchrun "${LAUNCH[@]}" train_gpt.py --preset "$PRESET" ${ADDED[@]+"${ADDED[@]}"} "${DATA_FLAGS[@]}" "$@")
 if [ "${DRY_RUN:-0}" = 1 ]; then
   echo "run.sh: DRY_RUN=1, would run:$(printf ' %q' "${COMMAND[@]}")"
   exit 0

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import platform
+import re
 import shlex
 import shutil
 import socket
@@ -58,6 +59,32 @@ import torch.nn.functional as F
 # ----------------------------------------------------------------------------------------------------------------------
 # Hyperparameters
 
+# Value kinds: each numeric field below names the range it accepts as its annotation (`muon_lr: Positive = 0.02`).
+# A kind is its default's own type (parsing is unchanged); check_numbers refuses any value outside its kind's range,
+# and a plain float that is not finite, with one line before any work (issue 25).
+Positive = float  # > 0 and finite: learning rates, eps, bases, ratios, temperatures, timeouts
+NonNegative = float  # >= 0 and finite: weight decays, noise, loss weights, clips (0 is usually "off")
+Fraction = float  # in [0, 1): betas, momentums, decays, dropout, a start point that must come before the end
+Probability = float  # in [0, 1]: fractions of training, mixing weights
+Count = int  # >= 0: token and step counts, sizes where 0 means "off" or "all"
+PositiveInt = int  # >= 1: sizes, periods, numbers of things there must be at least one of
+Interval = int  # >= -1: steps between events, 0 the default cadence, -1 never
+Seed = int  # in [0, 2^63): torch and numpy seeds
+Seed32 = int  # in [0, 2^32): numpy RandomState seeds
+NUMBER_KINDS: dict[str, tuple[str, object]] = {  # kind -> (what check_numbers says, the test a value must pass)
+    "Positive": ("be > 0 and finite", lambda v: 0 < v < math.inf),
+    "NonNegative": ("be >= 0 and finite", lambda v: 0 <= v < math.inf),
+    "Fraction": ("lie in [0, 1)", lambda v: 0 <= v < 1),
+    "Probability": ("lie in [0, 1]", lambda v: 0 <= v <= 1),
+    "Count": ("be >= 0", lambda v: v >= 0),
+    "PositiveInt": ("be >= 1", lambda v: v >= 1),
+    "Interval": ("be >= -1", lambda v: v >= -1),
+    "Seed": ("lie in [0, 2^63)", lambda v: 0 <= v < 2**63),
+    "Seed32": ("lie in [0, 2^32)", lambda v: 0 <= v < 2**32),
+    "float": ("be finite", math.isfinite),  # a float field that names no kind: any finite number
+    "int": ("be a whole number", lambda v: True),
+}
+
 
 @dataclass
 class Hyperparameters:
@@ -69,96 +96,96 @@ class Hyperparameters:
     train_files: str = "data/fineweb/fineweb_train.bin"  # glob of train shards: the fixed budget, read for many epochs
     val_files: str = "data/fineweb/fineweb_val.bin"  # glob of validation shards, scored whole at each evaluation
     test_files: str = ""  # glob of held-out test shards, scored once at the end ("" = none); never used to choose
-    train_tokens: int = 0  # train on only the first N train tokens, cut back to a document start (0 = all): data-scaling curves
-    val_tokens: int = 0  # score only the first N validation tokens (0 = all of them)
+    train_tokens: Count = 0  # train on only the first N train tokens, cut back to a document start (0 = all): data-scaling curves
+    val_tokens: Count = 0  # score only the first N validation tokens (0 = all of them)
     train_order: str = "docs"  # docs: whole documents reshuffled every epoch | fixed: the unshuffled stream's seq_len + 1 windows permuted once by numpy RandomState(43), the same order every epoch (the slowrun baseline record's prepared data, records/TRACKS.md F18a)
-    vocab_size: int = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
-    bos_id: int = 50256  # <|endoftext|>: every document starts with it
+    vocab_size: PositiveInt = 50304  # GPT-2's 50,257 tokens padded to a multiple of 128 (faster matmuls; modded-nanogpt)
+    bos_id: Count = 50256  # <|endoftext|>: every document starts with it
     tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256) | bpe (your own small BPE, --bpe_file); a mismatch is refused
     bpe_file: str = ""  # --tokenizer bpe: the ranks file data/encode.py --train_bpe wrote (its checksum must match the shards' headers)
     # --- model (nanochat lineage, as in the public slowrun baseline) ---------------------------------------------
-    n_layer: int = 12  # transformer blocks
-    n_embd: int = 768  # residual width
-    n_head: int = 6  # attention heads; head_dim = n_embd / n_head (must be even for RoPE)
+    n_layer: PositiveInt = 12  # transformer blocks
+    n_embd: PositiveInt = 768  # residual width
+    n_head: PositiveInt = 6  # attention heads; head_dim = n_embd / n_head (must be even for RoPE)
     mlp: str = "relu2"  # "relu2": ReLU(x)^2 (So et al. 2021, Primer; modded-nanogpt) | "swiglu" (Shazeer 2020; slowrun)
-    mlp_ratio: float = 4.0  # MLP hidden width / n_embd; SwiGLU uses 2/3 of it so both have the same parameter count
-    rope_base: float = 10000.0  # rotary position embedding base (Su et al. 2021)
-    logit_softcap: float = 15.0  # logits = c * tanh(logits / c) (Gemma 2; slowrun uses 10); 0 = off
-    dropout: float = 0.0  # dropout on each residual branch's output (the slowrun baseline uses 0.1)
+    mlp_ratio: Positive = 4.0  # MLP hidden width / n_embd; SwiGLU uses 2/3 of it so both have the same parameter count
+    rope_base: Positive = 10000.0  # rotary position embedding base (Su et al. 2021)
+    logit_softcap: NonNegative = 15.0  # logits = c * tanh(logits / c) (Gemma 2; slowrun uses 10); 0 = off
+    dropout: Fraction = 0.0  # dropout on each residual branch's output (the slowrun baseline uses 0.1)
     # --- model tricks of the public records (each off by default: off is exactly the plain model) -------------
     value_proj: bool = False  # V += 2*sigmoid(gate(x)) * W x0 on alternating layers, per head (ResFormer value residual; slowrun unlimited)
     unet_skips: bool = False  # decoder layer n-1-i adds w_i * (output of encoder layer i), w_i learned, 1 at init (modded-nanogpt; slowrun)
     attn_gate: bool = False  # per-head sigmoid gate on the attention output from x, zero-init (Qiu et al. 2025; modded-nanogpt; slowrun)
     resid_mix: bool = False  # x = lambda_r * x + lambda_0 * x0 before each block, 1 and 0.1 at init (modded-nanogpt; slowrun records)
     xsa: str = ""  # Exclusive Self Attention y -= s (y.v_hat) v_hat: "" off | "fixed" (s = 1) | "learned" (s = tanh(alpha), alpha = 0)
-    stochastic_depth: float = 0.0  # drop a whole block per sequence with probability p * (l + 1) / n_layer (Huang et al. 2016)
-    mtp_weight: float = 0.0  # multi-token prediction: aux head for token t+2, this loss weight (Gloeckle et al. 2024; DeepSeek-V3)
-    loop_repeats: int = 0  # looped layers: replay the layers of loop_range this many extra times (Universal Transformer; slowrun research)
+    stochastic_depth: Fraction = 0.0  # drop a whole block per sequence with probability p * (l + 1) / n_layer (Huang et al. 2016)
+    mtp_weight: NonNegative = 0.0  # multi-token prediction: aux head for token t+2, this loss weight (Gloeckle et al. 2024; DeepSeek-V3)
+    loop_repeats: Count = 0  # looped layers: replay the layers of loop_range this many extra times (Universal Transformer; slowrun research)
     loop_range: str = ""  # "a:b": the layers [a, b) that loop_repeats replays ("" = the middle third)
-    loop_start_frac: float = 0.0  # the replay switches on from this fraction of training on
+    loop_start_frac: Fraction = 0.0  # the replay switches on from this fraction of training on
     window_pattern: str = ""  # sliding-window attention, cycled over layers, last layer always long: e.g. "SSSL" (nanochat; slowrun)
-    window_short: int = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
-    window_warmup_frac: float = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
-    window_warmup_stages: int = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
+    window_short: Count = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
+    window_warmup_frac: Probability = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
+    window_warmup_stages: PositiveInt = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
     head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
     # --- the public records' model settings (records/TRACKS.md F0-F3, F5, F10; each at its default = the plain model) ---
-    mlp_hidden: int = 0  # MLP hidden width (0 = mlp_ratio's rule); the records use 256 * ceil(floor(8 d / 3) / 256): 4864 at d 1792
+    mlp_hidden: Count = 0  # MLP hidden width (0 = mlp_ratio's rule); the records use 256 * ceil(floor(8 d / 3) / 256): 4864 at d 1792
     proj_init: str = "zero"  # attention and MLP output projections: "zero" (nanochat) | "normal": N(0, n_embd^-0.5) (slowrun 1h record #14)
-    out_gate_channels: int = 32  # input channels the attention output gate reads (x[..., :C]); the 1h record uses 12
-    train_vocab: int = 0  # softmax over the first N logits in training (0 = all vocab_size): the records pad the vocabulary
-    eval_vocab: int = 0  # to 50,304 rows but score only the 50,257 real tokens (0 = all vocab_size), in evaluation
-    loop_start_epoch: int = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
+    out_gate_channels: PositiveInt = 32  # input channels the attention output gate reads (x[..., :C]); the 1h record uses 12
+    train_vocab: Count = 0  # softmax over the first N logits in training (0 = all vocab_size): the records pad the vocabulary
+    eval_vocab: Count = 0  # to 50,304 rows but score only the 50,257 real tokens (0 = all vocab_size), in evaluation
+    loop_start_epoch: Count = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
     stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
     mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
     value_embed_tables: bool = False  # V += 2*sigmoid(gate(x)) * E_l[idx] on alternating layers: a vocab x n_embd table per layer instead of value_proj's W x0 (the slowrun baseline record's value embeddings, records/TRACKS.md F17)
     # --- the 15min record's model (records/TRACKS.md F14 a-e, g, F5; slowrun tiny/train.py at fd342f0) -----------
-    rope_pairs: int = 0  # partial RoPE: only the first r of the head_dim/2 frequency pairs rotate, inv_freq_j = base^(-j/r); the rest stay put (0 = all; 15min: head_dim/4 = 32)
+    rope_pairs: Count = 0  # partial RoPE: only the first r of the head_dim/2 frequency pairs rotate, inv_freq_j = base^(-j/r); the rest stay put (0 = all; 15min: head_dim/4 = 32)
     key_offset: bool = False  # on "L" layers and the last layer, after RoPE and QK-norm, the second half of each key is the previous token's (15min)
     resid_lambda_init: float = 1.0  # initial resid_lambdas of resid_mix (15min: 1.1)
     dropout_mlp: bool = True  # dropout on the MLP branch too (False: the attention branch only, as the 15min record)
-    xsa_eps: float = 1e-12  # XSA's v_hat = v / max(|v|, eps) (F.normalize's eps; 15min: 1e-4)
+    xsa_eps: Positive = 1e-12  # XSA's v_hat = v / max(|v|, eps) (F.normalize's eps; 15min: 1e-4)
     xsa_betas: str = ""  # learned XSA strengths in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.95")
     out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
-    recurrence: int = 1  # the whole layer stack runs this many times, each pass ending in rms_norm and re-reading x0; in training all passes but the last run without gradients (15min: 2)
-    recurrence_start_frac: float = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
+    recurrence: PositiveInt = 1  # the whole layer stack runs this many times, each pass ending in rms_norm and re-reading x0; in training all passes but the last run without gradients (15min: 2)
+    recurrence_start_frac: Fraction = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
     # --- the 2h record's per-epoch windows and YaRN (records/TRACKS.md F15) ----------------------------------------
     window_schedule: str = ""  # "a-b:short,long;..." windows in keys (our count = the public FA3 window + 1; seq_len = full) for epochs a..b (1-based, contiguous from 1; the last stage holds after its end); each stage from its first epoch's first step; window_short is then unused ("" = off; 2h record: "1-6:257,769;7-13:769,1793;14-22:1281,2048")
     yarn: bool = False  # with window_schedule: each growth of the long window rescales the RoPE frequencies (YaRN ramp, alpha 1, beta 32) and multiplies the softmax scale (from head_dim^-0.5) by 0.2 ln(new/old) + 1, as the 2h record does (Peng et al. 2023, YaRN)
     # --- batch ----------------------------------------------------------------------------------------------------
-    seq_len: int = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
-    batch_tokens: int = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
+    seq_len: PositiveInt = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
+    batch_tokens: PositiveInt = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
     batch_schedule: str = ""  # batch-size schedule: per-epoch multipliers of batch_tokens, the last repeating, e.g. "0.25,0.5,1": small batches early give more updates from the same tokens (modded-nanogpt's batch schedule); LRs unchanged
-    device_batch_size: int = 16  # sequences per rank per forward/backward (lower it if memory runs out)
-    public_steps: int = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
-    val_batch_size: int = 16  # sequences per rank per evaluation forward
+    device_batch_size: PositiveInt = 16  # sequences per rank per forward/backward (lower it if memory runs out)
+    public_steps: Count = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
+    val_batch_size: PositiveInt = 16  # sequences per rank per evaluation forward
     # --- optimizer: Muon for hidden matrices, AdamW for the rest -------------------------------------------------
-    muon_lr: float = 0.02  # Muon learning rate (Jordan et al. 2024); scaled by sqrt(max(1, rows/cols)) per matrix
-    muon_momentum: float = 0.95  # Muon momentum
+    muon_lr: Positive = 0.02  # Muon learning rate (Jordan et al. 2024); scaled by sqrt(max(1, rows/cols)) per matrix
+    muon_momentum: Fraction = 0.95  # Muon momentum
     muon_nesterov: bool = True  # Nesterov momentum for Muon
-    muon_ns_steps: int = 5  # Newton-Schulz iterations of the orthogonalisation
-    muon_wd: float = 0.0  # decoupled weight decay on Muon matrices: p <- p * (1 - lr * wd) (slowrun records: 1.3-1.6)
-    embed_lr: float = 0.2  # AdamW learning rate of the token embedding (nanochat)
-    head_lr: float = 0.004  # AdamW learning rate of the untied lm_head (nanochat)
-    scalar_lr: float = 0.04  # AdamW learning rate of scalar and vector parameters (gates, lambdas), if the model has any
-    adam_beta1: float = 0.8  # AdamW beta1 (modded-nanogpt, nanochat)
-    adam_beta2: float = 0.95  # AdamW beta2
-    adam_eps: float = 1e-10  # AdamW epsilon
-    adam_wd: float = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
-    head_mix_lr: float = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
+    muon_ns_steps: Count = 5  # Newton-Schulz iterations of the orthogonalisation
+    muon_wd: NonNegative = 0.0  # decoupled weight decay on Muon matrices: p <- p * (1 - lr * wd) (slowrun records: 1.3-1.6)
+    embed_lr: Positive = 0.2  # AdamW learning rate of the token embedding (nanochat)
+    head_lr: Positive = 0.004  # AdamW learning rate of the untied lm_head (nanochat)
+    scalar_lr: Positive = 0.04  # AdamW learning rate of scalar and vector parameters (gates, lambdas), if the model has any
+    adam_beta1: Fraction = 0.8  # AdamW beta1 (modded-nanogpt, nanochat)
+    adam_beta2: Fraction = 0.95  # AdamW beta2
+    adam_eps: Positive = 1e-10  # AdamW epsilon
+    adam_wd: NonNegative = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    head_mix_lr: NonNegative = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
     # --- optimizer variants (each off by default) -----------------------------------------------------------------
     muon_polar_express: bool = False  # Polar Express per-iteration coefficients instead of the fixed quintic (Amsel et al. 2025; slowrun)
     muon_eq_r: bool = False  # MuonEq-R: scale each row of the momentum to unit norm before orthogonalising (MuonEq, 2025)
     normuon: bool = False  # NorMuon: per-neuron second-moment rescaling of the orthogonalised update (Li et al. 2025; slowrun)
-    normuon_beta2: float = 0.95  # NorMuon's second-moment EMA coefficient
+    normuon_beta2: Fraction = 0.95  # NorMuon's second-moment EMA coefficient
     cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
-    muon_momentum_warmup: int = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
-    grad_clip: float = 0.0  # clip the global gradient norm to this (0 = off)
+    muon_momentum_warmup: Count = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
+    grad_clip: NonNegative = 0.0  # clip the global gradient norm to this (0 = off)
     muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
     muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
     # --- the public records' optimizer groups (records/TRACKS.md F4, F5) -----------------------------------------
     muon_wd_scaled: bool = False  # Muon's sqrt(max(1, rows/cols)) step factor multiplies the weight decay too (slowrun records)
-    resid_lr_scale: float = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
-    x0_beta1: float = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
+    resid_lr_scale: Positive = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
+    x0_beta1: Fraction = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
     gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
     value_gate_muon: bool = False  # only the value gates train with Muon (output gates stay in AdamW): the slowrun baseline and 15min records
     muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
@@ -166,125 +193,125 @@ class Hyperparameters:
     attn_qkv_bf16: bool = False  # q, k and v cast to bf16 for the attention product, its output back to the compute dtype (the 2h record's cast, two_hour/train.py; a no-op under CUDA autocast, where they are bf16 already)
     rope_tables: str = ""  # how the RoPE cos/sin tables are stored: "" float32, cast to q's dtype where they rotate (bf16 under CUDA autocast) | bf16: bf16 tensors (the 1h, 15min, unlimited and baseline records' _precompute_rotary; on CUDA the same numbers as "", on a CPU the records' rounded tables) | bf16_values: float32 tensors holding bf16-rounded values, q and k rotated in float32 (the 2h record's Yarn buffers, which its bf16 q, k meet by type promotion); issue 23
     # --- schedule -------------------------------------------------------------------------------------------------
-    num_epochs: int = 1  # passes over the train set
-    max_steps: int = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
-    warmup_steps: int = 0  # linear LR warmup steps
-    warmdown_frac: float = 0.2  # final fraction of training over which the LR decays linearly
-    final_lr_frac: float = 0.0  # LR at the very end, as a fraction of the peak
+    num_epochs: PositiveInt = 1  # passes over the train set
+    max_steps: Count = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
+    warmup_steps: Count = 0  # linear LR warmup steps
+    warmdown_frac: Probability = 0.2  # final fraction of training over which the LR decays linearly
+    final_lr_frac: Probability = 0.0  # LR at the very end, as a fraction of the peak
     # --- schedule variants (each off by default) ------------------------------------------------------------------
-    warmdown_shape: float = 1.0  # warmdown exponent: lr = final + (1 - final) * (1 - d)^shape over the warmdown (1 = linear)
-    lr_cycles: int = 0  # cosine LR cycles (warm restarts, Loshchilov & Hutter 2017) over the pre-warmdown phase (0 = constant)
-    lr_cycle_floor: float = 0.1  # the cycles' lowest LR, as a fraction of the peak
+    warmdown_shape: Positive = 1.0  # warmdown exponent: lr = final + (1 - final) * (1 - d)^shape over the warmdown (1 = linear)
+    lr_cycles: Count = 0  # cosine LR cycles (warm restarts, Loshchilov & Hutter 2017) over the pre-warmdown phase (0 = constant)
+    lr_cycle_floor: Probability = 0.1  # the cycles' lowest LR, as a fraction of the peak
     wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch) | slowrun (see wd_hold_frac)
-    wd_sawtooth_epochs: int = 2  # how many final epochs the sawtooth weight decay spans
-    lr_epoch_cosine: int = 0  # the final N epochs each run a cosine from max(lr multiplier, floor) down to the floor (slowrun 1h record, "SWA cycles")
-    lr_epoch_cosine_floor: float = 0.05  # the floor of those cosines
-    wd_hold_frac: float = 0.4  # wd_schedule slowrun: multiplier 1 until this fraction of training, then linear down to
-    wd_low: float = 0.65  # wd_low where the lr_epoch_cosine epochs start, then wd_low -> wd_high within each of them
-    wd_high: float = 1.5  # (rising while the LR cosine falls: the 1h record's anti-phase weight decay)
+    wd_sawtooth_epochs: Count = 2  # how many final epochs the sawtooth weight decay spans
+    lr_epoch_cosine: Count = 0  # the final N epochs each run a cosine from max(lr multiplier, floor) down to the floor (slowrun 1h record, "SWA cycles")
+    lr_epoch_cosine_floor: Fraction = 0.05  # the floor of those cosines
+    wd_hold_frac: Probability = 0.4  # wd_schedule slowrun: multiplier 1 until this fraction of training, then linear down to
+    wd_low: NonNegative = 0.65  # wd_low where the lr_epoch_cosine epochs start, then wd_low -> wd_high within each of them
+    wd_high: NonNegative = 1.5  # (rising while the LR cosine falls: the 1h record's anti-phase weight decay)
     # --- weight averaging (off by default) ------------------------------------------------------------------------
-    ema_decay: float = 0.0  # EMA of the weights, ema <- d * ema + (1 - d) * w (0 = off; Polyak averaging, modded-nanogpt)
-    ema_every: int = 1  # update the EMA every k optimizer steps (the decay applies per update)
-    ema_start_frac: float = 0.0  # start the EMA (from the current weights) at this fraction of training
-    ema_blend: float = 1.0  # at the end the weights become blend * EMA + (1 - blend) * last
-    swa_epochs: int = 0  # SWA over the final N epochs: each runs a cosine LR cycle (1 -> lr_cycle_floor) and its end
+    ema_decay: Fraction = 0.0  # EMA of the weights, ema <- d * ema + (1 - d) * w (0 = off; Polyak averaging, modded-nanogpt)
+    ema_every: PositiveInt = 1  # update the EMA every k optimizer steps (the decay applies per update)
+    ema_start_frac: Probability = 0.0  # start the EMA (from the current weights) at this fraction of training
+    ema_blend: Probability = 1.0  # at the end the weights become blend * EMA + (1 - blend) * last
+    swa_epochs: Count = 0  # SWA over the final N epochs: each runs a cosine LR cycle (1 -> lr_cycle_floor) and its end
     # weights join a uniform average that replaces the weights at the end (Izmailov et al. 2018; slowrun records). 0 = off
-    epoch_snapshots: int = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
+    epoch_snapshots: Count = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
     # candidates: probability averaging of the last epochs' checkpoints (slowrun unlimited records). 0 = off
     epoch_snapshot_weights: str = "equal"  # the epoch snapshots' mixture: equal (1/n) | recency (i / sum i, oldest
     # first) | both (equal is val_loss, recency is scored and reported beside it; slowrun 1h record #12, --logit-avg-mode)
     # --- evaluation as the public records score it (records/TRACKS.md F22) -----------------------------------------
-    val_public_windows: int = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
+    val_public_windows: Count = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
     # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
     # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
-    val_window_seed: int = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
+    val_window_seed: Seed32 = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
     # --- the 15min record's loss, weight decay and averages (records/TRACKS.md F8b, F9, F14f) ---------------------
     mtp_offsets: str = ""  # multi-offset loss: the one lm_head's logits at t scored against targets t, t+1, ... with
     # these weights, offsets running on across sequence ends of the flattened micro-batch (15min record: "1,0.5,0.25"); "" = off
-    mtp_anneal_frac: float = 0.66  # offset k >= 1 fades linearly to 0 over its own slice of the first fraction of training, the furthest first
+    mtp_anneal_frac: Probability = 0.66  # offset k >= 1 fades linearly to 0 over its own slice of the first fraction of training, the furthest first
     fp8_head: bool = False  # CUDA, with mtp_offsets: the loss's lm_head matmul in fp8 e4m3 (x / (100/448), W / (1.6/448)), bf16
     # logits, logit gradients in e5m2 scaled by 448/0.75 (15min record's fused kernel); the bf16 path is the reference
     wd_points: str = ""  # wd_schedule points: "epoch:multiplier,..." knots at round(epoch / num_epochs x steps), linear between (numpy.interp; 15min: "0:1,2:1,8:0.125,15:1.1625")
-    ckpt_avg_epochs: int = 0  # weight-space average of the last N epoch-end weights (every parameter), scored as its own candidate (15min record: 4); 0 = off
+    ckpt_avg_epochs: Count = 0  # weight-space average of the last N epoch-end weights (every parameter), scored as its own candidate (15min record: 4); 0 = off
     ckpt_avg_weights: str = "recency"  # that average's weights, oldest first: recency (i / sum i) | equal (1 / N)
     ema_candidate: bool = False  # the EMA kept as the 15min record keeps it: from zero, updated after steps 0, k, 2k, ... (k = ema_every),
     # bias-corrected, scored as its own candidate; the final weights stay the last step's (nothing blended)
     # --- run ------------------------------------------------------------------------------------------------------
-    seed: int = 0  # seeds the initialisation and the data order
+    seed: Seed = 0  # seeds the initialisation and the data order
     device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    dist_timeout: float = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
+    dist_timeout: Positive = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
     compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
     plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
-    memory_budget_gb: float = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
-    plan_world_size: int = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
+    memory_budget_gb: NonNegative = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
+    plan_world_size: Count = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
     low_memory: bool = False  # CPU: leave glibc's allocator as it is (fewer freed blocks kept; steps slower, each
     # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
-    cpu_loss_rows: int = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
+    cpu_loss_rows: Count = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
     # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
     # (tiny, one step: 1.0 GiB peak RSS instead of 3.0); gradients and losses bitwise the eager ones; 0 = eager
     averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
     candidates_on_disk: str = "auto"  # finished snapshots and members (not teaching) wait as their members/ files, read back one at a time to score them (the public unlimited script's way): auto (only when the memory plan says host memory cannot hold them, see host_memory_gb) | on | off (in host memory)
-    host_memory_gb: float = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
+    host_memory_gb: NonNegative = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
     frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
-    grad_bucket_mb: float = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
+    grad_bucket_mb: Positive = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
     # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
     fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
     attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
     doc_mask: bool = False  # no attention across <|endoftext|> boundaries: each token sees only its own document (modded-nanogpt)
     run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
     log_dir: str = "logs"  # where run folders go
-    log_every: int = 10  # optimizer steps between progress lines (the first and the last step always log)
-    val_every: int = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
+    log_every: PositiveInt = 10  # optimizer steps between progress lines (the first and the last step always log)
+    val_every: Interval = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
     save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it).
     # On by default: a run's weights are its only product that --eval_only and sampling can reuse, and re-training
     # costs far more than the disk (4 bytes per parameter: 53 MB for tiny); --save_model false for sweeps
-    sample_tokens: int = 0  # after the final evaluation, continue a few val prompts by N tokens (greedy, and top-k
+    sample_tokens: Count = 0  # after the final evaluation, continue a few val prompts by N tokens (greedy, and top-k
     # with temperature from a generator seeded by --seed), printed and logged (0 = off)
     wandb: str = ""  # also send every metrics row to this Weights & Biases project (needs `pip install wandb`; "" = off)
     # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
     # chain distillation -> 3.126) ------------------------------------------------------------------------------
-    ensemble_size: int = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
+    ensemble_size: PositiveInt = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
     ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
     ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
-    distill_alpha: float = 0.0  # member k >= 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
-    distill_temperature: float = 1.0  # T of the distillation KL (Hinton et al. 2015)
+    distill_alpha: Probability = 0.0  # member k >= 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
+    distill_temperature: Positive = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 0..k-1
-    distill_chunk: int = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
-    parallel_members: int = 1  # M process groups of world/M ranks train M members at once (round by round); with
+    distill_chunk: PositiveInt = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    parallel_members: PositiveInt = 1  # M process groups of world/M ranks train M members at once (round by round); with
     # distillation the teacher is then the last member of the previous round
-    snapshot_cycles: int = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
+    snapshot_cycles: Count = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
     # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
-    snapshot_noise: float = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
+    snapshot_noise: NonNegative = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
     snapshot_distill: bool = False  # each cycle after the first distils from the previous snapshot (distill_alpha, T)
-    fitness_tokens: int = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
+    fitness_tokens: Count = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
     # mixture weights over the members are learned; the top select_top by weight form the final ensemble (slowrun
     # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
-    select_top: int = 0  # members kept after learning the weights (0 = all, weighted by the learned weights)
-    select_steps: int = 300  # Adam steps of the mixture-weight fit (minimises -log sum_i w_i p_i on the fitness slice)
+    select_top: Count = 0  # members kept after learning the weights (0 = all, weighted by the learned weights)
+    select_steps: PositiveInt = 300  # Adam steps of the mixture-weight fit (minimises -log sum_i w_i p_i on the fitness slice)
     # --- the unlimited record's snapshot chain (records/TRACKS.md F19; each at its default = the snapshot cycles above) ---
     snapshot_cycle_shape: str = "cosine"  # each snapshot cycle's LR: cosine (1 -> lr_cycle_floor) | linear: floor +
     # (1 - floor)(1 - i/n) at step i of the cycle's n (slowrun unlimited record, --lr-floor 0.08)
     snapshot_cycle_epochs: bool = False  # each snapshot cycle is num_epochs / snapshot_cycles whole epochs, ending at an
     # epoch end (the unlimited record's 2-epoch cycles: with a batch_schedule, steps per cycle differ); off = equal steps
-    wd_floor: float = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
-    snapshot_distill_after: int = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
+    wd_floor: NonNegative = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
+    snapshot_distill_after: Count = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
     # at all (unlimited record: 8, its nodes independent). 0 = from cycle 1, cycle 0 taught by the previous member if any
     distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
     # the (1 - a) as the unlimited record folds it, not added outside
-    snapshot_noise_min: float = 0.0  # > 0: the noise after cycle c = 1..C-1 falls by a cosine from snapshot_noise (c = 1)
+    snapshot_noise_min: NonNegative = 0.0  # > 0: the noise after cycle c = 1..C-1 falls by a cosine from snapshot_noise (c = 1)
     # to this (c = C-1) (unlimited record: 0.25 -> 0.05); 0 = snapshot_noise after every cycle
     snapshot_noise_stat: str = "rms"  # the noise's scale per tensor: rms | std (unbiased torch.std; one-element tensors
     # get none: the unlimited record's perturb_weights)
-    select_lr: float = 0.05  # Adam LR of the mixture-weight fit (unlimited record: 0.5)
-    select_clip: float = 0.0  # clip the mixture logits' gradient norm to this (0 = off; unlimited record: 1.0)
-    select_init_noise: float = 0.0  # the mixture logits start at this x N(0, 1), generator seeded 0 (0 = zeros; unlimited 1e-4)
+    select_lr: Positive = 0.05  # Adam LR of the mixture-weight fit (unlimited record: 0.5)
+    select_clip: NonNegative = 0.0  # clip the mixture logits' gradient norm to this (0 = off; unlimited record: 1.0)
+    select_init_noise: NonNegative = 0.0  # the mixture logits start at this x N(0, 1), generator seeded 0 (0 = zeros; unlimited 1e-4)
     select_top_sweep: str = ""  # comma-separated K: each top-K ensemble by learned weight scored on val; the largest K
     # below the candidate count is the result (unlimited record: 8,16,32,64,128,256; its result.json keeps the largest)
-    checkpoint_every: int = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
+    checkpoint_every: Interval = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
     resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
     eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
-    stop_at_step: int = 0  # end the process after this step of the member in progress, as if killed (resume tests)
+    stop_at_step: Count = 0  # end the process after this step of the member in progress, as if killed (resume tests)
 
 
 PRESETS: dict[str, dict] = {
@@ -566,6 +593,9 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         if not has_equals and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
             value = argv[index + 1]
             index += 1
+        if earlier := [text for given, text in pairs if given == name]:  # the last would win silently (review b23)
+            shown = ["no value" if text is None else text for text in (earlier[0], value)]
+            raise ConfigError(f"flag --{name} given twice ({shown[0]}, then {shown[1]}): give it once")
         pairs.append((name, value))
         index += 1
 
@@ -586,7 +616,9 @@ def parse_args(argv: list[str]) -> Hyperparameters:
             hint = f"; did you mean --{close[0]}?" if close else " (python train_gpt.py --help lists them)"
             raise ConfigError(f"unknown flag --{name}{hint}")
         settings[name] = _parse_value(name, value, defaults[name])
-    return Hyperparameters(**settings)
+    hp = Hyperparameters(**settings)
+    check_numbers(hp)
+    return hp
 
 
 def require(condition: bool, message: str) -> None:
@@ -595,14 +627,26 @@ def require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def check_numbers(hp: Hyperparameters) -> None:
+    """Every numeric field against its value kind (NUMBER_KINDS: the range its annotation names; a plain float must
+    be finite), before any work: the first one outside is the one-line ConfigError (issue 25)."""
+    for field in dataclasses.fields(hp):
+        if field.type not in NUMBER_KINDS:
+            continue  # str and bool fields
+        value, (should, passes) = getattr(hp, field.name), NUMBER_KINDS[field.type]
+        whole = field.type == "int" or field.type != "float" and globals()[field.type] is int  # Count, Seed, ...
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise ConfigError(f"{field.name} must be {'a whole number' if whole else 'a number'}, got {value!r}")
+        if not passes(value):
+            raise ConfigError(f"{field.name} must {should}, got {value}")
+
+
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     """Catches inconsistent settings before any work, each with a one-line reason."""
-    require(hp.n_layer >= 1 and hp.n_embd >= 1 and hp.n_head >= 1, "n_layer, n_embd and n_head must be positive")
-    check_sizes(hp)
+    check_numbers(hp)  # parse_args did, but a resumed run's hyperparameters.json or a caller's own need it too
     require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
     require((hp.n_embd // hp.n_head) % 2 == 0, f"head_dim n_embd/n_head = {hp.n_embd // hp.n_head} must be even (RoPE)")
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
-    require(hp.sample_tokens >= 0, f"sample_tokens must be >= 0, got {hp.sample_tokens}")
     require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
     require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
     require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
@@ -621,31 +665,16 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
     require(hp.candidates_on_disk in ("auto", "on", "off"),
             f"candidates_on_disk must be auto, on or off, got {hp.candidates_on_disk!r}")
-    require(hp.host_memory_gb >= 0, f"host_memory_gb must be >= 0, got {hp.host_memory_gb}")
     require(hp.grad_sync in ("after", "overlap", "overlap_flat"),
             f"grad_sync must be after, overlap or overlap_flat, got {hp.grad_sync!r}")
-    require(hp.grad_bucket_mb > 0, f"grad_bucket_mb must be positive, got {hp.grad_bucket_mb}")
     require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
-    require(0.0 <= hp.dropout < 1.0, f"dropout must lie in [0, 1), got {hp.dropout}")
-    require(0.0 <= hp.warmdown_frac <= 1.0, f"warmdown_frac must lie in [0, 1], got {hp.warmdown_frac}")
-    require(hp.seq_len >= 1 and hp.device_batch_size >= 1 and hp.val_batch_size >= 1,
-            "seq_len, device_batch_size and val_batch_size must be positive")
-    require(hp.num_epochs >= 1 and hp.max_steps >= 0, "num_epochs must be >= 1 and max_steps >= 0")
-    require(hp.public_steps >= 0, f"public_steps must be >= 0 (0 = whole-step epochs), got {hp.public_steps}")
     require(not hp.public_steps or not hp.batch_schedule or hp.snapshot_cycle_epochs,
             "public_steps with a batch_schedule steps cycle by cycle: it needs snapshot_cycle_epochs")
-    require(hp.cpu_loss_rows >= 0, f"cpu_loss_rows must be >= 0 (0 = the whole micro-batch), got {hp.cpu_loss_rows}")
-    require(hp.log_every >= 1 and hp.val_every >= -1, "log_every must be >= 1 and val_every >= -1")
-    require(hp.ensemble_size >= 1, f"ensemble_size must be >= 1, got {hp.ensemble_size}")
     require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
     require(hp.distill_teacher in ("previous", "ensemble"),
             f"distill_teacher must be previous or ensemble, got {hp.distill_teacher!r}")
-    require(0.0 <= hp.distill_alpha <= 1.0, f"distill_alpha must lie in [0, 1], got {hp.distill_alpha}")
-    require(hp.distill_temperature > 0 and hp.distill_chunk >= 1, "distill_temperature and distill_chunk must be > 0")
-    require(hp.memory_budget_gb >= 0 and hp.plan_world_size >= 0, "memory_budget_gb and plan_world_size must be >= 0")
-    require(hp.checkpoint_every >= -1 and hp.stop_at_step >= 0, "checkpoint_every must be >= -1, stop_at_step >= 0")
     require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
-    require(hp.parallel_members >= 1 and world_size % hp.parallel_members == 0,
+    require(world_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
     # a round whose groups do not all train a member leaves the idle ones at the round's barrier for a whole member,
     # past NCCL's 10-minute watchdog (review slowrun_fidelity B.2)
@@ -656,15 +685,15 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
             f"parallel_members {hp.parallel_members} trains that many members at once: more than ensemble_size "
             f"{hp.ensemble_size} leaves groups idle")
     world_size //= hp.parallel_members  # the ranks that train one member together
-    require(hp.snapshot_cycles >= 0 and hp.snapshot_noise >= 0, "snapshot_cycles and snapshot_noise must be >= 0")
     require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
     require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
     require(not (hp.snapshot_noise or hp.snapshot_distill) or hp.snapshot_cycles or hp.epoch_snapshots,
             "snapshot_noise and snapshot_distill act where a snapshot is taken: set snapshot_cycles or epoch_snapshots")
+    require(not hp.snapshot_noise or member_seed(hp, hp.ensemble_size - 1) * 1000 + hp.snapshot_cycles +
+            hp.epoch_snapshots < 2**64, f"snapshot_noise seeds each snapshot's noise with seed x 1000 + cycle, which "
+            f"must fit 64 bits: --seed {hp.seed} is too large for it (keep seeds below 1.8e16)")
     if hp.ensemble_weights:
         parse_weights(hp.ensemble_weights, candidate_count(hp))
-    require(hp.fitness_tokens >= 0 and hp.select_top >= 0 and hp.select_steps >= 1,
-            "fitness_tokens and select_top must be >= 0, select_steps >= 1")
     require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
     require(not hp.select_top or hp.fitness_tokens, "select_top keeps the members with the largest learned weights: "
             "set fitness_tokens (the train tokens the weights are learned on)")
@@ -674,16 +703,10 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     check_tracks_eval(hp)
     check_tracks_15min(hp)
     check_tracks_15min_model(hp)
-    require(0.0 <= hp.stochastic_depth < 1.0, f"stochastic_depth must lie in [0, 1), got {hp.stochastic_depth}")
-    require(hp.mtp_weight >= 0.0 and hp.loop_repeats >= 0, "mtp_weight and loop_repeats must be >= 0")
-    require(0.0 <= hp.loop_start_frac < 1.0, f"loop_start_frac must lie in [0, 1), got {hp.loop_start_frac}")
     if hp.loop_repeats:
         start, stop = loop_layer_range(hp)
         require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
     require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
-    require(hp.window_short >= 0, "window_short must be >= 0")
-    require(0.0 <= hp.window_warmup_frac <= 1.0 and hp.window_warmup_stages >= 1,
-            "window_warmup_frac must lie in [0, 1] and window_warmup_stages be >= 1")
     require(not hp.window_warmup_frac or hp.window_pattern,
             "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
     check_window_schedule(hp)
@@ -692,10 +715,6 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     check_record_settings(hp)
     check_baseline_settings(hp)
     check_unlimited_settings(hp)
-    require(hp.warmdown_shape > 0 and hp.lr_cycles >= 0, "warmdown_shape must be > 0 and lr_cycles >= 0")
-    require(0.0 <= hp.ema_decay < 1.0 and hp.ema_every >= 1, "ema_decay must lie in [0, 1) and ema_every be >= 1")
-    require(0.0 <= hp.ema_blend <= 1.0, f"ema_blend must lie in [0, 1], got {hp.ema_blend}")
-    require(hp.swa_epochs >= 0 and hp.epoch_snapshots >= 0, "swa_epochs and epoch_snapshots must be >= 0")
     require(not (hp.swa_epochs and (hp.ema_decay > 0 or hp.snapshot_cycles or hp.lr_cycles)),
             "swa_epochs sets the final epochs' LR and averages weights itself: drop ema_decay, snapshot_cycles, lr_cycles")
     require(not hp.swa_epochs or (hp.swa_epochs <= hp.num_epochs and not hp.max_steps),
@@ -720,7 +739,6 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
 def check_record_settings(hp: Hyperparameters) -> None:
     """The public records' flags (records/TRACKS.md F1-F10), each with a one-line reason."""
     require(hp.proj_init in ("zero", "normal"), f"proj_init must be zero or normal, got {hp.proj_init!r}")
-    require(hp.mlp_hidden >= 0 and hp.out_gate_channels >= 1, "mlp_hidden must be >= 0 and out_gate_channels >= 1")
     for name in ("train_vocab", "eval_vocab"):
         columns = getattr(hp, name)
         require(columns == 0 or hp.bos_id < columns <= hp.vocab_size,
@@ -728,14 +746,8 @@ def check_record_settings(hp: Hyperparameters) -> None:
     require(hp.train_vocab == hp.eval_vocab or not (hp.distill_alpha or hp.snapshot_distill),
             "distillation compares a teacher's (evaluation) and a student's (training) softmax: train_vocab and "
             "eval_vocab must be equal")
-    require(hp.resid_lr_scale > 0 and 0.0 <= hp.x0_beta1 < 1.0, "resid_lr_scale must be > 0, x0_beta1 in [0, 1)")
-    require(hp.lr_epoch_cosine >= 0 and 0.0 <= hp.lr_epoch_cosine_floor < 1.0,
-            "lr_epoch_cosine must be >= 0 and lr_epoch_cosine_floor in [0, 1)")
     require(not (hp.lr_epoch_cosine and (hp.swa_epochs or hp.snapshot_cycles or hp.lr_cycles)),
             "lr_epoch_cosine shapes the final epochs' LR itself: drop swa_epochs, snapshot_cycles, lr_cycles")
-    require(0.0 <= hp.wd_hold_frac <= 1.0 and hp.wd_low >= 0 and hp.wd_high >= 0,
-            "wd_hold_frac must lie in [0, 1], wd_low and wd_high be >= 0")
-    require(hp.loop_start_epoch >= 0, f"loop_start_epoch must be >= 0, got {hp.loop_start_epoch}")
     require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
             "looping starts: set one")
 
@@ -760,17 +772,15 @@ def check_unlimited_settings(hp: Hyperparameters) -> None:
     require(not hp.snapshot_cycle_epochs or (hp.snapshot_cycles and hp.num_epochs % hp.snapshot_cycles == 0
                                              and not hp.max_steps),
             "snapshot_cycle_epochs makes each cycle whole epochs: needs snapshot_cycles dividing num_epochs, no max_steps")
-    require(hp.wd_schedule != "cycle_inverse" or (hp.wd_floor >= 0 and hp.lr_cycle_floor < 1),
-            "wd_schedule cycle_inverse needs wd_floor >= 0 and lr_cycle_floor < 1")
-    require(hp.snapshot_distill_after >= 0 and (not hp.snapshot_distill_after or hp.snapshot_distill),
-            "snapshot_distill_after says from which cycle snapshot_distill acts: set snapshot_distill (and it >= 0)")
+    require(hp.wd_schedule != "cycle_inverse" or hp.lr_cycle_floor < 1,
+            "wd_schedule cycle_inverse divides by 1 - lr_cycle_floor: it needs lr_cycle_floor < 1")
+    require(not hp.snapshot_distill_after or hp.snapshot_distill,
+            "snapshot_distill_after says from which cycle snapshot_distill acts: set snapshot_distill")
     require(not hp.distill_mtp_inside or (hp.mtp_weight > 0 and 0 < hp.distill_alpha < 1),
             "distill_mtp_inside puts the MTP term inside (1 - distill_alpha): needs mtp_weight > 0, 0 < distill_alpha < 1")
-    require(hp.snapshot_noise_min >= 0 and (not hp.snapshot_noise_min or hp.snapshot_noise > 0),
-            "snapshot_noise_min is where the noise's cosine ends: set snapshot_noise (its start) > 0, the min >= 0")
+    require(not hp.snapshot_noise_min or hp.snapshot_noise > 0,
+            "snapshot_noise_min is where the noise's cosine ends: set snapshot_noise (its start) > 0")
     require(hp.snapshot_noise_stat in ("rms", "std"), f"snapshot_noise_stat must be rms or std, got {hp.snapshot_noise_stat!r}")
-    require(hp.select_lr > 0 and hp.select_clip >= 0 and hp.select_init_noise >= 0,
-            "select_lr must be > 0, select_clip and select_init_noise >= 0")
     require(not hp.select_top_sweep or (hp.fitness_tokens and not hp.select_top),
             "select_top_sweep scores top-K ensembles by learned weight: set fitness_tokens, drop select_top")
     top_sweep(hp, 0)  # a malformed list is refused here, before any work
@@ -797,7 +807,6 @@ def check_tracks_eval(hp: Hyperparameters) -> None:
             f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
     require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
             "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
-    require(hp.val_public_windows >= 0 and hp.head_mix_lr >= 0, "val_public_windows and head_mix_lr must be >= 0")
 
 
 def check_tracks_15min(hp: Hyperparameters) -> None:
@@ -806,7 +815,7 @@ def check_tracks_15min(hp: Hyperparameters) -> None:
     require(not weights or weights[0] > 0, f"mtp_offsets {hp.mtp_offsets!r}: the first weight (the next token) must be > 0")
     require(not weights or not (hp.mtp_weight or hp.distill_alpha or hp.snapshot_distill),
             "mtp_offsets is the 15min record's multi-token loss: drop mtp_weight and distillation")
-    require(0.0 < hp.mtp_anneal_frac <= 1.0, f"mtp_anneal_frac must lie in (0, 1], got {hp.mtp_anneal_frac}")
+    require(hp.mtp_anneal_frac > 0, f"mtp_anneal_frac must lie in (0, 1], got {hp.mtp_anneal_frac}")
     require(not hp.fp8_head or weights, "fp8_head is the matmul of the mtp_offsets loss: set mtp_offsets")
     require(not hp.fp8_head or hp.train_vocab == 0, "fp8_head scores all vocab_size columns, as the 15min record "
             "does: set train_vocab 0")
@@ -818,7 +827,6 @@ def check_tracks_15min(hp: Hyperparameters) -> None:
     knots = wd_point_knots(hp)
     require(hp.wd_schedule == "points" or not knots, "wd_points are the knots of wd_schedule points: set it")
     require(hp.wd_schedule != "points" or knots, "wd_schedule points needs wd_points, e.g. 0:1,2:1,8:0.125,15:1.1625")
-    require(hp.ckpt_avg_epochs >= 0, f"ckpt_avg_epochs must be >= 0, got {hp.ckpt_avg_epochs}")
     require(hp.ckpt_avg_weights in ("recency", "equal"),
             f"ckpt_avg_weights must be recency or equal, got {hp.ckpt_avg_weights!r}")
     require(not hp.ema_candidate or hp.ema_decay > 0, "ema_candidate scores the EMA: set ema_decay")
@@ -843,7 +851,7 @@ def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
         knots = [tuple(float(x) for x in part.split(":")) for part in hp.wd_points.split(",") if part.strip()]
     except ValueError:
         knots = [()]
-    if any(len(knot) != 2 or not knot[1] >= 0 for knot in knots) or \
+    if any(len(knot) != 2 or not (math.isfinite(knot[0]) and 0 <= knot[1] < math.inf) for knot in knots) or \
             any(b[0] <= a[0] for a, b in zip(knots, knots[1:])):
         raise ConfigError(f"wd_points must be epoch:multiplier knots, epochs increasing, multipliers >= 0, like "
                           f"0:1,2:1,8:0.125,15:1.1625; got {hp.wd_points!r}")
@@ -867,12 +875,7 @@ def check_tracks_15min_model(hp: Hyperparameters) -> None:
     require(0 <= hp.rope_pairs <= half, f"rope_pairs must lie in [0, head_dim/2 = {half}], got {hp.rope_pairs}")
     require(not hp.key_offset or hp.window_pattern, "key_offset acts on the long-window (L) layers and the last one: "
             "set window_pattern too (e.g. SSSL)")
-    require(math.isfinite(hp.resid_lambda_init), f"resid_lambda_init must be finite, got {hp.resid_lambda_init}")
     require(hp.resid_lambda_init == 1.0 or hp.resid_mix, "resid_lambda_init starts resid_mix's lambdas: set resid_mix")
-    require(hp.xsa_eps > 0, f"xsa_eps must be > 0, got {hp.xsa_eps}")
-    require(hp.recurrence >= 1, f"recurrence must be >= 1 (passes through the stack), got {hp.recurrence}")
-    require(0.0 <= hp.recurrence_start_frac < 1.0,
-            f"recurrence_start_frac must lie in [0, 1), got {hp.recurrence_start_frac}")
     require(not hp.recurrence_start_frac or hp.recurrence > 1, "recurrence_start_frac switches recurrence on: set "
             "recurrence >= 2")
     if hp.xsa_betas:
@@ -901,25 +904,16 @@ def check_window_schedule(hp: Hyperparameters) -> None:
             f"schedule's long windows {longs} must not shrink")
 
 
-def check_sizes(hp: Hyperparameters) -> None:
-    """Sizes that would otherwise divide by zero or silently shrink the data (fault-injection review, issue 14)."""
-    for name in ("batch_tokens", "dist_timeout"):
-        if not getattr(hp, name) > 0:
-            raise ConfigError(f"{name} must be > 0, got {getattr(hp, name)}")
-    for name in ("train_tokens", "val_tokens"):
-        if getattr(hp, name) < 0:
-            raise ConfigError(f"{name} must be >= 0 (0 = all), got {getattr(hp, name)}")
-    if not hp.mlp_ratio > 0 or mlp_hidden_width(hp) < 1:
-        raise ConfigError(f"mlp_ratio {hp.mlp_ratio} gives an MLP hidden width of {mlp_hidden_width(hp)}: must be >= 1")
-
-
 def batch_schedule(hp: Hyperparameters) -> tuple[float, ...]:
     """The per-epoch batch multipliers of --batch_schedule ("0.25,0.5,1"), () when off."""
     try:
-        return tuple(float(value) for value in hp.batch_schedule.split(",") if value.strip())
+        multipliers = tuple(float(value) for value in hp.batch_schedule.split(",") if value.strip())
     except ValueError:
-        raise ConfigError(f"batch_schedule must be comma-separated numbers like 0.25,0.5,1, got "
-                          f"{hp.batch_schedule!r}") from None
+        multipliers = (math.nan,)
+    if not all(0 < m < math.inf for m in multipliers):
+        raise ConfigError(f"batch_schedule must be comma-separated finite numbers > 0 like 0.25,0.5,1, got "
+                          f"{hp.batch_schedule!r}")
+    return multipliers
 
 
 def candidate_count(hp: Hyperparameters) -> int:
@@ -929,21 +923,15 @@ def candidate_count(hp: Hyperparameters) -> int:
 
 
 def parse_weights(text: str, count: int) -> list[float]:
-    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one positive weight per member (to leave a member out, leave
-    out its file: the running ensembles and the log-probabilities need every weight > 0)."""
+    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one finite positive weight per member (to leave a member out,
+    leave out its file: the running ensembles and the log-probabilities need every weight > 0)."""
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError:
         raise ConfigError(f"ensemble_weights {text!r}: expected comma-separated numbers") from None
-    if len(weights) != count or not min(weights) > 0:
-        raise ConfigError(f"ensemble_weights {text!r}: need {count} positive weights, one per member")
+    if len(weights) != count or not all(0 < w < math.inf for w in weights) or not sum(weights) < math.inf:
+        raise ConfigError(f"ensemble_weights {text!r}: need {count} finite positive weights, one per member")
     return [w / sum(weights) for w in weights]
-
-
-def usage() -> str:
-    presets = "\n".join(f"  {name}: {overrides}" for name, overrides in PRESETS.items())
-    return (f"{__doc__.strip()}\n\nFlags: --name value (or --name=value) for every field below.\n\n"
-            f"{inspect.getsource(Hyperparameters)}\nPresets (applied before the other flags):\n{presets}\n")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -3877,7 +3865,10 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     RUN_CLOCK.update(start=wall_start, before=0.0)
     if hp.resume:
         hp = resumed_hyperparameters(hp, argv)
+        if dist_info.from_first_rank(os.path.isfile(os.path.join(hp.resume, "result.json"))):
+            return finish_run_end(hp, dist_info, argv)  # killed after result.json: only the end is left to write
     check_hyperparameters(hp, dist_info.world_size)
+    check_run_id(hp, argv)
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     hp = resolve_averaging_on_host(hp, dist_info)
     hp = resolve_candidates_on_disk(hp, dist_info)
@@ -3958,6 +3949,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
 
     def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
         model, saved = load_member(member_path(folder, member), dist_info.host)
+        remove_checkpoints(folder, member, group_dist)  # a kill between its member file and this left its last one
         carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
         model = kept_member(member, model)  # each parked as it comes: one whole model at a time on a rank
         snapshots = []
@@ -4124,20 +4116,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if hp.resume and dist_info.is_main:
         drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
     log.save_json("result.json", result)
-    dist_info.barrier()  # result.json is on disk before the last checkpoint goes
-    if not keep_files:
-        remove_checkpoints(folder, 0, dist_info)
-    if dist_info.is_main:
-        write_loss_plot(folder, f"{run_id} | preset {hp.preset or 'none'} | val {val_loss:.4f}", unigram)
-        try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind
-            os.rmdir(os.path.join(folder, "checkpoints"))
-        except OSError:
-            pass
-    bpb_text = "" if bpb["val_bpb"] is None else f" | val_bpb {bpb['val_bpb']:.4f} (unigram {bpb['unigram_val_bpb']:.4f})"
-    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)}{bpb_text} | tokens trained "
-              f"on {format_count(tokens_seen)} | wall {format_duration(result['wall_seconds'])} | peak mem "
-              f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: {'yes' if agree else 'NO'} | {folder}")
-    log.close()
+    end_run(hp, dist_info, log, folder, result)  # the last checkpoint goes, the loss plot, the done line
     return result
 
 
@@ -4596,9 +4575,17 @@ def tune_cpu_runtime(keep_freed_memory: bool = True) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if "-h" in argv or "--help" in argv:
-        print(usage())
-        return 0
+    if "-h" in argv or "--help" in argv or "--explain" in argv:  # print and exit, building nothing
+        try:
+            if "--explain" in argv:
+                print(explain(parse_args([token for token in argv if token != "--explain"])))
+            else:
+                after = argv[argv.index("-h" if "-h" in argv else "--help") + 1:]
+                print(usage(after[0] if after and not after[0].startswith("-") else ""))  # --help NAME
+            return 0
+        except ConfigError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
     dist_info = None
     try:
         hp = parse_args(argv)
@@ -4922,10 +4909,16 @@ def file_candidate_on_device(model: GPT, dist_info: Dist):
     state = None
     if reads:
         try:
+            verify = VERIFIED_FILES.get(info["path"]) != file_stamp(info["path"])  # changed since written or checked
+            check_saved_file_once(info["path"])
             state = torch.load(info["path"], map_location="cpu", mmap=True, weights_only=True)["model"]
+        except ConfigError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a missing or unreadable file is the same one-line complaint
             raise ConfigError(f"{info['path']}: cannot read a candidate kept on disk ({type(exc).__name__}: {exc})") \
                 from None
+        if verify:  # its values too, once
+            check_finite_state(state, info["path"])
     kept = [(tensor, tensor.data) for tensor in (*model.parameters(), *model.buffers()) if tensor.numel()]
     try:
         with torch.no_grad():
@@ -4972,8 +4965,32 @@ def default_run_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
 
 
+def check_run_id(hp: Hyperparameters, argv: list[str]) -> None:
+    """--run_id names one folder inside --log_dir (review b48, b49: '../x' and '/abs/path' put the run outside it):
+    one path component, not '.' or '..'; an explicit empty value is refused too (left out, it means a new id)."""
+    if hp.resume:
+        return  # the folder given to --resume names the run
+    given_empty = any(token == "--run_id=" or (token == "--run_id" and index + 1 < len(argv) and argv[index + 1] == "")
+                      for index, token in enumerate(argv))
+    run_id = hp.run_id
+    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
+    if given_empty or run_id in (".", "..") or any(sep in run_id for sep in separators) or "\0" in run_id:
+        raise ConfigError(f"--run_id {run_id!r} must be one folder name inside --log_dir {hp.log_dir!r}: no "
+                          f"'/', not '', '.' or '..'")
+
+
 class RunStopped(Exception):
     """--stop_at_step reached: the process ends as if killed, its checkpoint on disk (resume tests)."""
+
+
+def diverged_line(hp: Hyperparameters, folder: str, member: int, rank: int, what: str, where: str) -> str:
+    """The one line of a diverged member (a non-finite train loss, weights or optimizer state): what, at which
+    step, where it was seen, and the last good checkpoint, which stays (a non-finite state is never saved)."""
+    steps = checkpoint_steps(folder, member, rank)
+    kept = (f"its checkpoint of step {steps[0]} stays in {os.path.join(folder, 'checkpoints')}" if steps
+            else "no checkpoint of it was written before")
+    return (f"{member_tag(hp, member)}training diverged: {what}, found at {where}; {kept} (--resume would repeat the "
+            f"same steps: start a new run with other settings)")
 
 
 def member_path(folder: str, member: int) -> str:
@@ -4994,6 +5011,97 @@ def save_candidate(path: str, model: "GPT", **info) -> None:
                  recurrence_active=model.recurrence_active, window_stage=getattr(model, "window_stage", None))
     atomic_torch_save(dict(model=model.state_dict(), config=dataclasses.asdict(model.config), inference_state=state,
                            **info), path)
+    VERIFIED_FILES[path] = file_stamp(path)  # these bytes are the model's own: a file candidate reads them unchecked
+
+
+# Checksums (issue 25; the review's r12, r13b, mc1: 16 bytes flipped in a tensor loaded silently, NaN or slightly
+# wrong numbers, exit 0). torch.save writes a zip in which every record (data.pkl, each tensor storage's bytes)
+# carries the CRC-32 of its bytes, in its local header and in the central directory, computed as it writes (torch
+# >= 2.6: torch.serialization.set_crc32_options, on by default; older torch always did): the checksum is written with
+# the file, in the same atomic rename, and costs no byte and no time at save. torch.load never compares it;
+# check_saved_file does, reading every record once more (page cache: ~1.7 GB/s a core). A file without checksums
+# (every CRC field 0: written with the option off; or torch's pre-zip format, not a zip at all) still loads as before,
+# checked finite only. Every loaded weight and optimizer state is also checked finite (non_finite_entry), so a file
+# that faithfully holds a NaN is refused too.
+
+VERIFIED_FILES: dict[str, tuple] = {}  # path -> file_stamp of a file this process wrote or checked (file candidates)
+
+
+def file_stamp(path: str) -> tuple:
+    stat = os.stat(path)
+    return stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
+def check_saved_file(path: str, advice: str = "") -> None:
+    """Compares every record of a torch.save file with its stored CRC-32; a mismatch (or a zip that cannot be read)
+    is one ConfigError naming the file and the record. advice: what to do, appended to the line."""
+    import zipfile
+    if not zipfile.is_zipfile(path):
+        return  # torch's pre-zip format (or not a torch file: torch.load says so): no checksum to compare
+    try:
+        with zipfile.ZipFile(path) as archive:
+            records = archive.infolist()
+            if not any(record.CRC for record in records if record.file_size):
+                return  # written with torch's CRC-32 off: no checksum stored
+            for record in records:
+                with archive.open(record) as handle:  # zipfile compares the CRC-32 at the record's end
+                    while handle.read(2**24):
+                        pass
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as exc:
+        detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        bad_crc = re.match(r"Bad CRC-32 for file '(.*)'", detail)
+        what = (f"its record {bad_crc.group(1)} fails its CRC-32 checksum (the bytes changed after they were written)"
+                if bad_crc else f"its zip structure cannot be read ({type(exc).__name__}: {detail})")
+        raise ConfigError(f"{path} is damaged: {what}{'; ' + advice if advice else ''}") from None
+
+
+def check_saved_file_once(path: str, advice: str = "") -> None:
+    """check_saved_file, skipped for a file this process wrote or checked that has not changed since (its size,
+    modification time and inode): a candidate kept on disk is read at every use, and its bytes are its model's own."""
+    stamp = file_stamp(path)
+    if VERIFIED_FILES.get(path) != stamp:
+        check_saved_file(path, advice)
+        VERIFIED_FILES[path] = stamp
+
+
+def non_finite_entry(obj, prefix: str = "") -> str | None:
+    """The key path ('model/lm_head.weight') of the first floating-point tensor in obj (nested dicts, lists, tuples)
+    holding a NaN or an infinity, else None. Fast path: each tensor's sum, finite exactly when every element is
+    (a NaN or an infinity makes the sum NaN or infinite), unless finite values overflow it; one device sync for the
+    whole object. Only then is each tensor checked element by element (isfinite: 20x slower on a CPU)."""
+    found, pending = [], [(prefix, obj)]
+    while pending:
+        name, item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            if item.is_floating_point() or item.is_complex():
+                found.append((name, item))
+        elif isinstance(item, dict):
+            pending.extend((f"{name}/{key}" if name else str(key), value) for key, value in reversed(item.items()))
+        elif isinstance(item, (list, tuple)):
+            pending.extend((f"{name}/{index}" if name else str(index), value)
+                           for index, value in reversed(list(enumerate(item))))
+    flags = {}
+    for _, tensor in found:  # one flag per device
+        ok = torch.isfinite(tensor.sum())
+        flags[tensor.device] = ok if tensor.device not in flags else flags[tensor.device] & ok
+    if all(bool(flag) for flag in flags.values()):
+        return None
+    return next((name for name, tensor in found if not bool(torch.isfinite(tensor).all())), None)
+
+
+def check_finite_state(obj, path: str, advice: str = "") -> None:
+    """A loaded file's tensors all finite, else one line naming the file and the tensor."""
+    name = non_finite_entry(obj)
+    if name is not None:
+        raise ConfigError(f"{path} holds values that are not finite (NaN or infinity) in {name}"
+                          f"{'; ' + advice if advice else ''}")
+
+
+def member_file_advice(path: str) -> str:
+    """What to do with a damaged member file of a run folder: --resume trains a member again when its file is gone."""
+    match = re.fullmatch(r"member_(\d+)\.pt", os.path.basename(path))
+    in_run = match and os.path.basename(os.path.dirname(os.path.abspath(path))) == "members"
+    return f"delete it to train member {int(match.group(1))} again with --resume" if in_run else ""
 
 
 def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
@@ -5001,12 +5109,14 @@ def load_member(path: str, device: torch.device) -> tuple[GPT, dict]:
     in files written before GPTConfig, from all the run's hyperparameters)."""
     if not os.path.isfile(path):
         raise ConfigError(f"{path}: no such member file")
+    check_saved_file_once(path, member_file_advice(path))
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
         config = (GPTConfig(**saved["config"]) if "config" in saved
                   else model_config(Hyperparameters(**saved["hyperparameters"])))
     except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
         raise ConfigError(f"{path}: not a member file ({type(exc).__name__}: {exc})") from None
+    check_finite_state(saved["model"], path, member_file_advice(path))
     saved["config"] = dataclasses.asdict(config)
     # what made the shards it was trained on (saved beside the weights; older files: in their hyperparameters, else GPT-2)
     saved.setdefault("tokenizer", saved.get("hyperparameters", {}).get("tokenizer", "gpt2"))
@@ -5068,6 +5178,17 @@ def remove_checkpoints(folder: str, member: int, dist_info: Dist, keep: int | No
             pass
 
 
+def raise_if_any_rank(dist_info: Dist, failure: str | None, elsewhere: str) -> None:
+    """A check every rank makes on its own data, failed on some: every rank raises together (none waits at the next
+    collective), rank 0 with its own line or, when only others failed, naming the first of them (`rank N: elsewhere`)."""
+    failed = torch.zeros(dist_info.world_size, device=dist_info.device)
+    failed[dist_info.rank] = float(failure is not None)
+    if not dist_info.all_reduce_sum(failed).any():
+        return
+    first = int(failed.nonzero()[0].item())
+    raise ConfigError(failure or f"rank {first}: {elsewhere}")
+
+
 class MemberCheckpoint:
     """A member's checkpoint and resume, sharded (checkpoint_files): rank 0 writes the replicated state once, each rank
     its own shard; every file written atomically after a free-space check, the bytes logged. The last step is saved
@@ -5088,7 +5209,12 @@ class MemberCheckpoint:
         dist_info, device, step = self.dist_info, self.dist_info.device, progress["step"]
         shared_path, shard_path = checkpoint_files(self.folder, self.member, step, dist_info.rank)
         sharded = [isinstance(optimizer, Muon) for optimizer in optimizers]  # Muon: each rank its own matrices
-        dist_info.barrier()
+        # a diverged state is not written over the last good checkpoint (one sync: the flags of every tensor at once)
+        name = non_finite_entry(dict(model=model.state_dict(), optimizers=[o.state_dict() for o in optimizers]))
+        raise_if_any_rank(dist_info, name and diverged_line(
+            self.hp, self.folder, self.member, dist_info.rank, f"the weights or optimizer state are not finite "
+            f"({name}) after step {step}", f"the checkpoint of step {step}"), "its weights or optimizer state are "
+            f"not finite after step {step}: training diverged; the last good checkpoint stays")
         sizes, failure = torch.zeros(2, dtype=torch.float64, device=device), None
         try:
             os.makedirs(os.path.dirname(shard_path), exist_ok=True)
@@ -5148,6 +5274,8 @@ class MemberCheckpoint:
         step = self.find()
         device, world_size = self.dist_info.device, self.dist_info.world_size
         if step is None:
+            if self.hp.resume and self.log is not None and self.dist_info.is_main:
+                self.say_why_starting_over()
             remove_checkpoints(self.folder, self.member, self.dist_info)
             return False
         if checkpoint_steps(self.folder, self.member, self.dist_info.rank):
@@ -5155,7 +5283,16 @@ class MemberCheckpoint:
             shared = torch.load(shared_path, map_location=device, weights_only=False)
             shard = torch.load(self.path, map_location=device, weights_only=False)
         else:  # the old single file holds both parts
+            shared_path = self.path
             shared = shard = torch.load(self.path, map_location=device, weights_only=False)
+        # the checksums were compared before the run folder was touched (check_resume_checkpoints); now the values
+        older = [done for done in checkpoint_steps(self.folder, self.member, self.dist_info.rank) if done < step]
+        advice = (f"delete it to resume member {self.member} from its checkpoint of step {older[0]}" if older
+                  else f"delete it to restart member {self.member} from its start")
+        failure = next((f"{path} holds values that are not finite (NaN or infinity) in {name}; {advice}"
+                        for path, state in ((shared_path, shared), (self.path, shard))
+                        for name in [non_finite_entry(state)] if name is not None), None)
+        raise_if_any_rank(self.dist_info, failure, "its checkpoint shard holds values that are not finite")
         if shard.get("world_size", world_size) != world_size:
             raise ConfigError(f"{self.path} was written by {shard['world_size']} ranks per member, this run has "
                               f"{world_size}: resume on the same number of ranks (Muon's momentum is sharded)")
@@ -5175,6 +5312,32 @@ class MemberCheckpoint:
             remove_checkpoints(self.folder, self.member, self.dist_info, keep=step)
         return True
 
+    def say_why_starting_over(self) -> None:
+        """A resumed member with no complete checkpoint trains from step 1 again: one log line says why when it had
+        begun before (steps logged in metrics.jsonl, or checkpoint files of it: a kill before its first checkpoint was
+        whole, or files deleted since; review r14, r15). Decided: a missing or incomplete checkpoint is started over,
+        not refused: training is deterministic, so the run ends as an uninterrupted one, and a kill while the first
+        checkpoint is written leaves exactly this; the cost is the steps trained again, which the line counts. A
+        damaged checkpoint file (checksum, values, structure) is refused instead (check_resume_checkpoints): it asks
+        for a look, and deleting it is the consent to start over."""
+        files = checkpoint_names(self.folder, self.member)
+        logged = [row.get("step", 0) for row in read_metrics_rows(os.path.join(self.folder, "metrics.jsonl"))
+                  if row.get("kind") == "train" and row.get("member", 0) == self.member]
+        if not files and not logged:
+            return  # a member that had not begun
+        if files:
+            newest = max(step for step, _, _ in files)
+            parts = {part for step, part, _ in files if step == newest}
+            missing = [os.path.basename(path) for path in checkpoint_files(self.folder, self.member, newest, 0)
+                       if path.rpartition("_")[2][:-len(".pt")] not in parts]
+            why = (f"its newest checkpoint, step {newest}, is incomplete ({', '.join(missing) or 'a shard'} is "
+                   f"missing)")
+        else:
+            why = "checkpoints/ holds no file of it"
+        again = f"; its steps 1-{max(logged)} logged before are trained again" if logged else ""
+        self.log.write(f"{member_tag(self.hp, self.member) or 'the model '}starts over from step 1: {why}{again} "
+                       f"(training is deterministic: it ends as it would have)")
+
     def check_ranks_agree(self, step: int, tag: str) -> None:
         """A crash between two ranks' checkpoint writes would leave them at different steps."""
         steps = torch.tensor([step, -step], dtype=torch.float64, device=self.dist_info.device)
@@ -5184,6 +5347,21 @@ class MemberCheckpoint:
                 raise ConfigError(f"{tag}the ranks' checkpoints disagree on the step ({-steps[1].item():.0f} to "
                                   f"{steps[0].item():.0f}): delete {os.path.dirname(self.path)} to restart this "
                                   f"member")
+
+
+def read_metrics_rows(path: str) -> list[dict]:
+    """metrics.jsonl's rows (none when it is missing); a line cut by a kill is skipped."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+    except FileNotFoundError:
+        pass
+    return [row for row in rows if isinstance(row, dict)]
 
 
 def end_cut_line(path: str) -> None:
@@ -5240,7 +5418,7 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     saved_path = os.path.join(hp.resume, "hyperparameters.json")
     if not os.path.isfile(saved_path):
         raise ConfigError(f"--resume {hp.resume}: no hyperparameters.json there (not a run folder?)")
-    if os.path.isfile(os.path.join(hp.resume, "result.json")):
+    if os.path.isfile(os.path.join(hp.resume, "result.json")) and run_ended(hp.resume):
         raise ConfigError(f"--resume {hp.resume}: that run finished (result.json is there); nothing to continue")
     saved = saved_hyperparameters(hp.resume, allowed)
     same_data = {name for name in ("train_files", "val_files", "test_files") if name in given
@@ -5253,6 +5431,63 @@ def resumed_hyperparameters(hp: Hyperparameters, argv: list[str]) -> Hyperparame
     saved.update(resume=hp.resume, run_id=os.path.basename(os.path.normpath(hp.resume)),
                  log_dir=os.path.dirname(os.path.normpath(hp.resume)) or ".")
     return Hyperparameters(**saved)
+
+
+def run_ended(folder: str) -> bool:
+    """Whether the run's end was written whole: its `done | ` line is the last thing the end writes (end_run)."""
+    try:
+        with open(os.path.join(folder, "log.txt"), encoding="utf-8") as handle:
+            return any(line.startswith("done | ") for line in handle)
+    except OSError:
+        return False
+
+
+def finish_run_end(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
+    """--resume of a run killed after result.json (review k14): only its end is missing (the last checkpoint's
+    removal, the loss plot, the done line); it is done from result.json, nothing trained or scored again."""
+    folder = hp.resume
+    log = open_run_folder(hp, dist_info, folder, argv)
+    result = None
+    if dist_info.is_main:
+        needs = ("val_loss", "unigram_val_loss", "tokens_seen", "wall_seconds", "peak_memory_bytes", "ranks_agree")
+        try:
+            with open(os.path.join(folder, "result.json"), encoding="utf-8") as handle:
+                result = json.load(handle)
+            missing = [name for name in needs if name not in result]
+            if missing:
+                raise KeyError(", ".join(missing))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            result = (f"--resume {folder}: result.json is damaged ({type(exc).__name__}: {exc}); delete it to "
+                      f"score the run again")
+    result = dist_info.from_first_rank(result)
+    if isinstance(result, str):
+        log.close()
+        raise ConfigError(result)
+    log.write("the run was stopped after result.json was written: writing what its end lacked")
+    end_run(hp, dist_info, log, folder, result)
+    return result
+
+
+def end_run(hp: Hyperparameters, dist_info: Dist, log: RunLog, folder: str, result: dict) -> None:
+    """A run's end, once result.json is on disk: the last checkpoint goes, the loss plot, the done line (written
+    last: run_ended). A kill anywhere in here is completed by --resume (finish_run_end)."""
+    dist_info.barrier()  # result.json is on disk before the last checkpoint goes
+    if candidate_count(hp) <= 1:  # a single model's last checkpoint was its weights until result.json was written
+        remove_checkpoints(folder, 0, dist_info)
+    val_loss, unigram, bpb = result["val_loss"], result["unigram_val_loss"], result.get("val_bpb")
+    if dist_info.is_main:
+        write_loss_plot(folder, f"{result.get('run_id', os.path.basename(folder))} | preset {hp.preset or 'none'} | "
+                                f"val {val_loss:.4f}", unigram)
+        try:  # each member's checkpoint went when it finished: no empty checkpoints/ folder stays behind
+            os.rmdir(os.path.join(folder, "checkpoints"))
+        except OSError:
+            pass
+    bpb_text = "" if bpb is None else f" | val_bpb {bpb:.4f} (unigram {result['unigram_val_bpb']:.4f})"
+    log.write(f"done | val_loss {val_loss:.4f} | {unigram_comparison(val_loss, unigram)}{bpb_text} | tokens trained "
+              f"on {format_count(result['tokens_seen'])} | wall {format_duration(result['wall_seconds'])} | peak mem "
+              f"{result['peak_memory_bytes'] / 2**30:.2f} GiB | ranks agree: "
+              f"{'yes' if result['ranks_agree'] else 'NO'} | {folder}")
+    log.close()
 
 
 def saved_hyperparameters(folder: str, may_change: set[str]) -> dict:
@@ -5298,25 +5533,35 @@ def check_resume_checkpoints(hp: Hyperparameters, dist_info: Dist, folder: str) 
     """Before a resume touches the run folder: every checkpoint file this rank may load (the shared files, its own
     shards, an old single-layout file) must be readable and match the model the saved hyperparameters build (tensor
     names and shapes), the world size and the hyperparameters stored in it; the first mismatch is named, one line.
-    mmap=True reads the structure without reading the tensors."""
+    mmap=True reads the structure without reading the tensors. The checksums of these files and of the member files
+    (every rank reads every member) are compared too (check_saved_file), each file read once more."""
     expected = {name: tuple(t.shape) for name, t in build_model_meta(hp).state_dict().items()}
     group_size = dist_info.world_size // hp.parallel_members
     rank = dist_info.rank % group_size
     for member in range(hp.ensemble_size):
         paths = sorted(path for _, part, path in checkpoint_names(folder, member) if part in ("shared", f"rank{rank}"))
         legacy = checkpoint_path(folder, member, rank)
+        complete = checkpoint_steps(folder, member, rank)
         for path in paths + ([legacy] if os.path.isfile(legacy) else []):
-            check_checkpoint_file(hp, path, member, group_size, expected)
+            step = next((step for step, _, named in checkpoint_names(folder, member) if named == path), None)
+            older = [done for done in complete if step is not None and done < step]  # what --resume falls back to
+            advice = (f"delete it to resume member {member} from its checkpoint of step {older[0]}" if older
+                      else f"delete it to restart member {member} from its start")
+            check_checkpoint_file(hp, path, member, group_size, expected, advice)
+    for path in sorted(glob.glob(os.path.join(folder, "members", "member_*.pt"))):
+        check_saved_file_once(path, member_file_advice(path))  # load_member does not read it again
 
 
-def check_checkpoint_file(hp: Hyperparameters, path: str, member: int, group_size: int, expected: dict) -> None:
+def check_checkpoint_file(hp: Hyperparameters, path: str, member: int, group_size: int, expected: dict,
+                          advice: str) -> None:
+    check_saved_file(path, advice)  # its bytes as written
     try:
         saved = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
         progress = saved["progress"]
         shapes = {name: tuple(t.shape) for name, t in saved["model"].items()} if "model" in saved else expected
     except Exception as exc:  # noqa: BLE001 - truncated zip, another pickle, missing keys: all one complaint
         raise ConfigError(f"--resume: {path} is damaged ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                          f"delete it to restart member {member} from its start") from None
+                          f"{advice}") from None
     for name in sorted(set(expected) | set(shapes)):
         if expected.get(name) != shapes.get(name):
             raise ConfigError(f"--resume: {path} does not fit the run's hyperparameters: {name} has shape "
@@ -5359,13 +5604,23 @@ def write_header(log: RunLog, hp: Hyperparameters, dist_info: Dist, argv: list[s
 def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: list[str]) -> RunLog:
     """Creates (or, on --resume, reopens) the run folder and takes its lock, then writes the header (or the resume
     section). A folder that cannot be written (read-only, full) is one line, and a new run's folder is removed again,
-    so nothing half-made is left behind. Every rank learns rank 0's outcome, so all stop together."""
+    so nothing half-made is left behind. A new run's folder is made by one mkdir, atomic: of two processes starting
+    the same run id at once one makes it, the other fails with one line and never removes it (review L6: the loser
+    rmtree'd the winner's live folder); no other process can take it before its lock (a --resume needs the
+    hyperparameters.json written after the lock). Every rank learns rank 0's outcome, so all stop together."""
     failure, log = None, None
     if dist_info.is_main:
-        created = False
+        created = False  # set only once this process made the folder: it never removes one another process made
         try:
-            created = not hp.resume and not os.path.exists(folder)
-            log = RunLog(folder, True, append=bool(hp.resume))
+            if not hp.resume:  # made and locked by one process: mkdir is atomic, a second maker gets FileExistsError
+                os.makedirs(os.path.dirname(os.path.abspath(folder)), exist_ok=True)
+                try:
+                    os.mkdir(folder)
+                except FileExistsError:
+                    raise ConfigError(f"{folder} already exists (another run made it just now): choose another "
+                                      f"--run_id") from None
+                created = True
+            log = RunLog(folder, True, append=True)
             lock_run_folder(folder)
             if hp.resume:
                 removed = remove_stale_temporaries(folder)
@@ -6013,17 +6268,36 @@ def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> th
     wait silently inside a collective (gloo's default wait is 30 minutes); once one has been silent for timeout_s,
     every watching rank prints one line naming it, its host and pid and where its main thread last was, then ends
     with status 2. The beats run beside the training thread, so slow steps, compilation or a long checkpoint write
-    on one rank never count as silence."""
+    on one rank never count as silence.
+    The store itself lives in one process (rank 0's in a launch without torchrun, torchrun's agent otherwise): if
+    that one freezes, every store call blocks, so the beats alone would never notice. A second thread holds this
+    rank's own deadline: a round of store calls unanswered for timeout_s ends the rank with one line naming the
+    store's host (review case g4)."""
     store = dist.distributed_c10d._get_default_store()
     stopping = threading.Event()
     HEARTBEAT.update(store=store, rank=rank, stopping=stopping)
     interval = max(0.05, min(5.0, timeout_s / 5))
     identity = f"{socket.gethostname()} pid {os.getpid()}"
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"  # torchrun's agent hosts it
+    host = "torchrun's agent" if agent_store else "rank 0"
+    address = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+    round_state = dict(started=None, host_heard="before its first beat")  # the beat thread's round in flight
+
+    def deadline() -> None:  # touches no store: it runs while the beat thread is stuck in one of its calls
+        while not stopping.wait(interval):
+            started = round_state["started"]
+            if started is not None and time.monotonic() - started > timeout_s and not stopping.is_set():
+                heard = "" if agent_store else f"; last heard: {round_state['host_heard']}"
+                print(f"error: {host} stopped answering for {time.monotonic() - started:.0f} s: it hosts the process "
+                      f"group's store ({address}) that every rank needs (dist_timeout {timeout_s:g} s{heard}); rank "
+                      f"{rank} ends the run", file=sys.stderr, flush=True)
+                os._exit(2)
 
     def beat() -> None:
         last_count, last_change = [0] * world_size, [time.monotonic()] * world_size
         while not stopping.is_set():
             try:
+                round_state["started"] = time.monotonic()
                 store.set(f"slowrun_heartbeat_at/{rank}", f"{identity}, {main_thread_position()}")
                 store.add(f"slowrun_heartbeat/{rank}", 1)
                 now = time.monotonic()
@@ -6039,6 +6313,9 @@ def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> th
                               f"(dist_timeout {timeout_s:g} s; last heard: {where}); rank {rank} ends the run",
                               file=sys.stderr, flush=True)
                         os._exit(2)
+                if rank != 0 and not agent_store and store.check(["slowrun_heartbeat_at/0"]):
+                    round_state["host_heard"] = store.get("slowrun_heartbeat_at/0").decode()  # for deadline's line
+                round_state["started"] = None
             except Exception as exc:  # noqa: BLE001 - the store itself is gone: its host (rank 0 or torchrun) died
                 if stopping.is_set():  # this rank is finishing: the store may close before it
                     return
@@ -6049,6 +6326,7 @@ def start_heartbeat_watchdog(rank: int, world_size: int, timeout_s: float) -> th
 
     thread = threading.Thread(target=beat, name="slowrun-heartbeat", daemon=True)
     thread.start()
+    threading.Thread(target=deadline, name="slowrun-heartbeat-deadline", daemon=True).start()
     return thread
 
 
@@ -6214,13 +6492,31 @@ class MemberProgress:
         self.work.start()
         self.compile_seconds = None  # the first step of a compiled model, timed alone: kept out of ms/step
         self.loss_sum = torch.full((), self.state["loss_sum"], dtype=torch.float64, device=self.dist_info.device)
+        # the first step whose loss was not finite (0: none), kept on the device: the loss comes to the host only at
+        # progress lines and checkpoints, so a divergence is seen there, and this names its step without a sync
+        self.first_non_finite = torch.zeros((), dtype=torch.int64, device=self.dist_info.device)
 
     def add_loss(self, micro_loss: torch.Tensor) -> None:
         self.loss_sum += micro_loss.detach().double()
 
     def checkpoint_state(self) -> dict:
         self.state["loss_sum"] = self.loss_sum.item()  # the train loss accumulated since the last progress line
+        where = f"the checkpoint of step {self.state['step']}"  # a diverged state is not saved over the last good one
+        line = None if math.isfinite(self.state["loss_sum"]) else self.diverged(where, self.state["loss_sum"])
+        raise_if_any_rank(self.dist_info, line, f"its train loss is not finite, found at {where}: training "
+                                                f"diverged; the last good checkpoint stays")
         return self.state
+
+    def diverged(self, where: str, loss: float, ranks_agree: bool = False) -> str:
+        """The line of a non-finite train loss, naming the first step it came at (ranks_agree: every rank of the
+        group is here together, so the first over all of them)."""
+        first = self.first_non_finite.clone()
+        first[first == 0] = torch.iinfo(torch.int64).max
+        if ranks_agree and self.dist_info.world_size > 1:
+            dist.all_reduce(first, op=dist.ReduceOp.MIN, group=self.dist_info.group)
+        step = min(int(first.item()), self.state["step"])
+        return diverged_line(self.hp, self.log.folder, self.member, self.dist_info.rank,
+                             f"the train loss is not finite ({loss}) at step {step}", where)
 
     @contextmanager
     def paused(self):
@@ -6251,10 +6547,15 @@ class MemberProgress:
             self.interval_start, self.interval_steps, self.interval_tokens = time.time(), 0, 0
             self.interval_compute = 0
         state["step"] = done
+        # no sync: the step of the first non-finite loss stays on the device until a progress line or checkpoint
+        self.first_non_finite = torch.where((self.first_non_finite == 0) & ~torch.isfinite(self.loss_sum), done,
+                                            self.first_non_finite)
         total_steps = self.schedule.total_steps
         if not (done % hp.log_every == 0 or done == 1 or done == total_steps):
             return
         state["train_loss"] = self.dist_info.all_reduce_sum(self.loss_sum).item() / state["loss_count"]
+        if not math.isfinite(state["train_loss"]):  # the same value on every rank: all stop here together
+            raise ConfigError(self.diverged(f"the progress line of step {done}", state["train_loss"], ranks_agree=True))
         self.loss_sum.zero_()
         state["loss_count"] = 0
         self._synchronize()
@@ -6746,6 +7047,132 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
               (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)
         print(json.dumps(result), flush=True)
     return result
+
+
+# --- Command line: --help (a map of the flags), --help NAME, --explain (what a preset runs) ---
+
+
+def field_docs() -> list[dict]:
+    """Every Hyperparameters field in source order: its group (the `# --- group ---` header above it), name, default
+    as written, and comment (continuation lines included), read from the class's source: the comments are the
+    documentation, so --help cannot drift from them."""
+    names = {f.name for f in dataclasses.fields(Hyperparameters)}
+    rows, group, header_open = [], "", False
+    for line in inspect.getsource(Hyperparameters).splitlines()[1:]:
+        text = line.strip()
+        if text.startswith("# ---"):
+            group, header_open = text[5:].rstrip("- ").strip(), not text.endswith("---")
+            continue
+        if text.startswith("#"):
+            if header_open:  # a group header running over two lines
+                group, header_open = f"{group} {text[1:].rstrip('- ').strip()}", not text.endswith("---")
+            elif rows:
+                rows[-1]["comment"] += " " + text[1:].strip()
+            continue
+        match = re.match(r"(\w+): [^=]+= (.*?)(?:  # (.*))?$", text)
+        if match and match.group(1) in names:
+            rows.append(dict(group=group or "run identity", name=match.group(1), default=match.group(2),
+                             comment=match.group(3) or ""))
+    return rows
+
+
+def one_line(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 3].rstrip() + "..."
+
+
+def usage(name: str = "") -> str:
+    """--help: the flags grouped as the class groups them, each with its default and the start of its comment;
+    --help NAME: that field whole (group, default, comment, the presets that set it)."""
+    docs = field_docs()
+    if name:
+        row = next((row for row in docs if row["name"] == name.lstrip("-")), None)
+        if row is None:
+            close = difflib.get_close_matches(name.lstrip("-"), [r["name"] for r in docs], n=1)
+            raise ConfigError(f"--help: no flag --{name.lstrip('-')}" +
+                              (f"; did you mean --{close[0]}?" if close else ""))
+        presets = ", ".join(f"{preset} ({values[row['name']]!r})" for preset, values in PRESETS.items()
+                            if row["name"] in values) or "none"
+        return (f"--{row['name']} (group: {row['group']})\ndefault: {row['default']}\n{row['comment']}\n"
+                f"set by presets: {presets}")
+    lines = [__doc__.strip(), "", "Flags: --name value (or --name=value); a preset applies first, then the flags.",
+             "python train_gpt.py --help NAME: one flag whole; --preset NAME --explain: what a preset runs.", ""]
+    group = None
+    for row in docs:
+        if row["group"] != group:
+            group = row["group"]
+            lines += ["", f"{group}:"]
+        lines.append(f"  --{row['name']:<26} {one_line(row['default'], 22):<22} {one_line(row['comment'], 90)}")
+    lines += ["", "Presets (python train_gpt.py --preset NAME --explain):"]
+    lines += [f"  {name:<10} {one_line(preset_record(name), 100)}" if name in PUBLIC_RECORDS or name == "slowrun"
+              else f"  {name}" for name in PRESETS]
+    return "\n".join(lines)
+
+
+RECIPE_END = "# Harness:"  # the banner: what a flag acts on above it is the recipe
+
+
+@functools.lru_cache(maxsize=1)
+def recipe_uses() -> dict[str, list[tuple[str, str]]]:
+    """field name -> [(section, function)] of the recipe functions above the Harness banner that read it (as an
+    attribute, hp.name / config.name, or a key, group["name"]), validation and configuration plumbing left out."""
+    source = open(os.path.abspath(__file__), encoding="utf-8").read()
+    lines = source.splitlines()
+    end = next(i for i, line in enumerate(lines) if line.startswith(RECIPE_END))
+    banners = [(i + 1, line[2:].split(":")[0]) for i, line in enumerate(lines[:end])
+               if line.startswith("# ") and i and lines[i - 1].startswith("# ---")]
+    recipe_uses.banners = [(title, line) for line, title in banners]
+    plumbing = ("check_", "require", "parse_args", "_parse_value", "model_config", "Hyperparameters", "GPTConfig")
+    uses: dict[str, list[tuple[str, str]]] = {}
+
+    def visit(node, qualified):
+        section = [title for line, title in banners if line <= node.lineno][-1] if banners else ""
+        for inner in ast.walk(node):
+            key = inner.attr if isinstance(inner, ast.Attribute) else (
+                inner.slice.value if isinstance(inner, ast.Subscript) and isinstance(inner.slice, ast.Constant)
+                and isinstance(inner.slice.value, str) else None)
+            if key and (section, qualified) not in uses.setdefault(key, []):
+                uses[key].append((section, qualified))
+
+    for node in ast.parse(source).body:
+        if node.lineno > end or not isinstance(node, (ast.FunctionDef, ast.ClassDef)) or \
+                node.name.startswith(plumbing):
+            continue
+        if isinstance(node, ast.ClassDef):
+            for method in node.body:
+                if isinstance(method, ast.FunctionDef):
+                    visit(method, f"{node.name}.{method.name}")
+        else:
+            visit(node, node.name)
+    return uses
+
+
+def explain(hp: Hyperparameters) -> str:
+    """--explain: the resolved recipe without building anything: only the settings that differ from the plain model
+    (the Hyperparameters defaults), grouped as the class groups them, each with its comment (where the comment
+    names the trick's paper or record) and the recipe sections and functions it acts in."""
+    plain, docs, uses = Hyperparameters(), field_docs(), recipe_uses()
+    changed = [row for row in docs if row["name"] != "preset" and getattr(hp, row["name"]) != getattr(plain, row["name"])]
+    title = preset_record(hp.preset) if hp.preset else "no preset"
+    lines = [title, f"{len(changed)} of {len(docs) - 1} settings differ from the plain model:"]
+    group, sections = None, {}
+    for row in changed:
+        if row["group"] != group:
+            group = row["group"]
+            lines += ["", f"{group}:"]
+        value, default = getattr(hp, row["name"]), getattr(plain, row["name"])
+        lines.append(f"  --{row['name']} {value!r}  (plain: {default!r})")
+        lines.append(f"      {one_line(row['comment'], 110)}")
+        where = uses.get(row["name"], [])
+        if where:
+            lines.append(f"      acts in: {', '.join(function for _, function in where[:5])}"
+                         f"{f' and {len(where) - 5} more' if len(where) > 5 else ''}")
+        for section, function in where:
+            sections.setdefault(section, set()).add(function)
+    lines += ["", "Sections of train_gpt.py these settings switch on (functions that read them):"]
+    order = {section: index for index, (section, _) in enumerate(recipe_uses.banners)}
+    lines += [f"  {section}: {len(functions)} function(s)"
+              for section, functions in sorted(sections.items(), key=lambda item: order.get(item[0], 0))]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -261,6 +261,57 @@ def progress_line_problems(run: Run, totals: dict) -> list[str]:
     return problems
 
 
+def epoch_end_steps(run: Run, tag: str, total: int) -> set[int] | None:
+    """The steps below `total` that end an epoch, from the member's `seed S | a/b/c steps/epoch x E epochs` line (a
+    batch_schedule's per-epoch counts, the last repeating); None where it cannot be told: public stepping (epoch
+    ends fall inside steps) or no such line."""
+    line = next((line for line in run.lines if line.startswith(tag + "seed ") and " steps/epoch x " in line), None)
+    if line is None or run.hyperparameters.get("public_steps"):
+        return None
+    try:
+        counts = [int(part) for part in line[len(tag):].split(" | ")[1].split(" steps/epoch")[0].split("/")]
+    except (IndexError, ValueError):
+        return None
+    if not counts or min(counts) < 1:
+        return None
+    ends, step = set(), 0
+    for epoch in itertools.count():
+        step += counts[min(epoch, len(counts) - 1)]
+        if step >= total:
+            return ends
+        ends.add(step)
+
+
+def step_gaps(run: Run, totals: dict) -> list[str]:
+    """Step continuity (review v08): every step the run's own settings log is in metrics.jsonl (progress_line_problems
+    holds log.txt to the same rows): train at step 1, every log_every-th and the last; val at every val_every-th and
+    the last, and at each epoch end unless val_every is -1. A step dropped from both files would otherwise pass."""
+    hp, gaps = run.hyperparameters, []
+    every, val_every = hp.get("log_every", 10), hp.get("val_every", 0)
+    size = hp.get("ensemble_size", 1)
+    if not all(type(value) is int for value in (every, val_every, size, *totals.values())) or every < 1 or \
+            val_every < -1:  # what train_gpt.py writes: a hand-made file is refused here, not with a traceback
+        return [f"log_every {every!r}, val_every {val_every!r} or a last step {list(totals.values())} is not a whole "
+                f"number train_gpt.py would write"]
+    for member, total in totals.items():
+        tag = "" if member is None else train_gpt.member_tag(SimpleNamespace(ensemble_size=size), member)
+        ends = epoch_end_steps(run, tag, total) if val_every >= 0 else set()
+        val_rule = ", ".join([*([f"each multiple of val_every {val_every}"] if val_every > 0 else []),
+                              *(["each epoch end"] if ends else []), "the last"])
+        train_rule = f"step 1, each multiple of log_every {every}, the last"
+        for kind, wanted, rule in [
+                ("train", {1, total, *range(every, total + 1, every)}, train_rule),
+                ("val", {total, *(range(val_every, total + 1, val_every) if val_every > 0 else ()), *(ends or ())},
+                 val_rule)]:
+            have = {row["step"] for row in getattr(run, kind) if row.get("member") == member}
+            if missing := sorted(wanted - have):
+                shown = ", ".join(map(str, missing[:5])) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+                gaps.append(f"{'' if member is None else f'member {member}: '}{kind} rows skip step"
+                            f"{'s' if len(missing) > 1 else ''} {shown}, which the run "
+                            f"{'logs' if kind == 'train' else 'validates'} ({rule})")
+    return gaps
+
+
 def log_problems(run: Run) -> list[str]:
     """log.txt against result.json: the hyperparameters section, where it ran, the test line and the done line."""
     get = run.result.get
@@ -335,7 +386,8 @@ def run_problems(folder: str) -> tuple[list[str], Run | None, dict | None]:
             ("train_seconds", f"{trained:.2f}",
              abs(trained - result.get("train_seconds", -1)) <= 0.006 + 0.0005 * len(last))]:
         need(agree, f"result.json {field} {result.get(field)} != {theirs}, metrics.jsonl's")
-    problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + log_problems(run)]
+    problems += [f"{run.name}: {problem}" for problem in progress_line_problems(run, totals) + step_gaps(run, totals)
+                 + log_problems(run)]
     return problems, run, result
 
 
@@ -533,18 +585,44 @@ def efficiency_summary(curve: dict, loss: float, train_tokens: int) -> tuple[str
             f"{budget / train_tokens:.2f}x the tokens"), budget / train_tokens
 
 
-def efficiency_cell(curve: dict | None, loss: float, train_tokens: int) -> str:
+def efficiency_cell(curve: dict | None, loss: float, train_tokens: int, digits: int = 2) -> str:
     """The leaderboard's data-efficiency column: the multiple, or a bound when the loss lies off the curve."""
     if curve is None:
         return "—"
     best, worst = curve["points"][-1], curve["points"][0]
     bound = "> " if loss < best["val_loss"] else "< " if loss > worst["val_loss"] else ""
     budget = (best if bound == "> " else worst)["train_tokens"] if bound else curve_budget(curve, loss)
-    return f"{bound}{budget / train_tokens:.2f}x"
+    return f"{bound}{budget / train_tokens:.{digits}f}x"
 
 
-def track_curve(records_dir: str, track: str) -> dict | None:
-    path = os.path.join(records_dir, track, "reference_curve.json")
+# Two conventions (issue 28): a track's reference_curve.json is its own ("strict") curve; reference_curve_public.json
+# beside it, where present, is the public slowrun's convention (data_eff/README.md: the default recipe for ONE epoch
+# at each budget, best of 3 sizes), whose multiples the public figures (3.8x .. 13.8x) are quoted in, to one decimal.
+PUBLIC_CURVE = "reference_curve_public.json"
+
+
+def both_conventions_cell(strict: dict | None, public: dict | None, loss: float, train_tokens: int) -> str:
+    """Every multiple in both conventions: '1.87x strict, 9.9x public' ('— public' where a track has no such curve)."""
+    return (f"{efficiency_cell(strict, loss, train_tokens)} strict, "
+            f"{efficiency_cell(public, loss, train_tokens, digits=1)} public")
+
+
+def efficiency_both(strict: dict | None, public: dict | None, loss: float, train_tokens: int, strict_name: str,
+                    public_name: str) -> tuple[str, list[str], float | None]:
+    """(the cell in both conventions, one line per convention for people, the strict multiple or None off its curve)."""
+    lines, multiple = [], None
+    for curve, name, label in ((strict, strict_name, "strict"), (public, public_name, "public convention")):
+        if curve is None:
+            lines.append(f"{label} ({name}): no curve for this track yet")
+            continue
+        line, value = efficiency_summary(curve, loss, train_tokens)
+        lines.append(f"{label} ({name}): " + (line if value is not None else f"cannot place it: {line}"))
+        multiple = value if curve is strict else multiple
+    return both_conventions_cell(strict, public, loss, train_tokens), lines, multiple
+
+
+def track_curve(records_dir: str, track: str, name: str = "reference_curve.json") -> dict | None:
+    path = os.path.join(records_dir, track, name)
     return load_curve(path) if os.path.isfile(path) else None
 
 
@@ -717,9 +795,10 @@ def command_new(args) -> int:
             copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
         mean, std = mean_std([r["val_loss"] for r in results])
-        curve = track_curve(args.records_dir, track.name)
-        efficiency = (efficiency_summary(curve, mean, results[0]["train_tokens"])[0] if curve else
-                      f"no reference curve for this track yet (records/{track.name}/reference_curve.json)")
+        cell, lines, _ = efficiency_both(track_curve(args.records_dir, track.name), track_curve(
+            args.records_dir, track.name, PUBLIC_CURVE), mean, results[0]["train_tokens"],
+            f"records/{track.name}/reference_curve.json", f"records/{track.name}/{PUBLIC_CURVE}")
+        efficiency = f"{cell} ({'; '.join(lines)})"  # both conventions (issue 28)
         summary = dict(track=track.name, date=date, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
                        runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std)
@@ -874,7 +953,12 @@ def command_verify(args) -> int:
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
-        print("".join(f"  FAIL {problem}\n" for problem in problems) + f"  {'REJECTED' if problems else 'OK'}")
+        # what passing means: the consistency checks cannot tell a consistent edit of every file from a real run
+        ok = (f"OK: the files match record.json, agree with each other, and a re-run of the embedded script agrees "
+              f"up to step {args.steps}; later steps only a longer --rerun --steps checks" if args.rerun else
+              "OK: the files match record.json and agree with each other; that the numbers came from training only "
+              "--rerun checks (a consistent edit of every file, resealed, passes without it)")
+        print("".join(f"  FAIL {problem}\n" for problem in problems) + f"  {'REJECTED' if problems else ok}")
         failed |= bool(problems)
     return 1 if failed else 0
 
@@ -886,7 +970,8 @@ def leaderboard(records_dir: str) -> str:
     """The markdown of every track's table, records ordered by mean val loss (lowest first)."""
     blocks = ["<!-- made by `python records/records.py table` from records/*/*/*/result.json; do not edit by hand -->"]
     for track in TRACKS.values():
-        rows, curve = [], track_curve(records_dir, track.name)
+        rows, curve, public = [], track_curve(records_dir, track.name), track_curve(records_dir, track.name,
+                                                                                      PUBLIC_CURVE)
         for record in track_records(records_dir, track.name):
             summary = read_json(os.path.join(record, "record.json"))
             results = record_results(record)
@@ -895,11 +980,12 @@ def leaderboard(records_dir: str) -> str:
             rows.append((mean_std(losses)[0], os.path.basename(record), [
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
                 format_tokens(results[0]["train_tokens"]),
-                efficiency_cell(curve, mean_std(losses)[0], results[0]["train_tokens"]),
+                both_conventions_cell(curve, public, mean_std(losses)[0], results[0]["train_tokens"]),
                 f"{sum(device_hours(r) for r in results):.2f}", summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
         blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
-            "| # | val loss | test loss | seeds | train tokens | data efficiency | device-hours | date | record |",
+            "| # | val loss | test loss | seeds | train tokens | data efficiency (strict, public convention) | "
+            "device-hours | date | record |",
             "|---|---|---|---|---|---|---|---|---|", *[f"| {rank} | " + " | ".join(cells) + " |" for rank, (_, _, cells)
                                                        in enumerate(sorted(rows, key=lambda row: row[:2]), start=1)]]
             if rows else ["No record yet."])]
@@ -998,9 +1084,11 @@ def command_efficiency(args) -> int:
         curve = load_curve(curve_path)
         if "unigram_val_entropy" in curve and not same_val_set(curve, results[0]):
             raise RecordError(f"{path}: scored a different validation set than the reference curve")
-        line, multiple = efficiency_summary(curve, mean_std([r["val_loss"] for r in results])[0],
-                                            results[0]["train_tokens"])
-        print(f"{path}: {line}" if multiple is not None else f"{path}: cannot place it: {line}")
+        public_path = os.path.join(os.path.dirname(curve_path), PUBLIC_CURVE)  # issue 28: both conventions
+        cell, lines, multiple = efficiency_both(curve, load_curve(public_path) if os.path.isfile(public_path) else
+                                                None, mean_std([r["val_loss"] for r in results])[0],
+                                                results[0]["train_tokens"], curve_path, public_path)
+        print("\n".join([f"{path}: data efficiency {cell}", *[f"  {line}" for line in lines]]))
         failed |= multiple is None
     return 1 if failed else 0
 

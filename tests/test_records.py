@@ -159,6 +159,84 @@ def test_verify_checks_the_log_against_the_numbers(record, tmp_path, capsys, pre
     assert f"s0: {message}" in out and "REJECTED" in out
 
 
+def drop_step(run_folder, kind, step, prefix):
+    """What a careful forger does to hide a step: its metrics.jsonl row and its log.txt line both go."""
+    path = os.path.join(run_folder, "metrics.jsonl")
+    rows = [json.loads(line) for line in open(path)]
+    kept = [row for row in rows if not (row["kind"] == kind and row["step"] == step)]
+    assert len(kept) == len(rows) - 1
+    open(path, "w").write("".join(json.dumps(row) + "\n" for row in kept))
+    edit_file(os.path.join(run_folder, "log.txt"), log_line(run_folder, prefix) + "\n", "")
+
+
+@pytest.mark.parametrize("kind, step, prefix, message", [
+    ("train", 3, "step 3/4",
+     "s0: train rows skip step 3, which the run logs (step 1, each multiple of log_every 1, the last)"),
+    ("val", 2, "val  step 2/4",
+     "s0: val rows skip step 2, which the run validates (each multiple of val_every 2, the last"),
+])
+def test_verify_rejects_a_step_dropped_from_both_files(record, tmp_path, capsys, kind, step, prefix, message):
+    """Review case v08: one step's metrics row and its log line both dropped, the hashes resealed, passed (the two
+    files still agree with each other); now the steps must be the ones the run's own settings log."""
+    copy = copy_record(record, tmp_path)
+    drop_step(os.path.join(copy, "s0"), kind, step, prefix)
+    reseal(copy)
+    assert verify(copy) == 1
+    out = capsys.readouterr().out
+    assert message in out and "REJECTED" in out
+
+
+def test_step_continuity_sees_epoch_ends_and_members():
+    """The expected steps, from the run's settings: train at step 1, every log_every-th and the last; val at every
+    val_every-th and the last, and (val_every >= 0) at each epoch end, read from the member's steps/epoch line."""
+    def run(rows, lines, **hp):
+        train = [dict(kind="train", step=s, member=m) for m, kind, s in rows if kind == "train"]
+        val = [dict(kind="val", step=s, member=m) for m, kind, s in rows if kind == "val"]
+        return records.SimpleNamespace(hyperparameters=dict(log_every=5, val_every=0, **hp), train=train, val=val,
+                                       lines=lines)
+    lines = ["seed 0 | 4/3 steps/epoch x 3 epochs -> 10 steps | compile off"]  # epoch ends at steps 4, 7 (and 10)
+    whole = [(None, "train", s) for s in (1, 5, 10)] + [(None, "val", s) for s in (4, 7, 10)]
+    assert records.step_gaps(run(whole, lines), {None: 10}) == []
+    gaps = records.step_gaps(run(whole[:-2] + whole[-1:], lines), {None: 10})
+    assert gaps == ["val rows skip step 7, which the run validates (each epoch end, the last)"], gaps
+    assert records.step_gaps(run(whole[1:], lines), {None: 10})[0].startswith("train rows skip step 1,")
+    members = [(m, kind, s) for m in (0, 1) for _, kind, s in whole if (m, kind, s) not in [(1, "train", 5),
+                                                                                          (0, "val", 7)]]
+    tagged = ["member 0 of 2 | " + lines[0], "member 1 of 2 | " + lines[0]]
+    gaps = records.step_gaps(run(members, tagged, ensemble_size=2), {0: 10, 1: 10})
+    assert gaps == ["member 0: val rows skip step 7, which the run validates (each epoch end, the last)",
+                    "member 1: train rows skip step 5, which the run logs (step 1, each multiple of log_every 5, "
+                    "the last)"]
+
+
+def test_verify_ok_says_what_only_a_rerun_checks(record, tmp_path, capsys):
+    """Review case v11: the final val loss forged consistently (val line, done line, metrics row, result.json, the
+    record's mean, resealed) passes every consistency check: only --rerun can catch it, and the OK line says so."""
+    copy = copy_record(record, tmp_path)
+    run = os.path.join(copy, "s0")
+    result = json.load(open(os.path.join(run, "result.json")))
+    old = result["val_loss"]
+    new = old - 0.1
+    result["val_loss"] = new
+    json.dump(result, open(os.path.join(run, "result.json"), "w"))
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    for row in rows:
+        if row["kind"] == "val" and row["val_loss"] == old:
+            row["val_loss"] = new
+    open(os.path.join(run, "metrics.jsonl"), "w").write("".join(json.dumps(row) + "\n" for row in rows))
+    log = open(os.path.join(run, "log.txt")).read()
+    open(os.path.join(run, "log.txt"), "w").write(log.replace(f"val_loss {old:.4f}", f"val_loss {new:.4f}"))
+    summary = json.load(open(os.path.join(copy, "record.json")))
+    losses = [json.load(open(os.path.join(copy, f"s{s}", "result.json")))["val_loss"] for s in range(3)]
+    summary.update(val_loss_mean=float(np.mean(losses)), val_loss_std=float(np.std(losses, ddof=1)))
+    json.dump(summary, open(os.path.join(copy, "record.json"), "w"))
+    reseal(copy)
+    capsys.readouterr()
+    assert verify(copy) == 0
+    ok = capsys.readouterr().out.splitlines()[-1]
+    assert ok.startswith("  OK: ") and "only --rerun" in ok and "consistent edit" in ok, ok
+
+
 def test_cut_metrics_line_is_one_line_with_exit_status_2(runs, record, tmp_path, capsys):
     """A metrics.jsonl whose last line was cut (a killed writer, a truncated copy): one line, exit status 2, for the
     tools that read it (plot, verify); result.json that is not JSON likewise."""
@@ -183,7 +261,8 @@ def test_cut_metrics_line_is_one_line_with_exit_status_2(runs, record, tmp_path,
 
 def test_verify_rejects_an_edited_source(record, tmp_path, capsys):
     copy = copy_record(record, tmp_path)
-    edit_file(os.path.join(copy, "s2", "log.txt"), "    muon_momentum: float = 0.95", "    muon_momentum: float = 0.9")
+    edit_file(os.path.join(copy, "s2", "log.txt"), "    muon_momentum: Fraction = 0.95",
+              "    muon_momentum: Fraction = 0.9")
     reseal(copy)
     assert verify(copy) == 1
     out = capsys.readouterr().out

@@ -66,9 +66,10 @@ def dead_pid() -> int:
 
 # ------------------------------------------------------------------------------------------------- a stalled rank
 
-def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
-    """Rank 1 frozen by SIGSTOP mid-training: rank 0 (waiting in a gloo collective) ends within --dist_timeout 3 s,
-    one line naming rank 1 and where it was; before, it waited silently for gloo's 30 minutes."""
+def stop_one_of_two_ranks(micro_data, tmp_path, victim: int) -> tuple[int, str, float, list]:
+    """A 2-rank gloo micro run launched by hand (MASTER_ADDR, RANK set, no torchrun: rank 0's process hosts the
+    process group's TCPStore), --dist_timeout 3; once rank 0 prints step 2, rank `victim` is frozen by SIGSTOP.
+    Returns the other rank's (exit status, stderr, seconds it ran on after the stop, both processes)."""
     train_path, val_path = micro_data
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -81,6 +82,7 @@ def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
     ranks = [subprocess.Popen([sys.executable, script, *flags], env=dict(env, RANK=str(r), LOCAL_RANK=str(r)),
                               stdout=subprocess.PIPE if r == 0 else subprocess.DEVNULL, stderr=subprocess.PIPE,
                               text=True, cwd=REPO_ROOT) for r in range(2)]
+    other = ranks[1 - victim]
     try:
         stepping = threading.Event()
 
@@ -90,21 +92,43 @@ def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
                     stepping.set()
         threading.Thread(target=watch, daemon=True).start()
         assert stepping.wait(120), ranks[0].stderr.read() if ranks[0].poll() is not None else "no step 2 line"
-        os.kill(ranks[1].pid, signal.SIGSTOP)
+        os.kill(ranks[victim].pid, signal.SIGSTOP)
         stopped = time.monotonic()
-        status = ranks[0].wait(timeout=60)
+        try:
+            status = other.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            status = None  # still running a minute later: the hang of review case g4
         waited = time.monotonic() - stopped
-        err = ranks[0].stderr.read()
     finally:
         for process in ranks:
             if process.poll() is None:
                 process.kill()
             process.wait()
+    return status, other.stderr.read(), waited, ranks
+
+
+def test_stalled_rank_ends_every_rank_within_the_timeout(micro_data, tmp_path):
+    """Rank 1 frozen by SIGSTOP mid-training: rank 0 (waiting in a gloo collective) ends within --dist_timeout 3 s,
+    one line naming rank 1 and where it was; before, it waited silently for gloo's 30 minutes."""
+    status, err, waited, ranks = stop_one_of_two_ranks(micro_data, tmp_path, victim=1)
     assert status == 2, err
     lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "rank 1 stopped answering" in lines[0] and "line " in lines[0], err
     assert f"pid {ranks[1].pid}" in lines[0]
     # the timeout, less the beat interval (timeout / 5: the last beat may precede the stop), plus a loaded machine's slack
+    assert 3 - 3 / 5 <= waited < 3 + 10, waited
+
+
+def test_frozen_store_host_ends_the_other_ranks_within_the_timeout(micro_data, tmp_path):
+    """Review case g4: rank 0 frozen by SIGSTOP in a launch without torchrun, where rank 0's process hosts the store
+    the heartbeat lives in: rank 1's own deadline (a timer that does not wait on the store) ends it within
+    --dist_timeout 3 s with one line naming rank 0 and where it was last heard; before, rank 1 hung silently (40 s+ in
+    the review, until gloo's backstop or for ever)."""
+    status, err, waited, ranks = stop_one_of_two_ranks(micro_data, tmp_path, victim=0)
+    assert status == 2, (status, err)
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "rank 0 stopped answering" in lines[0], err
+    assert "hosts the process group's store" in lines[0] and f"pid {ranks[0].pid}" in lines[0], lines[0]
     assert 3 - 3 / 5 <= waited < 3 + 10, waited
 
 
@@ -210,9 +234,9 @@ def test_validation_overlapping_train_is_refused(micro_data, tmp_path, capsys, c
     ("train_tokens 1", dict(train_tokens=1), "1 train tokens after --train_tokens 1, fewer than one sequence"),
     ("train_tokens -5", dict(train_tokens=-5), "train_tokens must be >= 0"),
     ("val_tokens -100", dict(val_tokens=-100), "val_tokens must be >= 0"),
-    ("batch_tokens 0", dict(batch_tokens=0), "batch_tokens must be > 0, got 0"),
-    ("batch_tokens -8192", dict(batch_tokens=-8192), "batch_tokens must be > 0, got -8192"),
-    ("mlp_ratio 0", dict(mlp_ratio=0), "MLP hidden width of 0"),
+    ("batch_tokens 0", dict(batch_tokens=0), "batch_tokens must be >= 1, got 0"),
+    ("batch_tokens -8192", dict(batch_tokens=-8192), "batch_tokens must be >= 1, got -8192"),
+    ("mlp_ratio 0", dict(mlp_ratio=0), "mlp_ratio must be > 0 and finite, got 0.0"),
 ])
 def test_bad_sizes_and_shards_are_one_line(micro_data, tmp_path, capsys, case, overrides, message):
     train_path, val_path = micro_data

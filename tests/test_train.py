@@ -75,8 +75,8 @@ def test_cli_error_exit_code_and_no_run_folder(tmp_path, micro_data):
 def test_help_lists_every_hyperparameter():
     result = run_script(["--help"])
     assert result.returncode == 0
-    for field in dataclasses.fields(train_gpt.Hyperparameters):
-        assert f"    {field.name}: " in result.stdout
+    for field in dataclasses.fields(train_gpt.Hyperparameters):  # the map: one line per flag
+        assert f"\n  --{field.name} " in result.stdout
 
 
 # ------------------------------------------------------------------------------------------------- a micro run
