@@ -7092,7 +7092,9 @@ def usage(name: str = "") -> str:
                               (f"; did you mean --{close[0]}?" if close else ""))
         presets = ", ".join(f"{preset} ({values[row['name']]!r})" for preset, values in PRESETS.items()
                             if row["name"] in values) or "none"
-        return (f"--{row['name']} (group: {row['group']})\ndefault: {row['default']}\n{row['comment']}\n"
+        kind = {f.name: f.type for f in dataclasses.fields(Hyperparameters)}[row["name"]]
+        rule = f" (must {NUMBER_KINDS[kind][0]})" if kind in NUMBER_KINDS else ""
+        return (f"--{row['name']} (group: {row['group']})\ndefault: {row['default']}{rule}\n{row['comment']}\n"
                 f"set by presets: {presets}")
     lines = [__doc__.strip(), "", "Flags: --name value (or --name=value); a preset applies first, then the flags.",
              "python train_gpt.py --help NAME: one flag whole; --preset NAME --explain: what a preset runs.", ""]

@@ -33,7 +33,7 @@ def test_help_lists_every_flag_once_with_its_default():
 
 def test_help_name_prints_the_whole_comment_and_the_presets_that_set_it():
     text = train_gpt.usage("muon_wd")
-    assert text.splitlines()[1] == "default: 0.0"
+    assert text.splitlines()[1] == "default: 0.0 (must be >= 0 and finite)"  # its value kind (check_numbers)
     assert "decoupled weight decay on Muon matrices" in text
     assert "1h (1.3)" in text and "baseline (1.6)" in text and "15min (0.8)" in text
     with pytest.raises(train_gpt.ConfigError, match="did you mean --muon_wd"):
