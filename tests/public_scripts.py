@@ -225,3 +225,16 @@ class StubLoss:
 
     def mean(self):
         return self
+
+
+class StubModule:
+    """The train/eval/zero_grad calls a public training loop makes on its model, doing nothing."""
+
+    def eval(self):
+        pass
+
+    def train(self):
+        pass
+
+    def zero_grad(self, set_to_none=True):
+        pass

@@ -42,7 +42,7 @@ import pytest
 import torch
 
 import train_gpt
-from public_scripts import ONE_RANK_DIST, REFERENCE, StubLoss, bfloat16_as_float32, load_public, public_block, run_block
+from public_scripts import ONE_RANK_DIST, REFERENCE, StubLoss, StubModule, bfloat16_as_float32, load_public, public_block, run_block
 
 TRACK = "baseline"
 V_REAL, V_PADDED, BOS = 250, 256, 249  # the public pads its vocabulary to a multiple of 64 and slices the logits
@@ -466,7 +466,7 @@ class _Clock:
         return self.now
 
 
-class _StubModel:
+class _StubModel(StubModule):
     """The public loop's model: records each training forward's (x, y); a stand-in loss."""
 
     def __init__(self, record: bool):
@@ -477,15 +477,6 @@ class _StubModel:
         if self.record:
             self.calls.append((x.clone(), y.clone()))
         return StubLoss()
-
-    def eval(self):
-        pass
-
-    def train(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
 
 
 class _StubOptimizer:

@@ -21,13 +21,13 @@ import pytest
 import torch
 
 import train_gpt
-from public_scripts import StubLoss, load_public, public_block, require_public
+from public_scripts import StubLoss, StubModule, load_public, public_block, require_public
 
 WINDOWS = 48_804  # whole 2,049-token windows in the 100,000,000 FineWeb train tokens (records/TRACKS.md §0)
 BOS = 50256
 
 
-class ModelStub:
+class ModelStub(StubModule):
     """The public's model and orig_model: records the step each switch happens at."""
 
     def __init__(self, run):
@@ -54,14 +54,6 @@ class ModelStub:
     def parameters(self):
         return [self.weight]  # one tensor for the 15min EMA's foreach lerp
 
-    def eval(self):
-        pass
-
-    def train(self):
-        pass
-
-    def zero_grad(self, set_to_none=True):
-        pass
 
     def estimate_flops(self, *args, **kwargs):
         return 1.0
