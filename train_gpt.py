@@ -938,6 +938,9 @@ def parse_weights(text: str, count: int) -> list[float]:
 # Distributed setup
 
 
+WAITS = itertools.count()  # Dist.wait_for_all's store keys: every rank makes the same calls in the same order
+
+
 @dataclass
 class Dist:
     """Where this process stands: its rank among world_size processes and its device. Works without torchrun."""
@@ -967,6 +970,21 @@ class Dist:
     def barrier(self) -> None:
         if self.world_size > 1:
             dist.barrier(group=self.group)
+
+    def wait_for_all(self) -> None:
+        """A barrier of the whole world with no time limit, for waits of unknown length: at a round's end, groups
+        training members at once may finish hours apart (a collective would time out at twice dist_timeout). Each
+        rank counts itself in the process group's store and polls; a rank that dies meanwhile is named by the
+        heartbeat watchdog, which keeps beating while this one waits."""
+        if self.world_size == 1:
+            return
+        assert self.group is None, "wait_for_all is the whole world's"
+        store, key = dist.distributed_c10d._get_default_store(), f"slowrun_wait/{next(WAITS)}"
+        store.add(key, 1)
+        pause = 0.01
+        while store.add(key, 0) < self.world_size:  # reads the count without blocking
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
 
     def from_first_rank(self, value):
         """rank 0's value of a small Python object, on every rank (run ids, decisions every rank must share)."""
@@ -3890,6 +3908,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     if wandb is not None and dist_info.is_main:
         log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
     if hp.resume and dist_info.is_main:
+        merge_group_logs(folder)  # the other groups' lines of the interrupted round
         end_cut_line(os.path.join(folder, "metrics.jsonl"))
 
     unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
@@ -3923,8 +3942,6 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     # members and, with snapshot_cycles or epoch_snapshots, their earlier snapshots
     members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
     group_dist, group_index = split_world(dist_info, hp.parallel_members)
-    # each group's rank 0 writes its member's lines into the same log.txt (appending whole lines)
-    member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True)
     # the whole run's ETA (every member has member 0's steps, validations and snapshots)
     work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
 
@@ -3966,6 +3983,8 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         dist_info.barrier()  # every rank has looked before any group writes this round's member files
         trained_here = {}
         mine = round_start + group_index
+        # group 0 writes its member's lines into log.txt, another group into files of its own (group_log_names)
+        member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True, group=group_index)
         if mine in round_members and mine not in already_done:  # finished members are never retrained
             earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
             if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
@@ -3985,7 +4004,11 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             group_dist.barrier()  # the member file exists before any checkpoint of it goes
             if keep_files:  # a single model's last checkpoint is its weights until result.json is written
                 remove_checkpoints(folder, mine, group_dist)
-        dist_info.barrier()  # every member of the round is on disk
+        if member_log is not log:
+            member_log.close()
+        dist_info.wait_for_all()  # every member of the round is on disk (groups may finish hours apart)
+        if dist_info.is_main and hp.parallel_members > 1:
+            merge_group_logs(folder)
         for member in round_members:
             if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
                 model, snapshots, outcome = trained_here[member]
@@ -4016,8 +4039,6 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
                 log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
                                  member_val_loss=outcome["val_loss"],
                                  tokens_seen=sum(r["tokens_seen"] for r in member_results)))
-    if member_log is not log:
-        member_log.close()
     # no member teaches any more: under candidates_on_disk each is its file from here
     members[:], candidates[:] = [on_disk_twin(m) for m in members], [on_disk_twin(c) for c in candidates]
     for model in members:  # every group has trained its last member: the teachers too are split over the world
@@ -4605,6 +4626,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as error:
         if dist_info is None or dist_info.is_main:
             print(f"error: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - only another rank's death is turned into one line; the rest re-raised
+        if dist_info is None or dist_info.world_size == 1 or not peer_failure(error):
+            raise
+        print(f"error: {peer_failure(error)}; rank {dist_info.rank} ends the run (--resume RUN_FOLDER on every node "
+              f"continues it)", file=sys.stderr, flush=True)
         return 2
     finally:
         stop_heartbeat_watchdog()
@@ -5646,11 +5673,35 @@ def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: lis
     failure = dist_info.from_first_rank(failure)
     if failure:
         raise StorageError(failure)
+    unseen = shared_folder_check(folder, dist_info, wait_s=min(30.0, hp.dist_timeout))
+    if unseen:
+        if dist_info.is_main:
+            log.close()
+            if not hp.resume:  # this process made it a moment ago: nothing of the run is in it
+                release_run_locks()
+                shutil.rmtree(folder, ignore_errors=True)
+        raise StorageError(f"{folder}: {unseen} of {dist_info.world_size} ranks cannot see the run folder rank 0 made "
+                           f"(a node-local --log_dir?): on several nodes --log_dir must be one folder every node "
+                           f"shares (NFS, Lustre, ...), as member files written on one node are read on all")
     if not dist_info.is_main:
         log = RunLog(folder, False)
         if hp.resume:
             remove_stale_temporaries(folder)  # this rank's own checkpoint partials
     return log
+
+
+def shared_folder_check(folder: str, dist_info: Dist, wait_s: float) -> int:
+    """How many ranks do not see rank 0's hyperparameters.json in the run folder within wait_s (a shared file
+    system may show a new file to other nodes a moment late), summed over the world; 0 on one rank. Found at the
+    start, not when round 1 ends and a member file written on another node is missing."""
+    if dist_info.world_size == 1:
+        return 0
+    deadline = time.monotonic() + wait_s
+    path = os.path.join(folder, "hyperparameters.json")
+    while not os.path.isfile(path) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    flag = torch.tensor([0.0 if os.path.isfile(path) else 1.0], device=dist_info.device)
+    return int(dist_info.all_reduce_sum(flag).item())
 
 
 # --- Memory plan: what one rank holds, from the configuration alone (a meta-device model: no allocation, no work) ---
@@ -5768,6 +5819,12 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
                 member_files=candidate_count(hp) if candidate_count(hp) > 1 else 0, device_bytes=device_bytes)
 
 
+def node_ranks(world_size: int) -> int:
+    """The ranks on one node: torchrun's LOCAL_WORLD_SIZE (on several nodes fewer than the world), else the world
+    (one node; --plan_only for several nodes: set LOCAL_WORLD_SIZE to the GPUs per node)."""
+    return min(world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+
+
 def host_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int) -> dict:
     """Host memory of one rank, exact, as train() splits the frozen models (frozen_store): over the world, except,
     with --parallel_members and distillation, the members of earlier rounds (teachers) over their group's ranks until
@@ -5786,7 +5843,8 @@ def host_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, ave
     host = max(training, after)
     return dict(frozen_host_models=candidates, frozen_host_model_bytes=world_share, frozen_host_shards=shards,
                 frozen_group_model_bytes=group_share, host_training_bytes=training, host_final_bytes=candidates *
-                world_share, host_bytes=host, host_node_bytes=world_size * host)
+                world_share, host_bytes=host, host_node_bytes=node_ranks(world_size) * host,
+                node_ranks=node_ranks(world_size))
 
 
 def host_memory_line(plan: dict, gib) -> str:
@@ -5800,8 +5858,8 @@ def host_memory_line(plan: dict, gib) -> str:
                f"ranks, {plan['frozen_group_model_bytes']:,} B each"
                + (", the EMA/SWA accumulators" if plan["averaging_on_host"] else "") + ")"
                if plan["host_bytes"] > plan["host_final_bytes"] else "")
-            + (f"; x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) "
-               f"per node" if plan["host_bytes"] and plan["world_size"] > 1 else ""))
+            + (f"; x{plan['node_ranks']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) "
+               f"per node" if plan["host_bytes"] and plan["node_ranks"] > 1 else ""))
 
 
 def candidate_storage_plan(hp: Hyperparameters, world_size: int, model: nn.Module, averages_bytes: int,
@@ -5810,7 +5868,7 @@ def candidate_storage_plan(hp: Hyperparameters, world_size: int, model: nn.Modul
     auto where the node's RAM (host_ram_bytes) would refuse the in-memory figure (host_memory_refusal); the plan's
     candidates_on_disk says which."""
     plan = dict(host_memory_plan(hp, world_size, model, averages_bytes), world_size=world_size)
-    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    ranks_here = node_ranks(world_size)
     refused = bool(host_ram_bytes) and bool(host_memory_refusal(plan, ranks_here, host_ram_bytes))
     on_disk = candidate_count(hp) > 1 and (hp.candidates_on_disk == "on" or
                                            (hp.candidates_on_disk == "auto" and refused))
@@ -5840,7 +5898,8 @@ def disk_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, ave
         + (earlier * per_member + per_member - 1) * kept
     host = max(training, candidates * kept)
     return dict(host_training_bytes=training, host_final_bytes=candidates * kept, host_bytes=host,
-                host_node_bytes=world_size * host, file_candidate_host_bytes=kept, candidate_file_bytes=file_bytes,
+                host_node_bytes=node_ranks(world_size) * host, node_ranks=node_ranks(world_size),
+                file_candidate_host_bytes=kept, candidate_file_bytes=file_bytes,
                 candidate_disk_bytes=candidates * file_bytes, teaching_host_models=teaching + snapshot_teachers,
                 member_share_bytes=member_share)
 
@@ -5858,7 +5917,7 @@ def candidate_memory_lines(plan: dict, gib) -> list[str]:
                                      f"host memory, {plan['frozen_group_model_bytes']:,} B each"
                                      + (", the EMA/SWA accumulators" if plan["averaging_on_host"] else "") + "); "
                                      if plan["host_training_bytes"] > plan["host_final_bytes"] else "")
-        + f"x{plan['world_size']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) per node",
+        + f"x{plan['node_ranks']} ranks = {gib(plan['host_node_bytes'])} ({plan['host_node_bytes']:,} B) per node",
         f"disk        {gib(plan['candidate_disk_bytes']):>11} | {plan['candidate_disk_bytes']:,} B: "
         f"{plan['frozen_host_models']} candidate files x {plan['candidate_file_bytes']:,} B in members/, each read "
         f"back (by the rank that wrote it: rank 0 of its member's group, broadcast to the others) whenever it is "
@@ -5960,7 +6019,7 @@ def check_memory_plan(hp: Hyperparameters, dist_info: Dist) -> list[str]:
         print("\n".join(["memory plan" + (f" | preset {hp.preset}" if hp.preset else "")] + lines), flush=True)
     refusal = memory_plan_refusal(hp, plan)
     if not refusal and ram:  # a real run on this machine (or --host_memory_gb): its ranks' frozen models in its RAM
-        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", plan["world_size"]))
+        ranks_here = node_ranks(plan["world_size"])
         refusal = host_memory_refusal(plan, ranks_here, ram)
     if refusal:
         raise ConfigError(refusal)
@@ -6000,7 +6059,7 @@ def eval_only_on_disk(hp: Hyperparameters, paths: list[str], dist_info: Dist) ->
     as frozen_store splits them, would take over 90% of this node's RAM), rank 0's decision on every rank."""
     if hp.candidates_on_disk != "auto":
         return hp.candidates_on_disk == "on"
-    ram, ranks_here = plan_host_ram(hp), int(os.environ.get("LOCAL_WORLD_SIZE", dist_info.world_size))
+    ram, ranks_here = plan_host_ram(hp), node_ranks(dist_info.world_size)
     total = sum(os.path.getsize(path) for path in paths if os.path.isfile(path))
     need = total * ranks_here / (dist_info.world_size if hp.frozen_shards else 1)
     return dist_info.from_first_rank(bool(ram) and need > 0.9 * ram)
@@ -6036,14 +6095,15 @@ def resolve_averaging_on_host(hp: Hyperparameters, dist_info: Dist) -> Hyperpara
 class RunLog:
     """Writes the run folder. Every line goes to log.txt at once (a crash loses nothing) and to the terminal."""
 
-    def __init__(self, folder: str, is_main: bool, append: bool = False):
+    def __init__(self, folder: str, is_main: bool, append: bool = False, group: int = 0):
         self.folder, self.is_main = folder, is_main
         self._log = self._metrics = None
         self.tracker = None  # a wandb run (--wandb) that receives every metrics row too
         if is_main:
             os.makedirs(folder, exist_ok=append)
-            self._log = open(os.path.join(folder, "log.txt"), "a", encoding="utf-8")
-            self._metrics = open(os.path.join(folder, "metrics.jsonl"), "a", encoding="utf-8")
+            log_name, metrics_name = group_log_names(group)
+            self._log = open(os.path.join(folder, log_name), "a", encoding="utf-8")
+            self._metrics = open(os.path.join(folder, metrics_name), "a", encoding="utf-8")
 
     def write(self, text: str, echo: bool = True) -> None:
         if not self.is_main:
@@ -6076,6 +6136,39 @@ class RunLog:
         if self.tracker is not None:
             self.tracker.finish()
             self.tracker = None
+
+
+def group_log_names(group: int) -> tuple[str, str]:
+    """The log and metrics files of a group training members at once (--parallel_members): group 0's are the run's
+    log.txt and metrics.jsonl; another group's rank 0 (on another node, maybe) writes files of its own, merged into
+    them at the round's end (merge_group_logs): no two nodes append to one file (appends from two NFS clients can
+    interleave or overwrite each other)."""
+    return ("log.txt", "metrics.jsonl") if group == 0 else (f"log_group{group}.txt", f"metrics_group{group}.jsonl")
+
+
+def merge_group_logs(folder: str) -> None:
+    """Appends every other group's log and metrics files to log.txt and metrics.jsonl (group by group) and removes
+    them; rank 0 alone, once the groups have closed them. Safe to repeat after a kill at any point: a file whose bytes
+    already end the run's file was appended before the kill and is only removed (nothing else writes in between)."""
+    groups = sorted(int(m.group(1)) for name in os.listdir(folder)
+                    for m in [re.fullmatch(r"log_group(\d+)\.txt", name)] if m)
+    for group in groups:
+        for source, target in zip(group_log_names(group), group_log_names(0)):
+            source_path, target_path = os.path.join(folder, source), os.path.join(folder, target)
+            if not os.path.isfile(source_path):
+                continue
+            with open(source_path, "rb") as handle:
+                text = handle.read()
+            text += b"\n" if text and not text.endswith(b"\n") else b""  # a line cut by a kill ends here
+            with open(target_path, "a+b") as handle:
+                size = handle.seek(0, os.SEEK_END)
+                handle.seek(max(0, size - len(text)))
+                if text and (size < len(text) or handle.read() != text):
+                    handle.seek(0, os.SEEK_END)
+                    handle.write(text)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            os.remove(source_path)
 
 
 class StorageError(ConfigError):
@@ -6250,6 +6343,19 @@ def main_thread_position() -> str:
 
 
 HEARTBEAT = dict(stopping=threading.Event(), store=None, rank=0)  # the watchdog of this process (one per rank)
+
+
+def peer_failure(error: BaseException) -> str:
+    """One line when a collective failed because another rank's process ended (a node lost, a rank killed): gloo's
+    "Connection closed by peer" RuntimeError, NCCL's DistBackendError; "" for anything else. The heartbeat watchdog
+    names a silent rank after dist_timeout; a dead one breaks the collective in flight first."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    lost = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "Socket Timeout", "NCCL")
+    if isinstance(error, getattr(dist, "DistError", ())) or (isinstance(error, RuntimeError) and
+                                                               any(word in text for word in lost)):
+        text = re.sub(r"^\[[^\]]*\] ", "", text)  # gloo's [source file:line] prefix
+        return f"a collective failed: another rank's process ended or is unreachable ({text[:160]})"
+    return ""
 
 
 def stop_heartbeat_watchdog() -> None:

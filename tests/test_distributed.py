@@ -85,6 +85,13 @@ def test_parallel_members_train_different_members_like_a_sequential_run(tmp_path
     assert "2 members at once" in log and "trained by another group" in log
     rows = [r for r in read_metrics(str(tmp_path / "parallel")) if r["kind"] == "train"]
     assert {r["member"] for r in rows} == {0, 1}  # both groups wrote their progress lines
+    # group 1 wrote files of its own (no two nodes append to one file), merged into the run's at the round's end
+    assert not [name for name in os.listdir(tmp_path / "parallel") if "_group" in name]
+    assert len([r for r in rows if r["member"] == 1]) == len([r for r in rows if r["member"] == 0])
+    lines = log.splitlines()
+    member_1 = [i for i, line in enumerate(lines) if line.startswith("member 1 of 2 | step")]
+    loaded = [i for i, line in enumerate(lines) if "loaded trained by another group" in line]
+    assert member_1 and len(loaded) == 1 and member_1[-1] < loaded[0]  # merged at the round's end, before scoring
 
 
 def test_ranks_share_one_run_folder_and_refuse_an_existing_one(micro_data, tmp_path):

@@ -218,6 +218,19 @@ def test_memory_plan_host_bytes_are_the_real_allocation(world, results):
     assert unsplit["frozen_host_model_bytes"] == results[2][0]["whole_bytes"][0]
 
 
+def test_memory_plan_per_node_counts_the_ranks_of_one_node(monkeypatch):
+    """On several nodes "per node" is the ranks torchrun starts on one node (LOCAL_WORLD_SIZE), not the world: 16
+    ranks on 2 nodes of 8 hold 8 ranks' shares per node (each rank 1/16 of every frozen model)."""
+    hp = micro_hp(ensemble_size=3)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    plan = train_gpt.memory_plan(hp, 16, "cpu")
+    assert plan["frozen_host_shards"] == 16 and plan["host_node_bytes"] == 8 * plan["host_bytes"]
+    line = next(line for line in train_gpt.memory_plan_lines(hp, plan) if line.startswith("host"))
+    assert f"x8 ranks = " in line and f"({8 * plan['host_bytes']:,} B) per node" in line
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    assert train_gpt.memory_plan(hp, 16, "cpu")["host_node_bytes"] == 16 * plan["host_bytes"]  # one node of 16
+
+
 def test_memory_plan_with_parallel_members(results):
     """6 ranks, 3 members at once (groups of 2), 6 members with an epoch snapshot each: at the end the 12 candidates
     are split over all 6 ranks (counted on 3 ranks above: the same share); with distillation the 3 members of the

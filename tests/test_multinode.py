@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, synthetic_documents
+from conftest import REPO_ROOT, micro_flags, synthetic_documents, write_micro_shards
 
 RUN_SH = os.path.join(REPO_ROOT, "run.sh")
 SBATCH = os.path.join(REPO_ROOT, "examples", "slurm", "run_unlimited.sbatch")
@@ -28,9 +28,8 @@ CLEARED = ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NGPU", "KEEP_NG
 # the final float32 loss may differ in its last bits (measured: 1.8e-8 to 2.5e-8 relative); each member trains on
 # one rank either way, so the members, their files and their own val losses are bitwise equal.
 ENSEMBLE_RTOL = 1e-7
-# the heartbeat watchdog's limit in the killed run: the other node must end within it. A round's closing barrier times
-# out at twice --dist_timeout (gloo), so the uninterrupted runs keep a generous one: nodes on a loaded machine finish
-# their members seconds apart (docs/full-scale.md, "Known limit")
+# the heartbeat watchdog's limit in the killed run: the other node must end within it. The uninterrupted runs keep a
+# generous one: on a loaded machine a rank's beats may come late
 DIST_TIMEOUT = 2
 CALM = 60
 
@@ -388,8 +387,8 @@ def test_a_killed_node_ends_the_other_in_one_line_and_resume_on_both_gives_the_s
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         killed = time.monotonic()
-        # node 0 is still training its member: were it waiting in the round's gloo barrier with node 1, gloo's
-        # "connection closed by peer" traceback would come before the watchdog's line (docs/full-scale.md)
+        # node 0 is still training its member, in no collective with node 1: the watchdog names the silent rank (a
+        # collective in flight would fail at once instead, with peer_failure's line: test_reliability.py)
         assert f" | step {EPOCHS * 10}/" not in output(micro, "killed", 0)
         status = nodes[0].wait(timeout=DIST_TIMEOUT + 60)
         waited = time.monotonic() - killed
@@ -416,3 +415,82 @@ def test_a_killed_node_ends_the_other_in_one_line_and_resume_on_both_gives_the_s
         mine, theirs = member_weights(folder, member), member_weights(two_nodes[0], member)
         assert all(torch.equal(mine[k], theirs[k]) for k in mine), member
     print(f"\nnode 1 killed: node 0 ended {waited:.1f} s later with: {errors[0]}")
+
+
+WAITER = """
+import sys, time
+import torch.distributed as dist
+import train_gpt
+world = train_gpt.setup_distributed("cpu", timeout_s=1.0)  # collectives time out at 2 s, the watchdog at 1 s
+if world.rank == 1:
+    time.sleep(5)  # a group still training its member while the other has finished
+start = time.monotonic()
+world.wait_for_all() if sys.argv[1] == "wait" else dist.barrier()
+print(f"waited {time.monotonic() - start:.1f} s", flush=True)
+world.barrier()  # the process group still works after the wait
+train_gpt.stop_heartbeat_watchdog()
+"""
+
+
+@pytest.mark.parametrize("how", ["wait", "barrier"])
+def test_a_round_waits_for_a_slower_group_past_the_collective_timeout(tmp_path, how):
+    """The round's closing wait (Dist.wait_for_all) lasts as long as the slowest group: rank 1 arrives 5 s late,
+    past the 2 s collective timeout of --dist_timeout 1, and both ranks go on (rank 0 waited ~5 s). A plain
+    collective barrier, what the round ended with before, fails there: at full scale, chains finishing more than
+    2 x dist_timeout apart crashed."""
+    port, ranks = free_port(), []
+    for rank in (0, 1):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1", PYTHONPATH=REPO_ROOT)
+        ranks.append(subprocess.Popen([sys.executable, "-c", WAITER, how], stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env=env, text=True, cwd=tmp_path))
+    status = finish(ranks, timeout=60)
+    outputs = [rank.stdout.read() for rank in ranks]
+    if how == "barrier":
+        assert status[0] != 0, outputs[0]
+        return
+    assert status == [0, 0], outputs
+    assert float(re.search(r"waited ([\d.]+) s", outputs[0]).group(1)) >= 4.0, outputs[0]
+
+
+def test_a_node_local_log_dir_is_refused_at_the_start_in_one_line(tmp_path):
+    """Two ranks whose --log_dir is not one folder (a relative "logs" from two working directories: what a folder
+    local to each node looks like) are refused before any step with one line saying --log_dir must be shared, and
+    rank 0 removes the folder it made; before, the run trained round 1 and failed when a member file written on the
+    other node was missing."""
+    train_path, val_path = write_micro_shards(tmp_path)
+    port, ranks = free_port(), []
+    flags = micro_flags(train_path, val_path, "logs", "local", ensemble_size=2, parallel_members=2, dist_timeout=2,
+                        batch_tokens=256)
+    for rank in (0, 1):
+        node = tmp_path / f"node{rank}"
+        node.mkdir()
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                   LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
+        ranks.append(subprocess.Popen([sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), *flags],
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True, cwd=node))
+    status = finish(ranks, timeout=120)
+    out, err = ranks[0].stdout.read(), ranks[0].stderr.read()
+    assert status == [2, 2], (out, err)
+    assert err.strip().count("\n") == 0 and "1 of 2 ranks cannot see the run folder" in err and \
+        "--log_dir must be one folder every node shares" in err, err
+    assert "step 1/" not in out and os.listdir(tmp_path / "node0" / "logs") == []
+
+
+def test_group_logs_merge_once_whatever_the_kill_point(tmp_path):
+    """Another group's log and metrics files end up appended to log.txt and metrics.jsonl once, group by group, its
+    cut last line ended: merged again after a kill between the append and the removal, nothing is doubled."""
+    (tmp_path / "log.txt").write_text("header\n")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "member": 0, "step": 1}\n')
+    (tmp_path / "log_group1.txt").write_text("member 1 | step 1\n")
+    (tmp_path / "metrics_group1.jsonl").write_text('{"kind": "train", "member": 1, "step": 1}\n{"kind": "tr')
+    (tmp_path / "log_group2.txt").write_text("member 2 | step 1\n")
+    train_gpt.merge_group_logs(str(tmp_path))
+    assert (tmp_path / "log.txt").read_text() == "header\nmember 1 | step 1\nmember 2 | step 1\n"
+    assert (tmp_path / "metrics.jsonl").read_text() == ('{"kind": "train", "member": 0, "step": 1}\n'
+                                                        '{"kind": "train", "member": 1, "step": 1}\n{"kind": "tr\n')
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "metrics.jsonl"]
+    (tmp_path / "log_group2.txt").write_text("member 2 | step 1\n")  # a kill after its append, before its removal
+    train_gpt.merge_group_logs(str(tmp_path))
+    assert (tmp_path / "log.txt").read_text() == "header\nmember 1 | step 1\nmember 2 | step 1\n"
+    assert sorted(os.listdir(tmp_path)) == ["log.txt", "metrics.jsonl"]

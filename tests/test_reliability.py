@@ -66,15 +66,17 @@ def dead_pid() -> int:
 
 # ------------------------------------------------------------------------------------------------- a stalled rank
 
-def stop_one_of_two_ranks(micro_data, tmp_path, victim: int) -> tuple[int, str, float, list]:
+def stop_one_of_two_ranks(micro_data, tmp_path, victim: int, how: int = signal.SIGSTOP,
+                          dist_timeout: float = 3) -> tuple[int, str, float, list]:
     """A 2-rank gloo micro run launched by hand (MASTER_ADDR, RANK set, no torchrun: rank 0's process hosts the
-    process group's TCPStore), --dist_timeout 3; once rank 0 prints step 2, rank `victim` is frozen by SIGSTOP.
+    process group's TCPStore), --dist_timeout 3; once rank 0 prints step 2, rank `victim` is frozen by SIGSTOP (or
+    sent `how`).
     Returns the other rank's (exit status, stderr, seconds it ran on after the stop, both processes)."""
     train_path, val_path = micro_data
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "stall", num_epochs=500, dist_timeout=3,
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "stall", num_epochs=500, dist_timeout=dist_timeout,
                         log_every=1, val_every=-1, checkpoint_every=-1, batch_tokens=256)
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", OMP_NUM_THREADS="1",
                PYTHONUNBUFFERED="1")
@@ -92,7 +94,7 @@ def stop_one_of_two_ranks(micro_data, tmp_path, victim: int) -> tuple[int, str, 
                     stepping.set()
         threading.Thread(target=watch, daemon=True).start()
         assert stepping.wait(120), ranks[0].stderr.read() if ranks[0].poll() is not None else "no step 2 line"
-        os.kill(ranks[victim].pid, signal.SIGSTOP)
+        os.kill(ranks[victim].pid, how)
         stopped = time.monotonic()
         try:
             status = other.wait(timeout=60)
@@ -130,6 +132,18 @@ def test_frozen_store_host_ends_the_other_ranks_within_the_timeout(micro_data, t
     assert len(lines) == 1 and "rank 0 stopped answering" in lines[0], err
     assert "hosts the process group's store" in lines[0] and f"pid {ranks[0].pid}" in lines[0], lines[0]
     assert 3 - 3 / 5 <= waited < 3 + 10, waited
+
+
+def test_a_killed_rank_breaks_the_collective_in_flight_and_the_other_ends_in_one_line(micro_data, tmp_path):
+    """Rank 1 killed (kill -9: a node lost) mid-training, --dist_timeout 60: rank 0's collective in flight fails at
+    once (gloo: "Connection closed by peer"), long before the watchdog would name the silent rank, and rank 0 ends
+    with one line saying so and how to continue; before, a 20-line traceback."""
+    status, err, waited, _ = stop_one_of_two_ranks(micro_data, tmp_path, victim=1, how=signal.SIGKILL,
+                                                   dist_timeout=60)
+    assert status == 2, err
+    assert err.strip().startswith("error: a collective failed: another rank's process ended") and \
+        len(err.strip().splitlines()) == 1 and "--resume" in err, err
+    assert waited < 30, waited  # within the collective, not the 60 s watchdog
 
 
 # ------------------------------------------------------------------------------------------------- a full disk
