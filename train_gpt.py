@@ -3,15 +3,16 @@ slowrun: data-efficient language-model pretraining in one file.
 
 The training data is fixed (about 100M FineWeb tokens, read for many epochs) and compute is nearly free:
 the question is how low the validation loss can go. Read this file top to bottom like a paper, down to the Harness
-banner: hyperparameters, distributed setup, data, model, optimizers and schedules, losses and evaluation, training
-one member, the ensemble loop, kernels (each fast path beside its reference), main. Below the banner, the harness,
-where nothing changes a number: frozen models' placement, member files, checkpoints and resume, the memory plan,
+banner: the recipe's hyperparameters (Recipe), distributed setup, data, model, optimizers and schedules, losses and
+evaluation, training one member, the ensemble loop, kernels (each fast path beside its reference), main. Below the
+banner, the harness, where nothing changes a number: the run settings (Hyperparameters = Recipe + where and how a run
+goes), frozen models' placement, member files, checkpoints and resume, the memory plan,
 logging and locks, the heartbeat watchdog, progress and ETA, data-file checks, a newcomer's outputs, record
 comparison and --eval_only.
 
     python train_gpt.py --preset tiny                               # CPU, bundled sample, a few minutes
     torchrun --standalone --nproc_per_node=8 train_gpt.py --preset slowrun
-    python train_gpt.py --help                                      # every hyperparameter, with its comment
+    python train_gpt.py --help                                      # a map of every flag, grouped by concept
 
 `import train_gpt` runs nothing: tests and the companion tools (data/, records/, bench/) import from here.
 """
@@ -57,7 +58,7 @@ import torch.nn.functional as F
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Hyperparameters
+# Hyperparameters: the recipe, grouped by concept (the run settings are below the harness banner)
 
 # Value kinds: each numeric field below names the range it accepts as its annotation (`muon_lr: Positive = 0.02`).
 # A kind is its default's own type (parsing is unchanged); check_numbers refuses any value outside its kind's range,
@@ -87,12 +88,15 @@ NUMBER_KINDS: dict[str, tuple[str, object]] = {  # kind -> (what check_numbers s
 
 
 @dataclass
-class Hyperparameters:
-    """Every knob of a run. Defaults are a GPT-2-small-sized model; presets below override them; any field can be
-    set on the command line (`--n_layer 4`). A trick's flag at its default leaves the plain code path untouched."""
+class Recipe:
+    """Every setting that decides a run's numbers, grouped by what it does. Defaults are a GPT-2-small-sized plain
+    model; presets below override them; any field can be set on the command line (`--n_layer 4`). A trick's flag at
+    its default leaves the plain code path untouched. Where and how a run goes (device, memory plan, run folder,
+    checkpoints, logging) are the run settings: Hyperparameters(Recipe), below the harness banner, which the command
+    line fills just as flatly (`--device cpu`)."""
 
     preset: str = ""  # name of the preset applied before the command-line overrides ("" = none); see PRESETS
-    # --- data -----------------------------------------------------------------------------------------------------
+    # --- data: the fixed budget, read for many epochs -------------------------------------------------------------
     train_files: str = "data/fineweb/fineweb_train.bin"  # glob of train shards: the fixed budget, read for many epochs
     val_files: str = "data/fineweb/fineweb_val.bin"  # glob of validation shards, scored whole at each evaluation
     test_files: str = ""  # glob of held-out test shards, scored once at the end ("" = none); never used to choose
@@ -103,174 +107,141 @@ class Hyperparameters:
     bos_id: Count = 50256  # <|endoftext|>: every document starts with it
     tokenizer: str = "gpt2"  # what made the shards (their header says): gpt2 (BPE) | bytes (UTF-8 bytes + separator 256) | bpe (your own small BPE, --bpe_file); a mismatch is refused
     bpe_file: str = ""  # --tokenizer bpe: the ranks file data/encode.py --train_bpe wrote (its checksum must match the shards' headers)
-    # --- model (nanochat lineage, as in the public slowrun baseline) ---------------------------------------------
+    seed: Seed = 0  # seeds the initialisation and the data order
+    # --- model (nanochat lineage, as in the public slowrun baseline) ----------------------------------------------
     n_layer: PositiveInt = 12  # transformer blocks
     n_embd: PositiveInt = 768  # residual width
     n_head: PositiveInt = 6  # attention heads; head_dim = n_embd / n_head (must be even for RoPE)
     mlp: str = "relu2"  # "relu2": ReLU(x)^2 (So et al. 2021, Primer; modded-nanogpt) | "swiglu" (Shazeer 2020; slowrun)
     mlp_ratio: Positive = 4.0  # MLP hidden width / n_embd; SwiGLU uses 2/3 of it so both have the same parameter count
+    mlp_hidden: Count = 0  # MLP hidden width (0 = mlp_ratio's rule); the records use 256 * ceil(floor(8 d / 3) / 256): 4864 at d 1792
     rope_base: Positive = 10000.0  # rotary position embedding base (Su et al. 2021)
+    rope_pairs: Count = 0  # partial RoPE: only the first r of the head_dim/2 frequency pairs rotate, inv_freq_j = base^(-j/r); the rest stay put (0 = all; 15min: head_dim/4 = 32)
     logit_softcap: NonNegative = 15.0  # logits = c * tanh(logits / c) (Gemma 2; slowrun uses 10); 0 = off
     dropout: Fraction = 0.0  # dropout on each residual branch's output (the slowrun baseline uses 0.1)
-    # --- model tricks of the public records (each off by default: off is exactly the plain model) -------------
-    value_proj: bool = False  # V += 2*sigmoid(gate(x)) * W x0 on alternating layers, per head (ResFormer value residual; slowrun unlimited)
-    unet_skips: bool = False  # decoder layer n-1-i adds w_i * (output of encoder layer i), w_i learned, 1 at init (modded-nanogpt; slowrun)
-    attn_gate: bool = False  # per-head sigmoid gate on the attention output from x, zero-init (Qiu et al. 2025; modded-nanogpt; slowrun)
-    resid_mix: bool = False  # x = lambda_r * x + lambda_0 * x0 before each block, 1 and 0.1 at init (modded-nanogpt; slowrun records)
-    xsa: str = ""  # Exclusive Self Attention y -= s (y.v_hat) v_hat: "" off | "fixed" (s = 1) | "learned" (s = tanh(alpha), alpha = 0)
-    stochastic_depth: Fraction = 0.0  # drop a whole block per sequence with probability p * (l + 1) / n_layer (Huang et al. 2016)
-    mtp_weight: NonNegative = 0.0  # multi-token prediction: aux head for token t+2, this loss weight (Gloeckle et al. 2024; DeepSeek-V3)
-    loop_repeats: Count = 0  # looped layers: replay the layers of loop_range this many extra times (Universal Transformer; slowrun research)
-    loop_range: str = ""  # "a:b": the layers [a, b) that loop_repeats replays ("" = the middle third)
-    loop_start_frac: Fraction = 0.0  # the replay switches on from this fraction of training on
-    window_pattern: str = ""  # sliding-window attention, cycled over layers, last layer always long: e.g. "SSSL" (nanochat; slowrun)
-    window_short: Count = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
-    window_warmup_frac: Probability = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
-    window_warmup_stages: PositiveInt = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
-    head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
-    # --- the public records' model settings (records/TRACKS.md F0-F3, F5, F10; each at its default = the plain model) ---
-    mlp_hidden: Count = 0  # MLP hidden width (0 = mlp_ratio's rule); the records use 256 * ceil(floor(8 d / 3) / 256): 4864 at d 1792
+    dropout_mlp: bool = True  # dropout on the MLP branch too (False: the attention branch only, as the 15min record)
     proj_init: str = "zero"  # attention and MLP output projections: "zero" (nanochat) | "normal": N(0, n_embd^-0.5) (slowrun 1h record #14)
-    out_gate_channels: PositiveInt = 32  # input channels the attention output gate reads (x[..., :C]); the 1h record uses 12
     train_vocab: Count = 0  # softmax over the first N logits in training (0 = all vocab_size): the records pad the vocabulary
     eval_vocab: Count = 0  # to 50,304 rows but score only the 50,257 real tokens (0 = all vocab_size), in evaluation
-    loop_start_epoch: Count = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
-    stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
-    mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
+    # --- model tricks of the public records (each off by default: off is exactly the plain model) -----------------
+    value_proj: bool = False  # V += 2*sigmoid(gate(x)) * W x0 on alternating layers, per head (ResFormer value residual; slowrun unlimited)
     value_embed_tables: bool = False  # V += 2*sigmoid(gate(x)) * E_l[idx] on alternating layers: a vocab x n_embd table per layer instead of value_proj's W x0 (the slowrun baseline record's value embeddings, records/TRACKS.md F17)
-    # --- the 15min record's model (records/TRACKS.md F14 a-e, g, F5; slowrun tiny/train.py at fd342f0) -----------
-    rope_pairs: Count = 0  # partial RoPE: only the first r of the head_dim/2 frequency pairs rotate, inv_freq_j = base^(-j/r); the rest stay put (0 = all; 15min: head_dim/4 = 32)
-    key_offset: bool = False  # on "L" layers and the last layer, after RoPE and QK-norm, the second half of each key is the previous token's (15min)
+    unet_skips: bool = False  # decoder layer n-1-i adds w_i * (output of encoder layer i), w_i learned, 1 at init (modded-nanogpt; slowrun)
+    attn_gate: bool = False  # per-head sigmoid gate on the attention output from x, zero-init (Qiu et al. 2025; modded-nanogpt; slowrun)
+    out_gate_channels: PositiveInt = 32  # input channels the attention output gate reads (x[..., :C]); the 1h record uses 12
+    resid_mix: bool = False  # x = lambda_r * x + lambda_0 * x0 before each block, 1 and 0.1 at init (modded-nanogpt; slowrun records)
     resid_lambda_init: float = 1.0  # initial resid_lambdas of resid_mix (15min: 1.1)
-    dropout_mlp: bool = True  # dropout on the MLP branch too (False: the attention branch only, as the 15min record)
+    xsa: str = ""  # Exclusive Self Attention y -= s (y.v_hat) v_hat: "" off | "fixed" (s = 1) | "learned" (s = tanh(alpha), alpha = 0)
     xsa_eps: Positive = 1e-12  # XSA's v_hat = v / max(|v|, eps) (F.normalize's eps; 15min: 1e-4)
-    xsa_betas: str = ""  # learned XSA strengths in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.95")
-    out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
+    head_mix: bool = False  # interleaved head attention: learned H x H head-mixing matrices for Q, K, V, identity at init
+    key_offset: bool = False  # on "L" layers and the last layer, after RoPE and QK-norm, the second half of each key is the previous token's (15min)
+    doc_mask: bool = False  # no attention across <|endoftext|> boundaries: each token sees only its own document (modded-nanogpt)
+    stochastic_depth: Fraction = 0.0  # drop a whole block per sequence with probability p * (l + 1) / n_layer (Huang et al. 2016)
+    stochastic_depth_style: str = "sequence"  # "sequence": per sequence, p (l+1)/L, kept blocks rescaled | "batch": one draw per block call for the whole micro-batch, p l/(L-1), no rescale (slowrun 1h record #15)
+    mtp_weight: NonNegative = 0.0  # multi-token prediction: aux head for token t+2, this loss weight (Gloeckle et al. 2024; DeepSeek-V3)
+    mtp_style: str = "linear"  # with mtp_weight > 0: "linear" (h + W rms_norm(h) -> t+2) | "block": an extra Block on W [h_t ; rms_norm(wte(y_t))] predicts y_{t+1} (slowrun 1h record #16)
+    mtp_offsets: str = ""  # multi-offset loss: the one lm_head's logits at t scored against targets t, t+1, ... with
+    # these weights, offsets running on across sequence ends of the flattened micro-batch (15min record: "1,0.5,0.25"); "" = off
+    loop_repeats: Count = 0  # looped layers: replay the layers of loop_range this many extra times (Universal Transformer; slowrun research)
+    loop_range: str = ""  # "a:b": the layers [a, b) that loop_repeats replays ("" = the middle third)
     recurrence: PositiveInt = 1  # the whole layer stack runs this many times, each pass ending in rms_norm and re-reading x0; in training all passes but the last run without gradients (15min: 2)
-    recurrence_start_frac: Fraction = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
-    # --- the 2h record's per-epoch windows and YaRN (records/TRACKS.md F15) ----------------------------------------
-    window_schedule: str = ""  # "a-b:short,long;..." windows in keys (our count = the public FA3 window + 1; seq_len = full) for epochs a..b (1-based, contiguous from 1; the last stage holds after its end); each stage from its first epoch's first step; window_short is then unused ("" = off; 2h record: "1-6:257,769;7-13:769,1793;14-22:1281,2048")
+    window_pattern: str = ""  # sliding-window attention, cycled over layers, last layer always long: e.g. "SSSL" (nanochat; slowrun)
+    window_short: Count = 0  # the short ("S") window in tokens (0 = seq_len // 2, as in the slowrun records)
     yarn: bool = False  # with window_schedule: each growth of the long window rescales the RoPE frequencies (YaRN ramp, alpha 1, beta 32) and multiplies the softmax scale (from head_dim^-0.5) by 0.2 ln(new/old) + 1, as the 2h record does (Peng et al. 2023, YaRN)
-    # --- batch ----------------------------------------------------------------------------------------------------
-    seq_len: PositiveInt = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
-    batch_tokens: PositiveInt = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
-    batch_schedule: str = ""  # batch-size schedule: per-epoch multipliers of batch_tokens, the last repeating, e.g. "0.25,0.5,1": small batches early give more updates from the same tokens (modded-nanogpt's batch schedule); LRs unchanged
-    device_batch_size: PositiveInt = 16  # sequences per rank per forward/backward (lower it if memory runs out)
-    public_steps: Count = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
-    val_batch_size: PositiveInt = 16  # sequences per rank per evaluation forward
-    # --- optimizer: Muon for hidden matrices, AdamW for the rest -------------------------------------------------
+    # --- optimizer: Muon for hidden matrices, AdamW for the rest (variants each off by default) -------------------
     muon_lr: Positive = 0.02  # Muon learning rate (Jordan et al. 2024); scaled by sqrt(max(1, rows/cols)) per matrix
     muon_momentum: Fraction = 0.95  # Muon momentum
     muon_nesterov: bool = True  # Nesterov momentum for Muon
     muon_ns_steps: Count = 5  # Newton-Schulz iterations of the orthogonalisation
     muon_wd: NonNegative = 0.0  # decoupled weight decay on Muon matrices: p <- p * (1 - lr * wd) (slowrun records: 1.3-1.6)
-    embed_lr: Positive = 0.2  # AdamW learning rate of the token embedding (nanochat)
-    head_lr: Positive = 0.004  # AdamW learning rate of the untied lm_head (nanochat)
-    scalar_lr: Positive = 0.04  # AdamW learning rate of scalar and vector parameters (gates, lambdas), if the model has any
-    adam_beta1: Fraction = 0.8  # AdamW beta1 (modded-nanogpt, nanochat)
-    adam_beta2: Fraction = 0.95  # AdamW beta2
-    adam_eps: Positive = 1e-10  # AdamW epsilon
-    adam_wd: NonNegative = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
-    head_mix_lr: NonNegative = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
-    # --- optimizer variants (each off by default) -----------------------------------------------------------------
+    muon_wd_scaled: bool = False  # Muon's sqrt(max(1, rows/cols)) step factor multiplies the weight decay too (slowrun records)
+    cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
     muon_polar_express: bool = False  # Polar Express per-iteration coefficients instead of the fixed quintic (Amsel et al. 2025; slowrun)
     muon_eq_r: bool = False  # MuonEq-R: scale each row of the momentum to unit norm before orthogonalising (MuonEq, 2025)
     normuon: bool = False  # NorMuon: per-neuron second-moment rescaling of the orthogonalised update (Li et al. 2025; slowrun)
     normuon_beta2: Fraction = 0.95  # NorMuon's second-moment EMA coefficient
-    cautious_wd: bool = False  # Muon weight decay only where update * param >= 0 (cautious WD, Chen et al. 2025; slowrun records)
-    muon_momentum_warmup: Count = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
-    grad_clip: NonNegative = 0.0  # clip the global gradient norm to this (0 = off)
-    muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
-    muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
-    # --- the public records' optimizer groups (records/TRACKS.md F4, F5) -----------------------------------------
-    muon_wd_scaled: bool = False  # Muon's sqrt(max(1, rows/cols)) step factor multiplies the weight decay too (slowrun records)
-    resid_lr_scale: Positive = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
-    x0_beta1: Fraction = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
     gates_muon: bool = False  # value and output gates train with Muon and its weight decay, not AdamW (slowrun 1h record)
     value_gate_muon: bool = False  # only the value gates train with Muon (output gates stay in AdamW): the slowrun baseline and 15min records
-    muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
+    embed_lr: Positive = 0.2  # AdamW learning rate of the token embedding (nanochat)
+    head_lr: Positive = 0.004  # AdamW learning rate of the untied lm_head (nanochat)
+    scalar_lr: Positive = 0.04  # AdamW learning rate of scalar and vector parameters (gates, lambdas), if the model has any
+    head_mix_lr: NonNegative = 0.0  # AdamW LR of the head-mixing matrices (head_mix), WD 0 (0 = scalar_lr; slowrun 1h: 0.02)
+    resid_lr_scale: Positive = 1.0  # resid lambdas and U-Net skip weights train at scalar_lr * this (slowrun 1h record: 0.01)
+    adam_beta1: Fraction = 0.8  # AdamW beta1 (modded-nanogpt, nanochat)
+    adam_beta2: Fraction = 0.95  # AdamW beta2
+    adam_eps: Positive = 1e-10  # AdamW epsilon
+    adam_wd: NonNegative = 0.0  # decoupled weight decay on the embedding and lm_head (not on scalars)
+    x0_beta1: Fraction = 0.0  # AdamW beta1 of the x0 lambdas (0 = adam_beta1; slowrun 1h record: 0.96)
+    xsa_betas: str = ""  # learned XSA strengths in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.95")
+    out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
+    grad_clip: NonNegative = 0.0  # clip the global gradient norm to this (0 = off)
+    # --- precision: where the public records round to bf16 or fp8 (each off: fp32 weights and arithmetic) ---------
     muon_bf16: bool = False  # Muon rounded where the public slowrun records round it, on any device (issue 23): the momentum orthogonalised in bf16 and kept in bf16 through NorMuon (its factor rounded to bf16; beta2 too), lr sqrt(max(1, rows/cols)) and wd rounded to bf16, the step lr * update in bf16; with the records' fp32 0-d tensor arithmetic for momentum and MuonEq-R's clamp (on the CPU: the public muon_step_fused bit for bit)
+    muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
     attn_qkv_bf16: bool = False  # q, k and v cast to bf16 for the attention product, its output back to the compute dtype (the 2h record's cast, two_hour/train.py; a no-op under CUDA autocast, where they are bf16 already)
     rope_tables: str = ""  # how the RoPE cos/sin tables are stored: "" float32, cast to q's dtype where they rotate (bf16 under CUDA autocast) | bf16: bf16 tensors (the 1h, 15min, unlimited and baseline records' _precompute_rotary; on CUDA the same numbers as "", on a CPU the records' rounded tables) | bf16_values: float32 tensors holding bf16-rounded values, q and k rotated in float32 (the 2h record's Yarn buffers, which its bf16 q, k meet by type promotion); issue 23
-    # --- schedule -------------------------------------------------------------------------------------------------
+    fp8_head: bool = False  # CUDA, with mtp_offsets: the loss's lm_head matmul in fp8 e4m3 (x / (100/448), W / (1.6/448)), bf16
+    # logits, logit gradients in e5m2 scaled by 448/0.75 (15min record's fused kernel); the bf16 path is the reference
+    # --- batch and length of training -----------------------------------------------------------------------------
+    seq_len: PositiveInt = 1024  # tokens per training sequence (each window holds seq_len + 1 tokens: inputs and targets)
+    batch_tokens: PositiveInt = 524288  # tokens per optimizer step over all ranks; gradient accumulation makes up the rest
+    device_batch_size: PositiveInt = 16  # sequences per rank per forward/backward (lower it if memory runs out)
     num_epochs: PositiveInt = 1  # passes over the train set
     max_steps: Count = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
+    public_steps: Count = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
+    # --- schedules: LR, weight decay, momentum, batch, windows, loops (each at its default: the plain schedule) ---
     warmup_steps: Count = 0  # linear LR warmup steps
     warmdown_frac: Probability = 0.2  # final fraction of training over which the LR decays linearly
     final_lr_frac: Probability = 0.0  # LR at the very end, as a fraction of the peak
-    # --- schedule variants (each off by default) ------------------------------------------------------------------
     warmdown_shape: Positive = 1.0  # warmdown exponent: lr = final + (1 - final) * (1 - d)^shape over the warmdown (1 = linear)
     lr_cycles: Count = 0  # cosine LR cycles (warm restarts, Loshchilov & Hutter 2017) over the pre-warmdown phase (0 = constant)
     lr_cycle_floor: Probability = 0.1  # the cycles' lowest LR, as a fraction of the peak
-    wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch) | slowrun (see wd_hold_frac)
-    wd_sawtooth_epochs: Count = 2  # how many final epochs the sawtooth weight decay spans
     lr_epoch_cosine: Count = 0  # the final N epochs each run a cosine from max(lr multiplier, floor) down to the floor (slowrun 1h record, "SWA cycles")
     lr_epoch_cosine_floor: Fraction = 0.05  # the floor of those cosines
+    wd_schedule: str = "flat"  # flat | inverse (wd / max(lr multiplier, 0.1): lr*wd constant) | sawtooth (2 -> 0 per final epoch) | slowrun (see wd_hold_frac)
+    wd_sawtooth_epochs: Count = 2  # how many final epochs the sawtooth weight decay spans
     wd_hold_frac: Probability = 0.4  # wd_schedule slowrun: multiplier 1 until this fraction of training, then linear down to
     wd_low: NonNegative = 0.65  # wd_low where the lr_epoch_cosine epochs start, then wd_low -> wd_high within each of them
     wd_high: NonNegative = 1.5  # (rising while the LR cosine falls: the 1h record's anti-phase weight decay)
-    # --- weight averaging (off by default) ------------------------------------------------------------------------
+    wd_floor: NonNegative = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
+    wd_points: str = ""  # wd_schedule points: "epoch:multiplier,..." knots at round(epoch / num_epochs x steps), linear between (numpy.interp; 15min: "0:1,2:1,8:0.125,15:1.1625")
+    muon_momentum_warmup: Count = 0  # steps over which Muon momentum ramps linearly 0.85 -> muon_momentum (modded-nanogpt)
+    batch_schedule: str = ""  # batch-size schedule: per-epoch multipliers of batch_tokens, the last repeating, e.g. "0.25,0.5,1": small batches early give more updates from the same tokens (modded-nanogpt's batch schedule); LRs unchanged
+    window_warmup_frac: Probability = 0.0  # window schedule: every window grows from 1/stages of its size to full over this fraction of training (modded-nanogpt)
+    window_warmup_stages: PositiveInt = 4  # distinct window sizes on the way: (k + 1) / stages of full, k = 0.. (each one torch.compile graph)
+    window_schedule: str = ""  # "a-b:short,long;..." windows in keys (our count = the public FA3 window + 1; seq_len = full) for epochs a..b (1-based, contiguous from 1; the last stage holds after its end); each stage from its first epoch's first step; window_short is then unused ("" = off; 2h record: "1-6:257,769;7-13:769,1793;14-22:1281,2048")
+    loop_start_frac: Fraction = 0.0  # the replay switches on from this fraction of training on
+    loop_start_epoch: Count = 0  # looped layers switch on at the start of this (1-based) epoch (0 = use loop_start_frac; 1h record: 7)
+    recurrence_start_frac: Fraction = 0.0  # one pass before this fraction of training, recurrence passes from it on (15min: 0.7)
+    mtp_anneal_frac: Probability = 0.66  # offset k >= 1 fades linearly to 0 over its own slice of the first fraction of training, the furthest first
+    # --- averaging and snapshots (each off by default) ------------------------------------------------------------
     ema_decay: Fraction = 0.0  # EMA of the weights, ema <- d * ema + (1 - d) * w (0 = off; Polyak averaging, modded-nanogpt)
     ema_every: PositiveInt = 1  # update the EMA every k optimizer steps (the decay applies per update)
     ema_start_frac: Probability = 0.0  # start the EMA (from the current weights) at this fraction of training
     ema_blend: Probability = 1.0  # at the end the weights become blend * EMA + (1 - blend) * last
+    ema_candidate: bool = False  # the EMA kept as the 15min record keeps it: from zero, updated after steps 0, k, 2k, ... (k = ema_every),
+    # bias-corrected, scored as its own candidate; the final weights stay the last step's (nothing blended)
     swa_epochs: Count = 0  # SWA over the final N epochs: each runs a cosine LR cycle (1 -> lr_cycle_floor) and its end
     # weights join a uniform average that replaces the weights at the end (Izmailov et al. 2018; slowrun records). 0 = off
     epoch_snapshots: Count = 0  # the weights at the ends of the final N epochs (the last included) become ensemble
     # candidates: probability averaging of the last epochs' checkpoints (slowrun unlimited records). 0 = off
     epoch_snapshot_weights: str = "equal"  # the epoch snapshots' mixture: equal (1/n) | recency (i / sum i, oldest
     # first) | both (equal is val_loss, recency is scored and reported beside it; slowrun 1h record #12, --logit-avg-mode)
-    # --- evaluation as the public records score it (records/TRACKS.md F22) -----------------------------------------
-    val_public_windows: Count = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
-    # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
-    # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
-    val_window_seed: Seed32 = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
-    # --- the 15min record's loss, weight decay and averages (records/TRACKS.md F8b, F9, F14f) ---------------------
-    mtp_offsets: str = ""  # multi-offset loss: the one lm_head's logits at t scored against targets t, t+1, ... with
-    # these weights, offsets running on across sequence ends of the flattened micro-batch (15min record: "1,0.5,0.25"); "" = off
-    mtp_anneal_frac: Probability = 0.66  # offset k >= 1 fades linearly to 0 over its own slice of the first fraction of training, the furthest first
-    fp8_head: bool = False  # CUDA, with mtp_offsets: the loss's lm_head matmul in fp8 e4m3 (x / (100/448), W / (1.6/448)), bf16
-    # logits, logit gradients in e5m2 scaled by 448/0.75 (15min record's fused kernel); the bf16 path is the reference
-    wd_points: str = ""  # wd_schedule points: "epoch:multiplier,..." knots at round(epoch / num_epochs x steps), linear between (numpy.interp; 15min: "0:1,2:1,8:0.125,15:1.1625")
     ckpt_avg_epochs: Count = 0  # weight-space average of the last N epoch-end weights (every parameter), scored as its own candidate (15min record: 4); 0 = off
     ckpt_avg_weights: str = "recency"  # that average's weights, oldest first: recency (i / sum i) | equal (1 / N)
-    ema_candidate: bool = False  # the EMA kept as the 15min record keeps it: from zero, updated after steps 0, k, 2k, ... (k = ema_every),
-    # bias-corrected, scored as its own candidate; the final weights stay the last step's (nothing blended)
-    # --- run ------------------------------------------------------------------------------------------------------
-    seed: Seed = 0  # seeds the initialisation and the data order
-    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
-    dist_timeout: Positive = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
-    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
-    plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
-    memory_budget_gb: NonNegative = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
-    plan_world_size: Count = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
-    low_memory: bool = False  # CPU: leave glibc's allocator as it is (fewer freed blocks kept; steps slower, each
-    # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
-    cpu_loss_rows: Count = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
-    # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
-    # (tiny, one step: 1.0 GiB peak RSS instead of 3.0); gradients and losses bitwise the eager ones; 0 = eager
-    averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
-    candidates_on_disk: str = "auto"  # finished snapshots and members (not teaching) wait as their members/ files, read back one at a time to score them (the public unlimited script's way): auto (only when the memory plan says host memory cannot hold them, see host_memory_gb) | on | off (in host memory)
-    host_memory_gb: NonNegative = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
-    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
-    grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
-    grad_bucket_mb: Positive = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
-    # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -----------------
-    fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
-    attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
-    doc_mask: bool = False  # no attention across <|endoftext|> boundaries: each token sees only its own document (modded-nanogpt)
-    run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
-    log_dir: str = "logs"  # where run folders go
-    log_every: PositiveInt = 10  # optimizer steps between progress lines (the first and the last step always log)
-    val_every: Interval = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
-    save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it).
-    # On by default: a run's weights are its only product that --eval_only and sampling can reuse, and re-training
-    # costs far more than the disk (4 bytes per parameter: 53 MB for tiny); --save_model false for sweeps
-    sample_tokens: Count = 0  # after the final evaluation, continue a few val prompts by N tokens (greedy, and top-k
-    # with temperature from a generator seeded by --seed), printed and logged (0 = off)
-    wandb: str = ""  # also send every metrics row to this Weights & Biases project (needs `pip install wandb`; "" = off)
-    # --- ensemble and distillation chain (the public slowrun unlimited-track records: 8 members 3.402 -> 3.264,
-    # chain distillation -> 3.126) ------------------------------------------------------------------------------
+    snapshot_cycles: Count = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
+    # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
+    snapshot_cycle_shape: str = "cosine"  # each snapshot cycle's LR: cosine (1 -> lr_cycle_floor) | linear: floor +
+    # (1 - floor)(1 - i/n) at step i of the cycle's n (slowrun unlimited record, --lr-floor 0.08)
+    snapshot_cycle_epochs: bool = False  # each snapshot cycle is num_epochs / snapshot_cycles whole epochs, ending at an
+    # epoch end (the unlimited record's 2-epoch cycles: with a batch_schedule, steps per cycle differ); off = equal steps
+    snapshot_noise: NonNegative = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
+    snapshot_noise_min: NonNegative = 0.0  # > 0: the noise after cycle c = 1..C-1 falls by a cosine from snapshot_noise (c = 1)
+    # to this (c = C-1) (unlimited record: 0.25 -> 0.05); 0 = snapshot_noise after every cycle
+    snapshot_noise_stat: str = "rms"  # the noise's scale per tensor: rms | std (unbiased torch.std; one-element tensors
+    # get none: the unlimited record's perturb_weights)
+    # --- ensemble, distillation chain, selection (the public unlimited records: 8 members 3.402 -> 3.264, chain
+    # distillation -> 3.126, snapshots chosen by learned weights -> 2.987) -----------------------------------------
     ensemble_size: PositiveInt = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
     ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
     ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
@@ -278,41 +249,41 @@ class Hyperparameters:
     distill_temperature: Positive = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 0..k-1
     distill_chunk: PositiveInt = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
-    parallel_members: PositiveInt = 1  # M process groups of world/M ranks train M members at once (round by round); with
-    # distillation the teacher is then the last member of the previous round
-    snapshot_cycles: Count = 0  # C cosine LR cycles per member (1 -> lr_cycle_floor), a snapshot at each cycle's end
-    # joins the ensemble candidates (snapshot ensembles, Huang et al. 2017; slowrun unlimited record 2.987). 0 = off
-    snapshot_noise: NonNegative = 0.0  # at each cycle boundary add Gaussian noise of this size times each tensor's RMS
+    distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
+    # the (1 - a) as the unlimited record folds it, not added outside
     snapshot_distill: bool = False  # each cycle after the first distils from the previous snapshot (distill_alpha, T)
+    snapshot_distill_after: Count = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
+    # at all (unlimited record: 8, its nodes independent). 0 = from cycle 1, cycle 0 taught by the previous member if any
     fitness_tokens: Count = 0  # whole documents carved from the front of train (>= N tokens, never trained on) on which
     # mixture weights over the members are learned; the top select_top by weight form the final ensemble (slowrun
     # unlimited record 2.987: snapshot members chosen by learned weights on held-out train data). 0 = off
     select_top: Count = 0  # members kept after learning the weights (0 = all, weighted by the learned weights)
     select_steps: PositiveInt = 300  # Adam steps of the mixture-weight fit (minimises -log sum_i w_i p_i on the fitness slice)
-    # --- the unlimited record's snapshot chain (records/TRACKS.md F19; each at its default = the snapshot cycles above) ---
-    snapshot_cycle_shape: str = "cosine"  # each snapshot cycle's LR: cosine (1 -> lr_cycle_floor) | linear: floor +
-    # (1 - floor)(1 - i/n) at step i of the cycle's n (slowrun unlimited record, --lr-floor 0.08)
-    snapshot_cycle_epochs: bool = False  # each snapshot cycle is num_epochs / snapshot_cycles whole epochs, ending at an
-    # epoch end (the unlimited record's 2-epoch cycles: with a batch_schedule, steps per cycle differ); off = equal steps
-    wd_floor: NonNegative = 0.7  # wd_schedule cycle_inverse: multiplier wd_floor + (1 - wd_floor)(1 - lr factor)/(1 - lr_cycle_floor)
-    snapshot_distill_after: Count = 0  # snapshot_distill from this (0-based) cycle on, the cycles before it with no teacher
-    # at all (unlimited record: 8, its nodes independent). 0 = from cycle 1, cycle 0 taught by the previous member if any
-    distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
-    # the (1 - a) as the unlimited record folds it, not added outside
-    snapshot_noise_min: NonNegative = 0.0  # > 0: the noise after cycle c = 1..C-1 falls by a cosine from snapshot_noise (c = 1)
-    # to this (c = C-1) (unlimited record: 0.25 -> 0.05); 0 = snapshot_noise after every cycle
-    snapshot_noise_stat: str = "rms"  # the noise's scale per tensor: rms | std (unbiased torch.std; one-element tensors
-    # get none: the unlimited record's perturb_weights)
     select_lr: Positive = 0.05  # Adam LR of the mixture-weight fit (unlimited record: 0.5)
     select_clip: NonNegative = 0.0  # clip the mixture logits' gradient norm to this (0 = off; unlimited record: 1.0)
     select_init_noise: NonNegative = 0.0  # the mixture logits start at this x N(0, 1), generator seeded 0 (0 = zeros; unlimited 1e-4)
     select_top_sweep: str = ""  # comma-separated K: each top-K ensemble by learned weight scored on val; the largest K
     # below the candidate count is the result (unlimited record: 8,16,32,64,128,256; its result.json keeps the largest)
-    checkpoint_every: Interval = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
-    resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
-    eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
-    stop_at_step: Count = 0  # end the process after this step of the member in progress, as if killed (resume tests)
-
+    # --- evaluation -----------------------------------------------------------------------------------------------
+    val_batch_size: PositiveInt = 16  # sequences per rank per evaluation forward
+    val_every: Interval = 0  # also validate every N steps (0 = at each epoch end and at the end; -1 = only at the end)
+    val_public_windows: Count = 0  # also score K disjoint (seq_len + 1)-token val windows chosen by numpy
+    # RandomState(val_window_seed).permutation, and report the leaderboard's figure: the minimum over the epoch-end
+    # evaluations and the averages (slowrun scores 4,864 windows; unlimited all 4,880). 0 = off
+    val_window_seed: Seed32 = 42  # the permutation's seed (slowrun prepare_data.py's val shuffle seed)
+    sample_tokens: Count = 0  # after the final evaluation, continue a few val prompts by N tokens (greedy, and top-k
+    # with temperature from a generator seeded by --seed), printed and logged (0 = off)
+    # --- kernels: each fast path beside its plain-PyTorch reference; the log says which one ran -------------------
+    compile: str = "auto"  # torch.compile the model: auto (on for CUDA, off on CPU) | on | off
+    fused_loss: str = "auto"  # soft-capped CE (+ distillation KL) from the raw lm_head output in vocab tiles: auto (Triton on CUDA) | on (Triton) | chunked (the PyTorch reference, chunked rows) | off (eager)
+    attention: str = "auto"  # auto (FlexAttention on CUDA with compile when windows or doc_mask are on, else SDPA) | flex | sdpa
+    muon_gram: str = "torch"  # Muon's Gram products X X^T and G G^T: torch | triton (a kernel computing only the upper-triangle tiles: half the FLOPs; not yet timed on a GPU, so not the default)
+    muon_compile: str = "auto"  # torch.compile the orthogonalisation: auto (on for CUDA) | on | off (the plain reference)
+    cpu_loss_rows: Count = 64  # CPU, plain next-token loss: soft-cap + log-softmax in chunks of this many positions,
+    # recomputed in backward (ChunkedSoftcapCE), so no (positions, vocab) float32 intermediate outlives its chunk
+    # (tiny, one step: 1.0 GiB peak RSS instead of 3.0); gradients and losses bitwise the eager ones; 0 = eager
+    grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
+    grad_bucket_mb: Positive = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
 
 PRESETS: dict[str, dict] = {
     # The CPU mini-slowrun: the bundled FineWeb-Edu sample read for several epochs by a small model. Sized by
@@ -1501,60 +1472,25 @@ def run_bits_per_byte(hp: Hyperparameters, data: RunData, val_loss: float, test_
 # Model: a modern GPT (nanochat lineage): RMSNorm pre-norm, RoPE, QK-norm, ReLU^2 or SwiGLU, logit soft-cap
 
 
-@dataclass(frozen=True)
-class GPTConfig:
-    """The architecture alone: what GPT(config) builds and a member file stores to rebuild its model. Each field has
-    the name, meaning and default of the Hyperparameters field of the same name (documented there)."""
-
-    vocab_size: int
-    bos_id: int
-    seq_len: int
-    n_layer: int
-    n_embd: int
-    n_head: int
-    mlp: str
-    mlp_ratio: float
-    rope_base: float
-    logit_softcap: float
-    dropout: float
-    # --- model tricks: each at its Hyperparameters default leaves the plain model ---
-    value_proj: bool
-    unet_skips: bool
-    attn_gate: bool
-    resid_mix: bool
-    xsa: str
-    stochastic_depth: float
-    mtp_weight: float
-    loop_repeats: int
-    loop_range: str
-    window_pattern: str
-    window_short: int
-    window_warmup_frac: float
-    window_warmup_stages: int
-    head_mix: bool
-    doc_mask: bool
-    # --- the public records' settings (defaults: files saved before they existed rebuild the plain model) ---
-    mlp_hidden: int = 0
-    proj_init: str = "zero"
-    out_gate_channels: int = 32
-    train_vocab: int = 0
-    eval_vocab: int = 0
-    # --- added after member files were first written: defaults keep those files loading ---
-    stochastic_depth_style: str = "sequence"
-    mtp_style: str = "linear"
-    value_embed_tables: bool = False
-    # --- the 15min record's model (F14) ---
-    rope_pairs: int = 0
-    key_offset: bool = False
-    resid_lambda_init: float = 1.0
-    dropout_mlp: bool = True
-    xsa_eps: float = 1e-12
-    recurrence: int = 1
-    window_schedule: str = ""
-    yarn: bool = False
-    # --- the records' bf16 attention inputs and RoPE tables (issue 23) ---
-    attn_qkv_bf16: bool = False
-    rope_tables: str = ""
+# The Recipe fields that decide the architecture: what GPT(config) builds and a member file stores to rebuild its
+# model. GPTConfig is made from this list, each field with its Recipe default (documented there), so a member file
+# written before a field existed loads as the plain model on that point.
+MODEL_FIELDS = (
+    "vocab_size", "bos_id", "seq_len", "n_layer", "n_embd", "n_head", "mlp", "mlp_ratio", "mlp_hidden", "rope_base",
+    "rope_pairs", "logit_softcap", "dropout", "dropout_mlp", "proj_init", "train_vocab", "eval_vocab",
+    # model tricks: each at its default leaves the plain model
+    "value_proj", "value_embed_tables", "unet_skips", "attn_gate", "out_gate_channels", "resid_mix",
+    "resid_lambda_init", "xsa", "xsa_eps", "head_mix", "key_offset", "doc_mask", "stochastic_depth",
+    "stochastic_depth_style", "mtp_weight", "mtp_style", "loop_repeats", "loop_range", "recurrence", "window_pattern",
+    "window_short", "window_warmup_frac", "window_warmup_stages", "window_schedule", "yarn",
+    # precision of the attention inputs and the RoPE tables
+    "attn_qkv_bf16", "rope_tables",
+)
+GPTConfig = dataclasses.make_dataclass(
+    "GPTConfig", [(name, Recipe.__dataclass_fields__[name].type,
+                   dataclasses.field(default=Recipe.__dataclass_fields__[name].default)) for name in MODEL_FIELDS],
+    frozen=True, namespace={"__doc__": "The architecture alone: the Recipe's MODEL_FIELDS (see there)."})
+GPTConfig.__module__ = __name__
 
 
 def model_config(hp: Hyperparameters) -> GPTConfig:
@@ -1803,11 +1739,11 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
 
 
 class GPT(nn.Module):
-    def __init__(self, config: GPTConfig | Hyperparameters, attention: str = "sdpa"):
-        """attention: "sdpa" or "flex", the caller's choice (attention_backend decides it for a training run).
-        GPT(hp) is shorthand for GPT(model_config(hp))."""
+    def __init__(self, config: GPTConfig, attention: str = "sdpa"):
+        """config: the architecture (model_config(hp) for a run's); attention: "sdpa" or "flex", the caller's choice
+        (attention_backend decides it for a training run)."""
         super().__init__()
-        config = self.config = model_config(config) if isinstance(config, Hyperparameters) else config
+        self.config = config
         self.logit_softcap = config.logit_softcap
         # the softmax's columns in training and in evaluation (0 = all): the padded rows past 50,257 get no mass
         self.train_vocab, self.eval_vocab = config.train_vocab, config.eval_vocab
@@ -4645,6 +4581,43 @@ def main(argv: list[str] | None = None) -> int:
 # Nothing below changes a number.
 
 
+# --- Run settings: where and how a run goes; none of them changes a number ---
+
+
+@dataclass
+class Hyperparameters(Recipe):
+    """A run's Recipe plus its run settings: the whole command line (`--help` maps every flag). The recipe's
+    functions take this (hp); none reads a run setting to decide a number."""
+
+    # --- where it runs --------------------------------------------------------------------------------------------
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda
+    dist_timeout: Positive = 600.0  # seconds a rank may stop answering the heartbeat watchdog before every rank ends with one line naming it; collectives time out at twice this, a backstop (torch's default: 30 min)
+    parallel_members: PositiveInt = 1  # M process groups of world/M ranks train M members at once (round by round); with
+    # distillation the teacher is then the last member of the previous round
+    # --- memory plan and placement of frozen models ---------------------------------------------------------------
+    plan_only: bool = False  # print the memory plan (what each rank holds, from the configuration alone) and exit
+    plan_world_size: Count = 0  # ranks to plan for with --plan_only on a machine without them (0 = this run's world size)
+    memory_budget_gb: NonNegative = 0.0  # device memory per rank in GiB to plan against (0 = what CUDA reports; CPU: no check)
+    host_memory_gb: NonNegative = 0.0  # RAM per node in GiB to plan host memory against (0 = this machine's; --plan_only: no host check unless stated)
+    low_memory: bool = False  # CPU: leave glibc's allocator as it is (fewer freed blocks kept; steps slower, each
+    # freed 200 MB lm_head output page-faults afresh; see tune_cpu_runtime); the results are identical
+    averaging_on_host: str = "auto"  # EMA/SWA accumulators in host memory: auto (only when the memory plan says they do not fit on the device) | on | off
+    candidates_on_disk: str = "auto"  # finished snapshots and members (not teaching) wait as their members/ files, read back one at a time to score them (the public unlimited script's way): auto (only when the memory plan says host memory cannot hold them, see host_memory_gb) | on | off (in host memory)
+    frozen_shards: bool = True  # world > 1: each frozen model's host copy split over the ranks (1/n each; a member's group while it teaches under parallel_members), all-gathered onto the device for each use; the same numbers bit for bit (a test checks) | false: every rank keeps every frozen model whole
+    # --- run folder, logging, checkpoints -------------------------------------------------------------------------
+    run_id: str = ""  # folder name under log_dir ("" = date-time plus a random suffix)
+    log_dir: str = "logs"  # where run folders go
+    log_every: PositiveInt = 10  # optimizer steps between progress lines (the first and the last step always log)
+    checkpoint_every: Interval = 0  # steps between checkpoints of the member in progress (0 = each epoch end; -1 = never)
+    save_model: bool = True  # write the final model to <run folder>/model.pt (member format: --eval_only takes it).
+    # On by default: a run's weights are its only product that --eval_only and sampling can reuse, and re-training
+    # costs far more than the disk (4 bytes per parameter: 53 MB for tiny); --save_model false for sweeps
+    wandb: str = ""  # also send every metrics row to this Weights & Biases project (needs `pip install wandb`; "" = off)
+    resume: str = ""  # a run folder to continue: finished members are loaded, the member in progress resumes
+    eval_only: str = ""  # comma-separated member .pt files or globs: score their ensemble on val (and test), no training
+    stop_at_step: Count = 0  # end the process after this step of the member in progress, as if killed (resume tests)
+
+
 # --- Placement: frozen models in host memory, split over the ranks, or kept as their files ---
 
 # Frozen models off the training device: at the full shape one fp32 model is 7.15 GB, and an 8-member ensemble with
@@ -7159,12 +7132,15 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
 
 
 def field_docs() -> list[dict]:
-    """Every Hyperparameters field in source order: its group (the `# --- group ---` header above it), name, default
-    as written, and comment (continuation lines included), read from the class's source: the comments are the
-    documentation, so --help cannot drift from them."""
+    """Every Hyperparameters field in source order (Recipe's, then the run settings'): its group (the `# --- group ---`
+    header above it), name, default as written, and comment (continuation lines included), read from the classes'
+    source: the comments are the documentation, so --help cannot drift from them."""
     names = {f.name for f in dataclasses.fields(Hyperparameters)}
     rows, group, header_open = [], "", False
-    for line in inspect.getsource(Hyperparameters).splitlines()[1:]:
+    source = inspect.getsource(Recipe).splitlines()[1:] + inspect.getsource(Hyperparameters).splitlines()[1:]
+    for line in source:  # the recipe's groups, then the run settings'
+        if line.startswith("class "):
+            group = ""
         text = line.strip()
         if text.startswith("# ---"):
             group, header_open = text[5:].rstrip("- ").strip(), not text.endswith("---")
@@ -7177,7 +7153,7 @@ def field_docs() -> list[dict]:
             continue
         match = re.match(r"(\w+): [^=]+= (.*?)(?:  # (.*))?$", text)
         if match and match.group(1) in names:
-            rows.append(dict(group=group or "run identity", name=match.group(1), default=match.group(2),
+            rows.append(dict(group=group or "preset", name=match.group(1), default=match.group(2),
                              comment=match.group(3) or ""))
     return rows
 

@@ -189,7 +189,7 @@ def test_plan_host_and_disk_bytes_are_the_hand_count(runs):
     real model's tensors) and member 0 teaches member 1 (split over the 2 as well), with 5 candidates' tables. Disk:
     6 files of 4 bytes per parameter, each within 64 KiB of a real file of this shape (its config and outcome)."""
     hp = micro_hp(candidates_on_disk="on")
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     half = sum(-(-t.numel() // 2) * t.element_size() for t in (*model.parameters(), *model.buffers()))
     params = 4 * sum(p.numel() for p in model.parameters())
     plan = train_gpt.memory_plan(hp, 2, "cpu")

@@ -12,10 +12,12 @@ from conftest import run_script
 
 
 def source_fields() -> list[tuple[str, object]]:
-    """(name, default) of every field as the class source writes it, read with ast: the reference for the map."""
+    """(name, default) of every field as the class source writes it (Recipe's, then the run settings' in
+    Hyperparameters(Recipe)), read with ast: the reference for the map."""
     tree = ast.parse(open(train_gpt.__file__, encoding="utf-8").read())
-    cls = next(node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "Hyperparameters")
-    return [(node.target.id, node.value) for node in cls.body if isinstance(node, ast.AnnAssign)]
+    classes = {node.name: node for node in tree.body if isinstance(node, ast.ClassDef)}
+    return [(node.target.id, node.value) for name in ("Recipe", "Hyperparameters") for node in classes[name].body
+            if isinstance(node, ast.AnnAssign)]
 
 
 def test_help_lists_every_flag_once_with_its_default():
@@ -27,7 +29,8 @@ def test_help_lists_every_flag_once_with_its_default():
     for line, (name, value) in zip([l for l in text.splitlines() if l.startswith("  --")], source_fields()):
         written = lines[value.lineno - 1][value.col_offset:value.end_col_offset]  # a default is on one line
         assert line.split()[1] == train_gpt.one_line(written, 22).split()[0], name
-    assert "optimizer: Muon for hidden matrices, AdamW for the rest:" in text  # the class's group headers
+    assert "optimizer: Muon for hidden matrices, AdamW for the rest (variants each off by default):" in text
+    assert "run folder, logging, checkpoints:" in text  # the group headers of both classes
     assert len(text.splitlines()) < 300  # a map, not the class source
 
 

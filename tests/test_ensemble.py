@@ -15,7 +15,7 @@ from conftest import micro_flags, read_metrics
 def micro_model(seed: int) -> train_gpt.GPT:
     hp = train_gpt.Hyperparameters(vocab_size=64, n_layer=1, n_embd=16, n_head=2, seq_len=16)
     torch.manual_seed(seed)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     with torch.no_grad():  # nanochat's init zeroes the output projections and nearly the head: make outputs differ
         for p in model.parameters():
             p.add_(0.3 * torch.randn_like(p))
@@ -200,7 +200,7 @@ def test_eval_only_keeps_the_order_given_for_the_weights(micro_data, tmp_path, c
     for name, seed in (("b.pt", 0), ("a.pt", 1)):
         torch.manual_seed(seed)
         path = str(tmp_path / "members" / name)
-        train_gpt.save_candidate(path, train_gpt.GPT(hp))
+        train_gpt.save_candidate(path, train_gpt.GPT(train_gpt.model_config(hp)))
         paths.append(path)
     capsys.readouterr()
     assert run_in_process(["--eval_only", ",".join(paths), "--ensemble_weights", "0.9,0.1", "--val_files", val_path,

@@ -109,7 +109,7 @@ def test_training_loss_sums_fused_matches_eager(backend):
         pytest.importorskip("triton")
     hp = tiny_hp(mtp_weight=0.3, logit_softcap=5.0)
     torch.manual_seed(3)
-    model = train_gpt.GPT(hp).to(DEVICE)
+    model = train_gpt.GPT(train_gpt.model_config(hp)).to(DEVICE)
     for p in model.parameters():  # the zero-init output projections would hide the layers' gradients
         p.data.add_(0.05 * torch.randn_like(p))
     inputs = torch.randint(0, hp.vocab_size, (2, 11)).to(DEVICE)
@@ -183,7 +183,7 @@ def test_gpt_flex_matches_sdpa(overrides):
     logits = []
     for attention in ("sdpa", "flex"):
         torch.manual_seed(0)
-        model = train_gpt.GPT(tiny_hp(**overrides), attention).eval()
+        model = train_gpt.GPT(train_gpt.model_config(tiny_hp(**overrides)), attention).eval()
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
         assert model.attention == attention
@@ -203,7 +203,7 @@ def test_doc_mask_changes_the_model_and_off_is_plain():
     outputs = []
     for doc_mask in (False, True):
         torch.manual_seed(0)
-        model = train_gpt.GPT(tiny_hp(doc_mask=doc_mask)).eval()
+        model = train_gpt.GPT(train_gpt.model_config(tiny_hp(doc_mask=doc_mask))).eval()
         for p in model.parameters():
             p.data.add_(0.05 * torch.randn_like(p))
         assert (model.attention_masks(idx) == {}) == (not doc_mask)  # no mask: SDPA's plain causal kernel

@@ -17,7 +17,7 @@ def micro_hp(**overrides) -> train_gpt.Hyperparameters:
 @pytest.mark.parametrize("mlp", ["relu2", "swiglu"])
 def test_model_is_causal(mlp):
     torch.manual_seed(0)
-    model = train_gpt.GPT(micro_hp(mlp=mlp))
+    model = train_gpt.GPT(train_gpt.model_config(micro_hp(mlp=mlp)))
     for block in model.blocks:  # the zero-initialised projections would hide any leak: give them weights
         torch.nn.init.normal_(block.attn.c_proj.weight, std=0.1)
         torch.nn.init.normal_(block.mlp.c_proj.weight, std=0.1)
@@ -32,7 +32,7 @@ def test_model_is_causal(mlp):
 
 def test_logit_softcap_bounds_logits():
     torch.manual_seed(0)
-    model = train_gpt.GPT(micro_hp(logit_softcap=2.0))
+    model = train_gpt.GPT(train_gpt.model_config(micro_hp(logit_softcap=2.0)))
     torch.nn.init.normal_(model.lm_head.weight, std=10.0)
     logits = model(torch.randint(0, 256, (1, 16)))
     assert logits.abs().max() <= 2.0 and logits.abs().max() > 1.9
@@ -41,15 +41,17 @@ def test_logit_softcap_bounds_logits():
 def test_initial_loss_is_near_uniform():
     """nanochat's init (tiny lm_head, zero output projections) starts at the uniform distribution's loss."""
     torch.manual_seed(0)
-    model = train_gpt.GPT(micro_hp())
+    model = train_gpt.GPT(train_gpt.model_config(micro_hp()))
     idx = torch.randint(0, 256, (4, 16))
     loss = train_gpt.cross_entropy_sum(model(idx), idx) / idx.numel()
     assert loss.item() == pytest.approx(math.log(256), abs=0.01)
 
 
 def test_swiglu_matches_relu2_parameter_count():
-    relu2 = sum(p.numel() for p in train_gpt.GPT(micro_hp(n_embd=96, n_head=2)).blocks.parameters())
-    swiglu = sum(p.numel() for p in train_gpt.GPT(micro_hp(n_embd=96, n_head=2, mlp="swiglu")).blocks.parameters())
+    def block_count(**overrides) -> int:
+        model = train_gpt.GPT(train_gpt.model_config(micro_hp(n_embd=96, n_head=2, **overrides)))
+        return sum(p.numel() for p in model.blocks.parameters())
+    relu2, swiglu = block_count(), block_count(mlp="swiglu")
     assert abs(swiglu - relu2) / relu2 < 0.05
 
 
@@ -114,7 +116,7 @@ def test_muon_step_matches_exact_polar_factor():
 
 
 def test_every_parameter_gets_an_optimizer():
-    model = train_gpt.GPT(micro_hp())
+    model = train_gpt.GPT(train_gpt.model_config(micro_hp()))
     optimizers = train_gpt.build_optimizers(model, micro_hp(), train_gpt.Dist())
     in_optimizers = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]
     assert len(in_optimizers) == len(list(model.parameters()))
@@ -123,7 +125,7 @@ def test_every_parameter_gets_an_optimizer():
     assert all(p is not model.wte.weight and p is not model.lm_head.weight
                for group in muon.param_groups for p in group["params"])
     tricks = micro_hp(value_proj=True, attn_gate=True, head_mix=True, xsa="learned", resid_mix=True, unet_skips=True)
-    model = train_gpt.GPT(tricks)
+    model = train_gpt.GPT(train_gpt.model_config(tricks))
     adamw, muon = train_gpt.build_optimizers(model, tricks, train_gpt.Dist())
     scalar_group = {id(p) for p in adamw.param_groups[-1]["params"]}
     marked = [p for p in model.parameters() if getattr(p, "scalar_group", False)]
@@ -140,7 +142,7 @@ def test_member_file_written_before_gptconfig_still_loads(tmp_path):
     same model; a new file stores the GPTConfig only."""
     hp = micro_hp(value_proj=True, loop_repeats=1)
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))

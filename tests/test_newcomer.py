@@ -146,7 +146,7 @@ def test_sample_tokens_deterministic_per_seed():
     hp = train_gpt.Hyperparameters(vocab_size=MICRO_VOCAB, bos_id=MICRO_BOS, n_layer=1, n_embd=32, n_head=2,
                                    seq_len=32, sample_tokens=6, logit_softcap=15.0)
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp).eval()
+    model = train_gpt.GPT(train_gpt.model_config(hp)).eval()
     with torch.no_grad():  # spread the tiny init's logits so the samples are not near-uniform
         model.lm_head.weight.normal_(0, 0.5)
     val = synthetic_documents(10, seed=3)

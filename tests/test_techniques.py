@@ -121,7 +121,7 @@ def test_xsa_inside_attention_per_head():
 
 def test_looped_layers_run_the_configured_number_of_times():
     hp = micro_hp(n_layer=6, loop_repeats=2, loop_range="2:4")
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     calls = [0] * 6
     for layer, block in enumerate(model.blocks):
         block.register_forward_hook(lambda module, args, out, layer=layer: calls.__setitem__(layer, calls[layer] + 1))
@@ -150,7 +150,8 @@ def test_sliding_window_mask_and_attention():
 
 def test_tricks_keep_the_model_causal():
     torch.manual_seed(0)
-    model = train_gpt.GPT(micro_hp(**{k: v for k, v in ALL_ON.items() if k in MODEL_FLAGS})).eval()
+    hp = micro_hp(**{k: v for k, v in ALL_ON.items() if k in MODEL_FLAGS})
+    model = train_gpt.GPT(train_gpt.model_config(hp)).eval()
     model.loop_active = True
     give_weights(model)
     idx = torch.randint(0, 256, (2, 16))
@@ -161,7 +162,7 @@ def test_tricks_keep_the_model_causal():
 
 def test_scalars_and_gates_go_to_adamw():
     hp = micro_hp(**ALL_ON)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     adamw, muon = train_gpt.build_optimizers(model, hp, train_gpt.Dist())
     muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
     names = {name for name, p in model.named_parameters() if id(p) not in muon_ids}
@@ -290,7 +291,7 @@ def test_every_flag_on_trains(tmp_path, micro_data, one_thread):
 def test_every_flag_on_eager_matches_compiled(one_thread):
     hp = micro_hp(**{k: v for k, v in ALL_ON.items() if k in MODEL_FLAGS})
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp).eval()
+    model = train_gpt.GPT(train_gpt.model_config(hp)).eval()
     model.loop_active = True
     give_weights(model)
     idx = torch.randint(0, 256, (2, 16))
@@ -312,7 +313,7 @@ def test_window_schedule_grows_the_windows_to_full():
     assert train_gpt.scaled_window_sizes([8, 16], 0, 4) == [2, 4]
     assert train_gpt.scaled_window_sizes([8, 16], 3, 4) == [8, 16]
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp).eval()
+    model = train_gpt.GPT(train_gpt.model_config(hp)).eval()
     give_weights(model)
     idx = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
     changed = idx.clone()
@@ -334,7 +335,7 @@ def test_saved_member_reloads_in_the_schedule_state_it_was_taken_in(tmp_path):
     hp = micro_hp(n_layer=4, loop_repeats=2, loop_range="1:3", window_pattern="SL", window_short=4,
                   window_warmup_frac=0.5, window_warmup_stages=2)
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     with torch.no_grad():  # the init zeroes output projections: give every layer a say
         for p in model.parameters():
             p.add_(0.2 * torch.randn_like(p))

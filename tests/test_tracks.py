@@ -123,7 +123,7 @@ def test_mlp_hidden_sets_the_width_and_the_parameter_count():
     256 ceil(floor(8 d / 3) / 256) gives 4864 at 1792, which the 1h preset states."""
     hp = micro_hp(mlp="swiglu", mlp_hidden=40)
     assert train_gpt.mlp_hidden_width(hp) == 40
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     assert sum(p.numel() for p in model.parameters()) == 2 * 64 * 16 + 2 * (4 * 16 * 16 + 3 * 16 * 40)
     assert train_gpt.PRESETS["1h"]["mlp_hidden"] == 256 * math.ceil(math.floor(8 * 1792 / 3) / 256) == 4864
 
@@ -134,12 +134,12 @@ def test_proj_init_normal_has_std_n_embd_to_the_minus_half():
     proj_init zero leaves exact zeros."""
     hp = micro_hp(n_layer=1, n_embd=512, n_head=4, mlp_hidden=128, proj_init="normal")
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     for weight in (model.blocks[0].attn.c_proj.weight, model.blocks[0].mlp.c_proj.weight):
         std = weight.double().std().item()
         assert abs(std / 512**-0.5 - 1) < 0.02, std
         assert abs(weight.double().mean().item()) < 3 * 512**-0.5 / math.sqrt(weight.numel())
-    zero = train_gpt.GPT(dataclasses.replace(hp, proj_init="zero"))
+    zero = train_gpt.GPT(train_gpt.model_config(dataclasses.replace(hp, proj_init="zero")))
     assert torch.count_nonzero(zero.blocks[0].attn.c_proj.weight) == 0
     assert torch.count_nonzero(zero.blocks[0].mlp.c_proj.weight) == 0
 
@@ -147,7 +147,7 @@ def test_proj_init_normal_has_std_n_embd_to_the_minus_half():
 def test_out_gate_reads_its_own_channel_count():
     """out_gate_channels 12: the gate is H x 12 and reads x[..., :12]: y * sigmoid(G x[:12]) by hand."""
     hp = micro_hp(n_embd=32, attn_gate=True, value_proj=True, out_gate_channels=12)
-    attn = train_gpt.GPT(hp).blocks[1].attn
+    attn = train_gpt.GPT(train_gpt.model_config(hp)).blocks[1].attn
     assert attn.out_gate.shape == (2, 12) and attn.value_gate.shape == (2, 32)
     with torch.no_grad():
         attn.out_gate.normal_(generator=torch.Generator().manual_seed(0))

@@ -92,7 +92,7 @@ def test_key_offset_acts_on_long_layers_and_the_last_one():
     """tiny/train.py: use_key_offset = (pattern letter == 'L') or last layer. 6 layers of SSSL: layers 3 and 5; the
     MTP block (layer index n_layer) never."""
     hp = micro_hp(n_layer=6, window_pattern="SSSL", key_offset=True, mtp_weight=0.3, mtp_style="block")
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     assert [block.attn.key_offset for block in model.blocks] == [False, False, False, True, False, True]
     assert model.mtp_block.attn.key_offset is False
 
@@ -251,7 +251,7 @@ def test_xsa_eps_floors_the_value_norm():
     floored = train_gpt.exclusive_self_attention(y, v, 1.0, 1e-4).flatten().tolist()
     plain = train_gpt.exclusive_self_attention(y, v, 1.0).flatten().tolist()
     assert floored == pytest.approx([0.9967, 1.9956], abs=1e-12) and plain == pytest.approx([-0.32, 0.24], abs=1e-9)
-    assert train_gpt.GPT(micro_hp(xsa="learned", xsa_eps=1e-4)).blocks[0].attn.xsa_eps == 1e-4
+    assert train_gpt.GPT(train_gpt.model_config(micro_hp(xsa="learned", xsa_eps=1e-4))).blocks[0].attn.xsa_eps == 1e-4
 
 
 # ----------------------------------------------------------------------------------------------- F5: 15min's groups

@@ -44,7 +44,7 @@ def test_yarn_after_768_to_1792_and_1792_to_2048_matches_float64_hand_values():
 
     hp = train_gpt.Hyperparameters(vocab_size=64, bos_id=63, n_layer=2, n_embd=128, n_head=1, seq_len=2048,
                                    window_pattern="SL", window_schedule=SCHEDULE_2H, yarn=True)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     assert model.blocks[0].attn.softmax_scale == (128**-0.5,)  # stage 1: passed explicitly, as the record does
     positions = np.array([0, 1, 7, 100, 2047], dtype=np.float64)[:, None]
     for stage, inv_freq, scale in ((1, stage2, (0.2 * math.log(1792 / 768) + 1) / math.sqrt(128)),

@@ -231,7 +231,7 @@ def mtp_term_float64(model, h, targets, cap):
 def test_block_mtp_term_matches_float64_reference(fused):
     hp = micro_hp(mtp_weight=0.3, mtp_style="block")
     torch.manual_seed(0)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     bound = 3**0.5 * 8**-0.5  # the 1h init: sqrt(3) n_embd^-0.5 although the fan-in is 2 n_embd
     assert model.mtp_proj.weight.shape == (8, 16) and model.mtp_proj.weight.abs().max() <= bound
     assert model.mtp_proj.weight.abs().max() > 0.9 * bound
@@ -261,7 +261,7 @@ def test_block_mtp_term_matches_float64_reference(fused):
 def test_mtp_block_and_head_mix_optimizer_groups():
     hp = micro_hp(mtp_weight=0.3, mtp_style="block", head_mix=True, head_mix_lr=0.02, scalar_lr=0.025,
                   attn_gate=True)
-    model = train_gpt.GPT(hp)
+    model = train_gpt.GPT(train_gpt.model_config(hp))
     adamw, muon = train_gpt.build_optimizers(model, hp, train_gpt.Dist())
     muon_ids = {id(p) for group in muon.param_groups for p in group["params"]}
     named = dict(model.named_parameters())
