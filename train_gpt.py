@@ -3813,268 +3813,109 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
 
 
 def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
-    """A run: ensemble_size members one after another (member k distilled from earlier ones when distill_alpha > 0),
-    the running ensemble scored after each, the held-out test once at the end; returns what result.json holds."""
-    wall_start = time.time()
-    RUN_CLOCK.update(start=wall_start, before=0.0)
-    if hp.resume:
-        hp = resumed_hyperparameters(hp, argv)
-        if dist_info.from_first_rank(os.path.isfile(os.path.join(hp.resume, "result.json"))):
-            return finish_run_end(hp, dist_info, argv)  # killed after result.json: only the end is left to write
-    check_hyperparameters(hp, dist_info.world_size)
-    check_run_id(hp, argv)
-    plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
-    hp = resolve_averaging_on_host(hp, dist_info)
-    hp = resolve_candidates_on_disk(hp, dist_info)
-    device = dist_info.device
-    wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
-    data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
-    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
-        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
-                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
-        data.token_bytes = token_byte_counts(hp.vocab_size)
-
-    run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
-    folder = os.path.join(hp.log_dir, run_id)
-    if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
-        raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
-    if hp.resume:
-        check_resume_checkpoints(hp, dist_info, folder)
-    log = open_run_folder(hp, dist_info, folder, argv)
-    if wandb is not None and dist_info.is_main:
-        log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
-    if hp.resume and dist_info.is_main:
-        merge_group_logs(folder)  # the other groups' lines of the interrupted round
-        end_cut_line(os.path.join(folder, "metrics.jsonl"))
-
-    unigram = unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size)
-    unigram_oracle = unigram_entropy(data.val_tokens)
-    n_params = sum(p.numel() for p in build_model_meta(hp).parameters())
-    batch_seqs = hp.batch_tokens // hp.seq_len
-    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
-    log.section("run", [
-        f"model: {n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
-        + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
-        *preset_record_lines(hp, n_params),
-        f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
-        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
-        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
-        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else "")
-        + (f" | batch_schedule x{hp.batch_schedule} (per epoch, the last repeating)" if hp.batch_schedule else ""),
-        f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
-        f"{unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy {unigram_oracle:.4f} "
-        f"(oracle bound for context-free models)" +
-        (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
-    ])
-    for line in plan_lines:  # the memory plan (check_memory_plan above), in the run section
-        log.write(f"memory | {line}")
-    for warning in data_size_warnings(hp, data.train_tokens.size):
-        log.write(warning)
-    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
-
+    """A run, the ensemble algorithm: members trained one after another (or a round of them at once, one per group
+    of ranks), member k distilled from earlier ones when distill_alpha > 0; the running ensemble scored after each;
+    the candidates (the members and their snapshots) averaged, chosen on held-out train data when fitness_tokens > 0,
+    and the held-out test scored once. A single model is an ensemble of one. Returns what result.json holds. Where
+    finished models live (device, host, shards, files), the run folder and a resume are the harness's: start_run,
+    CandidatePool and finish_run, below the banner."""
+    run = start_run(hp, dist_info, argv)  # checks, memory plan, data, the run folder (or a killed run's end)
+    if run.result is not None:
+        return run.result
+    hp, data, log = run.hp, run.data, run.log
+    pool = CandidatePool(hp, dist_info, run.folder, log)
+    work = RunWork(hp, dist_info, pool.group, data, MemberSchedule(hp, pool.group, data, 0))  # the whole run's ETA
     weights = parse_weights(hp.ensemble_weights, candidate_count(hp)) if hp.ensemble_weights else None
-    keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
-    # members: each member's final model (the distillation teachers); candidates: what the ensemble averages, the
-    # members and, with snapshot_cycles or epoch_snapshots, their earlier snapshots
-    members, member_results, ensemble_losses, candidates, candidate_losses = [], [], [], [], []
-    group_dist, group_index = split_world(dist_info, hp.parallel_members)
-    # the whole run's ETA (every member has member 0's steps, validations and snapshots)
-    work = RunWork(hp, dist_info, group_dist, data, MemberSchedule(hp, group_dist, data, 0))
+    ensemble_losses = []  # the running ensemble's val loss after each member
+    for round_members in pool.rounds():  # one member per group of ranks (parallel_members), round after round
+        member = pool.member_to_train(round_members)  # none when this group's was finished before a --resume
+        if member is not None:
+            teachers = distillation_teachers(hp, pool.members)
+            pool.add_trained(member, train_member(hp, pool.group, data, pool.group_log, member, teachers, work))
+        for member in pool.close_round(round_members):  # each member of the round joins the candidates, in order
+            if pool.keep_files:  # more than one candidate: the ensemble so far
+                ensemble_losses.append(score_running_ensemble(hp, pool.candidates, pool.outcomes, weights, data,
+                                                              dist_info, work, log))
+    pool.close()  # no member teaches any more: every frozen model split over the world (or its file)
 
-    # frozen models are split over the whole world (frozen_store), except members that a group will still use alone
-    # as teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
-    world_store = frozen_store(hp, dist_info)
-
-    def member_store(member: int) -> Dist:
-        round_start = member - member % hp.parallel_members
-        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
-        return frozen_store(hp, group_dist) if teaches_later else world_store
-
-    def writer(member: int) -> int:  # the global rank that writes the member's files: its group's rank 0
-        return member % hp.parallel_members * (dist_info.world_size // hp.parallel_members)
-
-    def kept_member(member: int, model: GPT) -> nn.Module:  # parked, or its file under candidates_on_disk
-        round_start = member - member % hp.parallel_members
-        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
-            round_start + hp.parallel_members < hp.ensemble_size
-        return keep_frozen(model, member_store(member), candidates_on_disk(hp), member_path(folder, member),
-                           writer(member), teaches)
-
-    def load_finished(member: int) -> tuple[GPT, list, dict]:  # into host memory: frozen models wait there
-        model, saved = load_member(member_path(folder, member), dist_info.host)
-        remove_checkpoints(folder, member, group_dist)  # a kill between its member file and this left its last one
-        carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
-        model = kept_member(member, model)  # each parked as it comes: one whole model at a time on a rank
-        snapshots = []
-        for cycle in range(saved["outcome"].get("snapshot_count", 0)):  # one at a time, each kept as it comes
-            snapshot, info = load_member(snapshot_path(folder, member, cycle), dist_info.host)
-            snapshots.append((keep_frozen(snapshot, world_store, candidates_on_disk(hp),
-                                          snapshot_path(folder, member, cycle), writer(member), teaches=False),
-                              info["outcome"]["val_loss"]))
-        return model, snapshots, saved["outcome"]
-
-    for round_start in range(0, hp.ensemble_size, hp.parallel_members):  # one round = one member per group
-        round_members = range(round_start, min(hp.ensemble_size, round_start + hp.parallel_members))
-        already_done = {m for m in round_members if keep_files and os.path.isfile(member_path(folder, m))}
-        dist_info.barrier()  # every rank has looked before any group writes this round's member files
-        trained_here = {}
-        mine = round_start + group_index
-        # group 0 writes its member's lines into log.txt, another group into files of its own (group_log_names)
-        member_log = log if group_index == 0 else RunLog(folder, group_dist.is_main, append=True, group=group_index)
-        if mine in round_members and mine not in already_done:  # finished members are never retrained
-            earlier = members if hp.distill_teacher == "ensemble" else members[-1:]
-            if hp.snapshot_distill_after:  # the unlimited record's chains are independent: no member teaches another
-                earlier = []
-            teachers = [(teacher, 1.0 / len(earlier)) for teacher in earlier]
-            trained = train_member(hp, group_dist, data, member_log, mine, teachers, work)
-            model = trained.pop("model").for_inference()
-            trained.pop("compiled")
-            snapshots = trained.pop("snapshots")
-            trained_here[mine] = (model, snapshots, trained)
-            trained["run_wall_seconds"] = run_wall_seconds()
-            if keep_files and group_dist.is_main:
-                save_candidate(member_path(folder, mine), model, member=mine, seed=member_seed(hp, mine),
-                               outcome=trained, tokenizer=hp.tokenizer)
-            # frozen from here: host memory (split over the ranks), on the device only while in use
-            trained_here[mine] = (kept_member(mine, model), snapshots, trained)
-            group_dist.barrier()  # the member file exists before any checkpoint of it goes
-            if keep_files:  # a single model's last checkpoint is its weights until result.json is written
-                remove_checkpoints(folder, mine, group_dist)
-        if member_log is not log:
-            member_log.close()
-        dist_info.wait_for_all()  # every member of the round is on disk (groups may finish hours apart)
-        if dist_info.is_main and hp.parallel_members > 1:
-            merge_group_logs(folder)
-        for member in round_members:
-            if member in trained_here:  # its snapshots, split over the group while it trained, now over the world
-                model, snapshots, outcome = trained_here[member]
-                snapshots = [(reshard_on_host(on_disk_twin(snapshot), group_dist, world_store), loss)
-                             for snapshot, loss in snapshots]
-            else:  # finished before an interruption, or trained by another group
-                model, snapshots, outcome = load_finished(member)
-                how = "finished before the resume" if member in already_done else "trained by another group"
-                log.write(f"{member_tag(hp, member)}loaded {how} from {member_path(folder, member)} | "
-                          f"val_loss {outcome['val_loss']:.4f}")
-            for p in model.parameters():
-                p.requires_grad_(False)
-            members.append(model)
-            member_results.append(outcome)
-            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
-                candidates.append(candidate)
-                candidate_losses.append(loss)
-            if keep_files:
-                count = len(candidates)
-                mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
-                start = time.time()
-                loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info,
-                                                hp.val_batch_size)
-                work.add_eval(count * work.val_per_rank, time.time() - start)
-                ensemble_losses.append(loss)
-                log.write(f"ensemble | members {len(members)} | candidates {count} | val_loss {loss:.4f} | "
-                          f"member {member} alone {outcome['val_loss']:.4f}")
-                log.metrics(dict(kind="ensemble", members=len(members), candidates=count, val_loss=loss,
-                                 member_val_loss=outcome["val_loss"],
-                                 tokens_seen=sum(r["tokens_seen"] for r in member_results)))
-    # no member teaches any more: under candidates_on_disk each is its file from here
-    members[:], candidates[:] = [on_disk_twin(m) for m in members], [on_disk_twin(c) for c in candidates]
-    for model in members:  # every group has trained its last member: the teachers too are split over the world
-        reshard_on_host(model, group_dist, world_store)
-
-    if keep_files:
-        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member {k} alone "
-                                                  f"{member_results[k]['val_loss']:.4f}"
-                                                  for k, loss in enumerate(ensemble_losses)])
-        val_loss = ensemble_losses[-1]
-    else:
-        val_loss = member_results[0]["val_loss"]
-    final_members, final_weights = candidates, weights or [1.0 / len(candidates)] * len(candidates)
-    averages = {}  # label -> (models, weights): the averages the public figure may take
-    # 1h record: both weightings of one model's epoch snapshots scored (an ensemble's candidates mix uniformly)
+    candidates, outcomes = pool.candidates, pool.outcomes
+    val_loss = ensemble_losses[-1] if ensemble_losses else outcomes[0]["val_loss"]
+    final = (candidates, weights or [1.0 / len(candidates)] * len(candidates))  # the ensemble: models, mixture
+    averages = {"ensemble": final} if len(candidates) > 1 else {}  # label -> (models, weights) the public figure takes
     if hp.epoch_snapshot_weights != "equal" and hp.ensemble_size == 1 and len(candidates) > 1:
-        losses = {}
-        for label, mix in snapshot_mixtures(hp, len(candidates)).items():
-            averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
-            losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info,
-                                                     hp.val_batch_size)
-        log.write(f"epoch snapshots | {len(candidates)} candidates | " +
-                  " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
-        log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates), **{f"val_loss_{k}": v
-                                                                                for k, v in losses.items()}))
+        averages, losses = score_snapshot_weightings(hp, candidates, data, dist_info, log)  # the 1h record's two
         if hp.epoch_snapshot_weights == "recency":
-            final_weights, val_loss = snapshot_mixtures(hp, len(candidates))["recency"], losses["recency"]
-    elif len(candidates) > 1:
-        averages["ensemble"] = (final_members, final_weights)
+            final, val_loss = averages["epoch snapshots, recency weights"], losses["recency"]
     selection = None
     if data.fitness_data is not None:  # choose on held-out train data, never on val
-        probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
-        learned = learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip, hp.select_init_noise)
-        chosen = select_members(learned, hp.select_top)
-        if top_sweep(hp, len(candidates)):  # the unlimited record: every top K scored, the largest is the result
-            chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
-        final_members, final_weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
-        val_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.val_data,
-                                            dist_info, hp.val_batch_size)
-        selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=final_weights,
-                         val_loss=val_loss)
-        log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
-                  + " ".join(f"c{i}={w:.3f}" for i, w in enumerate(learned.tolist()))
-                  + f" | kept {', '.join(f'c{i}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
-        log.metrics(dict(kind="selection", **selection))
-    test_loss = evaluate_frozen_ensemble(final_members, final_weights, hp.ensemble_mode, data.test_data, dist_info,
-                                         hp.val_batch_size) if data.test_data else None
-    if test_loss is not None:
+        final, selection = select_candidates(hp, candidates, data, dist_info, log)
+        val_loss = selection["val_loss"]
+    test_loss = None
+    if data.test_data:  # scored once, after every choice
+        test_loss = evaluate_frozen_ensemble(*final, hp.ensemble_mode, data.test_data, dist_info, hp.val_batch_size)
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
-    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
-        with frozen_on_device(members[0], dist_info):
-            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
-                save_candidate(os.path.join(folder, "model.pt"), members[0], member=0, seed=member_seed(hp, 0),
-                               outcome=member_results[0], tokenizer=hp.tokenizer)
-    agree = all(r["agree"] for r in member_results)
-    tokens_seen = sum(r["tokens_seen"] for r in member_results)
-    bpb = run_bits_per_byte(hp, data, val_loss, test_loss, unigram)
-    log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in member_results), tokens_seen=tokens_seen,
-                     val_loss=val_loss, **bpb))  # step, tokens_seen and the loss it converts, as every row has them
-    result = dict(
-        run_id=run_id, val_loss=val_loss, test_loss=test_loss, train_loss=member_results[-1]["train_loss"],
-        unigram_val_loss=unigram, unigram_val_entropy=unigram_oracle, tokens_seen=tokens_seen,
-        # the data budget: trained on, plus the fitness slice carved from it (records divide by this)
-        train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
-        epochs=member_results[-1]["epochs"],
-        steps=sum(r["steps"] for r in member_results), parameters=n_params,
-        wall_seconds=round(run_wall_seconds(), 2),  # earlier sessions' too, after a --resume
-        train_seconds=round(sum(r["train_seconds"] for r in member_results), 2),
-        world_size=dist_info.world_size, device=str(device), ranks_agree=agree, torch=torch.__version__,
-        git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
-        member_val_losses=[r["val_loss"] for r in member_results], ensemble_val_losses=ensemble_losses,
-        candidate_val_losses=candidate_losses,
-        weight_candidates=[row for r in member_results for row in r.get("weight_candidates", [])],
-        selection=selection, **bpb,
-    )
-    if data.public_data is not None:
-        if data.fitness_data is not None:
-            averages = {"selected ensemble": (final_members, final_weights)}
-        epoch_rows = member_results[0].get("public_evals", []) if hp.ensemble_size == 1 else []
-        scored = [dict(label=row["label"], rule=row["rule"], val_loss=row["val_loss_public"],
-                       val_bpb=row["val_bpb_public"]) for row in member_results[0].get("weight_candidates", [])
-                  if hp.ensemble_size == 1 and "val_loss_public" in row]
-        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages, scored)
-        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
-                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
-                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
-                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
-    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
-        with frozen_models_on_device(final_members, dist_info):
-            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
-                result["samples"] = sample_continuations(final_members, final_weights, hp.ensemble_mode,
-                                                         data.val_tokens, hp, device)
-                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
-                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer, hp.bpe_file))
-    result["peak_memory_bytes"] = peak_memory_bytes(device)
-    if hp.resume and dist_info.is_main:
-        drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
-    log.save_json("result.json", result)
-    end_run(hp, dist_info, log, folder, result)  # the last checkpoint goes, the loss plot, the done line
-    return result
+    return finish_run(run, dist_info, pool, final, averages, val_loss, test_loss, ensemble_losses, selection)
+
+
+def distillation_teachers(hp: Hyperparameters, members: list) -> list[tuple[nn.Module, float]]:
+    """The next member's teachers and their weights: the previous member (the public chain, Hinton et al. 2015's
+    distillation from the last model) or every earlier member equally (distill_teacher ensemble); none for the
+    unlimited record's independent chains (snapshot_distill_after), whose snapshots teach inside a member."""
+    earlier = [] if hp.snapshot_distill_after else members if hp.distill_teacher == "ensemble" else members[-1:]
+    return [(teacher, 1.0 / len(earlier)) for teacher in earlier]
+
+
+def score_running_ensemble(hp: Hyperparameters, candidates: list, outcomes: list[dict], weights: list[float] | None,
+                           data: "RunData", dist_info: Dist, work: "RunWork", log: "RunLog") -> float:
+    """The ensemble of every candidate so far (uniform, or ensemble_weights renormalised over them), scored on val
+    after each member joins: the size -> loss curve the unlimited records report."""
+    count = len(candidates)
+    mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
+    start = time.time()
+    loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+    work.add_eval(count * work.val_per_rank, time.time() - start)
+    alone = outcomes[-1]["val_loss"]
+    log.write(f"ensemble | members {len(outcomes)} | candidates {count} | val_loss {loss:.4f} | "
+              f"member {len(outcomes) - 1} alone {alone:.4f}")
+    log.metrics(dict(kind="ensemble", members=len(outcomes), candidates=count, val_loss=loss, member_val_loss=alone,
+                     tokens_seen=sum(r["tokens_seen"] for r in outcomes)))
+    return loss
+
+
+def score_snapshot_weightings(hp: Hyperparameters, candidates: list, data: "RunData", dist_info: Dist,
+                              log: "RunLog") -> tuple[dict, dict]:
+    """One model's epoch snapshots averaged under both weightings (the 1h record #12's --logit-avg-mode: equal and
+    recency), each scored on val: ({label: (models, weights)}, {weighting: val loss})."""
+    averages, losses = {}, {}
+    for label, mix in snapshot_mixtures(hp, len(candidates)).items():
+        averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
+        losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info, hp.val_batch_size)
+    log.write(f"epoch snapshots | {len(candidates)} candidates | " +
+              " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
+    log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates),
+                     **{f"val_loss_{k}": v for k, v in losses.items()}))
+    return averages, losses
+
+
+def select_candidates(hp: Hyperparameters, candidates: list, data: "RunData", dist_info: Dist,
+                      log: "RunLog") -> tuple[tuple[list, list[float]], dict]:
+    """The unlimited record's selection: mixture weights learned on the fitness slice (held-out train documents),
+    the top select_top kept (or, with select_top_sweep, every top K scored and the largest kept), the chosen
+    ensemble scored on val: ((models, weights), the selection's record)."""
+    probs = target_probabilities(candidates, data.fitness_data, dist_info, hp.val_batch_size)
+    learned = learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip, hp.select_init_noise)
+    chosen = select_members(learned, hp.select_top)
+    if top_sweep(hp, len(candidates)):
+        chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
+    models, weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
+    val_loss = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+    selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=weights,
+                     val_loss=val_loss)
+    log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
+              + " ".join(f"c{i}={w:.3f}" for i, w in enumerate(learned.tolist()))
+              + f" | kept {', '.join(f'c{i}' for i, _ in chosen)} | val_loss {val_loss:.4f}")
+    log.metrics(dict(kind="selection", **selection))
+    return (models, weights), selection
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -4618,6 +4459,155 @@ class Hyperparameters(Recipe):
     stop_at_step: Count = 0  # end the process after this step of the member in progress, as if killed (resume tests)
 
 
+# --- A run's start and end: checks, data, the run folder and its header; the result, model.pt, result.json ---
+
+
+@dataclass
+class RunStart:
+    """What start_run hands train: the resolved hyperparameters, the data, the open run folder and the figures the
+    result keeps; or, for a run killed after its result.json, that result (only the end was left to write)."""
+
+    hp: Hyperparameters
+    data: "RunData | None" = None
+    folder: str = ""
+    run_id: str = ""
+    log: "RunLog | None" = None
+    unigram: float = 0.0
+    unigram_oracle: float = 0.0
+    n_params: int = 0
+    result: dict | None = None
+
+
+def start_run(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> RunStart:
+    """Everything before the first member: a --resume's saved hyperparameters, the checks and the memory plan (a run
+    that cannot fit or has bad data stops before it makes a run folder), the data, the run folder (made and locked,
+    or reopened), and the log's run section."""
+    RUN_CLOCK.update(start=time.time(), before=0.0)
+    if hp.resume:
+        hp = resumed_hyperparameters(hp, argv)
+        if dist_info.from_first_rank(os.path.isfile(os.path.join(hp.resume, "result.json"))):
+            return RunStart(hp, result=finish_run_end(hp, dist_info, argv))  # killed after result.json
+    check_hyperparameters(hp, dist_info.world_size)
+    check_run_id(hp, argv)
+    plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
+    hp = resolve_averaging_on_host(hp, dist_info)
+    hp = resolve_candidates_on_disk(hp, dist_info)
+    wandb = import_wandb(hp.wandb)  # --wandb without the package stops here, before the run folder exists
+    data = load_run_data(hp)  # a bad file stops the run before it makes a run folder
+    if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
+        data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
+                                         hp.val_files, hp.val_public_windows, hp.val_window_seed)
+        data.token_bytes = token_byte_counts(hp.vocab_size)
+
+    run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
+    folder = os.path.join(hp.log_dir, run_id)
+    if dist_info.from_first_rank(os.path.exists(folder) and not hp.resume):  # every rank stops, none hangs
+        raise ConfigError(f"{folder} already exists: choose another --run_id (or continue it with --resume {folder})")
+    if hp.resume:
+        check_resume_checkpoints(hp, dist_info, folder)
+    log = open_run_folder(hp, dist_info, folder, argv)
+    if wandb is not None and dist_info.is_main:
+        log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
+    if hp.resume and dist_info.is_main:
+        merge_group_logs(folder)  # the other groups' lines of the interrupted round
+        end_cut_line(os.path.join(folder, "metrics.jsonl"))
+    run = RunStart(hp, data, folder, run_id, log, unigram_loss(data.train_tokens, data.val_tokens, hp.vocab_size),
+                   unigram_entropy(data.val_tokens), sum(p.numel() for p in build_model_meta(hp).parameters()))
+    write_run_section(run, dist_info, plan_lines)
+    return run
+
+
+def write_run_section(run: RunStart, dist_info: Dist, plan_lines: list[str]) -> None:
+    """The log's run section: the model, the record it reproduces, the data, the batch, val and test, the memory
+    plan, data-size warnings, whether val is the public records' tokens."""
+    hp, data, log = run.hp, run.data, run.log
+    batch_seqs = hp.batch_tokens // hp.seq_len
+    accumulation = batch_seqs // (hp.device_batch_size * dist_info.world_size // hp.parallel_members)
+    log.section("run", [
+        f"model: {run.n_params:,} parameters per member | ensemble of {hp.ensemble_size}"
+        + (f" ({hp.ensemble_mode} averaging)" if hp.ensemble_size > 1 else ""),
+        *preset_record_lines(hp, run.n_params),
+        f"train: {data.train_tokens.size:,} tokens, {document_starts(data.train_tokens, hp.bos_id).size:,} documents",
+        f"batch: {batch_seqs} sequences x {hp.seq_len} tokens = {hp.batch_tokens:,} tokens/step "
+        f"= {hp.device_batch_size} per rank x {dist_info.world_size // hp.parallel_members} ranks x {accumulation} "
+        f"accumulation" + (f" | {hp.parallel_members} members at once" if hp.parallel_members > 1 else "")
+        + (f" | batch_schedule x{hp.batch_schedule} (per epoch, the last repeating)" if hp.batch_schedule else ""),
+        f"val: {data.val_data.num_targets:,} targets in {data.val_data.num_windows} windows | unigram baseline "
+        f"{run.unigram:.4f} (train's token frequencies scored on val) | val's own unigram entropy "
+        f"{run.unigram_oracle:.4f} (oracle bound for context-free models)" +
+        (f" | test: {data.test_data.num_targets:,} targets" if data.test_data else ""),
+    ])
+    for line in plan_lines:  # the memory plan (check_memory_plan), in the run section
+        log.write(f"memory | {line}")
+    for warning in data_size_warnings(hp, data.train_tokens.size):
+        log.write(warning)
+    log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
+
+
+def finish_run(run: RunStart, dist_info: Dist, pool: "CandidatePool", final: tuple[list, list[float]],
+               averages: dict, val_loss: float, test_loss: float | None, ensemble_losses: list[float],
+               selection: dict | None) -> dict:
+    """After the test pass: the ensemble-size table, model.pt (a single model), bits per byte, the public figure
+    (the leaderboard's way of scoring), text samples, result.json, then end_run (the last checkpoint goes, the loss
+    plot, the done line). Returns the result."""
+    hp, data, log, folder, outcomes = run.hp, run.data, run.log, run.folder, pool.outcomes
+    if ensemble_losses:
+        log.section("ensemble size -> val loss", [f"{k + 1:>3} members | {loss:.4f} | member {k} alone "
+                                                  f"{outcomes[k]['val_loss']:.4f}"
+                                                  for k, loss in enumerate(ensemble_losses)])
+    if hp.save_model and hp.ensemble_size == 1:  # every rank: a model split over the ranks is gathered by them all
+        with frozen_on_device(pool.members[0], dist_info):
+            if dist_info.is_main:  # the member format (weights, GPTConfig, schedule state): --eval_only takes it as is
+                save_candidate(os.path.join(folder, "model.pt"), pool.members[0], member=0, seed=member_seed(hp, 0),
+                               outcome=outcomes[0], tokenizer=hp.tokenizer)
+    tokens_seen = sum(r["tokens_seen"] for r in outcomes)
+    bpb = run_bits_per_byte(hp, data, val_loss, test_loss, run.unigram)
+    log.metrics(dict(kind="bits_per_byte", step=sum(r["steps"] for r in outcomes), tokens_seen=tokens_seen,
+                     val_loss=val_loss, **bpb))  # step, tokens_seen and the loss it converts, as every row has them
+    result = dict(
+        run_id=run.run_id, val_loss=val_loss, test_loss=test_loss, train_loss=outcomes[-1]["train_loss"],
+        unigram_val_loss=run.unigram, unigram_val_entropy=run.unigram_oracle, tokens_seen=tokens_seen,
+        # the data budget: trained on, plus the fitness slice carved from it (records divide by this)
+        train_tokens=int(data.train_tokens.size + (data.fitness_data.tokens.size if data.fitness_data else 0)),
+        epochs=outcomes[-1]["epochs"],
+        steps=sum(r["steps"] for r in outcomes), parameters=run.n_params,
+        wall_seconds=round(run_wall_seconds(), 2),  # earlier sessions' too, after a --resume
+        train_seconds=round(sum(r["train_seconds"] for r in outcomes), 2),
+        world_size=dist_info.world_size, device=str(dist_info.device), ranks_agree=all(r["agree"] for r in outcomes),
+        torch=torch.__version__, git_commit=git_commit(), hyperparameters=dataclasses.asdict(hp),
+        member_val_losses=[r["val_loss"] for r in outcomes], ensemble_val_losses=ensemble_losses,
+        candidate_val_losses=pool.candidate_losses,
+        weight_candidates=[row for r in outcomes for row in r.get("weight_candidates", [])],
+        selection=selection, **bpb,
+    )
+    if data.public_data is not None:
+        if data.fitness_data is not None:
+            averages = {"selected ensemble": final}
+        single = hp.ensemble_size == 1
+        epoch_rows = outcomes[0].get("public_evals", []) if single else []
+        scored = [dict(label=row["label"], rule=row["rule"], val_loss=row["val_loss_public"],
+                       val_bpb=row["val_bpb_public"]) for row in outcomes[0].get("weight_candidates", [])
+                  if single and "val_loss_public" in row]
+        result["public"] = public_figure_rows(hp, dist_info, data, epoch_rows, averages, scored)
+        log.write(f"public figure | val_loss_public {result['public']['val_loss_public']:.4f} (bpb "
+                  f"{result['public']['val_bpb_public']:.4f}) from {result['public']['chosen']}: min over "
+                  f"{len(result['public']['evaluations'])} evaluations on {data.public_data.num_windows} public "
+                  f"windows, as the leaderboard reports it | ours: val_loss {val_loss:.4f} on the full val")
+    if hp.sample_tokens:  # after the final evaluation; every rank gathers the models (frozen_models_on_device)
+        with frozen_models_on_device(final[0], dist_info):
+            if dist_info.is_main:  # no collectives in the sampling itself, so rank 0 alone
+                result["samples"] = sample_continuations(*final, hp.ensemble_mode, data.val_tokens, hp,
+                                                         dist_info.device)
+                log.section(f"samples: {hp.sample_tokens} tokens after val prompts (seed {hp.seed})",
+                            sample_lines(result["samples"], hp.vocab_size, hp.tokenizer, hp.bpe_file))
+    result["peak_memory_bytes"] = peak_memory_bytes(dist_info.device)
+    if hp.resume and dist_info.is_main:
+        drop_replayed_metrics(os.path.join(folder, "metrics.jsonl"))
+    log.save_json("result.json", result)
+    end_run(hp, dist_info, log, folder, result)  # the last checkpoint goes, the loss plot, the done line
+    return result
+
+
 # --- Placement: frozen models in host memory, split over the ranks, or kept as their files ---
 
 # Frozen models off the training device: at the full shape one fp32 model is 7.15 GB, and an 8-member ensemble with
@@ -4956,6 +4946,128 @@ class TeacherHead:
         self.logit_softcap = teacher.logit_softcap
         # what GPT.head reads besides the weights: the teacher's mode and its vocabulary slices (train_vocab/eval_vocab)
         self.training, self.train_vocab, self.eval_vocab = teacher.training, teacher.train_vocab, teacher.eval_vocab
+
+
+class CandidatePool:
+    """Where a run's finished models live while the ensemble grows, behind one object: the members (each member's
+    final model, the distillation teachers), the candidates (what the ensemble averages: the members and, with
+    snapshot_cycles or epoch_snapshots, their snapshots) and each one's val loss and outcome. Frozen models wait in
+    host memory split over the ranks (frozen_store), come to the device only while in use, or stay as their files
+    (candidates_on_disk). The members are trained in rounds, one per group of ranks (parallel_members); a member
+    finished before a --resume, or trained by another group, is loaded from its member file instead."""
+
+    def __init__(self, hp: Hyperparameters, dist_info: Dist, folder: str, log: RunLog):
+        self.hp, self.dist_info, self.folder, self.log = hp, dist_info, folder, log
+        self.group, self.group_index = split_world(dist_info, hp.parallel_members)
+        self.keep_files = candidate_count(hp) > 1  # members/ holds every candidate when there is more than one
+        self.members, self.outcomes, self.candidates, self.candidate_losses = [], [], [], []
+        # frozen models are split over the whole world, except members that a group will still use alone as
+        # teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
+        self.world_store = frozen_store(hp, dist_info)
+        self.group_log, self.done_before, self.trained_here = log, set(), {}
+
+    def rounds(self):
+        """Each round's members (one per group), once every rank has looked for the ones finished before a resume
+        (no group writes this round's member files before); group 0 writes its member's lines into log.txt, another
+        group into files of its own (group_log_names)."""
+        hp = self.hp
+        for start in range(0, hp.ensemble_size, hp.parallel_members):
+            members = range(start, min(hp.ensemble_size, start + hp.parallel_members))
+            self.done_before = {m for m in members if self.keep_files and os.path.isfile(member_path(self.folder, m))}
+            self.dist_info.barrier()
+            self.trained_here = {}
+            self.group_log = self.log if self.group_index == 0 else RunLog(self.folder, self.group.is_main,
+                                                                           append=True, group=self.group_index)
+            yield members
+
+    def member_to_train(self, members: range) -> int | None:
+        """This group's member of the round; None when it has none, or it was finished before (never retrained)."""
+        mine = members.start + self.group_index
+        return mine if mine in members and mine not in self.done_before else None
+
+    def add_trained(self, member: int, trained: dict) -> None:
+        """A member this group just trained: its member file written (when there are several candidates), the
+        model frozen (host memory, split; or its file), then its checkpoints removed."""
+        model = trained.pop("model").for_inference()
+        trained.pop("compiled")
+        snapshots = trained.pop("snapshots")
+        trained["run_wall_seconds"] = run_wall_seconds()
+        if self.keep_files and self.group.is_main:
+            save_candidate(member_path(self.folder, member), model, member=member, seed=member_seed(self.hp, member),
+                           outcome=trained, tokenizer=self.hp.tokenizer)
+        self.trained_here[member] = (self.kept_member(member, model), snapshots, trained)
+        self.group.barrier()  # the member file exists before any checkpoint of it goes
+        if self.keep_files:  # a single model's last checkpoint is its weights until result.json is written
+            remove_checkpoints(self.folder, member, self.group)
+
+    def close_round(self, members: range):
+        """Waits for every group's member (groups may finish hours apart), then adds the round's members and their
+        snapshots to the candidates in order, yielding each member as it joins."""
+        if self.group_log is not self.log:
+            self.group_log.close()
+        self.dist_info.wait_for_all()  # every member of the round is on disk
+        if self.dist_info.is_main and self.hp.parallel_members > 1:
+            merge_group_logs(self.folder)
+        for member in members:
+            if member in self.trained_here:  # its snapshots, split over the group while it trained, now over the world
+                model, snapshots, outcome = self.trained_here[member]
+                snapshots = [(reshard_on_host(on_disk_twin(snapshot), self.group, self.world_store), loss)
+                             for snapshot, loss in snapshots]
+            else:  # finished before an interruption, or trained by another group
+                model, snapshots, outcome = self.load_finished(member)
+                how = "finished before the resume" if member in self.done_before else "trained by another group"
+                self.log.write(f"{member_tag(self.hp, member)}loaded {how} from {member_path(self.folder, member)} | "
+                               f"val_loss {outcome['val_loss']:.4f}")
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self.members.append(model)
+            self.outcomes.append(outcome)
+            for candidate, loss in [*snapshots, (model, outcome["val_loss"])]:
+                self.candidates.append(candidate)
+                self.candidate_losses.append(loss)
+            yield member
+
+    def close(self) -> None:
+        """Every member trained: none teaches any more, so under candidates_on_disk each is its file from here, and
+        the teachers too are split over the world."""
+        self.members[:] = [on_disk_twin(m) for m in self.members]
+        self.candidates[:] = [on_disk_twin(c) for c in self.candidates]
+        for model in self.members:
+            reshard_on_host(model, self.group, self.world_store)
+
+    def member_store(self, member: int) -> Dist:
+        hp = self.hp
+        round_start = member - member % hp.parallel_members
+        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
+        return frozen_store(hp, self.group) if teaches_later else self.world_store
+
+    def writer(self, member: int) -> int:
+        """The global rank that writes the member's files: its group's rank 0."""
+        return member % self.hp.parallel_members * (self.dist_info.world_size // self.hp.parallel_members)
+
+    def kept_member(self, member: int, model: GPT) -> nn.Module:
+        """The member parked in host memory, or its file under candidates_on_disk."""
+        hp = self.hp
+        round_start = member - member % hp.parallel_members
+        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
+            round_start + hp.parallel_members < hp.ensemble_size
+        return keep_frozen(model, self.member_store(member), candidates_on_disk(hp), member_path(self.folder, member),
+                           self.writer(member), teaches)
+
+    def load_finished(self, member: int) -> tuple[GPT, list, dict]:
+        """A member from its files into host memory (frozen models wait there), each parked as it comes: one whole
+        model at a time on a rank."""
+        model, saved = load_member(member_path(self.folder, member), self.dist_info.host)
+        remove_checkpoints(self.folder, member, self.group)  # a kill between its member file and this left one
+        carry_wall_seconds(saved["outcome"].get("run_wall_seconds"))
+        model = self.kept_member(member, model)
+        snapshots = []
+        for cycle in range(saved["outcome"].get("snapshot_count", 0)):
+            path = snapshot_path(self.folder, member, cycle)
+            snapshot, info = load_member(path, self.dist_info.host)
+            snapshots.append((keep_frozen(snapshot, self.world_store, candidates_on_disk(self.hp), path,
+                                          self.writer(member), teaches=False), info["outcome"]["val_loss"]))
+        return model, snapshots, saved["outcome"]
 
 
 # --- Member files, checkpoints and resume ---
