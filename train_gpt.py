@@ -285,6 +285,18 @@ class Recipe:
     grad_sync: str = "after"  # gradient all-reduce: after (once backward ends) | overlap (each gradient's async all-reduce launched by its post-accumulate hook on the last micro-step: the same collectives, bit for bit) | overlap_flat (flattened buckets of grad_bucket_mb: fewer, larger collectives; bit-identical on 2 ranks, not on 3+ where a ring's summation order depends on an element's position)
     grad_bucket_mb: Positive = 25.0  # bucket size of grad_sync overlap_flat (DDP's default)
 
+# What every public track shares (records/TRACKS.md section 4): the FineWeb files, 2048-token windows, 524,288 tokens
+# per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys), Polar Express, NorMuon, cautious
+# and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax, the records' 4,864 val windows scored
+# beside our full val, a log line per step. Each GPU preset is this plus its record's own settings.
+TRACK_COMMON = dict(
+    train_files="data/fineweb/fineweb_train.bin", val_files="data/fineweb/fineweb_val.bin",
+    test_files="data/fineweb/fineweb_test.bin", seq_len=2048, batch_tokens=524288, log_every=1,
+    window_pattern="SSSL", window_short=1025, train_vocab=50257, eval_vocab=50257,
+    muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, val_public_windows=4864,
+)
+
+
 PRESETS: dict[str, dict] = {
     # The CPU mini-slowrun: the bundled FineWeb-Edu sample read for several epochs by a small model. Sized by
     # tokens/s, not parameters: at this width the 50,304-wide lm_head and its softmax cost most of each step.
@@ -309,63 +321,57 @@ PRESETS: dict[str, dict] = {
         num_epochs=2, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=10, device="cpu",
     ),
-    # The same track's text in a small BPE (issue 17's "bytes or a small BPE?"; measured in bench/RESULTS.md): 1,024
-    # ids learned from the 1/8 budget's 4 documents only (which every budget from 1/8 up contains), ~3 bytes per token,
-    # so a step sees 3x the text and a plain run at 1/8 reaches lower bits per byte in a fifth of the bytes' CPU time.
-    # train_tokens: the BPE tokens of the byte track's 44 documents (261,003 bytes); batch_tokens 1,536 ~ the byte
-    # preset's bytes per step.
-    "mini_bpe": dict(
-        train_files="data/mini/mini_bpe_train.bin", val_files="data/mini/mini_bpe_val.bin",
-        test_files="data/mini/mini_bpe_test.bin", train_tokens=109639,
-        tokenizer="bpe", bpe_file="data/mini/mini_bpe.tiktoken", vocab_size=1024, bos_id=256,
-        n_layer=3, n_embd=96, n_head=3, seq_len=128,
-        batch_tokens=1536, device_batch_size=12, val_batch_size=64,
-        num_epochs=4, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
-        log_every=10, device="cpu",
-    ),
-    # Each track's preset is its public record, setting by setting (records/TRACKS.md has the table: setting | public
-    # script:line | our flag | same?). "1h": the 1-hour track's record, 3.195 (qlabs-eng/slowrun train.py at fd342f0,
-    # 30 x 1792, 14 heads, SwiGLU 4864). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
-    # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics),
-    # fp32 master weights of wte/lm_head, our RNG streams (document order, dropout masks).
-    "1h": dict(
-        train_files="data/fineweb/fineweb_train.bin",
-        val_files="data/fineweb/fineweb_val.bin",
-        test_files="data/fineweb/fineweb_test.bin",
-        n_layer=30, n_embd=1792, n_head=14, mlp="swiglu", mlp_hidden=4864, seq_len=2048,
-        batch_tokens=524288, device_batch_size=4, val_batch_size=8,
-        dropout=0.1, logit_softcap=10.0, num_epochs=11, log_every=1,
-        # the public's steps: epochs of 48,800 windows (a multiple of its 4 x 8-GPU micro-batch), steps running on
-        # across epoch ends: 190.625 a epoch, 2,097 in all, the schedules' N = 2,097
-        public_steps=32,
-        # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
-        muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
-        # model: value projections from x0, U-Net skips, 12-channel attention output gates, x0 mixing, interleaved
-        # head attention, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts keys), normal c_proj
-        # init, only the 50,257 real tokens in the softmax, layers 15-20 run three times from epoch 7 on
-        value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
-        window_pattern="SSSL", window_short=1025, proj_init="normal", train_vocab=50257, eval_vocab=50257,
-        loop_repeats=2, loop_range="15:21", loop_start_epoch=7,
-        # optimizer: Polar Express, NorMuon, cautious and shape-scaled weight decay, MuonEq-R, momentum 0.85 -> 0.95
-        # over 300 steps; gates in Muon; resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
-        muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
-        muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
-        muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
-        rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
-        # schedules: square-root warmdown over the last 20 %, a cosine per epoch in the last 3, and the weight decay
-        # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
-        warmdown_frac=0.2, warmdown_shape=0.5, lr_epoch_cosine=3, lr_epoch_cosine_floor=0.05,
-        wd_schedule="slowrun", wd_hold_frac=0.4, wd_low=0.65, wd_high=1.5,
-        # the rest of the model and the evaluation: stochastic depth drawn once per block call (0.05 l/29), the MTP
-        # block (weight 0.3), IHA at lr 0.02, the last 3 epochs' checkpoints probability-averaged (both weightings
-        # reported), and the record's 4,864 val windows scored beside our full val
-        stochastic_depth=0.05, stochastic_depth_style="batch", mtp_weight=0.3, mtp_style="block", head_mix_lr=0.02,
-        epoch_snapshots=3, epoch_snapshot_weights="both", val_public_windows=4864,
-    ),
 }
 
 
+# The same track's text in a small BPE (issue 17's "bytes or a small BPE?"; measured in bench/RESULTS.md): 1,024 ids
+# learned from the 1/8 budget's 4 documents only (which every budget from 1/8 up contains), ~3 bytes per token, so a
+# step sees 3x the text and a plain run at 1/8 reaches lower bits per byte in a fifth of the bytes' CPU time.
+# train_tokens: the BPE tokens of the byte track's 44 documents (261,003 bytes); batch_tokens 1,536 ~ the byte
+# preset's bytes per step.
+PRESETS["mini_bpe"] = dict(
+    PRESETS["mini"],
+    train_files="data/mini/mini_bpe_train.bin", val_files="data/mini/mini_bpe_val.bin",
+    test_files="data/mini/mini_bpe_test.bin", train_tokens=109639,
+    tokenizer="bpe", bpe_file="data/mini/mini_bpe.tiktoken", vocab_size=1024,
+    batch_tokens=1536, device_batch_size=12, num_epochs=4,
+)
+
+# Each track's preset is its public record, setting by setting (records/TRACKS.md has the table: setting | public
+# script:line | our flag | same?). "1h": the 1-hour track's record, 3.195 (qlabs-eng/slowrun train.py at fd342f0,
+# 30 x 1792, 14 heads, SwiGLU 4864). 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
+# Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics),
+# fp32 master weights of wte/lm_head, our RNG streams (document order, dropout masks).
+PRESETS["1h"] = dict(
+    TRACK_COMMON,
+    n_layer=30, n_embd=1792, n_head=14, mlp="swiglu", mlp_hidden=4864, device_batch_size=4, val_batch_size=8,
+    dropout=0.1, logit_softcap=10.0, num_epochs=11,
+    # the public's steps: epochs of 48,800 windows (a multiple of its 4 x 8-GPU micro-batch), steps running on
+    # across epoch ends: 190.625 a epoch, 2,097 in all, the schedules' N = 2,097
+    public_steps=32,
+    # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1
+    muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, muon_wd=1.3, adam_wd=1.3,
+    # model: value projections from x0, U-Net skips, 12-channel attention output gates, x0 mixing, interleaved
+    # head attention, normal c_proj init, layers 15-20 run three times from epoch 7 on
+    value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
+    proj_init="normal", loop_repeats=2, loop_range="15:21", loop_start_epoch=7,
+    # optimizer (beyond TRACK_COMMON): MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; gates in Muon; resid
+    # lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
+    muon_eq_r=True, muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
+    # schedules: square-root warmdown over the last 20 %, a cosine per epoch in the last 3, and the weight decay
+    # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
+    warmdown_frac=0.2, warmdown_shape=0.5, lr_epoch_cosine=3, lr_epoch_cosine_floor=0.05,
+    wd_schedule="slowrun", wd_hold_frac=0.4, wd_low=0.65, wd_high=1.5,
+    # the rest of the model and the evaluation: stochastic depth drawn once per block call (0.05 l/29), the MTP
+    # block (weight 0.3), IHA at lr 0.02, the last 3 epochs' checkpoints probability-averaged (both weightings
+    # reported)
+    stochastic_depth=0.05, stochastic_depth_style="batch", mtp_weight=0.3, mtp_style="block", head_mix_lr=0.02,
+    epoch_snapshots=3, epoch_snapshot_weights="both",
+)
 PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an alias (the log says which it is)
+
 # "2h": the 2-hour track's record, 3.139 (qlabs-eng/slowrun two_hour/train.py at fd342f0): the 1h record's model and
 # recipe trained twice as long, and what two_hour/ changes: 22 epochs, looped layers from epoch 14, a cosine per epoch
 # and the 0.65 -> 1.5 weight decay in the last 8, the last 11 epochs' checkpoints probability-averaged, and windows
@@ -378,22 +384,13 @@ PRESETS["2h"] = dict(
     rope_tables="bf16_values",  # its Yarn tables: bf16-rounded values in float32 buffers, rotation in float32
 )
 
-# What every public track shares (records/TRACKS.md section 4), as the 1h preset states it: the FineWeb files,
-# 2048-token windows, 524,288 tokens per step, "SSSL" windows (public S = 1024 admits 1025 keys: our window counts
-# keys), Polar Express, NorMuon, cautious and shape-scaled Muon weight decay, the 50,257 real tokens in the softmax,
-# the record's 4,864 val windows scored beside our full val, a log line per step.
-TRACK_COMMON = {name: PRESETS["1h"][name] for name in (
-    "train_files", "val_files", "test_files", "seq_len", "batch_tokens", "window_pattern", "window_short",
-    "muon_polar_express", "normuon", "cautious_wd", "muon_wd_scaled", "train_vocab", "eval_vocab",
-    "val_public_windows", "log_every")}
-
 # "baseline": the slowrun baseline record, 3.402 (qlabs-eng/slowrun train.py at 0d49316, the repository's first
 # commit; records/TRACKS.md section 1.2 has the table): 30 x 1792, 14 heads, ReLU^2 MLP 7168, value-embedding tables,
 # no U-Net, output gates, IHA, MTP or looping. 8 GPUs x device batch 4 x 2048 tokens x 8 accumulation steps = 524,288.
 # Kept different by design: FlexAttention/SDPA instead of FA3 (same mathematics), fp32 master weights of wte, lm_head
 # and the value tables (bf16 on CUDA in the public), our dropout masks.
 PRESETS["baseline"] = dict(
-    **TRACK_COMMON,
+    TRACK_COMMON,
     n_layer=30, n_embd=1792, n_head=14, mlp="relu2", mlp_hidden=7168, device_batch_size=4, val_batch_size=8,
     dropout=0.1, logit_softcap=15.0, num_epochs=12,
     public_steps=32,  # the public's steps: 48,800 windows an epoch, steps across epoch ends, 2,288 in all
@@ -423,7 +420,7 @@ PRESETS["baseline"] = dict(
 # lm_head (bf16 in the public), our RNG streams; fp8_head needs CUDA (on CPU drop it: the bf16 path computes the
 # same loss) and has not yet run on a GPU.
 PRESETS["15min"] = dict(
-    **{**TRACK_COMMON, "train_vocab": 0},
+    TRACK_COMMON, train_vocab=0,
     n_layer=16, n_embd=1024, n_head=8, mlp="swiglu", mlp_hidden=2816, device_batch_size=16, val_batch_size=16,
     dropout=0.1, dropout_mlp=False, logit_softcap=15.0, num_epochs=15,
     public_steps=256,  # the public's steps: its 32 x 8-GPU micro-batch is a whole step, so 190 steps an epoch (2,850)
@@ -472,25 +469,20 @@ def cycle_batch_schedule(cycles: int, epochs_per_cycle: int, floor: float) -> st
 # (document order, dropout, weight noise, the selection's initial draw), members one after another on every rank
 # (public: one per node at once).
 PRESETS["unlimited"] = dict(
-    train_files="data/fineweb/fineweb_train.bin",
-    val_files="data/fineweb/fineweb_val.bin",
-    test_files="data/fineweb/fineweb_test.bin",
-    n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", mlp_hidden=5632, seq_len=2048,
-    batch_tokens=524288, device_batch_size=2, val_batch_size=8,
-    dropout=0.1, logit_softcap=15.0, num_epochs=192, log_every=1, val_every=-1,
+    TRACK_COMMON,
+    n_layer=30, n_embd=2048, n_head=16, mlp="swiglu", mlp_hidden=5632, device_batch_size=2, val_batch_size=8,
+    dropout=0.1, logit_softcap=15.0, num_epochs=192, val_every=-1,
     public_steps=16,  # the public's steps: epochs of whole 2 x 8-GPU micro-batches, round(2 epochs / batch) a cycle
     # the record's LRs after its 0.25 multiplier: matrix 0.04, embedding 0.15, unembedding 0.002, scalar 0.1; IHA 0.02
     muon_lr=0.01, embed_lr=0.0375, head_lr=0.0005, scalar_lr=0.025, head_mix_lr=0.02, muon_wd=1.3, adam_wd=1.3,
     # model: the 1h record's blocks (value projections from x0, U-Net skips, 12-channel output gates, x0 mixing, IHA,
-    # "SSSL" windows of 1025 keys, normal c_proj init, the 50,257 real tokens in the softmax, MTP block 0.3) without
-    # stochastic depth; layers 15-24 run 5 times (4 replays) from the first step on
+    # normal c_proj init, MTP block 0.3) without stochastic depth; layers 15-24 run 5 times (4 replays) from the
+    # first step on
     value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
-    window_pattern="SSSL", window_short=1025, proj_init="normal", train_vocab=50257, eval_vocab=50257,
-    mtp_weight=0.3, mtp_style="block", loop_repeats=4, loop_range="15:25",
-    # optimizer: Polar Express, NorMuon, cautious and shape-scaled weight decay, MuonEq-R, momentum fixed at 0.95 (no
-    # warmup), gates in Muon, resid lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
-    muon_polar_express=True, normuon=True, cautious_wd=True, muon_wd_scaled=True, muon_eq_r=True,
-    gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
+    proj_init="normal", mtp_weight=0.3, mtp_style="block", loop_repeats=4, loop_range="15:25",
+    # optimizer (beyond TRACK_COMMON): MuonEq-R, momentum fixed at 0.95 (no warmup), gates in Muon, resid lambdas and
+    # skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
+    muon_eq_r=True, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
     muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
     rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
