@@ -2710,7 +2710,7 @@ def release_free_memory(device: torch.device) -> None:
         pass
 
 
-EVAL_CPU_LOSS_ROWS = 64  # positions per log-softmax in picked_loss_sums: each (64, 50,304) float32 tensor is 13 MB
+EVAL_CPU_LOSS_ROWS = 64  # positions per log-softmax in target_log_probs: each (64, 50,304) float32 tensor is 13 MB
 
 
 def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -2749,37 +2749,62 @@ def whole_target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torc
     return F.log_softmax(logits, dim=-1).gather(-1, targets.clamp(min=0).unsqueeze(-1))
 
 
-def picked_loss_sums(models: list[nn.Module], weights: list[float], inputs: torch.Tensor,
-                     targets: torch.Tensor) -> torch.Tensor:
-    """evaluate_ensemble's [loss sum, target count] of one piece in "prob" mode on CPU, from each member's target
-    log-probabilities alone (target_log_probs): the same elementwise operations on the same values (log-softmax, +
-    log weight, logaddexp) and F.nll_loss over the same values in the same order, so bitwise the whole-vocabulary
-    sums, with no (positions, vocab) tensor beyond the one lm_head output (the 8 x 256 tiny val batch: 400 MB each)."""
-    mixture = None
-    for model, weight in zip(models, weights):
-        log_probs = target_log_probs(model, inputs, targets) + math.log(weight)
-        mixture = log_probs if mixture is None else torch.logaddexp(mixture, log_probs)
-    flat = targets.reshape(-1)
-    loss = F.nll_loss(mixture.unsqueeze(-1), torch.where(flat >= 0, 0, -1), ignore_index=-1, reduction="sum")
-    return torch.stack([loss.double(), (flat >= 0).sum().double()])
-
-
 @torch.no_grad()
-def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData, dist_info: Dist,
-                      batch_size: int) -> float:
-    """Mean loss (nats per token) of the members' ensemble over the whole set: each rank scores its share of the
-    windows with every member; float64 sums over ranks. One member gives exactly evaluate()'s loss."""
+def score(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist, batch_size: int,
+          mode: str = "prob", token_bytes: np.ndarray | None = None) -> tuple[float, float]:
+    """(mean loss in nats per target, bits per byte) of the models' ensemble over the whole set; one model is
+    score([model], [1.0], ...). The one scoring function: live models and parked frozen ones alike (a frozen model
+    comes to the device only while it is scored, one at a time: the 24 candidates of an 8-member ensemble at the 1h
+    shape do not fit together). Each rank scores its share of the windows; float64 sums over ranks.
+    "prob" (the public records' ensembles) mixes only each model's log-probability of the correct token, per target,
+    log sum_i w_i p_i(y), with ensemble_log_probs' elementwise operations; "logit" averages whole logits, so every
+    model comes to the device at once (logit_average_loss).
+    Bits per byte as the public records' evaluate_bpb score them: the nats of the targets that have bytes / (ln 2 x
+    their bytes), <|endoftext|> counting 0 bytes (token_bytes: the UTF-8 bytes of each token id); nan without
+    token_bytes. Without it, on the CPU each model's log-probabilities come in pieces (eval_pieces, target_log_probs)
+    with no (positions, vocab) tensor kept: bitwise the same values, in a laptop's memory."""
+    device = dist_info.device
+    if mode != "prob":
+        with frozen_models_on_device(models, dist_info):
+            return logit_average_loss(models, weights, data, dist_info, batch_size), float("nan")
+    batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
+    if token_bytes is None:
+        def pieces():  # the same pieces in the same order for every model (eval_pieces: CPU memory)
+            return (piece for batch in batches for piece in eval_pieces(*batch, device))
+        mixture = frozen_mixture(models, weights, pieces, dist_info)
+        totals = torch.zeros(2, dtype=torch.float64, device=device)  # [loss sum, target count]
+        for (_, targets), picked in zip(pieces(), mixture):
+            targets = targets.reshape(-1)
+            totals[0] += F.nll_loss(picked.reshape(-1, 1), torch.where(targets >= 0, 0, -1), ignore_index=-1,
+                                    reduction="sum").double()
+            totals[1] += (targets >= 0).sum()
+        dist_info.all_reduce_sum(totals)
+        release_free_memory(device)
+        return (totals[0] / totals[1]).item(), float("nan")
+    batches = [(inputs.to(device), targets.to(device)) for inputs, targets in batches]
+    mixture = frozen_mixture(models, weights, lambda: batches, dist_info, whole_target_log_probs)
+    table = torch.as_tensor(token_bytes, device=device)
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
+    for (_, targets), picked in zip(batches, mixture):
+        valid = targets >= 0
+        nats, counted = -picked.squeeze(-1).double() * valid, table[targets.clamp(min=0)] * valid
+        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
+    dist_info.all_reduce_sum(sums)
+    release_free_memory(device)
+    return (sums[0] / sums[1]).item(), (sums[2] / (math.log(2) * sums[3])).item()
+
+
+def logit_average_loss(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
+                       batch_size: int) -> float:
+    """score's "logit" mode: the mean loss of log_softmax(sum_i w_i l_i), every model on the device."""
     states = [model.training for model in models]
     for model in models:
         model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
     for batch in data.batches(dist_info.rank, dist_info.world_size, batch_size):
         for inputs, targets in eval_pieces(*batch, dist_info.device):
-            if mode == "prob" and dist_info.device.type == "cpu":  # CPU memory: no (positions, vocab) mixture
-                totals += picked_loss_sums(models, weights, inputs, targets)
-                continue
-            with autocast_context(dist_info.device):  # members one at a time: only the running mixture is kept
-                log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, mode)
+            with autocast_context(dist_info.device):
+                log_probs = ensemble_log_probs([model(inputs).float() for model in models], weights, "logit")
             totals[0] += F.nll_loss(log_probs.reshape(-1, log_probs.size(-1)), targets.reshape(-1), ignore_index=-1,
                                     reduction="sum").double()
             totals[1] += (targets >= 0).sum()
@@ -2789,33 +2814,6 @@ def evaluate_ensemble(models: list[nn.Module], weights: list[float], mode: str, 
         model.train(state)
     release_free_memory(dist_info.device)
     return (totals[0] / totals[1]).item()
-
-
-@torch.no_grad()
-def evaluate_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
-                        batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
-    """(loss, bits per byte) of the probability-averaged models, as the public records score both (train.py
-    evaluate_bpb, evaluate_bpb_logit_avg): loss = mean nats over the valid targets; bpb = the nats of the targets
-    that have bytes / (ln 2 x their bytes), <|endoftext|> counting 0 bytes (nan without token_bytes)."""
-    states = [model.training for model in models]
-    for model in models:
-        model.eval()
-    byte_table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64),
-                                 device=dist_info.device)
-    totals = torch.zeros(4, dtype=torch.float64, device=dist_info.device)  # nats, targets, nats with bytes, bytes
-    for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size):
-        inputs, targets = inputs.to(dist_info.device), targets.to(dist_info.device)
-        with autocast_context(dist_info.device):
-            log_probs = ensemble_log_probs((model(inputs).float() for model in models), weights, "prob")
-        valid, picked = targets >= 0, targets.clamp(min=0)
-        nats = -log_probs.gather(-1, picked.unsqueeze(-1)).squeeze(-1).double() * valid
-        counted = byte_table[picked] * valid if token_bytes is not None else torch.zeros_like(picked)
-        totals += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
-    dist_info.all_reduce_sum(totals)
-    for model, state in zip(models, states):
-        model.train(state)
-    bpb = (totals[2] / (math.log(2) * totals[3])).item() if token_bytes is not None else float("nan")
-    return (totals[0] / totals[1]).item(), bpb
 
 
 def snapshot_mixtures(hp: Hyperparameters, count: int) -> dict[str, list[float]]:
@@ -2843,8 +2841,8 @@ def public_figure_rows(hp: Hyperparameters, dist_info: Dist, data: "RunData", ep
         if best is None or row[key] < best[key]:
             best = rows[-1]
     for label, (models, weights) in averages.items():
-        loss, bpb = evaluate_frozen_with_bytes(models, weights, data.public_data, dist_info, hp.val_batch_size,
-                                               data.token_bytes)
+        loss, bpb = score(models, weights, data.public_data, dist_info, hp.val_batch_size,
+                          token_bytes=data.token_bytes)
         rows.append(dict(label=label, val_loss=loss, val_bpb=bpb))
         if best is None or loss < best["val_loss"]:
             best = rows[-1]
@@ -2913,8 +2911,8 @@ def sweep_top_k(hp: Hyperparameters, learned: torch.Tensor, candidates: list, da
     logged; returns the largest K's choice (the one the unlimited record's result.json keeps)."""
     for k in top_sweep(hp, len(candidates)):
         chosen = select_members(learned, k)
-        loss = evaluate_frozen_ensemble([candidates[i] for i, _ in chosen], [w for _, w in chosen], hp.ensemble_mode,
-                                        data.val_data, dist_info, hp.val_batch_size)
+        loss = score([candidates[i] for i, _ in chosen], [w for _, w in chosen], data.val_data, dist_info,
+                     hp.val_batch_size, hp.ensemble_mode)[0]
         log.write(f"selection sweep | top {k} of {len(candidates)} by learned weight | val_loss {loss:.4f}")
         log.metrics(dict(kind="selection_sweep", top=k, candidates=len(candidates), val_loss=loss))
     return chosen
@@ -3099,11 +3097,6 @@ def multi_offset_loss_sums(model: nn.Module, inputs: torch.Tensor, targets: torc
     return ce, objective
 
 
-def evaluate(model: nn.Module, data: EvalData, dist_info: Dist, batch_size: int) -> float:
-    """Mean loss in nats per token over the whole set, summed in float64 over every rank: a one-member ensemble."""
-    return evaluate_ensemble([model], [1.0], "prob", data, dist_info, batch_size)
-
-
 def frozen_mixture(models: list[nn.Module], weights: list[float], pieces, dist_info: Dist,
                    log_probs=piece_target_log_probs) -> list[torch.Tensor]:
     """Per piece of pieces() (the same pieces in the same order on every call), the "prob" mixture's log-probability
@@ -3121,56 +3114,6 @@ def frozen_mixture(models: list[nn.Module], weights: list[float], pieces, dist_i
                     mixture[index] = torch.logaddexp(mixture[index], picked)
         model.train(was_training)
     return mixture
-
-
-@torch.no_grad()
-def evaluate_frozen_ensemble(models: list[nn.Module], weights: list[float], mode: str, data: EvalData,
-                             dist_info: Dist, batch_size: int) -> float:
-    """evaluate_ensemble for parked frozen models, one on the device at a time. "prob" needs only each member's
-    log-probability of the correct token: members in turn over all of this rank's windows, the running mixture kept
-    per target (4 bytes each), the same elementwise operations as evaluate_ensemble. "logit" mixes whole logits, so
-    every member comes to the device at once (say --ensemble_mode prob for the one-at-a-time path)."""
-    if mode != "prob":
-        with ExitStack() as stack:
-            for model in models:
-                stack.enter_context(frozen_on_device(model, dist_info))
-            return evaluate_ensemble(models, weights, mode, data, dist_info, batch_size)
-    batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
-
-    def pieces():  # the same pieces in the same order for every member (eval_pieces: CPU memory)
-        return (piece for batch in batches for piece in eval_pieces(*batch, dist_info.device))
-    mixture = frozen_mixture(models, weights, pieces, dist_info)
-    totals = torch.zeros(2, dtype=torch.float64, device=dist_info.device)  # [loss sum, target count]
-    for (_, targets), picked in zip(pieces(), mixture):
-        targets = targets.reshape(-1)
-        totals[0] += F.nll_loss(picked.reshape(-1, 1), torch.where(targets >= 0, 0, -1), ignore_index=-1,
-                                reduction="sum").double()
-        totals[1] += (targets >= 0).sum()
-    dist_info.all_reduce_sum(totals)
-    return (totals[0] / totals[1]).item()
-
-
-@torch.no_grad()
-def evaluate_frozen_with_bytes(models: list[nn.Module], weights: list[float], data: EvalData, dist_info: Dist,
-                               batch_size: int, token_bytes: np.ndarray | None) -> tuple[float, float]:
-    """evaluate_with_bytes for parked frozen models, one on the device at a time (the 24 candidates of an 8-member
-    ensemble at the 1h shape do not fit together): each one's log-probability of the correct token, mixed per target
-    with the elementwise operations of ensemble_log_probs ("prob"), then the same float64 sums."""
-    device = dist_info.device
-    batches = [(inputs.to(device), targets.to(device))
-               for inputs, targets in data.batches(dist_info.rank, dist_info.world_size, batch_size)]
-    mixture = frozen_mixture(models, weights, lambda: batches, dist_info, whole_target_log_probs)
-    table = torch.as_tensor(token_bytes if token_bytes is not None else np.zeros(1, np.int64), device=device)
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats, targets, nats with bytes, bytes
-    for (_, targets), picked in zip(batches, mixture):
-        valid = targets >= 0
-        nats, counted = -picked.squeeze(-1).double() * valid, table[targets.clamp(min=0)] * valid
-        if token_bytes is None:
-            counted = torch.zeros_like(targets)
-        sums += torch.stack([nats.sum(), valid.sum().double(), (nats * (counted > 0)).sum(), counted.sum().double()])
-    dist_info.all_reduce_sum(sums)
-    bpb = (sums[2] / (math.log(2) * sums[3])).item() if token_bytes is not None else float("nan")
-    return (sums[0] / sums[1]).item(), bpb
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -3591,12 +3534,12 @@ def score_weight_candidates(hp: Hyperparameters, dist_info: Dist, data: RunData,
         with torch.no_grad():
             for param, weight in zip(candidate.parameters(), weights()):
                 param.copy_(weight)
-        row = dict(label=label, rule=rule, val_loss=evaluate_frozen_ensemble([candidate], [1.0], "prob", data.val_data,
-                                                                             dist_info, hp.val_batch_size))
+        row = dict(label=label, rule=rule,
+                   val_loss=score([candidate], [1.0], data.val_data, dist_info, hp.val_batch_size)[0])
         if data.public_data is not None:
             with frozen_on_device(candidate, dist_info):
-                row["val_loss_public"], row["val_bpb_public"] = evaluate_with_bytes(
-                    [candidate], [1.0], data.public_data, dist_info, hp.val_batch_size, data.token_bytes)
+                row["val_loss_public"], row["val_bpb_public"] = score(
+                    [candidate], [1.0], data.public_data, dist_info, hp.val_batch_size, token_bytes=data.token_bytes)
         public = f" | val_loss_public {row['val_loss_public']:.4f}" if "val_loss_public" in row else ""
         log.write(f"{tag}candidate | {label} | val_loss {row['val_loss']:.4f}{public}")
         log.metrics(dict(kind="ema_candidate" if rule == "bpb" else "ckpt_avg_candidate", step=done, **row))
@@ -3624,7 +3567,7 @@ class Snapshots:
             # scored as the training model itself on SDPA (what the frozen copy runs, GPT.for_inference), then copied
             # straight to host memory: no second model on the device
             attention, model.attention = model.attention, "sdpa"
-            loss = evaluate(model, self.data.val_data, self.dist_info, self.hp.val_batch_size)
+            loss = score([model], [1.0], self.data.val_data, self.dist_info, self.hp.val_batch_size)[0]
             model.attention = attention
             with final_inference_state(model, self.hp, self.schedule) if self.hp.epoch_snapshots else nullcontext():
                 # epoch snapshots are averaged as the records average them: in the final model's state
@@ -3677,8 +3620,8 @@ class PublicEvaluation:
         with self.progress.paused():
             attention, model.attention = model.attention, "sdpa"  # eager: SDPA's dense mask beats eager Flex
             try:
-                loss, bpb = evaluate_with_bytes([model], [1.0], self.data.public_data, self.dist_info,
-                                                self.hp.val_batch_size, self.data.token_bytes)
+                loss, bpb = score([model], [1.0], self.data.public_data, self.dist_info, self.hp.val_batch_size,
+                                  token_bytes=self.data.token_bytes)
             finally:
                 model.attention = attention
         epoch = round(schedule.train_data.epoch_position(done), 4)
@@ -3844,7 +3787,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
         val_loss = selection["val_loss"]
     test_loss = None
     if data.test_data:  # scored once, after every choice
-        test_loss = evaluate_frozen_ensemble(*final, hp.ensemble_mode, data.test_data, dist_info, hp.val_batch_size)
+        test_loss = score(*final, data.test_data, dist_info, hp.val_batch_size, hp.ensemble_mode)[0]
         log.write(f"test (held out, scored once) | test_loss {test_loss:.4f} | val_loss {val_loss:.4f}")
     return finish_run(run, dist_info, pool, final, averages, val_loss, test_loss, ensemble_losses, selection)
 
@@ -3864,7 +3807,7 @@ def score_running_ensemble(hp: Hyperparameters, candidates: list, outcomes: list
     count = len(candidates)
     mix = [w / sum(weights[:count]) for w in weights[:count]] if weights else [1.0 / count] * count
     start = time.time()
-    loss = evaluate_frozen_ensemble(candidates, mix, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+    loss = score(candidates, mix, data.val_data, dist_info, hp.val_batch_size, hp.ensemble_mode)[0]
     work.add_eval(count * work.val_per_rank, time.time() - start)
     alone = outcomes[-1]["val_loss"]
     log.write(f"ensemble | members {len(outcomes)} | candidates {count} | val_loss {loss:.4f} | "
@@ -3881,7 +3824,7 @@ def score_snapshot_weightings(hp: Hyperparameters, candidates: list, data: "RunD
     averages, losses = {}, {}
     for label, mix in snapshot_mixtures(hp, len(candidates)).items():
         averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
-        losses[label] = evaluate_frozen_ensemble(candidates, mix, "prob", data.val_data, dist_info, hp.val_batch_size)
+        losses[label] = score(candidates, mix, data.val_data, dist_info, hp.val_batch_size)[0]
     log.write(f"epoch snapshots | {len(candidates)} candidates | " +
               " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
     log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates),
@@ -3900,7 +3843,7 @@ def select_candidates(hp: Hyperparameters, candidates: list, data: "RunData", di
     if top_sweep(hp, len(candidates)):
         chosen = sweep_top_k(hp, learned, candidates, data, dist_info, log)
     models, weights = [candidates[i] for i, _ in chosen], [w for _, w in chosen]
-    val_loss = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info, hp.val_batch_size)
+    val_loss = score(models, weights, data.val_data, dist_info, hp.val_batch_size, hp.ensemble_mode)[0]
     selection = dict(learned_weights=learned.tolist(), chosen=[i for i, _ in chosen], weights=weights,
                      val_loss=val_loss)
     log.write(f"selection | learned weights on {data.fitness_data.num_targets:,} fitness tokens: "
@@ -4804,7 +4747,7 @@ def reshard_on_host(model: nn.Module, dist_info: Dist, store: Dist) -> nn.Module
 @contextmanager
 def frozen_models_on_device(models: list[nn.Module], dist_info: Dist):
     """Every model of the list on the device at once (frozen_on_device each; called on every rank, as a sharded
-    model's gather needs them all): for uses that mix whole models together (sampling, evaluate_with_bytes)."""
+    model's gather needs them all): for uses that mix whole models together (sampling, logit averaging)."""
     with ExitStack() as stack:
         for model in models:
             stack.enter_context(frozen_on_device(model, dist_info))
@@ -5875,7 +5818,7 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
         peak_without_averages + averages * param_bytes > PLAN_HEADROOM * device_bytes)
     device_averages = 0 if averages_on_host else averages
     peak_training = peak_without_averages + device_averages * param_bytes
-    # after the last member the candidates are scored one at a time (evaluate_frozen_ensemble: one model, its logits
+    # after the last member the candidates are scored one at a time (score: one model, its logits
     # and log-softmax, a float per target); ensemble_mode logit mixes whole logits, so all of them at once
     scored_together = candidate_count(hp) if hp.ensemble_mode == "logit" else 1
     peak_final = scored_together * param_bytes + 3 * eval_logits // 2
@@ -6772,7 +6715,7 @@ class MemberProgress:
     def validate(self, model: nn.Module, val_data: EvalData, done: int) -> None:
         """Scores val; the validation line."""
         start = time.time()
-        val_loss = evaluate(model, val_data, self.dist_info, self.hp.val_batch_size)
+        val_loss = score([model], [1.0], val_data, self.dist_info, self.hp.val_batch_size)[0]
         seconds, epoch_progress = time.time() - start, self.schedule.train_data.epoch_position(done)
         self.work.add_eval(self.work.val_per_group_rank, seconds)
         self.log.write(f"{self.tag}val  step {done}/{self.schedule.total_steps} | epoch {epoch_progress:.2f} | "
@@ -7217,14 +7160,13 @@ def score_saved_members(hp: Hyperparameters, dist_info: Dist) -> dict:
     data = load_run_data(hp, need_train=False)
     result = dict(members=paths, weights=weights, mode=hp.ensemble_mode, member_val_losses=[])
     for path, model in zip(paths, models):
-        loss = evaluate_frozen_ensemble([model], [1.0], "prob", data.val_data, dist_info, hp.val_batch_size)
+        loss = score([model], [1.0], data.val_data, dist_info, hp.val_batch_size)[0]
         result["member_val_losses"].append(loss)
         if dist_info.is_main:
             print(f"member {path} | val_loss {loss:.4f}", flush=True)
-    result["val_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.val_data, dist_info,
-                                                  hp.val_batch_size)
-    result["test_loss"] = evaluate_frozen_ensemble(models, weights, hp.ensemble_mode, data.test_data, dist_info,
-                                                   hp.val_batch_size) if data.test_data else None
+    result["val_loss"] = score(models, weights, data.val_data, dist_info, hp.val_batch_size, hp.ensemble_mode)[0]
+    result["test_loss"] = score(models, weights, data.test_data, dist_info, hp.val_batch_size,
+                                hp.ensemble_mode)[0] if data.test_data else None
     if dist_info.is_main:
         print(f"ensemble of {len(models)} ({hp.ensemble_mode}) | val_loss {result['val_loss']:.4f}" +
               (f" | test_loss {result['test_loss']:.4f}" if result["test_loss"] is not None else ""), flush=True)

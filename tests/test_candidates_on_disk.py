@@ -39,12 +39,15 @@ def run_flags(data, log_dir: str, run_id: str, mode: str) -> list[str]:
 def scored_bytes(monkeypatch) -> dict:
     """Wraps every scorer of the final candidate lists: after each call, the bytes each candidate still reaches."""
     seen = {}
-    for name in ("target_probabilities", "evaluate_frozen_ensemble", "evaluate_frozen_with_bytes"):
+    for name in ("target_probabilities", "score"):
         real = getattr(train_gpt, name)
 
         def wrapped(models, *args, real=real, name=name, **kwargs):
             out = real(models, *args, **kwargs)
-            seen.setdefault(name, []).append([reachable_tensor_bytes(model) for model in models])
+            if not all(getattr(model, "parked_on_host", False) for model in models):
+                return out  # a member's own validation while it trains: a live model
+            key = name + ("_bytes" if kwargs.get("token_bytes") is not None else "")
+            seen.setdefault(key, []).append([reachable_tensor_bytes(model) for model in models])
             assert not list(train_gpt.FROZEN_ON_DEVICE)  # back off the device after each use
             return out
         monkeypatch.setattr(train_gpt, name, wrapped)
@@ -94,9 +97,9 @@ def test_scored_candidates_hold_only_their_rope_tables(runs):
     once every member is trained."""
     on, off = runs["on"]["seen"], runs["off"]["seen"]
     assert on["target_probabilities"] == [[ROPE_BYTES] * 4]
-    later = on["evaluate_frozen_ensemble"][2:] + on["evaluate_frozen_with_bytes"]
+    later = on["score"][2:] + on["score_bytes"]
     assert later and all(row == [ROPE_BYTES] * len(row) for row in later)
-    first, second = on["evaluate_frozen_ensemble"][:2]  # member 0's snapshot, member 0 (a teacher), member 1's two
+    first, second = on["score"][:2]  # member 0's snapshot, member 0 (a teacher), member 1's two
     assert first[0] == ROPE_BYTES and first[1] > 100_000
     assert second[0] == second[2] == second[3] == ROPE_BYTES and second[1] == first[1]
     assert min(b for row in off["target_probabilities"] for b in row) > 100_000
@@ -152,13 +155,11 @@ def test_two_ranks_read_on_rank_0_and_score_as_world_1(runs, tmp_path):
     chosen = train_gpt.select_members(learned, 2)
     assert [i for i, _ in chosen] == on["selection"]["chosen"]
     picked, weights = [models[i] for i, _ in chosen], [w for _, w in chosen]
-    loss = train_gpt.evaluate_frozen_ensemble(picked, weights, "prob", run_data.val_data, world1, hp.val_batch_size)
+    loss = train_gpt.score(picked, weights, run_data.val_data, world1, hp.val_batch_size, "prob")[0]
     assert loss == pytest.approx(on["val_loss"], rel=1e-6, abs=0)
-    every = train_gpt.evaluate_frozen_ensemble(models, [0.25] * 4, "prob", run_data.val_data, world1,
-                                               hp.val_batch_size)
+    every = train_gpt.score(models, [0.25] * 4, run_data.val_data, world1, hp.val_batch_size, "prob")[0]
     assert every == pytest.approx(on["ensemble_val_losses"][-1], rel=1e-6, abs=0)
-    public, _ = train_gpt.evaluate_frozen_with_bytes(picked, weights, run_data.public_data, world1, hp.val_batch_size,
-                                                     run_data.token_bytes)
+    public, _ = train_gpt.score(picked, weights, run_data.public_data, world1, hp.val_batch_size, token_bytes=run_data.token_bytes)
     assert public == pytest.approx(on["public"]["val_loss_public"], rel=1e-6, abs=0)
 
 

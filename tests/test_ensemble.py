@@ -31,9 +31,9 @@ def single_rank() -> train_gpt.Dist:
 def test_identical_members_give_the_single_member_loss():
     model = micro_model(0)
     data = train_gpt.EvalData(np.random.default_rng(0).integers(0, 64, 500).astype(np.uint16), 16, "val")
-    single = train_gpt.evaluate(model, data, single_rank(), 4)
+    single = train_gpt.score([model], [1.0], data, single_rank(), 4)[0]
     for mode in ("prob", "logit"):
-        ensemble = train_gpt.evaluate_ensemble([model, model, model], [0.2, 0.5, 0.3], mode, data, single_rank(), 4)
+        ensemble = train_gpt.score([model, model, model], [0.2, 0.5, 0.3], data, single_rank(), 4, mode)[0]
         assert ensemble == pytest.approx(single, rel=1e-6)
 
 
@@ -244,7 +244,7 @@ def test_target_probabilities_match_the_loss():
     data = train_gpt.EvalData(np.random.default_rng(1).integers(0, 64, 300).astype(np.uint16), 16, "fitness")
     probs = train_gpt.target_probabilities([model, model], data, single_rank(), 4)
     assert probs.shape == (2, data.num_targets)
-    assert (-probs[0].log().mean()).item() == pytest.approx(train_gpt.evaluate(model, data, single_rank(), 4), rel=1e-5)
+    assert (-probs[0].log().mean()).item() == pytest.approx(train_gpt.score([model], [1.0], data, single_rank(), 4)[0], rel=1e-5)
 
 
 def test_run_with_fitness_selection(micro_data, tmp_path):

@@ -110,11 +110,10 @@ def _worker(rank: int, port: int, out: str) -> None:
         data = eval_data(hp.seq_len)
         for mode in ("prob", "logit"):
             for name, models in (("split", split), ("whole", whole)):
-                results[f"eval_{mode}_{name}"] = train_gpt.evaluate_frozen_ensemble(models, WEIGHTS, mode, data,
-                                                                                    dist_info, 4)
+                results[f"eval_{mode}_{name}"] = train_gpt.score(models, WEIGHTS, data, dist_info, 4, mode)[0]
         token_bytes = np.arange(MICRO_VOCAB) % 4  # a quarter of the tokens have no bytes
-        results["bytes_split"] = train_gpt.evaluate_frozen_with_bytes(split, WEIGHTS, data, dist_info, 4, token_bytes)
-        results["bytes_all_at_once"] = train_gpt.evaluate_with_bytes(teachers, WEIGHTS, data, dist_info, 4, token_bytes)
+        results["bytes_split"] = train_gpt.score(split, WEIGHTS, data, dist_info, 4, token_bytes=token_bytes)
+        results["bytes_all_at_once"] = train_gpt.score(teachers, WEIGHTS, data, dist_info, 4, token_bytes=token_bytes)
         for name, models in (("split", split), ("whole", whole)):
             results[f"fitness_{name}"] = train_gpt.target_probabilities(models, data, dist_info, 4)
             results[f"held_{name}"] = distill_step(distill, models[:1], dist_info, inputs, targets)
@@ -188,8 +187,7 @@ def test_split_models_give_the_same_numbers_bit_for_bit(world, results):
     for rank_results in results[world]:
         for mode in ("prob", "logit"):
             assert rank_results[f"eval_{mode}_split"] == rank_results[f"eval_{mode}_whole"]
-            alone = train_gpt.evaluate_frozen_ensemble(teachers, WEIGHTS, mode, eval_data(hp.seq_len),
-                                                       train_gpt.Dist(), 4)
+            alone = train_gpt.score(teachers, WEIGHTS, eval_data(hp.seq_len), train_gpt.Dist(), 4, mode)[0]
             assert abs(rank_results[f"eval_{mode}_split"] - alone) < 1e-6 * alone, (mode, alone)
         assert same_bits(rank_results["fitness_split"], rank_results["fitness_whole"])
         assert rank_results["bytes_split"] == rank_results["bytes_all_at_once"]  # one model at a time, same bits

@@ -95,7 +95,7 @@ def test_50k_vocabulary_run_peak_memory(tmp_path):
 
 @pytest.mark.parametrize("weights", [[1.0], [0.3, 0.7]])
 def test_cpu_evaluation_is_the_whole_vocabulary_evaluation_bitwise(tmp_path, weights):
-    """evaluate_ensemble and evaluate_frozen_ensemble on CPU ("prob": each member's target log-probabilities, 64
+    """score and score on CPU ("prob": each member's target log-probabilities, 64
     positions at a time) equal the whole-vocabulary computation written out: log-softmax of the capped logits +
     log weight, logaddexp over the members, F.nll_loss summed per piece in float64 (vocabulary 300)."""
     train_path, val_path = write_micro_shards(tmp_path)
@@ -115,10 +115,10 @@ def test_cpu_evaluation_is_the_whole_vocabulary_evaluation_bitwise(tmp_path, wei
                                         reduction="sum").double()
                 totals[1] += (targets >= 0).sum()
     expected = (totals[0] / totals[1]).item()
-    got = train_gpt.evaluate_ensemble(models, weights, "prob", data, dist_info, hp.val_batch_size)
+    got = train_gpt.score(models, weights, data, dist_info, hp.val_batch_size, "prob")[0]
     assert got == expected and 4.0 < got < 8.0
     parked = [train_gpt.park_on_host(model, dist_info) for model in models]  # --eval_only's and the ensembles' path
-    assert train_gpt.evaluate_frozen_ensemble(parked, weights, "prob", data, dist_info, hp.val_batch_size) == expected
+    assert train_gpt.score(parked, weights, data, dist_info, hp.val_batch_size, "prob")[0] == expected
 
 
 def test_members_snapshots_and_candidates_count_from_0(tmp_path):

@@ -36,7 +36,7 @@ def on_training_device(model, dist_info) -> bool:
 def test_frozen_models_wait_on_the_host_and_come_to_the_device_one_at_a_time(tmp_path, monkeypatch):
     """K = 3 members, each distilled from the ensemble of the earlier ones, each with an epoch snapshot: after each
     member, and at the end, no frozen model is on the training device; while training and scoring, at most one
-    frozen model is there at a time. The running ensemble's val loss equals evaluate_ensemble (the all-on-device
+    frozen model is there at a time. The running ensemble's val loss equals score (the all-on-device
     path) over the saved files."""
     train_path, val_path = str(tmp_path / "train.bin"), str(tmp_path / "val.bin")
     train_gpt.write_shard(train_path, synthetic_documents(40, seed=1))  # 2 steps an epoch: a few seconds in all
@@ -87,16 +87,16 @@ def test_frozen_models_wait_on_the_host_and_come_to_the_device_one_at_a_time(tmp
     # member 0 has no frozen model before it; member 1: member 0 + its snapshot; member 2: four; the end: six
     assert [count for _, count in seen["members"]] == [0, 2, 4, 6], seen["members"]
     assert seen["uses"] > 0 and seen["peak"] == 1, seen  # teachers and candidates came one at a time
-    # the streamed ensemble loss against evaluate_ensemble with every candidate resident (the path of 253ffad)
+    # the streamed ensemble loss against score with every candidate resident (the path of 253ffad)
     files = sorted(glob.glob(os.path.join(tmp_path, "k3", "members", "*.pt")))
     order = [f for m in range(3) for f in sorted(x for x in files if f"member_{m:02d}_snapshot" in x)
              + [x for x in files if x.endswith(f"member_{m:02d}.pt")]]
     assert len(order) == 6
     models = [train_gpt.load_member(path, torch.device("cpu"))[0] for path in order]
     data = train_gpt.load_run_data(hp)
-    reference = train_gpt.evaluate_ensemble(models, [1 / 6] * 6, "prob", data.val_data, dist_info, hp.val_batch_size)
+    reference = train_gpt.score(models, [1 / 6] * 6, data.val_data, dist_info, hp.val_batch_size, "prob")[0]
     assert abs(result["ensemble_val_losses"][-1] - reference) <= 1e-6 * reference, (result, reference)
-    alone = train_gpt.evaluate(models[-1], data.val_data, dist_info, hp.val_batch_size)
+    alone = train_gpt.score([models[-1]], [1.0], data.val_data, dist_info, hp.val_batch_size)[0]
     assert abs(alone - result["member_val_losses"][-1]) < 1e-6  # the member file is the member
     assert abs(alone - reference) > 1e-3  # and the mixture is not one member's loss
 

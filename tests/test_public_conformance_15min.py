@@ -13,7 +13,7 @@ same random weights in the public GPT and ours (an explicit name map, checked to
     in float32 (Muon's mathematics, ours with muon_bf16 off); and the public's step as published against ours as the
     preset runs it (muon_bf16): Muon bitwise;
   - the EMA and the recency-weighted checkpoint average, the public's run-section lines executed (public_block);
-  - evaluate_bpb vs our evaluate / evaluate_with_bytes;
+  - evaluate_bpb vs our score;
   - the parameter count of both full-size models on the meta device.
 
 What the test changes on the public side, and why (each named where it is done):
@@ -786,7 +786,7 @@ def test_checkpoint_average_is_the_publics(public, weights, tmp_path):
 @pytest.mark.parametrize("passes", [1, 2])
 def test_evaluate_bpb_is_the_publics(public, models, passes):
     """The public's evaluate_bpb (num_iterations = passes) over the same 6 windows in batches of 2, bytes per token
-    from one table (some tokens 0 bytes, as <|endoftext|>): its (bpb, loss) are our evaluate_with_bytes' (loss,
+    from one table (some tokens 0 bytes, as <|endoftext|>): its (bpb, loss) are our score' (loss,
     bpb) and evaluate's loss."""
     public_gpt, ours = models
     set_passes(ours, passes)
@@ -798,6 +798,6 @@ def test_evaluate_bpb_is_the_publics(public, models, passes):
     batches = ((x.contiguous(), y.contiguous(), 1) for x, y in data.batches(0, 1, BATCH))  # as its DataLoader's
     want_bpb, want_loss = public.evaluate_bpb(public_gpt, batches, 3,
                                               torch.tensor(token_bytes, dtype=torch.int32), num_iterations=passes)
-    got_loss, got_bpb = train_gpt.evaluate_with_bytes([ours], [1.0], data, train_gpt.Dist(), BATCH, token_bytes)
+    got_loss, got_bpb = train_gpt.score([ours], [1.0], data, train_gpt.Dist(), BATCH, token_bytes=token_bytes)
     assert got_loss == pytest.approx(want_loss, rel=1e-6) and got_bpb == pytest.approx(want_bpb, rel=1e-6)
-    assert train_gpt.evaluate(ours, data, train_gpt.Dist(), BATCH) == pytest.approx(want_loss, rel=1e-6)
+    assert train_gpt.score([ours], [1.0], data, train_gpt.Dist(), BATCH)[0] == pytest.approx(want_loss, rel=1e-6)

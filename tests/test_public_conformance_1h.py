@@ -184,7 +184,7 @@ def weight_ulps(got_step: torch.Tensor, expected_step: torch.Tensor, weight: tor
 
 def eval_pair(public_net, ours, x, y):
     """(public logits, public per-token loss, our logits, our per-token loss) in eval mode, ours through the run's
-    evaluation path (target_log_probs, as evaluate_ensemble on the CPU)."""
+    evaluation path (target_log_probs, as score on the CPU)."""
     public_net.eval(), ours.eval()
     with torch.no_grad():
         public_logits = public_net(x)
@@ -546,9 +546,9 @@ def byte_table() -> np.ndarray:
 
 def test_evaluate_bpb_and_checkpoint_probability_average_equal_the_public(public, val_file, monkeypatch):
     """On the public val windows (one rank, 4 steps of 2): (1) one model's loss and bits per byte by the public
-    evaluate_bpb and by ours (evaluate_with_bytes, the run's per-epoch public evaluation); (2) 3 checkpoints'
+    evaluate_bpb and by ours (score, the run's per-epoch public evaluation); (2) 3 checkpoints'
     probability average by the public evaluate_bpb_logit_avg (checkpoint files as the run writes them) with its equal
-    and recency weights, and ours (evaluate_frozen_with_bytes, the run's scoring of averages) with snapshot_mixtures'
+    and recency weights, and ours (score, the run's scoring of averages) with snapshot_mixtures'
     weights: the same weights, loss and bits per byte. The models run as the averaged ones do, looped layers on."""
     path, flat = val_file
     steps, table = 4, byte_table()
@@ -575,7 +575,7 @@ def test_evaluate_bpb_and_checkpoint_probability_average_equal_the_public(public
     last.eval()
     public_bpb, public_loss = public.evaluate_bpb(last, public.DataLoader(path, BATCH, SEQ, device="cpu"), steps,
                                                   torch.from_numpy(table[:VOCAB]).int())
-    our_loss, our_bpb = train_gpt.evaluate_with_bytes([ours_last], [1.0], windows, train_gpt.Dist(), BATCH, table)
+    our_loss, our_bpb = train_gpt.score([ours_last], [1.0], windows, train_gpt.Dist(), BATCH, token_bytes=table)
     assert our_loss == pytest.approx(public_loss, rel=RTOL) and our_bpb == pytest.approx(public_bpb, rel=RTOL)
     print(f"1h evaluate_bpb: loss {public_loss:.7f} vs {our_loss:.7f}, bpb {public_bpb:.7f} vs {our_bpb:.7f}")
 
@@ -592,8 +592,6 @@ def test_evaluate_bpb_and_checkpoint_probability_average_equal_the_public(public
         public_net.eval()
         public_bpb, public_loss = public.evaluate_bpb_logit_avg(public_net, [file for file, _, _ in snapshots],
                                                                 public_weights[public_label], steps)
-        our_loss, our_bpb = train_gpt.evaluate_frozen_with_bytes([ours for _, _, ours in snapshots],
-                                                                 mixtures[label], windows, train_gpt.Dist(), BATCH,
-                                                                 table)
+        our_loss, our_bpb = train_gpt.score([ours for _, _, ours in snapshots], mixtures[label], windows, train_gpt.Dist(), BATCH, token_bytes=table)
         print(f"1h logit avg {label}: loss {public_loss:.7f} vs {our_loss:.7f}, bpb {public_bpb:.7f} vs {our_bpb:.7f}")
         assert our_loss == pytest.approx(public_loss, rel=RTOL) and our_bpb == pytest.approx(public_bpb, rel=RTOL)

@@ -17,7 +17,7 @@ fallback for FA3, torch.compile off), at a micro width (6 layers x 64, 2 heads, 
     momentum: the public's own training loop (its run code executed with the model, optimizer and evaluation
     stubbed) at the full size's window counts and at micro size against MemberSchedule (public_steps);
   - the schedules over the whole run at the public step count N: LR multiplier, Muon momentum, weight decay;
-  - the evaluation: the public evaluate_bpb on its val DataLoader against evaluate_with_bytes on PublicWindows.
+  - the evaluation: the public evaluate_bpb on its val DataLoader against score on PublicWindows.
 
 The public's bf16 sites on the CPU, which the preset matches (issue 23 item 3): its RoPE tables are stored in bf16
 (the preset's rope_tables "bf16": ours are its tables bitwise, asserted where the pair is built; the rounding's
@@ -666,7 +666,7 @@ def test_public_eval_window_count_at_full_size_is_the_presets():
 
 def test_evaluation_windows_loss_and_bpb_equal_the_public(pair, tmp_path, monkeypatch):
     """A val stream of 30 windows of T + 1 = 65 tokens (+ 7), prepared with the public's val seed (42): the public
-    evaluate_bpb over 6 steps of its val DataLoader (12 windows) against evaluate_with_bytes on PublicWindows(12,
+    evaluate_bpb over 6 steps of its val DataLoader (12 windows) against score on PublicWindows(12,
     seed 42): loss and bits per byte (<|endoftext|> 0 bytes). With 2 ranks (6 + 6 windows of its loaders, 3 steps
     each) the windows scored are the same set."""
     public_model, our_model, _, _ = pair
@@ -685,7 +685,7 @@ def test_evaluation_windows_loss_and_bpb_equal_the_public(pair, tmp_path, monkey
     loader = public_loader(path, 2, SEQ, 1, 0, monkeypatch)
     expected_bpb, expected_loss = public().evaluate_bpb(public_model, loader, 6, torch.from_numpy(byte_counts[:V_REAL]))
     windows = train_gpt.PublicWindows(tokens, SEQ, "val", 12, seed)
-    loss, bpb = train_gpt.evaluate_with_bytes([our_model], [1.0], windows, train_gpt.Dist(), 2, byte_counts)
+    loss, bpb = train_gpt.score([our_model], [1.0], windows, train_gpt.Dist(), 2, token_bytes=byte_counts)
     print(f"eval: loss {loss:.7f} vs public {expected_loss:.7f}, bpb {bpb:.7f} vs {expected_bpb:.7f}")
     assert loss == pytest.approx(expected_loss, rel=1e-6) and bpb == pytest.approx(expected_bpb, rel=1e-6)
     public_windows, our_windows = [], []

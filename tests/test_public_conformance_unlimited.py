@@ -249,7 +249,7 @@ def token_bytes():
 
 
 def test_eval_loss_and_bpb_equal_the_publics(pub, state, val_file, token_bytes):
-    """The public's evaluate_bpb on its val loader (all 10 disjoint windows) vs our evaluate_with_bytes on
+    """The public's evaluate_bpb on its val loader (all 10 disjoint windows) vs our score on
     PublicWindows: the same loss and bits per byte."""
     path, tokens = val_file
     public_model = build_public(pub, public_config(pub), state).eval()
@@ -258,8 +258,7 @@ def test_eval_loss_and_bpb_equal_the_publics(pub, state, val_file, token_bytes):
     with torch.no_grad():
         bpb, loss = pub.evaluate_bpb(public_model, loader, loader.num_steps, token_bytes, device="cpu")
     windows = train_gpt.PublicWindows(tokens, T, "val", count=10, seed=42)
-    our_loss, our_bpb = train_gpt.evaluate_with_bytes([ours], [1.0], windows, train_gpt.Dist(), 2,
-                                                      token_bytes.numpy())
+    our_loss, our_bpb = train_gpt.score([ours], [1.0], windows, train_gpt.Dist(), 2, token_bytes=token_bytes.numpy())
     assert our_loss == pytest.approx(loss, rel=1e-6) and our_bpb == pytest.approx(bpb, rel=1e-6)
 
 
@@ -795,7 +794,7 @@ def test_gradient_selection_equals_the_publics(pub, one_rank_group):
 def test_final_ensemble_evaluation_equals_the_publics(pub, state, val_file, token_bytes, tmp_path, monkeypatch):
     """Three snapshots (loops on) with weights 0.5, 0.3, 0.2: the public evaluate_ensemble_bpb (weighted average of
     p(correct token), all 10 disjoint windows, from the saved files) vs our public-figure path,
-    evaluate_frozen_with_bytes on PublicWindows, and evaluate_ensemble in the preset's mode (probability averaging):
+    score on PublicWindows, and score in the preset's mode (probability averaging):
     the same loss and bits per byte."""
     assert our_hp().ensemble_mode == "prob"
     path, tokens = val_file
@@ -813,8 +812,7 @@ def test_final_ensemble_evaluation_equals_the_publics(pub, state, val_file, toke
                                               dupe_layers=LOOP, weights=weights)
     ours = [build_ours(our_hp(), build_public(pub, config, snapshot)).for_inference() for snapshot in states]
     windows = train_gpt.PublicWindows(tokens, T, "val", count=10, seed=42)
-    our_loss, our_bpb = train_gpt.evaluate_frozen_with_bytes(ours, weights, windows, train_gpt.Dist(), 2,
-                                                             token_bytes.numpy())
+    our_loss, our_bpb = train_gpt.score(ours, weights, windows, train_gpt.Dist(), 2, token_bytes=token_bytes.numpy())
     assert our_loss == pytest.approx(loss, rel=1e-6) and our_bpb == pytest.approx(bpb, rel=1e-6)
-    assert train_gpt.evaluate_ensemble(ours, weights, "prob", windows, train_gpt.Dist(), 2) == pytest.approx(
+    assert train_gpt.score(ours, weights, windows, train_gpt.Dist(), 2, "prob")[0] == pytest.approx(
         loss, rel=1e-6)

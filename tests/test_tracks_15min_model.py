@@ -402,4 +402,4 @@ def test_a_run_switches_recurrence_on_and_the_saved_model_scores_as_the_run(micr
     model, saved = train_gpt.load_member(str(tmp_path / "micro15" / "model.pt"), torch.device("cpu"))
     assert saved["inference_state"]["recurrence_active"] is True and model.recurrence == 2
     data = train_gpt.EvalData(train_gpt.load_tokens(val_path, 256, "val")[:512], 32, "val")
-    assert train_gpt.evaluate(model, data, train_gpt.Dist(), 4) == pytest.approx(final_val, rel=1e-5)
+    assert train_gpt.score([model], [1.0], data, train_gpt.Dist(), 4)[0] == pytest.approx(final_val, rel=1e-5)

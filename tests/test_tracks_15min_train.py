@@ -231,13 +231,13 @@ def test_weight_candidates_are_scored_as_their_own_models(tmp_path):
     rows = train_gpt.score_weight_candidates(hp, train_gpt.Dist(), data, log, "", model, ema, average, 1)
     log.close()
     assert [row["label"][:3] for row in rows] == ["EMA", "che"] and [row["rule"] for row in rows] == ["bpb", "loss"]
-    plain = train_gpt.evaluate(model, data.val_data, train_gpt.Dist(), 2)
+    plain = train_gpt.score([model], [1.0], data.val_data, train_gpt.Dist(), 2)[0]
     assert rows[0]["val_loss"] == pytest.approx(plain, rel=1e-6)
     other = train_gpt.build_model(hp, train_gpt.Dist(), seed=0)
     with torch.no_grad():
         for p, w in zip(other.parameters(), shifted):
             p.copy_(w)
-    assert rows[1]["val_loss"] == pytest.approx(train_gpt.evaluate(other, data.val_data, train_gpt.Dist(), 2),
+    assert rows[1]["val_loss"] == pytest.approx(train_gpt.score([other], [1.0], data.val_data, train_gpt.Dist(), 2)[0],
                                                 rel=1e-6)
     assert rows[1]["val_loss"] != pytest.approx(plain, rel=1e-4)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -106,8 +106,7 @@ def test_mixture_loss_and_bits_per_byte_match_float64():
     token_bytes = np.array([1, 2, 3, 0, 1, 1, 4, 2, 1, 0, 3, 1, 1, 2, 5, 0], dtype=np.int64)
     mix = train_gpt.snapshot_mixtures(train_gpt.Hyperparameters(epoch_snapshot_weights="recency"), 2)["recency"]
     assert mix == pytest.approx([1 / 3, 2 / 3], abs=1e-15)
-    loss, bpb = train_gpt.evaluate_with_bytes([TableModel(t) for t in tables], mix, data, train_gpt.Dist(), 4,
-                                              token_bytes)
+    loss, bpb = train_gpt.score([TableModel(t) for t in tables], mix, data, train_gpt.Dist(), 4, token_bytes=token_bytes)
     want_loss, want_bpb = float64_mixture_scores(tables, [1 / 3, 2 / 3], data, token_bytes)
     assert loss == pytest.approx(want_loss, rel=1e-6) and bpb == pytest.approx(want_bpb, rel=1e-6)
 

@@ -136,7 +136,7 @@ def test_saved_model_reproduces_val_loss(micro_run, capsys):
     model, saved = train_gpt.load_member(os.path.join(folder, "model.pt"), torch.device("cpu"))
     assert saved["outcome"]["val_loss"] == result["val_loss"]
     val = train_gpt.EvalData(train_gpt.load_tokens(hp.val_files, hp.vocab_size, "val"), hp.seq_len, "val")
-    assert train_gpt.evaluate(model, val, train_gpt.Dist(), 4) == pytest.approx(result["val_loss"], rel=1e-6)
+    assert train_gpt.score([model], [1.0], val, train_gpt.Dist(), 4)[0] == pytest.approx(result["val_loss"], rel=1e-6)
     # a single-model run's model.pt is a member file: --eval_only scores it as the run did
     capsys.readouterr()
     assert train_gpt.main(["--eval_only", os.path.join(folder, "model.pt"), "--val_files", hp.val_files,
