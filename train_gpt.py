@@ -11,7 +11,7 @@ logging and locks, the heartbeat watchdog, progress and ETA, data-file checks, a
 comparison and --eval_only.
 
     python train_gpt.py --preset tiny                               # CPU, bundled sample, a few minutes
-    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset slowrun
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --preset 1h
     python train_gpt.py --help                                      # a map of every flag, grouped by concept
 
 `import train_gpt` runs nothing: tests and the companion tools (data/, records/, bench/) import from here.
@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 # Value kinds: each numeric field below names the range it accepts as its annotation (`muon_lr: Positive = 0.02`).
 # A kind is its default's own type (parsing is unchanged); check_numbers refuses any value outside its kind's range,
-# and a plain float that is not finite, with one line before any work (issue 25).
+# and a plain float that is not finite, with one line before any work.
 Positive = float  # > 0 and finite: learning rates, eps, bases, ratios, temperatures, timeouts
 NonNegative = float  # >= 0 and finite: weight decays, noise, loss weights, clips (0 is usually "off")
 Fraction = float  # in [0, 1): betas, momentums, decays, dropout, a start point that must come before the end
@@ -176,10 +176,10 @@ class Recipe:
     out_gate_betas: str = ""  # attention output gates in their own AdamW group at scalar_lr with these "beta1,beta2" ("" = the scalar group; 15min: "0.9,0.99")
     grad_clip: NonNegative = 0.0  # clip the global gradient norm to this (0 = off)
     # --- precision: where the public records round to bf16 or fp8 (each off: fp32 weights and arithmetic) ---------
-    muon_bf16: bool = False  # Muon rounded where the public slowrun records round it, on any device (issue 23): the momentum orthogonalised in bf16 and kept in bf16 through NorMuon (its factor rounded to bf16; beta2 too), lr sqrt(max(1, rows/cols)) and wd rounded to bf16, the step lr * update in bf16; with the records' fp32 0-d tensor arithmetic for momentum and MuonEq-R's clamp (on the CPU: the public muon_step_fused bit for bit)
+    muon_bf16: bool = False  # Muon rounded where the public slowrun records round it, on any device: the momentum orthogonalised in bf16 and kept in bf16 through NorMuon (its factor rounded to bf16; beta2 too), lr sqrt(max(1, rows/cols)) and wd rounded to bf16, the step lr * update in bf16; with the records' fp32 0-d tensor arithmetic for momentum and MuonEq-R's clamp (on the CPU: the public muon_step_fused bit for bit)
     muon_gather_bf16: bool = False  # Muon's updates rounded to bf16 and all-gathered in bf16 (half the bytes; modded-nanogpt's Muon gathers bf16 updates); every rank applies the same rounded update
     attn_qkv_bf16: bool = False  # q, k and v cast to bf16 for the attention product, its output back to the compute dtype (the 2h record's cast, two_hour/train.py; a no-op under CUDA autocast, where they are bf16 already)
-    rope_tables: str = ""  # how the RoPE cos/sin tables are stored: "" float32, cast to q's dtype where they rotate (bf16 under CUDA autocast) | bf16: bf16 tensors (the 1h, 15min, unlimited and baseline records' _precompute_rotary; on CUDA the same numbers as "", on a CPU the records' rounded tables) | bf16_values: float32 tensors holding bf16-rounded values, q and k rotated in float32 (the 2h record's Yarn buffers, which its bf16 q, k meet by type promotion); issue 23
+    rope_tables: str = ""  # how the RoPE cos/sin tables are stored: "" float32, cast to q's dtype where they rotate (bf16 under CUDA autocast) | bf16: bf16 tensors (the 1h, 15min, unlimited and baseline records' _precompute_rotary; on CUDA the same numbers as "", on a CPU the records' rounded tables) | bf16_values: float32 tensors holding bf16-rounded values, q and k rotated in float32 (the 2h record's Yarn buffers, which its bf16 q, k meet by type promotion)
     fp8_head: bool = False  # CUDA, with mtp_offsets: the loss's lm_head matmul in fp8 e4m3 (x / (100/448), W / (1.6/448)), bf16
     # logits, logit gradients in e5m2 scaled by 448/0.75 (15min record's fused kernel); the bf16 path is the reference
     # --- batch and length of training -----------------------------------------------------------------------------
@@ -188,7 +188,7 @@ class Recipe:
     device_batch_size: PositiveInt = 16  # sequences per rank per forward/backward (lower it if memory runs out)
     num_epochs: PositiveInt = 1  # passes over the train set
     max_steps: Count = 0  # stop after this many optimizer steps (0 = num_epochs full epochs); the LR schedule follows it
-    public_steps: Count = 0  # the public records' step count (issue 23): each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
+    public_steps: Count = 0  # the public records' step count: each epoch keeps a multiple of this many windows (the public DataLoader's micro-batch on 8 GPUs: device batch x 8), steps run on across epoch ends, the run is ceil(epochs x windows / batch) steps, the schedules see the public's N = round(epochs x windows / batch) and a warmdown of round(warmdown_frac x N) steps (with snapshot cycles of whole epochs and a batch_schedule: round(cycle windows / batch) steps a cycle, the unlimited record's); 0 = whole-step epochs, the last one short (the CPU tracks)
     # --- schedules: LR, weight decay, momentum, batch, windows, loops (each at its default: the plain schedule) ---
     warmup_steps: Count = 0  # linear LR warmup steps
     warmdown_frac: Probability = 0.2  # final fraction of training over which the LR decays linearly
@@ -244,10 +244,10 @@ class Recipe:
     # distillation -> 3.126, snapshots chosen by learned weights -> 2.987) -----------------------------------------
     ensemble_size: PositiveInt = 1  # K members trained one after another, member k (from 0) with seed + 1000 k (1 = one model)
     ensemble_mode: str = "prob"  # how members combine: "prob" averages probabilities (slowrun) | "logit" averages logits
-    ensemble_weights: str = ""  # comma-separated evaluation weights, one per member ("" = uniform); normalised
+    ensemble_weights: str = ""  # comma-separated evaluation weights, one per candidate (members x their snapshots, oldest first; "" = uniform); normalised
     distill_alpha: Probability = 0.0  # member k >= 1 minimises (1 - a) CE + a T^2 KL(teacher || student); 0 = independent
     distill_temperature: Positive = 1.0  # T of the distillation KL (Hinton et al. 2015)
-    distill_teacher: str = "previous"  # "previous": member k - 1 | "ensemble": prob-average of members 0..k-1
+    distill_teacher: str = "previous"  # "previous": member k - 1 (under parallel_members: the previous round's last) | "ensemble": prob-average of the members before
     distill_chunk: PositiveInt = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
     distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
     # the (1 - a) as the unlimited record folds it, not added outside
@@ -308,7 +308,7 @@ PRESETS: dict[str, dict] = {
         num_epochs=3, muon_lr=0.02, embed_lr=0.2, head_lr=0.004,
         log_every=5, device="cpu",
     ),
-    # The CPU data-efficiency track (issue 17): FineWeb-Edu as UTF-8 bytes (vocabulary 256 + a document separator),
+    # The CPU data-efficiency track: FineWeb-Edu as UTF-8 bytes (vocabulary 256 + a document separator),
     # so the output layer is tiny and a one-thread CPU step goes into the transformer. The track's data is the first
     # 262,144 bytes of data/mini/mini_train.bin (whole documents); a plain run of this preset learns visibly in a few
     # minutes on 2 cores. See docs/mini.md and records/mini/.
@@ -324,7 +324,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-# The same track's text in a small BPE (issue 17's "bytes or a small BPE?"; measured in bench/RESULTS.md): 1,024 ids
+# The same track's text in a small BPE ("bytes or a small BPE?", measured in bench/RESULTS.md): 1,024 ids
 # learned from the 1/8 budget's 4 documents only (which every budget from 1/8 up contains), ~3 bytes per token, so a
 # step sees 3x the text and a plain run at 1/8 reaches lower bits per byte in a fifth of the bytes' CPU time.
 # train_tokens: the BPE tokens of the byte track's 44 documents (261,003 bytes); batch_tokens 1,536 ~ the byte
@@ -358,7 +358,7 @@ PRESETS["1h"] = dict(
     # optimizer (beyond TRACK_COMMON): MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; gates in Muon; resid
     # lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
     muon_eq_r=True, muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
-    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd)
     rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # schedules: square-root warmdown over the last 20 %, a cosine per epoch in the last 3, and the weight decay
     # held, decayed to 0.65, then 0.65 -> 1.5 within each of the last 3 epochs
@@ -403,7 +403,7 @@ PRESETS["baseline"] = dict(
     # optimizer (beyond TRACK_COMMON): no MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; the value gates in Muon;
     # resid lambdas at 1% of scalar_lr, x0 lambdas with beta1 0.96
     muon_momentum_warmup=300, value_gate_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
-    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd)
     rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # schedule: no warmup, constant LR, then a linear warmdown over the last 50% to 0
     warmdown_frac=0.5,
@@ -442,7 +442,7 @@ PRESETS["15min"] = dict(
     # schedule: linear warmdown over the last 40%, a cosine per epoch in the last 4; momentum 0.85 -> 0.95 over 300
     # steps; no MuonEq-R
     warmdown_frac=0.4, lr_epoch_cosine=4, lr_epoch_cosine_floor=0.05, muon_momentum_warmup=300,
-    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd)
     rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # averages scored as their own candidates: the EMA (every 10 steps, 0.15 per epoch) and the recency-weighted
     # weight average of the last 4 epoch ends
@@ -483,7 +483,7 @@ PRESETS["unlimited"] = dict(
     # optimizer (beyond TRACK_COMMON): MuonEq-R, momentum fixed at 0.95 (no warmup), gates in Muon, resid lambdas and
     # skips at 1% of scalar_lr, x0 lambdas with beta1 0.96, clip norm 1
     muon_eq_r=True, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96, grad_clip=1.0,
-    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd; issue 23)
+    muon_bf16=True,  # Muon rounded where the record's muon_step_fused rounds (bf16 update, lr, wd)
     rope_tables="bf16",  # its _precompute_rotary's bf16 cos/sin
     # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
     # batches in the first and last quarter of the cycles, 524,288 in the middle half
@@ -556,7 +556,7 @@ def parse_args(argv: list[str]) -> Hyperparameters:
         if not has_equals and index + 1 < len(argv) and not argv[index + 1].startswith("--"):
             value = argv[index + 1]
             index += 1
-        if earlier := [text for given, text in pairs if given == name]:  # the last would win silently (review b23)
+        if earlier := [text for given, text in pairs if given == name]:  # the last would win silently
             shown = ["no value" if text is None else text for text in (earlier[0], value)]
             raise ConfigError(f"flag --{name} given twice ({shown[0]}, then {shown[1]}): give it once")
         pairs.append((name, value))
@@ -592,7 +592,7 @@ def require(condition: bool, message: str) -> None:
 
 def check_numbers(hp: Hyperparameters) -> None:
     """Every numeric field against its value kind (NUMBER_KINDS: the range its annotation names; a plain float must
-    be finite), before any work: the first one outside is the one-line ConfigError (issue 25)."""
+    be finite), before any work: the first one outside is the one-line ConfigError."""
     for field in dataclasses.fields(hp):
         if field.type not in NUMBER_KINDS:
             continue  # str and bool fields
@@ -640,7 +640,7 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     require(world_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
     # a round whose groups do not all train a member leaves the idle ones at the round's barrier for a whole member,
-    # past NCCL's 10-minute watchdog (review slowrun_fidelity B.2)
+    # past NCCL's 10-minute watchdog
     require(hp.ensemble_size % hp.parallel_members == 0,
             f"parallel_members {hp.parallel_members} must divide ensemble_size {hp.ensemble_size}: otherwise the last "
             f"round leaves groups idle at a barrier (NCCL times out); change --ensemble_size or --parallel_members")
@@ -770,6 +770,9 @@ def check_tracks_eval(hp: Hyperparameters) -> None:
             f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
     require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
             "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
+    require(hp.epoch_snapshot_weights == "equal" or hp.ensemble_size == 1,
+            "epoch_snapshot_weights weighs one model's epoch snapshots: an ensemble mixes its candidates uniformly "
+            "(or by --ensemble_weights); set ensemble_size 1 or epoch_snapshot_weights equal")
 
 
 def check_tracks_15min(hp: Hyperparameters) -> None:
@@ -886,14 +889,14 @@ def candidate_count(hp: Hyperparameters) -> int:
 
 
 def parse_weights(text: str, count: int) -> list[float]:
-    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one finite positive weight per member (to leave a member out,
+    """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one finite positive weight per candidate (to leave one out,
     leave out its file: the running ensembles and the log-probabilities need every weight > 0)."""
     try:
         weights = [float(part) for part in text.split(",")]
     except ValueError:
         raise ConfigError(f"ensemble_weights {text!r}: expected comma-separated numbers") from None
     if len(weights) != count or not all(0 < w < math.inf for w in weights) or not sum(weights) < math.inf:
-        raise ConfigError(f"ensemble_weights {text!r}: need {count} finite positive weights, one per member")
+        raise ConfigError(f"ensemble_weights {text!r}: need {count} finite positive weights, one per candidate")
     return [w / sum(weights) for w in weights]
 
 
@@ -1049,7 +1052,7 @@ class TrainData:
       batch_tokens / seq_len (times the epoch's batch_schedule multiplier); every train token lies in exactly one
       window per epoch, the stream's last window and the epoch's last step are usually short (missing targets are
       -1, ignored, and the loss is normalised by the true target count of the global step).
-    - the public records' stepping (public_steps W > 0, issue 23): each epoch keeps floor(windows / W) x W whole
+    - the public records' stepping (public_steps W > 0): each epoch keeps floor(windows / W) x W whole
       windows (the public DataLoader drops the rest: W is its micro-batch on 8 GPUs, device batch x 8) and the run
       reads the epochs as one stream of windows, so a step can end in the next epoch (1h: 190.625 steps per epoch).
       The run is ceil(epochs x E / B) steps (the public loop runs until the epoch counter passes num_epochs) and
@@ -1265,7 +1268,7 @@ def live_micro_steps(train_data: TrainData, epoch: int, step_in_epoch: int, rank
     """How many of the step's micro-steps hold at least one real window on this rank (at least 1, so that every rank
     has gradients to sum); the rest are all padding, skipped. An epoch's last step is usually short: on the tiny
     preset it has 2 of its 32 windows, and running all 8 micro-steps made it cost a full step for 301 targets, the
-    "~30% lower tok/s after each epoch end" of the newcomer review. A skipped micro-step's targets are all -1: its
+    ~30% lower tokens/s after each epoch end. A skipped micro-step's targets are all -1: its
     gradient (cross-entropy, MTP, distillation, all masked by target) is exactly zero, so nothing else changes.
     Public stepping has no padding: every micro-step of the step's own batch."""
     if train_data.segments:
@@ -1365,21 +1368,6 @@ def load_run_data(hp: Hyperparameters, need_train: bool = True) -> RunData:
     test_data = EvalData(load_tokens(hp.test_files, hp.vocab_size, "test"), hp.seq_len, hp.test_files) \
         if hp.test_files else None
     return RunData(train_tokens, val_tokens, EvalData(val_tokens, hp.seq_len, hp.val_files), test_data, fitness_data)
-
-
-def token_byte_counts(vocab_size: int) -> np.ndarray | None:
-    """Bytes of every GPT-2 token id (the bundled data/gpt2.tiktoken), 0 for <|endoftext|> (50256) and the padding
-    ids: the denominator of bits per byte as the public records count it (train.py token_bytes). None without it."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "gpt2.tiktoken")
-    if not os.path.isfile(path):
-        return None
-    counts = np.zeros(vocab_size, dtype=np.int64)
-    with open(path, encoding="ascii") as handle:
-        for line in handle:
-            token, rank = line.split()
-            if int(rank) < vocab_size:
-                counts[int(rank)] = len(base64.b64decode(token))
-    return counts
 
 
 def unigram_entropy(tokens: np.ndarray) -> float:
@@ -1523,7 +1511,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
 
 
-GATE_CHANNELS = 32  # the data-dependent gates read only the first 32 channels of their input (slowrun records)
+GATE_CHANNELS = 32  # the value gates read the first 32 channels of their input (the output gate: out_gate_channels)
 
 
 def scalar_parameter(initial: torch.Tensor) -> nn.Parameter:
@@ -1614,7 +1602,7 @@ class CausalSelfAttention(nn.Module):
         # QK-norm after RoPE keeps attention logits bounded (Dehghani et al. 2023; nanochat)
         q, k = rms_norm(apply_rotary(q, cos, sin)), rms_norm(apply_rotary(k, cos, sin))
         # from torch 2.12 CUDA autocast runs rms_norm in fp32: back to v's (the compute) dtype, so attention runs and
-        # saves bf16 q/k as the records do (review slowrun_fidelity B.3); a no-op in fp32
+        # saves bf16 q/k as the records do; a no-op in fp32
         q, k = q.to(v.dtype), k.to(v.dtype)
         if self.key_offset:
             k = shift_key_half(k)
@@ -1752,7 +1740,7 @@ class GPT(nn.Module):
         self.full_window_sizes = self.window_sizes = window_sizes(config)  # window_sizes: the current stage's
         self.loop_repeats = config.loop_repeats
         self.loop_range = loop_layer_range(config) if config.loop_repeats else (0, 0)
-        self.loop_active = False  # set by the training loop once progress reaches loop_start_frac
+        self.loop_active = False  # set by the training loop from loop_start_step (loop_start_epoch or _frac)
         # the 15min record's recurrence: all `recurrence` passes while active (a built or loaded model), one pass
         # with the same final norms before recurrence_start_frac (the training loop sets it per step)
         self.recurrence, self.recurrence_active = config.recurrence, True
@@ -2399,7 +2387,7 @@ def average_gradients(model: nn.Module, dist_info: Dist) -> None:
 
 class GradientSync:
     """The sum of the gradients over ranks, started during the backward (grad_sync overlap/overlap_flat) instead of
-    after it: at the full shape the 7.15 GB fp32 all-reduce otherwise waits for the whole backward (review part B.5).
+    after it: at the full shape the 7.15 GB fp32 all-reduce otherwise waits for the whole backward.
     Each parameter's post-accumulate-grad hook fires once its gradient is final; on the step's last micro-step that
     launches an asynchronous all-reduce (overlap: of that gradient itself, the very collective average_gradients
     issues, so the update is the same bit for bit; overlap_flat: of a flattened bucket once all its gradients are in,
@@ -2764,7 +2752,8 @@ def score(models: list[nn.Module], weights: list[float], data: EvalData, dist_in
     token_bytes. Without it, on the CPU each model's log-probabilities come in pieces (eval_pieces, target_log_probs)
     with no (positions, vocab) tensor kept: bitwise the same values, in a laptop's memory."""
     device = dist_info.device
-    if mode != "prob":
+    require(mode in ("prob", "logit"), f"unknown ensemble mode {mode!r}: prob | logit")
+    if mode == "logit":
         with frozen_models_on_device(models, dist_info):
             return logit_average_loss(models, weights, data, dist_info, batch_size), float("nan")
     batches = list(data.batches(dist_info.rank, dist_info.world_size, batch_size))
@@ -3290,7 +3279,7 @@ class MemberSchedule:
         """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
         hp = self.hp
         factor = apply_schedules(optimizers, step, self.schedule_steps, self.train_data, hp)
-        if hp.loop_repeats:  # looped layers switch on at loop_start_frac (a new graph for torch.compile, once)
+        if hp.loop_repeats:  # looped layers switch on at loop_start_step (a new graph for torch.compile, once)
             model.loop_active = step >= loop_start_step(hp, self.train_data, self.schedule_steps)
         if hp.recurrence > 1:  # the 15min record's recurrence switches on once (a second torch.compile graph)
             model.recurrence_active = recurrence_on(step, self.schedule_steps, hp)
@@ -3667,8 +3656,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     progress = MemberProgress(hp, dist_info, log, member, schedule, compiled=model is not raw_model, work=work)
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
     public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
-    averaging = [EMAAveraging(hp, total_steps), SWAAveraging(hp, schedule, log, tag), snapshots, public,
-                 CheckpointAverage(hp, schedule)]
+    ema, checkpoint_average = EMAAveraging(hp, total_steps), CheckpointAverage(hp, schedule)
+    averaging = [ema, SWAAveraging(hp, schedule, log, tag), snapshots, public, checkpoint_average]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
@@ -3734,7 +3723,7 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     objective.release()  # the teacher goes back to the host
     grad_sync.remove()
     with progress.paused():
-        candidates = score_weight_candidates(hp, dist_info, data, log, tag, raw_model, averaging[0], averaging[-1],
+        candidates = score_weight_candidates(hp, dist_info, data, log, tag, raw_model, ema, checkpoint_average,
                                              total_steps)
     state = progress.state
     return dict(model=raw_model, compiled=model, snapshots=snapshots.taken, snapshot_count=len(snapshots.taken),
@@ -3768,7 +3757,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
             teachers = distillation_teachers(hp, pool.members)
             pool.add_trained(member, train_member(hp, pool.group, data, pool.group_log, member, teachers, work))
         for member in pool.close_round(round_members):  # each member of the round joins the candidates, in order
-            if pool.keep_files:  # more than one candidate: the ensemble so far
+            if candidate_count(hp) > 1:  # the ensemble so far
                 ensemble_losses.append(score_running_ensemble(hp, pool.candidates, pool.outcomes, weights, data,
                                                               dist_info, work, log))
     pool.close()  # no member teaches any more: every frozen model split over the world (or its file)
@@ -3796,7 +3785,9 @@ def distillation_teachers(hp: Hyperparameters, members: list) -> list[tuple[nn.M
     """The next member's teachers and their weights: the previous member (the public chain, Hinton et al. 2015's
     distillation from the last model) or every earlier member equally (distill_teacher ensemble); none for the
     unlimited record's independent chains (snapshot_distill_after), whose snapshots teach inside a member."""
-    earlier = [] if hp.snapshot_distill_after else members if hp.distill_teacher == "ensemble" else members[-1:]
+    if hp.snapshot_distill_after:
+        return []
+    earlier = members if hp.distill_teacher == "ensemble" else members[-1:]  # members[-1]: the previous round's last
     return [(teacher, 1.0 / len(earlier)) for teacher in earlier]
 
 
@@ -3824,7 +3815,7 @@ def score_snapshot_weightings(hp: Hyperparameters, candidates: list, data: "RunD
     averages, losses = {}, {}
     for label, mix in snapshot_mixtures(hp, len(candidates)).items():
         averages[f"epoch snapshots, {label} weights"] = (candidates, mix)
-        losses[label] = score(candidates, mix, data.val_data, dist_info, hp.val_batch_size)[0]
+        losses[label] = score(candidates, mix, data.val_data, dist_info, hp.val_batch_size, hp.ensemble_mode)[0]
     log.write(f"epoch snapshots | {len(candidates)} candidates | " +
               " | ".join(f"{label} weights val_loss {loss:.4f}" for label, loss in losses.items()))
     log.metrics(dict(kind="epoch_snapshots", candidates=len(candidates),
@@ -4111,8 +4102,8 @@ def fused_loss_sums(raw_logits: torch.Tensor, targets: torch.Tensor, softcap: fl
 class ChunkedSoftcapCE(torch.autograd.Function):
     """Summed soft-capped cross-entropy of raw lm_head outputs (N, V) on CPU, `rows` positions at a time. The eager
     loss keeps the cap's tanh and the log-softmax, float32 (N, V), for backward and makes four more such tensors in
-    it: 200 MB apiece for the tiny preset's 1,024 positions x 50,304, 1.6 GB over the model's own memory (newcomer
-    review: 4.8 GB peak for a 13M-parameter model). Here one (N, V) tensor serves throughout: the lm_head's output,
+    it: 200 MB apiece for the tiny preset's 1,024 positions x 50,304, 1.6 GB over the model's own memory (4.8 GB
+    peak for a 13M-parameter model). Here one (N, V) tensor serves throughout: the lm_head's output,
     overwritten by the cap's tanh in forward (kept for backward with each target's log-probability), then by the
     gradient in backward (the lm_head's matmul saves its input, never its output). Backward recomputes each
     chunk's log-softmax (activation checkpointing of the loss, Chen et al. 2016) and runs the eager operations on it
@@ -4432,7 +4423,7 @@ def start_run(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> RunStart
     if hp.val_public_windows:  # the whole val file, as the public records read it (not cut by val_tokens)
         data.public_data = PublicWindows(load_tokens(hp.val_files, hp.vocab_size, "validation"), hp.seq_len,
                                          hp.val_files, hp.val_public_windows, hp.val_window_seed)
-        data.token_bytes = token_byte_counts(hp.vocab_size)
+        data.token_bytes = token_byte_lengths(hp.tokenizer, hp.vocab_size, hp.bpe_file)  # the run's own tokens
 
     run_id = dist_info.from_first_rank(hp.run_id or default_run_id())  # one folder for all ranks
     folder = os.path.join(hp.log_dir, run_id)

@@ -146,7 +146,7 @@ def test_two_ranks_read_on_rank_0_and_score_as_world_1(runs, tmp_path):
     run_data = train_gpt.load_run_data(hp)
     run_data.public_data = train_gpt.PublicWindows(train_gpt.load_tokens(hp.val_files, hp.vocab_size, "validation"),
                                                    hp.seq_len, hp.val_files, hp.val_public_windows, hp.val_window_seed)
-    run_data.token_bytes = train_gpt.token_byte_counts(hp.vocab_size)
+    run_data.token_bytes = train_gpt.token_byte_lengths(hp.tokenizer, hp.vocab_size)
     models = [train_gpt.load_member(path, world1.host)[0] for path in files]  # in memory, candidate order
     probs = train_gpt.target_probabilities(models, run_data.fitness_data, world1, hp.val_batch_size)
     learned = train_gpt.learn_mixture_weights(probs, hp.select_steps, hp.select_lr, hp.select_clip,

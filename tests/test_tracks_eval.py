@@ -137,9 +137,33 @@ def test_public_figure_takes_lowest_bpb_epoch_then_lower_loss_average():
 
 
 def test_token_byte_counts_of_gpt2():
-    counts = train_gpt.token_byte_counts(50304)
+    counts = train_gpt.token_byte_lengths("gpt2", 50304)
     assert counts[0] == 1 and counts[262] == 4 and counts[50255] == 6  # "!", " the", " gazed"
     assert counts[50256] == 0 and counts[50257:].sum() == 0  # <|endoftext|> and padding count no bytes
+
+
+def test_public_windows_count_the_runs_own_token_bytes(tmp_path, monkeypatch):
+    """--val_public_windows on the byte track scores bits per byte with the bytes' own table: every byte id 1 byte,
+    the document separator (256) none. Before, the GPT-2 table was used whatever the tokenizer: id 256 counted 2
+    bytes (GPT-2's token 256), and on mini_bpe 555 of the 1,024 ids had the wrong length."""
+    seen, score = [], train_gpt.score
+
+    def recording(*args, **kwargs):
+        if kwargs.get("token_bytes") is not None:
+            seen.append(np.asarray(kwargs["token_bytes"]))
+        return score(*args, **kwargs)
+    monkeypatch.setattr(train_gpt, "score", recording)
+    flags = ["--preset", "mini", "--train_tokens", "8192", "--val_tokens", "4096", "--test_files", "",
+             "--n_layer", "1", "--n_embd", "32", "--n_head", "2", "--batch_tokens", "1024", "--device_batch_size", "8",
+             "--max_steps", "2", "--val_public_windows", "4", "--log_dir", str(tmp_path), "--run_id", "bytes",
+             "--save_model", "false"]
+    assert train_gpt.main(flags) == 0
+    assert seen and all(table[:256].tolist() == [1] * 256 and table[256] == 0 for table in seen)
+
+
+def test_unknown_ensemble_mode_is_refused_by_score():
+    with pytest.raises(train_gpt.ConfigError, match="unknown ensemble mode 'geometric'"):
+        train_gpt.score([], [], None, train_gpt.Dist(), 1, "geometric")
 
 
 # ------------------------------------------------------------------------------------------- F23 data line
@@ -286,3 +310,7 @@ def test_bad_values_are_one_line_errors():
                   dict(epoch_snapshot_weights="both"), dict(val_public_windows=-1)):
         with pytest.raises(train_gpt.ConfigError):
             train_gpt.check_hyperparameters(micro_hp(**flags), 1)
+    # an ensemble mixes its candidates uniformly: a snapshot weighting there was silently ignored
+    with pytest.raises(train_gpt.ConfigError, match="weighs one model's epoch snapshots"):
+        train_gpt.check_hyperparameters(micro_hp(epoch_snapshots=2, epoch_snapshot_weights="recency",
+                                                 ensemble_size=2), 1)
