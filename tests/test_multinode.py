@@ -432,12 +432,12 @@ train_gpt.stop_heartbeat_watchdog()
 """
 
 
-@pytest.mark.parametrize("how", ["wait", "barrier"])
-def test_a_round_waits_for_a_slower_group_past_the_collective_timeout(tmp_path, how):
+def test_a_round_waits_for_a_slower_group_past_the_collective_timeout(tmp_path, how="wait"):
     """The round's closing wait (Dist.wait_for_all) lasts as long as the slowest group: rank 1 arrives 5 s late,
     past the 2 s collective timeout of --dist_timeout 1, and both ranks go on (rank 0 waited ~5 s). A plain
-    collective barrier, what the round ended with before, fails there: at full scale, chains finishing more than
-    2 x dist_timeout apart crashed."""
+    collective barrier, what the round ended with before, fails there (how="barrier": rank 0 exits with gloo's
+    timeout; measured, not run in the suite): at full scale, chains finishing more than 2 x dist_timeout apart
+    crashed."""
     port, ranks = free_port(), []
     for rank in (0, 1):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
