@@ -749,16 +749,25 @@ def check_unlimited_settings(hp: Hyperparameters) -> None:
     top_sweep(hp, 0)  # a malformed list is refused here, before any work
 
 
+def number_list(name: str, text: str, rule: str, example: str, valid, cast=float, count: int = 0) -> list:
+    """A list flag ("0.25,0.5,1") -> its numbers: every comma-separated list goes through here (batch_schedule,
+    mtp_offsets, select_top_sweep, ensemble_weights, the *_betas). One line naming the flag, its rule and an
+    example when a part is not a number, breaks the rule (valid), or count > 0 numbers were wanted and not given."""
+    try:
+        values = [cast(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        values = None
+    if values is None or not all(valid(v) for v in values) or (count and len(values) != count):
+        raise ConfigError(f"{name} must be {f'{count} ' if count else ''}comma-separated {rule} like {example}, got "
+                          f"{text!r}")
+    return values
+
+
 def top_sweep(hp: Hyperparameters, candidates: int) -> list[int]:
     """select_top_sweep's K values below the candidate count, ascending (the unlimited record's k_values: a K that
     would keep every candidate is dropped); [] when the flag is off."""
-    try:
-        values = sorted({int(part) for part in hp.select_top_sweep.split(",") if part.strip()})
-    except ValueError:
-        raise ConfigError(f"select_top_sweep must be comma-separated whole numbers like 8,16,32, got "
-                          f"{hp.select_top_sweep!r}") from None
-    require(all(k > 0 for k in values), f"select_top_sweep values must be > 0, got {hp.select_top_sweep!r}")
-    return [k for k in values if k < candidates]
+    values = number_list("select_top_sweep", hp.select_top_sweep, "whole numbers > 0", "8,16,32", lambda k: k > 0, int)
+    return sorted(k for k in set(values) if k < candidates)
 
 
 def check_tracks_eval(hp: Hyperparameters) -> None:
@@ -801,14 +810,7 @@ def check_tracks_15min(hp: Hyperparameters) -> None:
 
 def mtp_offset_start_weights(hp: Hyperparameters) -> list[float]:
     """--mtp_offsets "1,0.5,0.25" -> [1.0, 0.5, 0.25] (the weights of targets t, t+1, t+2); [] when off."""
-    try:
-        weights = [float(part) for part in hp.mtp_offsets.split(",") if part.strip()]
-    except ValueError:
-        raise ConfigError(f"mtp_offsets must be comma-separated weights like 1,0.5,0.25, got {hp.mtp_offsets!r}") \
-            from None
-    if any(not (w >= 0 and math.isfinite(w)) for w in weights):
-        raise ConfigError(f"mtp_offsets weights must be finite and >= 0, got {hp.mtp_offsets!r}")
-    return weights
+    return number_list("mtp_offsets", hp.mtp_offsets, "finite weights >= 0", "1,0.5,0.25", lambda w: 0 <= w < math.inf)
 
 
 def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
@@ -826,13 +828,7 @@ def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
 
 def parse_betas(name: str, text: str) -> tuple[float, float]:
     """ "0.9,0.99" -> (0.9, 0.99), each in [0, 1), or the one-line ConfigError naming the flag."""
-    try:
-        betas = tuple(float(part) for part in text.split(","))
-    except ValueError:
-        betas = ()
-    require(len(betas) == 2 and all(0.0 <= beta < 1.0 for beta in betas),
-            f"{name} must be two AdamW betas in [0, 1) like 0.9,0.99, got {text!r}")
-    return betas
+    return tuple(number_list(name, text, "AdamW betas in [0, 1)", "0.9,0.99", lambda b: 0 <= b < 1, count=2))
 
 
 def check_tracks_15min_model(hp: Hyperparameters) -> None:
@@ -872,14 +868,8 @@ def check_window_schedule(hp: Hyperparameters) -> None:
 
 def batch_schedule(hp: Hyperparameters) -> tuple[float, ...]:
     """The per-epoch batch multipliers of --batch_schedule ("0.25,0.5,1"), () when off."""
-    try:
-        multipliers = tuple(float(value) for value in hp.batch_schedule.split(",") if value.strip())
-    except ValueError:
-        multipliers = (math.nan,)
-    if not all(0 < m < math.inf for m in multipliers):
-        raise ConfigError(f"batch_schedule must be comma-separated finite numbers > 0 like 0.25,0.5,1, got "
-                          f"{hp.batch_schedule!r}")
-    return multipliers
+    return tuple(number_list("batch_schedule", hp.batch_schedule, "finite numbers > 0", "0.25,0.5,1",
+                             lambda m: 0 < m < math.inf))
 
 
 def candidate_count(hp: Hyperparameters) -> int:
@@ -891,12 +881,9 @@ def candidate_count(hp: Hyperparameters) -> int:
 def parse_weights(text: str, count: int) -> list[float]:
     """`--ensemble_weights 1,2,1` -> [0.25, 0.5, 0.25]; one finite positive weight per candidate (to leave one out,
     leave out its file: the running ensembles and the log-probabilities need every weight > 0)."""
-    try:
-        weights = [float(part) for part in text.split(",")]
-    except ValueError:
-        raise ConfigError(f"ensemble_weights {text!r}: expected comma-separated numbers") from None
-    if len(weights) != count or not all(0 < w < math.inf for w in weights) or not sum(weights) < math.inf:
-        raise ConfigError(f"ensemble_weights {text!r}: need {count} finite positive weights, one per candidate")
+    weights = number_list("ensemble_weights", text, "finite weights > 0 (one per candidate)", "1,2,1",
+                          lambda w: 0 < w < math.inf, count=count)
+    require(sum(weights) < math.inf, f"ensemble_weights {text!r}: the weights' sum overflows")
     return [w / sum(weights) for w in weights]
 
 

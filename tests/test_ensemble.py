@@ -177,7 +177,7 @@ def test_resume_after_a_kill_does_not_retrain_finished_members(micro_data, tmp_p
 
 
 @pytest.mark.parametrize("overrides, world_size, message", [
-    (dict(ensemble_size=2, ensemble_weights="0,1"), 1, "positive weights"),  # a zero weight: log(0), 0/0 later
+    (dict(ensemble_size=2, ensemble_weights="0,1"), 1, "finite weights > 0"),  # a zero weight: log(0), 0/0 later
     (dict(ensemble_size=1, parallel_members=2), 2, "leaves groups idle"),
     (dict(ensemble_size=2, fitness_tokens=64, ensemble_mode="logit"), 1, "probability mixture"),
     (dict(num_epochs=2, swa_epochs=3), 1, "swa_epochs <= num_epochs"),

@@ -209,7 +209,7 @@ def test_top_sweep_keeps_the_ks_below_the_candidate_count():
     assert train_gpt.top_sweep(hp, 480) == [8, 16, 32, 64, 128, 256]
     assert train_gpt.top_sweep(hp, 100) == [8, 16, 32, 64]
     assert train_gpt.top_sweep(hp, 8) == []
-    for bad, match in (("8,x", "whole numbers"), ("0,8", "must be > 0")):
+    for bad, match in (("8,x", "whole numbers > 0"), ("0,8", "whole numbers > 0")):
         with pytest.raises(train_gpt.ConfigError, match=match):
             train_gpt.check_hyperparameters(dataclasses.replace(hp, select_top_sweep=bad), 1)
     with pytest.raises(train_gpt.ConfigError, match="drop select_top"):

@@ -38,13 +38,13 @@ PLAIN = {"resid_lambda_init"}
     ("b41", dict(seed=99999999999999999999999), "seed must lie in [0, 2^63), got 99999999999999999999999"),
     ("seed 2^63", dict(seed=2**63), f"seed must lie in [0, 2^63), got {2**63}"),
     ("b42", dict(ensemble_size=2, ensemble_weights="1,nan"),
-     "ensemble_weights '1,nan': need 2 finite positive weights"),
+     "ensemble_weights must be 2 comma-separated finite weights > 0 (one per candidate) like 1,2,1, got '1,nan'"),
     ("b73", dict(ensemble_size=2, ensemble_weights="1,inf"),
-     "ensemble_weights '1,inf': need 2 finite positive weights"),
+     "ensemble_weights must be 2 comma-separated finite weights > 0 (one per candidate) like 1,2,1, got '1,inf'"),
     ("b43", dict(ensemble_size=2, ensemble_weights="nan,1"),
-     "ensemble_weights 'nan,1': need 2 finite positive weights"),
+     "ensemble_weights must be 2 comma-separated finite weights > 0 (one per candidate) like 1,2,1, got 'nan,1'"),
     ("all zero", dict(ensemble_size=2, ensemble_weights="0,0"),
-     "ensemble_weights '0,0': need 2 finite positive weights"),
+     "ensemble_weights must be 2 comma-separated finite weights > 0 (one per candidate) like 1,2,1, got '0,0'"),
 ])
 def test_bad_number_is_one_line_before_anything_is_made(micro_data, tmp_path, capsys, case, overrides, message):
     """Each was accepted (a NaN result with exit status 0, or silently ignored) or a traceback, some after the run
@@ -139,3 +139,32 @@ def test_snapshot_noise_seeds_fit_64_bits():
     hp = train_gpt.Hyperparameters(seed=2**62, snapshot_cycles=2, snapshot_noise=0.1, num_epochs=2)
     with pytest.raises(train_gpt.ConfigError, match="snapshot_noise seeds"):
         train_gpt.check_hyperparameters(hp, 1)
+
+
+def micro_hp(**overrides) -> train_gpt.Hyperparameters:
+    return train_gpt.Hyperparameters(**{**dict(n_layer=2, n_embd=32, n_head=2, seq_len=32, batch_tokens=384,
+                                              device_batch_size=2, val_batch_size=4, device="cpu"), **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_schedule="0.5,x"), "batch_schedule must be comma-separated finite numbers > 0 like 0.25,0.5,1, got "
+                                   "'0.5,x'"),
+    (dict(batch_schedule="0.5,inf"), "batch_schedule must be comma-separated finite numbers > 0"),
+    (dict(mtp_offsets="1,-0.5"), "mtp_offsets must be comma-separated finite weights >= 0 like 1,0.5,0.25"),
+    (dict(fitness_tokens=100, select_top_sweep="8,8.5"), "select_top_sweep must be comma-separated whole numbers > 0"),
+    (dict(fitness_tokens=100, select_top_sweep="0,8"), "select_top_sweep must be comma-separated whole numbers > 0"),
+])
+def test_every_list_flag_is_read_by_one_parser_with_one_kind_of_line(overrides, message):
+    """The list flags (batch_schedule, mtp_offsets, select_top_sweep, ensemble_weights, the *_betas) share one
+    parser, number_list: the same one-line form naming the flag, its rule, an example and what was given."""
+    with pytest.raises(train_gpt.ConfigError) as error:
+        train_gpt.check_hyperparameters(micro_hp(**overrides), 1)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_number_list_reads_what_a_hand_reads():
+    assert train_gpt.number_list("x", "0.25, 0.5,,1", "numbers", "1,2", lambda v: v > 0) == [0.25, 0.5, 1.0]
+    assert train_gpt.number_list("x", "", "numbers", "1,2", lambda v: v > 0) == []  # off
+    assert train_gpt.top_sweep(micro_hp(select_top_sweep="32,8,16,8,64"), 33) == [8, 16, 32]  # ascending, < count
+    with pytest.raises(train_gpt.ConfigError, match=r"x must be 3 comma-separated numbers like 1,2, got '1,2'"):
+        train_gpt.number_list("x", "1,2", "numbers", "1,2", lambda v: True, count=3)
