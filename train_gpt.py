@@ -5002,6 +5002,10 @@ def check_run_id(hp: Hyperparameters, argv: list[str]) -> None:
     if given_empty or run_id in (".", "..") or any(sep in run_id for sep in separators) or "\0" in run_id:
         raise ConfigError(f"--run_id {run_id!r} must be one folder name inside --log_dir {hp.log_dir!r}: no "
                           f"'/', not '', '.' or '..'")
+    if not run_id.isprintable() or not run_id.strip():  # a newline splits log.txt's 'run folder:' line; bytes that
+        # are not UTF-8 (surrogates here) cannot be written to log.txt at all; a name of spaces only hides in a listing
+        raise ConfigError(f"--run_id {run_id!r} must be a folder name of printable UTF-8 characters (no newline, "
+                          f"control character or undecodable byte), not spaces only")
 
 
 class RunStopped(Exception):
@@ -5649,6 +5653,7 @@ def open_run_folder(hp: Hyperparameters, dist_info: Dist, folder: str, argv: lis
             lock_run_folder(folder)
             if hp.resume:
                 removed = remove_stale_temporaries(folder)
+                end_cut_line(os.path.join(folder, "log.txt"))  # a line cut by ENOSPC or a kill: the section starts anew
                 log.section("resume", [" ".join(shlex.quote(a) for a in [sys.executable, os.path.abspath(__file__),
                                                                         *argv]),
                                        f"git commit: {git_commit() or 'none'}"]
@@ -6106,10 +6111,30 @@ class RunLog:
     def write(self, text: str, echo: bool = True) -> None:
         if not self.is_main:
             return
-        self._log.write(text + "\n")
-        self._log.flush()
+        # a path of undecodable bytes in argv (held as surrogates) goes out as \udcff escapes, to log.txt and to the
+        # terminal alike, not as a UnicodeEncodeError traceback from the header that leaves a half-made run folder
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+        if self._log is not None:  # None once an append failed: the run is stopping with that line
+            self._append(self._log, text + "\n")
         if echo:
             print(text, flush=True)
+
+    def _append(self, handle, text: str) -> None:
+        """text onto log.txt or metrics.jsonl, flushed at once. A write that fails (a full disk, a quota, a disk gone
+        read-only) stops the run with one line naming the file, not a traceback; the handle is closed first (its
+        unwritten tail dropped, so exiting cannot fail on it again) and the last checkpoint stays for --resume."""
+        try:
+            handle.write(text)
+            handle.flush()
+        except OSError as exc:
+            try:
+                handle.close()
+            except OSError:  # the buffered tail cannot be written either: the handle is closed all the same
+                pass
+            self._log = None if handle is self._log else self._log
+            self._metrics = None if handle is self._metrics else self._metrics
+            raise StorageError(f"{handle.name}: cannot append to it ({exc.strerror or exc}): the run stops here; "
+                               f"make room, then --resume {self.folder} continues from its last checkpoint") from None
 
     def section(self, title: str, lines: list[str], echo: bool = True) -> None:
         self.write(f"==================== {title} " + "=" * max(0, 80 - len(title)), echo=echo)
@@ -6118,8 +6143,8 @@ class RunLog:
 
     def metrics(self, row: dict) -> None:
         if self.is_main:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
+            if self._metrics is not None:
+                self._append(self._metrics, json.dumps(row) + "\n")
             if self.tracker is not None:
                 self.tracker.log(tracker_row(row))
 

@@ -45,6 +45,7 @@ import json
 import os
 import re
 import sys
+import zlib
 
 import numpy as np
 
@@ -379,9 +380,15 @@ def merge_short(spans: list[tuple[int, int]], min_chars: int) -> list[tuple[int,
 # Reading the inputs
 
 
-def _open_text(path: str):
+def check_input(path: str) -> None:
+    if os.path.isdir(path):
+        raise TokenizeError(f"{path}: a folder, not a text file (name the files in it)")
     if not os.path.isfile(path):
         raise TokenizeError(f"{path}: file not found")
+
+
+def _open_text(path: str):
+    check_input(path)
     if path.endswith(".gz"):
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, "r", encoding="utf-8")
@@ -421,6 +428,9 @@ def read_documents(path: str, input_format: str, doc_split: str, text_field: str
             text = handle.read()
     except UnicodeDecodeError as exc:
         raise TokenizeError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start:,})") from None
+    except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError; a cut .gz ends in EOFError
+        detail = (exc.strerror if isinstance(exc, OSError) else "") or str(exc) or type(exc).__name__
+        raise TokenizeError(f"{path}: cannot read it ({detail})") from None
     spans = merge_short([(s, e) for s, e in document_spans(text, doc_split) if text[s:e].strip()], min_doc_chars)
     consumed = 0
     for start, end in spans:
@@ -571,8 +581,16 @@ def write_splits(documents: list[np.ndarray], out_dir: str, name: str, val_token
 # Command line
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's errors as the script's others: one `error: ...` line and exit status 2 (not the usage block)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="python data/encode.py",
         description="Tokenize text or JSONL files with GPT-2's BPE into modded-nanogpt .bin shards "
                     "(<|endoftext|> before every document; the last documents form the val split).")
@@ -625,8 +643,7 @@ def run(args: argparse.Namespace) -> dict:
     if not re.fullmatch(r"[A-Za-z0-9._-]+", args.name):
         raise TokenizeError(f"--name {args.name!r}: use letters, digits, '.', '_' and '-' only")
     for path in args.inputs:
-        if not os.path.isfile(path):
-            raise TokenizeError(f"{path}: file not found")
+        check_input(path)
     if args.test_tokens < 0:
         raise TokenizeError(f"--test_tokens {args.test_tokens}: must be >= 0")
     if args.tokenizer == "bpe" and not args.bpe_file:
@@ -666,6 +683,14 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
+def remove_own_temporaries(out_dir: str) -> None:
+    """The `.tmp<pid>` partial shard this process left when a write failed: a full disk must not stay full."""
+    suffix = f".tmp{os.getpid()}"
+    for name in os.listdir(out_dir) if os.path.isdir(out_dir) else []:
+        if name.endswith(suffix):
+            os.remove(os.path.join(out_dir, name))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -675,8 +700,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # the summary's reader went away (| head): the shards are written, nothing is wrong
         return 0
-    except OSError as error:  # an output folder that cannot be written (not a folder, read-only, full): one line
-        print(f"error: {args.out_dir}: cannot write the shards there ({error.strerror or error})", file=sys.stderr)
+    except OSError as error:  # an output that cannot be written (not a folder, read-only, full): one line
+        remove_own_temporaries(args.out_dir)
+        target = os.fsdecode(error.filename) if error.filename else args.out_dir
+        in_out_dir = os.path.abspath(target).startswith(os.path.join(os.path.abspath(args.out_dir), ""))
+        where = (f"{args.out_dir}: cannot write the shards there" if in_out_dir or target == args.out_dir
+                 else f"{target}: cannot write it")
+        print(f"error: {where} ({error.strerror or error})", file=sys.stderr)
         return 2
     return 0
 

@@ -216,6 +216,8 @@ class DirectorySource:
         path = os.path.join(self.directory, name)
         if not os.path.exists(path):
             return None
+        if not os.path.isfile(path):
+            raise DataError(f"{path}: not a shard file (a folder?)")
         tokens, sha256, problem = check_source_file(path, name, None)
         if tokens is None:
             raise DataError(problem)
@@ -537,6 +539,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.val_tokens < 1 or args.train_tokens < 1:
         parser.error("--val_tokens and --train_tokens must be at least 1")
+    if args.source_dir is not None and not os.path.isdir(args.source_dir):  # not 'the stream ends after 0 tokens'
+        parser.error(f"--source_dir {args.source_dir}: " + ("a file, not a folder of shards"
+                                                             if os.path.exists(args.source_dir) else "no such folder"))
     args.out_dir = os.path.abspath(args.out_dir)
     # huggingface_hub reads HF_ENDPOINT once, when imported; reading it here as well lets a caller that set it later
     # (a test serving stand-in shards) reach the same endpoint.

@@ -1,4 +1,6 @@
 """data/encode.py: text and JSONL -> .bin shards with GPT-2's BPE, offline vocabulary, document splits, errors."""
+import errno
+import gzip
 import hashlib
 import importlib.util
 import json
@@ -163,3 +165,89 @@ def test_unwritable_output_folder_is_one_line(tmp_path, capsys):
     status = tok.main([str(text), "--out_dir", out_dir, "--name", "x", "--tokenizer", "bytes", "--val_tokens", "5"])
     err = capsys.readouterr().err.strip().splitlines()
     assert status == 2 and len(err) == 1 and err[0].startswith(f"error: {out_dir}: cannot write"), err
+
+
+# ---------------------------------------------------------------------------------- bad inputs (issue 25, not yet tried)
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--val_tokens", "abc"], "invalid int value: 'abc'"),
+    (["--val_tokens", "1e3"], "invalid int value: '1e3'"),
+    (["--doc_split", "pages"], "invalid choice: 'pages'"),
+    (["--no_such_flag"], "unrecognized arguments: --no_such_flag"),
+])
+def test_bad_flags_are_one_error_line(tmp_path, capsys, flags, says):
+    """argparse's own errors were its usage block (7 lines) and then the error: now one line, exit status 2."""
+    text = tmp_path / "t.txt"
+    text.write_text("a document\n")
+    with pytest.raises(SystemExit) as exit_info:
+        tok.main([str(text), "--out_dir", str(tmp_path / "out"), "--name", "x", *flags])
+    assert exit_info.value.code == 2 and says in one_error_line(capsys)
+
+
+def test_no_inputs_is_one_error_line(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        tok.main(["--out_dir", str(tmp_path / "out"), "--name", "x"])
+    assert exit_info.value.code == 2 and "the following arguments are required: inputs" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"plain text, not gzip\n", "Not a gzipped file"),
+    (gzip.compress(b"a document cut short " * 200)[:60], "Compressed file ended before the end-of-stream marker"),
+], ids=["not gzip", "cut short"])
+def test_unreadable_gz_input_is_one_line_naming_it(tmp_path, capsys, content, says):
+    """A .gz input that is not gzip (it blamed --out_dir: 'cannot write the shards there (Not a gzipped file)') or
+    is cut short (an EOFError traceback): one line naming the input."""
+    source = tmp_path / "in.txt.gz"
+    source.write_bytes(content)
+    status = tok.main([str(source), "--out_dir", str(tmp_path / "out"), "--name", "x", "--tokenizer", "bytes",
+                       "--val_tokens", "5"])
+    line = one_error_line(capsys)
+    assert status == 2 and line.startswith(f"error: {source}: cannot read it") and says in line, line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_folder_as_input_says_it_is_a_folder(tmp_path, capsys):
+    (tmp_path / "texts").mkdir()
+    status = tok.main([str(tmp_path / "texts"), "--out_dir", str(tmp_path / "out"), "--name", "x"])
+    assert status == 2 and one_error_line(capsys) == f"error: {tmp_path / 'texts'}: a folder, not a text file " \
+                                                      f"(name the files in it)"
+
+
+def test_full_disk_leaves_no_partial_shard(tmp_path, monkeypatch, capsys):
+    """ENOSPC while a shard is written: one line naming --out_dir, and the partial `.tmp<pid>` (which kept the disk
+    full) is removed; the shard written before it stays."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"document {i} " * 20 + "\n\n" for i in range(20)))
+    write_shard = tok.write_shard
+
+    def full_disk(path, tokens, *args, **kwargs):
+        if path.endswith("_val.bin"):
+            with open(f"{path}.tmp{os.getpid()}", "wb") as handle:
+                handle.write(b"x" * 100)  # the partial a real ENOSPC leaves
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write_shard(path, tokens, *args, **kwargs)
+    monkeypatch.setattr(tok, "write_shard", full_disk)
+    out_dir = str(tmp_path / "out")
+    status = tok.main([str(text), "--out_dir", out_dir, "--name", "x", "--tokenizer", "bytes", "--val_tokens", "200",
+                       "--quiet"])
+    assert status == 2 and one_error_line(capsys) == f"error: {out_dir}: cannot write the shards there " \
+                                                      f"(No space left on device)"
+    assert sorted(os.listdir(out_dir)) == ["x_train.bin"]
+
+
+def test_unwritable_bpe_file_is_named(tmp_path, capsys):
+    """--train_bpe writing --bpe_file where it cannot go: the line names where it failed (its folder, a plain file
+    here), not --out_dir ('cannot write the shards there' before)."""
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"document {i} with some words " * 20 + "\n\n" for i in range(20)))
+    (tmp_path / "plain").write_text("a file, not a folder")
+    bpe_file = str(tmp_path / "plain" / "b.bpe")
+    status = tok.main([str(text), "--out_dir", str(tmp_path / "out"), "--name", "x", "--tokenizer", "bpe",
+                       "--bpe_file", bpe_file, "--train_bpe", "300", "--val_tokens", "200", "--quiet"])
+    assert status == 2 and one_error_line(capsys) == f"error: {tmp_path / 'plain'}: cannot write it (File exists)"

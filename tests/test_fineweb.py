@@ -439,3 +439,28 @@ def test_script_uses_hf_endpoint_and_cache_then_works_offline(tmp_path, hub, str
     done = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO_ROOT, timeout=120)
     assert done.returncode == 0, done.stderr
     assert hub.requests == [] and np.array_equal(split(tmp_path, "train"), stream_a[1000:2500])
+
+
+# ---------------------------------------------------------------------------------- bad inputs (issue 25, not yet tried)
+
+@pytest.mark.parametrize("what, says", [("missing", "no such folder"), ("a file", "a file, not a folder of shards")])
+def test_source_dir_that_is_not_a_folder_is_one_line(tmp_path, capsys, what, says):
+    """--source_dir missing or a plain file said 'the stream from local folder X ends after 0 tokens (0 shards): too
+    short ...', as if the folder held too little: now one line saying what is wrong with the flag."""
+    source = tmp_path / "shards"
+    if what == "a file":
+        source.write_text("x")
+    with pytest.raises(SystemExit) as exit_info:
+        cut(tmp_path, "--source_dir", str(source), *budgets(1000, 1500, 0))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and err == [f"error: --source_dir {source}: {says} (see --help)"], err
+
+
+def test_source_shard_that_is_a_folder_is_one_line(tmp_path, capsys):
+    """A folder where a shard should be was reported as 'file not found' (read_shard's words for any non-file)."""
+    source = tmp_path / "shards"
+    (source / fineweb.source_shard_name(0)).mkdir(parents=True)
+    capsys.readouterr()
+    status = cut(tmp_path, "--source_dir", str(source), *budgets(1000, 1500, 0))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and err == [f"error: {source / fineweb.source_shard_name(0)}: not a shard file (a folder?)"], err
