@@ -4,6 +4,7 @@ exit 1), a --resume over a log line that such a failure (or a kill) cut short, a
 in a log (a newline, undecodable bytes, spaces only). Each failed before the change that came with it (an OSError or
 UnicodeEncodeError traceback, exit 1, a glued line, a run id accepted)."""
 import errno
+import json
 import os
 import shutil
 
@@ -145,3 +146,28 @@ def test_undecodable_bytes_in_a_data_path_are_logged_escaped(runs, tmp_path):
     assert train_gpt.main(flags(tmp_path / "logs", "odd", max_steps=2, train_files=odd)) == 0
     log = open(tmp_path / "logs" / "odd" / "log.txt", encoding="utf-8").read()
     assert "train\\udcff.bin" in log
+
+
+def test_resume_on_changed_data_is_one_line_and_log_untouched(tmp_path, capsys):
+    """Review case r16: a train shard edited between a stop and a --resume (one token changed, the same size) went
+    unnoticed. The run folder's data.json (size and CRC-32 of each token set as read) is checked first: one line
+    naming the train set, exit 2, log.txt untouched; the unchanged data resumes and finishes."""
+    train_path, val_path = write_micro_shards(tmp_path)
+    flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "run", stop_at_step=2, max_steps=4,
+                        val_every=-1)
+    assert train_gpt.main(flags) == 3
+    folder = str(tmp_path / "logs" / "run")
+    started = json.load(open(os.path.join(folder, "data.json")))
+    assert set(started) == {"train", "val"} and started["train"]["tokens"] > 0
+    original = open(train_path, "rb").read()
+    edited = bytearray(original)
+    edited[-2] ^= 1  # the last token's low byte
+    open(train_path, "wb").write(bytes(edited))
+    log_before = open(os.path.join(folder, "log.txt"), "rb").read()
+    capsys.readouterr()
+    assert train_gpt.main(["--resume", folder]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: --resume: the train tokens differ"), err
+    assert open(os.path.join(folder, "log.txt"), "rb").read() == log_before
+    open(train_path, "wb").write(original)
+    assert train_gpt.main(["--resume", folder]) == 0
