@@ -5005,7 +5005,7 @@ def check_run_id(hp: Hyperparameters, argv: list[str]) -> None:
     if given_empty or run_id in (".", "..") or any(sep in run_id for sep in separators) or "\0" in run_id:
         raise ConfigError(f"--run_id {run_id!r} must be one folder name inside --log_dir {hp.log_dir!r}: no "
                           f"'/', not '', '.' or '..'")
-    if not run_id.isprintable() or not run_id.strip():  # a newline splits log.txt's 'run folder:' line; bytes that
+    if run_id and (not run_id.isprintable() or not run_id.strip()):  # ("" = a new id) a newline splits log.txt's 'run folder:' line; bytes that
         # are not UTF-8 (surrogates here) cannot be written to log.txt at all; a name of spaces only hides in a listing
         raise ConfigError(f"--run_id {run_id!r} must be a folder name of printable UTF-8 characters (no newline, "
                           f"control character or undecodable byte), not spaces only")
