@@ -5,6 +5,7 @@ The mini-slowrun bench (issue 17): the reference curve of the `mini` track and t
     python bench/mini.py curve --build            # records/mini/reference_curve.json + table + plot from finished runs
     python bench/mini.py curve --public           # the public convention: ONE epoch, the preset's recipe, 1/8 .. max
     python bench/mini.py grid NAME --budget 8 --runs 'wd0:--muon_wd 0' 'wd1:--muon_wd 1.0' ...   # any table at 1/8
+    python bench/mini.py transfer                 # issue 28: the public leaderboard's techniques on the record's member
 
 Every run is `train_gpt.py --preset mini` plus flags, one after another, with OMP_NUM_THREADS=1 (the machine is
 shared), in bench/runs/mini/<run_id>/ ; a run whose result.json exists is not run again, so a killed bench resumes.
@@ -181,6 +182,8 @@ def run(run_id: str, flags: str, log) -> dict:
         command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--preset", "mini", "--log_dir", RUNS,
                    "--run_id", run_id, "--save_model", "false", "--val_every", "-1", *DOMAIN_FLAGS.split(),
                    *flags.split()]
+        if os.path.isfile(os.path.join(RUNS, run_id, "hyperparameters.json")):  # a killed run: continue it
+            command = [sys.executable, os.path.join(REPO_ROOT, "train_gpt.py"), "--resume", os.path.join(RUNS, run_id)]
         env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
         log(f"run {run_id}: {' '.join(command[2:])}")
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -426,6 +429,214 @@ def grid_table(rows: list[tuple[str, str, dict]], command: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# The transfer table (issue 28): does the laptop predict the node?
+
+# The public leaderboard's val losses, step by step (qlabs-eng/slowrun README.md at fd342f0; index 0 = step 1).
+LEADERBOARD = {
+    "1h": (3.402, 3.376, 3.349, 3.335, 3.314, 3.295, 3.285, 3.278, 3.276, 3.270, 3.252, 3.248, 3.236, 3.230, 3.227,
+           3.222, 3.214, 3.211, 3.204, 3.195),
+    "15min": (3.428, 3.410, 3.395, 3.385, 3.383, 3.374, 3.365, 3.353, 3.345, 3.332, 3.329, 3.324, 3.315, 3.307),
+    "unlimited": (3.402, 3.264, 3.218, 3.185, 3.166, 3.126, 3.089, 3.081, 3.045, 3.024, 3.001, 2.987),
+}
+# The mini record's member (records/mini/2026-11-26_m-wd1-lr08-sd01-e16-ens8), one member, at 1/8 of the data.
+TRANSFER_BASE = "--num_epochs 16 --n_layer 3 --n_embd 96 --n_head 3 --muon_wd 1.0 --muon_lr 0.08 --stochastic_depth 0.1"
+TRANSFER_SEEDS = (0, 1, 2)
+# config label -> flags added to the base; run one after another in this order (the ensembles, the costly ones, last)
+TRANSFER_CONFIGS = {  # larger public deltas first, the ensembles before the smallest (a run is ~100 s of a busy thread)
+    "base": "", "swiglu": "--mlp swiglu", "unet": "--unet_skips", "gate": "--attn_gate --out_gate_channels 12",
+    "vproj": "--value_proj", "ema": "--ema_decay 0.9", "swa3": "--swa_epochs 3", "order_fixed": "--train_order fixed",
+    "loop": "--loop_repeats 1 --loop_range 1:2 --loop_start_epoch 14",
+    "wdsched": "--wd_schedule points --wd_points 0:1,2.13:1,8.53:0.125,16:1.1625",
+    "ens2_logit": "--ensemble_size 2 --ensemble_mode logit",
+    "ens2_distill": "--ensemble_size 2 --ensemble_mode logit --distill_alpha 0.5",
+    "projnormal": "--proj_init normal", "iha": "--head_mix --head_mix_lr 0.02", "mtp": "--mtp_weight 0.3 --mtp_style block",
+    "recur2": "--recurrence 2 --recurrence_start_frac 0.7", "snap3": "--epoch_snapshots 3 --epoch_snapshot_weights recency",
+    "sd0": "--stochastic_depth 0", "muoneqr": "--muon_eq_r", "xsa": "--xsa learned",
+    "ens2_prob": "--ensemble_size 2 --ensemble_mode prob", "vtables": "--value_embed_tables",
+}
+# (technique, kind, config WITH it, config WITHOUT it, public track, step, note). Delta = with - without, so a
+# negative delta means the technique helps, on the laptop as on the board; a removal (the base has the technique)
+# is the base against the base without it.
+TRANSFER_ROWS = [
+    ("per-epoch shuffling (removal)", "data order", "base", "order_fixed", "1h", 2,
+     "board: per-epoch reshuffle added to a fixed order; ours reshuffles whole documents each epoch (1h #2 and #19 "
+     "together), removed to the baseline record's fixed order"),
+    ("value projections from x0", "architecture", "vproj", "vtables", "1h", 3,
+     "the board's own comparison: #3 replaced value embedding tables (--value_embed_tables) by x0 projections"),
+    ("SwiGLU", "architecture", "swiglu", "base", "1h", 4, ""),
+    ("U-Net skips", "architecture", "unet", "base", "1h", 5, "3 layers: one skip (layer 0 -> layer 2)"),
+    ("attention head gate", "architecture", "gate", "base", "1h", 6, ""),
+    ("looping layers (last 3 epochs)", "architecture", "loop", "base", "1h", 7,
+     "board: bundled with a shorter warmdown (not measured here)"),
+    ("XSA (learned)", "architecture", "xsa", "base", "15min", 11, ""),
+    ("EMA of weights", "averaging", "ema", "base", "15min", 8,
+     "decay 0.9 per step (~1.5 epochs of 7 steps); the EMA replaces the weights at the end"),
+    ("average of last 3 epoch checkpoints", "averaging", "snap3", "base", "1h", 12,
+     "probability average of the last 3 epochs' weights, recency weights (the 1h preset's reading of #12)"),
+    ("SWA (3 epochs)", "averaging", "swa3", "base", "1h", 13, ""),
+    ("c_proj init normal", "initialisation", "projnormal", "base", "1h", 14, ""),
+    ("stochastic depth (removal)", "regularisation", "base", "sd0", "1h", 15,
+     "ours p 0.1 per sequence; the board's 0.05 per batch"),
+    ("multi-token prediction", "objective", "mtp", "base", "1h", 16, ""),
+    ("IHA (head mixing)", "architecture", "iha", "base", "1h", 17, ""),
+    ("MuonEq-R", "optimizer", "muoneqr", "base", "1h", 18, ""),
+    ("weight-decay schedule", "schedule", "wdsched", "base", "15min", 7,
+     "the 15min record's knots 0:1,2:1,8:0.125,15:1.1625 stretched to 16 epochs"),
+    ("2x recurrence", "architecture", "recur2", "base", "15min", 12, ""),
+    ("ensemble of 2, logit averaging", "ensembling", "ens2_logit", "base", "unlimited", 2,
+     "board: 8 members; here 2 (member 0 is the base run itself)"),
+    ("chain distillation", "ensembling", "ens2_distill", "ens2_logit", "unlimited", 6,
+     "member 1 distils member 0 (alpha 0.5, T 1), logit averaging as the board then had; 2 members"),
+    ("probability vs logit averaging", "ensembling", "ens2_prob", "ens2_logit", "unlimited", 10,
+     "board: bundled with 20 models instead of 12; here 2 members both ways"),
+    ("value projections, against no value path", "architecture", "vproj", "base", "1h", 3,
+     "shown, not counted (1h #3 counts once, as the row above): the base has no value tables"),
+]
+
+
+def public_delta(track: str, step: int) -> float:
+    """The leaderboard step's val loss minus the previous step's on its track."""
+    losses = LEADERBOARD[track]
+    if not 2 <= step <= len(losses):
+        raise ValueError(f"{track} has steps 2..{len(losses)} with a previous step; got {step}")
+    return round(losses[step - 1] - losses[step - 2], 6)
+
+
+def paired_deltas(with_losses: list[float], without_losses: list[float]) -> dict:
+    """Per-seed deltas (with - without, the same seed both ways), their mean, sample std (n - 1), standard error,
+    spread (max - min) and whether the mean lies outside seed noise: |mean| > 2 standard errors (n >= 2)."""
+    if len(with_losses) != len(without_losses) or not with_losses:
+        raise ValueError(f"paired deltas need equal, non-empty lists; got {len(with_losses)} and {len(without_losses)}")
+    deltas = [a - b for a, b in zip(with_losses, without_losses)]
+    n, mean = len(deltas), sum(deltas) / len(deltas)
+    std = (sum((d - mean) ** 2 for d in deltas) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+    se = std / n ** 0.5 if n > 1 else float("nan")
+    return dict(deltas=deltas, n=n, mean=mean, std=std, se=se, spread=max(deltas) - min(deltas),
+                significant=n > 1 and abs(mean) > 2 * se)
+
+
+def sign_agreement(laptop: list[float], public: list[float]) -> tuple[int, int]:
+    """(pairs whose deltas have the same sign, pairs): a zero delta agrees only with a zero."""
+    if len(laptop) != len(public):
+        raise ValueError(f"sign agreement needs paired lists; got {len(laptop)} and {len(public)}")
+    sign = lambda x: (x > 0) - (x < 0)  # noqa: E731
+    return sum(sign(a) == sign(b) for a, b in zip(laptop, public)), len(laptop)
+
+
+def average_ranks(values: list[float]) -> list[float]:
+    """1-based ranks, ties sharing the mean of the ranks they span."""
+    order = sorted(range(len(values)), key=lambda i: values[i])
+    ranks = [0.0] * len(values)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2 + 1
+        i = j + 1
+    return ranks
+
+
+def spearman(x: list[float], y: list[float]) -> float:
+    """Spearman's rank correlation with ties: Pearson's correlation of the average ranks (nan when a side is
+    constant or there are fewer than 2 pairs)."""
+    if len(x) != len(y):
+        raise ValueError(f"spearman needs paired lists; got {len(x)} and {len(y)}")
+    if len(x) < 2:
+        return float("nan")
+    rx, ry = average_ranks(x), average_ranks(y)
+    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
+    sxx, syy = sum((a - mx) ** 2 for a in rx), sum((b - my) ** 2 for b in ry)
+    return sxy / (sxx * syy) ** 0.5 if sxx > 0 and syy > 0 else float("nan")
+
+
+def transfer_run_id(config: str, seed: int) -> str:
+    return f"transfer_{config}_s{seed}"
+
+
+def merge_flags(base: str, extra: str) -> str:
+    """base's '--name value' pairs with extra's flags appended, a flag extra also sets dropped from base
+    (train_gpt.py refuses a flag given twice)."""
+    words, names = base.split(), {w for w in extra.split() if w.startswith("--")}
+    kept, i = [], 0
+    while i < len(words):
+        if words[i] in names:
+            i += 2  # the flag and its value
+            continue
+        kept.append(words[i])
+        i += 1
+    return " ".join(kept + extra.split())
+
+
+def transfer_flags(config: str, seed: int) -> str:
+    return f"--train_tokens {budget_tokens(8)} " + merge_flags(TRANSFER_BASE, f"{TRANSFER_CONFIGS[config]} --seed {seed}")
+
+
+def transfer_tables(results: dict, command: str) -> str:
+    """results: (config, seed) -> result.json ({} when failed or missing). The raw rows, the public delta beside
+    each, then sign agreement and Spearman over the techniques with all seeds, overall and outside seed noise."""
+    def losses(config: str) -> dict[int, float]:
+        return {seed: r["val_loss"] for (c, seed), r in results.items() if c == config and r}
+
+    commits = sorted({r.get("git_commit", "?")[:7] + ("-dirty" if r.get("git_commit", "").endswith("-dirty") else "")
+                      for r in results.values() if r})
+    lines = [f"Command: `{command}` (table written at git {git_commit()}; every run one member of `--preset mini {TRANSFER_BASE}` "
+             f"at 1/8 of the data (`--train_tokens {budget_tokens(8)}`) plus the row's flags and `--seed s`, s = "
+             f"{', '.join(map(str, TRANSFER_SEEDS))}; ensembles: members s and s+1000; one run at a time, "
+             f"OMP_NUM_THREADS=1, nice 10, on a shared 2-core machine). Val loss in nats/byte. Delta = with - without "
+             f"on the same seed (negative: the technique helps), mean ± sample std over seeds [smallest, largest]; `*` = "
+             f"outside seed noise (|mean| > 2 standard errors). The runs' commits (train_gpt.py's result.json, "
+             f"-dirty: the tree had uncommitted edits): {', '.join(commits) or '—'}. Public delta = the leaderboard step's val minus the previous "
+             f"step's on its track (slowrun README at fd342f0).", "",
+             "| technique | kind | with (flags added to the base) | without | val with, per seed | val without, per "
+             "seed | laptop delta | public step | public delta | note |", "|---|---|---|---|---|---|---|---|---|---|"]
+    laptop, board, noisy_free, counted = [], [], [], set()
+    for name, kind, with_c, without_c, track, step, note in TRANSFER_ROWS:
+        a, b = losses(with_c), losses(without_c)
+        seeds = [s for s in TRANSFER_SEEDS if s in a and s in b]
+        pub = public_delta(track, step)
+        flags = lambda c: f"`{TRANSFER_CONFIGS[c]}`" if TRANSFER_CONFIGS[c] else "(base)"  # noqa: E731
+        cells = lambda d: ", ".join(f"{d[s]:.4f}" if s in d else "—" for s in TRANSFER_SEEDS)  # noqa: E731
+        if seeds:
+            stats = paired_deltas([a[s] for s in seeds], [b[s] for s in seeds])
+            delta = (f"{stats['mean']:+.4f} ± {stats['std']:.4f}{' *' if stats['significant'] else ''} "
+                     f"[{min(stats['deltas']):+.3f}, {max(stats['deltas']):+.3f}]" if stats["n"] > 1
+                     else f"{stats['mean']:+.4f}")
+            if stats["n"] == len(TRANSFER_SEEDS) and (track, step) not in counted:  # a public step counts once
+                counted.add((track, step))
+                laptop.append(stats["mean"])
+                board.append(pub)
+                noisy_free.append(stats["significant"])
+            if stats["n"] < len(TRANSFER_SEEDS):
+                delta += f" ({stats['n']} seed{'s' * (stats['n'] > 1)})"
+        else:
+            delta = "missing"
+        lines.append(f"| {name} | {kind} | {flags(with_c)} | {flags(without_c)} | {cells(a)} | {cells(b)} | {delta} | "
+                     f"{track} #{step} | {pub:+.3f} | {note} |")
+    base = losses("base")
+    if base:
+        values = list(base.values())
+        lines += ["", f"Base (the record's member alone): val {', '.join(f'{v:.4f}' for v in values)} "
+                  f"(mean {sum(values) / len(values):.4f})."]
+    agree, total = sign_agreement(laptop, board)
+    sig = [i for i, s in enumerate(noisy_free) if s]
+    agree_sig, total_sig = sign_agreement([laptop[i] for i in sig], [board[i] for i in sig])
+    rho = spearman(laptop, board)
+    rho_sig = spearman([laptop[i] for i in sig], [board[i] for i in sig])
+    steps = len({(row[4], row[5]) for row in TRANSFER_ROWS})
+    lines += ["", f"Public steps with all {len(TRANSFER_SEEDS)} seeds: {total} of {steps} (a step measured twice counts "
+              f"once: its first row with all seeds). Sign agreement "
+              f"(laptop delta and public delta of the same sign): **{agree} of {total}** overall; **{agree_sig} of "
+              f"{total_sig}** among those whose laptop delta is outside seed noise. Spearman rank correlation of "
+              f"laptop and public deltas: **{rho:+.3f}** overall (n = {total}), {rho_sig:+.3f} outside seed noise "
+              f"(n = {total_sig}). Every public delta is negative (each step was a record), so sign agreement here "
+              f"counts the techniques that help on the laptop too."]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Main
 
 
@@ -446,6 +657,10 @@ def main(argv: list[str] | None = None) -> int:
     grid.add_argument("--budget", type=int, default=8, help="1/N of the track's data (default 8)")
     grid.add_argument("--runs", nargs="+", required=True, help="'label:flags' items")
     grid.add_argument("--title", default="", help="the table's title in RESULTS.md")
+    transfer = sub.add_parser("transfer", help="issue 28's transfer table: the public leaderboard's techniques on "
+                              "the mini record's member, 3 paired seeds, against the public deltas")
+    transfer.add_argument("--build", action="store_true", help="only write the table from finished runs")
+    transfer.add_argument("--only", default="", help="comma-separated configs to run (default: all, in order)")
     parser.add_argument("--domain", choices=DOMAINS, default="fineweb",
                         help="whose bytes: the mini track's FineWeb-Edu "
                         "(default), Tiny Shakespeare (data/shakespeare/), or the mini track's text in a BPE of 512 or "
@@ -460,6 +675,28 @@ def main(argv: list[str] | None = None) -> int:
         with open(log_path, "a") as handle:
             handle.write(text + "\n")
 
+    if args.action == "transfer":
+        if args.domain != "fineweb":
+            parser.error("transfer: the byte track only (--domain fineweb)")
+        command = "python bench/mini.py transfer"
+        only = [c for c in args.only.split(",") if c]
+        unknown = [c for c in only if c not in TRANSFER_CONFIGS]
+        if unknown:
+            parser.error(f"--only: unknown configs {unknown}; known: {', '.join(TRANSFER_CONFIGS)}")
+        results = {}
+        for config in TRANSFER_CONFIGS:
+            for seed in TRANSFER_SEEDS:
+                run_id = transfer_run_id(config, seed)
+                done = os.path.isfile(os.path.join(RUNS, run_id, "result.json"))
+                if args.build or (only and config not in only):
+                    results[config, seed] = json.load(open(os.path.join(RUNS, run_id, "result.json"))) if done else {}
+                    continue
+                results[config, seed] = run(run_id, transfer_flags(config, seed), log)
+                write_section(RESULTS, f"{SECTION}_transfer", "### Mini-slowrun: the transfer table (does the "
+                              "laptop predict the node?)\n\n" + transfer_tables(results, command))
+        write_section(RESULTS, f"{SECTION}_transfer", "### Mini-slowrun: the transfer table (does the laptop predict "
+                      "the node?)\n\n" + transfer_tables(results, command))
+        return 0
     if args.action == "curve" and args.public:
         if args.domain != "fineweb":
             parser.error("--public: the byte track only (--domain fineweb)")
