@@ -779,9 +779,6 @@ def check_tracks_eval(hp: Hyperparameters) -> None:
             f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
     require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
             "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
-    require(hp.epoch_snapshot_weights == "equal" or hp.ensemble_size == 1,
-            "epoch_snapshot_weights weighs one model's epoch snapshots: an ensemble mixes its candidates uniformly "
-            "(or by --ensemble_weights); set ensemble_size 1 or epoch_snapshot_weights equal")
 
 
 def check_tracks_15min(hp: Hyperparameters) -> None:
@@ -4455,9 +4452,18 @@ def write_run_section(run: RunStart, dist_info: Dist, plan_lines: list[str]) -> 
     ])
     for line in plan_lines:  # the memory plan (check_memory_plan), in the run section
         log.write(f"memory | {line}")
-    for warning in data_size_warnings(hp, data.train_tokens.size):
+    for warning in data_size_warnings(hp, data.train_tokens.size) + unused_settings(hp):
         log.write(warning)
     log.write(f"data | {public_val_status(hp)}")  # a record run on other val tokens is visible at a glance
+
+
+def unused_settings(hp: Hyperparameters) -> list[str]:
+    """Log lines for settings this run does not use, so that none is ignored silently: a preset's one-model
+    weighting of its epoch snapshots (the 1h record's) under an ensemble, whose candidates mix uniformly."""
+    if hp.epoch_snapshot_weights != "equal" and hp.ensemble_size > 1:
+        return [f"note | epoch_snapshot_weights {hp.epoch_snapshot_weights} weighs one model's epoch snapshots: this "
+                f"ensemble's {candidate_count(hp)} candidates mix uniformly (or by --ensemble_weights)"]
+    return []
 
 
 def finish_run(run: RunStart, dist_info: Dist, pool: "CandidatePool", final: tuple[list, list[float]],

@@ -310,7 +310,11 @@ def test_bad_values_are_one_line_errors():
                   dict(epoch_snapshot_weights="both"), dict(val_public_windows=-1)):
         with pytest.raises(train_gpt.ConfigError):
             train_gpt.check_hyperparameters(micro_hp(**flags), 1)
-    # an ensemble mixes its candidates uniformly: a snapshot weighting there was silently ignored
-    with pytest.raises(train_gpt.ConfigError, match="weighs one model's epoch snapshots"):
-        train_gpt.check_hyperparameters(micro_hp(epoch_snapshots=2, epoch_snapshot_weights="recency",
-                                                 ensemble_size=2), 1)
+    # an ensemble mixes its candidates uniformly: a snapshot weighting there (the 1h preset's, under --ensemble_size)
+    # was silently ignored; it is accepted and the run's log says it is not used
+    ensemble = micro_hp(epoch_snapshots=2, epoch_snapshot_weights="recency", ensemble_size=2)
+    train_gpt.check_tracks_eval(ensemble)  # the check of these flags: no refusal
+    assert train_gpt.unused_settings(ensemble) == [
+        "note | epoch_snapshot_weights recency weighs one model's epoch snapshots: this ensemble's 4 candidates mix "
+        "uniformly (or by --ensemble_weights)"]
+    assert train_gpt.unused_settings(micro_hp(epoch_snapshots=2, epoch_snapshot_weights="recency")) == []
