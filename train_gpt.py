@@ -4315,9 +4315,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
         return 2
     except Exception as error:  # noqa: BLE001 - only another rank's death is turned into one line; the rest re-raised
-        if dist_info is None or dist_info.world_size == 1 or not peer_failure(error):
+        lost = peer_failure(error) if dist_info is not None and dist_info.world_size > 1 else ""
+        if not lost:
             raise
-        print(f"error: {peer_failure(error)}; rank {dist_info.rank} ends the run (--resume RUN_FOLDER on every node "
+        print(f"error: {lost}; rank {dist_info.rank} ends the run (--resume RUN_FOLDER on every node "
               f"continues it)", file=sys.stderr, flush=True)
         return 2
     finally:
@@ -4417,7 +4418,7 @@ def start_run(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> RunStart
         check_resume_checkpoints(hp, dist_info, folder)
         check_resume_data(folder, data, dist_info)
     log = open_run_folder(hp, dist_info, folder, argv)
-    if not hp.resume:
+    if not hp.resume and dist_info.is_main:  # rank 0 alone writes it: the checksums once, not on every rank
         log.save_json(DATA_FINGERPRINTS, data_fingerprints(data))  # what a --resume must read again
     if wandb is not None and dist_info.is_main:
         log.tracker = wandb.init(project=hp.wandb, name=run_id, config=dataclasses.asdict(hp), dir=folder)
