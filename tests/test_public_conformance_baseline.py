@@ -42,7 +42,8 @@ import pytest
 import torch
 
 import train_gpt
-from public_scripts import ONE_RANK_DIST, REFERENCE, StubLoss, StubModule, bfloat16_as_float32, load_public, public_block, run_block
+from public_scripts import ONE_RANK_DIST, REFERENCE, StubLoss, StubModule, bfloat16_as_float32, load_public, public_block, \
+    require_public, run_block
 
 TRACK = "baseline"
 V_REAL, V_PADDED, BOS = 250, 256, 249  # the public pads its vocabulary to a multiple of 64 and slices the logits
@@ -351,7 +352,8 @@ def test_parameter_counts_at_full_size_on_meta_equal_the_public():
 
 def preparation_seed(name: str) -> int:
     """The shuffle seed the public data preparation stores for a split (prepare_data.py at fd342f0: val 42,
-    train 43)."""
+    train 43). Skips the caller where the public scripts are absent, as every public-side helper does."""
+    require_public()
     with open(os.path.join(REFERENCE, "fd342f0", "prepare_data.py")) as handle:
         return int(re.search(rf"^{name}_SHUFFLE_SEED = (\d+)$", handle.read(), re.M).group(1))
 
