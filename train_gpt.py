@@ -249,6 +249,9 @@ class Recipe:
     distill_temperature: Positive = 1.0  # T of the distillation KL (Hinton et al. 2015)
     distill_teacher: str = "previous"  # "previous": member k - 1 (under parallel_members: the previous round's last) | "ensemble": prob-average of the members before
     distill_chunk: PositiveInt = 128  # sequence positions per chunk of teacher logits: no fp32 batch x vocab teacher tensor
+    distill_from: str = ""  # a finished run's folder: its members (members/member_NN.pt, or its model.pt) teach every
+    # member of this run as one prob-averaged teacher (distill_alpha, T): an ensemble distilled into one model
+    # (Kim et al. 2025, arXiv 2509.14786, kept most of an ensemble's gain in one student); "" = the chain above
     distill_mtp_inside: bool = False  # distilling, the objective is (1 - a)(CE + mtp_weight MTP) + a T^2 KL: MTP inside
     # the (1 - a) as the unlimited record folds it, not added outside
     snapshot_distill: bool = False  # each cycle after the first distils from the previous snapshot (distill_alpha, T)
@@ -650,6 +653,8 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
     world_size //= hp.parallel_members  # the ranks that train one member together
     require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
     require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
+    require(not hp.distill_from or hp.distill_alpha > 0, "distill_from teaches through distill_alpha: set it > 0")
+    require(not (hp.distill_from and hp.snapshot_distill), "distill_from and snapshot_distill are two teachers: keep one")
     require(not (hp.snapshot_noise or hp.snapshot_distill) or hp.snapshot_cycles or hp.epoch_snapshots,
             "snapshot_noise and snapshot_distill act where a snapshot is taken: set snapshot_cycles or epoch_snapshots")
     require(not hp.snapshot_noise or member_seed(hp, hp.ensemble_size - 1) * 1000 + hp.snapshot_cycles +
@@ -3738,7 +3743,7 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     for round_members in pool.rounds():  # one member per group of ranks (parallel_members), round after round
         member = pool.member_to_train(round_members)  # none when this group's was finished before a --resume
         if member is not None:
-            teachers = distillation_teachers(hp, pool.members)
+            teachers = distillation_teachers(hp, pool.members, pool.outside_teachers)
             pool.add_trained(member, train_member(hp, pool.group, data, pool.group_log, member, teachers, work))
         for member in pool.close_round(round_members):  # each member of the round joins the candidates, in order
             if candidate_count(hp) > 1:  # the ensemble so far
@@ -3765,10 +3770,13 @@ def train(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> dict:
     return finish_run(run, dist_info, pool, final, averages, val_loss, test_loss, ensemble_losses, selection)
 
 
-def distillation_teachers(hp: Hyperparameters, members: list) -> list[tuple[nn.Module, float]]:
-    """The next member's teachers and their weights: the previous member (the public chain, Hinton et al. 2015's
-    distillation from the last model) or every earlier member equally (distill_teacher ensemble); none for the
-    unlimited record's independent chains (snapshot_distill_after), whose snapshots teach inside a member."""
+def distillation_teachers(hp: Hyperparameters, members: list, outside: list) -> list[tuple[nn.Module, float]]:
+    """The next member's teachers and their weights: a finished run's members equally (distill_from: `outside`),
+    the previous member (the public chain, Hinton et al. 2015's distillation from the last model) or every earlier
+    member equally (distill_teacher ensemble); none for the unlimited record's independent chains
+    (snapshot_distill_after), whose snapshots teach inside a member."""
+    if outside:
+        return [(teacher, 1.0 / len(outside)) for teacher in outside]
     if hp.snapshot_distill_after:
         return []
     earlier = members if hp.distill_teacher == "ensemble" else members[-1:]  # members[-1]: the previous round's last
@@ -4400,6 +4408,8 @@ def start_run(hp: Hyperparameters, dist_info: Dist, argv: list[str]) -> RunStart
             return RunStart(hp, result=finish_run_end(hp, dist_info, argv))  # killed after result.json
     check_hyperparameters(hp, dist_info.world_size)
     check_run_id(hp, argv)
+    if hp.distill_from:
+        check_distill_from(hp)
     plan_lines = check_memory_plan(hp, dist_info)  # refuses a run that cannot fit before any work
     hp = resolve_averaging_on_host(hp, dist_info)
     hp = resolve_candidates_on_disk(hp, dist_info)
@@ -4888,6 +4898,11 @@ class CandidatePool:
         # teachers: those over their group's ranks until the last member is trained (each group keeps its own copy)
         self.world_store = frozen_store(hp, dist_info)
         self.group_log, self.done_before, self.trained_here = log, set(), {}
+        # distill_from: a finished run's members, each group's own copy over its ranks (the groups teach at their own
+        # pace), loaded one at a time into host memory
+        self.outside_teachers = [keep_frozen(load_member(path, dist_info.host)[0], frozen_store(hp, self.group),
+                                             False, path, 0, teaches=True)
+                                 for path in distill_from_files(hp.distill_from)] if hp.distill_from else []
 
     def rounds(self):
         """Each round's members (one per group), once every rank has looked for the ones finished before a resume
@@ -4954,6 +4969,7 @@ class CandidatePool:
         """Every member trained: none teaches any more, so under candidates_on_disk each is its file from here, and
         the teachers too are split over the world."""
         self.members[:] = [on_disk_twin(m) for m in self.members]
+        self.outside_teachers = []  # distill_from's teachers: their memory back
         self.candidates[:] = [on_disk_twin(c) for c in self.candidates]
         for model in self.members:
             reshard_on_host(model, self.group, self.world_store)
@@ -4961,7 +4977,8 @@ class CandidatePool:
     def member_store(self, member: int) -> Dist:
         hp = self.hp
         round_start = member - member % hp.parallel_members
-        teaches_later = hp.distill_alpha > 0 and round_start + hp.parallel_members < hp.ensemble_size
+        teaches_later = hp.distill_alpha > 0 and not hp.distill_from and \
+            round_start + hp.parallel_members < hp.ensemble_size
         return frozen_store(hp, self.group) if teaches_later else self.world_store
 
     def writer(self, member: int) -> int:
@@ -4972,7 +4989,7 @@ class CandidatePool:
         """The member parked in host memory, or its file under candidates_on_disk."""
         hp = self.hp
         round_start = member - member % hp.parallel_members
-        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and \
+        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and not hp.distill_from and \
             round_start + hp.parallel_members < hp.ensemble_size
         return keep_frozen(model, self.member_store(member), candidates_on_disk(hp), member_path(self.folder, member),
                            self.writer(member), teaches)
@@ -4994,6 +5011,37 @@ class CandidatePool:
 
 
 # --- Member files, checkpoints and resume ---
+
+
+def distill_from_files(folder: str) -> list[str]:
+    """--distill_from's teachers: a finished run's member files (members/member_NN.pt, its snapshots left out), or
+    the model.pt of a run of one model."""
+    if not os.path.isdir(folder):
+        raise ConfigError(f"--distill_from {folder}: no such run folder")
+    members = os.path.join(folder, "members")
+    names = sorted(n for n in os.listdir(members) if re.fullmatch(r"member_\d+\.pt", n)) \
+        if os.path.isdir(members) else []
+    paths = [os.path.join(members, n) for n in names] or \
+        [p for p in [os.path.join(folder, "model.pt")] if os.path.isfile(p)]
+    if not paths:
+        raise ConfigError(f"--distill_from {folder}: neither members/member_NN.pt nor model.pt there (a finished run "
+                          f"folder; a single model's run writes model.pt with --save_model)")
+    return paths
+
+
+def check_distill_from(hp: Hyperparameters) -> None:
+    """--distill_from's teachers read their targets from the run's tokens: each file is checked (checksums, numbers)
+    and must predict this run's vocabulary, made by this run's tokenizer; refused before the run folder exists."""
+    for path in distill_from_files(hp.distill_from):
+        check_saved_file_once(path)
+        try:
+            saved = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            vocab, tokenizer = saved["config"]["vocab_size"], saved.get("tokenizer", "gpt2")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the same one-line complaint
+            raise ConfigError(f"--distill_from {path}: not a member file ({type(exc).__name__}: {exc})") from None
+        if vocab != hp.vocab_size or tokenizer != hp.tokenizer:
+            raise ConfigError(f"--distill_from {path}: its model predicts {vocab} tokens of tokenizer {tokenizer}, "
+                              f"this run {hp.vocab_size} of {hp.tokenizer}: a teacher must share the run's tokens")
 
 
 def default_run_id() -> str:
@@ -5824,16 +5872,19 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     # frozen models wait in host memory (park_on_host; host_memory_plan); on the device while the last member trains:
     # its teacher (held while it teaches; distill_teacher ensemble: one body at a time plus every teacher's lm_head,
     # TeacherHead); snapshots are scored as the training model and copied straight to the host (frozen_host_copy)
-    teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill)
+    # (distill_from's teachers are counted at this model's size)
+    outside = len(distill_from_files(hp.distill_from)) if hp.distill_from else 0
+    teaching = hp.distill_alpha > 0 and (hp.ensemble_size > 1 or hp.snapshot_distill or outside > 0)
     frozen_training = 1 if teaching else 0
     head_bytes = model.lm_head.weight.numel() * model.lm_head.weight.element_size()
     teacher_heads = (hp.ensemble_size - 1) * head_bytes if teaching and hp.distill_teacher == "ensemble" and \
         hp.ensemble_size > 2 else 0
+    teacher_heads = outside * head_bytes if outside > 1 else teacher_heads
     averages = (1 if hp.ema_decay > 0 else 0) + (3 if hp.swa_epochs else 0)  # EMA copy; SWA sum + weights + new sum
     averages += 1 if hp.ckpt_avg_epochs else 0  # the checkpoint average's running weighted sum
     distill = 0
-    if hp.distill_alpha > 0 and hp.ensemble_size > 1:  # teacher features and a chunk of teacher log-probs
-        teachers = hp.ensemble_size - 1 if hp.distill_teacher == "ensemble" else 1
+    if hp.distill_alpha > 0 and (hp.ensemble_size > 1 or outside):  # teacher features, a chunk of teacher log-probs
+        teachers = outside or (hp.ensemble_size - 1 if hp.distill_teacher == "ensemble" else 1)
         distill = tokens * teachers * hp.n_embd * compute_bytes + 3 * 4 * hp.distill_chunk * hp.device_batch_size \
             * hp.vocab_size
     training_state = param_bytes + grad_bytes + adam_bytes + muon_bytes
@@ -5938,7 +5989,8 @@ def disk_memory_plan(hp: Hyperparameters, world_size: int, model: nn.Module, ave
     file_bytes = sum(t.numel() * t.element_size() for t in in_file.values())
     per_member, candidates = candidate_count(hp) // hp.ensemble_size, candidate_count(hp)
     earlier = hp.ensemble_size - hp.parallel_members  # members trained in the rounds before the last
-    teaching = earlier if hp.distill_alpha > 0 and not hp.snapshot_distill_after else 0
+    teaching = earlier if hp.distill_alpha > 0 and not hp.snapshot_distill_after and not hp.distill_from else 0
+    teaching += len(distill_from_files(hp.distill_from)) if hp.distill_from else 0  # at this model's size
     member_share = group_share if hp.distill_alpha > 0 else world_share
     snapshot_teachers = 2 if hp.snapshot_distill and per_member > 1 else 0
     training = teaching * member_share + snapshot_teachers * group_share + averages_bytes \

@@ -358,3 +358,46 @@ def test_swa_and_epoch_snapshots_runs(micro_data, tmp_path):
     vals = [m["val_loss"] for m in read_metrics(os.path.join(logs, "epochs")) if m["kind"] == "val"]
     assert result["candidate_val_losses"] == pytest.approx(vals, rel=1e-9)  # each candidate is that epoch's model
     assert result["val_loss"] < np.mean(result["candidate_val_losses"])
+
+
+# ------------------------------------------------------------------------------- distilling a finished run (distill_from)
+
+def test_distill_from_a_finished_run_trains_the_student_the_chain_trains(micro_data, tmp_path):
+    """--distill_from RUN: the finished run's model, read from its file, teaches as the chain's member 0 teaches
+    member 1 in memory: the student (seed + 1000, member 1's seed) equals the chain's member 1 to the last bit."""
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    common = dict(distill_alpha=0.5, distill_temperature=2.0, distill_chunk=5, dropout=0.1)
+    assert run_in_process(micro_flags(train_path, val_path, logs, "chain", ensemble_size=2, **common)) == 0
+    assert run_in_process(micro_flags(train_path, val_path, logs, "teacher", save_model=True, **common)) == 0
+    chain, teacher = result_of(os.path.join(logs, "chain")), result_of(os.path.join(logs, "teacher"))
+    assert teacher["val_loss"] == chain["member_val_losses"][0]  # the same independent first model
+    assert run_in_process(micro_flags(train_path, val_path, logs, "student", seed=1000,
+                                      distill_from=os.path.join(logs, "teacher"), **common)) == 0
+    student = result_of(os.path.join(logs, "student"))
+    assert student["val_loss"] == chain["member_val_losses"][1]
+    assert chain["member_val_losses"][1] != teacher["val_loss"]
+    log_text = open(os.path.join(logs, "student", "log.txt")).read()
+    assert "distilling from 1 teacher(s)" in log_text
+
+    # an ensemble of two teachers (the chain's members files): the student differs from the one-teacher student
+    assert run_in_process(micro_flags(train_path, val_path, logs, "student2", seed=1000,
+                                      distill_from=os.path.join(logs, "chain"), **common)) == 0
+    assert "distilling from 2 teacher(s)" in open(os.path.join(logs, "student2", "log.txt")).read()
+    assert result_of(os.path.join(logs, "student2"))["val_loss"] != student["val_loss"]
+
+
+def test_distill_from_refuses_what_cannot_teach(micro_data, tmp_path, capsys):
+    train_path, val_path = micro_data
+    logs = str(tmp_path / "logs")
+    assert run_in_process(micro_flags(train_path, val_path, logs, "teacher", save_model=True)) == 0
+    cases = [(dict(distill_from=str(tmp_path / "nowhere"), distill_alpha=0.5), "no such run folder"),
+             (dict(distill_from=str(tmp_path), distill_alpha=0.5), "neither members/member_NN.pt nor model.pt"),
+             (dict(distill_from=os.path.join(logs, "teacher")), "set it > 0"),
+             (dict(distill_from=os.path.join(logs, "teacher"), distill_alpha=0.5, vocab_size=300),
+              "predicts 256 tokens")]
+    for index, (overrides, message) in enumerate(cases):
+        capsys.readouterr()
+        assert run_in_process(micro_flags(train_path, val_path, logs, f"bad{index}", **overrides)) == 2
+        assert message in capsys.readouterr().err
+        assert not os.path.exists(os.path.join(logs, f"bad{index}"))  # refused before the run folder
