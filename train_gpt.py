@@ -300,6 +300,45 @@ TRACK_COMMON = dict(
 )
 
 
+def stages(table: str) -> dict:
+    """A preset's training stages as one table (modded-nanogpt writes its schedule as a table of stages): a row per
+    stretch of epochs, "a-b" = from epoch position a to b (0-based, b excluded: "0-6" is the first six epochs), rows
+    back to back from 0, and a column per schedule, "-" where a stage leaves it alone. Returns the flags that carry
+    it (each still a command-line override):
+      windows        short,long window keys in the stage                     -> window_schedule
+      looped_layers  off | on (off stages first)                             -> loop_start_epoch
+      weight_decay   "x->y": the multiplier from x to y, linear in steps       -> wd_schedule points, wd_points
+      batch          the batch_tokens multiplier of each epoch in the stage   -> batch_schedule"""
+    rows = [line.split() for line in table.strip().splitlines()]
+    header, rows = rows[0], rows[1:]
+    spans = [tuple(int(x) for x in row[0].split("-")) for row in rows]
+    if header[0] != "epochs" or any(len(row) != len(header) for row in rows) or spans[0][0] != 0 or \
+            any(a >= b for a, b in spans) or any(prev[1] != nxt[0] for prev, nxt in zip(spans, spans[1:])):
+        raise ValueError(f"stages: a header 'epochs ...' and rows 'a-b value ...' back to back from 0: {table!r}")
+    flags = {}
+    for column, name in enumerate(header[1:], start=1):
+        cells = [(span, row[column]) for span, row in zip(spans, rows) if row[column] != "-"]
+        if name == "windows":
+            flags["window_schedule"] = ";".join(f"{a + 1}-{b}:{cell}" for (a, b), cell in cells)
+        elif name == "looped_layers":
+            on = [a for (a, _), cell in cells if cell == "on"]
+            values = [cell for _, cell in cells]
+            if not on or set(values) - {"off", "on"} or values != sorted(values, key=lambda cell: cell == "on"):
+                raise ValueError(f"stages: looped_layers go off, then on: {table!r}")
+            flags["loop_start_epoch"] = on[0] + 1
+        elif name == "weight_decay":
+            knots = [(str(a), cell.split("->")[0]) for (a, _), cell in cells] + \
+                [(str(cells[-1][0][1]), cells[-1][1].split("->")[1])]
+            if any(prev.split("->")[1] != nxt.split("->")[0] for (_, prev), (_, nxt) in zip(cells, cells[1:])):
+                raise ValueError(f"stages: each weight_decay stage starts where the one before ends: {table!r}")
+            flags.update(wd_schedule="points", wd_points=",".join(f"{a}:{x}" for a, x in knots))
+        elif name == "batch":
+            flags["batch_schedule"] = ",".join(cell for (a, b), cell in cells for _ in range(a, b))
+        else:
+            raise ValueError(f"stages: no schedule named {name!r} (windows, looped_layers, weight_decay, batch)")
+    return flags
+
+
 PRESETS: dict[str, dict] = {
     # The CPU mini-slowrun: the bundled FineWeb-Edu sample read for several epochs by a small model. Sized by
     # tokens/s, not parameters: at this width the 50,304-wide lm_head and its softmax cost most of each step.
@@ -357,7 +396,13 @@ PRESETS["1h"] = dict(
     # model: value projections from x0, U-Net skips, 12-channel attention output gates, x0 mixing, interleaved
     # head attention, normal c_proj init, layers 15-20 run three times from epoch 7 on
     value_proj=True, unet_skips=True, attn_gate=True, out_gate_channels=12, resid_mix=True, head_mix=True,
-    proj_init="normal", loop_repeats=2, loop_range="15:21", loop_start_epoch=7,
+    proj_init="normal", loop_repeats=2, loop_range="15:21",
+    # the training stages: the looped layers switch on after 6 of the 11 epochs
+    **stages("""
+        epochs   looped_layers
+        0-6      off
+        6-11     on
+    """),
     # optimizer (beyond TRACK_COMMON): MuonEq-R, momentum 0.85 -> 0.95 over 300 steps; gates in Muon; resid
     # lambdas and skips at 1% of scalar_lr, x0 lambdas with beta1 0.96
     muon_eq_r=True, muon_momentum_warmup=300, gates_muon=True, resid_lr_scale=0.01, x0_beta1=0.96,
@@ -381,8 +426,14 @@ PRESETS["slowrun"] = PRESETS["1h"]  # the old name of the 1h preset, kept as an 
 # per epoch (public FA3 (S, L) 256/768, 768/1792, 1280/2048 = our 257/769, 769/1793, 1281/2048 keys) with YaRN on
 # each growth of the long window. window_short (1h's 1025) is unused under the schedule.
 PRESETS["2h"] = dict(
-    PRESETS["1h"], num_epochs=22, loop_start_epoch=14, lr_epoch_cosine=8, epoch_snapshots=11,
-    window_schedule="1-6:257,769;7-13:769,1793;14-22:1281,2048", yarn=True,
+    PRESETS["1h"], num_epochs=22, lr_epoch_cosine=8, epoch_snapshots=11, yarn=True,
+    # the training stages: (short, long) window keys growing twice, the looped layers on in the last stage
+    **stages("""
+        epochs   windows     looped_layers
+        0-6      257,769     off
+        6-13     769,1793    off
+        13-22    1281,2048   on
+    """),
     attn_qkv_bf16=True,  # its CausalSelfAttention casts q, k, v to bf16 for FA3 (a no-op under CUDA autocast)
     rope_tables="bf16_values",  # its Yarn tables: bf16-rounded values in float32 buffers, rotation in float32
 )
@@ -430,7 +481,12 @@ PRESETS["15min"] = dict(
     # the record's LRs after its 0.8 multiplier (matrix 0.04, embedding 0.15, unembedding 0.001, scalar 0.25); weight
     # decay 0.8 held for 2 epochs, down to 0.1 at epoch 8, up to 0.93 at the end (multipliers of 0.8)
     muon_lr=0.032, embed_lr=0.12, head_lr=0.0008, scalar_lr=0.2, muon_wd=0.8, adam_wd=0.8,
-    wd_schedule="points", wd_points="0:1,2:1,8:0.125,15:1.1625",
+    **stages("""
+        epochs   weight_decay
+        0-2      1->1
+        2-8      1->0.125
+        8-15     0.125->1.1625
+    """),
     # model: value projections from x0 (gates in Muon), 12-channel output gates (AdamW betas 0.9/0.99), U-Net skips,
     # x0 mixing with lambdas from 1.1, learned XSA (eps 1e-4, betas 0.9/0.95), half-truncated RoPE (32 of 64 pairs),
     # the partial key offset on the long-window layers, no dropout on the MLP branch; the whole stack run twice from
@@ -451,15 +507,6 @@ PRESETS["15min"] = dict(
     # weight average of the last 4 epoch ends
     ema_decay=0.15 ** (10 / 190), ema_every=10, ema_candidate=True, ckpt_avg_epochs=4, ckpt_avg_weights="recency",
 )
-
-
-def cycle_batch_schedule(cycles: int, epochs_per_cycle: int, floor: float) -> str:
-    """The unlimited record's batch size across its snapshot cycles (records/TRACKS.md F18b) as a per-epoch
-    batch_schedule: cycle c (of C) trains at the full batch_tokens where amp = 1 - |2c/(C-1) - 1| >= 0.5 (the middle
-    half of the cycles), at `floor` of it elsewhere (--bs-floor 393,216 / 524,288 = 0.75), constant within a cycle."""
-    def full(cycle: int) -> bool:
-        return cycles == 1 or 1.0 - abs(2.0 * cycle / (cycles - 1) - 1.0) >= 0.5
-    return ",".join("1" if full(cycle) else f"{floor:g}" for cycle in range(cycles) for _ in range(epochs_per_cycle))
 
 
 # "unlimited": the unlimited track's record, 2.987 (qlabs-eng/slowrun unlimited/train.py + gradient_select.py at
@@ -491,7 +538,14 @@ PRESETS["unlimited"] = dict(
     # snapshot cycles of 2 epochs: LR linear 1 -> 0.08 within each, weight decay 0.7 -> 1 against it; 393,216-token
     # batches in the first and last quarter of the cycles, 524,288 in the middle half
     ensemble_size=5, snapshot_cycles=96, snapshot_cycle_epochs=True, snapshot_cycle_shape="linear",
-    lr_cycle_floor=0.08, wd_schedule="cycle_inverse", wd_floor=0.7, batch_schedule=cycle_batch_schedule(96, 2, 0.75),
+    lr_cycle_floor=0.08, wd_schedule="cycle_inverse", wd_floor=0.7,
+    # (the record's amp = 1 - |2c/95 - 1| >= 0.5 over its 96 cycles c: cycles 24-71 = epochs 48-143 at full batch)
+    **stages("""
+        epochs   batch
+        0-48     0.75
+        48-144   1
+        144-192  0.75
+    """),
     # chain distillation from cycle 8 on (teacher: the previous cycle's end, before its noise), alpha 0.45, T 1.2, MTP
     # inside the (1 - alpha); after each cycle but the last, noise N(0, 1) x std x (0.25 -> 0.05 by a cosine)
     snapshot_distill=True, snapshot_distill_after=8, distill_alpha=0.45, distill_temperature=1.2,

@@ -424,3 +424,44 @@ def test_run_sh_takes_the_preset_first_and_names_its_record():
     assert train_gpt.preset_record("slowrun").startswith("preset slowrun is 1h: reproduces the 1h record 3.195")
     with pytest.raises(train_gpt.ConfigError, match="unknown preset 'nope' .known: tiny, mini, mini_bpe, 1h, slowrun"):
         train_gpt.preset_record("nope")
+
+
+# ------------------------------------------------------------------------------------ training stages as one table
+
+def public_cycle_batches(cycles: int, epochs_per_cycle: int, floor: float) -> str:
+    """The unlimited record's batch per cycle, by hand from its formula: full batch where amp = 1 - |2c/(C-1) - 1|
+    >= 0.5, `floor` of it elsewhere, each cycle's value for each of its epochs."""
+    amps = [1.0 - abs(2.0 * c / (cycles - 1) - 1.0) for c in range(cycles)]
+    return ",".join("1" if amp >= 0.5 else f"{floor:g}" for amp in amps for _ in range(epochs_per_cycle))
+
+
+def test_the_presets_stage_tables_give_the_schedules_the_records_run():
+    presets = train_gpt.PRESETS
+    # the strings the presets held before they were tables (commit 63b99db), each the record's schedule
+    assert presets["1h"]["loop_start_epoch"] == 7
+    assert presets["2h"]["loop_start_epoch"] == 14
+    assert presets["2h"]["window_schedule"] == "1-6:257,769;7-13:769,1793;14-22:1281,2048"
+    assert (presets["15min"]["wd_schedule"], presets["15min"]["wd_points"]) == ("points", "0:1,2:1,8:0.125,15:1.1625")
+    assert presets["unlimited"]["batch_schedule"] == public_cycle_batches(96, 2, 0.75)
+    assert presets["unlimited"]["batch_schedule"].count("0.75") == 96  # the first and last quarter of 192 epochs
+
+
+@pytest.mark.parametrize("table, message", [
+    ("epochs windows\n1-6 257,769", "back to back from 0"),
+    ("epochs windows\n0-6 257,769\n7-9 769,1793", "back to back from 0"),
+    ("epochs looped_layers\n0-6 on\n6-9 off", "off, then on"),
+    ("epochs weight_decay\n0-2 1->1\n2-8 0.5->0.125", "starts where the one before ends"),
+    ("epochs momentum\n0-2 0.9", "no schedule named 'momentum'"),
+])
+def test_a_stage_table_that_cannot_be_one_schedule_is_refused(table, message):
+    with pytest.raises(ValueError, match=message):
+        train_gpt.stages(table)
+
+
+def test_a_stage_table_row_by_row():
+    assert train_gpt.stages("""
+        epochs  windows  looped_layers  weight_decay  batch
+        0-2     65,129   off            1->0.5        0.5
+        2-3     -        on             0.5->2        1
+    """) == dict(window_schedule="1-2:65,129", loop_start_epoch=3, wd_schedule="points", wd_points="0:1,2:0.5,3:2",
+                 batch_schedule="0.5,0.5,1")

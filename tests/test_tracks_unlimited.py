@@ -300,7 +300,7 @@ def micro_unlimited_flags(train_path, val_path, log_dir, run_id):
     flags = ["--preset", "unlimited"] + micro_flags(
         train_path, val_path, log_dir, run_id, test_files="", train_tokens=2000, n_layer=2, mlp_hidden=0,
         window_short=0, train_vocab=0, eval_vocab=0, loop_range="1:2", device_batch_size=2, val_batch_size=4,
-        num_epochs=3, ensemble_size=2, snapshot_cycles=3, batch_schedule=train_gpt.cycle_batch_schedule(3, 1, 0.5),
+        num_epochs=3, ensemble_size=2, snapshot_cycles=3, batch_schedule="0.5,1,0.5",
         snapshot_distill_after=1, fitness_tokens=200, select_top_sweep="2,4", val_public_windows=8, compile="off",
         log_every=1)
     return flags
