@@ -3254,7 +3254,7 @@ def final_inference_state(model: GPT, hp: Hyperparameters, schedule: "MemberSche
             set_window_schedule_stage(model, stage)
 
 
-def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog", tag: str,
+def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "RunLog | None", tag: str,
                          compiled: bool) -> None:
     """The window schedule at a step: the stage of its epoch from the epoch's first step (the 2h record switches
     after the previous epoch's end evaluation); a change, and the first step, logged with the windows, YaRN's scale
@@ -3266,6 +3266,8 @@ def window_schedule_step(model: GPT, train_data: TrainData, step: int, log: "Run
     if stage == model.window_stage and step:
         return
     set_window_schedule_stage(model, stage)
+    if log is None:
+        return
     first, last, short, long = stages[stage]
     growth = model.yarn_growths[-1] if config.yarn and model.yarn_growths else None
     log.write(f"{tag}window stage {stage + 1}/{len(stages)} (epochs {first}-{last}) from step {step}: short {short}, "
@@ -3318,8 +3320,10 @@ class MemberSchedule:
                               f"warmup")
         self.snapshot_steps = sorted({step for step in epoch_ends + cycle_ends if 0 < step < total_steps})
 
-    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT) -> float:
-        """Sets the step's optimizer schedules, looped layers and windows; returns its LR factor."""
+    def start_step(self, step: int, optimizers: list[torch.optim.Optimizer], model: GPT, log: "RunLog | None" = None,
+                   tag: str = "", compiled: bool = False) -> float:
+        """Sets the step's optimizer schedules, looped layers and windows (the one home of both window schedules:
+        the warmup's growing fractions, or the per-epoch stages, each change logged); returns its LR factor."""
         hp = self.hp
         factor = apply_schedules(optimizers, step, self.schedule_steps, self.train_data, hp)
         if hp.loop_repeats:  # looped layers switch on at loop_start_step (a new graph for torch.compile, once)
@@ -3328,6 +3332,8 @@ class MemberSchedule:
             model.recurrence_active = recurrence_on(step, self.schedule_steps, hp)
         if hp.window_warmup_frac:  # a new graph for torch.compile at each stage, window_warmup_stages in all
             model.set_window_stage(window_stage(step, self.schedule_steps, hp), hp.window_warmup_stages)
+        elif model.config.window_schedule:  # the stage of the step's epoch (its windows, YaRN), logged on a change
+            window_schedule_step(model, self.train_data, step, log, tag, compiled)
         return factor
 
     def epoch_end(self, done: int) -> bool:
@@ -3720,10 +3726,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     model.train()
     for step in range(progress.state["step"], total_steps):
         epoch, step_in_epoch = train_data.locate(step)
-        factor = schedule.start_step(step, optimizers, raw_model)
+        factor = schedule.start_step(step, optimizers, raw_model, log, tag, compiled=model is not raw_model)
         objective.start_step(step, schedule.schedule_steps)
-        if hp.window_schedule:
-            window_schedule_step(raw_model, train_data, step, log, tag, compiled=model is not raw_model)
         if hp.snapshot_distill and len(snapshots.taken) >= max(1, hp.snapshot_distill_after):
             objective.teachers = [(snapshots.taken[-1][0], 1.0)]  # each cycle learns from the latest snapshot
         step_targets = train_data.step_target_count(epoch, step_in_epoch)
@@ -3758,9 +3762,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
                       f"--resume {log.folder}")
             raise RunStopped()
     if validate_again:  # a kill after the last step costs only its validation (scoring is deterministic)
-        schedule.start_step(total_steps - 1, optimizers, raw_model)  # the last step's looped layers and windows
-        if hp.window_schedule:
-            window_schedule_step(raw_model, train_data, total_steps - 1, log, tag, compiled=model is not raw_model)
+        schedule.start_step(total_steps - 1, optimizers, raw_model, log, tag,  # the last step's loops and windows
+                            compiled=model is not raw_model)
         with progress.paused():
             progress.validate(model, data.val_data, total_steps)
     objective.release()  # the teacher goes back to the host
