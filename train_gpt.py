@@ -662,88 +662,77 @@ def check_numbers(hp: Hyperparameters) -> None:
 
 
 def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
-    """Catches inconsistent settings before any work, each with a one-line reason."""
+    """Catches inconsistent settings before any work, each with a one-line reason: the recipe's, by the Recipe's
+    groups, and the run settings' (check_run_settings, with the harness)."""
     check_numbers(hp)  # parse_args did, but a resumed run's hyperparameters.json or a caller's own need it too
+    check_run_settings(hp, world_size)
+    check_data_and_model(hp)
+    check_optimizer(hp)
+    check_batch_and_schedules(hp, world_size // hp.parallel_members)  # the ranks that train one member together
+    check_averaging(hp)
+    check_ensemble(hp)
+    check_kernels(hp)
+
+
+def check_data_and_model(hp: Hyperparameters) -> None:
+    """Data, model and model tricks (the loss's too)."""
+    require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
+    require(hp.tokenizer != "bpe" or os.path.isfile(hp.bpe_file),
+            f"tokenizer bpe needs --bpe_file, the ranks file data/encode.py --train_bpe wrote (got {hp.bpe_file!r})")
+    require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
+    require(hp.train_order in ("docs", "fixed"), f"train_order must be docs or fixed, got {hp.train_order!r}")
     require(hp.n_embd % hp.n_head == 0, f"n_embd {hp.n_embd} is not divisible by n_head {hp.n_head}")
     require((hp.n_embd // hp.n_head) % 2 == 0, f"head_dim n_embd/n_head = {hp.n_embd // hp.n_head} must be even (RoPE)")
     require(hp.mlp in ("relu2", "swiglu"), f"mlp must be relu2 or swiglu, got {hp.mlp!r}")
-    require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
-    require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
-    require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
+    require(hp.proj_init in ("zero", "normal"), f"proj_init must be zero or normal, got {hp.proj_init!r}")
+    for name in ("train_vocab", "eval_vocab"):
+        columns = getattr(hp, name)
+        require(columns == 0 or hp.bos_id < columns <= hp.vocab_size,
+                f"{name} {columns} must be 0 (all) or lie in (bos_id={hp.bos_id}, vocab_size={hp.vocab_size}]")
+    require(not (hp.value_embed_tables and hp.value_proj), "value_embed_tables and value_proj are two sources of the "
+            "same value residual: set one")
+    require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
+    half = hp.n_embd // hp.n_head // 2
+    require(0 <= hp.rope_pairs <= half, f"rope_pairs must lie in [0, head_dim/2 = {half}], got {hp.rope_pairs}")
+    require(not hp.key_offset or hp.window_pattern, "key_offset acts on the long-window (L) layers and the last one: "
+            "set window_pattern too (e.g. SSSL)")
+    require(hp.resid_lambda_init == 1.0 or hp.resid_mix, "resid_lambda_init starts resid_mix's lambdas: set resid_mix")
+    require(hp.stochastic_depth_style in ("sequence", "batch"),
+            f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}")
+    if hp.loop_repeats:
+        start, stop = loop_layer_range(hp)
+        require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
+    require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
+    require(hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}")
+    weights = mtp_offset_start_weights(hp)
+    require(not weights or weights[0] > 0, f"mtp_offsets {hp.mtp_offsets!r}: the first weight (the next token) must be > 0")
+    require(not weights or not (hp.mtp_weight or hp.distill_alpha or hp.snapshot_distill),
+            "mtp_offsets is the 15min record's multi-token loss: drop mtp_weight and distillation")
+
+
+def check_optimizer(hp: Hyperparameters) -> None:
+    """The optimizer's groups and precision."""
     require(hp.muon_gram in ("torch", "triton"), f"muon_gram must be torch or triton, got {hp.muon_gram!r}")
     require(not (hp.muon_bf16 and hp.muon_gram == "triton"),
             "muon_bf16 computes the records' products in their order: it has no muon_gram triton path")
     require(hp.rope_tables in ("", "bf16", "bf16_values"),
             f"rope_tables must be '', bf16 or bf16_values, got {hp.rope_tables!r}")
-    require(hp.fused_loss in ("auto", "on", "chunked", "off"),
-            f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
-    require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
-    require(hp.tokenizer in SHARD_TOKENIZERS, f"tokenizer must be one of {', '.join(SHARD_TOKENIZERS)}, got {hp.tokenizer!r}")
-    require(hp.tokenizer != "bpe" or os.path.isfile(hp.bpe_file),
-            f"tokenizer bpe needs --bpe_file, the ranks file data/encode.py --train_bpe wrote (got {hp.bpe_file!r})")
-    require(hp.averaging_on_host in ("auto", "on", "off"),
-            f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
-    require(hp.candidates_on_disk in ("auto", "on", "off"),
-            f"candidates_on_disk must be auto, on or off, got {hp.candidates_on_disk!r}")
-    require(hp.grad_sync in ("after", "overlap", "overlap_flat"),
-            f"grad_sync must be after, overlap or overlap_flat, got {hp.grad_sync!r}")
-    require(0 <= hp.bos_id < hp.vocab_size, f"bos_id {hp.bos_id} must lie in [0, vocab_size={hp.vocab_size})")
-    require(not hp.public_steps or not hp.batch_schedule or hp.snapshot_cycle_epochs,
-            "public_steps with a batch_schedule steps cycle by cycle: it needs snapshot_cycle_epochs")
-    require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
-    require(hp.distill_teacher in ("previous", "ensemble"),
-            f"distill_teacher must be previous or ensemble, got {hp.distill_teacher!r}")
-    require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
-    require(world_size % hp.parallel_members == 0,
-            f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
-    # a round whose groups do not all train a member leaves the idle ones at the round's barrier for a whole member,
-    # past NCCL's 10-minute watchdog
-    require(hp.ensemble_size % hp.parallel_members == 0,
-            f"parallel_members {hp.parallel_members} must divide ensemble_size {hp.ensemble_size}: otherwise the last "
-            f"round leaves groups idle at a barrier (NCCL times out); change --ensemble_size or --parallel_members")
-    require(hp.parallel_members <= hp.ensemble_size,
-            f"parallel_members {hp.parallel_members} trains that many members at once: more than ensemble_size "
-            f"{hp.ensemble_size} leaves groups idle")
-    world_size //= hp.parallel_members  # the ranks that train one member together
-    require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
-    require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
-    require(not hp.distill_from or hp.distill_alpha > 0, "distill_from teaches through distill_alpha: set it > 0")
-    require(not (hp.distill_from and hp.snapshot_distill), "distill_from and snapshot_distill are two teachers: keep one")
-    require(not (hp.snapshot_noise or hp.snapshot_distill) or hp.snapshot_cycles or hp.epoch_snapshots,
-            "snapshot_noise and snapshot_distill act where a snapshot is taken: set snapshot_cycles or epoch_snapshots")
-    require(not hp.snapshot_noise or member_seed(hp, hp.ensemble_size - 1) * 1000 + hp.snapshot_cycles +
-            hp.epoch_snapshots < 2**64, f"snapshot_noise seeds each snapshot's noise with seed x 1000 + cycle, which "
-            f"must fit 64 bits: --seed {hp.seed} is too large for it (keep seeds below 1.8e16)")
-    if hp.ensemble_weights:
-        parse_weights(hp.ensemble_weights, candidate_count(hp))
-    require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
-    require(not hp.select_top or hp.fitness_tokens, "select_top keeps the members with the largest learned weights: "
-            "set fitness_tokens (the train tokens the weights are learned on)")
-    require(not (hp.fitness_tokens and hp.ensemble_mode == "logit"),
-            "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
-    require(hp.xsa in ("", "fixed", "learned"), f"xsa must be '', fixed or learned, got {hp.xsa!r}")
-    check_tracks_eval(hp)
-    check_tracks_15min(hp)
-    check_tracks_15min_model(hp)
-    if hp.loop_repeats:
-        start, stop = loop_layer_range(hp)
-        require(0 <= start < stop <= hp.n_layer, f"loop_range {hp.loop_range!r} must be 'a:b' with 0 <= a < b <= n_layer")
-    require(set(hp.window_pattern.upper()) <= {"S", "L"}, f"window_pattern uses S and L only, got {hp.window_pattern!r}")
-    require(not hp.window_warmup_frac or hp.window_pattern,
-            "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
-    check_window_schedule(hp)
-    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points", "cycle_inverse"),
-            f"wd_schedule must be flat, inverse, sawtooth, slowrun, points or cycle_inverse, got {hp.wd_schedule!r}")
-    check_record_settings(hp)
-    check_baseline_settings(hp)
-    check_unlimited_settings(hp)
-    require(not (hp.swa_epochs and (hp.ema_decay > 0 or hp.snapshot_cycles or hp.lr_cycles)),
-            "swa_epochs sets the final epochs' LR and averages weights itself: drop ema_decay, snapshot_cycles, lr_cycles")
-    require(not hp.swa_epochs or (hp.swa_epochs <= hp.num_epochs and not hp.max_steps),
-            f"swa_epochs {hp.swa_epochs} runs one LR cycle per final whole epoch: it needs swa_epochs <= num_epochs "
-            f"({hp.num_epochs}) and no max_steps")
-    require(not (hp.epoch_snapshots and hp.ensemble_weights), "epoch_snapshots: the candidate count depends on the "
-            "run length; drop ensemble_weights (or learn weights with fitness_tokens)")
+    require(not (hp.value_gate_muon and hp.gates_muon), "gates_muon already trains the value gates with Muon: drop "
+            "value_gate_muon")
+    require(not hp.value_gate_muon or hp.value_proj or hp.value_embed_tables,
+            "value_gate_muon trains the value gates: set value_proj or value_embed_tables")
+    if hp.xsa_betas:
+        parse_betas("xsa_betas", hp.xsa_betas)
+        require(hp.xsa == "learned", "xsa_betas is the AdamW group of the learned XSA strengths: set xsa learned")
+    if hp.out_gate_betas:
+        parse_betas("out_gate_betas", hp.out_gate_betas)
+        require(hp.attn_gate and not hp.gates_muon, "out_gate_betas is the AdamW group of the attention output "
+                "gates: set attn_gate, and not gates_muon (which trains them with Muon)")
+
+
+def check_batch_and_schedules(hp: Hyperparameters, world_size: int) -> None:
+    """The batch (world_size: the ranks that train one member) and every schedule: LR, weight decay, cycles,
+    looped layers and recurrence, windows, the MTP annealing."""
     require(hp.batch_tokens % hp.seq_len == 0, f"batch_tokens {hp.batch_tokens} is not a multiple of seq_len {hp.seq_len}")
     batch_seqs = hp.batch_tokens // hp.seq_len
     per_micro_step = hp.device_batch_size * world_size
@@ -756,37 +745,11 @@ def check_hyperparameters(hp: Hyperparameters, world_size: int) -> None:
         require(abs(scheduled - round(scheduled)) < 1e-6 and round(scheduled) % per_micro_step == 0 and scheduled > 0,
                 f"batch_schedule multiplier {multiplier:g} gives {scheduled:g} sequences per step, not a positive "
                 f"multiple of device_batch_size {hp.device_batch_size} x {world_size} ranks = {per_micro_step}")
-
-
-def check_record_settings(hp: Hyperparameters) -> None:
-    """The public records' flags (records/TRACKS.md F1-F10), each with a one-line reason."""
-    require(hp.proj_init in ("zero", "normal"), f"proj_init must be zero or normal, got {hp.proj_init!r}")
-    for name in ("train_vocab", "eval_vocab"):
-        columns = getattr(hp, name)
-        require(columns == 0 or hp.bos_id < columns <= hp.vocab_size,
-                f"{name} {columns} must be 0 (all) or lie in (bos_id={hp.bos_id}, vocab_size={hp.vocab_size}]")
-    require(hp.train_vocab == hp.eval_vocab or not (hp.distill_alpha or hp.snapshot_distill),
-            "distillation compares a teacher's (evaluation) and a student's (training) softmax: train_vocab and "
-            "eval_vocab must be equal")
+    require(not hp.public_steps or not hp.batch_schedule or hp.snapshot_cycle_epochs,
+            "public_steps with a batch_schedule steps cycle by cycle: it needs snapshot_cycle_epochs")
+    require(not (hp.snapshot_cycles and hp.lr_cycles), "snapshot_cycles sets the LR cycles itself: drop lr_cycles")
     require(not (hp.lr_epoch_cosine and (hp.swa_epochs or hp.snapshot_cycles or hp.lr_cycles)),
             "lr_epoch_cosine shapes the final epochs' LR itself: drop swa_epochs, snapshot_cycles, lr_cycles")
-    require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
-            "looping starts: set one")
-
-
-def check_baseline_settings(hp: Hyperparameters) -> None:
-    """The slowrun baseline record's flags (records/TRACKS.md F17, F18a, the value gates' Muon group)."""
-    require(not (hp.value_embed_tables and hp.value_proj), "value_embed_tables and value_proj are two sources of the "
-            "same value residual: set one")
-    require(not (hp.value_gate_muon and hp.gates_muon), "gates_muon already trains the value gates with Muon: drop "
-            "value_gate_muon")
-    require(not hp.value_gate_muon or hp.value_proj or hp.value_embed_tables,
-            "value_gate_muon trains the value gates: set value_proj or value_embed_tables")
-    require(hp.train_order in ("docs", "fixed"), f"train_order must be docs or fixed, got {hp.train_order!r}")
-
-
-def check_unlimited_settings(hp: Hyperparameters) -> None:
-    """The unlimited record's snapshot-chain flags (records/TRACKS.md F19), each with a one-line reason."""
     require(hp.snapshot_cycle_shape in ("cosine", "linear"),
             f"snapshot_cycle_shape must be cosine or linear, got {hp.snapshot_cycle_shape!r}")
     require(hp.snapshot_cycle_shape == "cosine" or hp.snapshot_cycles,
@@ -794,18 +757,112 @@ def check_unlimited_settings(hp: Hyperparameters) -> None:
     require(not hp.snapshot_cycle_epochs or (hp.snapshot_cycles and hp.num_epochs % hp.snapshot_cycles == 0
                                              and not hp.max_steps),
             "snapshot_cycle_epochs makes each cycle whole epochs: needs snapshot_cycles dividing num_epochs, no max_steps")
+    require(hp.wd_schedule in ("flat", "inverse", "sawtooth", "slowrun", "points", "cycle_inverse"),
+            f"wd_schedule must be flat, inverse, sawtooth, slowrun, points or cycle_inverse, got {hp.wd_schedule!r}")
+    knots = wd_point_knots(hp)
+    require(hp.wd_schedule == "points" or not knots, "wd_points are the knots of wd_schedule points: set it")
+    require(hp.wd_schedule != "points" or knots, "wd_schedule points needs wd_points, e.g. 0:1,2:1,8:0.125,15:1.1625")
     require(hp.wd_schedule != "cycle_inverse" or hp.lr_cycle_floor < 1,
             "wd_schedule cycle_inverse divides by 1 - lr_cycle_floor: it needs lr_cycle_floor < 1")
+    require(not (hp.loop_start_epoch and hp.loop_start_frac), "loop_start_epoch and loop_start_frac both say when "
+            "looping starts: set one")
+    require(not hp.recurrence_start_frac or hp.recurrence > 1, "recurrence_start_frac switches recurrence on: set "
+            "recurrence >= 2")
+    require(hp.mtp_anneal_frac > 0, f"mtp_anneal_frac must lie in (0, 1], got {hp.mtp_anneal_frac}")
+    require(not hp.window_warmup_frac or hp.window_pattern,
+            "window_warmup_frac grows the sliding windows: set window_pattern too (e.g. SSSL)")
+    check_window_schedule(hp)
+
+
+def check_window_schedule(hp: Hyperparameters) -> None:
+    """window_schedule and yarn (records/TRACKS.md F15), each with a one-line reason."""
+    require(not hp.yarn or hp.window_schedule, "yarn rescales RoPE when the window schedule's long window grows: "
+            "set window_schedule too")
+    require(not (hp.yarn and getattr(hp, "rope_pairs", 0)), "yarn rescales every RoPE pair (yarn_rotary builds the "
+            "full table): it does not combine with rope_pairs")
+    if not hp.window_schedule:
+        return
+    require(bool(hp.window_pattern), "window_schedule sets the S and L windows per epoch: set window_pattern too "
+            "(e.g. SSSL)")
+    require(not hp.window_warmup_frac, "window_schedule and window_warmup_frac both schedule the windows: set one")
+    stages = parse_window_schedule(hp.window_schedule, hp.seq_len)
+    longs = [stage[3] for stage in stages]
+    require(not hp.yarn or longs == sorted(longs), f"yarn stretches RoPE for a growing context: the window "
+            f"schedule's long windows {longs} must not shrink")
+
+
+def check_averaging(hp: Hyperparameters) -> None:
+    """Weight averages and snapshots: SWA, the EMA, the checkpoint average, epoch snapshots and their weightings."""
+    require(not (hp.swa_epochs and (hp.ema_decay > 0 or hp.snapshot_cycles or hp.lr_cycles)),
+            "swa_epochs sets the final epochs' LR and averages weights itself: drop ema_decay, snapshot_cycles, lr_cycles")
+    require(not hp.swa_epochs or (hp.swa_epochs <= hp.num_epochs and not hp.max_steps),
+            f"swa_epochs {hp.swa_epochs} runs one LR cycle per final whole epoch: it needs swa_epochs <= num_epochs "
+            f"({hp.num_epochs}) and no max_steps")
+    require(not hp.ema_candidate or hp.ema_decay > 0, "ema_candidate scores the EMA: set ema_decay")
+    require(not hp.ema_candidate or hp.ema_start_frac == 0, "ema_candidate's EMA starts at step 0: drop ema_start_frac")
+    require(hp.ckpt_avg_weights in ("recency", "equal"),
+            f"ckpt_avg_weights must be recency or equal, got {hp.ckpt_avg_weights!r}")
+    require(hp.epoch_snapshot_weights in ("equal", "recency", "both"),
+            f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
+    require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
+            "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
+    require(not (hp.epoch_snapshots and hp.ensemble_weights), "epoch_snapshots: the candidate count depends on the "
+            "run length; drop ensemble_weights (or learn weights with fitness_tokens)")
+    require(not (hp.snapshot_noise or hp.snapshot_distill) or hp.snapshot_cycles or hp.epoch_snapshots,
+            "snapshot_noise and snapshot_distill act where a snapshot is taken: set snapshot_cycles or epoch_snapshots")
+    require(not hp.snapshot_noise or member_seed(hp, hp.ensemble_size - 1) * 1000 + hp.snapshot_cycles +
+            hp.epoch_snapshots < 2**64, f"snapshot_noise seeds each snapshot's noise with seed x 1000 + cycle, which "
+            f"must fit 64 bits: --seed {hp.seed} is too large for it (keep seeds below 1.8e16)")
+    require(not hp.snapshot_noise_min or hp.snapshot_noise > 0,
+            "snapshot_noise_min is where the noise's cosine ends: set snapshot_noise (its start) > 0")
+    require(hp.snapshot_noise_stat in ("rms", "std"), f"snapshot_noise_stat must be rms or std, got {hp.snapshot_noise_stat!r}")
+
+
+def check_ensemble(hp: Hyperparameters) -> None:
+    """The ensemble, its distillation and its selection."""
+    require(hp.ensemble_mode in ("prob", "logit"), f"ensemble_mode must be prob or logit, got {hp.ensemble_mode!r}")
+    if hp.ensemble_weights:
+        parse_weights(hp.ensemble_weights, candidate_count(hp))
+    require(hp.distill_teacher in ("previous", "ensemble"),
+            f"distill_teacher must be previous or ensemble, got {hp.distill_teacher!r}")
+    require(hp.train_vocab == hp.eval_vocab or not (hp.distill_alpha or hp.snapshot_distill),
+            "distillation compares a teacher's (evaluation) and a student's (training) softmax: train_vocab and "
+            "eval_vocab must be equal")
+    require(not hp.snapshot_distill or hp.distill_alpha > 0, "snapshot_distill needs distill_alpha > 0")
+    require(not hp.distill_from or hp.distill_alpha > 0, "distill_from teaches through distill_alpha: set it > 0")
+    require(not (hp.distill_from and hp.snapshot_distill), "distill_from and snapshot_distill are two teachers: keep one")
     require(not hp.snapshot_distill_after or hp.snapshot_distill,
             "snapshot_distill_after says from which cycle snapshot_distill acts: set snapshot_distill")
     require(not hp.distill_mtp_inside or (hp.mtp_weight > 0 and 0 < hp.distill_alpha < 1),
             "distill_mtp_inside puts the MTP term inside (1 - distill_alpha): needs mtp_weight > 0, 0 < distill_alpha < 1")
-    require(not hp.snapshot_noise_min or hp.snapshot_noise > 0,
-            "snapshot_noise_min is where the noise's cosine ends: set snapshot_noise (its start) > 0")
-    require(hp.snapshot_noise_stat in ("rms", "std"), f"snapshot_noise_stat must be rms or std, got {hp.snapshot_noise_stat!r}")
+    require(not (hp.fitness_tokens and hp.ensemble_weights), "fitness_tokens learns the weights: drop ensemble_weights")
+    require(not hp.select_top or hp.fitness_tokens, "select_top keeps the members with the largest learned weights: "
+            "set fitness_tokens (the train tokens the weights are learned on)")
+    require(not (hp.fitness_tokens and hp.ensemble_mode == "logit"),
+            "fitness_tokens learns weights of a probability mixture: use ensemble_mode prob")
     require(not hp.select_top_sweep or (hp.fitness_tokens and not hp.select_top),
             "select_top_sweep scores top-K ensembles by learned weight: set fitness_tokens, drop select_top")
     top_sweep(hp, 0)  # a malformed list is refused here, before any work
+
+
+def check_kernels(hp: Hyperparameters) -> None:
+    """The kernels and compilation: each a path to the same numbers (fp8_head: the 15min record's fp8 matmul)."""
+    require(hp.compile in ("auto", "on", "off"), f"compile must be auto, on or off, got {hp.compile!r}")
+    require(hp.muon_compile in ("auto", "on", "off"), f"muon_compile must be auto, on or off, got {hp.muon_compile!r}")
+    require(hp.fused_loss in ("auto", "on", "chunked", "off"),
+            f"fused_loss must be auto, on, chunked or off, got {hp.fused_loss!r}")
+    require(hp.attention in ("auto", "flex", "sdpa"), f"attention must be auto, flex or sdpa, got {hp.attention!r}")
+    require(hp.grad_sync in ("after", "overlap", "overlap_flat"),
+            f"grad_sync must be after, overlap or overlap_flat, got {hp.grad_sync!r}")
+    require(not hp.fp8_head or mtp_offset_start_weights(hp), "fp8_head is the matmul of the mtp_offsets loss: set "
+            "mtp_offsets")
+    require(not hp.fp8_head or hp.train_vocab == 0, "fp8_head scores all vocab_size columns, as the 15min record "
+            "does: set train_vocab 0")
+    require(not hp.fp8_head or hp.plan_only or (hp.device != "cpu" and torch.cuda.is_available()),
+            "fp8_head needs a CUDA device (fp8 matmuls): drop it on CPU (the bf16 path computes the same loss)")
+    require(not hp.fp8_head or (hp.vocab_size % 16 == 0 and hp.n_embd % 16 == 0 and
+                                (hp.device_batch_size * hp.seq_len) % 16 == 0),
+            "fp8_head: torch._scaled_mm needs vocab_size, n_embd and device_batch_size x seq_len divisible by 16")
 
 
 def number_list(name: str, text: str, rule: str, example: str, valid, cast=float, count: int = 0) -> list:
@@ -829,41 +886,6 @@ def top_sweep(hp: Hyperparameters, candidates: int) -> list[int]:
     return sorted(k for k in set(values) if k < candidates)
 
 
-def check_tracks_eval(hp: Hyperparameters) -> None:
-    """The flags of the 1h record's evaluation and MTP block (records/TRACKS.md F9, F12, F13, F22)."""
-    require(hp.stochastic_depth_style in ("sequence", "batch"),
-            f"stochastic_depth_style must be sequence or batch, got {hp.stochastic_depth_style!r}")
-    require(hp.mtp_style in ("linear", "block"), f"mtp_style must be linear or block, got {hp.mtp_style!r}")
-    require(hp.epoch_snapshot_weights in ("equal", "recency", "both"),
-            f"epoch_snapshot_weights must be equal, recency or both, got {hp.epoch_snapshot_weights!r}")
-    require(hp.epoch_snapshot_weights == "equal" or hp.epoch_snapshots,
-            "epoch_snapshot_weights weighs the epoch snapshots: set epoch_snapshots")
-
-
-def check_tracks_15min(hp: Hyperparameters) -> None:
-    """The flags of the 15min record's loss, weight decay and averages (records/TRACKS.md F8b, F9, F14f)."""
-    weights = mtp_offset_start_weights(hp)
-    require(not weights or weights[0] > 0, f"mtp_offsets {hp.mtp_offsets!r}: the first weight (the next token) must be > 0")
-    require(not weights or not (hp.mtp_weight or hp.distill_alpha or hp.snapshot_distill),
-            "mtp_offsets is the 15min record's multi-token loss: drop mtp_weight and distillation")
-    require(hp.mtp_anneal_frac > 0, f"mtp_anneal_frac must lie in (0, 1], got {hp.mtp_anneal_frac}")
-    require(not hp.fp8_head or weights, "fp8_head is the matmul of the mtp_offsets loss: set mtp_offsets")
-    require(not hp.fp8_head or hp.train_vocab == 0, "fp8_head scores all vocab_size columns, as the 15min record "
-            "does: set train_vocab 0")
-    require(not hp.fp8_head or hp.plan_only or (hp.device != "cpu" and torch.cuda.is_available()),
-            "fp8_head needs a CUDA device (fp8 matmuls): drop it on CPU (the bf16 path computes the same loss)")
-    require(not hp.fp8_head or (hp.vocab_size % 16 == 0 and hp.n_embd % 16 == 0 and
-                                (hp.device_batch_size * hp.seq_len) % 16 == 0),
-            "fp8_head: torch._scaled_mm needs vocab_size, n_embd and device_batch_size x seq_len divisible by 16")
-    knots = wd_point_knots(hp)
-    require(hp.wd_schedule == "points" or not knots, "wd_points are the knots of wd_schedule points: set it")
-    require(hp.wd_schedule != "points" or knots, "wd_schedule points needs wd_points, e.g. 0:1,2:1,8:0.125,15:1.1625")
-    require(hp.ckpt_avg_weights in ("recency", "equal"),
-            f"ckpt_avg_weights must be recency or equal, got {hp.ckpt_avg_weights!r}")
-    require(not hp.ema_candidate or hp.ema_decay > 0, "ema_candidate scores the EMA: set ema_decay")
-    require(not hp.ema_candidate or hp.ema_start_frac == 0, "ema_candidate's EMA starts at step 0: drop ema_start_frac")
-
-
 def mtp_offset_start_weights(hp: Hyperparameters) -> list[float]:
     """--mtp_offsets "1,0.5,0.25" -> [1.0, 0.5, 0.25] (the weights of targets t, t+1, t+2); [] when off."""
     return number_list("mtp_offsets", hp.mtp_offsets, "finite weights >= 0", "1,0.5,0.25", lambda w: 0 <= w < math.inf)
@@ -885,41 +907,6 @@ def wd_point_knots(hp: Hyperparameters) -> list[tuple[float, float]]:
 def parse_betas(name: str, text: str) -> tuple[float, float]:
     """ "0.9,0.99" -> (0.9, 0.99), each in [0, 1), or the one-line ConfigError naming the flag."""
     return tuple(number_list(name, text, "AdamW betas in [0, 1)", "0.9,0.99", lambda b: 0 <= b < 1, count=2))
-
-
-def check_tracks_15min_model(hp: Hyperparameters) -> None:
-    """The flags of the 15min record's model (records/TRACKS.md F14 a-e, g, F5), each with a one-line reason."""
-    half = hp.n_embd // hp.n_head // 2
-    require(0 <= hp.rope_pairs <= half, f"rope_pairs must lie in [0, head_dim/2 = {half}], got {hp.rope_pairs}")
-    require(not hp.key_offset or hp.window_pattern, "key_offset acts on the long-window (L) layers and the last one: "
-            "set window_pattern too (e.g. SSSL)")
-    require(hp.resid_lambda_init == 1.0 or hp.resid_mix, "resid_lambda_init starts resid_mix's lambdas: set resid_mix")
-    require(not hp.recurrence_start_frac or hp.recurrence > 1, "recurrence_start_frac switches recurrence on: set "
-            "recurrence >= 2")
-    if hp.xsa_betas:
-        parse_betas("xsa_betas", hp.xsa_betas)
-        require(hp.xsa == "learned", "xsa_betas is the AdamW group of the learned XSA strengths: set xsa learned")
-    if hp.out_gate_betas:
-        parse_betas("out_gate_betas", hp.out_gate_betas)
-        require(hp.attn_gate and not hp.gates_muon, "out_gate_betas is the AdamW group of the attention output "
-                "gates: set attn_gate, and not gates_muon (which trains them with Muon)")
-
-
-def check_window_schedule(hp: Hyperparameters) -> None:
-    """window_schedule and yarn (records/TRACKS.md F15), each with a one-line reason."""
-    require(not hp.yarn or hp.window_schedule, "yarn rescales RoPE when the window schedule's long window grows: "
-            "set window_schedule too")
-    require(not (hp.yarn and getattr(hp, "rope_pairs", 0)), "yarn rescales every RoPE pair (yarn_rotary builds the "
-            "full table): it does not combine with rope_pairs")
-    if not hp.window_schedule:
-        return
-    require(bool(hp.window_pattern), "window_schedule sets the S and L windows per epoch: set window_pattern too "
-            "(e.g. SSSL)")
-    require(not hp.window_warmup_frac, "window_schedule and window_warmup_frac both schedule the windows: set one")
-    stages = parse_window_schedule(hp.window_schedule, hp.seq_len)
-    longs = [stage[3] for stage in stages]
-    require(not hp.yarn or longs == sorted(longs), f"yarn stretches RoPE for a growing context: the window "
-            f"schedule's long windows {longs} must not shrink")
 
 
 def batch_schedule(hp: Hyperparameters) -> tuple[float, ...]:
@@ -3402,7 +3389,7 @@ class MemberObjective:
     def sums(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(summed next-token loss, summed objective) of one micro-batch."""
         hp, distill = self.hp, None
-        if self.offset_weights is not None:  # the 15min record's loss (no distillation with it: check_tracks_15min)
+        if self.offset_weights is not None:  # the 15min record's loss (no distillation with it: check_data_and_model)
             return multi_offset_loss_sums(model, inputs, targets, self.offset_weights, hp.logit_softcap, hp.fp8_head)
         if self.distilling:
             with torch.no_grad():
@@ -5103,6 +5090,26 @@ def check_distill_from(hp: Hyperparameters) -> None:
 
 def default_run_id() -> str:
     return datetime.datetime.now().strftime("%Y%m%d-%H%M%S") + "-" + uuid.uuid4().hex[:6]
+
+
+def check_run_settings(hp: Hyperparameters, world_size: int) -> None:
+    """The run settings' checks (check_hyperparameters calls it first): the device, placement, parallel members."""
+    require(hp.device in ("auto", "cpu", "cuda"), f"device must be auto, cpu or cuda, got {hp.device!r}")
+    require(hp.averaging_on_host in ("auto", "on", "off"),
+            f"averaging_on_host must be auto, on or off, got {hp.averaging_on_host!r}")
+    require(hp.candidates_on_disk in ("auto", "on", "off"),
+            f"candidates_on_disk must be auto, on or off, got {hp.candidates_on_disk!r}")
+    require(not (hp.stop_at_step and hp.parallel_members > 1), "stop_at_step (a test aid) needs parallel_members 1")
+    require(world_size % hp.parallel_members == 0,
+            f"parallel_members {hp.parallel_members} must divide the {world_size} ranks")
+    # a round whose groups do not all train a member leaves the idle ones at the round's barrier for a whole member,
+    # past NCCL's 10-minute watchdog
+    require(hp.ensemble_size % hp.parallel_members == 0,
+            f"parallel_members {hp.parallel_members} must divide ensemble_size {hp.ensemble_size}: otherwise the last "
+            f"round leaves groups idle at a barrier (NCCL times out); change --ensemble_size or --parallel_members")
+    require(hp.parallel_members <= hp.ensemble_size,
+            f"parallel_members {hp.parallel_members} trains that many members at once: more than ensemble_size "
+            f"{hp.ensemble_size} leaves groups idle")
 
 
 def check_run_id(hp: Hyperparameters, argv: list[str]) -> None:

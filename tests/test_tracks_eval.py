@@ -313,7 +313,7 @@ def test_bad_values_are_one_line_errors():
     # an ensemble mixes its candidates uniformly: a snapshot weighting there (the 1h preset's, under --ensemble_size)
     # was silently ignored; it is accepted and the run's log says it is not used
     ensemble = micro_hp(epoch_snapshots=2, epoch_snapshot_weights="recency", ensemble_size=2)
-    train_gpt.check_tracks_eval(ensemble)  # the check of these flags: no refusal
+    train_gpt.check_averaging(ensemble)  # the check of these flags: no refusal
     assert train_gpt.unused_settings(ensemble) == [
         "note | epoch_snapshot_weights recency weighs one model's epoch snapshots: this ensemble's 4 candidates mix "
         "uniformly (or by --ensemble_weights)"]
