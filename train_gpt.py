@@ -1748,6 +1748,13 @@ def sliding_window_mask(time_steps: int, window: int, device: torch.device) -> t
     return attention_mask_dense(time_steps, window, None, device)
 
 
+def soft_cap(logits: torch.Tensor, cap: float) -> torch.Tensor:
+    """Logit soft-capping, cap tanh(logits / cap) (Gemma 2, 2024; the slowrun records use 10 and 15), the identity
+    at cap 0: every PyTorch path's one home (the fused loss's Triton kernel and ChunkedSoftcapCE write it in their
+    own form, tested against this)."""
+    return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig, attention: str = "sdpa"):
         """config: the architecture (model_config(hp) for a run's); attention: "sdpa" or "flex", the caller's choice
@@ -1935,10 +1942,7 @@ class GPT(nn.Module):
             output = output[..., :columns]
         if raw:
             return output
-        logits = output.float()
-        if self.logit_softcap > 0:
-            logits = self.logit_softcap * torch.tanh(logits / self.logit_softcap)
-        return logits
+        return soft_cap(output.float(), self.logit_softcap)
 
     def mtp_block_logits(self, x: torch.Tensor, targets: torch.Tensor, raw: bool = False) -> torch.Tensor:
         """The block MTP's logits for y_{t+1}, (B, T-1, vocab): the final features h_t and the next token's normed
@@ -2740,9 +2744,7 @@ def target_log_probs(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     softcap, picked = model.logit_softcap, torch.empty(raw.size(0), dtype=torch.float32, device=raw.device)
     for start in range(0, raw.size(0), EVAL_CPU_LOSS_ROWS):
         chunk = slice(start, start + EVAL_CPU_LOSS_ROWS)
-        logits = raw[chunk].float()
-        if softcap > 0:
-            logits = softcap * torch.tanh(logits / softcap)
+        logits = soft_cap(raw[chunk].float(), softcap)
         chosen = targets[chunk].clamp(min=0).unsqueeze(-1)
         picked[chunk] = F.log_softmax(logits.float(), dim=-1).gather(-1, chosen)[:, 0]
     return picked
@@ -3018,9 +3020,7 @@ def multi_offset_rows(logits: torch.Tensor, shifted: torch.Tensor, weights: tupl
     """Rows (n, V) of raw logits and their targets at each offset (offsets, n) (-1: none) -> float32 (objective per
     row = sum_k w_k (lse - z[y_k]) over the offsets with a target, next-token CE per row, d objective / d logits),
     z = softcap tanh(logits / softcap) over every column; the gradient written out by hand."""
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
+    z = soft_cap(logits.float(), softcap)
     log_p = F.log_softmax(z, dim=-1)
     probabilities = log_p.exp()
     objective, grad, ce = torch.zeros_like(z[:, 0]), torch.zeros_like(z), None
@@ -4068,9 +4068,7 @@ def fused_loss_rows_torch(logits: torch.Tensor, targets: torch.Tensor, teacher_l
                           grad_out: torch.Tensor, block: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """The reference: the same quantities as fused_loss_rows_triton in plain PyTorch (float32 of these rows only;
     the caller hands it chunks of rows), with the gradient written out by hand, not by autograd."""
-    z = logits.float()
-    if softcap > 0:
-        z = softcap * torch.tanh(z / softcap)
+    z = soft_cap(logits.float(), softcap)
     valid = targets >= 0
     safe_target = targets.clamp(min=0).unsqueeze(-1)
     log_p = F.log_softmax(z, dim=-1)
