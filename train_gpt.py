@@ -3462,65 +3462,41 @@ class EMAAveraging:
             self.ema.averages = [host_copy(a, self.host) if self.host else a for a in saved[self.key]]
 
 
-class SWAAveraging:
-    """swa_epochs: the run ends on the average of the weights at the ends of its final swa_epochs epochs, each at the
-    floor of its own cosine LR cycle (apply_schedules)."""
-    key = "swa"
-
-    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule, log: RunLog, tag: str):
-        self.hp, self.schedule, self.log, self.tag = hp, schedule, log, tag
-        self.swa = None  # (running sum of the weights, count)
-        self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
-
-    def after_step(self, done: int, model: nn.Module) -> None:
-        schedule, total_steps = self.schedule, self.schedule.total_steps
-        if not self.hp.swa_epochs or not (schedule.epoch_end(done) or done == total_steps) or \
-                schedule.train_data.epoch_position(done) <= \
-                schedule.train_data.epoch_position(total_steps) - self.hp.swa_epochs:
-            return
-        weights = [host_copy(p, self.host) for p in model.parameters()]
-        swa = self.swa = (weights, 1) if self.swa is None else ([a + w for a, w in zip(self.swa[0], weights)],
-                                                                self.swa[1] + 1)
-        if done == total_steps:
-            with torch.no_grad():
-                for p, total in zip(model.parameters(), swa[0]):
-                    p.copy_(total / swa[1])
-            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {swa[1]} epochs")
-
-    def state(self):
-        return self.swa
-
-    def restore(self, saved: dict, model: nn.Module) -> None:
-        if saved.get(self.key) is not None:
-            self.swa = saved[self.key]
-            if self.host is not None:
-                self.swa = ([host_copy(total, self.host) for total in self.swa[0]], self.swa[1])
-
-
 class CheckpointAverage:
-    """ckpt_avg_epochs: the 15min record's weight-space average of its last N epoch-end weights, every parameter,
-    recency-weighted i / sum(i) oldest first (or equal), scored at the end as a candidate of its own (tiny/train.py
-    1510-1517, 1568-1593; records #8/#9). Kept as one running weighted sum (host memory under averaging_on_host)."""
-    key = "ckpt_avg"
+    """The weight-space average of a run's last N epoch-end weights, every parameter, recency-weighted i / sum(i)
+    oldest first (or equal), kept as one running weighted sum (host memory under averaging_on_host). One
+    mathematics, two uses:
+      ckpt_avg_epochs: the 15min record's average, scored at the end as a candidate of its own (tiny/train.py
+        1510-1517, 1568-1593; records #8/#9);
+      swa_epochs (final=True): SWA (Izmailov et al. 2018), the equal average the run ends on, each of its epochs at
+        the floor of its own cosine LR cycle (apply_schedules)."""
 
-    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule | None = None):
-        self.hp, self.schedule = hp, schedule
+    def __init__(self, hp: Hyperparameters, schedule: MemberSchedule | None = None, final: bool = False,
+                 log: "RunLog | None" = None, tag: str = ""):
+        self.hp, self.schedule, self.final, self.log, self.tag = hp, schedule, final, log, tag
+        self.epochs, self.weights = (hp.swa_epochs, "equal") if final else (hp.ckpt_avg_epochs, hp.ckpt_avg_weights)
+        self.key = "swa" if final else "ckpt_avg"
         self.host = torch.device("cpu") if hp.averaging_on_host == "on" else None
         self.total, self.weight_sum, self.count = None, 0.0, 0
 
     def after_step(self, done: int, model: nn.Module) -> None:
         schedule = self.schedule
-        if not self.hp.ckpt_avg_epochs or not (schedule.epoch_end(done) or done == schedule.total_steps) or \
+        if not self.epochs or not (schedule.epoch_end(done) or done == schedule.total_steps) or \
                 schedule.train_data.epoch_position(done) <= \
-                schedule.train_data.epoch_position(schedule.total_steps) - self.hp.ckpt_avg_epochs:
+                schedule.train_data.epoch_position(schedule.total_steps) - self.epochs:
             return
         self.add(list(model.parameters()))
+        if self.final and done == schedule.total_steps:  # SWA: the run ends on the average
+            with torch.no_grad():
+                for p, total in zip(model.parameters(), self.total):
+                    p.copy_(total / self.weight_sum)
+            self.log.write(f"{self.tag}swa | weights averaged over the ends of the final {self.count} epochs")
 
     @torch.no_grad()
     def add(self, params: list[torch.Tensor]) -> None:
         """One epoch end's weights join the sum with weight i (the i-th added; equal: 1)."""
         self.count += 1
-        weight = float(self.count) if self.hp.ckpt_avg_weights == "recency" else 1.0
+        weight = float(self.count) if self.weights == "recency" else 1.0
         if self.total is None:
             self.total = [host_copy(p, self.host).mul_(weight) for p in params]
         else:
@@ -3537,7 +3513,10 @@ class CheckpointAverage:
 
     def restore(self, saved: dict, model: nn.Module) -> None:
         if saved.get(self.key) is not None:
-            total, self.weight_sum, self.count = saved[self.key]
+            state = saved[self.key]
+            if len(state) == 2:  # an SWA state of earlier versions: (sum, count), every weight 1
+                state = (state[0], float(state[1]), state[1])
+            total, self.weight_sum, self.count = state
             self.total = [host_copy(t, self.host) if self.host else t for t in total]
 
 
@@ -3693,7 +3672,8 @@ def train_member(hp: Hyperparameters, dist_info: Dist, data: RunData, log: RunLo
     snapshots = Snapshots(hp, dist_info, data, log, member, schedule, progress)
     public = PublicEvaluation(hp, dist_info, data, log, schedule, progress, tag)
     ema, checkpoint_average = EMAAveraging(hp, total_steps), CheckpointAverage(hp, schedule)
-    averaging = [ema, SWAAveraging(hp, schedule, log, tag), snapshots, public, checkpoint_average]
+    averaging = [ema, CheckpointAverage(hp, schedule, final=True, log=log, tag=tag), snapshots, public,
+                 checkpoint_average]
     if member == 0 or hp.ensemble_size > 1:
         scheduled_epochs = range(min(hp.num_epochs, len(train_data.schedule)))  # then constant
         steps_per_epoch = "/".join(str(train_data.steps_in(epoch)) for epoch in scheduled_epochs)
@@ -5942,8 +5922,8 @@ def memory_plan(hp: Hyperparameters, world_size: int, device_type: str, device_b
     teacher_heads = (hp.ensemble_size - 1) * head_bytes if teaching and hp.distill_teacher == "ensemble" and \
         hp.ensemble_size > 2 else 0
     teacher_heads = outside * head_bytes if outside > 1 else teacher_heads
-    averages = (1 if hp.ema_decay > 0 else 0) + (3 if hp.swa_epochs else 0)  # EMA copy; SWA sum + weights + new sum
-    averages += 1 if hp.ckpt_avg_epochs else 0  # the checkpoint average's running weighted sum
+    # the EMA's copy; each checkpoint average's running sum (SWA's, ckpt_avg's: added to in place)
+    averages = (1 if hp.ema_decay > 0 else 0) + (1 if hp.swa_epochs else 0) + (1 if hp.ckpt_avg_epochs else 0)
     distill = 0
     if hp.distill_alpha > 0 and (hp.ensemble_size > 1 or outside):  # teacher features, a chunk of teacher log-probs
         teachers = outside or (hp.ensemble_size - 1 if hp.distill_teacher == "ensemble" else 1)

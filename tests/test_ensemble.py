@@ -339,6 +339,51 @@ def test_swa_cycles_per_final_epoch():
         assert factors[end] == pytest.approx(0.05) and factors[end - 9] > 0.95
 
 
+class _EpochSchedule:
+    """A member schedule of 3 epochs of 4 steps, as CheckpointAverage reads one."""
+    total_steps = 12
+
+    class train_data:
+        @staticmethod
+        def epoch_position(step):
+            return step / 4
+
+    @staticmethod
+    def epoch_end(done):
+        return done % 4 == 0
+
+
+class _Log:
+    def __init__(self):
+        self.lines = []
+
+    def write(self, line):
+        self.lines.append(line)
+
+
+def test_swa_ends_the_run_on_the_equal_average_of_its_final_epoch_ends(tmp_path):
+    """swa_epochs 2 over 3 epochs: the weights after the last step are (theta_8 + theta_12) / 2 by hand, whatever came
+    before; an SWA state of earlier versions ((sum, count)) resumes to the same average."""
+    hp = train_gpt.Hyperparameters(swa_epochs=2)
+    log = _Log()
+    swa = train_gpt.CheckpointAverage(hp, _EpochSchedule(), final=True, log=log)
+    model = torch.nn.Linear(3, 2, bias=False)
+    seen = {}
+    for done in range(1, 13):
+        with torch.no_grad():
+            model.weight.copy_(torch.randn(2, 3, generator=torch.Generator().manual_seed(done), dtype=torch.float32))
+        seen[done] = model.weight.detach().clone()
+        swa.after_step(done, model)
+    assert torch.allclose(model.weight, (seen[8] + seen[12]) / 2, rtol=0, atol=1e-7)
+    assert log.lines == ["swa | weights averaged over the ends of the final 2 epochs"]
+    old = train_gpt.CheckpointAverage(hp, _EpochSchedule(), final=True, log=_Log())
+    old.restore({"swa": ([seen[8].clone()], 1)}, model)  # the earlier (sum, count) layout, saved after epoch 2
+    with torch.no_grad():
+        model.weight.copy_(seen[12])
+    old.after_step(12, model)
+    assert torch.allclose(model.weight, (seen[8] + seen[12]) / 2, rtol=0, atol=1e-7)
+
+
 def test_swa_and_epoch_snapshots_runs(micro_data, tmp_path):
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")
