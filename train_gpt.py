@@ -4996,12 +4996,14 @@ class CandidatePool:
         for model in self.members:
             reshard_on_host(model, self.group, self.world_store)
 
-    def member_store(self, member: int) -> Dist:
+    def teaches_later(self, member: int) -> bool:
+        """Whether a member teaches members of later rounds (the chain; not distill_from's outside teachers)."""
         hp = self.hp
         round_start = member - member % hp.parallel_members
-        teaches_later = hp.distill_alpha > 0 and not hp.distill_from and \
-            round_start + hp.parallel_members < hp.ensemble_size
-        return frozen_store(hp, self.group) if teaches_later else self.world_store
+        return hp.distill_alpha > 0 and not hp.distill_from and round_start + hp.parallel_members < hp.ensemble_size
+
+    def member_store(self, member: int) -> Dist:
+        return frozen_store(self.hp, self.group) if self.teaches_later(member) else self.world_store
 
     def writer(self, member: int) -> int:
         """The global rank that writes the member's files: its group's rank 0."""
@@ -5010,9 +5012,7 @@ class CandidatePool:
     def kept_member(self, member: int, model: GPT) -> nn.Module:
         """The member parked in host memory, or its file under candidates_on_disk."""
         hp = self.hp
-        round_start = member - member % hp.parallel_members
-        teaches = hp.distill_alpha > 0 and not hp.snapshot_distill_after and not hp.distill_from and \
-            round_start + hp.parallel_members < hp.ensemble_size
+        teaches = self.teaches_later(member) and not hp.snapshot_distill_after  # (its snapshots teach instead)
         return keep_frozen(model, self.member_store(member), candidates_on_disk(hp), member_path(self.folder, member),
                            self.writer(member), teaches)
 
