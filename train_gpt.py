@@ -7417,6 +7417,34 @@ def recipe_uses() -> dict[str, list[tuple[str, str]]]:
     return uses
 
 
+def stage_table(hp: Hyperparameters) -> list[str]:
+    """The run's epoch-aligned schedules as the stages() table a preset writes (its inverse): a row wherever the
+    windows, the looped layers, a weight-decay knot or the batch multiplier change; [] when none is set."""
+    epochs, columns = hp.num_epochs, {}
+    if hp.window_schedule:
+        stages = parse_window_schedule(hp.window_schedule)
+        columns["windows"] = [",".join(str(w) for w in stages[window_schedule_stage(stages, e + 1)][2:])
+                              for e in range(epochs)]
+    if hp.loop_repeats and hp.loop_start_epoch:
+        columns["looped_layers"] = ["on" if e + 1 >= hp.loop_start_epoch else "off" for e in range(epochs)]
+    knots = wd_point_knots(hp) if hp.wd_schedule == "points" else []
+    if knots and all(k[0] == int(k[0]) for k in knots):  # a row per knot-to-knot stretch: start -> end multiplier
+        at = [float(np.interp(e, [k[0] for k in knots], [k[1] for k in knots])) for e in range(epochs + 1)]
+        bounds = [k[0] for k in knots if 0 < k[0] < epochs]
+        columns["weight_decay"] = [f"{at[int(max([0] + [b for b in bounds if b <= e]))]:g}->"
+                                   f"{at[int(min([epochs] + [b for b in bounds if b > e]))]:g}" for e in range(epochs)]
+    multipliers = batch_schedule(hp)
+    if multipliers:
+        columns["batch"] = [f"{multipliers[min(e, len(multipliers) - 1)]:g}" for e in range(epochs)]
+    if not columns:
+        return []
+    cells = [tuple(column[e] for column in columns.values()) for e in range(epochs)]
+    starts = [e for e in range(epochs) if e == 0 or cells[e] != cells[e - 1]]
+    rows = [["epochs", *columns]] + [[f"{a}-{b}", *cells[a]] for a, b in zip(starts, starts[1:] + [epochs])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["   ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+
+
 def explain(hp: Hyperparameters) -> str:
     """--explain: the resolved recipe without building anything: only the settings that differ from the plain model
     (the Hyperparameters defaults), grouped as the class groups them, each with its comment (where the comment
@@ -7439,6 +7467,10 @@ def explain(hp: Hyperparameters) -> str:
                          f"{f' and {len(where) - 5} more' if len(where) > 5 else ''}")
         for section, function in where:
             sections.setdefault(section, set()).add(function)
+    table = stage_table(hp)
+    if table:
+        lines += ["", "training stages (stages(): a row per stretch of epochs, 0-based, the end excluded; each column "
+                  "a flag above):", *[f"  {row}" for row in table]]
     lines += ["", "Sections of train_gpt.py these settings switch on (functions that read them):"]
     order = {section: index for index, (section, _) in enumerate(recipe_uses.banners)}
     lines += [f"  {section}: {len(functions)} function(s)"

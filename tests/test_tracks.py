@@ -465,3 +465,18 @@ def test_a_stage_table_row_by_row():
         2-3     -        on             0.5->2        1
     """) == dict(window_schedule="1-2:65,129", loop_start_epoch=3, wd_schedule="points", wd_points="0:1,2:0.5,3:2",
                  batch_schedule="0.5,0.5,1")
+
+
+@pytest.mark.parametrize("preset", ["1h", "2h", "15min", "unlimited"])
+def test_explain_prints_the_stage_table_the_preset_is_written_with(preset):
+    """--explain's stage table, read back by stages(), gives the preset's own schedule flags: the table printed is
+    the one in the preset (2h's rows checked by hand too)."""
+    hp = train_gpt.parse_args(["--preset", preset])
+    table = train_gpt.stage_table(hp)
+    flags = train_gpt.stages("\n".join(table))
+    assert flags and all(train_gpt.PRESETS[preset][name] == value for name, value in flags.items())
+    if preset == "2h":
+        assert [row.split() for row in table] == [["epochs", "windows", "looped_layers"], ["0-6", "257,769", "off"],
+                                                  ["6-13", "769,1793", "off"], ["13-22", "1281,2048", "on"]]
+    assert "\n".join(f"  {row}" for row in table) in train_gpt.explain(hp)
+    assert train_gpt.stage_table(train_gpt.parse_args(["--preset", "mini"])) == []  # no stages: no table
