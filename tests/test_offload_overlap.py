@@ -136,12 +136,14 @@ def test_memory_plan_places_frozen_models_on_the_host():
     assert plan["frozen_host_models"] == 16 and plan["host_bytes"] == 16 * plan["frozen_host_model_bytes"]
     assert plan["frozen_models"] == 1 and plan["frozen_bytes"] == plan["param_bytes"]  # the teacher alone
     assert train_gpt.memory_plan_refusal(hp, plan) == ""
-    averaged = dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99)  # 4 more fp32 copies: 26.6 GiB
+    fits = train_gpt.memory_plan(dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99), 8, "cuda", 79 * 2**30)
+    assert not fits["averaging_on_host"] and fits["average_copies"] == 2  # EMA + SWA's running sum: 10.8 GiB fit
+    averaged = dataclasses.replace(hp, swa_epochs=2, ema_decay=0.99, ckpt_avg_epochs=2)  # 3 fp32 copies: 16.1 GiB
     plan = train_gpt.memory_plan(averaged, 8, "cuda", 79 * 2**30)
     assert plan["averaging_on_host"] and plan["average_copies"] == 0
-    assert plan["host_bytes"] == 15 * plan["frozen_host_model_bytes"] + 4 * plan["param_bytes"]  # the last member's
+    assert plan["host_bytes"] == 15 * plan["frozen_host_model_bytes"] + 3 * plan["param_bytes"]  # the last member's
     assert train_gpt.memory_plan_refusal(averaged, plan) == ""
-    per_node = 8 * plan["host_bytes"]  # 8 ranks on one machine: 253 GiB at the 1h shape (the 4 accumulators whole)
+    per_node = 8 * plan["host_bytes"]  # 8 ranks on one machine (the 3 accumulators whole on each)
     assert train_gpt.host_memory_refusal(plan, 8, int(per_node / 0.9) + 1) == ""
     refusal = train_gpt.host_memory_refusal(plan, 8, 128 * 2**30)
     assert "host memory" in refusal and "--ensemble_size" in refusal and "\n" not in refusal
