@@ -3,6 +3,7 @@ records: make, check, tabulate and plot slowrun records, and place them on a dat
 (records/README.md describes the layout, the tracks and the checks).
 
     python records/records.py new logs/run_s0 logs/run_s1 logs/run_s2 --track tiny --slug my-trick --title "..."
+    python records/records.py new logs/student_s0 logs/student_s1 ... --teachers logs/teacher_s0 logs/teacher_s1 ...
     python records/records.py verify records/tiny/2025-01-01_my-trick [--rerun --steps 10]
     python records/records.py table                      # rewrites the leaderboard in README.md (between markers)
     python records/records.py plot logs/run_s0 records/tiny/2025-01-01_my-trick --out loss.png
@@ -42,6 +43,9 @@ LEADERBOARD_START, LEADERBOARD_END = "<!-- leaderboard:start -->", "<!-- leaderb
 RUN_FILES = ("log.txt", "metrics.jsonl", "result.json")
 # Hyperparameters that may differ between the seeds of one record (everything else must be equal).
 PER_SEED_FIELDS = {"seed", "run_id", "log_dir"}
+# A distilled record's runs (--distill_from RUN) carry their teachers, the finished runs that taught them, in
+# <record>/teachers/<run_id>/: each seed's student names its own teacher, so distill_from differs by seed too.
+TEACHERS = "teachers"
 
 
 class RecordError(Exception):
@@ -459,8 +463,41 @@ def record_runs(record: str) -> list[str]:
     return runs
 
 
+def teacher_runs(record: str) -> list[str]:
+    """A distilled record's teacher run folders (<record>/teachers/<run_id>/), in name order; [] for others."""
+    return subfolders(os.path.join(record, TEACHERS), "log.txt")
+
+
+def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
+    """The teachers of distilled runs (issue 28): one experiment themselves (the same recipe, seeds that differ), and
+    each student's --distill_from names one of them by its run_id, a different one per student, every one used: a
+    record whose seeds shared one teacher would hide the teacher's own seed-to-seed spread."""
+    problems, teachers, results = check_runs_together(teacher_folders, recipe="teacher recipe")
+    problems = [f"teacher {problem}" for problem in problems]
+    by_id = {result["run_id"]: log for log, result in zip(teachers, results)}
+    named = {}
+    for student in students:
+        source = student.hyperparameters.get("distill_from") or ""
+        name = os.path.basename(os.path.normpath(source)) if source else ""
+        if not source:
+            problems.append(f"{student.name}: not distilled (--distill_from is empty), yet the record has teachers")
+        elif name not in by_id:
+            problems.append(f"{student.name}: its teacher {source} is not among the teachers given "
+                            f"({', '.join(sorted(by_id)) or 'none'})")
+        elif name in named:
+            problems.append(f"{student.name} and {named[name]} share the teacher {name}: each seed needs its own")
+        named.setdefault(name, student.name)
+    if not problems and set(named) != set(by_id):
+        problems.append(f"teacher(s) no student names: {', '.join(sorted(set(by_id) - set(named)))}")
+    return problems, teachers, results
+
+
 def record_results(record: str) -> list[dict]:
     return [read_json(os.path.join(run, "result.json")) for run in record_runs(record)]
+
+
+def teacher_results(record: str) -> list[dict]:
+    return [read_json(os.path.join(run, "result.json")) for run in teacher_runs(record)]
 
 
 def subfolders(folder: str, holding: str) -> list[str]:
@@ -745,8 +782,18 @@ def check_runs_together(folders: list[str], free: set = PER_SEED_FIELDS, recipe:
 
 
 def record_readme(summary: dict, logs: list[Run], results: list[dict], significance: list[str],
-                  efficiency: str) -> str:
+                  efficiency: str, teachers: tuple[list[Run], list[dict]] = ([], [])) -> str:
     losses, tests, first = losses_of(results), losses_of(results, "test_loss"), results[0]
+    taught = [f"- teachers: {len(teachers[1])} finished run(s) in `{TEACHERS}/` (each seed's `--distill_from`), "
+              f"{sum(device_hours(r) for r in teachers[1]):.3f} device-hours, included in the compute above"
+              ] if teachers[1] else []
+    teacher_lines = ["", "## Teachers", "", "Each student above learned from the finished run its `--distill_from` "
+                     "names; their logs are here, their weights are not (re-run a teacher whole to re-run its "
+                     "student).", "", "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
+                     *[f"| {r['run_id']} | {log.hyperparameters.get('seed')} | {r['val_loss']:.4f} | "
+                       f"{loss_text(r.get('test_loss')) if r.get('test_loss') is not None else '—'} | "
+                       f"{r['train_seconds']:.0f} s |" for log, r in zip(*teachers)], "", "```",
+                     *[short_command(log, r["world_size"]) for log, r in zip(*teachers)], "```"] if teachers[1] else []
     lines = [
         f"# {summary['title']}", "",
         f"Track `{summary['track']}` · {summary['date']} · {len(results)} seed(s)", "",
@@ -756,8 +803,8 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
         f"- test loss: {format_mean_std(tests) if tests else 'not scored (no test set)'}",
         f"- tokens trained on: {first['train_tokens']:,} unique train tokens, {first['tokens_seen']:,} seen "
         f"({first['epochs']:.2f} epochs, {first['steps']} steps)",
-        f"- compute: {sum(device_hours(r) for r in results):.3f} device-hours in all "
-        f"({first['world_size']} x {first['device']} per run)",
+        f"- compute: {sum(device_hours(r) for r in results + teachers[1]):.3f} device-hours in all "
+        f"({first['world_size']} x {first['device']} per run)", *taught,
         f"- data efficiency: {efficiency}",
         *[f"- {line}" for line in significance[1:]],  # [0] repeats the mean and std above
         f"- script: sha256 {summary['source_sha256']} (inside every log.txt)", "",
@@ -768,7 +815,7 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
           f"{result['steps']} | {result['train_seconds']:.0f} s | {result['wall_seconds']:.0f} s |"
           for log, result in zip(logs, results)],
         "", "## Commands", "", "```", *[short_command(log, result["world_size"]) for log, result in zip(logs, results)],
-        "```", "", "![val loss against tokens seen](plot.png)", "",
+        "```", *teacher_lines, "", "![val loss against tokens seen](plot.png)", "",
         "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the embedded "
         "script and compare its loss lines).", ""]
     return "\n".join(lines)
@@ -776,12 +823,22 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
 
 def command_new(args) -> int:
     folders = [run_folder_of(path) for path in args.runs]
-    problems, logs, results = check_runs_together(folders)
+    teacher_folders = [run_folder_of(path) for path in args.teachers]
+    problems, logs, results = check_runs_together(folders, PER_SEED_FIELDS | {"distill_from"})  # checked below
+    teachers, distilled = ([], []), [log for log in logs if log.hyperparameters.get("distill_from")]
+    if not problems and teacher_folders:
+        found, *teachers = check_teachers(logs, teacher_folders)
+        problems += found
+    elif not problems and distilled:
+        problems.append(f"the runs learned from --distill_from ({distilled[0].hyperparameters['distill_from']}, ...): "
+                        f"pass the finished runs that taught them as --teachers (one per seed), so the record "
+                        f"carries them")
     if not problems:
         if not (args.track or logs[0].hyperparameters.get("preset") == "tiny"):
             raise RecordError("say which track the runs are for: --track " + " | ".join(TRACKS))
         track = get_track(args.track or "tiny")
         problems += [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
+        problems += [f"teacher {r['run_id']}: {p}" for r in teachers[1] for p in track_violations(track, r)]
     if problems:
         raise RecordError("the runs cannot make a record:\n  " + "\n  ".join(problems))
     date = args.date or datetime.date.today().isoformat()
@@ -793,6 +850,8 @@ def command_new(args) -> int:
     try:
         for folder, result in zip(folders, results):
             copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
+        for folder, result in zip(teacher_folders, teachers[1]):
+            copy_run(folder, os.path.join(record, TEACHERS, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
         mean, std = mean_std([r["val_loss"] for r in results])
         cell, lines, _ = efficiency_both(track_curve(args.records_dir, track.name), track_curve(
@@ -801,10 +860,12 @@ def command_new(args) -> int:
         efficiency = f"{cell} ({'; '.join(lines)})"  # both conventions (issue 28)
         summary = dict(track=track.name, date=date, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
-                       runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std)
+                       runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std,
+                       **({"teachers": [r["run_id"] for r in teachers[1]]} if teacher_folders else {}))
         significance = significance_lines(record, args.records_dir, track.name)
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
-                                     record_readme(summary, logs, results, significance, efficiency).encode("utf-8"))
+                                     record_readme(summary, logs, results, significance, efficiency,
+                                                   tuple(teachers)).encode("utf-8"))
         summary["files"] = manifest(record)
         write_json(os.path.join(record, "record.json"), summary)
     except BaseException:
@@ -915,9 +976,15 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
     problems += [f"{name}: {'missing' if name not in actual else 'added' if name not in recorded else 'edited'} since "
                  f"the record was made (sha256 differs from record.json)"
                  for name in sorted(set(recorded) | set(actual)) if recorded.get(name) != actual.get(name)]
-    folders = record_runs(record)
-    found, runs, results = check_runs_together(folders)
+    folders, teacher_folders = record_runs(record), teacher_runs(record)
+    found, runs, results = check_runs_together(folders, PER_SEED_FIELDS | {"distill_from"})  # checked below
     problems += found + [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
+    teachers = []
+    if runs and (teacher_folders or summary.get("teachers") or
+                 any(run.hyperparameters.get("distill_from") for run in runs)):
+        taught, teachers, taught_results = check_teachers(runs, teacher_folders) if teacher_folders else (
+            [f"the runs learned from --distill_from, but the record has no {TEACHERS}/ folder"], [], [])
+        problems += taught + [f"teacher {r['run_id']}: {p}" for r in taught_results for p in track_violations(track, r)]
     if runs and summary.get("source_sha256") != sha256_text(runs[0].source):
         problems.append("the embedded source's sha256 differs from record.json's source_sha256")
     if results:
@@ -929,10 +996,15 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
         if not same_val_set(theirs, results[0]):
             problems.append(f"scored a different validation set than {os.path.basename(previous)} (unigram entropy "
                             f"{results[0].get('unigram_val_entropy')} vs {theirs.get('unigram_val_entropy')})")
-    print(f"{record}: {len(folders)} run(s), track {track.name}, logs {'consistent' if not problems else 'INCONSISTENT'}")
+    print(f"{record}: {len(folders)} run(s)" + (f" and {len(teacher_folders)} teacher(s)" if teacher_folders else "")
+          + f", track {track.name}, logs {'consistent' if not problems else 'INCONSISTENT'}")
     for line in significance_lines(record, records_dir, track.name) if results and not found else []:
         print("  " + line)
-    for run in runs if rerun else []:
+    for run in runs + teachers if rerun else []:  # a teacher re-runs like any run; a student needs its weights
+        if run.hyperparameters.get("distill_from") and "distill_from" not in overrides:
+            print(f"  {run.name}: not re-run: it needs its teacher's weights, which a record does not carry; re-run "
+                  f"the teacher whole (its command is in README.md) and pass --set distill_from=THAT_RUN_FOLDER")
+            continue
         with tempfile.TemporaryDirectory(prefix="slowrun-rerun-") as workdir:
             print(f"  re-running {run.name} for {steps} step(s) (tolerance {tolerance} nats per loss line)...",
                   flush=True)
@@ -981,7 +1053,7 @@ def leaderboard(records_dir: str) -> str:
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
                 format_tokens(results[0]["train_tokens"]),
                 both_conventions_cell(curve, public, mean_std(losses)[0], results[0]["train_tokens"]),
-                f"{sum(device_hours(r) for r in results):.2f}", summary.get("date", ""),
+                f"{sum(device_hours(r) for r in results + teacher_results(record)):.2f}", summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
         blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
             "| # | val loss | test loss | seeds | train tokens | data efficiency (strict, public convention) | "
@@ -1101,6 +1173,8 @@ def build_parser() -> argparse.ArgumentParser:
     for group, name, handler, summary, arguments in [
         ("", "new", command_new, "make a record folder from finished runs (one per seed)", [
             ("runs", dict(nargs="+", help="run folders (logs/<run_id>) or their log.txt")),
+            ("--teachers", dict(nargs="+", default=[], help="distilled runs (--distill_from): the finished runs that "
+                                                            "taught them, one per seed; copied into the record")),
             ("--track", dict(help=f"one of {', '.join(TRACKS)} (default: tiny for --preset tiny runs)")),
             ("--slug", dict(required=True, help="short name: lowercase letters, digits, dashes")),
             ("--title", dict(required=True, help="one line for the leaderboard: what changed")),

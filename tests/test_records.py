@@ -596,6 +596,63 @@ def test_ensemble_runs_make_a_checkable_record(ensemble_runs, tmp_path, capsys):
     assert "train loss lines disagree with metrics.jsonl" in capsys.readouterr().out
 
 
+@pytest.fixture(scope="module")
+def distilled_runs(ensemble_runs, tmp_path_factory):
+    """Two seeds of a micro student (issue 28), each distilled from the finished 2-member run of its own seed
+    (ensemble_runs e0, e1) by --distill_from: {seed: run folder}."""
+    root = tmp_path_factory.mktemp("distilled_runs")
+    train_path, val_path = write_micro_shards(root)
+    folders = {}
+    for seed in range(2):
+        flags = micro_flags(train_path, val_path, str(root / "logs"), f"d{seed}", n_layer=1, batch_tokens=128,
+                            device_batch_size=4, max_steps=3, val_every=-1, seed=seed,
+                            distill_from=ensemble_runs[seed], distill_alpha=0.5)
+        assert train_gpt.main(flags) == 0
+        folders[seed] = str(root / "logs" / f"d{seed}")
+    return folders
+
+
+def test_a_distilled_record_carries_its_teachers(distilled_runs, ensemble_runs, tmp_path, capsys):
+    students, teachers = [distilled_runs[s] for s in (0, 1)], [ensemble_runs[s] for s in (0, 1)]
+    argv = ["--records_dir", str(tmp_path / "records"), "new", *students, "--track", "micro", "--slug", "taught",
+            "--title", "taught", "--date", "2025-01-02"]
+    assert records.main(argv) == 1  # without its teachers a distilled record cannot be checked: refused
+    assert "pass the finished runs that taught them as --teachers" in capsys.readouterr().err
+    assert records.main(argv + ["--teachers", teachers[0]]) == 1  # d1's teacher e1 missing
+    assert "d1: its teacher" in capsys.readouterr().err and not os.path.exists(tmp_path / "records" / "micro")
+    assert records.main(argv + ["--teachers", *teachers]) == 0
+    record = str(tmp_path / "records" / "micro" / "2025-01-02_taught")
+    summary = json.load(open(os.path.join(record, "record.json")))
+    assert summary["runs"] == ["d0", "d1"] and summary["teachers"] == ["e0", "e1"]
+    for teacher in teachers:  # the teachers' files, byte for byte
+        for name in records.RUN_FILES:
+            copied = os.path.join(record, "teachers", os.path.basename(teacher), name)
+            assert open(copied, "rb").read() == open(os.path.join(teacher, name), "rb").read()
+    # compute counts the teachers: ranks x wall seconds of all four runs, from their result.json by hand
+    walls = [json.load(open(os.path.join(folder, "result.json")))["wall_seconds"] for folder in students + teachers]
+    readme = open(os.path.join(record, "README.md")).read()
+    assert f"- compute: {sum(walls) / 3600:.3f} device-hours in all" in readme and "## Teachers" in readme
+    capsys.readouterr()
+    assert verify(record) == 0
+    assert "2 run(s) and 2 teacher(s)" in capsys.readouterr().out
+    # a teacher's log edited and the record resealed: caught by the teachers' own checks
+    forged = copy_record(record, tmp_path / "forged")
+    line = log_line(os.path.join(forged, "teachers", "e1"), "member 1 of 2 | step 3/3")
+    loss = logged_value(line, "train_loss")
+    edit_file(os.path.join(forged, "teachers", "e1", "log.txt"), line, line.replace(loss, f"{float(loss) - 0.5:.4f}"))
+    reseal(forged)
+    capsys.readouterr()
+    assert verify(forged) == 1
+    assert "teacher e1: train loss lines disagree with metrics.jsonl" in capsys.readouterr().out
+    # the teachers taken away (resealed): refused
+    bare = copy_record(record, tmp_path / "bare")
+    shutil.rmtree(os.path.join(bare, "teachers"))
+    reseal(bare)
+    capsys.readouterr()
+    assert verify(bare) == 1
+    assert "the runs learned from --distill_from, but the record has no teachers/ folder" in capsys.readouterr().out
+
+
 def test_a_resumed_run_is_not_a_record(tmp_path):
     train_path, val_path = write_micro_shards(tmp_path)
     flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), "r", n_layer=1, batch_tokens=128,
