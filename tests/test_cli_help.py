@@ -59,11 +59,13 @@ def test_explain_lists_exactly_what_the_preset_changes_and_where_it_acts():
     assert "Model:" in text and "Optimizers:" in text
 
 
-def test_help_and_explain_exit_0_and_build_nothing(tmp_path):
-    for flags in (["--help"], ["--help", "muon_lr"], ["--preset", "mini", "--explain", "--log_dir", str(tmp_path)]):
-        result = run_script(flags, timeout=120)
-        assert result.returncode == 0, result.stderr
-        assert result.stdout.strip()
+def test_help_and_explain_exit_0_and_build_nothing(tmp_path, capsys):
+    for flags in (["--help"], ["--help", "muon_lr"]):  # main in this process: the same path, without a start-up
+        assert train_gpt.main(flags) == 0
+        assert capsys.readouterr().out.strip()
+    result = run_script(["--preset", "mini", "--explain", "--log_dir", str(tmp_path)], timeout=120)  # a real process
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("preset mini")
     assert os.listdir(tmp_path) == []
     result = run_script(["--help", "no_such_flag"], timeout=120)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
