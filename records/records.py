@@ -469,27 +469,43 @@ def teacher_runs(record: str) -> list[str]:
 
 
 def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
-    """The teachers of distilled runs (issue 28): one experiment themselves (the same recipe, seeds that differ), and
-    each student's --distill_from names one of them by its run_id, a different one per student, every one used: a
-    record whose seeds shared one teacher would hide the teacher's own seed-to-seed spread."""
-    problems, teachers, results = check_runs_together(teacher_folders, recipe="teacher recipe")
-    problems = [f"teacher {problem}" for problem in problems]
-    by_id = {result["run_id"]: log for log, result in zip(teachers, results)}
-    named = {}
-    for student in students:
-        source = student.hyperparameters.get("distill_from") or ""
-        name = os.path.basename(os.path.normpath(source)) if source else ""
-        if not source:
-            problems.append(f"{student.name}: not distilled (--distill_from is empty), yet the record has teachers")
-        elif name not in by_id:
-            problems.append(f"{student.name}: its teacher {source} is not among the teachers given "
-                            f"({', '.join(sorted(by_id)) or 'none'})")
-        elif name in named:
-            problems.append(f"{student.name} and {named[name]} share the teacher {name}: each seed needs its own")
-        named.setdefault(name, student.name)
-    if not problems and set(named) != set(by_id):
-        problems.append(f"teacher(s) no student names: {', '.join(sorted(set(by_id) - set(named)))}")
-    return problems, teachers, results
+    """The teachers of distilled runs (issue 28), generation by generation: the runs the students' --distill_from
+    name, then the runs those name when they were distilled too, and so on. Each run names its teacher by run_id,
+    each seed its own (a record whose seeds shared one teacher would hide the teacher's own seed-to-seed spread);
+    each generation is one experiment (one recipe, seeds that differ); every teacher given is used."""
+    by_id, problems, logs, results = {}, [], [], []
+    for folder in teacher_folders:
+        by_id.setdefault(read_json(os.path.join(folder, "result.json")).get("run_id"), folder)
+    generation, level = list(students), 0
+    while generation and not problems:
+        taught = [bool(run.hyperparameters.get("distill_from")) for run in generation]
+        if level == 0 and not all(taught):
+            problems += [f"{run.name}: not distilled (--distill_from is empty), yet the record has teachers"
+                         for run, was in zip(generation, taught) if not was]
+        elif any(taught) and not all(taught):
+            problems.append(f"teachers {', '.join(run.name for run in generation)}: some were distilled, some not "
+                            f"(one generation is one recipe)")
+        named = {}
+        for run in generation if all(taught) else []:
+            source = run.hyperparameters["distill_from"]
+            name = os.path.basename(os.path.normpath(source))
+            if name not in by_id:
+                problems.append(f"{run.name}: its teacher {source} is not among the teachers given "
+                                f"({', '.join(sorted(map(str, by_id))) or 'none'})")
+            elif name in named:
+                problems.append(f"{run.name} and {named[name]} share the teacher {name}: each seed needs its own")
+            elif any(result["run_id"] == name for result in results):
+                problems.append(f"{run.name}: its teacher {name} is also its own teacher's teacher (a cycle)")
+            named.setdefault(name, run.name)
+        if problems or not named:
+            break
+        found, generation, found_results = check_runs_together([by_id[name] for name in named],
+                                                               PER_SEED_FIELDS | {"distill_from"}, "teacher recipe")
+        problems += [f"teacher {problem}" for problem in found]
+        logs, results, level = logs + generation, results + found_results, level + 1
+    if not problems and (unused := sorted(set(map(str, by_id)) - {result["run_id"] for result in results})):
+        problems.append(f"teacher(s) no run names: {', '.join(unused)}")
+    return problems, logs, results
 
 
 def record_results(record: str) -> list[dict]:

@@ -606,7 +606,7 @@ def distilled_runs(ensemble_runs, tmp_path_factory):
     for seed in range(2):
         flags = micro_flags(train_path, val_path, str(root / "logs"), f"d{seed}", n_layer=1, batch_tokens=128,
                             device_batch_size=4, max_steps=3, val_every=-1, seed=seed,
-                            distill_from=ensemble_runs[seed], distill_alpha=0.5)
+                            distill_from=ensemble_runs[seed], distill_alpha=0.5, save_model=True)  # teaches too
         assert train_gpt.main(flags) == 0
         folders[seed] = str(root / "logs" / f"d{seed}")
     return folders
@@ -651,6 +651,30 @@ def test_a_distilled_record_carries_its_teachers(distilled_runs, ensemble_runs, 
     capsys.readouterr()
     assert verify(bare) == 1
     assert "the runs learned from --distill_from, but the record has no teachers/ folder" in capsys.readouterr().out
+
+
+def test_a_second_generation_record_carries_both_generations(distilled_runs, ensemble_runs, tmp_path, capsys):
+    """Students of the students (d0, d1 taught by e0, e1): the record needs both generations, each one recipe."""
+    train_path, val_path = write_micro_shards(tmp_path)
+    second = []
+    for seed in range(2):
+        flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), f"g{seed}", n_layer=1, batch_tokens=128,
+                            device_batch_size=4, max_steps=3, val_every=-1, seed=seed,
+                            distill_from=distilled_runs[seed], distill_alpha=0.5)
+        assert train_gpt.main(flags) == 0
+        second.append(str(tmp_path / "logs" / f"g{seed}"))
+    capsys.readouterr()
+    argv = ["--records_dir", str(tmp_path / "records"), "new", *second, "--track", "micro", "--slug", "gen2",
+            "--title", "gen2", "--date", "2025-01-03", "--teachers", distilled_runs[0], distilled_runs[1]]
+    assert records.main(argv) == 1  # the first generation's teachers are missing
+    assert "d0: its teacher" in capsys.readouterr().err
+    assert records.main(argv + [ensemble_runs[0]]) == 1  # e1 still missing
+    assert "d1: its teacher" in capsys.readouterr().err
+    assert records.main(argv + [ensemble_runs[0], ensemble_runs[1]]) == 0
+    record = str(tmp_path / "records" / "micro" / "2025-01-03_gen2")
+    assert json.load(open(os.path.join(record, "record.json")))["teachers"] == ["d0", "d1", "e0", "e1"]
+    capsys.readouterr()
+    assert verify(record) == 0 and "2 run(s) and 4 teacher(s)" in capsys.readouterr().out
 
 
 def test_a_resumed_run_is_not_a_record(tmp_path):
