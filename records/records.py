@@ -526,10 +526,21 @@ def track_records(records_dir: str, track: str) -> list[str]:
     return subfolders(os.path.join(records_dir, track), "record.json")
 
 
-def previous_record(record: str, records_dir: str, track: str) -> str | None:
-    """The track's standing record just before this one: the lowest mean val loss among the older records."""
+def made_order(record: str) -> tuple[str, str, str]:
+    """When a record was made, for "older": its date, then (same date) record.json's `made` time (records made before
+    the field existed have none and count as earlier), then its folder name."""
     name = os.path.basename(os.path.normpath(record))
-    older = [r for r in track_records(records_dir, track) if os.path.basename(r) < name]
+    if not os.path.isfile(os.path.join(record, "record.json")):  # being made now (new): after every record made
+        return name[:10], "~", name
+    summary = read_json(os.path.join(record, "record.json"))
+    return summary.get("date", name[:10]), summary.get("made", ""), name
+
+
+def previous_record(record: str, records_dir: str, track: str) -> str | None:
+    """The track's standing record just before this one: the lowest mean val loss among the records made before it
+    (two of one date are told apart by when they were made, not by their slugs' alphabetical order)."""
+    this = made_order(record)
+    older = [r for r in track_records(records_dir, track) if made_order(r) < this]
     return min(older, key=lambda r: mean_std([res["val_loss"] for res in record_results(r)])[0], default=None)
 
 
@@ -874,7 +885,8 @@ def command_new(args) -> int:
             args.records_dir, track.name, PUBLIC_CURVE), mean, results[0]["train_tokens"],
             f"records/{track.name}/reference_curve.json", f"records/{track.name}/{PUBLIC_CURVE}")
         efficiency = f"{cell} ({'; '.join(lines)})"  # both conventions (issue 28)
-        summary = dict(track=track.name, date=date, slug=args.slug, title=args.title,
+        made = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="microseconds")
+        summary = dict(track=track.name, date=date, made=made, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
                        runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std,
                        **({"teachers": [r["run_id"] for r in teachers[1]]} if teacher_folders else {}))

@@ -467,6 +467,19 @@ def test_verify_reports_p_value_against_the_previous_record(runs, tmp_path, caps
         capsys.readouterr().out
 
 
+
+def test_the_previous_record_is_the_one_made_before_not_the_slug_before(runs, tmp_path, capsys):
+    """Two records of one date: the second made is compared with the first, though its slug sorts before it."""
+    records_dir = tmp_path / "records"
+    first = make_record(runs, records_dir, [1], "zzz-first", "2025-01-01")
+    second = make_record(runs, records_dir, [0, 2], "aaa-second", "2025-01-01")
+    assert records.previous_record(first, str(records_dir), "micro") is None
+    assert records.previous_record(second, str(records_dir), "micro") == first
+    assert "- previous record: 2025-01-01_zzz-first" in open(os.path.join(second, "README.md")).read()  # when made
+    capsys.readouterr()
+    assert verify(second) == 0 and "previous record: 2025-01-01_zzz-first" in capsys.readouterr().out
+
+
 # ------------------------------------------------------------------------------------------------- data efficiency
 
 # A synthetic baseline: the loss falls by 0.5 nats per doubling of the data, from 5.0 at 1,000 tokens to 3.0 at 16,000.
