@@ -44,8 +44,10 @@ RUN_FILES = ("log.txt", "metrics.jsonl", "result.json")
 # Hyperparameters that may differ between the seeds of one record (everything else must be equal).
 PER_SEED_FIELDS = {"seed", "run_id", "log_dir"}
 # A distilled record's runs (--distill_from RUN) carry their teachers, the finished runs that taught them, in
-# <record>/teachers/<run_id>/: each seed's student names its own teacher, so distill_from differs by seed too.
+# <record>/teachers/<run_id>/: each seed's student names its own teacher, so distill_from differs by seed too
+# (check_teachers checks what it names).
 TEACHERS = "teachers"
+RECORD_FREE_FIELDS = PER_SEED_FIELDS | {"distill_from"}
 
 
 class RecordError(Exception):
@@ -499,8 +501,8 @@ def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[lis
             named.setdefault(name, run.name)
         if problems or not named:
             break
-        found, generation, found_results = check_runs_together([by_id[name] for name in named],
-                                                               PER_SEED_FIELDS | {"distill_from"}, "teacher recipe")
+        found, generation, found_results = check_runs_together([by_id[name] for name in named], RECORD_FREE_FIELDS,
+                                                               "teacher recipe")
         problems += [f"teacher {problem}" for problem in found]
         logs, results, level = logs + generation, results + found_results, level + 1
     if not problems and (unused := sorted(set(map(str, by_id)) - {result["run_id"] for result in results})):
@@ -508,12 +510,12 @@ def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[lis
     return problems, logs, results
 
 
+def run_results(folders: list[str]) -> list[dict]:
+    return [read_json(os.path.join(run, "result.json")) for run in folders]
+
+
 def record_results(record: str) -> list[dict]:
-    return [read_json(os.path.join(run, "result.json")) for run in record_runs(record)]
-
-
-def teacher_results(record: str) -> list[dict]:
-    return [read_json(os.path.join(run, "result.json")) for run in teacher_runs(record)]
+    return run_results(record_runs(record))
 
 
 def subfolders(folder: str, holding: str) -> list[str]:
@@ -809,18 +811,20 @@ def check_runs_together(folders: list[str], free: set = PER_SEED_FIELDS, recipe:
 
 
 def record_readme(summary: dict, logs: list[Run], results: list[dict], significance: list[str],
-                  efficiency: str, teachers: tuple[list[Run], list[dict]] = ([], [])) -> str:
+                  efficiency: str, teacher_logs: list[Run] = (), teacher_results: list[dict] = ()) -> str:
     losses, tests, first = losses_of(results), losses_of(results, "test_loss"), results[0]
-    taught = [f"- teachers: {len(teachers[1])} finished run(s) in `{TEACHERS}/` (each seed's `--distill_from`), "
-              f"{sum(device_hours(r) for r in teachers[1]):.3f} device-hours, included in the compute above"
-              ] if teachers[1] else []
+    teacher_logs, teacher_results = list(teacher_logs), list(teacher_results)
+    taught = [f"- teachers: {len(teacher_results)} finished run(s) in `{TEACHERS}/` (each seed's `--distill_from`), "
+              f"{sum(device_hours(r) for r in teacher_results):.3f} device-hours, included in the compute above"
+              ] if teacher_results else []
     teacher_lines = ["", "## Teachers", "", "Each student above learned from the finished run its `--distill_from` "
                      "names; their logs are here, their weights are not (re-run a teacher whole to re-run its "
                      "student).", "", "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
                      *[f"| {r['run_id']} | {log.hyperparameters.get('seed')} | {r['val_loss']:.4f} | "
                        f"{loss_text(r.get('test_loss')) if r.get('test_loss') is not None else '—'} | "
-                       f"{r['train_seconds']:.0f} s |" for log, r in zip(*teachers)], "", "```",
-                     *[short_command(log, r["world_size"]) for log, r in zip(*teachers)], "```"] if teachers[1] else []
+                       f"{r['train_seconds']:.0f} s |" for log, r in zip(teacher_logs, teacher_results)], "", "```",
+                     *[short_command(log, r["world_size"]) for log, r in zip(teacher_logs, teacher_results)], "```"
+                     ] if teacher_results else []
     lines = [
         f"# {summary['title']}", "",
         f"Track `{summary['track']}` · {summary['date']} · {len(results)} seed(s)", "",
@@ -830,7 +834,7 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
         f"- test loss: {format_mean_std(tests) if tests else 'not scored (no test set)'}",
         f"- tokens trained on: {first['train_tokens']:,} unique train tokens, {first['tokens_seen']:,} seen "
         f"({first['epochs']:.2f} epochs, {first['steps']} steps)",
-        f"- compute: {sum(device_hours(r) for r in results + teachers[1]):.3f} device-hours in all "
+        f"- compute: {sum(device_hours(r) for r in results + teacher_results):.3f} device-hours in all "
         f"({first['world_size']} x {first['device']} per run)", *taught,
         f"- data efficiency: {efficiency}",
         *[f"- {line}" for line in significance[1:]],  # [0] repeats the mean and std above
@@ -851,10 +855,10 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
 def command_new(args) -> int:
     folders = [run_folder_of(path) for path in args.runs]
     teacher_folders = [run_folder_of(path) for path in args.teachers]
-    problems, logs, results = check_runs_together(folders, PER_SEED_FIELDS | {"distill_from"})  # checked below
-    teachers, distilled = ([], []), [log for log in logs if log.hyperparameters.get("distill_from")]
+    problems, logs, results = check_runs_together(folders, RECORD_FREE_FIELDS)
+    teacher_logs, teacher_results, distilled = [], [], [log for log in logs if log.hyperparameters.get("distill_from")]
     if not problems and teacher_folders:
-        found, *teachers = check_teachers(logs, teacher_folders)
+        found, teacher_logs, teacher_results = check_teachers(logs, teacher_folders)
         problems += found
     elif not problems and distilled:
         problems.append(f"the runs learned from --distill_from ({distilled[0].hyperparameters['distill_from']}, ...): "
@@ -865,7 +869,7 @@ def command_new(args) -> int:
             raise RecordError("say which track the runs are for: --track " + " | ".join(TRACKS))
         track = get_track(args.track or "tiny")
         problems += [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
-        problems += [f"teacher {r['run_id']}: {p}" for r in teachers[1] for p in track_violations(track, r)]
+        problems += [f"teacher {r['run_id']}: {p}" for r in teacher_results for p in track_violations(track, r)]
     if problems:
         raise RecordError("the runs cannot make a record:\n  " + "\n  ".join(problems))
     date = args.date or datetime.date.today().isoformat()
@@ -877,7 +881,7 @@ def command_new(args) -> int:
     try:
         for folder, result in zip(folders, results):
             copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
-        for folder, result in zip(teacher_folders, teachers[1]):
+        for folder, result in zip(teacher_folders, teacher_results):
             copy_run(folder, os.path.join(record, TEACHERS, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
         mean, std = mean_std([r["val_loss"] for r in results])
@@ -889,11 +893,11 @@ def command_new(args) -> int:
         summary = dict(track=track.name, date=date, made=made, slug=args.slug, title=args.title,
                        description=args.description or args.title, source_sha256=sha256_text(logs[0].source),
                        runs=[r["run_id"] for r in results], val_loss_mean=mean, val_loss_std=std,
-                       **({"teachers": [r["run_id"] for r in teachers[1]]} if teacher_folders else {}))
+                       **({"teachers": [r["run_id"] for r in teacher_results]} if teacher_folders else {}))
         significance = significance_lines(record, args.records_dir, track.name)
         train_gpt.atomic_write_bytes(os.path.join(record, "README.md"),
-                                     record_readme(summary, logs, results, significance, efficiency,
-                                                   tuple(teachers)).encode("utf-8"))
+                                     record_readme(summary, logs, results, significance, efficiency, teacher_logs,
+                                                   teacher_results).encode("utf-8"))
         summary["files"] = manifest(record)
         write_json(os.path.join(record, "record.json"), summary)
     except BaseException:
@@ -1005,7 +1009,7 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
                  f"the record was made (sha256 differs from record.json)"
                  for name in sorted(set(recorded) | set(actual)) if recorded.get(name) != actual.get(name)]
     folders, teacher_folders = record_runs(record), teacher_runs(record)
-    found, runs, results = check_runs_together(folders, PER_SEED_FIELDS | {"distill_from"})  # checked below
+    found, runs, results = check_runs_together(folders, RECORD_FREE_FIELDS)
     problems += found + [f"{r['run_id']}: {p}" for r in results for p in track_violations(track, r)]
     teachers = []
     if runs and (teacher_folders or summary.get("teachers") or
@@ -1081,7 +1085,7 @@ def leaderboard(records_dir: str) -> str:
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
                 format_tokens(results[0]["train_tokens"]),
                 both_conventions_cell(curve, public, mean_std(losses)[0], results[0]["train_tokens"]),
-                f"{sum(device_hours(r) for r in results + teacher_results(record)):.2f}", summary.get("date", ""),
+                f"{sum(device_hours(r) for r in results + run_results(teacher_runs(record))):.2f}", summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
         blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
             "| # | val loss | test loss | seeds | train tokens | data efficiency (strict, public convention) | "
