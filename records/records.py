@@ -1085,7 +1085,8 @@ def leaderboard(records_dir: str) -> str:
                 format_mean_std(losses), format_mean_std(tests) if tests else "—", str(len(losses)),
                 format_tokens(results[0]["train_tokens"]),
                 both_conventions_cell(curve, public, mean_std(losses)[0], results[0]["train_tokens"]),
-                f"{sum(device_hours(r) for r in results + run_results(teacher_runs(record))):.2f}", summary.get("date", ""),
+                f"{sum(device_hours(r) for r in results + run_results(teacher_runs(record))):.2f}",
+                summary.get("date", ""),
                 f"[{summary.get('title', summary.get('slug', ''))}]({link})"]))
         blocks += [f"\n### `{track.name}`: {track.summary}\n", *([
             "| # | val loss | test loss | seeds | train tokens | data efficiency (strict, public convention) | "

@@ -66,6 +66,11 @@ def read_metrics(run_folder: str) -> list[dict]:
         return [json.loads(line) for line in handle]
 
 
+def member_weights(run_folder: str, member: int) -> dict:
+    """A finished member's weights (members/member_NN.pt), by parameter name."""
+    return torch.load(os.path.join(run_folder, "members", f"member_{member:02d}.pt"), weights_only=False)["model"]
+
+
 def micro_preset_run(preset: str, micro_data, tmp_path, **overrides) -> tuple[str, list[float]]:
     """train_gpt.main with --preset at micro width (micro_flags plus the preset's shrunk shapes in overrides), 3
     steps, no evaluation or checkpoint on the way: (the run's log text, its train losses)."""

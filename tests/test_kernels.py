@@ -219,7 +219,7 @@ def test_distillation_run_fused_matches_eager(fused_loss, micro_data, tmp_path):
     chunked reference, or Triton interpreted on CPU) as on the eager one, and its log names the path."""
     if fused_loss == "on":
         pytest.importorskip("triton")
-    from conftest import micro_flags
+    from conftest import member_weights, micro_flags
     train_path, val_path = micro_data
     logs = str(tmp_path / "logs")
     results = {}
@@ -239,8 +239,7 @@ def test_distillation_run_fused_matches_eager(fused_loss, micro_data, tmp_path):
     # The student's weights: two steps barely move a val loss (a kernel ignoring the temperature passed the losses),
     # but its gradient moves them: measured max |fused - eager| 8e-5 (Adam's embedding rows), <= 3e-7 elsewhere; a
     # temperature off by 1% moves lm_head by 2e-2 and every matrix by >= 1.3e-3.
-    weights = [torch.load(os.path.join(logs, mode, "members", "member_01.pt"), weights_only=False)["model"]
-               for mode in ("off", fused_loss)]
+    weights = [member_weights(os.path.join(logs, mode), 1) for mode in ("off", fused_loss)]
     assert max((weights[1][name] - eager).abs().max().item() for name, eager in weights[0].items()) < 1e-3
 
 

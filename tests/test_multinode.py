@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import train_gpt
-from conftest import REPO_ROOT, micro_flags, synthetic_documents, write_micro_shards
+from conftest import REPO_ROOT, member_weights, micro_flags, synthetic_documents, write_micro_shards
 
 RUN_SH = os.path.join(REPO_ROOT, "run.sh")
 SBATCH = os.path.join(REPO_ROOT, "examples", "slurm", "run_unlimited.sbatch")
@@ -311,10 +311,6 @@ def finish(nodes, timeout: float = 180) -> list[int]:
             if node.poll() is None:
                 node.kill()
                 node.wait()
-
-
-def member_weights(folder: str, member: int) -> dict:
-    return torch.load(os.path.join(folder, "members", f"member_{member:02d}.pt"), weights_only=False)["model"]
 
 
 def result(folder) -> dict:

@@ -467,7 +467,6 @@ def test_verify_reports_p_value_against_the_previous_record(runs, tmp_path, caps
         capsys.readouterr().out
 
 
-
 def test_the_previous_record_is_the_one_made_before_not_the_slug_before(runs, tmp_path, capsys):
     """Two records of one date: the second made is compared with the first, though its slug sorts before it."""
     records_dir = tmp_path / "records"
