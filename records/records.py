@@ -5,6 +5,7 @@ records: make, check, tabulate and plot slowrun records, and place them on a dat
     python records/records.py new logs/run_s0 logs/run_s1 logs/run_s2 --track tiny --slug my-trick --title "..."
     python records/records.py new logs/student_s0 logs/student_s1 ... --teachers logs/teacher_s0 logs/teacher_s1 ...
     python records/records.py verify records/tiny/2025-01-01_my-trick [--rerun --steps 10]
+    python records/records.py reproduce records/mini/2026-12-07_... --out remade --seeds 0  # teachers first, whole
     python records/records.py table                      # rewrites the leaderboard in README.md (between markers)
     python records/records.py plot logs/run_s0 records/tiny/2025-01-01_my-trick --out loss.png
     python records/records.py reference plan --track tiny  # prints the baseline runs of the reference curve
@@ -90,7 +91,7 @@ TRACKS: dict[str, Track] = {
                    "--val_every", "-1")),
     # mini: the CPU data-efficiency track (issue 17): FineWeb-Edu as bytes; a record trains on 1/8 of the track's
     # 262,144 bytes, so its reference curve (plain training at 1/16 .. 1, bench/mini.py curve) can show up to 8x.
-    "mini": Track("mini", "CPU, FineWeb-Edu as bytes, 1/8 (32k bytes) of the track's data, any wall time", "cpu",
+    "mini": Track("mini", "CPU, FineWeb-Edu as bytes, 1/8 (27k bytes) of the track's data, any wall time", "cpu",
                   None, None, "mini_train.bin", "mini_val.bin", 32768, ("python", "train_gpt.py", "--preset", "mini")),
     **{name: _gpu_track(name, seconds, label) for name, seconds, label in (
         ("8gpu-15min", 15 * 60, "15 minutes of training"), ("8gpu-1h", 3600, "1 hour of training"),
@@ -472,7 +473,8 @@ def teacher_runs(record: str) -> list[str]:
 
 def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
     """The teachers of distilled runs (issue 28), generation by generation: the runs the students' --distill_from
-    name, then the runs those name when they were distilled too, and so on. Each run names its teacher by run_id,
+    name, then the runs those name when they were distilled too, and so on; returned in the order they were made
+    (the first generation first, as a reader re-makes them). Each run names its teacher by run_id,
     each seed its own (a record whose seeds shared one teacher would hide the teacher's own seed-to-seed spread);
     each generation is one experiment (one recipe, seeds that differ); every teacher given is used."""
     by_id, problems, logs, results = {}, [], [], []
@@ -504,7 +506,7 @@ def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[lis
         found, generation, found_results = check_runs_together([by_id[name] for name in named], RECORD_FREE_FIELDS,
                                                                "teacher recipe")
         problems += [f"teacher {problem}" for problem in found]
-        logs, results, level = logs + generation, results + found_results, level + 1
+        logs, results, level = generation + logs, found_results + results, level + 1  # the first teachers first
     if not problems and (unused := sorted(set(map(str, by_id)) - {result["run_id"] for result in results})):
         problems.append(f"teacher(s) no run names: {', '.join(unused)}")
     return problems, logs, results
@@ -819,7 +821,10 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
               ] if teacher_results else []
     teacher_lines = ["", "## Teachers", "", "Each student above learned from the finished run its `--distill_from` "
                      "names; their logs are here, their weights are not (re-run a teacher whole to re-run its "
-                     "student).", "", "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
+                     "student). Listed in the order they were made: a run's teacher comes before it. Make them in "
+                     "that order, each seed's `--distill_from` pointing at your own folder of the teacher named "
+                     "(the commands show the maker's paths; an ensemble run keeps its members' weights in "
+                     "`members/` even with `--save_model false`).", "", "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
                      *[f"| {r['run_id']} | {log.hyperparameters.get('seed')} | {r['val_loss']:.4f} | "
                        f"{loss_text(r.get('test_loss')) if r.get('test_loss') is not None else '—'} | "
                        f"{r['train_seconds']:.0f} s |" for log, r in zip(teacher_logs, teacher_results)], "", "```",
@@ -848,7 +853,8 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
         "", "## Commands", "", "```", *[short_command(log, result["world_size"]) for log, result in zip(logs, results)],
         "```", *teacher_lines, "", "![val loss against tokens seen](plot.png)", "",
         "Check it: `python records/records.py verify <this folder>` (add `--rerun --steps 10` to re-run the embedded "
-        "script and compare its loss lines).", ""]
+        "script and compare its loss lines); re-make it whole, teachers first: `python records/records.py reproduce "
+        "<this folder> --out remade --seeds 0`.", ""]
     return "\n".join(lines)
 
 
@@ -881,8 +887,8 @@ def command_new(args) -> int:
     try:
         for folder, result in zip(folders, results):
             copy_run(folder, os.path.join(record, result["run_id"]), exist_ok=False)
-        for folder, result in zip(teacher_folders, teacher_results):
-            copy_run(folder, os.path.join(record, TEACHERS, result["run_id"]), exist_ok=False)
+        for log, result in zip(teacher_logs, teacher_results):  # check_teachers' order, not the command line's
+            copy_run(log.folder, os.path.join(record, TEACHERS, result["run_id"]), exist_ok=False)
         plot_runs(record_runs(record), os.path.join(record, "plot.png"), title=f"{track.name}: {args.title}")
         mean, std = mean_std([r["val_loss"] for r in results])
         cell, lines, _ = efficiency_both(track_curve(args.records_dir, track.name), track_curve(
@@ -1068,6 +1074,87 @@ def command_verify(args) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# reproduce: a record's runs re-made whole from their embedded script, a distilled record's teachers first
+
+def reproduction_plan(record: str, seeds: set[int] | None) -> list[Run]:
+    """The runs to re-make, in order: the chosen seeds' runs (all when seeds is None) after every teacher they
+    learn from, directly or through another teacher (check_teachers gives the teachers first-made first)."""
+    runs = [read_run(folder) for folder in record_runs(record)]
+    teachers = []
+    if any(run.hyperparameters.get("distill_from") for run in runs):
+        problems, teachers, _ = check_teachers(runs, teacher_runs(record))
+        if problems:
+            raise RecordError(f"{record}: {problems[0]}")
+    chosen = [run for run in runs if seeds is None or run.hyperparameters.get("seed") in seeds]
+    if not chosen:
+        raise RecordError(f"{record}: no run has a seed in {sorted(seeds)} (its seeds: "
+                          f"{sorted(run.hyperparameters.get('seed') for run in runs)})")
+    by_name, needed, frontier = {run.name: run for run in teachers}, set(), chosen
+    while frontier:  # each run's teacher, then that teacher's own
+        names = {teacher_name(run) for run in frontier if run.hyperparameters.get("distill_from")} - needed
+        needed |= names
+        frontier = [by_name[name] for name in names]
+    return [run for run in teachers if run.name in needed] + chosen
+
+
+def teacher_name(run: Run) -> str:
+    return os.path.basename(os.path.normpath(run.hyperparameters["distill_from"]))
+
+
+def remake_run(run: Run, out: str, overrides: dict[str, str], nproc: int, cwd: str) -> dict:
+    """run re-made whole into out/<its name> by its embedded script (its --distill_from pointed at the teacher
+    re-made beside it); a folder with a result.json is kept, a killed one resumed. Its result.json."""
+    folder = os.path.join(out, run.name)
+    if os.path.isfile(os.path.join(folder, "result.json")):
+        print(f"  {run.name}: already re-made in {folder}", flush=True)
+        return read_json(os.path.join(folder, "result.json"))
+    script = os.path.join(out, "scripts", sha256_text(run.source)[:12], "train_gpt.py")  # one per distinct source
+    if not os.path.isfile(script):
+        os.makedirs(os.path.dirname(script), exist_ok=True)
+        train_gpt.atomic_write_bytes(script, run.source.encode("utf-8"))
+    taught = {"distill_from": os.path.join(out, teacher_name(run))} if run.hyperparameters.get("distill_from") else {}
+    flags = (["--resume", folder] if os.path.isfile(os.path.join(folder, "hyperparameters.json")) else
+             rerun_flags(run.hyperparameters, {"run_id": run.name, "log_dir": out, **taught, **overrides}))
+    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                                  if nproc > 1 else [])]
+    print(f"  {run.name}: re-making it in {folder} ({'resumed' if flags[0] == '--resume' else 'from step 0'})",
+          flush=True)
+    if (code := subprocess.call([*launcher, script, *flags], cwd=cwd)) != 0:  # its own progress lines on the console
+        raise RecordError(f"{run.name}: the re-made run exited with {code} (its log: {folder}/log.txt; run "
+                          f"reproduce again to resume it)")
+    return read_json(os.path.join(folder, "result.json"))
+
+
+def command_reproduce(args) -> int:
+    if bad := [pair for pair in args.set if "=" not in pair]:
+        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    try:
+        seeds = None if args.seeds is None else {int(seed) for seed in args.seeds.split(",")}
+    except ValueError:
+        raise RecordError(f"--seeds expects comma-separated integers, got {args.seeds!r}") from None
+    plan = reproduction_plan(args.record, seeds)
+    print(f"{args.record}: re-making {len(plan)} run(s) whole, in order: {', '.join(run.name for run in plan)}",
+          flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    problems = []
+    for run in plan:
+        again = remake_run(run, args.out, dict(pair.split("=", 1) for pair in args.set), args.nproc, args.cwd)
+        for kind in ("val_loss", "test_loss"):
+            logged, remade = run.result.get(kind), again.get(kind)
+            if logged is None:
+                continue
+            gap = abs(remade - logged) if remade is not None else math.nan
+            print(f"  {run.name}: {kind} {loss_text(remade)} (logged {logged:.4f}, |diff| {gap:.4f})", flush=True)
+            if not gap <= args.tolerance:
+                problems.append(f"{run.name} {kind}: re-made {loss_text(remade)}, logged {logged:.4f} (|diff| "
+                                f"{gap:.4f} > tolerance {args.tolerance})")
+    print("".join(f"  FAIL {problem}\n" for problem in problems) +
+          ("  REPRODUCED: every re-made run's val and test loss within the tolerance of the logged ones"
+           if not problems else "  NOT REPRODUCED"))
+    return 1 if problems else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # table: the leaderboard in README.md, between the markers, from the records' result.json
 
 def leaderboard(records_dir: str) -> str:
@@ -1224,6 +1311,17 @@ def build_parser() -> argparse.ArgumentParser:
             ("--nproc", dict(type=int, default=1, help="ranks of the re-run (torchrun when > 1)")),
             ("--cwd", dict(default=REPO_ROOT, help="folder the re-run starts in (relative data paths)")),
             ("--timeout", dict(type=float, default=3600, help="seconds before a re-run is abandoned"))]),
+        ("", "reproduce", command_reproduce,
+         "re-make a record's runs whole (a distilled record's teachers first) and compare val and test losses", [
+            ("record", dict(help="a record folder")),
+            ("--out", dict(required=True, help="folder of the re-made runs (run again to resume a killed one)")),
+            ("--seeds", dict(help="comma-separated seeds to re-make (default: every seed), each with its teachers")),
+            ("--tolerance", dict(type=float, default=0.01,
+                                 help="largest |logged - re-made| val or test loss, in nats (default 0.01)")),
+            ("--set", dict(action="append", default=[], metavar="NAME=VALUE",
+                           help="override a logged hyperparameter (e.g. device=cpu, train_files=...)")),
+            ("--nproc", dict(type=int, default=1, help="ranks of each run (torchrun when > 1)")),
+            ("--cwd", dict(default=REPO_ROOT, help="folder the runs start in (relative data paths)"))]),
         ("", "table", command_table, "rewrite the leaderboard in README.md between its markers", [
             ("--readme", dict(default=os.path.join(REPO_ROOT, "README.md"))),
             ("--check", dict(action="store_true", help="only report whether it is up to date (exit 1 if not)"))]),

@@ -665,16 +665,25 @@ def test_a_distilled_record_carries_its_teachers(distilled_runs, ensemble_runs, 
     assert "the runs learned from --distill_from, but the record has no teachers/ folder" in capsys.readouterr().out
 
 
-def test_a_second_generation_record_carries_both_generations(distilled_runs, ensemble_runs, tmp_path, capsys):
-    """Students of the students (d0, d1 taught by e0, e1): the record needs both generations, each one recipe."""
-    train_path, val_path = write_micro_shards(tmp_path)
+@pytest.fixture(scope="module")
+def second_generation_runs(distilled_runs, tmp_path_factory):
+    """Students of the students: g0, g1 taught by d0, d1 (themselves taught by e0, e1): [run folder per seed]."""
+    root = tmp_path_factory.mktemp("second_generation_runs")
+    train_path, val_path = write_micro_shards(root)
     second = []
     for seed in range(2):
-        flags = micro_flags(train_path, val_path, str(tmp_path / "logs"), f"g{seed}", n_layer=1, batch_tokens=128,
+        flags = micro_flags(train_path, val_path, str(root / "logs"), f"g{seed}", n_layer=1, batch_tokens=128,
                             device_batch_size=4, max_steps=3, val_every=-1, seed=seed,
                             distill_from=distilled_runs[seed], distill_alpha=0.5)
         assert train_gpt.main(flags) == 0
-        second.append(str(tmp_path / "logs" / f"g{seed}"))
+        second.append(str(root / "logs" / f"g{seed}"))
+    return second
+
+
+def test_a_second_generation_record_carries_both_generations(second_generation_runs, distilled_runs, ensemble_runs,
+                                                            tmp_path, capsys):
+    """The students of the students: the record needs both generations, each one recipe."""
+    second = second_generation_runs
     capsys.readouterr()
     argv = ["--records_dir", str(tmp_path / "records"), "new", *second, "--track", "micro", "--slug", "gen2",
             "--title", "gen2", "--date", "2025-01-03", "--teachers", distilled_runs[0], distilled_runs[1]]
@@ -684,9 +693,47 @@ def test_a_second_generation_record_carries_both_generations(distilled_runs, ens
     assert "d1: its teacher" in capsys.readouterr().err
     assert records.main(argv + [ensemble_runs[0], ensemble_runs[1]]) == 0
     record = str(tmp_path / "records" / "micro" / "2025-01-03_gen2")
-    assert json.load(open(os.path.join(record, "record.json")))["teachers"] == ["d0", "d1", "e0", "e1"]
+    assert json.load(open(os.path.join(record, "record.json")))["teachers"] == ["e0", "e1", "d0", "d1"]  # the order they were made
     capsys.readouterr()
     assert verify(record) == 0 and "2 run(s) and 4 teacher(s)" in capsys.readouterr().out
+
+
+def test_reproduce_remakes_one_seed_of_a_record_teachers_first(second_generation_runs, distilled_runs, ensemble_runs,
+                                                              tmp_path, capsys):
+    """`reproduce --seeds 1` re-makes e1, then d1 taught by the re-made e1, then g1 taught by the re-made d1, each
+    from the record's embedded script, and gets the losses the original runs logged (same machine: to 1e-6)."""
+    argv = ["--records_dir", str(tmp_path / "records"), "new", *second_generation_runs, "--track", "micro",
+            "--slug", "gen2", "--title", "gen2", "--date", "2025-01-03", "--teachers", *distilled_runs.values(),  # not
+            # the order they were made: each teacher still lands in teachers/<its run_id>
+            *ensemble_runs.values()]
+    assert records.main(argv) == 0
+    record = str(tmp_path / "records" / "micro" / "2025-01-03_gen2")
+    out = str(tmp_path / "remade")
+    capsys.readouterr()
+    assert records.main(["reproduce", record, "--out", out, "--seeds", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "re-making 3 run(s) whole, in order: e1, d1, g1" in printed and "REPRODUCED" in printed
+    assert sorted(name for name in os.listdir(out) if name != "scripts") == ["d1", "e1", "g1"]  # seed 0 left alone
+    originals = {"e1": ensemble_runs[1], "d1": distilled_runs[1], "g1": second_generation_runs[1]}
+    for name, original in originals.items():
+        logged, remade = (json.load(open(os.path.join(folder, "result.json"))) for folder in (original,
+                                                                                               os.path.join(out, name)))
+        assert abs(remade["val_loss"] - logged["val_loss"]) < 1e-6, name
+    for name, teacher in (("d1", "e1"), ("g1", "d1")):  # each learned from the re-made teacher, not the original
+        hyperparameters = json.load(open(os.path.join(out, name, "result.json")))["hyperparameters"]
+        assert hyperparameters["distill_from"] == os.path.join(out, teacher)
+    # run again: the finished runs are kept, nothing re-trained
+    assert records.main(["reproduce", record, "--out", out, "--seeds", "1"]) == 0
+    assert capsys.readouterr().out.count("already re-made") == 3
+    # a changed recipe does not reproduce: g1 with another learning rate, taught by the same re-made d1
+    shutil.copytree(os.path.join(out, "e1"), os.path.join(tmp_path / "changed", "e1"))
+    shutil.copytree(os.path.join(out, "d1"), os.path.join(tmp_path / "changed", "d1"))
+    assert records.main(["reproduce", record, "--out", str(tmp_path / "changed"), "--seeds", "1", "--set",
+                         "muon_lr=0.5", "--tolerance", "1e-6"]) == 1
+    printed = capsys.readouterr().out
+    assert "FAIL g1 val_loss" in printed and "NOT REPRODUCED" in printed
+    assert records.main(["reproduce", record, "--out", out, "--seeds", "7"]) == 1
+    assert "no run has a seed in [7]" in capsys.readouterr().err
 
 
 def test_a_resumed_run_is_not_a_record(tmp_path):
