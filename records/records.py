@@ -824,7 +824,8 @@ def record_readme(summary: dict, logs: list[Run], results: list[dict], significa
                      "student). Listed in the order they were made: a run's teacher comes before it. Make them in "
                      "that order, each seed's `--distill_from` pointing at your own folder of the teacher named "
                      "(the commands show the maker's paths; an ensemble run keeps its members' weights in "
-                     "`members/` even with `--save_model false`).", "", "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
+                     "`members/` even with `--save_model false`).", "",
+                     "| teacher | seed | val loss | test loss | train time |", "|---|---|---|---|---|",
                      *[f"| {r['run_id']} | {log.hyperparameters.get('seed')} | {r['val_loss']:.4f} | "
                        f"{loss_text(r.get('test_loss')) if r.get('test_loss') is not None else '—'} | "
                        f"{r['train_seconds']:.0f} s |" for log, r in zip(teacher_logs, teacher_results)], "", "```",
@@ -941,6 +942,19 @@ def place_text(member, kind: str, step: int) -> str:
     return f"{'' if member is None else f'member {member} '}step {step} {kind}_loss"
 
 
+def run_launcher(nproc: int) -> list[str]:
+    """How a re-run starts: python, or torchrun's module on one node when nproc > 1."""
+    return [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                              if nproc > 1 else [])]
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    """--set NAME=VALUE pairs as a dict."""
+    if bad := [pair for pair in pairs if "=" not in pair]:
+        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    return dict(pair.split("=", 1) for pair in pairs)
+
+
 def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str], nproc: int, cwd: str,
                   timeout: float) -> list[dict]:
     """The metrics.jsonl rows of the embedded source re-run with the logged hyperparameters (its full LR schedule),
@@ -951,12 +965,10 @@ def rerun_metrics(run: Run, steps: int, workdir: str, overrides: dict[str, str],
     target = next((row["step"] for row in run.train if row["step"] >= steps), run.train[-1]["step"])
     wanted = "val" if any(row["step"] == target for row in run.val) else "train"  # and that step's validation
     settings = dict(run_id="rerun", log_dir=os.path.join(workdir, "logs"), save_model=False, **overrides)
-    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                  if nproc > 1 else [])]
     metrics_path = os.path.join(workdir, "logs", "rerun", "metrics.jsonl")
     logged, start, output, rows = losses_by_place(run.metrics), time.time(), [], []
-    process = subprocess.Popen([*launcher, script, *rerun_flags(run.hyperparameters, settings)], cwd=cwd, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+    process = subprocess.Popen([*run_launcher(nproc), script, *rerun_flags(run.hyperparameters, settings)], cwd=cwd,
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT)
     # a re-run that hangs silently (a stalled collective) prints nothing to wake the loop below: the timer ends it
     watchdog = threading.Timer(timeout, process.terminate)
@@ -1057,9 +1069,7 @@ def verify_record(record: str, records_dir: str, rerun: bool, steps: int, tolera
 
 
 def command_verify(args) -> int:
-    if bad := [pair for pair in args.set if "=" not in pair]:
-        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
-    overrides, failed = dict(pair.split("=", 1) for pair in args.set), False
+    overrides, failed = parse_overrides(args.set), False
     for record in args.records:
         problems = verify_record(record, args.records_dir, args.rerun, args.steps, args.tolerance, overrides,
                                  args.nproc, args.cwd, args.timeout)
@@ -1115,19 +1125,16 @@ def remake_run(run: Run, out: str, overrides: dict[str, str], nproc: int, cwd: s
     taught = {"distill_from": os.path.join(out, teacher_name(run))} if run.hyperparameters.get("distill_from") else {}
     flags = (["--resume", folder] if os.path.isfile(os.path.join(folder, "hyperparameters.json")) else
              rerun_flags(run.hyperparameters, {"run_id": run.name, "log_dir": out, **taught, **overrides}))
-    launcher = [sys.executable, *(["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-                                  if nproc > 1 else [])]
     print(f"  {run.name}: re-making it in {folder} ({'resumed' if flags[0] == '--resume' else 'from step 0'})",
           flush=True)
-    if (code := subprocess.call([*launcher, script, *flags], cwd=cwd)) != 0:  # its own progress lines on the console
+    if (code := subprocess.call([*run_launcher(nproc), script, *flags], cwd=cwd)) != 0:  # its progress on the console
         raise RecordError(f"{run.name}: the re-made run exited with {code} (its log: {folder}/log.txt; run "
                           f"reproduce again to resume it)")
     return read_json(os.path.join(folder, "result.json"))
 
 
 def command_reproduce(args) -> int:
-    if bad := [pair for pair in args.set if "=" not in pair]:
-        raise RecordError(f"--set expects name=value, got {bad[0]!r}")
+    overrides, out = parse_overrides(args.set), os.path.abspath(args.out)  # the runs start in --cwd, not here
     try:
         seeds = None if args.seeds is None else {int(seed) for seed in args.seeds.split(",")}
     except ValueError:
@@ -1135,10 +1142,10 @@ def command_reproduce(args) -> int:
     plan = reproduction_plan(args.record, seeds)
     print(f"{args.record}: re-making {len(plan)} run(s) whole, in order: {', '.join(run.name for run in plan)}",
           flush=True)
-    os.makedirs(args.out, exist_ok=True)
+    os.makedirs(out, exist_ok=True)
     problems = []
     for run in plan:
-        again = remake_run(run, args.out, dict(pair.split("=", 1) for pair in args.set), args.nproc, args.cwd)
+        again = remake_run(run, out, overrides, args.nproc, args.cwd)
         for kind in ("val_loss", "test_loss"):
             logged, remade = run.result.get(kind), again.get(kind)
             if logged is None:
