@@ -403,7 +403,10 @@ def test_a_killed_node_ends_the_other_in_one_line_and_resume_on_both_gives_the_s
     assert status == [0, 0], output(micro, "resumed", 0)[-3000:] + output(micro, "resumed", 1)[-3000:]
     log = open(os.path.join(folder, "log.txt")).read()
     survivor_member = re.search(r"^member (\d) of 2 \| step 12/", survivor, re.M).group(1)
-    assert f"member {survivor_member} of 2 | resumed from" in log  # node 1's member: resumed, loaded or retrained
+    # the survivor's member: resumed from its checkpoint, or loaded when it finished before the watchdog fired (a fast
+    # CPU finishes the few steps left first); node 1's member: resumed, loaded or retrained
+    assert re.search(rf"^member {survivor_member} of 2 \| (resumed from|loaded finished before the resume)", log,
+                     re.M), log[-3000:]
     reference, resumed = result(two_nodes[0]), result(folder)
     for key in ("val_loss", "member_val_losses", "ensemble_val_losses", "candidate_val_losses", "steps"):
         assert resumed[key] == reference[key], key
