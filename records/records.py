@@ -471,6 +471,11 @@ def teacher_runs(record: str) -> list[str]:
     return subfolders(os.path.join(record, TEACHERS), "log.txt")
 
 
+def teacher_name(run: Run) -> str:
+    """The run_id of the finished run a distilled run's --distill_from names (its folder's name)."""
+    return os.path.basename(os.path.normpath(run.hyperparameters["distill_from"]))
+
+
 def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[list[str], list[Run], list[dict]]:
     """The teachers of distilled runs (issue 28), generation by generation: the runs the students' --distill_from
     name, then the runs those name when they were distilled too, and so on; returned in the order they were made
@@ -491,8 +496,7 @@ def check_teachers(students: list[Run], teacher_folders: list[str]) -> tuple[lis
                             f"(one generation is one recipe)")
         named = {}
         for run in generation if all(taught) else []:
-            source = run.hyperparameters["distill_from"]
-            name = os.path.basename(os.path.normpath(source))
+            source, name = run.hyperparameters["distill_from"], teacher_name(run)
             if name not in by_id:
                 problems.append(f"{run.name}: its teacher {source} is not among the teachers given "
                                 f"({', '.join(sorted(map(str, by_id))) or 'none'})")
@@ -1105,10 +1109,6 @@ def reproduction_plan(record: str, seeds: set[int] | None) -> list[Run]:
         needed |= names
         frontier = [by_name[name] for name in names]
     return [run for run in teachers if run.name in needed] + chosen
-
-
-def teacher_name(run: Run) -> str:
-    return os.path.basename(os.path.normpath(run.hyperparameters["distill_from"]))
 
 
 def remake_run(run: Run, out: str, overrides: dict[str, str], nproc: int, cwd: str) -> dict:

@@ -693,7 +693,8 @@ def test_a_second_generation_record_carries_both_generations(second_generation_r
     assert "d1: its teacher" in capsys.readouterr().err
     assert records.main(argv + [ensemble_runs[0], ensemble_runs[1]]) == 0
     record = str(tmp_path / "records" / "micro" / "2025-01-03_gen2")
-    assert json.load(open(os.path.join(record, "record.json")))["teachers"] == ["e0", "e1", "d0", "d1"]  # the order they were made
+    # the order they were made
+    assert json.load(open(os.path.join(record, "record.json")))["teachers"] == ["e0", "e1", "d0", "d1"]
     capsys.readouterr()
     assert verify(record) == 0 and "2 run(s) and 4 teacher(s)" in capsys.readouterr().out
 
