@@ -3,10 +3,25 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
-import torch
+
+# The stored fixtures (tests/fixtures/*.pt) are compared bitwise, and PyTorch's CPU kernels round differently by
+# instruction set: on an AMD EPYC with AVX-512, 18 fixture tests differed from the AVX2 numbers they were made with
+# (1-2 float32 ulp in a logit; 1% in a weight after 3 Muon steps, whose bfloat16 Newton-Schulz runs on oneDNN's
+# AVX-512-BF16 kernels there). Every x86-64 CPU we run on has AVX2, so pin ATen's, MKL's and oneDNN's kernels to it
+# before torch loads (setdefault: a value set by hand wins). The fixture makers import this module first for the same
+# reason.
+os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
+os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+# torch.compile's on-disk cache does not key its CPU kernels by that pin: a kernel built for AVX-512 by an ordinary run
+# and loaded here gave NaN (and a heap corruption the other way round), so the tests keep a cache of their own per pin.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"torchinductor_slowrun_tests_{os.environ['ATEN_CPU_CAPABILITY']}"))
+import torch  # noqa: E402
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO_ROOT)
@@ -113,3 +128,8 @@ def assert_bitwise_plain_reference(hp) -> None:
         assert torch.equal(grad, stored["plain"]["grads"][name]), name
     for name, param in reference.optimizer_step(hp).items():
         assert torch.equal(param, stored["step"][name]), name
+
+
+def pytest_report_header(config):
+    """The CPU kernels the bitwise fixtures are compared under (see the pin above)."""
+    return f"torch {torch.__version__}, CPU kernels {torch.backends.cpu.get_cpu_capability()}"

@@ -786,9 +786,11 @@ def test_gradient_selection_equals_the_publics(pub, one_rank_group):
         chosen = dict(train_gpt.select_members(learned, k))
         expected = dict(zip(selections[k]["global_indices"], selections[k]["weights"]))
         assert set(chosen) == set(expected), k
-        # float64 Adam (ours) vs float32 AdamW (public) over 300 steps at lr 0.5: measured 1.15e-5 relative
+        # float64 Adam (ours) vs float32 AdamW (public) over 300 steps at lr 0.5: measured 1.15e-5 relative with
+        # AVX2 kernels (tests/conftest.py pins them); with AVX-512 kernels small weights moved by up to 9e-5
+        # relative (1.2097e-4 by 9e-9, a 1e-8 share of the mixture's total of 1): hence an absolute floor of 2e-8
         for index, weight in expected.items():
-            assert chosen[index] == pytest.approx(weight, rel=3e-5), (k, index)
+            assert chosen[index] == pytest.approx(weight, rel=3e-5, abs=2e-8), (k, index)
 
 
 def test_final_ensemble_evaluation_equals_the_publics(pub, state, val_file, token_bytes, tmp_path, monkeypatch):
