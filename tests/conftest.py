@@ -14,9 +14,9 @@ import pytest
 # AVX-512-BF16 kernels there). Every x86-64 CPU we run on has AVX2, so pin ATen's, MKL's and oneDNN's kernels to it
 # before torch loads (setdefault: a value set by hand wins). The fixture makers import this module first for the same
 # reason.
-os.environ.setdefault("ATEN_CPU_CAPABILITY", "avx2")
-os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", "AVX2")
-os.environ.setdefault("ONEDNN_MAX_CPU_ISA", "AVX2")
+FIXTURE_KERNELS = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+for _name, _value in FIXTURE_KERNELS.items():
+    os.environ.setdefault(_name, _value)
 # torch.compile's on-disk cache does not key its CPU kernels by that pin: a kernel built for AVX-512 by an ordinary run
 # and loaded here gave NaN (and a heap corruption the other way round), so the tests keep a cache of their own per pin.
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
@@ -128,6 +128,25 @@ def assert_bitwise_plain_reference(hp) -> None:
         assert torch.equal(grad, stored["plain"]["grads"][name]), name
     for name, param in reference.optimizer_step(hp).items():
         assert torch.equal(param, stored["step"][name]), name
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "stored_bitwise: compares bit for bit with a stored fixture, which holds for "
+                                       "the AVX2 CPU kernels only (the pin at the top of tests/conftest.py)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """On a CPU without the fixtures' kernels (an ARM laptop), or with other kernels chosen by hand, the stored-bitwise
+    tests skip with the reason instead of failing by an ulp; every other test still runs."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    chosen = {name: os.environ.get(name) for name in FIXTURE_KERNELS}
+    if capability == "AVX2" and chosen == FIXTURE_KERNELS:
+        return
+    skip = pytest.mark.skip(reason=f"stored fixtures are bitwise for the AVX2 CPU kernels; this process runs "
+                                   f"{capability} ({', '.join(f'{k}={v}' for k, v in chosen.items())})")
+    for item in items:
+        if "stored_bitwise" in item.keywords:
+            item.add_marker(skip)
 
 
 def pytest_report_header(config):

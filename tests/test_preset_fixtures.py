@@ -30,9 +30,11 @@ def test_the_cpu_kernels_are_the_fixtures_set():
     a changed import order), every bitwise test below fails by an ulp, and this one says why."""
     if platform.machine() not in ("x86_64", "AMD64") or os.environ.get("ATEN_CPU_CAPABILITY") != "avx2":
         pytest.skip("not an x86-64 machine, or the kernels were chosen by hand")
-    assert torch.backends.cpu.get_cpu_capability() == "AVX2", "torch was loaded before tests/conftest.py pinned it"
+    assert torch.backends.cpu.get_cpu_capability() == "AVX2", \
+        "torch was loaded before tests/conftest.py pinned it: the stored_bitwise tests skip"
 
 
+@pytest.mark.stored_bitwise
 @pytest.mark.parametrize("preset", fixtures.PRESET_NAMES)
 def test_preset_bitwise_unchanged(preset, stored):
     difference = fixtures.first_difference(stored[preset], fixtures.preset_fixture(preset))

@@ -118,6 +118,7 @@ def test_muon_without_the_flag_is_not_the_publics(monkeypatch):
     assert differing > 0.9 * sum(p.numel() for p in ours) and worst / largest > 0.02
 
 
+@pytest.mark.stored_bitwise
 def test_muon_bf16_off_is_the_plain_path():
     """The flags' defaults: off, and the plain model's logits, gradients and optimizer step bitwise the stored
     fixture (tests/fixtures/plain_reference.pt)."""

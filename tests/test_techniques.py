@@ -46,6 +46,7 @@ MODEL_FLAGS = ["value_proj", "unet_skips", "attn_gate", "resid_mix", "xsa", "sto
 REFERENCE = torch.load(os.path.join(os.path.dirname(__file__), "fixtures", "plain_reference.pt"), weights_only=True)
 
 
+@pytest.mark.stored_bitwise
 def test_plain_model_matches_stored_reference():
     """The plain model (every flag at its default) gives bitwise the logits and gradients stored in the fixture,
     made by tests/fixtures/make_plain_reference.py from the code before the model refactor (fda763c)."""
@@ -71,6 +72,7 @@ def test_flag_on_matches_stored_reference_and_differs_from_plain(flag):
         assert len(logits) == 2
 
 
+@pytest.mark.stored_bitwise
 def test_plain_optimizer_step_matches_stored_reference():
     """One step of the plain optimizers (Muon + AdamW as build_optimizers groups them) lands bitwise on the stored
     parameters."""

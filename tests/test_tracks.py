@@ -37,6 +37,7 @@ def trained_param(values: torch.Tensor) -> torch.nn.Parameter:
 INERT_ON = dict(train_vocab=64, eval_vocab=64, mlp_hidden=64, out_gate_channels=32)
 
 
+@pytest.mark.stored_bitwise
 def test_record_flags_at_default_leave_the_plain_model_and_step_bitwise():
     """Every flag of this work set explicitly to its default: the stored plain logits, gradients and optimizer step
     (tests/fixtures/plain_reference.pt) come out bitwise."""

@@ -32,6 +32,7 @@ def micro_hp(**overrides) -> train_gpt.Hyperparameters:
 
 # ----------------------------------------------------------------------------------------------- defaults are plain
 
+@pytest.mark.stored_bitwise
 def test_15min_flags_at_default_leave_the_plain_model_and_step_bitwise():
     """Every flag set explicitly to its default: the stored plain logits, gradients and optimizer step
     (tests/fixtures/plain_reference.pt) come out bitwise, and so do the stored logits of fixed XSA and of resid_mix
@@ -43,6 +44,7 @@ def test_15min_flags_at_default_leave_the_plain_model_and_step_bitwise():
         assert torch.equal(reference.model_outputs(flagged)["logits"][0], REFERENCE["flags"][flag][0]), flag
 
 
+@pytest.mark.stored_bitwise
 def test_rope_pairs_equal_to_all_pairs_is_bitwise_plain():
     """rope_pairs = head_dim / 2 (every pair rotates): the public formula base^(-2j / 2r) is then the plain one, and
     the logits and gradients are the stored plain ones bitwise."""

@@ -265,6 +265,7 @@ def test_public_figure_rules_of_the_15min_candidates():
 
 # ------------------------------------------------------------------------------------------- defaults and errors
 
+@pytest.mark.stored_bitwise
 def test_flags_at_default_leave_the_plain_path_bitwise():
     """The new flags at their defaults: the fixture's optimizer step bitwise; the objective has no multi-offset
     weights (training_loss_sums' path); a flat weight decay stays untouched by apply_schedules."""

@@ -150,6 +150,7 @@ def test_window_schedule_conflicts_are_one_line(flags, message):
     assert train_gpt.main(["--preset", "2h", *flags]) == 2
 
 
+@pytest.mark.stored_bitwise
 def test_defaults_are_the_plain_model_bitwise_and_a_one_stage_schedule_is_the_pattern_bitwise():
     """window_schedule "" and yarn False: the stored plain logits and gradients, bitwise. A one-stage schedule with
     the windows of window_pattern (SSSL, 8 and 16 keys) gives the stored window_pattern logits bitwise; with yarn on

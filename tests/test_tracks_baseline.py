@@ -37,6 +37,7 @@ def rms_norm64(x: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------------------------- defaults are plain
 
+@pytest.mark.stored_bitwise
 def test_baseline_flags_at_default_leave_the_plain_model_and_step_bitwise():
     """value_embed_tables, value_gate_muon, train_order at their defaults: the stored plain logits, gradients and
     optimizer step come out bitwise, and so do value_proj's logits (its attention path now shares the gate code)."""

@@ -36,6 +36,7 @@ def test_default_styles_leave_the_stored_model_bitwise(flag, on, default):
         assert torch.equal(got, want)
 
 
+@pytest.mark.stored_bitwise
 def test_new_flags_at_default_leave_the_plain_step_bitwise():
     """head_mix_lr 0, val_public_windows 0, epoch_snapshot_weights equal: one optimizer step equals the fixture's."""
     hp = train_gpt.Hyperparameters(**reference.MICRO, head_mix_lr=0.0, val_public_windows=0,
