@@ -4350,7 +4350,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {lost}; rank {dist_info.rank} ends the run (--resume RUN_FOLDER on every node "
               f"continues it)", file=sys.stderr, flush=True)
-        return 2
+        # The process group is broken: tearing it down (or leaving it to the interpreter's exit) can abort inside
+        # gloo's threads ("terminate called without an active exception", status -6, seen under load), so this rank
+        # ends here, as the watchdog's do: the logs are flushed line by line, the locks released first.
+        stop_heartbeat_watchdog()
+        release_run_locks()
+        sys.stdout.flush()
+        os._exit(2)
     finally:
         stop_heartbeat_watchdog()
         release_run_locks()
