@@ -4324,7 +4324,7 @@ def main(argv: list[str] | None = None) -> int:
         except ConfigError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-    dist_info = None
+    dist_info, peer_lost = None, False
     try:
         hp = parse_args(argv)
         dist_info = setup_distributed(hp.device, hp.dist_timeout)
@@ -4350,16 +4350,17 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {lost}; rank {dist_info.rank} ends the run (--resume RUN_FOLDER on every node "
               f"continues it)", file=sys.stderr, flush=True)
-        # The process group is broken: tearing it down (or leaving it to the interpreter's exit) can abort inside
-        # gloo's threads ("terminate called without an active exception", status -6, seen under load), so this rank
-        # ends here, as the watchdog's do: the logs are flushed line by line, the locks released first.
-        stop_heartbeat_watchdog()
-        release_run_locks()
-        sys.stdout.flush()
-        os._exit(2)
+        peer_lost = True
+        return 2
     finally:
         stop_heartbeat_watchdog()
         release_run_locks()
+        if peer_lost:
+            # The process group is broken: tearing it down (or leaving it to the interpreter's exit) can abort inside
+            # gloo's threads ("terminate called without an active exception", status -6, seen under load), so this
+            # rank ends here, as the watchdog's do (the logs are flushed line by line)
+            sys.stdout.flush()
+            os._exit(2)
         if dist.is_initialized():
             dist.destroy_process_group()
 
