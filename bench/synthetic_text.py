@@ -9,12 +9,12 @@ fixed train budget only: no information from outside it.
 
 writes FILE.bin = the train budget (the first --train_tokens of --train_files cut to whole documents, exactly what
 `--preset mini --train_tokens 32768` trains on) followed by synthetic documents: each is BOS, a prompt of
---prompt_len bytes copied from a random place of the train budget, then --doc_len - prompt_len bytes sampled at
-temperature 1 from the probability average of the teacher's members (the distribution a student distils from), the
-context cut to the last seq_len tokens. A student then trains on it with --train_files FILE.bin --train_tokens <all>
-(printed at the end) and --distill_from the same RUN_FOLDER: on synthetic windows the teacher's soft targets teach
-(distill_alpha) and the sampled bytes are the hard targets. Progress is printed as it goes; the file is written
-atomically at the end, and --seed makes it reproducible."""
+--prompt_len bytes copied from a random place of the train budget, then --doc_len - prompt_len bytes sampled from
+the probability average of the teacher's members (the distribution a student distils from) at --temperature (1: as
+it is), the context cut to the last seq_len tokens. A student then trains on it with --train_files FILE.bin
+--train_tokens <all> (printed at the end) and --distill_from the same RUN_FOLDER: on synthetic windows the
+teacher's soft targets teach (distill_alpha) and the sampled bytes are the hard targets. Progress is printed as it
+goes; the file is written atomically at the end, and --seed makes it reproducible."""
 import argparse
 import os
 import sys
@@ -38,11 +38,14 @@ def main() -> int:
     parser.add_argument("--doc_len", type=int, default=256, help="tokens per synthetic document after its BOS")
     parser.add_argument("--batch", type=int, default=64, help="documents sampled at once")
     parser.add_argument("--seq_len", type=int, default=128, help="the models' context (the mini preset's seq_len)")
+    parser.add_argument("--temperature", type=float, default=1.0,
+                        help="sampling temperature: 1 = the teacher's own distribution, below 1 likelier text")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bos_id", type=int, default=256)
     args = parser.parse_args()
-    if args.synthetic_tokens <= 0 or not 0 < args.prompt_len < args.doc_len or args.batch <= 0:
-        parser.error("need synthetic_tokens > 0, 0 < prompt_len < doc_len, batch > 0")
+    if args.synthetic_tokens <= 0 or not 0 < args.prompt_len < args.doc_len or args.batch <= 0 or \
+            not args.temperature > 0:
+        parser.error("need synthetic_tokens > 0, 0 < prompt_len < doc_len, batch > 0, temperature > 0")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     paths = train_gpt.distill_from_files(args.teacher)
     models = [train_gpt.load_member(path, torch.device("cpu"))[0].eval() for path in paths]
@@ -65,7 +68,7 @@ def main() -> int:
                 window = context[:, -args.seq_len:]
                 log_probs = train_gpt.ensemble_log_probs(
                     (model.head(model.features(window)[:, -1:]).float() for model in models), weights, "prob")[:, -1]
-                choice = torch.multinomial(log_probs.exp(), 1, generator=generator)
+                choice = torch.multinomial(torch.softmax(log_probs / args.temperature, -1), 1, generator=generator)
                 context = torch.cat([context, choice], dim=1)
         documents += list(context.numpy())
         done = len(documents) * per_doc
