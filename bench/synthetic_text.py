@@ -47,11 +47,19 @@ def main() -> int:
             not args.temperature > 0:
         parser.error("need synthetic_tokens > 0, 0 < prompt_len < doc_len, batch > 0, temperature > 0")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    paths = train_gpt.distill_from_files(args.teacher)
-    models = [train_gpt.load_member(path, torch.device("cpu"))[0].eval() for path in paths]
-    vocab = models[0].config.vocab_size
-    tokens = train_gpt.read_shard(args.train_files, vocab)
+    try:
+        models = [train_gpt.load_member(path, torch.device("cpu"))[0].eval()
+                  for path in train_gpt.distill_from_files(args.teacher)]
+        if models[0].config.vocab_size != args.bos_id + 1:
+            raise train_gpt.ConfigError(f"--teacher {args.teacher}: its models predict {models[0].config.vocab_size} "
+                                        f"tokens; this script writes byte shards (256 bytes + BOS {args.bos_id})")
+        tokens = train_gpt.read_shard(args.train_files, args.bos_id + 1)
+    except (train_gpt.ConfigError, train_gpt.DataError) as error:
+        print(f"synthetic_text.py: {str(error).replace('--distill_from', '--teacher')}", file=sys.stderr)
+        return 2
     budget = train_gpt.truncate_to_document(tokens, args.train_tokens, args.bos_id, args.train_files).astype(np.int64)
+    if budget.size <= args.prompt_len:
+        parser.error(f"the train budget holds {budget.size} tokens, no prompt of {args.prompt_len} fits")
     generator = torch.Generator().manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
     per_doc = args.doc_len + 1  # BOS + doc_len

@@ -78,3 +78,12 @@ def test_the_bytes_are_drawn_from_the_probability_average_of_the_members(tmp_pat
     error = np.sqrt(average * (1 - average) / draws) + 1e-4
     assert np.all(np.abs(counts - average) <= 4.5 * error), np.max(np.abs(counts - average) / error)
     assert np.abs(counts - geometric).sum() > 3 * np.abs(counts - average).sum()  # the two mixtures differ here
+
+
+def test_a_missing_teacher_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "bench/synthetic_text.py", "--teacher", str(tmp_path / "nothing"), "--out",
+                           str(tmp_path / "out.bin"), "--synthetic_tokens", "10"], cwd=REPO_ROOT, capture_output=True,
+                          text=True)
+    assert done.returncode == 2 and not os.path.exists(tmp_path / "out.bin")
+    assert done.stderr.strip().splitlines() == [f"synthetic_text.py: --teacher {tmp_path / 'nothing'}: no such "
+                                                f"run folder"]
