@@ -88,8 +88,7 @@ def main() -> int:
     train_gpt.write_shard(args.out, out, tokenizer="bytes")
     print(f"wrote {args.out}: {budget.size:,} train + {synthetic.size:,} synthetic tokens = {out.size:,}; train with "
           f"--train_files {args.out} --train_tokens {out.size} --distill_from {args.teacher}")
-    sample = bytes(int(t) for t in documents[0][1:] if t < 256).decode("utf-8", "replace")
-    print(f"sample: {sample!r}")
+    print(f"sample: {train_gpt.decode_tokens(documents[0][1:].tolist(), args.bos_id + 1, 'bytes')}")
     return 0
 
 
