@@ -7148,6 +7148,16 @@ def decode_tokens(token_ids: list[int], vocab_size: int, tokenizer: str = "gpt2"
 
 
 @torch.no_grad()
+def next_token_log_probs(models: list[nn.Module], weights: list[float], mode: str, context: torch.Tensor,
+                         seq_len: int) -> torch.Tensor:
+    """The (ensemble) model's log-probabilities (B, V) of the token after each row of context (B, T), from its last
+    seq_len tokens; only the last position's logits are made (no (T, vocab) tensor). The sampling step of
+    sample_continuations and of bench/synthetic_text.py."""
+    window = context[:, -seq_len:]
+    return ensemble_log_probs((model.head(model.features(window)[:, -1:]).float() for model in models),
+                              weights, mode)[:, -1]
+
+
 def sample_continuations(models: list[nn.Module], weights: list[float], mode: str, val_tokens: np.ndarray,
                          hp: Hyperparameters, device: torch.device, prompts: int = 3, prompt_len: int = 32,
                          top_k: int = 50, temperature: float = 0.8) -> list[dict]:
@@ -7167,10 +7177,8 @@ def sample_continuations(models: list[nn.Module], weights: list[float], mode: st
     for how in ("greedy", f"top-{top_k} T={temperature}"):
         context = batch.to(device)
         for _ in range(hp.sample_tokens):
-            window = context[:, -hp.seq_len:]
             with autocast_context(device):
-                log_probs = ensemble_log_probs((model.head(model.features(window)[:, -1:]).float() for model in models),
-                                               weights, mode)[:, -1].float().cpu()
+                log_probs = next_token_log_probs(models, weights, mode, context, hp.seq_len).float().cpu()
             if how == "greedy":
                 choice = log_probs.argmax(-1)
             else:

@@ -73,9 +73,7 @@ def main() -> int:
         context = torch.cat([torch.full((count, 1), args.bos_id, dtype=torch.long), torch.from_numpy(prompts)], 1)
         with torch.inference_mode():
             while context.size(1) < per_doc:
-                window = context[:, -args.seq_len:]
-                log_probs = train_gpt.ensemble_log_probs(
-                    (model.head(model.features(window)[:, -1:]).float() for model in models), weights, "prob")[:, -1]
+                log_probs = train_gpt.next_token_log_probs(models, weights, "prob", context, args.seq_len)
                 choice = torch.multinomial(torch.softmax(log_probs / args.temperature, -1), 1, generator=generator)
                 context = torch.cat([context, choice], dim=1)
         documents += list(context.numpy())
