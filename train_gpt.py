@@ -7158,6 +7158,7 @@ def next_token_log_probs(models: list[nn.Module], weights: list[float], mode: st
                               weights, mode)[:, -1]
 
 
+@torch.no_grad()
 def sample_continuations(models: list[nn.Module], weights: list[float], mode: str, val_tokens: np.ndarray,
                          hp: Hyperparameters, device: torch.device, prompts: int = 3, prompt_len: int = 32,
                          top_k: int = 50, temperature: float = 0.8) -> list[dict]:
